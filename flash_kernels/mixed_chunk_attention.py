@@ -1,0 +1,79 @@
+"""The public op `mixed_chunk_attention` (SPEC.md section 2): checks, defaults, backend choice."""
+import math
+
+import torch
+
+from .reference import dense_reference
+from .torch_chunked import mixed_chunk_attention_torch
+from .utils import triton_interpret_enabled
+from .validation import check_mixed_chunk_inputs
+
+
+def _pick_backend(backend, device, dtype):
+    if backend == "auto":
+        on_triton_device = device.type == "cuda" or (device.type == "cpu" and triton_interpret_enabled())
+        return "triton" if on_triton_device and dtype != torch.float64 else "torch"
+    if backend == "triton" and dtype == torch.float64:
+        return "torch"          # the kernels compute in fp32; float64 (gradcheck) takes the exact path
+    return backend
+
+
+def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size=256, causal=True,
+                          rel_bias=None, quad_scale=None, lin_scale=None, backend="auto"):
+    """FLASH mixed chunk attention: relu^2 attention inside chunks, linear attention across them.
+
+    For tokens i, j in the same chunk of C tokens (c(i) = i // C):
+        a_ij   = relu(quad_scale * <q_quad_i, k_quad_j> + rel_bias[i - j + C - 1])^2,
+                 zero when causal and j > i
+        quad_i = sum_j a_ij v_j
+        lin_i  = lin_scale * q_lin_i^T sum_{g < c(i)} H_g   (all g when not causal),
+                 with H_g = sum_{j in chunk g} k_lin_j v_j^T kept in float32
+        out_i  = quad_i + lin_i
+
+    Args:
+        q_quad, k_quad: (*batch, T, S) queries and keys of the quadratic (intra-chunk) part.
+        q_lin, k_lin: (*batch, T, S) queries and keys of the linear (inter-chunk) part, or both
+            None for quadratic attention only.
+        v: (*batch, T, E) values. All five tensors share dtype and device.
+        chunk_size: C, any positive int; None means one chunk as long as the sequence.
+        causal: causal mask inside chunks and an exclusive (earlier chunks only) linear state.
+        rel_bias: optional (2C - 1,) Toeplitz bias, entry o + C - 1 for offset o = i - j.
+            It may be float32 while the inputs are half; its gradient is returned.
+        quad_scale, lin_scale: default 1 / C (constant, so causal outputs never depend on
+            tokens that come later).
+        backend: "auto" (Triton on CUDA, or on CPU when TRITON_INTERPRET=1; else "torch"),
+            "triton", "torch" (chunked PyTorch, O(T) memory) or "reference" (dense, O(T^2)).
+            float64 inputs on the Triton backend run the "torch" path, so
+            torch.autograd.gradcheck works on this op whatever the backend.
+
+    Returns:
+        (*batch, T, E) tensor in v's dtype.
+    """
+    check_mixed_chunk_inputs(q_quad, k_quad, q_lin, k_lin, v, chunk_size, causal, rel_bias,
+                             quad_scale, lin_scale, backend)
+    *batch, T, S = q_quad.shape
+    E = v.shape[-1]
+    if T == 0:
+        return v[..., :0, :].clone()
+    C = chunk_size if chunk_size is not None else T
+    quad_scale = float(quad_scale) if quad_scale is not None else 1.0 / C
+    lin_scale = float(lin_scale) if lin_scale is not None else 1.0 / C
+    options = dict(chunk_size=C, causal=causal, rel_bias=rel_bias, quad_scale=quad_scale,
+                   lin_scale=lin_scale)
+
+    backend = _pick_backend(backend, v.device, v.dtype)
+    if backend == "reference":
+        return dense_reference(q_quad, k_quad, q_lin, k_lin, v, **options)
+
+    B = math.prod(batch)
+
+    def flat(x):
+        return None if x is None else x.reshape(B, T, x.shape[-1])
+
+    args = (flat(q_quad), flat(k_quad), flat(q_lin), flat(k_lin), flat(v))
+    if backend == "torch":
+        out = mixed_chunk_attention_torch(*args, **options)
+    else:
+        raise NotImplementedError("backend='triton': the Triton kernels are not implemented yet; "
+                                  "use backend='torch' or 'reference'")
+    return out.reshape(*batch, T, E)

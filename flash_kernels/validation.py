@@ -1,0 +1,92 @@
+"""Argument checks for the public ops: every bad input gets an error naming the argument."""
+import numbers
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name, x, *, min_dim):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dims (*batch, T, features), "
+                         f"got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def check_scale(name, value):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number or None, got {type(value).__name__}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def check_chunk_size(chunk_size):
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+
+
+def check_mixed_chunk_inputs(q_quad, k_quad, q_lin, k_lin, v, chunk_size, causal, rel_bias,
+                             quad_scale, lin_scale, backend):
+    """Validate the arguments of mixed_chunk_attention (SPEC.md section 2)."""
+    check_tensor("q_quad", q_quad, min_dim=2)
+    check_tensor("k_quad", k_quad, min_dim=2)
+    check_tensor("v", v, min_dim=2)
+    if (q_lin is None) != (k_lin is None):
+        given, missing = ("q_lin", "k_lin") if k_lin is None else ("k_lin", "q_lin")
+        raise ValueError(f"{given} was given without {missing}: pass both (linear part) or "
+                         f"neither (quadratic only)")
+    named = [("q_quad", q_quad), ("k_quad", k_quad), ("v", v)]
+    if q_lin is not None:
+        check_tensor("q_lin", q_lin, min_dim=2)
+        check_tensor("k_lin", k_lin, min_dim=2)
+        named += [("q_lin", q_lin), ("k_lin", k_lin)]
+
+    expected_qk = tuple(q_quad.shape)
+    for name, x in named[1:]:
+        if name == "v":
+            if tuple(x.shape[:-1]) != expected_qk[:-1]:
+                raise ValueError(f"v must have shape (*batch, T, E) = {expected_qk[:-1] + ('E',)} "
+                                 f"matching q_quad's batch dims and T, got {tuple(x.shape)}")
+        elif tuple(x.shape) != expected_qk:
+            raise ValueError(f"{name} must have the same shape as q_quad {expected_qk} "
+                             f"(*batch, T, S), got {tuple(x.shape)}")
+    for name, x in named[1:]:
+        if x.dtype != q_quad.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q_quad has {q_quad.dtype}: all of "
+                            f"q_quad, k_quad, q_lin, k_lin, v must share one dtype")
+        if x.device != q_quad.device:
+            raise ValueError(f"{name} is on {x.device} but q_quad is on {q_quad.device}: all "
+                             f"inputs must be on one device")
+
+    check_chunk_size(chunk_size)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    check_scale("quad_scale", quad_scale)
+    check_scale("lin_scale", lin_scale)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    if rel_bias is not None:
+        T = q_quad.shape[-2]
+        C = chunk_size if chunk_size is not None else T
+        if not isinstance(rel_bias, torch.Tensor):
+            raise TypeError(f"rel_bias must be a torch.Tensor or None, got {type(rel_bias).__name__}")
+        if rel_bias.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"rel_bias must be a floating tensor, got {rel_bias.dtype}")
+        if rel_bias.device != q_quad.device:
+            raise ValueError(f"rel_bias is on {rel_bias.device} but q_quad is on {q_quad.device}: "
+                             f"rel_bias must be on the inputs' device")
+        if C > 0 and tuple(rel_bias.shape) != (2 * C - 1,):
+            what = f"chunk_size={chunk_size}" if chunk_size is not None else f"chunk_size=None (C = T = {T})"
+            raise ValueError(f"rel_bias must have shape (2 * C - 1,) = ({2 * C - 1},) for {what}, "
+                             f"got {tuple(rel_bias.shape)}")

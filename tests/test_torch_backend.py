@@ -1,0 +1,112 @@
+"""The chunked PyTorch backend against the dense reference, gradcheck, and causal consistency."""
+import pytest
+import torch
+
+from flash_kernels import mixed_chunk_attention
+from helpers import assert_close, make_problem, run_with_grads
+
+S, E = 5, 6          # not powers of two on purpose
+
+
+def _cases():
+    for causal in (True, False):
+        for T, chunk in ((1, 8), (7, 8), (16, 8), (37, 8), (13, None)):
+            for linear in (True, False):
+                for bias in (True, False):
+                    yield causal, T, chunk, linear, bias
+
+
+@pytest.mark.parametrize("causal,T,chunk,linear,bias", list(_cases()))
+def test_torch_matches_reference_forward_and_grads(causal, T, chunk, linear, bias):
+    problem = make_problem((2,), T, S, E, linear=linear, bias_chunk=(chunk or T) if bias else None)
+    options = dict(chunk_size=chunk, causal=causal, quad_scale=0.7, lin_scale=0.3)
+    out, grads, grad_out = run_with_grads(problem, backend="torch", **options)
+    ref, ref_grads, _ = run_with_grads(problem, grad_out, backend="reference", **options)
+    assert_close("out", out, ref, 1e-12)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert_close(f"d{name}", grads[name], ref_grads[name], 1e-12)
+
+
+@pytest.mark.parametrize("batch", [(), (3,), (2, 3)])
+def test_leading_batch_dims(batch):
+    problem = make_problem(batch, 11, S, E, bias_chunk=4)
+    out, grads, grad_out = run_with_grads(problem, chunk_size=4, backend="torch")
+    ref, ref_grads, _ = run_with_grads(problem, grad_out, chunk_size=4, backend="reference")
+    assert out.shape == (*batch, 11, E)
+    assert_close("out", out, ref, 1e-12)
+    for name in grads:
+        assert grads[name].shape == problem[name].shape
+        assert_close(f"d{name}", grads[name], ref_grads[name], 1e-12)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("linear", [True, False])
+def test_gradcheck_torch_backend(causal, linear):
+    problem = make_problem((2,), 9, 3, 4, linear=linear, bias_chunk=4)
+    names = [n for n in ("q_quad", "k_quad", "q_lin", "k_lin", "v", "rel_bias") if problem[n] is not None]
+
+    def fn(*tensors):
+        p = dict(problem, **dict(zip(names, tensors)))
+        return mixed_chunk_attention(p["q_quad"], p["k_quad"], p["q_lin"], p["k_lin"], p["v"],
+                                     rel_bias=p["rel_bias"], chunk_size=4, causal=causal,
+                                     backend="torch")
+
+    assert torch.autograd.gradcheck(fn, [problem[n] for n in names])
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_default_scales_are_one_over_chunk(backend):
+    problem = make_problem((1,), 10, S, E, requires_grad=False)
+    explicit = mixed_chunk_attention(*(problem[n] for n in ("q_quad", "k_quad", "q_lin", "k_lin", "v")),
+                                     chunk_size=4, quad_scale=0.25, lin_scale=0.25, backend=backend)
+    default = mixed_chunk_attention(*(problem[n] for n in ("q_quad", "k_quad", "q_lin", "k_lin", "v")),
+                                    chunk_size=4, backend=backend)
+    torch.testing.assert_close(default, explicit, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("linear", [True, False])
+def test_causal_outputs_do_not_change_when_tokens_are_appended(backend, linear):
+    long = make_problem((2,), 29, S, E, linear=linear, bias_chunk=8, requires_grad=False)
+    full = mixed_chunk_attention(long["q_quad"], long["k_quad"], long["q_lin"], long["k_lin"], long["v"],
+                                 rel_bias=long["rel_bias"], chunk_size=8, backend=backend)
+    for T in (1, 7, 8, 9, 20):
+        prefix = {n: (x[..., :T, :] if x is not None and n != "rel_bias" else x) for n, x in long.items()}
+        part = mixed_chunk_attention(prefix["q_quad"], prefix["k_quad"], prefix["q_lin"], prefix["k_lin"],
+                                     prefix["v"], rel_bias=prefix["rel_bias"], chunk_size=8, backend=backend)
+        torch.testing.assert_close(part, full[..., :T, :], rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_empty_sequence(backend):
+    problem = make_problem((2, 3), 0, S, E, bias_chunk=4)
+    out = mixed_chunk_attention(problem["q_quad"], problem["k_quad"], problem["q_lin"], problem["k_lin"],
+                                problem["v"], rel_bias=problem["rel_bias"], chunk_size=4, backend=backend)
+    assert out.shape == (2, 3, 0, E) and out.dtype == torch.float64
+    out.sum().backward()
+    assert problem["v"].grad is not None and problem["v"].grad.shape == problem["v"].shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_low_precision_dtypes(dtype, backend):
+    """Half inputs compute in float32 and return v's dtype; compared with a float64 run."""
+    problem = make_problem((2,), 37, S, E, bias_chunk=8, requires_grad=False)
+    args = [problem[n] for n in ("q_quad", "k_quad", "q_lin", "k_lin", "v")]
+    expected = mixed_chunk_attention(*args, rel_bias=problem["rel_bias"], chunk_size=8, backend="reference")
+    low = [x.to(dtype) for x in args]
+    out = mixed_chunk_attention(*low, rel_bias=problem["rel_bias"].float(), chunk_size=8, backend=backend)
+    assert out.dtype == dtype
+    # The error budget is the rounding of the inputs and of the output to `dtype`.
+    ratio = {torch.float32: 1e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    assert_close("out", out, expected, ratio)
+
+
+def test_chunk_longer_than_sequence_uses_the_full_bias_offsets():
+    """T < C: one partial chunk, bias entries indexed by i - j + C - 1 with C the chunk size."""
+    problem = make_problem((1,), 5, S, E, bias_chunk=16)
+    out, grads, grad_out = run_with_grads(problem, chunk_size=16, backend="torch")
+    ref, ref_grads, _ = run_with_grads(problem, grad_out, chunk_size=16, backend="reference")
+    assert_close("out", out, ref, 1e-12)
+    assert_close("drel_bias", grads["rel_bias"], ref_grads["rel_bias"], 1e-12)
