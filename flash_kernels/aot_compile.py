@@ -419,21 +419,20 @@ def _constexpr_label(constexprs: dict) -> str:
     return " ".join(f"{k}={fmt(v)}" for k, v in constexprs.items())
 
 
-def render_markdown(rows, title: str = "Ahead-of-time compile report", notes: str = "") -> str:
-    """A markdown report of `rows`: one table line per (launch, target), a PASS/FAIL line, and the
-    full text of every compile error."""
-    import triton
-    lines = [f"# {title}", ""]
-    if notes:
-        lines += [notes, ""]
-    lines += [f"Triton {triton.__version__}; compiled with `triton.compile` for "
-              "`GPUTarget(\"cuda\", cap, 32)` on a CPU-only machine; registers / spills (stack "
-              "bytes) / static shared memory from the wheel's `cuobjdump --dump-resource-usage`, "
-              "shared KB = Triton's dynamic shared memory + static; wgmma = HGMMA in the SASS. "
-              "Shared memory limits per block: sm_80 163 KB, sm_90 227 KB.", ""]
-    lines += ["| kernel | constexprs | dtype | warps | stages | target | regs | spill B | "
-              "shared KB | wgmma | status |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+REPORT_PREAMBLE = (
+    "Compiled with `triton.compile(ASTSource(...), target=GPUTarget(\"cuda\", cap, 32))` on a "
+    "CPU-only machine from launches recorded under TRITON_INTERPRET=1. Registers, spills (stack "
+    "bytes) and static shared memory from the wheel's `cuobjdump --dump-resource-usage`; shared KB "
+    "= Triton's dynamic shared memory + static; wgmma = Hopper HGMMA instructions in the SASS. "
+    "Shared memory limits per block: sm_80 163 KB, sm_90 227 KB.")
+
+
+def markdown_table(rows) -> list:
+    """Markdown table lines, one per row: kernel, constexprs, dtype, warps, stages, target,
+    registers, spill bytes, shared KB, wgmma (sm_90 and later), status."""
+    lines = ["| kernel | constexprs | dtype | warps | stages | target | regs | spill B | "
+             "shared KB | wgmma | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         rec = row["record"]
         u = row["usage"]
@@ -453,30 +452,50 @@ def render_markdown(rows, title: str = "Ahead-of-time compile report", notes: st
             cells = [str(u["registers"]), str(u["stack_bytes"]),
                      f"{u['shared_bytes'] / 1024:.1f}",
                      ("yes" if u["uses_wgmma"] else "no") if cap >= 90 else "-"]
-        status = status.replace("|", "\\|")
         lines.append("| " + " | ".join([
-            f"`{rec['kernel_name']}`", _constexpr_label(rec["constexprs"]).replace("|", "\\|"),
+            f"`{rec['kernel_name']}`", _constexpr_label(rec["constexprs"]),
             _dtype_label(rec["signature"]), str(rec["num_warps"]), str(rec["num_stages"]),
-            f"sm_{cap}", *cells, status]) + " |")
+            f"sm_{cap}", *cells, status.replace("|", "\\|")]) + " |")
+    return lines
+
+
+def summary_line(rows, extra_failures: int = 0) -> str:
+    """"**PASS**: ..." or "**FAIL**: ..." for `rows` (plus `extra_failures` found elsewhere,
+    e.g. launches that could not be recorded)."""
     n_errors = sum(bool(r["error"]) for r in rows)
     n_limits = sum(bool(not r["error"] and (r["over_shared_limit"] or r["over_register_limit"]))
                    for r in rows)
     n_spill = sum(bool(r["usage"] and r["usage"]["stack_bytes"]) for r in rows)
-    lines.append("")
-    if n_errors or n_limits:
-        lines.append(f"**FAIL**: {n_errors} compile error(s), {n_limits} over a hardware limit, "
-                     f"out of {len(rows)} compiles ({n_spill} with spills).")
-    else:
-        lines.append(f"**PASS**: all {len(rows)} compiles succeeded within the hardware limits "
-                     f"({n_spill} with spills).")
+    if n_errors or n_limits or extra_failures:
+        extra = f", {extra_failures} other failure(s)" if extra_failures else ""
+        return (f"**FAIL**: {n_errors} compile error(s), {n_limits} over a hardware limit{extra}, "
+                f"out of {len(rows)} compiles ({n_spill} with spills).")
+    return (f"**PASS**: all {len(rows)} compiles succeeded within the hardware limits "
+            f"({n_spill} with spills).")
+
+
+def error_details(rows) -> list:
+    """Markdown lines with the full text of every compile error in `rows` (empty if none)."""
     errors = [r for r in rows if r["error"]]
-    if errors:
-        lines += ["", "## Compile errors", ""]
-        for r in errors:
-            lines += [f"### `{r['record']['kernel_name']}` sm_{r['capability']} "
-                      f"({_constexpr_label(r['record']['constexprs'])})", "", "```",
-                      r["error"].strip()[-6000:], "```", ""]
-    return "\n".join(lines) + "\n"
+    if not errors:
+        return []
+    lines = ["## Compile errors", ""]
+    for r in errors:
+        lines += [f"### `{r['record']['kernel_name']}` sm_{r['capability']} "
+                  f"({_constexpr_label(r['record']['constexprs'])})", "", "```",
+                  r["error"].strip()[-6000:], "```", ""]
+    return lines
+
+
+def render_markdown(rows, title: str = "Ahead-of-time compile report", notes: str = "") -> str:
+    """A markdown report of `rows`: the table, a PASS/FAIL line, and every compile error."""
+    import triton
+    lines = [f"# {title}", ""]
+    if notes:
+        lines += [notes, ""]
+    lines += [f"Triton {triton.__version__}. " + REPORT_PREAMBLE, ""]
+    lines += markdown_table(rows) + ["", summary_line(rows), ""] + error_details(rows)
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,14 +5,14 @@ import torch
 
 from .reference import dense_reference
 from .torch_chunked import mixed_chunk_attention_torch
-from .utils import triton_interpret_enabled
+from .utils import TRITON_MAX_S, triton_interpret_enabled
 from .validation import check_mixed_chunk_inputs
 
 
-def _pick_backend(backend, device, dtype):
+def _pick_backend(backend, device, dtype, s):
     if backend == "auto":
         on_triton_device = device.type == "cuda" or (device.type == "cpu" and triton_interpret_enabled())
-        return "triton" if on_triton_device and dtype != torch.float64 else "torch"
+        return "triton" if on_triton_device and dtype != torch.float64 and s <= TRITON_MAX_S else "torch"
     if backend == "triton" and dtype == torch.float64:
         return "torch"          # the kernels compute in fp32; float64 (gradcheck) takes the exact path
     return backend
@@ -41,7 +41,8 @@ def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size=256, ca
             It may be float32 while the inputs are half; its gradient is returned.
         quad_scale, lin_scale: default 1 / C (constant, so causal outputs never depend on
             tokens that come later).
-        backend: "auto" (Triton on CUDA, or on CPU when TRITON_INTERPRET=1; else "torch"),
+        backend: "auto" (Triton on CUDA, or on CPU when TRITON_INTERPRET=1, for S <= 256;
+            else "torch"),
             "triton", "torch" (chunked PyTorch, O(T) memory) or "reference" (dense, O(T^2)).
             float64 inputs on the Triton backend run the "torch" path, so
             torch.autograd.gradcheck works on this op whatever the backend.
@@ -61,7 +62,7 @@ def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size=256, ca
     options = dict(chunk_size=C, causal=causal, rel_bias=rel_bias, quad_scale=quad_scale,
                    lin_scale=lin_scale)
 
-    backend = _pick_backend(backend, v.device, v.dtype)
+    backend = _pick_backend(backend, v.device, v.dtype, S)
     if backend == "reference":
         return dense_reference(q_quad, k_quad, q_lin, k_lin, v, **options)
 
@@ -74,6 +75,6 @@ def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size=256, ca
     if backend == "torch":
         out = mixed_chunk_attention_torch(*args, **options)
     else:
-        raise NotImplementedError("backend='triton': the Triton kernels are not implemented yet; "
-                                  "use backend='torch' or 'reference'")
+        from .triton_mixed_chunk import mixed_chunk_attention_triton
+        out = mixed_chunk_attention_triton(*args, **options)
     return out.reshape(*batch, T, E)

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+TRITON_MAX_S = 256   # the Triton kernels hold a row of q/k (S features) in one tile
+
+
 def triton_interpret_enabled() -> bool:
     """TRITON_INTERPRET=1 runs Triton kernels on the CPU (it must be set before triton import)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -42,9 +45,11 @@ class LaunchRecord:
                 self.num_warps, self.num_stages)
 
 
-_TORCH_TO_TRITON = {
+_TORCH_TO_TRITON = {    # as Triton 3.9 names pointer element types (torch.bool -> "u1")
     torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-    torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
+    torch.int32: "i32", torch.int64: "i64", torch.int16: "i16", torch.int8: "i8",
+    torch.uint8: "u8", torch.bool: "u1",
+    torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5",
 }
 
 _recorders: list = []
@@ -203,3 +208,29 @@ def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int, num_stage
         for records in _recorders:
             records.append(record)
     kernel[grid](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+
+
+_nan_fill_depth = 0
+
+
+@contextlib.contextmanager
+def nan_filled_buffers():
+    """Inside the block, `new_buffer` fills with NaN, so a kernel that reads memory nobody
+    wrote (or leaves part of an output unwritten) produces NaN that a test catches."""
+    global _nan_fill_depth
+    _nan_fill_depth += 1
+    try:
+        yield
+    finally:
+        _nan_fill_depth -= 1
+
+
+def new_buffer(shape, dtype, device):
+    """An output or scratch buffer every element of which a kernel is expected to write."""
+    if _nan_fill_depth:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()

@@ -62,7 +62,8 @@ def test_specialize_argument_matches_triton():
     values = [0, 1, 2, 16, 48, -1, -16, 2**31 - 1, 2**31, -2**31, 2**40, 2**63, 1.0, 2.5,
               True, False, None, torch.empty(8, dtype=torch.float16),
               torch.empty(9, dtype=torch.float32)[1:], torch.empty(4, dtype=torch.bool),
-              torch.empty(4, dtype=torch.bfloat16), torch.empty(4, dtype=torch.int64)]
+              torch.empty(4, dtype=torch.bfloat16), torch.empty(4, dtype=torch.int64),
+              torch.empty(4, dtype=torch.uint8), torch.empty(4, dtype=torch.float8_e4m3fn)]
     for value in values:
         for specialize in (True, False):
             for align in (True, False):
@@ -127,3 +128,23 @@ def test_cli_reports_compile_errors(toy_records, tmp_path):
     assert "**FAIL**: 1 compile error(s)" in report
     assert report.count("| `matmul_tile_kernel` |") == 2
     assert "| sm_90 |" in report and "| yes | ok |" in report
+
+
+def test_bench_compile_report_assembles(toy_records, tmp_path, monkeypatch):
+    """bench/compile_report.py end to end, with the op's recording replaced by the toy launch
+    (the real configs need the Triton backend of the op)."""
+    compile_report = pytest.importorskip("bench.compile_report")
+    monkeypatch.setattr(compile_report, "record_config",
+                        lambda cfg: dedupe_records(
+                            [retype_record(r, "fp16", cfg["compile_dtype"])
+                             if cfg.get("compile_dtype") else r for r in toy_records]))
+    monkeypatch.setattr(sys, "path", sys.path + [TESTS_DIR])      # compile here, or in a child
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "compile_report.md"
+    rc = compile_report.main(["--only", "small fp16 causal", "paper bf16 causal + rel_bias",
+                              "--output", str(out)])
+    report = out.read_text()
+    assert rc == 0, report
+    assert "**PASS**: all 4 compiles succeeded" in report
+    assert "## paper bf16 causal + rel_bias" in report and "| bf16,fp32 |" in report
+    assert "| fp16,fp32 |" in report

@@ -1,0 +1,156 @@
+"""Ahead-of-time compile report of the Triton kernels the op really launches (no GPU needed).
+
+For every config below, runs `mixed_chunk_attention(..., backend="triton")` forward + backward
+under TRITON_INTERPRET=1 in a child process, recording each kernel launch (kernel, argument types,
+constexprs, num_warps/num_stages); then compiles every distinct launch for sm_80 and sm_90 with
+`triton.compile` and reads registers, spills, shared memory and wgmma use from the cubin
+(`flash_kernels.aot_compile`). Writes bench/results/compile_report.md; exits non-zero when a launch
+cannot be recorded, does not compile, or exceeds a hardware limit.
+
+The interpreter cannot run bf16 dots, so bf16 configs are recorded in fp16 and their fp16 types
+rewritten to bf16 before compiling (`compile_dtype`): this assumes the op picks the same
+constexprs / warps for fp16 and bf16. T only needs to be large enough to reach the code paths
+(several chunks); the compiled kernels do not depend on it (T is not specialised).
+
+    python -m bench.compile_report [--capabilities 80 90] [--only paper] [--output PATH]
+"""
+import argparse
+import os
+import sys
+import time
+
+from flash_kernels.aot_compile import (REPORT_PREAMBLE, error_details, markdown_table,
+                                       measure_launches, record_from_dict, record_in_interpreter,
+                                       record_key, retype_record, row_failed, summary_line)
+
+# ---------------------------------------------------------------------------------------------
+# Configs: edit freely. Keys: name; batch (leading dims); T, S, E; chunk_size (None = one chunk);
+# causal; rel_bias (bool); linear (False = q_lin/k_lin None, quadratic only); dtype (what runs
+# under the interpreter: "float32" or "float16"); rel_bias_dtype; compile_dtype (optional: the
+# Triton type the fp16 launches are compiled as, e.g. "bf16" for what runs on the GPU);
+# grads (which inputs require grad for the backward; default all).
+# ---------------------------------------------------------------------------------------------
+SMALL = dict(batch=(2,), T=45, S=20, E=36, chunk_size=16, rel_bias=True, linear=True,
+             rel_bias_dtype="float32")
+PAPER = dict(batch=(1,), T=512, S=128, E=1536, chunk_size=256, linear=True, dtype="float16",
+             rel_bias_dtype="float32", compile_dtype="bf16")
+
+CONFIGS = [
+    dict(SMALL, name="small fp32 causal", dtype="float32", causal=True),
+    dict(SMALL, name="small fp32 non-causal, no bias", dtype="float32", causal=False,
+         rel_bias=False),
+    dict(SMALL, name="small fp16 causal", dtype="float16", causal=True),
+    dict(SMALL, name="small fp16 quadratic only", dtype="float16", causal=True, linear=False),
+    dict(SMALL, name="small fp32 one chunk (chunk_size=None)", dtype="float32", causal=True,
+         chunk_size=None, batch=()),
+    dict(PAPER, name="paper bf16 causal", causal=True, rel_bias=False),
+    dict(PAPER, name="paper bf16 causal + rel_bias", causal=True, rel_bias=True),
+    dict(PAPER, name="paper bf16 non-causal", causal=False, rel_bias=False),
+    dict(PAPER, name="paper bf16 non-causal + rel_bias", causal=False, rel_bias=True),
+]
+
+DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                              "compile_report.md")
+
+# Runs in the TRITON_INTERPRET=1 child; `cfg` is substituted.
+_SNIPPET = """
+import torch
+from flash_kernels import mixed_chunk_attention
+
+cfg = {cfg!r}
+gen = torch.Generator().manual_seed(0)
+dtype = getattr(torch, cfg["dtype"])
+grads = cfg.get("grads")
+
+def rand(name, *shape, dt=dtype):
+    x = (0.5 * torch.randn(*shape, generator=gen)).to(dt)
+    return x.requires_grad_(grads is None or name in grads)
+
+batch, T, S, E, C = tuple(cfg["batch"]), cfg["T"], cfg["S"], cfg["E"], cfg["chunk_size"]
+q_quad, k_quad = rand("q_quad", *batch, T, S), rand("k_quad", *batch, T, S)
+q_lin = rand("q_lin", *batch, T, S) if cfg["linear"] else None
+k_lin = rand("k_lin", *batch, T, S) if cfg["linear"] else None
+v = rand("v", *batch, T, E)
+rel_bias = None
+if cfg["rel_bias"]:
+    rel_bias = rand("rel_bias", 2 * (C or T) - 1, dt=getattr(torch, cfg["rel_bias_dtype"]))
+out = mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, chunk_size=C, causal=cfg["causal"],
+                            rel_bias=rel_bias, backend="triton")
+assert out.shape == (*batch, T, E) and out.dtype == dtype
+if out.requires_grad:
+    out.backward(torch.randn(out.shape, generator=gen).to(dtype))
+"""
+
+
+def config_label(cfg) -> str:
+    """One line describing a config's shape and options."""
+    dtype = cfg.get("compile_dtype") or {"float32": "fp32", "float16": "fp16"}[cfg["dtype"]]
+    parts = [f"batch={tuple(cfg['batch'])}", f"T={cfg['T']}", f"S={cfg['S']}", f"E={cfg['E']}",
+             f"chunk_size={cfg['chunk_size']}", f"causal={cfg['causal']}",
+             f"rel_bias={'yes (' + cfg['rel_bias_dtype'] + ')' if cfg['rel_bias'] else 'no'}",
+             f"linear={cfg['linear']}", f"compiled as {dtype}"]
+    if cfg.get("compile_dtype"):
+        parts.append(f"recorded in {cfg['dtype']}")
+    return ", ".join(parts)
+
+
+def record_config(cfg) -> list:
+    """The distinct kernel launches of one config's forward + backward, retyped for compiling."""
+    records = record_in_interpreter(_SNIPPET.format(cfg=cfg))
+    if cfg.get("compile_dtype"):
+        records = [retype_record(r, "fp16", cfg["compile_dtype"]) for r in records]
+    unique = {}
+    for r in records:
+        unique.setdefault(record_key(r), r)
+    return list(unique.values())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--capabilities", nargs="+", type=int, default=[80, 90])
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run only the configs whose name contains one of these words")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT)
+    args = parser.parse_args(argv)
+
+    configs = [c for c in CONFIGS
+               if not args.only or any(word in c["name"] for word in args.only)]
+    rows_by_key = {}                     # (record key, capability) -> row: compile each once
+    sections, all_rows, failures = [], [], 0
+    for cfg in configs:
+        start = time.perf_counter()
+        lines = [f"## {cfg['name']}", "", config_label(cfg), ""]
+        try:
+            records = record_config(cfg)
+        except Exception as e:  # noqa: BLE001 - reported, the other configs still run
+            failures += 1
+            print(f"[{cfg['name']}] recording FAILED", file=sys.stderr)
+            message = str(e).split("--- output ---")[-1].strip()[-3000:]
+            sections += lines + ["**Recording failed** (the op raised under the interpreter):",
+                                 "", "```", message, "```", ""]
+            continue
+        todo = [r for r in records
+                if any((record_key(r), cap) not in rows_by_key for cap in args.capabilities)]
+        for row in measure_launches(todo, args.capabilities):
+            rows_by_key[(record_key(record_from_dict(row["record"])), row["capability"])] = row
+        rows = [rows_by_key[(record_key(r), cap)] for r in records for cap in args.capabilities]
+        all_rows += rows
+        sections += lines + markdown_table(rows) + [""]
+        print(f"[{cfg['name']}] {len(records)} launches, {sum(map(row_failed, rows))} failed, "
+              f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+    import triton
+    unique_rows = list({id(r): r for r in all_rows}.values())
+    report = ["# Ahead-of-time compile report: mixed_chunk_attention (backend=\"triton\")", "",
+              f"Triton {triton.__version__}; forward + backward of each config. " + REPORT_PREAMBLE,
+              "", summary_line(unique_rows, extra_failures=failures), ""]
+    report += sections + error_details(unique_rows)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        f.write("\n".join(report).rstrip("\n") + "\n")
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 1 if failures or any(map(row_failed, unique_rows)) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Pieces shared by the mixed chunk attention kernels."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_rows(base, rows, row_end, width, BLOCK_W: tl.constexpr):
+    """x[rows, :width] of a row-major (T, width) matrix, zero outside rows < row_end."""
+    cols = tl.arange(0, BLOCK_W)
+    return tl.load(base + rows.to(tl.int64)[:, None] * width + cols[None, :],
+                   mask=(rows[:, None] < row_end) & (cols[None, :] < width), other=0.0)
+
+
+@triton.jit
+def relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end, chunk_size,
+                     quad_scale, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """relu(s) for one tile of queries `offs_i` (rows of `q`) and keys `offs_j` (rows of `k`):
+
+        s_ij = quad_scale * <q_i, k_j> + rel_bias[i - j + chunk_size - 1]
+        relu(s_ij), or 0 where j is past the chunk's end, i is past it, or (causal) j > i.
+
+    Both index vectors are global token positions inside the chunk starting at chunk_start.
+    Returned in float32; the attention weight is its square, the score gradient is 2 * it.
+    """
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * quad_scale
+    valid = (offs_i[:, None] < chunk_end) & (offs_j[None, :] < chunk_end)
+    if CAUSAL:
+        valid = valid & (offs_j[None, :] <= offs_i[:, None])
+    if HAS_BIAS:
+        # i and j are in the same chunk, so the index lies in [0, 2 * chunk_size - 2].
+        bias_index = (offs_i - chunk_start)[:, None] - (offs_j - chunk_start)[None, :] + chunk_size - 1
+        scores += tl.load(rel_bias_ptr + bias_index, mask=valid, other=0.0)
+    return tl.where(valid, tl.maximum(scores, 0.0), 0.0)

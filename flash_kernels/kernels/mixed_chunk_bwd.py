@@ -1,0 +1,281 @@
+"""Backward kernels of mixed chunk attention (SPEC.md section 3).
+
+Per chunk, with relu_s = relu(S) masked (causal, chunk end), A = relu_s^2 and dO the incoming
+gradient:
+
+    dA = dO V^T        dS = 2 relu_s * dA        dq_quad = quad_scale dS K      dk_quad = quad_scale dS^T Q
+    dV = A^T dO + k_lin D        dq_lin = dO P^T        dk_lin = V D^T
+    drel_bias[o + C - 1] = sum of dS_ij over i - j = o
+
+P are the forward states and D the reverse states of `chunk_state.py` (lin_scale folded in).
+
+`mixed_chunk_bwd_query_kernel`, one program per (chunk, query block), reduces over keys and
+value columns: dq_quad, dq_lin, the per-program diagonal sums of dS for drel_bias and, for chunks
+of at most 256 tokens, dS itself (float32, O(T * C) memory) so that the key-side kernel does not
+recompute dA = dO V^T (the costly E-wide product). `mixed_chunk_bwd_key_kernel`, one program per
+(chunk, key block), reduces over queries: dk_quad, dv and dk_lin. Neither needs atomics, so
+gradients are deterministic.
+"""
+import triton
+import triton.language as tl
+
+from .common import load_rows, relu_scores_tile
+
+
+@triton.jit
+def _score_grad_tile(grad_out_base, v_base, relu_s, offs_i, offs_j, chunk_end, E,
+                     BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dS = 2 relu_s * (dO V^T) for one (query block, key block) tile, dA summed over E tiles."""
+    offs_e = tl.arange(0, BLOCK_E)
+    grad_scores = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for e0 in range(0, E, BLOCK_E):
+        cols = e0 + offs_e
+        d_out = tl.load(grad_out_base + offs_i.to(tl.int64)[:, None] * E + cols[None, :],
+                        mask=(offs_i[:, None] < chunk_end) & (cols[None, :] < E), other=0.0)
+        v = tl.load(v_base + offs_j.to(tl.int64)[:, None] * E + cols[None, :],
+                    mask=(offs_j[:, None] < chunk_end) & (cols[None, :] < E), other=0.0)
+        grad_scores = tl.dot(d_out, tl.trans(v), grad_scores, input_precision=DOT_PRECISION)
+    return 2.0 * relu_s * grad_scores
+
+
+@triton.jit(do_not_specialize=["T", "num_chunks"])
+def mixed_chunk_bwd_query_kernel(
+    q_quad_ptr, k_quad_ptr, v_ptr, grad_out_ptr, states_ptr, rel_bias_ptr,
+    dq_quad_ptr, dq_lin_ptr, ds_ptr, dbias_partial_ptr,
+    T, S, E, chunk_size, chunk_len, num_chunks, num_blocks, quad_scale,
+    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HALF_MMA: tl.constexpr,
+    NEED_DS: tl.constexpr, NEED_DQ_QUAD: tl.constexpr, NEED_DQ_LIN: tl.constexpr,
+    STORE_DS: tl.constexpr, NEED_DBIAS: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid: (num_chunks * num_blocks, B); query and key blocks are both BLOCK rows.
+
+    Writes dq_quad (B, T, S), dq_lin (B, T, S) and, when asked:
+    - STORE_DS: ds (B, num_chunks, chunk_len, chunk_len) float32, every tile at or below the
+      causal diagonal (the key kernel reads exactly those); else, for NEED_DBIAS, ds is a
+      (B, grid, BLOCK, BLOCK) scratch tile per program;
+    - NEED_DBIAS: dbias_partial (B, num_chunks, num_blocks, 2 * num_blocks, BLOCK): segment s of
+      a program holds the sums of its dS over offsets i - j = s * BLOCK - (BLOCK - 1) + p, p < BLOCK.
+    """
+    pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    chunk = pid // num_blocks
+    block = pid % num_blocks
+    chunk_start = chunk.to(tl.int64) * chunk_size
+    chunk_end = tl.minimum(chunk_start + chunk_size, T)
+    row_start = chunk_start + block * BLOCK
+    mma_dtype = v_ptr.dtype.element_ty if HALF_MMA else tl.float32
+    offs_i = row_start + tl.arange(0, BLOCK)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_e = tl.arange(0, BLOCK_E)
+    local = tl.arange(0, BLOCK)
+    row_ok = offs_i < chunk_end
+    grad_out_base = grad_out_ptr + batch * T * E
+    out_mask = row_ok[:, None] & (offs_s[None, :] < S)
+
+    if NEED_DQ_LIN:
+        if CAUSAL:
+            state_base = states_ptr + (batch * num_chunks + chunk) * S * E
+        else:
+            state_base = states_ptr + batch * S * E
+        dq_lin = tl.zeros((BLOCK, BLOCK_S), dtype=tl.float32)
+        for e0 in range(0, E, BLOCK_E):
+            cols = e0 + offs_e
+            d_out = tl.load(grad_out_base + offs_i[:, None] * E + cols[None, :],
+                            mask=row_ok[:, None] & (cols[None, :] < E), other=0.0)
+            state = tl.load(state_base + offs_s[:, None] * E + cols[None, :],
+                            mask=(offs_s[:, None] < S) & (cols[None, :] < E), other=0.0)
+            dq_lin = tl.dot(d_out.to(mma_dtype), tl.trans(state.to(mma_dtype)), dq_lin,
+                            input_precision=DOT_PRECISION)
+        tl.store(dq_lin_ptr + batch * T * S + offs_i[:, None] * S + offs_s[None, :],
+                 dq_lin.to(dq_lin_ptr.dtype.element_ty), mask=out_mask)
+
+    if NEED_DS:
+        q = load_rows(q_quad_ptr + batch * T * S, offs_i, chunk_end, S, BLOCK_S)
+        k_base = k_quad_ptr + batch * T * S
+        v_base = v_ptr + batch * T * E
+        if CAUSAL:
+            num_key_blocks = block + 1
+        else:
+            num_key_blocks = num_blocks
+        num_key_blocks = tl.where(row_start < chunk_end, num_key_blocks, 0)
+        dq = tl.zeros((BLOCK, BLOCK_S), dtype=tl.float32)
+        if STORE_DS:
+            ds_base = ds_ptr + (batch * num_chunks + chunk) * chunk_len * chunk_len
+            ds_row_stride = chunk_len
+        else:
+            ds_base = ds_ptr + (batch * tl.num_programs(0) + pid) * BLOCK * BLOCK
+            ds_row_stride = BLOCK
+        if NEED_DBIAS:
+            segments_base = dbias_partial_ptr + ((batch * num_chunks + chunk) * num_blocks + block) * (2 * num_blocks) * BLOCK
+            pending = tl.zeros((BLOCK,), dtype=tl.float32)
+        for key_block in range(0, num_key_blocks):
+            offs_j = chunk_start + key_block * BLOCK + local
+            k = load_rows(k_base, offs_j, chunk_end, S, BLOCK_S)
+            relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
+                                      chunk_size, quad_scale, HAS_BIAS, CAUSAL, DOT_PRECISION)
+            ds = _score_grad_tile(grad_out_base, v_base, relu_s, offs_i, offs_j, chunk_end, E,
+                                  BLOCK, BLOCK_E, DOT_PRECISION)
+            dq = tl.dot(ds.to(mma_dtype), k.to(mma_dtype), dq, input_precision=DOT_PRECISION)
+            if STORE_DS or NEED_DBIAS:
+                if STORE_DS:
+                    tile_base = ds_base + (block * BLOCK) * chunk_len + key_block * BLOCK
+                    row_limit = chunk_len - block * BLOCK
+                    col_limit = chunk_len - key_block * BLOCK
+                else:
+                    tile_base = ds_base
+                    row_limit = BLOCK
+                    col_limit = BLOCK
+                rows_in = local < row_limit
+                tl.store(tile_base + local[:, None] * ds_row_stride + local[None, :], ds,
+                         mask=rows_in[:, None] & (local[None, :] < col_limit))
+            if NEED_DBIAS:
+                # Diagonal sums of the tile, read back skewed: column kk of the low half holds
+                # offset i - j = kk - (BLOCK - 1), of the high half offset kk + 1.
+                tl.debug_barrier()
+                j_low = local[:, None] + (BLOCK - 1) - local[None, :]
+                j_high = local[:, None] - 1 - local[None, :]
+                low_ok = rows_in[:, None] & (j_low < BLOCK) & (j_low < col_limit)
+                high_ok = rows_in[:, None] & (j_high >= 0) & (j_high < col_limit)
+                diag_low = tl.sum(tl.load(tile_base + local[:, None] * ds_row_stride + j_low,
+                                          mask=low_ok, other=0.0), axis=0)
+                diag_high = tl.sum(tl.load(tile_base + local[:, None] * ds_row_stride + j_high,
+                                           mask=high_ok, other=0.0), axis=0)
+                tl.debug_barrier()
+                # Tile (block, key_block) covers segments block - key_block (low half) and
+                # block - key_block + 1 (high half); the latter also got the previous tile's
+                # low half, so it is complete now.
+                segment = block - key_block + 1 + num_blocks - 1
+                tl.store(segments_base + segment * BLOCK + local, pending + diag_high)
+                pending = diag_low
+        if NEED_DBIAS:
+            # The last tile's low half completes segment block - (num_key_blocks - 1).
+            first_written = block - num_key_blocks + num_blocks
+            if num_key_blocks > 0:
+                tl.store(segments_base + first_written * BLOCK + local, pending)
+            last_written = block + 1 + num_blocks - 1
+            for segment in range(0, 2 * num_blocks):
+                slot = tl.full((BLOCK,), segment, tl.int32)
+                untouched = (slot < first_written) | (slot > last_written) | (slot * 0 + num_key_blocks == 0)
+                tl.store(segments_base + segment * BLOCK + local, tl.zeros((BLOCK,), dtype=tl.float32),
+                         mask=untouched)
+        if NEED_DQ_QUAD:
+            tl.store(dq_quad_ptr + batch * T * S + offs_i[:, None] * S + offs_s[None, :],
+                     (dq * quad_scale).to(dq_quad_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit(do_not_specialize=["T", "num_chunks"])
+def mixed_chunk_bwd_key_kernel(
+    q_quad_ptr, k_quad_ptr, k_lin_ptr, v_ptr, grad_out_ptr, dstates_ptr, rel_bias_ptr, ds_ptr,
+    dk_quad_ptr, dk_lin_ptr, dv_ptr,
+    T, S, E, chunk_size, chunk_len, num_chunks, num_blocks, quad_scale,
+    HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+    HALF_MMA: tl.constexpr, DS_STORED: tl.constexpr, HOIST_SCORES: tl.constexpr,
+    NEED_DK_QUAD: tl.constexpr, NEED_DK_LIN: tl.constexpr, NEED_DV: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_QUERIES: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid: (num_chunks * num_blocks, B), one program per block of BLOCK keys.
+
+    dk_quad = quad_scale * sum_i dS_ij q_i (dS read back when DS_STORED, else recomputed);
+    dv = sum_i relu_s_ij^2 dO_i + k_lin_j D, the weights formed once against the whole chunk
+    when HOIST_SCORES (chunk <= BLOCK_QUERIES), else recomputed per value tile;
+    dk_lin = V_j D^T.
+    """
+    pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    chunk = pid // num_blocks
+    block = pid % num_blocks
+    chunk_start = chunk.to(tl.int64) * chunk_size
+    chunk_end = tl.minimum(chunk_start + chunk_size, T)
+    key_start = chunk_start + block * BLOCK
+    if key_start >= chunk_end:
+        return
+    mma_dtype = v_ptr.dtype.element_ty if HALF_MMA else tl.float32
+    local = tl.arange(0, BLOCK)
+    offs_j = key_start + local
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_e = tl.arange(0, BLOCK_E)
+    key_ok = offs_j < chunk_end
+    q_base = q_quad_ptr + batch * T * S
+    v_base = v_ptr + batch * T * E
+    grad_out_base = grad_out_ptr + batch * T * E
+    k = load_rows(k_quad_ptr + batch * T * S, offs_j, chunk_end, S, BLOCK_S)
+    if CAUSAL:
+        first_query = key_start         # query and key blocks are aligned: earlier ones are masked
+    else:
+        first_query = chunk_start
+    out_mask = key_ok[:, None] & (offs_s[None, :] < S)
+
+    if NEED_DK_QUAD:
+        dk = tl.zeros((BLOCK, BLOCK_S), dtype=tl.float32)
+        for i0 in range(first_query, chunk_end, BLOCK):
+            offs_i = i0 + local
+            q = load_rows(q_base, offs_i, chunk_end, S, BLOCK_S)
+            if DS_STORED:
+                ds_rows = offs_i - chunk_start
+                ds_cols = offs_j - chunk_start
+                ds = tl.load(ds_ptr + ((batch * num_chunks + chunk) * chunk_len + ds_rows[:, None]) * chunk_len
+                             + ds_cols[None, :],
+                             mask=(offs_i[:, None] < chunk_end) & key_ok[None, :], other=0.0)
+            else:
+                relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start,
+                                          chunk_end, chunk_size, quad_scale, HAS_BIAS, CAUSAL,
+                                          DOT_PRECISION)
+                ds = _score_grad_tile(grad_out_base, v_base, relu_s, offs_i, offs_j, chunk_end, E,
+                                      BLOCK, BLOCK_E, DOT_PRECISION)
+            dk = tl.dot(tl.trans(ds).to(mma_dtype), q.to(mma_dtype), dk, input_precision=DOT_PRECISION)
+        tl.store(dk_quad_ptr + batch * T * S + offs_j[:, None] * S + offs_s[None, :],
+                 (dk * quad_scale).to(dk_quad_ptr.dtype.element_ty), mask=out_mask)
+
+    if NEED_DV or NEED_DK_LIN:
+        if HAS_LINEAR:
+            if CAUSAL:
+                dstate_base = dstates_ptr + (batch * num_chunks + chunk) * S * E
+            else:
+                dstate_base = dstates_ptr + batch * S * E
+            k_lin = load_rows(k_lin_ptr + batch * T * S, offs_j, chunk_end, S, BLOCK_S).to(mma_dtype)
+            dk_lin = tl.zeros((BLOCK, BLOCK_S), dtype=tl.float32)
+        if NEED_DV and HOIST_SCORES:
+            offs_i_all = chunk_start + tl.arange(0, BLOCK_QUERIES)
+            q_all = load_rows(q_base, offs_i_all, chunk_end, S, BLOCK_S)
+            relu_s_all = relu_scores_tile(q_all, k, rel_bias_ptr, offs_i_all, offs_j, chunk_start,
+                                          chunk_end, chunk_size, quad_scale, HAS_BIAS, CAUSAL,
+                                          DOT_PRECISION)
+            weights_t = tl.trans(relu_s_all * relu_s_all).to(mma_dtype)     # (BLOCK, BLOCK_QUERIES)
+        for e0 in range(0, E, BLOCK_E):
+            cols = e0 + offs_e
+            col_ok = cols < E
+            dv = tl.zeros((BLOCK, BLOCK_E), dtype=tl.float32)
+            if NEED_DV:
+                if HOIST_SCORES:
+                    d_out = tl.load(grad_out_base + offs_i_all.to(tl.int64)[:, None] * E + cols[None, :],
+                                    mask=(offs_i_all[:, None] < chunk_end) & col_ok[None, :], other=0.0)
+                    dv = tl.dot(weights_t, d_out.to(mma_dtype), dv, input_precision=DOT_PRECISION)
+                else:
+                    for i0 in range(first_query, chunk_end, BLOCK):
+                        offs_i = i0 + local
+                        q = load_rows(q_base, offs_i, chunk_end, S, BLOCK_S)
+                        relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start,
+                                                  chunk_end, chunk_size, quad_scale, HAS_BIAS,
+                                                  CAUSAL, DOT_PRECISION)
+                        d_out = tl.load(grad_out_base + offs_i.to(tl.int64)[:, None] * E + cols[None, :],
+                                        mask=(offs_i[:, None] < chunk_end) & col_ok[None, :], other=0.0)
+                        dv = tl.dot(tl.trans(relu_s * relu_s).to(mma_dtype), d_out.to(mma_dtype), dv,
+                                    input_precision=DOT_PRECISION)
+            if HAS_LINEAR:
+                dstate = tl.load(dstate_base + offs_s[:, None] * E + cols[None, :],
+                                 mask=(offs_s[:, None] < S) & col_ok[None, :], other=0.0).to(mma_dtype)
+                if NEED_DV:
+                    dv = tl.dot(k_lin, dstate, dv, input_precision=DOT_PRECISION)
+                if NEED_DK_LIN:
+                    v = tl.load(v_base + offs_j[:, None] * E + cols[None, :],
+                                mask=key_ok[:, None] & col_ok[None, :], other=0.0)
+                    dk_lin = tl.dot(v.to(mma_dtype), tl.trans(dstate), dk_lin, input_precision=DOT_PRECISION)
+            if NEED_DV:
+                tl.store(dv_ptr + batch * T * E + offs_j[:, None] * E + cols[None, :],
+                         dv.to(dv_ptr.dtype.element_ty), mask=key_ok[:, None] & col_ok[None, :])
+        if HAS_LINEAR and NEED_DK_LIN:
+            tl.store(dk_lin_ptr + batch * T * S + offs_j[:, None] * S + offs_s[None, :],
+                     dk_lin.to(dk_lin_ptr.dtype.element_ty), mask=out_mask)

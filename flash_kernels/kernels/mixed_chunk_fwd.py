@@ -1,0 +1,97 @@
+"""Forward output kernel of mixed chunk attention: one program per (chunk, block of query rows).
+
+    out_i = sum_{j in chunk(i)} relu(s_ij)^2 v_j  +  q_lin_i^T P_{chunk(i)}
+
+with s_ij from `common.relu_scores_tile` and P the float32 states of `chunk_state.py` (lin_scale
+already folded in). See `flash_kernels/triton_mixed_chunk.py` for the design and its numbers.
+
+Two loop orders, chosen at compile time by HOIST_SCORES:
+- the chunk fits one key tile (BLOCK_KEYS >= chunk length, at most 256): the program forms
+  relu^2(S) for its query rows against every key of the chunk once, then loops over value tiles
+  (out[:, e] = A @ V[:, e]): scores are computed once per chunk, not once per value tile;
+- longer chunks (chunk_size=None over a long sequence): for each value tile, loop over key tiles
+  up to the causal diagonal and recompute the scores; memory stays O(T).
+"""
+import triton
+import triton.language as tl
+
+from .common import load_rows, relu_scores_tile
+
+
+@triton.jit(do_not_specialize=["T", "num_chunks"])
+def mixed_chunk_fwd_kernel(
+    q_quad_ptr, k_quad_ptr, q_lin_ptr, states_ptr, v_ptr, rel_bias_ptr, out_ptr,
+    T, S, E, chunk_size, num_chunks, num_query_blocks, quad_scale,
+    HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+    HOIST_SCORES: tl.constexpr, HALF_MMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid: (num_chunks * num_query_blocks, B). Inputs contiguous (B, T, S) / (B, T, E);
+    states (B, num_chunks or 1, S, E) float32; rel_bias float32 (2 * chunk_size - 1,).
+
+    HALF_MMA: the weights relu^2(S) and the states are rounded to the input dtype (bf16) for the
+    tensor cores; otherwise (fp16, whose range relu^2 can overflow, and fp32) they stay float32.
+    """
+    pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    chunk = pid // num_query_blocks
+    block = pid % num_query_blocks
+    chunk_start = chunk.to(tl.int64) * chunk_size
+    chunk_end = tl.minimum(chunk_start + chunk_size, T)
+    row_start = chunk_start + block * BLOCK_M
+    if row_start >= chunk_end:
+        return
+    mma_dtype = v_ptr.dtype.element_ty if HALF_MMA else tl.float32
+
+    offs_i = row_start + tl.arange(0, BLOCK_M)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_e = tl.arange(0, BLOCK_E)
+    row_ok = offs_i < chunk_end
+    q = load_rows(q_quad_ptr + batch * T * S, offs_i, chunk_end, S, BLOCK_S)
+    k_base = k_quad_ptr + batch * T * S
+    v_base = v_ptr + batch * T * E
+    out_base = out_ptr + batch * T * E
+    if CAUSAL:
+        keys_end = tl.minimum(row_start + BLOCK_M, chunk_end)
+    else:
+        keys_end = chunk_end
+    if HAS_LINEAR:
+        q_lin = load_rows(q_lin_ptr + batch * T * S, offs_i, chunk_end, S, BLOCK_S).to(mma_dtype)
+        if CAUSAL:
+            state_base = states_ptr + (batch * num_chunks + chunk) * S * E
+        else:
+            state_base = states_ptr + batch * S * E
+
+    if HOIST_SCORES:
+        offs_j = chunk_start + tl.arange(0, BLOCK_KEYS)
+        k = load_rows(k_base, offs_j, chunk_end, S, BLOCK_S)
+        relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
+                                  chunk_size, quad_scale, HAS_BIAS, CAUSAL, DOT_PRECISION)
+        weights = (relu_s * relu_s).to(mma_dtype)
+
+    for e0 in range(0, E, BLOCK_E):
+        cols = e0 + offs_e
+        col_ok = cols < E
+        if HOIST_SCORES:
+            v = tl.load(v_base + offs_j[:, None] * E + cols[None, :],
+                        mask=(offs_j[:, None] < chunk_end) & col_ok[None, :], other=0.0)
+            acc = tl.dot(weights, v.to(mma_dtype), input_precision=DOT_PRECISION)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+            for j0 in range(chunk_start, keys_end, BLOCK_KEYS):
+                offs_j = j0 + tl.arange(0, BLOCK_KEYS)
+                k = load_rows(k_base, offs_j, chunk_end, S, BLOCK_S)
+                relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start,
+                                          chunk_end, chunk_size, quad_scale, HAS_BIAS, CAUSAL,
+                                          DOT_PRECISION)
+                v = tl.load(v_base + offs_j[:, None] * E + cols[None, :],
+                            mask=(offs_j[:, None] < chunk_end) & col_ok[None, :], other=0.0)
+                acc = tl.dot((relu_s * relu_s).to(mma_dtype), v.to(mma_dtype), acc,
+                             input_precision=DOT_PRECISION)
+        if HAS_LINEAR:
+            state = tl.load(state_base + offs_s[:, None] * E + cols[None, :],
+                            mask=(offs_s[:, None] < S) & col_ok[None, :], other=0.0)
+            acc = tl.dot(q_lin, state.to(mma_dtype), acc, input_precision=DOT_PRECISION)
+        tl.store(out_base + offs_i[:, None] * E + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])

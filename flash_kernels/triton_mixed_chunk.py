@@ -1,0 +1,274 @@
+"""Triton backend of mixed chunk attention: launch helpers and the torch.autograd.Function.
+
+Design (numbers for the paper shape: S = 128, E = 1536, C = 256, causal, bf16, per token)
+
+Work. The quadratic part costs C (S + E) = 426 kflop per token causal (2 C (S + E) dense), the
+linear part 2 S E = 393 kflop for the output plus 2 S E for the state. The kernels read the
+inputs (4 S + E) * 2 B = 4.1 KB and write E * 2 B = 3.1 KB per token, so the forward runs at
+~170 flop/byte: compute bound on an H100 (~990 Tflop/s bf16, 3.35 TB/s: ridge ~300 flop/byte
+for DRAM, far lower for L2-resident tiles), hence the plan is to keep tensor cores busy.
+
+Forward = a sequential state pass + a parallel output pass (not one fused kernel):
+- `chunk_state_scan_kernel` walks the chunks in order per (batch, S tile, E tile) and stores
+  each float32 state P_g before adding chunk g (the exclusive cumsum). Its parallelism is
+  B * (S / 64) * (E / 64) = 48 programs per sequence at the paper shape, each a chain of
+  T / C small (64 x 64 x 256) products: 2 S E flop per token, ~1/2 of the total work is
+  not on this path, and its output, S E * 4 B / C = 3 KB per token, is about one input's size.
+  A single fused kernel would have to run the chunks of a sequence one after another in one
+  program (T / C = 256 steps at 64K tokens) with only B * E / 64 programs: on a 132-SM GPU
+  that leaves most of the machine idle, which is why the state pass is split off.
+- `mixed_chunk_fwd_kernel`, one program per (chunk, 64 query rows), forms relu^2(S) for its
+  rows against all C keys of the chunk ONCE (a 64 x 256 fp32 tile, then rounded to bf16:
+  32 KB) and loops over the 24 value tiles of 64 columns: out = A V + q_lin P. Public chunked
+  linear-attention kernels recompute q k^T for each value tile: with E / 64 = 24 tiles that is
+  24 x 2 * 64 * 256 * 128 flop per program against 2 * 64 * 256 * 1536 for A V, i.e. 3x the
+  useful work; here it is 1/12 of it. The cost of holding the whole chunk is the causal upper
+  triangle: query block m only needs (m + 1) * 64 keys, so 16 key tiles are computed where 10
+  are needed (1.6x on the quadratic flops), still well under the 2.8x of recomputation.
+- Chunks longer than 256 (chunk_size=None, full GAU attention) do not fit one tile; there
+  the program loops over key tiles up to the diagonal for each value tile (recomputing scores,
+  memory O(T)).
+
+Backward = a reverse state scan (D_g, float32) + two parallel kernels, no atomics:
+- `mixed_chunk_bwd_query_kernel` per (chunk, query block): dA = dO V^T (the E-wide product),
+  dS, dq_quad, dq_lin, the diagonal sums of dS for drel_bias, and dS itself in float32
+  (C * 4 B = 1 KB per token) for chunks up to 256 tokens;
+- `mixed_chunk_bwd_key_kernel` per (chunk, key block): dk_quad from the stored dS (no second
+  dA: that would add another E-wide product, +40% backward flops), dv = A^T dO + k_lin D with
+  A^T formed once per chunk like the forward, and dk_lin = V D^T.
+
+Precision: all products accumulate in fp32; scores and relu^2 are formed in fp32; states are
+fp32. For bf16 inputs the weights relu^2(S) and the states are rounded to bf16 at the tensor-core
+operand (as FlashAttention rounds its probabilities); for fp16 they stay fp32 (relu^2 overflows
+fp16 once s > 255) and those products use tf32; fp32 inputs follow
+torch.backends.cuda.matmul.allow_tf32 ("ieee" when it is False).
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .kernels.chunk_state import chunk_state_scan_kernel
+from .kernels.mixed_chunk_bwd import mixed_chunk_bwd_key_kernel, mixed_chunk_bwd_query_kernel
+from .kernels.mixed_chunk_fwd import mixed_chunk_fwd_kernel
+from .utils import TRITON_MAX_S, launch, new_buffer, next_power_of_2, triton_interpret_enabled
+
+MAX_HOIST_KEYS = 256  # longest chunk whose relu^2 weights are formed once per query block
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes of one problem. `block` rows of queries (and keys) per program."""
+    block: int
+    block_keys: int          # key tile of the forward (the whole chunk when hoist)
+    block_s: int
+    block_e: int
+    hoist: bool              # relu^2 weights formed once per program (chunk <= MAX_HOIST_KEYS)
+    num_warps: int
+    state_block_s: int
+    state_block_e: int
+    state_block_t: int
+
+
+_config_override: dict = {}
+
+
+def kernel_config(chunk_len, S, E):
+    """Tile sizes for a chunk of `chunk_len` tokens (tests may override fields: `_config_override`)."""
+    chunk_pow2 = max(16, next_power_of_2(chunk_len))
+    block = _config_override.get("block", min(64, chunk_pow2))
+    max_hoist = _config_override.get("max_hoist_keys", MAX_HOIST_KEYS)
+    hoist = chunk_pow2 <= max_hoist
+    block_keys = max(block, chunk_pow2) if hoist else block
+    block_s = max(16, next_power_of_2(S))
+    return KernelConfig(
+        block=block, block_keys=block_keys, block_s=block_s,
+        block_e=_config_override.get("block_e", min(64, max(16, next_power_of_2(E)))),
+        hoist=hoist, num_warps=8 if block_keys >= 256 else 4,
+        state_block_s=min(64, block_s), state_block_e=min(64, max(16, next_power_of_2(E))),
+        state_block_t=_config_override.get("state_block_t", 64))
+
+
+def _dot_precision(dtype):
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _num_stages():
+    return 2
+
+
+def _state_scan(x, y, *, chunk_size, num_chunks, causal, reverse, lin_scale, config):
+    """(B, num_chunks or 1, S, E) float32 states, see kernels/chunk_state.py."""
+    B, T, S = x.shape
+    E = y.shape[-1]
+    states = new_buffer((B, num_chunks if causal else 1, S, E), torch.float32, x.device)
+    grid = (triton_cdiv(E, config.state_block_e), triton_cdiv(S, config.state_block_s), B)
+    launch(chunk_state_scan_kernel, grid,
+           dict(x_ptr=x, y_ptr=y, states_ptr=states, T=T, S=S, E=E, chunk_size=chunk_size,
+                num_chunks=num_chunks, lin_scale=lin_scale),
+           dict(REVERSE=reverse, CAUSAL=causal, BLOCK_T=config.state_block_t,
+                BLOCK_S=config.state_block_s, BLOCK_E=config.state_block_e,
+                DOT_PRECISION=_dot_precision(x.dtype)),
+           num_warps=4, num_stages=_num_stages())
+    return states
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+class _Problem:
+    """Sizes shared by the forward and backward launches."""
+
+    def __init__(self, q_quad, v, chunk_size):
+        self.B, self.T, self.S = q_quad.shape
+        self.E = v.shape[-1]
+        self.chunk_size = chunk_size
+        self.chunk_len = min(chunk_size, self.T)
+        self.num_chunks = triton_cdiv(self.T, chunk_size)
+        self.config = kernel_config(self.chunk_len, self.S, self.E)
+        self.num_blocks = triton_cdiv(self.chunk_len, self.config.block)
+
+
+def _forward(q_quad, k_quad, q_lin, k_lin, v, rel_bias, chunk_size, causal, quad_scale, lin_scale):
+    p = _Problem(q_quad, v, chunk_size)
+    cfg = p.config
+    states = None
+    if q_lin is not None:
+        states = _state_scan(k_lin, v, chunk_size=chunk_size, num_chunks=p.num_chunks,
+                             causal=causal, reverse=False, lin_scale=lin_scale, config=cfg)
+    out = new_buffer((p.B, p.T, p.E), v.dtype, v.device)
+    num_query_blocks = triton_cdiv(p.chunk_len, cfg.block)
+    launch(mixed_chunk_fwd_kernel, (p.num_chunks * num_query_blocks, p.B),
+           dict(q_quad_ptr=q_quad, k_quad_ptr=k_quad, q_lin_ptr=q_lin, states_ptr=states,
+                v_ptr=v, rel_bias_ptr=rel_bias, out_ptr=out, T=p.T, S=p.S, E=p.E,
+                chunk_size=chunk_size, num_chunks=p.num_chunks,
+                num_query_blocks=num_query_blocks, quad_scale=quad_scale),
+           dict(HAS_LINEAR=q_lin is not None, HAS_BIAS=rel_bias is not None, CAUSAL=causal,
+                HOIST_SCORES=cfg.hoist, HALF_MMA=v.dtype == torch.bfloat16,
+                BLOCK_M=cfg.block, BLOCK_KEYS=cfg.block_keys, BLOCK_S=cfg.block_s,
+                BLOCK_E=cfg.block_e, DOT_PRECISION=_dot_precision(v.dtype)),
+           num_warps=cfg.num_warps, num_stages=_num_stages())
+    return out, states
+
+
+def _rel_bias_grad(dbias_partial, chunk_size, block):
+    """Sum the per-program diagonal segments into the (2C - 1,) bias gradient.
+
+    Segment slot t (s = t - (num_blocks - 1)) position p holds offset
+    o = s * block - (block - 1) + p, so the flattened slots are consecutive offsets starting at
+    -(num_blocks - 1) * block - (block - 1).
+    """
+    num_blocks = dbias_partial.shape[2]
+    flat = dbias_partial.sum(dim=(0, 1, 2)).reshape(-1)          # deterministic reduction
+    first_offset = -(num_blocks - 1) * block - (block - 1)
+    grad = flat.new_zeros(2 * chunk_size - 1)
+    lo = max(first_offset, -(chunk_size - 1))
+    hi = min(first_offset + flat.numel() - 1, chunk_size - 1)
+    grad[lo + chunk_size - 1: hi + chunk_size] = flat[lo - first_offset: hi - first_offset + 1]
+    return grad
+
+
+def _backward(grad_out, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, chunk_size, causal,
+              quad_scale, lin_scale, needs):
+    p = _Problem(q_quad, v, chunk_size)
+    cfg = p.config
+    need_dq_quad, need_dk_quad, need_dq_lin, need_dk_lin, need_dv, need_dbias = needs
+    has_linear = q_lin is not None
+    need_dq_lin = need_dq_lin and has_linear
+    need_dk_lin = need_dk_lin and has_linear
+    store_ds = cfg.hoist and need_dk_quad
+    need_ds = need_dq_quad or need_dbias or store_ds
+    device, dtype = v.device, v.dtype
+    dot_precision = _dot_precision(dtype)
+    half_mma = dtype == torch.bfloat16
+
+    dq_quad = new_buffer(q_quad.shape, dtype, device) if need_dq_quad else None
+    dq_lin = new_buffer(q_lin.shape, dtype, device) if need_dq_lin else None
+    grid = (p.num_chunks * p.num_blocks, p.B)
+    ds = None
+    if store_ds:
+        ds = new_buffer((p.B, p.num_chunks, p.chunk_len, p.chunk_len), torch.float32, device)
+    elif need_dbias:
+        ds = new_buffer((p.B, grid[0], cfg.block, cfg.block), torch.float32, device)
+    dbias_partial = None
+    if need_dbias:
+        dbias_partial = new_buffer((p.B, p.num_chunks, p.num_blocks, 2 * p.num_blocks, cfg.block),
+                                   torch.float32, device)
+    if need_ds or need_dq_lin:
+        launch(mixed_chunk_bwd_query_kernel, grid,
+               dict(q_quad_ptr=q_quad, k_quad_ptr=k_quad, v_ptr=v, grad_out_ptr=grad_out,
+                    states_ptr=states if need_dq_lin else None, rel_bias_ptr=rel_bias,
+                    dq_quad_ptr=dq_quad, dq_lin_ptr=dq_lin, ds_ptr=ds, dbias_partial_ptr=dbias_partial,
+                    T=p.T, S=p.S, E=p.E, chunk_size=chunk_size, chunk_len=p.chunk_len,
+                    num_chunks=p.num_chunks, num_blocks=p.num_blocks, quad_scale=quad_scale),
+               dict(HAS_BIAS=rel_bias is not None, CAUSAL=causal, HALF_MMA=half_mma,
+                    NEED_DS=need_ds, NEED_DQ_QUAD=need_dq_quad, NEED_DQ_LIN=need_dq_lin,
+                    STORE_DS=store_ds, NEED_DBIAS=need_dbias, BLOCK=cfg.block,
+                    BLOCK_S=cfg.block_s, BLOCK_E=cfg.block_e, DOT_PRECISION=dot_precision),
+               num_warps=4, num_stages=_num_stages())
+
+    dk_quad = new_buffer(k_quad.shape, dtype, device) if need_dk_quad else None
+    dk_lin = new_buffer(k_lin.shape, dtype, device) if need_dk_lin else None
+    dv = new_buffer(v.shape, dtype, device) if need_dv else None
+    if need_dk_quad or need_dk_lin or need_dv:
+        dstates = None
+        if has_linear and (need_dk_lin or need_dv):
+            dstates = _state_scan(q_lin, grad_out, chunk_size=chunk_size, num_chunks=p.num_chunks,
+                                  causal=causal, reverse=True, lin_scale=lin_scale, config=cfg)
+        launch(mixed_chunk_bwd_key_kernel, grid,
+               dict(q_quad_ptr=q_quad, k_quad_ptr=k_quad, k_lin_ptr=k_lin if dstates is not None else None,
+                    v_ptr=v, grad_out_ptr=grad_out, dstates_ptr=dstates, rel_bias_ptr=rel_bias,
+                    ds_ptr=ds if store_ds else None, dk_quad_ptr=dk_quad, dk_lin_ptr=dk_lin, dv_ptr=dv,
+                    T=p.T, S=p.S, E=p.E, chunk_size=chunk_size, chunk_len=p.chunk_len,
+                    num_chunks=p.num_chunks, num_blocks=p.num_blocks, quad_scale=quad_scale),
+               dict(HAS_LINEAR=dstates is not None, HAS_BIAS=rel_bias is not None, CAUSAL=causal,
+                    HALF_MMA=half_mma, DS_STORED=store_ds, HOIST_SCORES=cfg.hoist,
+                    NEED_DK_QUAD=need_dk_quad, NEED_DK_LIN=need_dk_lin, NEED_DV=need_dv,
+                    BLOCK=cfg.block, BLOCK_QUERIES=cfg.block_keys, BLOCK_S=cfg.block_s,
+                    BLOCK_E=cfg.block_e, DOT_PRECISION=dot_precision),
+               num_warps=cfg.num_warps, num_stages=_num_stages())
+
+    drel_bias = _rel_bias_grad(dbias_partial, chunk_size, cfg.block) if need_dbias else None
+    return dq_quad, dk_quad, dq_lin, dk_lin, dv, drel_bias
+
+
+class MixedChunkAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels. Inputs are (B, T, S) / (B, T, E), contiguous."""
+
+    @staticmethod
+    def forward(ctx, q_quad, k_quad, q_lin, k_lin, v, rel_bias, chunk_size, causal, quad_scale, lin_scale):
+        bias32 = rel_bias.float().contiguous() if rel_bias is not None else None
+        out, states = _forward(q_quad, k_quad, q_lin, k_lin, v, bias32, chunk_size, causal,
+                               quad_scale, lin_scale)
+        ctx.save_for_backward(q_quad, k_quad, q_lin, k_lin, v, bias32, states)
+        ctx.options = (chunk_size, causal, quad_scale, lin_scale)
+        ctx.bias_dtype = rel_bias.dtype if rel_bias is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q_quad, k_quad, q_lin, k_lin, v, bias32, states = ctx.saved_tensors
+        chunk_size, causal, quad_scale, lin_scale = ctx.options
+        needs = ctx.needs_input_grad[:6]
+        grads = _backward(grad_out.contiguous(), q_quad, k_quad, q_lin, k_lin, v, bias32, states,
+                          chunk_size, causal, quad_scale, lin_scale, needs)
+        dq_quad, dk_quad, dq_lin, dk_lin, dv, drel_bias = grads
+        if drel_bias is not None:
+            drel_bias = drel_bias.to(ctx.bias_dtype)
+        return dq_quad, dk_quad, dq_lin, dk_lin, dv, drel_bias, None, None, None, None
+
+
+def mixed_chunk_attention_triton(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
+                                 quad_scale, lin_scale):
+    """Inputs with one flattened batch dim (B, T, S) / (B, T, E); resolved chunk size and scales."""
+    if q_quad.shape[-1] > TRITON_MAX_S:
+        raise ValueError(f"backend='triton' holds q/k in one tile: S (the last dim of q_quad) must "
+                         f"be at most {TRITON_MAX_S}, got {q_quad.shape[-1]}; use backend='torch'")
+    if v.device.type != "cuda" and not triton_interpret_enabled():
+        raise ValueError(f"backend='triton' needs CUDA tensors (got {v.device}) or TRITON_INTERPRET=1 "
+                         f"set before triton is imported; use backend='torch' on the CPU")
+    contiguous = [x.contiguous() if x is not None else None for x in (q_quad, k_quad, q_lin, k_lin, v)]
+    return MixedChunkAttentionFunction.apply(*contiguous, rel_bias, chunk_size, causal,
+                                             float(quad_scale), float(lin_scale))
