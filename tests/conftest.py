@@ -1,7 +1,18 @@
-"""Shared pytest setup: make the repository root importable (for `csrc_ref`) when tests run from it."""
+"""Shared pytest setup.
+
+- The repository root is importable (for `csrc_ref`) and so is this folder (for `helpers`).
+- Without a GPU, Triton kernels run on the CPU under the interpreter: TRITON_INTERPRET=1 must be
+  set before triton is first imported, so it is set here, before any test module loads.
+"""
 import os
 import sys
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
+import torch
+
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+for path in (os.path.dirname(_TESTS), _TESTS):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -104,7 +104,7 @@ def mixed_chunk_bwd_query_kernel(
         if STORE_DS:
             ds_base = ds_ptr + (batch * num_chunks + chunk) * chunk_len * chunk_len
             ds_row_stride = chunk_len
-        else:
+        elif NEED_DBIAS:
             ds_base = ds_ptr + (batch * tl.num_programs(0) + pid) * BLOCK * BLOCK
             ds_row_stride = BLOCK
         if NEED_DBIAS:

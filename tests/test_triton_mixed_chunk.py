@@ -1,0 +1,180 @@
+"""The Triton backend against the float64 references: output and every gradient.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py). Every buffer the
+kernels are meant to write completely is NaN-filled first, so an unwritten element or a read of
+memory nobody wrote shows up as NaN. Small tiles (`block`) are forced in some cases so that short
+test sequences still have several query/key blocks per chunk, and `max_hoist_keys` forces the
+long-chunk path (scores recomputed per value tile) that chunk_size=None takes on long sequences.
+"""
+import contextlib
+
+import pytest
+import torch
+
+import flash_kernels.triton_mixed_chunk as triton_backend
+from flash_kernels import mixed_chunk_attention
+from flash_kernels.utils import nan_filled_buffers
+from helpers import GRAD_NAMES, assert_close, make_problem, run_with_grads
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+S, E = 5, 6         # not powers of two on purpose
+# rms error / rms value allowed against float64, by dtype: fp32 products (tf32 off) and the
+# rounding of fp16 inputs' intermediates (weights stay fp32 for fp16, so ~ a few fp16 ulps).
+RATIO = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def _nan_scratch():
+    with nan_filled_buffers():
+        yield
+
+
+@contextlib.contextmanager
+def config(**override):
+    saved = dict(triton_backend._config_override)
+    triton_backend._config_override.update(override)
+    try:
+        yield
+    finally:
+        triton_backend._config_override.clear()
+        triton_backend._config_override.update(saved)
+
+
+def as_dtype(problem, dtype, device=DEVICE):
+    """The same problem in `dtype` (fresh leaves) and, rounded the same way, in float64."""
+    low, exact = {}, {}
+    for name, x in problem.items():
+        if x is None:
+            low[name] = exact[name] = None
+            continue
+        y = x.detach().to(device=device, dtype=dtype if name != "rel_bias" else torch.float32)
+        low[name] = y.clone().requires_grad_(x.requires_grad)
+        exact[name] = y.double().cpu().requires_grad_(x.requires_grad)
+    return low, exact
+
+
+def check_against_reference(problem, dtype=torch.float32, **options):
+    low, exact = as_dtype(problem, dtype)
+    out, grads, grad_out = run_with_grads(low, backend="triton", **options)
+    ref, ref_grads, _ = run_with_grads(exact, grad_out.double().cpu(), backend="reference", **options)
+    assert out.dtype == dtype
+    ratio = RATIO[dtype]
+    assert_close("out", out.cpu(), ref, ratio)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert grads[name].dtype == low[name].dtype
+        assert_close(f"d{name}", grads[name].cpu(), ref_grads[name], ratio)
+
+
+def _cases():
+    for causal in (True, False):
+        for T, chunk in ((1, 8), (7, 8), (16, 8), (37, 8), (13, None)):
+            for linear in (True, False):
+                for bias in (True, False):
+                    yield pytest.param(causal, T, chunk, linear, bias,
+                                       id=f"{'causal' if causal else 'full'}-T{T}-C{chunk}"
+                                          f"{'-lin' if linear else ''}{'-bias' if bias else ''}")
+
+
+@pytest.mark.parametrize("causal,T,chunk,linear,bias", list(_cases()))
+def test_matches_reference(causal, T, chunk, linear, bias):
+    problem = make_problem((2,), T, S, E, linear=linear, bias_chunk=(chunk or T) if bias else None)
+    check_against_reference(problem, chunk_size=chunk, causal=causal, quad_scale=0.7, lin_scale=0.3)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("path", ["hoisted", "recomputed"])
+@pytest.mark.parametrize("linear,bias", [(True, True), (False, True), (True, False)],
+                         ids=["lin-bias", "bias", "lin"])
+def test_several_blocks_per_chunk(causal, path, linear, bias):
+    """Chunks of 40 tokens in 16-row blocks (3 per chunk, the last partial), T = 90."""
+    overrides = dict(block=16) if path == "hoisted" else dict(block=16, max_hoist_keys=16)
+    problem = make_problem((2,), 90, S, E, linear=linear, bias_chunk=40 if bias else None, seed=1)
+    with config(**overrides):
+        check_against_reference(problem, chunk_size=40, causal=causal, quad_scale=0.7, lin_scale=0.3)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_full_attention_long_sequence(causal):
+    """chunk_size=None over a sequence longer than one key tile (the recomputing path)."""
+    problem = make_problem((1,), 70, 17, 33, linear=False, bias_chunk=70, seed=2)
+    with config(block=16, max_hoist_keys=32, block_e=16):
+        check_against_reference(problem, chunk_size=None, causal=causal)
+
+
+def test_wide_features_and_several_value_tiles():
+    """S and E not powers of two and E over several value tiles."""
+    problem = make_problem((2,), 45, 24, 72, bias_chunk=16, seed=3)
+    with config(block_e=16):
+        check_against_reference(problem, chunk_size=16, causal=True)
+
+
+@pytest.mark.parametrize("batch", [(), (2, 3)])
+def test_leading_batch_dims(batch):
+    problem = make_problem(batch, 11, S, E, bias_chunk=4, seed=4)
+    check_against_reference(problem, chunk_size=4, causal=True)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_float16(causal):
+    problem = make_problem((2,), 37, 16, 24, bias_chunk=16, seed=5)
+    check_against_reference(problem, dtype=torch.float16, chunk_size=16, causal=causal)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bfloat16 needs a GPU: the Triton interpreter "
+                    "multiplies raw bf16 bit patterns (triton issue #11584)")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_bfloat16(causal):
+    problem = make_problem((2,), 300, 64, 96, bias_chunk=128, seed=6)
+    check_against_reference(problem, dtype=torch.bfloat16, chunk_size=128, causal=causal)
+
+
+@pytest.mark.parametrize("wanted", [("v",), ("q_lin",), ("k_lin",), ("rel_bias",), ("k_quad",),
+                                    ("q_quad", "v"), ("k_quad", "k_lin")])
+def test_only_some_inputs_require_grad(wanted):
+    problem = make_problem((2,), 37, S, E, bias_chunk=8, seed=7)
+    for name in GRAD_NAMES:
+        problem[name].requires_grad_(name in wanted)
+    check_against_reference(problem, chunk_size=8, causal=True)
+
+
+def test_deterministic():
+    problem = make_problem((2,), 50, S, E, bias_chunk=16, seed=8)
+    low, _ = as_dtype(problem, torch.float32)
+    first_out, first, grad_out = run_with_grads(low, chunk_size=16, backend="triton")
+    second_out, second, _ = run_with_grads(low, grad_out, chunk_size=16, backend="triton")
+    assert torch.equal(first_out, second_out)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.parametrize("linear", [True, False])
+def test_causal_outputs_do_not_change_when_tokens_are_appended(linear):
+    problem = make_problem((2,), 29, S, E, linear=linear, bias_chunk=8, requires_grad=False, seed=9)
+    low, _ = as_dtype(problem, torch.float32)
+    args = [low[n] for n in ("q_quad", "k_quad", "q_lin", "k_lin", "v")]
+    full = mixed_chunk_attention(*args, rel_bias=low["rel_bias"], chunk_size=8, backend="triton")
+    for T in (1, 7, 8, 9, 20):
+        part = mixed_chunk_attention(*(x[..., :T, :] if x is not None else None for x in args),
+                                     rel_bias=low["rel_bias"], chunk_size=8, backend="triton")
+        torch.testing.assert_close(part, full[..., :T, :], rtol=1e-6, atol=1e-6)
+
+
+def test_auto_picks_triton_here():
+    """On CUDA, or on the CPU under the interpreter, "auto" runs the kernels (same bits)."""
+    problem = make_problem((1,), 20, S, E, requires_grad=False, seed=10)
+    low, _ = as_dtype(problem, torch.float32)
+    args = [low[n] for n in ("q_quad", "k_quad", "q_lin", "k_lin", "v")]
+    auto = mixed_chunk_attention(*args, chunk_size=8)
+    forced = mixed_chunk_attention(*args, chunk_size=8, backend="triton")
+    assert torch.equal(auto, forced)
+
+
+def test_wide_queries_are_refused_by_triton_and_routed_by_auto():
+    x = torch.randn(1, 4, 257, device=DEVICE)
+    v = torch.randn(1, 4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="S .* at most 256"):
+        mixed_chunk_attention(x, x, None, None, v, chunk_size=2, backend="triton")
+    out = mixed_chunk_attention(x, x, None, None, v, chunk_size=2)
+    torch.testing.assert_close(out, mixed_chunk_attention(x, x, None, None, v, chunk_size=2,
+                                                          backend="torch"))
