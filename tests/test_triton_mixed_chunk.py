@@ -88,7 +88,9 @@ def test_matches_reference(causal, T, chunk, linear, bias):
                          ids=["lin-bias", "bias", "lin"])
 def test_several_blocks_per_chunk(causal, path, linear, bias):
     """Chunks of 40 tokens in 16-row blocks (3 per chunk, the last partial), T = 90."""
-    overrides = dict(block=16) if path == "hoisted" else dict(block=16, max_hoist_keys=16)
+    overrides = dict(block=16, state_block_t=16)
+    if path == "recomputed":
+        overrides["max_hoist_keys"] = 16
     problem = make_problem((2,), 90, S, E, linear=linear, bias_chunk=40 if bias else None, seed=1)
     with config(**overrides):
         check_against_reference(problem, chunk_size=40, causal=causal, quad_scale=0.7, lin_scale=0.3)
