@@ -47,6 +47,8 @@ CONFIGS = [
     dict(PAPER, name="paper bf16 causal + rel_bias", causal=True, rel_bias=True),
     dict(PAPER, name="paper bf16 non-causal", causal=False, rel_bias=False),
     dict(PAPER, name="paper bf16 non-causal + rel_bias", causal=False, rel_bias=True),
+    dict(PAPER, name="paper bf16 full attention (chunk_size=None), causal + rel_bias",
+         chunk_size=None, T=320, causal=True, rel_bias=True, linear=False),
 ]
 
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

@@ -146,7 +146,7 @@ def _forward(q_quad, k_quad, q_lin, k_lin, v, rel_bias, chunk_size, causal, quad
                 chunk_size=chunk_size, num_chunks=p.num_chunks,
                 num_query_blocks=num_query_blocks, quad_scale=quad_scale),
            dict(HAS_LINEAR=q_lin is not None, HAS_BIAS=rel_bias is not None, CAUSAL=causal,
-                HOIST_SCORES=cfg.hoist, HALF_MMA=v.dtype == torch.bfloat16,
+                HOIST_SCORES=cfg.hoist,
                 BLOCK_M=cfg.block, BLOCK_KEYS=cfg.block_keys, BLOCK_S=cfg.block_s,
                 BLOCK_E=cfg.block_e, DOT_PRECISION=_dot_precision(v.dtype)),
            num_warps=cfg.num_warps, num_stages=_num_stages())
@@ -182,7 +182,6 @@ def _backward(grad_out, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, chunk
     need_ds = need_dq_quad or need_dbias or store_ds
     device, dtype = v.device, v.dtype
     dot_precision = _dot_precision(dtype)
-    half_mma = dtype == torch.bfloat16
 
     dq_quad = new_buffer(q_quad.shape, dtype, device) if need_dq_quad else None
     dq_lin = new_buffer(q_lin.shape, dtype, device) if need_dq_lin else None
@@ -203,7 +202,7 @@ def _backward(grad_out, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, chunk
                     dq_quad_ptr=dq_quad, dq_lin_ptr=dq_lin, ds_ptr=ds, dbias_partial_ptr=dbias_partial,
                     T=p.T, S=p.S, E=p.E, chunk_size=chunk_size, chunk_len=p.chunk_len,
                     num_chunks=p.num_chunks, num_blocks=p.num_blocks, quad_scale=quad_scale),
-               dict(HAS_BIAS=rel_bias is not None, CAUSAL=causal, HALF_MMA=half_mma,
+               dict(HAS_BIAS=rel_bias is not None, CAUSAL=causal,
                     NEED_DS=need_ds, NEED_DQ_QUAD=need_dq_quad, NEED_DQ_LIN=need_dq_lin,
                     STORE_DS=store_ds, NEED_DBIAS=need_dbias, BLOCK=cfg.block,
                     BLOCK_S=cfg.block_s, BLOCK_E=cfg.block_e, DOT_PRECISION=dot_precision),
@@ -224,7 +223,7 @@ def _backward(grad_out, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, chunk
                     T=p.T, S=p.S, E=p.E, chunk_size=chunk_size, chunk_len=p.chunk_len,
                     num_chunks=p.num_chunks, num_blocks=p.num_blocks, quad_scale=quad_scale),
                dict(HAS_LINEAR=dstates is not None, HAS_BIAS=rel_bias is not None, CAUSAL=causal,
-                    HALF_MMA=half_mma, DS_STORED=store_ds, HOIST_SCORES=cfg.hoist,
+                    DS_STORED=store_ds, HOIST_SCORES=cfg.hoist,
                     NEED_DK_QUAD=need_dk_quad, NEED_DK_LIN=need_dk_lin, NEED_DV=need_dv,
                     BLOCK=cfg.block, BLOCK_QUERIES=cfg.block_keys, BLOCK_S=cfg.block_s,
                     BLOCK_E=cfg.block_e, DOT_PRECISION=dot_precision),

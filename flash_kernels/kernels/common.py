@@ -4,6 +4,18 @@ import triton.language as tl
 
 
 @triton.jit
+def mma_operand_dtype(v_ptr):
+    """The dtype relu^2 weights, score gradients and float32 states are rounded to before a
+    tensor-core product: bf16 for bf16 inputs (fp32's range, like FlashAttention's
+    probabilities); float32 otherwise, because relu(s)^2 overflows fp16 once s > 255 (those
+    products then run in tf32, whose 10-bit mantissa equals fp16's). Decided at compile time."""
+    if v_ptr.dtype.element_ty == tl.bfloat16:
+        return tl.bfloat16
+    else:
+        return tl.float32
+
+
+@triton.jit
 def load_rows(base, rows, row_end, width, BLOCK_W: tl.constexpr):
     """x[rows, :width] of a row-major (T, width) matrix, zero outside rows < row_end."""
     cols = tl.arange(0, BLOCK_W)

@@ -19,7 +19,7 @@ gradients are deterministic.
 import triton
 import triton.language as tl
 
-from .common import load_rows, relu_scores_tile
+from .common import load_rows, mma_operand_dtype, relu_scores_tile
 
 
 @triton.jit
@@ -43,7 +43,7 @@ def mixed_chunk_bwd_query_kernel(
     q_quad_ptr, k_quad_ptr, v_ptr, grad_out_ptr, states_ptr, rel_bias_ptr,
     dq_quad_ptr, dq_lin_ptr, ds_ptr, dbias_partial_ptr,
     T, S, E, chunk_size, chunk_len, num_chunks, num_blocks, quad_scale,
-    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HALF_MMA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     NEED_DS: tl.constexpr, NEED_DQ_QUAD: tl.constexpr, NEED_DQ_LIN: tl.constexpr,
     STORE_DS: tl.constexpr, NEED_DBIAS: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -65,7 +65,7 @@ def mixed_chunk_bwd_query_kernel(
     chunk_start = chunk.to(tl.int64) * chunk_size
     chunk_end = tl.minimum(chunk_start + chunk_size, T)
     row_start = chunk_start + block * BLOCK
-    mma_dtype = v_ptr.dtype.element_ty if HALF_MMA else tl.float32
+    mma_dtype = mma_operand_dtype(v_ptr)
     offs_i = row_start + tl.arange(0, BLOCK)
     offs_s = tl.arange(0, BLOCK_S)
     offs_e = tl.arange(0, BLOCK_E)
@@ -171,7 +171,7 @@ def mixed_chunk_bwd_key_kernel(
     dk_quad_ptr, dk_lin_ptr, dv_ptr,
     T, S, E, chunk_size, chunk_len, num_chunks, num_blocks, quad_scale,
     HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-    HALF_MMA: tl.constexpr, DS_STORED: tl.constexpr, HOIST_SCORES: tl.constexpr,
+    DS_STORED: tl.constexpr, HOIST_SCORES: tl.constexpr,
     NEED_DK_QUAD: tl.constexpr, NEED_DK_LIN: tl.constexpr, NEED_DV: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_QUERIES: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -192,7 +192,7 @@ def mixed_chunk_bwd_key_kernel(
     key_start = chunk_start + block * BLOCK
     if key_start >= chunk_end:
         return
-    mma_dtype = v_ptr.dtype.element_ty if HALF_MMA else tl.float32
+    mma_dtype = mma_operand_dtype(v_ptr)
     local = tl.arange(0, BLOCK)
     offs_j = key_start + local
     offs_s = tl.arange(0, BLOCK_S)

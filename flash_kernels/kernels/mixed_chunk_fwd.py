@@ -15,7 +15,7 @@ Two loop orders, chosen at compile time by HOIST_SCORES:
 import triton
 import triton.language as tl
 
-from .common import load_rows, relu_scores_tile
+from .common import load_rows, mma_operand_dtype, relu_scores_tile
 
 
 @triton.jit(do_not_specialize=["T", "num_chunks"])
@@ -23,15 +23,14 @@ def mixed_chunk_fwd_kernel(
     q_quad_ptr, k_quad_ptr, q_lin_ptr, states_ptr, v_ptr, rel_bias_ptr, out_ptr,
     T, S, E, chunk_size, num_chunks, num_query_blocks, quad_scale,
     HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-    HOIST_SCORES: tl.constexpr, HALF_MMA: tl.constexpr,
+    HOIST_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Grid: (num_chunks * num_query_blocks, B). Inputs contiguous (B, T, S) / (B, T, E);
     states (B, num_chunks or 1, S, E) float32; rel_bias float32 (2 * chunk_size - 1,).
 
-    HALF_MMA: the weights relu^2(S) and the states are rounded to the input dtype (bf16) for the
-    tensor cores; otherwise (fp16, whose range relu^2 can overflow, and fp32) they stay float32.
+    The weights relu^2(S) and the states enter the tensor cores in `mma_operand_dtype(v)`.
     """
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -42,7 +41,7 @@ def mixed_chunk_fwd_kernel(
     row_start = chunk_start + block * BLOCK_M
     if row_start >= chunk_end:
         return
-    mma_dtype = v_ptr.dtype.element_ty if HALF_MMA else tl.float32
+    mma_dtype = mma_operand_dtype(v_ptr)
 
     offs_i = row_start + tl.arange(0, BLOCK_M)
     offs_s = tl.arange(0, BLOCK_S)
