@@ -1,18 +1,13 @@
-"""Pieces shared by the mixed chunk attention kernels."""
+"""Pieces shared by the mixed chunk attention kernels.
+
+Tensor-core operand dtype (`mma_dtype` in the kernels): relu^2 weights, score gradients and
+the float32 states are rounded to bf16 before a product when the inputs are bf16 (fp32's range,
+as FlashAttention rounds its probabilities), and stay float32 otherwise: relu(s)^2 overflows
+fp16 once s > 255, so for fp16 inputs those products run in tf32, whose 10-bit mantissa equals
+fp16's. Decided at compile time from the pointer type.
+"""
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def mma_operand_dtype(v_ptr):
-    """The dtype relu^2 weights, score gradients and float32 states are rounded to before a
-    tensor-core product: bf16 for bf16 inputs (fp32's range, like FlashAttention's
-    probabilities); float32 otherwise, because relu(s)^2 overflows fp16 once s > 255 (those
-    products then run in tf32, whose 10-bit mantissa equals fp16's). Decided at compile time."""
-    if v_ptr.dtype.element_ty == tl.bfloat16:
-        return tl.bfloat16
-    else:
-        return tl.float32
 
 
 @triton.jit

@@ -19,7 +19,7 @@ gradients are deterministic.
 import triton
 import triton.language as tl
 
-from .common import load_rows, mma_operand_dtype, relu_scores_tile
+from .common import load_rows, relu_scores_tile
 
 
 @triton.jit
@@ -65,7 +65,8 @@ def mixed_chunk_bwd_query_kernel(
     chunk_start = chunk.to(tl.int64) * chunk_size
     chunk_end = tl.minimum(chunk_start + chunk_size, T)
     row_start = chunk_start + block * BLOCK
-    mma_dtype = mma_operand_dtype(v_ptr)
+    # bf16 operands for bf16 inputs; fp32 (tf32) otherwise: see common.py.
+    mma_dtype = tl.bfloat16 if v_ptr.dtype.element_ty == tl.bfloat16 else tl.float32
     offs_i = row_start + tl.arange(0, BLOCK)
     offs_s = tl.arange(0, BLOCK_S)
     offs_e = tl.arange(0, BLOCK_E)
@@ -192,7 +193,8 @@ def mixed_chunk_bwd_key_kernel(
     key_start = chunk_start + block * BLOCK
     if key_start >= chunk_end:
         return
-    mma_dtype = mma_operand_dtype(v_ptr)
+    # bf16 operands for bf16 inputs; fp32 (tf32) otherwise: see common.py.
+    mma_dtype = tl.bfloat16 if v_ptr.dtype.element_ty == tl.bfloat16 else tl.float32
     local = tl.arange(0, BLOCK)
     offs_j = key_start + local
     offs_s = tl.arange(0, BLOCK_S)

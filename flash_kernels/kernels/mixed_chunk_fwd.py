@@ -15,7 +15,7 @@ Two loop orders, chosen at compile time by HOIST_SCORES:
 import triton
 import triton.language as tl
 
-from .common import load_rows, mma_operand_dtype, relu_scores_tile
+from .common import load_rows, relu_scores_tile
 
 
 @triton.jit(do_not_specialize=["T", "num_chunks"])
@@ -30,7 +30,8 @@ def mixed_chunk_fwd_kernel(
     """Grid: (num_chunks * num_query_blocks, B). Inputs contiguous (B, T, S) / (B, T, E);
     states (B, num_chunks or 1, S, E) float32; rel_bias float32 (2 * chunk_size - 1,).
 
-    The weights relu^2(S) and the states enter the tensor cores in `mma_operand_dtype(v)`.
+    The weights relu^2(S) and the states enter the tensor cores as bf16 for bf16 inputs,
+    else as float32 (see common.py).
     """
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -41,7 +42,8 @@ def mixed_chunk_fwd_kernel(
     row_start = chunk_start + block * BLOCK_M
     if row_start >= chunk_end:
         return
-    mma_dtype = mma_operand_dtype(v_ptr)
+    # bf16 operands for bf16 inputs; fp32 (tf32) otherwise: see common.py.
+    mma_dtype = tl.bfloat16 if v_ptr.dtype.element_ty == tl.bfloat16 else tl.float32
 
     offs_i = row_start + tl.arange(0, BLOCK_M)
     offs_s = tl.arange(0, BLOCK_S)
