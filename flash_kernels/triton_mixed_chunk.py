@@ -59,7 +59,7 @@ MAX_HOIST_KEYS = 256  # longest chunk whose relu^2 weights are formed once per q
 class KernelConfig:
     """Tile sizes of one problem. `block` rows of queries (and keys) per program."""
     block: int
-    block_keys: int          # key tile of the forward (the whole chunk when hoist)
+    block_n: int             # key tile of the forward; hoisted: two of them span the chunk
     block_s: int
     block_e: int
     hoist: bool              # relu^2 weights formed once per program (chunk <= MAX_HOIST_KEYS)
@@ -78,12 +78,12 @@ def kernel_config(chunk_len, S, E):
     block = _config_override.get("block", min(64, chunk_pow2))
     max_hoist = _config_override.get("max_hoist_keys", MAX_HOIST_KEYS)
     hoist = chunk_pow2 <= max_hoist
-    block_keys = max(block, chunk_pow2) if hoist else block
+    block_n = max(16, chunk_pow2 // 2) if hoist else block
     block_s = max(16, next_power_of_2(S))
     return KernelConfig(
-        block=block, block_keys=block_keys, block_s=block_s,
+        block=block, block_n=block_n, block_s=block_s,
         block_e=_config_override.get("block_e", min(64, max(16, next_power_of_2(E)))),
-        hoist=hoist, num_warps=8 if block_keys >= 256 else 4,
+        hoist=hoist, num_warps=8 if hoist and chunk_pow2 >= 256 else 4,
         state_block_s=min(64, block_s), state_block_e=min(64, max(16, next_power_of_2(E))),
         state_block_t=_config_override.get("state_block_t", 64))
 
@@ -147,7 +147,7 @@ def _forward(q_quad, k_quad, q_lin, k_lin, v, rel_bias, chunk_size, causal, quad
                 num_query_blocks=num_query_blocks, quad_scale=quad_scale),
            dict(HAS_LINEAR=q_lin is not None, HAS_BIAS=rel_bias is not None, CAUSAL=causal,
                 HOIST_SCORES=cfg.hoist,
-                BLOCK_M=cfg.block, BLOCK_KEYS=cfg.block_keys, BLOCK_S=cfg.block_s,
+                BLOCK_M=cfg.block, BLOCK_N=cfg.block_n, BLOCK_S=cfg.block_s,
                 BLOCK_E=cfg.block_e, DOT_PRECISION=_dot_precision(v.dtype)),
            num_warps=cfg.num_warps, num_stages=_num_stages())
     return out, states
@@ -225,7 +225,7 @@ def _backward(grad_out, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, chunk
                dict(HAS_LINEAR=dstates is not None, HAS_BIAS=rel_bias is not None, CAUSAL=causal,
                     DS_STORED=store_ds, HOIST_SCORES=cfg.hoist,
                     NEED_DK_QUAD=need_dk_quad, NEED_DK_LIN=need_dk_lin, NEED_DV=need_dv,
-                    BLOCK=cfg.block, BLOCK_QUERIES=cfg.block_keys, BLOCK_S=cfg.block_s,
+                    BLOCK=cfg.block, BLOCK_QH=cfg.block_n, BLOCK_S=cfg.block_s,
                     BLOCK_E=cfg.block_e, DOT_PRECISION=dot_precision),
                num_warps=cfg.num_warps, num_stages=_num_stages())
 

@@ -39,3 +39,21 @@ def relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
         bias_index = (offs_i - chunk_start)[:, None] - (offs_j - chunk_start)[None, :] + chunk_size - 1
         scores += tl.load(rel_bias_ptr + bias_index, mask=valid, other=0.0)
     return tl.where(valid, tl.maximum(scores, 0.0), 0.0)
+
+
+@triton.jit
+def load_tile(base, rows, cols, row_end, width):
+    """x[rows, cols] of a row-major (T, width) matrix, zero outside rows < row_end, cols < width."""
+    return tl.load(base + rows.to(tl.int64)[:, None] * width + cols[None, :],
+                   mask=(rows[:, None] < row_end) & (cols[None, :] < width), other=0.0)
+
+
+@triton.jit
+def relu2_weights(q, k_base, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end, chunk_size, S,
+                  quad_scale, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+                  BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The attention weights relu(s_ij)^2 (float32) of queries q (rows offs_i) and keys offs_j."""
+    k = load_rows(k_base, offs_j, chunk_end, S, BLOCK_S)
+    relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
+                              chunk_size, quad_scale, HAS_BIAS, CAUSAL, DOT_PRECISION)
+    return relu_s * relu_s

@@ -19,7 +19,7 @@ gradients are deterministic.
 import triton
 import triton.language as tl
 
-from .common import load_rows, relu_scores_tile
+from .common import load_rows, load_tile, relu_scores_tile
 
 
 @triton.jit
@@ -36,6 +36,17 @@ def _score_grad_tile(grad_out_base, v_base, relu_s, offs_i, offs_j, chunk_end, E
                     mask=(offs_j[:, None] < chunk_end) & (cols[None, :] < E), other=0.0)
         grad_scores = tl.dot(d_out, tl.trans(v), grad_scores, input_precision=DOT_PRECISION)
     return 2.0 * relu_s * grad_scores
+
+
+@triton.jit
+def _query_key_weights(q_base, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end, chunk_size,
+                        S, quad_scale, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+                        BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """relu(s)^2 of the queries offs_i against the loaded keys k (queries x keys, float32)."""
+    q = load_rows(q_base, offs_i, chunk_end, S, BLOCK_S)
+    relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
+                              chunk_size, quad_scale, HAS_BIAS, CAUSAL, DOT_PRECISION)
+    return relu_s * relu_s
 
 
 @triton.jit(do_not_specialize=["T", "num_chunks"])
@@ -174,14 +185,14 @@ def mixed_chunk_bwd_key_kernel(
     HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     DS_STORED: tl.constexpr, HOIST_SCORES: tl.constexpr,
     NEED_DK_QUAD: tl.constexpr, NEED_DK_LIN: tl.constexpr, NEED_DV: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_QUERIES: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Grid: (num_chunks * num_blocks, B), one program per block of BLOCK keys.
 
     dk_quad = quad_scale * sum_i dS_ij q_i (dS read back when DS_STORED, else recomputed);
     dv = sum_i relu_s_ij^2 dO_i + k_lin_j D, the weights formed once against the whole chunk
-    when HOIST_SCORES (chunk <= BLOCK_QUERIES), else recomputed per value tile;
+    when HOIST_SCORES (chunk <= 2 * BLOCK_QH), else recomputed per value tile;
     dk_lin = V_j D^T.
     """
     pid = tl.program_id(0)
@@ -240,21 +251,38 @@ def mixed_chunk_bwd_key_kernel(
             k_lin = load_rows(k_lin_ptr + batch * T * S, offs_j, chunk_end, S, BLOCK_S).to(mma_dtype)
             dk_lin = tl.zeros((BLOCK, BLOCK_S), dtype=tl.float32)
         if NEED_DV and HOIST_SCORES:
-            offs_i_all = chunk_start + tl.arange(0, BLOCK_QUERIES)
-            q_all = load_rows(q_base, offs_i_all, chunk_end, S, BLOCK_S)
-            relu_s_all = relu_scores_tile(q_all, k, rel_bias_ptr, offs_i_all, offs_j, chunk_start,
-                                          chunk_end, chunk_size, quad_scale, HAS_BIAS, CAUSAL,
-                                          DOT_PRECISION)
-            weights_t = tl.trans(relu_s_all * relu_s_all).to(mma_dtype)     # (BLOCK, BLOCK_QUERIES)
+            # The chunk's queries as two tiles of BLOCK_QH, weights transposed (keys x queries);
+            # a causal key block past the first tile skips it, like the forward.
+            offs_lo = chunk_start + tl.arange(0, BLOCK_QH)
+            offs_hi = offs_lo + BLOCK_QH
+            use_lo = first_query < chunk_start + BLOCK_QH
+            use_hi = chunk_start + BLOCK_QH < chunk_end
+            if use_lo:
+                weights_lo_t = tl.trans(_query_key_weights(q_base, k, rel_bias_ptr, offs_lo, offs_j,
+                                                            chunk_start, chunk_end, chunk_size, S,
+                                                            quad_scale, HAS_BIAS, CAUSAL, BLOCK_S,
+                                                            DOT_PRECISION)).to(mma_dtype)
+            else:
+                weights_lo_t = tl.zeros((BLOCK, BLOCK_QH), dtype=mma_dtype)
+            if use_hi:
+                weights_hi_t = tl.trans(_query_key_weights(q_base, k, rel_bias_ptr, offs_hi, offs_j,
+                                                            chunk_start, chunk_end, chunk_size, S,
+                                                            quad_scale, HAS_BIAS, CAUSAL, BLOCK_S,
+                                                            DOT_PRECISION)).to(mma_dtype)
+            else:
+                weights_hi_t = tl.zeros((BLOCK, BLOCK_QH), dtype=mma_dtype)
         for e0 in range(0, E, BLOCK_E):
             cols = e0 + offs_e
             col_ok = cols < E
             dv = tl.zeros((BLOCK, BLOCK_E), dtype=tl.float32)
             if NEED_DV:
                 if HOIST_SCORES:
-                    d_out = tl.load(grad_out_base + offs_i_all.to(tl.int64)[:, None] * E + cols[None, :],
-                                    mask=(offs_i_all[:, None] < chunk_end) & col_ok[None, :], other=0.0)
-                    dv = tl.dot(weights_t, d_out.to(mma_dtype), dv, input_precision=DOT_PRECISION)
+                    if use_lo:
+                        d_out = load_tile(grad_out_base, offs_lo, cols, chunk_end, E)
+                        dv = tl.dot(weights_lo_t, d_out.to(mma_dtype), dv, input_precision=DOT_PRECISION)
+                    if use_hi:
+                        d_out = load_tile(grad_out_base, offs_hi, cols, chunk_end, E)
+                        dv = tl.dot(weights_hi_t, d_out.to(mma_dtype), dv, input_precision=DOT_PRECISION)
                 else:
                     for i0 in range(first_query, chunk_end, BLOCK):
                         offs_i = i0 + local

@@ -6,7 +6,7 @@ with s_ij from `common.relu_scores_tile` and P the float32 states of `chunk_stat
 already folded in). See `flash_kernels/triton_mixed_chunk.py` for the design and its numbers.
 
 Two loop orders, chosen at compile time by HOIST_SCORES:
-- the chunk fits one key tile (BLOCK_KEYS >= chunk length, at most 256): the program forms
+- the chunk fits two key tiles (2 * BLOCK_N >= chunk length, at most 256): the program forms
   relu^2(S) for its query rows against every key of the chunk once, then loops over value tiles
   (out[:, e] = A @ V[:, e]): scores are computed once per chunk, not once per value tile;
 - longer chunks (chunk_size=None over a long sequence): for each value tile, loop over key tiles
@@ -15,7 +15,7 @@ Two loop orders, chosen at compile time by HOIST_SCORES:
 import triton
 import triton.language as tl
 
-from .common import load_rows, relu_scores_tile
+from .common import load_rows, load_tile, relu2_weights
 
 
 @triton.jit(do_not_specialize=["T", "num_chunks"])
@@ -24,7 +24,7 @@ def mixed_chunk_fwd_kernel(
     T, S, E, chunk_size, num_chunks, num_query_blocks, quad_scale,
     HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     HOIST_SCORES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Grid: (num_chunks * num_query_blocks, B). Inputs contiguous (B, T, S) / (B, T, E);
@@ -65,31 +65,40 @@ def mixed_chunk_fwd_kernel(
             state_base = states_ptr + batch * S * E
 
     if HOIST_SCORES:
-        offs_j = chunk_start + tl.arange(0, BLOCK_KEYS)
-        k = load_rows(k_base, offs_j, chunk_end, S, BLOCK_S)
-        relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
-                                  chunk_size, quad_scale, HAS_BIAS, CAUSAL, DOT_PRECISION)
-        weights = (relu_s * relu_s).to(mma_dtype)
+        # The chunk's keys as two tiles of BLOCK_N: each tile's scores are formed on their own
+        # (half the registers at the peak), and a causal query block before the second tile
+        # skips it (2 + 2 + 4 + 4 tiles of 64 keys for C = 256 instead of 4 x 8).
+        offs_lo = chunk_start + tl.arange(0, BLOCK_N)
+        offs_hi = offs_lo + BLOCK_N
+        weights_lo = relu2_weights(q, k_base, rel_bias_ptr, offs_i, offs_lo, chunk_start, chunk_end,
+                                   chunk_size, S, quad_scale, HAS_BIAS, CAUSAL, BLOCK_S,
+                                   DOT_PRECISION).to(mma_dtype)
+        use_hi = chunk_start + BLOCK_N < keys_end
+        if use_hi:
+            weights_hi = relu2_weights(q, k_base, rel_bias_ptr, offs_i, offs_hi, chunk_start,
+                                       chunk_end, chunk_size, S, quad_scale, HAS_BIAS, CAUSAL,
+                                       BLOCK_S, DOT_PRECISION).to(mma_dtype)
+        else:
+            weights_hi = tl.zeros((BLOCK_M, BLOCK_N), dtype=mma_dtype)
 
     for e0 in range(0, E, BLOCK_E):
         cols = e0 + offs_e
         col_ok = cols < E
         if HOIST_SCORES:
-            v = tl.load(v_base + offs_j[:, None] * E + cols[None, :],
-                        mask=(offs_j[:, None] < chunk_end) & col_ok[None, :], other=0.0)
-            acc = tl.dot(weights, v.to(mma_dtype), input_precision=DOT_PRECISION)
+            v = load_tile(v_base, offs_lo, cols, chunk_end, E)
+            acc = tl.dot(weights_lo, v.to(mma_dtype), input_precision=DOT_PRECISION)
+            if use_hi:
+                v = load_tile(v_base, offs_hi, cols, chunk_end, E)
+                acc = tl.dot(weights_hi, v.to(mma_dtype), acc, input_precision=DOT_PRECISION)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-            for j0 in range(chunk_start, keys_end, BLOCK_KEYS):
-                offs_j = j0 + tl.arange(0, BLOCK_KEYS)
-                k = load_rows(k_base, offs_j, chunk_end, S, BLOCK_S)
-                relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start,
-                                          chunk_end, chunk_size, quad_scale, HAS_BIAS, CAUSAL,
-                                          DOT_PRECISION)
-                v = tl.load(v_base + offs_j[:, None] * E + cols[None, :],
-                            mask=(offs_j[:, None] < chunk_end) & col_ok[None, :], other=0.0)
-                acc = tl.dot((relu_s * relu_s).to(mma_dtype), v.to(mma_dtype), acc,
-                             input_precision=DOT_PRECISION)
+            for j0 in range(chunk_start, keys_end, BLOCK_N):
+                offs_j = j0 + tl.arange(0, BLOCK_N)
+                weights = relu2_weights(q, k_base, rel_bias_ptr, offs_i, offs_j, chunk_start,
+                                        chunk_end, chunk_size, S, quad_scale, HAS_BIAS, CAUSAL,
+                                        BLOCK_S, DOT_PRECISION)
+                v = load_tile(v_base, offs_j, cols, chunk_end, E)
+                acc = tl.dot(weights.to(mma_dtype), v.to(mma_dtype), acc, input_precision=DOT_PRECISION)
         if HAS_LINEAR:
             state = tl.load(state_base + offs_s[:, None] * E + cols[None, :],
                             mask=(offs_s[:, None] < S) & col_ok[None, :], other=0.0)
