@@ -50,6 +50,7 @@ import torch
 from .kernels.chunk_state import chunk_state_scan_kernel
 from .kernels.mixed_chunk_bwd import mixed_chunk_bwd_key_kernel, mixed_chunk_bwd_query_kernel
 from .kernels.mixed_chunk_fwd import mixed_chunk_fwd_kernel
+from .torch_chunked import toeplitz_bias
 from .utils import TRITON_MAX_S, launch, new_buffer, next_power_of_2, triton_interpret_enabled
 
 MAX_HOIST_KEYS = 256  # longest chunk whose relu^2 weights are formed once per query block
@@ -131,9 +132,19 @@ class _Problem:
         self.num_blocks = triton_cdiv(self.chunk_len, self.config.block)
 
 
+def _bias_operand(rel_bias, p):
+    """What the kernels read for the bias: the (chunk_len, chunk_len) Toeplitz matrix of the
+    float32 bias when chunks are short enough to hoist (C^2 floats: 256 KB at C = 256), else
+    the (2C - 1,) vector itself (see kernels/common.py, relu_scores_tile)."""
+    if rel_bias is None or not p.config.hoist:
+        return rel_bias
+    return toeplitz_bias(rel_bias, p.chunk_size, p.chunk_len).contiguous()
+
+
 def _forward(q_quad, k_quad, q_lin, k_lin, v, rel_bias, chunk_size, causal, quad_scale, lin_scale):
     p = _Problem(q_quad, v, chunk_size)
     cfg = p.config
+    rel_bias = _bias_operand(rel_bias, p)
     states = None
     if q_lin is not None:
         states = _state_scan(k_lin, v, chunk_size=chunk_size, num_chunks=p.num_chunks,
@@ -143,9 +154,10 @@ def _forward(q_quad, k_quad, q_lin, k_lin, v, rel_bias, chunk_size, causal, quad
     launch(mixed_chunk_fwd_kernel, (p.num_chunks * num_query_blocks, p.B),
            dict(q_quad_ptr=q_quad, k_quad_ptr=k_quad, q_lin_ptr=q_lin, states_ptr=states,
                 v_ptr=v, rel_bias_ptr=rel_bias, out_ptr=out, T=p.T, S=p.S, E=p.E,
-                chunk_size=chunk_size, num_chunks=p.num_chunks,
+                chunk_size=chunk_size, chunk_len=p.chunk_len, num_chunks=p.num_chunks,
                 num_query_blocks=num_query_blocks, quad_scale=quad_scale),
-           dict(HAS_LINEAR=q_lin is not None, HAS_BIAS=rel_bias is not None, CAUSAL=causal,
+           dict(HAS_LINEAR=q_lin is not None, HAS_BIAS=rel_bias is not None,
+                BIAS_MATRIX=cfg.hoist, CAUSAL=causal,
                 HOIST_SCORES=cfg.hoist,
                 BLOCK_M=cfg.block, BLOCK_N=cfg.block_n, BLOCK_S=cfg.block_s,
                 BLOCK_E=cfg.block_e, DOT_PRECISION=_dot_precision(v.dtype)),
@@ -174,6 +186,7 @@ def _backward(grad_out, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, chunk
               quad_scale, lin_scale, needs):
     p = _Problem(q_quad, v, chunk_size)
     cfg = p.config
+    bias_operand = _bias_operand(rel_bias, p)
     need_dq_quad, need_dk_quad, need_dq_lin, need_dk_lin, need_dv, need_dbias = needs
     has_linear = q_lin is not None
     need_dq_lin = need_dq_lin and has_linear
@@ -198,11 +211,11 @@ def _backward(grad_out, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, chunk
     if need_ds or need_dq_lin:
         launch(mixed_chunk_bwd_query_kernel, grid,
                dict(q_quad_ptr=q_quad, k_quad_ptr=k_quad, v_ptr=v, grad_out_ptr=grad_out,
-                    states_ptr=states if need_dq_lin else None, rel_bias_ptr=rel_bias,
+                    states_ptr=states if need_dq_lin else None, rel_bias_ptr=bias_operand,
                     dq_quad_ptr=dq_quad, dq_lin_ptr=dq_lin, ds_ptr=ds, dbias_partial_ptr=dbias_partial,
                     T=p.T, S=p.S, E=p.E, chunk_size=chunk_size, chunk_len=p.chunk_len,
                     num_chunks=p.num_chunks, num_blocks=p.num_blocks, quad_scale=quad_scale),
-               dict(HAS_BIAS=rel_bias is not None, CAUSAL=causal,
+               dict(HAS_BIAS=rel_bias is not None, BIAS_MATRIX=cfg.hoist, CAUSAL=causal,
                     NEED_DS=need_ds, NEED_DQ_QUAD=need_dq_quad, NEED_DQ_LIN=need_dq_lin,
                     STORE_DS=store_ds, NEED_DBIAS=need_dbias, BLOCK=cfg.block,
                     BLOCK_S=cfg.block_s, BLOCK_E=cfg.block_e, DOT_PRECISION=dot_precision),
@@ -218,11 +231,12 @@ def _backward(grad_out, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, chunk
                                   causal=causal, reverse=True, lin_scale=lin_scale, config=cfg)
         launch(mixed_chunk_bwd_key_kernel, grid,
                dict(q_quad_ptr=q_quad, k_quad_ptr=k_quad, k_lin_ptr=k_lin if dstates is not None else None,
-                    v_ptr=v, grad_out_ptr=grad_out, dstates_ptr=dstates, rel_bias_ptr=rel_bias,
+                    v_ptr=v, grad_out_ptr=grad_out, dstates_ptr=dstates, rel_bias_ptr=bias_operand,
                     ds_ptr=ds if store_ds else None, dk_quad_ptr=dk_quad, dk_lin_ptr=dk_lin, dv_ptr=dv,
                     T=p.T, S=p.S, E=p.E, chunk_size=chunk_size, chunk_len=p.chunk_len,
                     num_chunks=p.num_chunks, num_blocks=p.num_blocks, quad_scale=quad_scale),
-               dict(HAS_LINEAR=dstates is not None, HAS_BIAS=rel_bias is not None, CAUSAL=causal,
+               dict(HAS_LINEAR=dstates is not None, HAS_BIAS=rel_bias is not None,
+                    BIAS_MATRIX=cfg.hoist, CAUSAL=causal,
                     DS_STORED=store_ds, HOIST_SCORES=cfg.hoist,
                     NEED_DK_QUAD=need_dk_quad, NEED_DK_LIN=need_dk_lin, NEED_DV=need_dv,
                     BLOCK=cfg.block, BLOCK_QH=cfg.block_n, BLOCK_S=cfg.block_s,

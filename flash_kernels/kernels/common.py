@@ -20,14 +20,18 @@ def load_rows(base, rows, row_end, width, BLOCK_W: tl.constexpr):
 
 @triton.jit
 def relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end, chunk_size,
-                     quad_scale, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     chunk_len, quad_scale, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr,
+                     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """relu(s) for one tile of queries `offs_i` (rows of `q`) and keys `offs_j` (rows of `k`):
 
         s_ij = quad_scale * <q_i, k_j> + rel_bias[i - j + chunk_size - 1]
         relu(s_ij), or 0 where j is past the chunk's end, i is past it, or (causal) j > i.
 
     Both index vectors are global token positions inside the chunk starting at chunk_start.
+    The bias comes either from the (2 C - 1,) vector (a gather), or, with BIAS_MATRIX, from its
+    (chunk_len, chunk_len) Toeplitz matrix: a plain row-major tile load that the compiler
+    vectorises, where the gather's per-element 64-bit addresses cost registers (they made the
+    paper-shape kernels spill). The matrix is C^2 floats, so only short chunks use it.
     Returned in float32; the attention weight is its square, the score gradient is 2 * it.
     """
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * quad_scale
@@ -35,9 +39,16 @@ def relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
     if CAUSAL:
         valid = valid & (offs_j[None, :] <= offs_i[:, None])
     if HAS_BIAS:
-        # i and j are in the same chunk, so the index lies in [0, 2 * chunk_size - 2].
-        bias_index = (offs_i - chunk_start)[:, None] - (offs_j - chunk_start)[None, :] + chunk_size - 1
-        scores += tl.load(rel_bias_ptr + bias_index, mask=valid, other=0.0)
+        local_i = offs_i - chunk_start
+        local_j = offs_j - chunk_start
+        if BIAS_MATRIX:
+            scores += tl.load(rel_bias_ptr + local_i[:, None] * chunk_len + local_j[None, :],
+                              mask=(local_i[:, None] < chunk_len) & (local_j[None, :] < chunk_len),
+                              other=0.0)
+        else:
+            # i and j are in the same chunk, so the index lies in [0, 2 * chunk_size - 2].
+            bias_index = local_i[:, None] - local_j[None, :] + chunk_size - 1
+            scores += tl.load(rel_bias_ptr + bias_index, mask=valid, other=0.0)
     return tl.where(valid, tl.maximum(scores, 0.0), 0.0)
 
 
@@ -49,11 +60,12 @@ def load_tile(base, rows, cols, row_end, width):
 
 
 @triton.jit
-def relu2_weights(q, k_base, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end, chunk_size, S,
-                  quad_scale, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-                  BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def relu2_weights(q, k_base, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end, chunk_size,
+                  chunk_len, S, quad_scale, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr,
+                  CAUSAL: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The attention weights relu(s_ij)^2 (float32) of queries q (rows offs_i) and keys offs_j."""
     k = load_rows(k_base, offs_j, chunk_end, S, BLOCK_S)
     relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
-                              chunk_size, quad_scale, HAS_BIAS, CAUSAL, DOT_PRECISION)
+                              chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL,
+                              DOT_PRECISION)
     return relu_s * relu_s

@@ -40,12 +40,12 @@ def _score_grad_tile(grad_out_base, v_base, relu_s, offs_i, offs_j, chunk_end, E
 
 @triton.jit
 def _query_key_weights(q_base, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end, chunk_size,
-                        S, quad_scale, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-                        BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       chunk_len, S, quad_scale, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr,
+                       CAUSAL: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """relu(s)^2 of the queries offs_i against the loaded keys k (queries x keys, float32)."""
     q = load_rows(q_base, offs_i, chunk_end, S, BLOCK_S)
     relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
-                              chunk_size, quad_scale, HAS_BIAS, CAUSAL, DOT_PRECISION)
+                              chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL, DOT_PRECISION)
     return relu_s * relu_s
 
 
@@ -54,7 +54,7 @@ def mixed_chunk_bwd_query_kernel(
     q_quad_ptr, k_quad_ptr, v_ptr, grad_out_ptr, states_ptr, rel_bias_ptr,
     dq_quad_ptr, dq_lin_ptr, ds_ptr, dbias_partial_ptr,
     T, S, E, chunk_size, chunk_len, num_chunks, num_blocks, quad_scale,
-    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
     NEED_DS: tl.constexpr, NEED_DQ_QUAD: tl.constexpr, NEED_DQ_LIN: tl.constexpr,
     STORE_DS: tl.constexpr, NEED_DBIAS: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -126,7 +126,7 @@ def mixed_chunk_bwd_query_kernel(
             offs_j = chunk_start + key_block * BLOCK + local
             k = load_rows(k_base, offs_j, chunk_end, S, BLOCK_S)
             relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
-                                      chunk_size, quad_scale, HAS_BIAS, CAUSAL, DOT_PRECISION)
+                                      chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL, DOT_PRECISION)
             ds = _score_grad_tile(grad_out_base, v_base, relu_s, offs_i, offs_j, chunk_end, E,
                                   BLOCK, BLOCK_E, DOT_PRECISION)
             dq = tl.dot(ds.to(mma_dtype), k.to(mma_dtype), dq, input_precision=DOT_PRECISION)
@@ -182,7 +182,7 @@ def mixed_chunk_bwd_key_kernel(
     q_quad_ptr, k_quad_ptr, k_lin_ptr, v_ptr, grad_out_ptr, dstates_ptr, rel_bias_ptr, ds_ptr,
     dk_quad_ptr, dk_lin_ptr, dv_ptr,
     T, S, E, chunk_size, chunk_len, num_chunks, num_blocks, quad_scale,
-    HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
     DS_STORED: tl.constexpr, HOIST_SCORES: tl.constexpr,
     NEED_DK_QUAD: tl.constexpr, NEED_DK_LIN: tl.constexpr, NEED_DV: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -234,7 +234,7 @@ def mixed_chunk_bwd_key_kernel(
                              mask=(offs_i[:, None] < chunk_end) & key_ok[None, :], other=0.0)
             else:
                 relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start,
-                                          chunk_end, chunk_size, quad_scale, HAS_BIAS, CAUSAL,
+                                          chunk_end, chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL,
                                           DOT_PRECISION)
                 ds = _score_grad_tile(grad_out_base, v_base, relu_s, offs_i, offs_j, chunk_end, E,
                                       BLOCK, BLOCK_E, DOT_PRECISION)
@@ -259,15 +259,15 @@ def mixed_chunk_bwd_key_kernel(
             use_hi = chunk_start + BLOCK_QH < chunk_end
             if use_lo:
                 weights_lo_t = tl.trans(_query_key_weights(q_base, k, rel_bias_ptr, offs_lo, offs_j,
-                                                            chunk_start, chunk_end, chunk_size, S,
-                                                            quad_scale, HAS_BIAS, CAUSAL, BLOCK_S,
+                                                            chunk_start, chunk_end, chunk_size, chunk_len, S,
+                                                            quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
                                                             DOT_PRECISION)).to(mma_dtype)
             else:
                 weights_lo_t = tl.zeros((BLOCK, BLOCK_QH), dtype=mma_dtype)
             if use_hi:
                 weights_hi_t = tl.trans(_query_key_weights(q_base, k, rel_bias_ptr, offs_hi, offs_j,
-                                                            chunk_start, chunk_end, chunk_size, S,
-                                                            quad_scale, HAS_BIAS, CAUSAL, BLOCK_S,
+                                                            chunk_start, chunk_end, chunk_size, chunk_len, S,
+                                                            quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
                                                             DOT_PRECISION)).to(mma_dtype)
             else:
                 weights_hi_t = tl.zeros((BLOCK, BLOCK_QH), dtype=mma_dtype)
@@ -288,8 +288,8 @@ def mixed_chunk_bwd_key_kernel(
                         offs_i = i0 + local
                         q = load_rows(q_base, offs_i, chunk_end, S, BLOCK_S)
                         relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start,
-                                                  chunk_end, chunk_size, quad_scale, HAS_BIAS,
-                                                  CAUSAL, DOT_PRECISION)
+                                                  chunk_end, chunk_size, chunk_len, quad_scale, HAS_BIAS,
+                                                  BIAS_MATRIX, CAUSAL, DOT_PRECISION)
                         d_out = tl.load(grad_out_base + offs_i.to(tl.int64)[:, None] * E + cols[None, :],
                                         mask=(offs_i[:, None] < chunk_end) & col_ok[None, :], other=0.0)
                         dv = tl.dot(tl.trans(relu_s * relu_s).to(mma_dtype), d_out.to(mma_dtype), dv,

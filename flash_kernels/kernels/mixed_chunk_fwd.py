@@ -21,14 +21,16 @@ from .common import load_rows, load_tile, relu2_weights
 @triton.jit(do_not_specialize=["T", "num_chunks"])
 def mixed_chunk_fwd_kernel(
     q_quad_ptr, k_quad_ptr, q_lin_ptr, states_ptr, v_ptr, rel_bias_ptr, out_ptr,
-    T, S, E, chunk_size, num_chunks, num_query_blocks, quad_scale,
-    HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-    HOIST_SCORES: tl.constexpr,
+    T, S, E, chunk_size, chunk_len, num_chunks, num_query_blocks, quad_scale,
+    HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr,
+    CAUSAL: tl.constexpr, HOIST_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Grid: (num_chunks * num_query_blocks, B). Inputs contiguous (B, T, S) / (B, T, E);
-    states (B, num_chunks or 1, S, E) float32; rel_bias float32 (2 * chunk_size - 1,).
+    states (B, num_chunks or 1, S, E) float32; rel_bias float32, the (2 * chunk_size - 1,)
+    vector or, with BIAS_MATRIX, its (chunk_len, chunk_len) Toeplitz matrix
+    (chunk_len = min(chunk_size, T)).
 
     The weights relu^2(S) and the states enter the tensor cores as bf16 for bf16 inputs,
     else as float32 (see common.py).
@@ -71,12 +73,12 @@ def mixed_chunk_fwd_kernel(
         offs_lo = chunk_start + tl.arange(0, BLOCK_N)
         offs_hi = offs_lo + BLOCK_N
         weights_lo = relu2_weights(q, k_base, rel_bias_ptr, offs_i, offs_lo, chunk_start, chunk_end,
-                                   chunk_size, S, quad_scale, HAS_BIAS, CAUSAL, BLOCK_S,
+                                   chunk_size, chunk_len, S, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
                                    DOT_PRECISION).to(mma_dtype)
         use_hi = chunk_start + BLOCK_N < keys_end
         if use_hi:
             weights_hi = relu2_weights(q, k_base, rel_bias_ptr, offs_i, offs_hi, chunk_start,
-                                       chunk_end, chunk_size, S, quad_scale, HAS_BIAS, CAUSAL,
+                                       chunk_end, chunk_size, chunk_len, S, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL,
                                        BLOCK_S, DOT_PRECISION).to(mma_dtype)
         else:
             weights_hi = tl.zeros((BLOCK_M, BLOCK_N), dtype=mma_dtype)
@@ -95,7 +97,7 @@ def mixed_chunk_fwd_kernel(
             for j0 in range(chunk_start, keys_end, BLOCK_N):
                 offs_j = j0 + tl.arange(0, BLOCK_N)
                 weights = relu2_weights(q, k_base, rel_bias_ptr, offs_i, offs_j, chunk_start,
-                                        chunk_end, chunk_size, S, quad_scale, HAS_BIAS, CAUSAL,
+                                        chunk_end, chunk_size, chunk_len, S, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL,
                                         BLOCK_S, DOT_PRECISION)
                 v = load_tile(v_base, offs_j, cols, chunk_end, E)
                 acc = tl.dot(weights.to(mma_dtype), v.to(mma_dtype), acc, input_precision=DOT_PRECISION)
