@@ -64,7 +64,10 @@ class KernelConfig:
     block_s: int
     block_e: int
     hoist: bool              # relu^2 weights formed once per program (chunk <= MAX_HOIST_KEYS)
-    num_warps: int
+    num_warps: int           # of the three per-chunk kernels
+    fwd_stages: int
+    bwd_query_stages: int
+    bwd_key_stages: int
     state_block_s: int
     state_block_e: int
     state_block_t: int
@@ -84,7 +87,10 @@ def kernel_config(chunk_len, S, E):
     return KernelConfig(
         block=block, block_n=block_n, block_s=block_s,
         block_e=_config_override.get("block_e", min(64, max(16, next_power_of_2(E)))),
-        hoist=hoist, num_warps=8 if hoist and chunk_pow2 >= 256 else 4,
+        hoist=hoist,
+        # Measured ahead of time (bench/results/compile_report.md): with 64-row tiles, 4 warps
+        # spill on sm_90 at the paper shape, 8 warps do not; the query kernel spills at 2 stages.
+        num_warps=8 if block >= 64 else 4, fwd_stages=2, bwd_query_stages=1, bwd_key_stages=2,
         state_block_s=min(64, block_s), state_block_e=min(64, max(16, next_power_of_2(E))),
         state_block_t=_config_override.get("state_block_t", 64))
 
@@ -93,10 +99,6 @@ def _dot_precision(dtype):
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
-
-
-def _num_stages():
-    return 2
 
 
 def _state_scan(x, y, *, chunk_size, num_chunks, causal, reverse, lin_scale, config):
@@ -111,7 +113,7 @@ def _state_scan(x, y, *, chunk_size, num_chunks, causal, reverse, lin_scale, con
            dict(REVERSE=reverse, CAUSAL=causal, BLOCK_T=config.state_block_t,
                 BLOCK_S=config.state_block_s, BLOCK_E=config.state_block_e,
                 DOT_PRECISION=_dot_precision(x.dtype)),
-           num_warps=4, num_stages=_num_stages())
+           num_warps=4, num_stages=2)
     return states
 
 
@@ -161,7 +163,7 @@ def _forward(q_quad, k_quad, q_lin, k_lin, v, rel_bias, chunk_size, causal, quad
                 HOIST_SCORES=cfg.hoist,
                 BLOCK_M=cfg.block, BLOCK_N=cfg.block_n, BLOCK_S=cfg.block_s,
                 BLOCK_E=cfg.block_e, DOT_PRECISION=_dot_precision(v.dtype)),
-           num_warps=cfg.num_warps, num_stages=_num_stages())
+           num_warps=cfg.num_warps, num_stages=cfg.fwd_stages)
     return out, states
 
 
@@ -219,7 +221,7 @@ def _backward(grad_out, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, chunk
                     NEED_DS=need_ds, NEED_DQ_QUAD=need_dq_quad, NEED_DQ_LIN=need_dq_lin,
                     STORE_DS=store_ds, NEED_DBIAS=need_dbias, BLOCK=cfg.block,
                     BLOCK_S=cfg.block_s, BLOCK_E=cfg.block_e, DOT_PRECISION=dot_precision),
-               num_warps=4, num_stages=_num_stages())
+               num_warps=cfg.num_warps, num_stages=cfg.bwd_query_stages)
 
     dk_quad = new_buffer(k_quad.shape, dtype, device) if need_dk_quad else None
     dk_lin = new_buffer(k_lin.shape, dtype, device) if need_dk_lin else None
@@ -241,7 +243,7 @@ def _backward(grad_out, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, chunk
                     NEED_DK_QUAD=need_dk_quad, NEED_DK_LIN=need_dk_lin, NEED_DV=need_dv,
                     BLOCK=cfg.block, BLOCK_QH=cfg.block_n, BLOCK_S=cfg.block_s,
                     BLOCK_E=cfg.block_e, DOT_PRECISION=dot_precision),
-               num_warps=cfg.num_warps, num_stages=_num_stages())
+               num_warps=cfg.num_warps, num_stages=cfg.bwd_key_stages)
 
     drel_bias = _rel_bias_grad(dbias_partial, chunk_size, cfg.block) if need_dbias else None
     return dq_quad, dk_quad, dq_lin, dk_lin, dv, drel_bias
