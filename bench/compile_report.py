@@ -43,6 +43,8 @@ CONFIGS = [
     dict(SMALL, name="small fp16 quadratic only", dtype="float16", causal=True, linear=False),
     dict(SMALL, name="small fp32 one chunk (chunk_size=None)", dtype="float32", causal=True,
          chunk_size=None, batch=()),
+    dict(SMALL, name="small fp16 one long chunk (chunk_size=None, T > 256: scores recomputed)",
+         dtype="float16", causal=True, chunk_size=None, batch=(), T=300),
     dict(PAPER, name="paper bf16 causal", causal=True, rel_bias=False),
     dict(PAPER, name="paper bf16 causal + rel_bias", causal=True, rel_bias=True),
     dict(PAPER, name="paper bf16 non-causal", causal=False, rel_bias=False),
