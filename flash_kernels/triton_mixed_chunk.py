@@ -18,13 +18,14 @@ Forward = a sequential state pass + a parallel output pass (not one fused kernel
   program (T / C = 256 steps at 64K tokens) with only B * E / 64 programs: on a 132-SM GPU
   that leaves most of the machine idle, which is why the state pass is split off.
 - `mixed_chunk_fwd_kernel`, one program per (chunk, 64 query rows), forms relu^2(S) for its
-  rows against all C keys of the chunk ONCE (a 64 x 256 fp32 tile, then rounded to bf16:
+  rows against all C keys of the chunk ONCE (two 64 x 128 tiles, fp32 then rounded to bf16:
   32 KB) and loops over the 24 value tiles of 64 columns: out = A V + q_lin P. Public chunked
   linear-attention kernels recompute q k^T for each value tile: with E / 64 = 24 tiles that is
-  24 x 2 * 64 * 256 * 128 flop per program against 2 * 64 * 256 * 1536 for A V, i.e. 3x the
-  useful work; here it is 1/12 of it. The cost of holding the whole chunk is the causal upper
-  triangle: query block m only needs (m + 1) * 64 keys, so 16 key tiles are computed where 10
-  are needed (1.6x on the quadratic flops), still well under the 2.8x of recomputation.
+  24 x 2 * 64 * 256 * 128 flop per program against 2 * 64 * 256 * 1536 for A V, i.e. twice
+  the useful work again; here the scores cost 1/12 of A V. Holding the whole chunk costs the
+  causal upper triangle: query block m needs (m + 1) * 64 keys; with the chunk held as two
+  128-key tiles and the second skipped by blocks before it, 12 units of 64 keys are computed
+  where 10 are needed (1.2x on the quadratic flops; one 256-wide tile would be 1.6x).
 - Chunks longer than 256 (chunk_size=None, full GAU attention) do not fit one tile; there
   the program loops over key tiles up to the diagonal for each value tile (recomputing scores,
   memory O(T)).
@@ -36,6 +37,12 @@ Backward = a reverse state scan (D_g, float32) + two parallel kernels, no atomic
 - `mixed_chunk_bwd_key_kernel` per (chunk, key block): dk_quad from the stored dS (no second
   dA: that would add another E-wide product, +40% backward flops), dv = A^T dO + k_lin D with
   A^T formed once per chunk like the forward, and dk_lin = V D^T.
+
+Resources, compiled ahead of time for sm_90 at the paper shape (bench/results/compile_report.md,
+Triton 3.9): every kernel uses wgmma, none spills, 206-250 registers at 8 warps, shared memory
+at most 113 KB (limit 227 KB). Three measured choices got there: 8 warps (4 spill), the
+chunk held as two key tiles, and the bias read as a (C, C) Toeplitz-matrix tile instead of a
+(2C - 1,) gather (a gather needs a 64-bit address per element: 200-500 bytes of spills).
 
 Precision: all products accumulate in fp32; scores and relu^2 are formed in fp32; states are
 fp32. For bf16 inputs the weights relu^2(S) and the states are rounded to bf16 at the tensor-core
