@@ -9,13 +9,22 @@ from .utils import TRITON_MAX_S, triton_interpret_enabled
 from .validation import check_mixed_chunk_inputs
 
 
-def _pick_backend(backend, device, dtype, s):
+def pick_backend(backend, device, dtype, s):
+    """The backend that runs: "auto" resolved, and float64 on "triton" sent to "torch"."""
     if backend == "auto":
         on_triton_device = device.type == "cuda" or (device.type == "cpu" and triton_interpret_enabled())
         return "triton" if on_triton_device and dtype != torch.float64 and s <= TRITON_MAX_S else "torch"
     if backend == "triton" and dtype == torch.float64:
         return "torch"          # the kernels compute in fp32; float64 (gradcheck) takes the exact path
     return backend
+
+
+def resolve_options(T, chunk_size, causal, rel_bias, quad_scale, lin_scale):
+    """Keyword options with chunk_size=None and the default scales (1 / C) resolved."""
+    C = chunk_size if chunk_size is not None else T
+    return dict(chunk_size=C, causal=causal, rel_bias=rel_bias,
+                quad_scale=float(quad_scale) if quad_scale is not None else 1.0 / C,
+                lin_scale=float(lin_scale) if lin_scale is not None else 1.0 / C)
 
 
 def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size=256, causal=True,
@@ -56,13 +65,9 @@ def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size=256, ca
     E = v.shape[-1]
     if T == 0:
         return v[..., :0, :].clone()
-    C = chunk_size if chunk_size is not None else T
-    quad_scale = float(quad_scale) if quad_scale is not None else 1.0 / C
-    lin_scale = float(lin_scale) if lin_scale is not None else 1.0 / C
-    options = dict(chunk_size=C, causal=causal, rel_bias=rel_bias, quad_scale=quad_scale,
-                   lin_scale=lin_scale)
+    options = resolve_options(T, chunk_size, causal, rel_bias, quad_scale, lin_scale)
 
-    backend = _pick_backend(backend, v.device, v.dtype, S)
+    backend = pick_backend(backend, v.device, v.dtype, S)
     if backend == "reference":
         return dense_reference(q_quad, k_quad, q_lin, k_lin, v, **options)
 

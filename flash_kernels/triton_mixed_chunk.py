@@ -108,24 +108,47 @@ def _dot_precision(dtype):
     return "tf32"
 
 
-def _state_scan(x, y, *, chunk_size, num_chunks, causal, reverse, lin_scale, config):
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+@dataclass
+class Roles:
+    """Where the kernels read the four roles (quad_q, quad_k, lin_q, lin_k).
+
+    Either the role tensors themselves (mixed_chunk_attention), or z for all four with
+    `affine` the float32 (2, 4, S) stack [gamma; beta] (flash_attention forms the roles on the
+    fly). `q_lin is None` means quadratic attention only.
+    """
+    q_quad: torch.Tensor
+    k_quad: torch.Tensor
+    q_lin: torch.Tensor = None
+    k_lin: torch.Tensor = None
+    affine: torch.Tensor = None
+
+    @property
+    def from_z(self):
+        return self.affine is not None
+
+    @property
+    def has_linear(self):
+        return self.q_lin is not None
+
+
+def _state_scan(x, y, affine, x_role, *, chunk_size, num_chunks, causal, reverse, lin_scale, config):
     """(B, num_chunks or 1, S, E) float32 states, see kernels/chunk_state.py."""
     B, T, S = x.shape
     E = y.shape[-1]
     states = new_buffer((B, num_chunks if causal else 1, S, E), torch.float32, x.device)
     grid = (triton_cdiv(E, config.state_block_e), triton_cdiv(S, config.state_block_s), B)
     launch(chunk_state_scan_kernel, grid,
-           dict(x_ptr=x, y_ptr=y, states_ptr=states, T=T, S=S, E=E, chunk_size=chunk_size,
-                num_chunks=num_chunks, lin_scale=lin_scale),
-           dict(REVERSE=reverse, CAUSAL=causal, BLOCK_T=config.state_block_t,
-                BLOCK_S=config.state_block_s, BLOCK_E=config.state_block_e,
-                DOT_PRECISION=_dot_precision(x.dtype)),
+           dict(x_ptr=x, affine_ptr=affine, y_ptr=y, states_ptr=states, T=T, S=S, E=E,
+                chunk_size=chunk_size, num_chunks=num_chunks, lin_scale=lin_scale),
+           dict(X_ROLE=x_role, FROM_Z=affine is not None, REVERSE=reverse, CAUSAL=causal,
+                BLOCK_T=config.state_block_t, BLOCK_S=config.state_block_s,
+                BLOCK_E=config.state_block_e, DOT_PRECISION=_dot_precision(x.dtype)),
            num_warps=4, num_stages=2)
     return states
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
 
 
 class _Problem:
@@ -150,28 +173,36 @@ def _bias_operand(rel_bias, p):
     return toeplitz_bias(rel_bias, p.chunk_size, p.chunk_len).contiguous()
 
 
-def _forward(q_quad, k_quad, q_lin, k_lin, v, rel_bias, chunk_size, causal, quad_scale, lin_scale):
-    p = _Problem(q_quad, v, chunk_size)
+def mixed_chunk_forward(roles, v, rel_bias, chunk_size, causal, quad_scale, lin_scale, *,
+                        gate=None, store_attn=False):
+    """Launch the forward: returns (out, attn or None, states or None).
+
+    out = gate * attention when a gate is given (else the attention); with store_attn the
+    ungated attention is also returned (the gate's gradient needs it).
+    """
+    p = _Problem(roles.q_quad, v, chunk_size)
     cfg = p.config
-    rel_bias = _bias_operand(rel_bias, p)
+    bias = _bias_operand(rel_bias, p)
     states = None
-    if q_lin is not None:
-        states = _state_scan(k_lin, v, chunk_size=chunk_size, num_chunks=p.num_chunks,
-                             causal=causal, reverse=False, lin_scale=lin_scale, config=cfg)
+    if roles.has_linear:
+        states = _state_scan(roles.k_lin, v, roles.affine, 3, chunk_size=chunk_size,
+                             num_chunks=p.num_chunks, causal=causal, reverse=False,
+                             lin_scale=lin_scale, config=cfg)
     out = new_buffer((p.B, p.T, p.E), v.dtype, v.device)
+    attn = new_buffer((p.B, p.T, p.E), v.dtype, v.device) if store_attn else None
     num_query_blocks = triton_cdiv(p.chunk_len, cfg.block)
     launch(mixed_chunk_fwd_kernel, (p.num_chunks * num_query_blocks, p.B),
-           dict(q_quad_ptr=q_quad, k_quad_ptr=k_quad, q_lin_ptr=q_lin, states_ptr=states,
-                v_ptr=v, rel_bias_ptr=rel_bias, out_ptr=out, T=p.T, S=p.S, E=p.E,
+           dict(q_quad_ptr=roles.q_quad, k_quad_ptr=roles.k_quad, q_lin_ptr=roles.q_lin,
+                affine_ptr=roles.affine, states_ptr=states, v_ptr=v, rel_bias_ptr=bias,
+                gate_ptr=gate, out_ptr=out, attn_ptr=attn, T=p.T, S=p.S, E=p.E,
                 chunk_size=chunk_size, chunk_len=p.chunk_len, num_chunks=p.num_chunks,
                 num_query_blocks=num_query_blocks, quad_scale=quad_scale),
-           dict(HAS_LINEAR=q_lin is not None, HAS_BIAS=rel_bias is not None,
-                BIAS_MATRIX=cfg.hoist, CAUSAL=causal,
-                HOIST_SCORES=cfg.hoist,
-                BLOCK_M=cfg.block, BLOCK_N=cfg.block_n, BLOCK_S=cfg.block_s,
-                BLOCK_E=cfg.block_e, DOT_PRECISION=_dot_precision(v.dtype)),
+           dict(FROM_Z=roles.from_z, HAS_GATE=gate is not None, STORE_ATTN=store_attn,
+                HAS_LINEAR=roles.has_linear, HAS_BIAS=bias is not None, BIAS_MATRIX=cfg.hoist,
+                CAUSAL=causal, HOIST_SCORES=cfg.hoist, BLOCK_M=cfg.block, BLOCK_N=cfg.block_n,
+                BLOCK_S=cfg.block_s, BLOCK_E=cfg.block_e, DOT_PRECISION=_dot_precision(v.dtype)),
            num_warps=cfg.num_warps, num_stages=cfg.fwd_stages)
-    return out, states
+    return out, attn, states
 
 
 def _rel_bias_grad(dbias_partial, chunk_size, block):
@@ -191,22 +222,26 @@ def _rel_bias_grad(dbias_partial, chunk_size, block):
     return grad
 
 
-def _backward(grad_out, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, chunk_size, causal,
-              quad_scale, lin_scale, needs):
-    p = _Problem(q_quad, v, chunk_size)
+def mixed_chunk_backward(grad_out, roles, v, rel_bias, states, chunk_size, causal, quad_scale,
+                         lin_scale, needs, role_grad_dtype=None):
+    """Launch the backward. `needs` = which of (q_quad, k_quad, q_lin, k_lin, v, rel_bias) need a
+    gradient; returns those gradients (None for the rest). Role gradients are written in
+    `role_grad_dtype` (default v's dtype; flash_attention asks for float32 and reduces them)."""
+    p = _Problem(roles.q_quad, v, chunk_size)
     cfg = p.config
-    bias_operand = _bias_operand(rel_bias, p)
+    bias = _bias_operand(rel_bias, p)
     need_dq_quad, need_dk_quad, need_dq_lin, need_dk_lin, need_dv, need_dbias = needs
-    has_linear = q_lin is not None
-    need_dq_lin = need_dq_lin and has_linear
-    need_dk_lin = need_dk_lin and has_linear
+    need_dq_lin = need_dq_lin and roles.has_linear
+    need_dk_lin = need_dk_lin and roles.has_linear
     store_ds = cfg.hoist and need_dk_quad
     need_ds = need_dq_quad or need_dbias or store_ds
     device, dtype = v.device, v.dtype
+    role_grad_dtype = role_grad_dtype or dtype
     dot_precision = _dot_precision(dtype)
+    shape_s = (p.B, p.T, p.S)
 
-    dq_quad = new_buffer(q_quad.shape, dtype, device) if need_dq_quad else None
-    dq_lin = new_buffer(q_lin.shape, dtype, device) if need_dq_lin else None
+    dq_quad = new_buffer(shape_s, role_grad_dtype, device) if need_dq_quad else None
+    dq_lin = new_buffer(shape_s, role_grad_dtype, device) if need_dq_lin else None
     grid = (p.num_chunks * p.num_blocks, p.B)
     ds = None
     if store_ds:
@@ -219,37 +254,42 @@ def _backward(grad_out, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, chunk
                                    torch.float32, device)
     if need_ds or need_dq_lin:
         launch(mixed_chunk_bwd_query_kernel, grid,
-               dict(q_quad_ptr=q_quad, k_quad_ptr=k_quad, v_ptr=v, grad_out_ptr=grad_out,
-                    states_ptr=states if need_dq_lin else None, rel_bias_ptr=bias_operand,
-                    dq_quad_ptr=dq_quad, dq_lin_ptr=dq_lin, ds_ptr=ds, dbias_partial_ptr=dbias_partial,
-                    T=p.T, S=p.S, E=p.E, chunk_size=chunk_size, chunk_len=p.chunk_len,
-                    num_chunks=p.num_chunks, num_blocks=p.num_blocks, quad_scale=quad_scale),
-               dict(HAS_BIAS=rel_bias is not None, BIAS_MATRIX=cfg.hoist, CAUSAL=causal,
-                    NEED_DS=need_ds, NEED_DQ_QUAD=need_dq_quad, NEED_DQ_LIN=need_dq_lin,
-                    STORE_DS=store_ds, NEED_DBIAS=need_dbias, BLOCK=cfg.block,
-                    BLOCK_S=cfg.block_s, BLOCK_E=cfg.block_e, DOT_PRECISION=dot_precision),
+               dict(q_quad_ptr=roles.q_quad, k_quad_ptr=roles.k_quad, affine_ptr=roles.affine,
+                    v_ptr=v, grad_out_ptr=grad_out, states_ptr=states if need_dq_lin else None,
+                    rel_bias_ptr=bias, dq_quad_ptr=dq_quad, dq_lin_ptr=dq_lin, ds_ptr=ds,
+                    dbias_partial_ptr=dbias_partial, T=p.T, S=p.S, E=p.E, chunk_size=chunk_size,
+                    chunk_len=p.chunk_len, num_chunks=p.num_chunks, num_blocks=p.num_blocks,
+                    quad_scale=quad_scale),
+               dict(FROM_Z=roles.from_z, HAS_BIAS=bias is not None, BIAS_MATRIX=cfg.hoist,
+                    CAUSAL=causal, NEED_DS=need_ds, NEED_DQ_QUAD=need_dq_quad,
+                    NEED_DQ_LIN=need_dq_lin, STORE_DS=store_ds, NEED_DBIAS=need_dbias,
+                    BLOCK=cfg.block, BLOCK_S=cfg.block_s, BLOCK_E=cfg.block_e,
+                    DOT_PRECISION=dot_precision),
                num_warps=cfg.num_warps, num_stages=cfg.bwd_query_stages)
 
-    dk_quad = new_buffer(k_quad.shape, dtype, device) if need_dk_quad else None
-    dk_lin = new_buffer(k_lin.shape, dtype, device) if need_dk_lin else None
+    dk_quad = new_buffer(shape_s, role_grad_dtype, device) if need_dk_quad else None
+    dk_lin = new_buffer(shape_s, role_grad_dtype, device) if need_dk_lin else None
     dv = new_buffer(v.shape, dtype, device) if need_dv else None
     if need_dk_quad or need_dk_lin or need_dv:
         dstates = None
-        if has_linear and (need_dk_lin or need_dv):
-            dstates = _state_scan(q_lin, grad_out, chunk_size=chunk_size, num_chunks=p.num_chunks,
-                                  causal=causal, reverse=True, lin_scale=lin_scale, config=cfg)
+        if roles.has_linear and (need_dk_lin or need_dv):
+            dstates = _state_scan(roles.q_lin, grad_out, roles.affine, 2, chunk_size=chunk_size,
+                                  num_chunks=p.num_chunks, causal=causal, reverse=True,
+                                  lin_scale=lin_scale, config=cfg)
         launch(mixed_chunk_bwd_key_kernel, grid,
-               dict(q_quad_ptr=q_quad, k_quad_ptr=k_quad, k_lin_ptr=k_lin if dstates is not None else None,
-                    v_ptr=v, grad_out_ptr=grad_out, dstates_ptr=dstates, rel_bias_ptr=bias_operand,
-                    ds_ptr=ds if store_ds else None, dk_quad_ptr=dk_quad, dk_lin_ptr=dk_lin, dv_ptr=dv,
-                    T=p.T, S=p.S, E=p.E, chunk_size=chunk_size, chunk_len=p.chunk_len,
-                    num_chunks=p.num_chunks, num_blocks=p.num_blocks, quad_scale=quad_scale),
-               dict(HAS_LINEAR=dstates is not None, HAS_BIAS=rel_bias is not None,
-                    BIAS_MATRIX=cfg.hoist, CAUSAL=causal,
-                    DS_STORED=store_ds, HOIST_SCORES=cfg.hoist,
-                    NEED_DK_QUAD=need_dk_quad, NEED_DK_LIN=need_dk_lin, NEED_DV=need_dv,
-                    BLOCK=cfg.block, BLOCK_QH=cfg.block_n, BLOCK_S=cfg.block_s,
-                    BLOCK_E=cfg.block_e, DOT_PRECISION=dot_precision),
+               dict(q_quad_ptr=roles.q_quad, k_quad_ptr=roles.k_quad,
+                    k_lin_ptr=roles.k_lin if dstates is not None else None,
+                    affine_ptr=roles.affine, v_ptr=v, grad_out_ptr=grad_out, dstates_ptr=dstates,
+                    rel_bias_ptr=bias, ds_ptr=ds if store_ds else None, dk_quad_ptr=dk_quad,
+                    dk_lin_ptr=dk_lin, dv_ptr=dv, T=p.T, S=p.S, E=p.E, chunk_size=chunk_size,
+                    chunk_len=p.chunk_len, num_chunks=p.num_chunks, num_blocks=p.num_blocks,
+                    quad_scale=quad_scale),
+               dict(FROM_Z=roles.from_z, HAS_LINEAR=dstates is not None,
+                    HAS_BIAS=bias is not None, BIAS_MATRIX=cfg.hoist, CAUSAL=causal,
+                    DS_STORED=store_ds, HOIST_SCORES=cfg.hoist, NEED_DK_QUAD=need_dk_quad,
+                    NEED_DK_LIN=need_dk_lin, NEED_DV=need_dv, BLOCK=cfg.block,
+                    BLOCK_QH=cfg.block_n, BLOCK_S=cfg.block_s, BLOCK_E=cfg.block_e,
+                    DOT_PRECISION=dot_precision),
                num_warps=cfg.num_warps, num_stages=cfg.bwd_key_stages)
 
     drel_bias = _rel_bias_grad(dbias_partial, chunk_size, cfg.block) if need_dbias else None
@@ -262,8 +302,8 @@ class MixedChunkAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_quad, k_quad, q_lin, k_lin, v, rel_bias, chunk_size, causal, quad_scale, lin_scale):
         bias32 = rel_bias.float().contiguous() if rel_bias is not None else None
-        out, states = _forward(q_quad, k_quad, q_lin, k_lin, v, bias32, chunk_size, causal,
-                               quad_scale, lin_scale)
+        out, _, states = mixed_chunk_forward(Roles(q_quad, k_quad, q_lin, k_lin), v, bias32,
+                                             chunk_size, causal, quad_scale, lin_scale)
         ctx.save_for_backward(q_quad, k_quad, q_lin, k_lin, v, bias32, states)
         ctx.options = (chunk_size, causal, quad_scale, lin_scale)
         ctx.bias_dtype = rel_bias.dtype if rel_bias is not None else None
@@ -274,23 +314,28 @@ class MixedChunkAttentionFunction(torch.autograd.Function):
         q_quad, k_quad, q_lin, k_lin, v, bias32, states = ctx.saved_tensors
         chunk_size, causal, quad_scale, lin_scale = ctx.options
         needs = ctx.needs_input_grad[:6]
-        grads = _backward(grad_out.contiguous(), q_quad, k_quad, q_lin, k_lin, v, bias32, states,
-                          chunk_size, causal, quad_scale, lin_scale, needs)
+        grads = mixed_chunk_backward(grad_out.contiguous(), Roles(q_quad, k_quad, q_lin, k_lin), v,
+                                     bias32, states, chunk_size, causal, quad_scale, lin_scale, needs)
         dq_quad, dk_quad, dq_lin, dk_lin, dv, drel_bias = grads
         if drel_bias is not None:
             drel_bias = drel_bias.to(ctx.bias_dtype)
         return dq_quad, dk_quad, dq_lin, dk_lin, dv, drel_bias, None, None, None, None
 
 
-def mixed_chunk_attention_triton(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
-                                 quad_scale, lin_scale):
-    """Inputs with one flattened batch dim (B, T, S) / (B, T, E); resolved chunk size and scales."""
-    if q_quad.shape[-1] > TRITON_MAX_S:
-        raise ValueError(f"backend='triton' holds q/k in one tile: S (the last dim of q_quad) must "
-                         f"be at most {TRITON_MAX_S}, got {q_quad.shape[-1]}; use backend='torch'")
+def check_triton_inputs(q, v):
+    """What the Triton backend cannot take, with the way out."""
+    if q.shape[-1] > TRITON_MAX_S:
+        raise ValueError(f"backend='triton' holds q/k in one tile: S (their last dim) must be at "
+                         f"most {TRITON_MAX_S}, got {q.shape[-1]}; use backend='torch'")
     if v.device.type != "cuda" and not triton_interpret_enabled():
         raise ValueError(f"backend='triton' needs CUDA tensors (got {v.device}) or TRITON_INTERPRET=1 "
                          f"set before triton is imported; use backend='torch' on the CPU")
+
+
+def mixed_chunk_attention_triton(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
+                                 quad_scale, lin_scale):
+    """Inputs with one flattened batch dim (B, T, S) / (B, T, E); resolved chunk size and scales."""
+    check_triton_inputs(q_quad, v)
     contiguous = [x.contiguous() if x is not None else None for x in (q_quad, k_quad, q_lin, k_lin, v)]
     return MixedChunkAttentionFunction.apply(*contiguous, rel_bias, chunk_size, causal,
                                              float(quad_scale), float(lin_scale))

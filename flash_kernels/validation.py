@@ -68,6 +68,13 @@ def check_mixed_chunk_inputs(q_quad, k_quad, q_lin, k_lin, v, chunk_size, causal
             raise ValueError(f"{name} is on {x.device} but q_quad is on {q_quad.device}: all "
                              f"inputs must be on one device")
 
+    check_options(chunk_size, causal, rel_bias, quad_scale, lin_scale, backend,
+                  T=q_quad.shape[-2], device=q_quad.device, device_owner="q_quad")
+
+
+def check_options(chunk_size, causal, rel_bias, quad_scale, lin_scale, backend, *, T, device,
+                  device_owner):
+    """The keyword options shared by mixed_chunk_attention and flash_attention."""
     check_chunk_size(chunk_size)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
@@ -77,16 +84,52 @@ def check_mixed_chunk_inputs(q_quad, k_quad, q_lin, k_lin, v, chunk_size, causal
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
     if rel_bias is not None:
-        T = q_quad.shape[-2]
         C = chunk_size if chunk_size is not None else T
         if not isinstance(rel_bias, torch.Tensor):
             raise TypeError(f"rel_bias must be a torch.Tensor or None, got {type(rel_bias).__name__}")
         if rel_bias.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"rel_bias must be a floating tensor, got {rel_bias.dtype}")
-        if rel_bias.device != q_quad.device:
-            raise ValueError(f"rel_bias is on {rel_bias.device} but q_quad is on {q_quad.device}: "
+        if rel_bias.device != device:
+            raise ValueError(f"rel_bias is on {rel_bias.device} but {device_owner} is on {device}: "
                              f"rel_bias must be on the inputs' device")
         if C > 0 and tuple(rel_bias.shape) != (2 * C - 1,):
             what = f"chunk_size={chunk_size}" if chunk_size is not None else f"chunk_size=None (C = T = {T})"
             raise ValueError(f"rel_bias must have shape (2 * C - 1,) = ({2 * C - 1},) for {what}, "
                              f"got {tuple(rel_bias.shape)}")
+
+
+def check_flash_inputs(z, gamma, beta, v, u):
+    """Validate the tensors of flash_attention (SPEC.md section 4)."""
+    check_tensor("z", z, min_dim=2)
+    check_tensor("v", v, min_dim=2)
+    S = z.shape[-1]
+    for name, x in (("gamma", gamma), ("beta", beta)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+        if x.dim() != 2 or x.shape[0] not in (2, 4) or x.shape[1] != S:
+            raise ValueError(f"{name} must have shape (4, S) (rows quad_q, quad_k, lin_q, lin_k) "
+                             f"or (2, S) (quadratic only) with S = z.shape[-1] = {S}, "
+                             f"got {tuple(x.shape)}")
+        if x.device != z.device:
+            raise ValueError(f"{name} is on {x.device} but z is on {z.device}: all inputs must be "
+                             f"on one device")
+    if gamma.shape != beta.shape:
+        raise ValueError(f"gamma and beta must have the same shape, got {tuple(gamma.shape)} and "
+                         f"{tuple(beta.shape)}")
+    if tuple(v.shape[:-1]) != tuple(z.shape[:-1]):
+        raise ValueError(f"v must have shape (*batch, T, E) = {tuple(z.shape[:-1]) + ('E',)} "
+                         f"matching z's batch dims and T, got {tuple(v.shape)}")
+    named = [("v", v)] + ([("u", u)] if u is not None else [])
+    if u is not None:
+        check_tensor("u", u, min_dim=2)
+        if u.shape != v.shape:
+            raise ValueError(f"u must have v's shape {tuple(v.shape)}, got {tuple(u.shape)}")
+    for name, x in named:
+        if x.dtype != z.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but z has {z.dtype}: z, v and u must "
+                            f"share one dtype")
+        if x.device != z.device:
+            raise ValueError(f"{name} is on {x.device} but z is on {z.device}: all inputs must be "
+                             f"on one device")

@@ -15,15 +15,17 @@ import triton.language as tl
 
 @triton.jit(do_not_specialize=["T", "num_chunks"])
 def chunk_state_scan_kernel(
-    x_ptr, y_ptr, states_ptr,
+    x_ptr, affine_ptr, y_ptr, states_ptr,
     T, S, E, chunk_size, num_chunks, lin_scale,
-    REVERSE: tl.constexpr, CAUSAL: tl.constexpr,
+    X_ROLE: tl.constexpr, FROM_Z: tl.constexpr, REVERSE: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """states[b, g, s, e] (causal) or states[b, 0, s, e] (non-causal), see the module docstring.
 
     x: (B, T, S), y: (B, T, E) contiguous; states: (B, num_chunks or 1, S, E) float32.
+    FROM_Z: x is z and X = z * gamma[X_ROLE] + beta[X_ROLE] is formed on the fly (see
+    common.load_role; affine_ptr is the float32 (2, 4, S) stack [gamma; beta]).
     Grid: (cdiv(E, BLOCK_E), cdiv(S, BLOCK_S), B).
     """
     pid_e = tl.program_id(0)
@@ -37,6 +39,10 @@ def chunk_state_scan_kernel(
     num_states = num_chunks if CAUSAL else 1
     state_offsets = offs_s[:, None] * E + offs_e[None, :]
     state_mask = (offs_s[:, None] < S) & (offs_e[None, :] < E)
+
+    if FROM_Z:
+        gamma = tl.load(affine_ptr + X_ROLE * S + offs_s, mask=offs_s < S, other=0.0)
+        beta = tl.load(affine_ptr + (4 + X_ROLE) * S + offs_s, mask=offs_s < S, other=0.0)
 
     state = tl.zeros((BLOCK_S, BLOCK_E), dtype=tl.float32)
     for step in range(0, num_chunks):
@@ -53,6 +59,9 @@ def chunk_state_scan_kernel(
             row_ok = (t0 + offs_t < chunk_size) & (rows < T)
             x_t = tl.load(x_base + rows[None, :] * S + offs_s[:, None],          # (BLOCK_S, BLOCK_T)
                           mask=row_ok[None, :] & (offs_s[:, None] < S), other=0.0)
+            if FROM_Z:
+                role = x_t.to(tl.float32) * gamma[:, None] + beta[:, None]
+                x_t = tl.where(row_ok[None, :], role, 0.0).to(x_t.dtype)
             y = tl.load(y_base + rows[:, None] * E + offs_e[None, :],            # (BLOCK_T, BLOCK_E)
                         mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
             state = tl.dot(x_t, y, state, input_precision=DOT_PRECISION)

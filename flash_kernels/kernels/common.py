@@ -19,6 +19,29 @@ def load_rows(base, rows, row_end, width, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
+def load_role(base, rows, row_end, width, affine_ptr, ROLE: tl.constexpr, FROM_Z: tl.constexpr,
+              BLOCK_W: tl.constexpr):
+    """Rows of one role tensor (quad_q = 0, quad_k = 1, lin_q = 2, lin_k = 3).
+
+    Without FROM_Z, `base` is the role tensor itself. With FROM_Z it is z, and the role is
+    formed on the fly (flash_attention: z is read once instead of four role tensors):
+
+        role = z * gamma[ROLE] + beta[ROLE]   in float32, rounded to z's dtype,
+
+    with affine_ptr the float32 (2, 4, width) stack [gamma; beta]. Rows outside row_end are 0
+    (not beta), as a role tensor padded with zeros would be.
+    """
+    x = load_rows(base, rows, row_end, width, BLOCK_W)
+    if FROM_Z:
+        cols = tl.arange(0, BLOCK_W)
+        gamma = tl.load(affine_ptr + ROLE * width + cols, mask=cols < width, other=0.0)
+        beta = tl.load(affine_ptr + (4 + ROLE) * width + cols, mask=cols < width, other=0.0)
+        role = x.to(tl.float32) * gamma[None, :] + beta[None, :]
+        x = tl.where(rows[:, None] < row_end, role, 0.0).to(x.dtype)
+    return x
+
+
+@triton.jit
 def relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end, chunk_size,
                      chunk_len, quad_scale, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr,
                      CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -60,11 +83,12 @@ def load_tile(base, rows, cols, row_end, width):
 
 
 @triton.jit
-def relu2_weights(q, k_base, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end, chunk_size,
-                  chunk_len, S, quad_scale, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr,
-                  CAUSAL: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def relu2_weights(q, k_base, affine_ptr, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
+                  chunk_size, chunk_len, S, quad_scale, FROM_Z: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
+                  BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The attention weights relu(s_ij)^2 (float32) of queries q (rows offs_i) and keys offs_j."""
-    k = load_rows(k_base, offs_j, chunk_end, S, BLOCK_S)
+    k = load_role(k_base, offs_j, chunk_end, S, affine_ptr, 1, FROM_Z, BLOCK_S)
     relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
                               chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL,
                               DOT_PRECISION)

@@ -19,7 +19,7 @@ gradients are deterministic.
 import triton
 import triton.language as tl
 
-from .common import load_rows, load_tile, relu_scores_tile
+from .common import load_role, load_tile, relu_scores_tile
 
 
 @triton.jit
@@ -39,11 +39,12 @@ def _score_grad_tile(grad_out_base, v_base, relu_s, offs_i, offs_j, chunk_end, E
 
 
 @triton.jit
-def _query_key_weights(q_base, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end, chunk_size,
-                       chunk_len, S, quad_scale, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr,
-                       CAUSAL: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _query_key_weights(q_base, k, affine_ptr, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
+                       chunk_size, chunk_len, S, quad_scale, FROM_Z: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
+                       BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """relu(s)^2 of the queries offs_i against the loaded keys k (queries x keys, float32)."""
-    q = load_rows(q_base, offs_i, chunk_end, S, BLOCK_S)
+    q = load_role(q_base, offs_i, chunk_end, S, affine_ptr, 0, FROM_Z, BLOCK_S)
     relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
                               chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL, DOT_PRECISION)
     return relu_s * relu_s
@@ -51,10 +52,10 @@ def _query_key_weights(q_base, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chu
 
 @triton.jit(do_not_specialize=["T", "num_chunks"])
 def mixed_chunk_bwd_query_kernel(
-    q_quad_ptr, k_quad_ptr, v_ptr, grad_out_ptr, states_ptr, rel_bias_ptr,
+    q_quad_ptr, k_quad_ptr, affine_ptr, v_ptr, grad_out_ptr, states_ptr, rel_bias_ptr,
     dq_quad_ptr, dq_lin_ptr, ds_ptr, dbias_partial_ptr,
     T, S, E, chunk_size, chunk_len, num_chunks, num_blocks, quad_scale,
-    HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
+    FROM_Z: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
     NEED_DS: tl.constexpr, NEED_DQ_QUAD: tl.constexpr, NEED_DQ_LIN: tl.constexpr,
     STORE_DS: tl.constexpr, NEED_DBIAS: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -104,7 +105,7 @@ def mixed_chunk_bwd_query_kernel(
                  dq_lin.to(dq_lin_ptr.dtype.element_ty), mask=out_mask)
 
     if NEED_DS:
-        q = load_rows(q_quad_ptr + batch * T * S, offs_i, chunk_end, S, BLOCK_S)
+        q = load_role(q_quad_ptr + batch * T * S, offs_i, chunk_end, S, affine_ptr, 0, FROM_Z, BLOCK_S)
         k_base = k_quad_ptr + batch * T * S
         v_base = v_ptr + batch * T * E
         if CAUSAL:
@@ -124,7 +125,7 @@ def mixed_chunk_bwd_query_kernel(
             pending = tl.zeros((BLOCK,), dtype=tl.float32)
         for key_block in range(0, num_key_blocks):
             offs_j = chunk_start + key_block * BLOCK + local
-            k = load_rows(k_base, offs_j, chunk_end, S, BLOCK_S)
+            k = load_role(k_base, offs_j, chunk_end, S, affine_ptr, 1, FROM_Z, BLOCK_S)
             relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
                                       chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL, DOT_PRECISION)
             ds = _score_grad_tile(grad_out_base, v_base, relu_s, offs_i, offs_j, chunk_end, E,
@@ -179,10 +180,10 @@ def mixed_chunk_bwd_query_kernel(
 
 @triton.jit(do_not_specialize=["T", "num_chunks"])
 def mixed_chunk_bwd_key_kernel(
-    q_quad_ptr, k_quad_ptr, k_lin_ptr, v_ptr, grad_out_ptr, dstates_ptr, rel_bias_ptr, ds_ptr,
-    dk_quad_ptr, dk_lin_ptr, dv_ptr,
+    q_quad_ptr, k_quad_ptr, k_lin_ptr, affine_ptr, v_ptr, grad_out_ptr, dstates_ptr, rel_bias_ptr,
+    ds_ptr, dk_quad_ptr, dk_lin_ptr, dv_ptr,
     T, S, E, chunk_size, chunk_len, num_chunks, num_blocks, quad_scale,
-    HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
+    FROM_Z: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
     DS_STORED: tl.constexpr, HOIST_SCORES: tl.constexpr,
     NEED_DK_QUAD: tl.constexpr, NEED_DK_LIN: tl.constexpr, NEED_DV: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -214,7 +215,7 @@ def mixed_chunk_bwd_key_kernel(
     q_base = q_quad_ptr + batch * T * S
     v_base = v_ptr + batch * T * E
     grad_out_base = grad_out_ptr + batch * T * E
-    k = load_rows(k_quad_ptr + batch * T * S, offs_j, chunk_end, S, BLOCK_S)
+    k = load_role(k_quad_ptr + batch * T * S, offs_j, chunk_end, S, affine_ptr, 1, FROM_Z, BLOCK_S)
     if CAUSAL:
         first_query = key_start         # query and key blocks are aligned: earlier ones are masked
     else:
@@ -225,7 +226,7 @@ def mixed_chunk_bwd_key_kernel(
         dk = tl.zeros((BLOCK, BLOCK_S), dtype=tl.float32)
         for i0 in range(first_query, chunk_end, BLOCK):
             offs_i = i0 + local
-            q = load_rows(q_base, offs_i, chunk_end, S, BLOCK_S)
+            q = load_role(q_base, offs_i, chunk_end, S, affine_ptr, 0, FROM_Z, BLOCK_S)
             if DS_STORED:
                 ds_rows = offs_i - chunk_start
                 ds_cols = offs_j - chunk_start
@@ -248,7 +249,8 @@ def mixed_chunk_bwd_key_kernel(
                 dstate_base = dstates_ptr + (batch * num_chunks + chunk) * S * E
             else:
                 dstate_base = dstates_ptr + batch * S * E
-            k_lin = load_rows(k_lin_ptr + batch * T * S, offs_j, chunk_end, S, BLOCK_S).to(mma_dtype)
+            k_lin = load_role(k_lin_ptr + batch * T * S, offs_j, chunk_end, S, affine_ptr, 3, FROM_Z,
+                              BLOCK_S).to(mma_dtype)
             dk_lin = tl.zeros((BLOCK, BLOCK_S), dtype=tl.float32)
         if NEED_DV and HOIST_SCORES:
             # The chunk's queries as two tiles of BLOCK_QH, weights transposed (keys x queries);
@@ -258,16 +260,16 @@ def mixed_chunk_bwd_key_kernel(
             use_lo = first_query < chunk_start + BLOCK_QH
             use_hi = chunk_start + BLOCK_QH < chunk_end
             if use_lo:
-                weights_lo_t = tl.trans(_query_key_weights(q_base, k, rel_bias_ptr, offs_lo, offs_j,
+                weights_lo_t = tl.trans(_query_key_weights(q_base, k, affine_ptr, rel_bias_ptr, offs_lo, offs_j,
                                                             chunk_start, chunk_end, chunk_size, chunk_len, S,
-                                                            quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
+                                                            quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
                                                             DOT_PRECISION)).to(mma_dtype)
             else:
                 weights_lo_t = tl.zeros((BLOCK, BLOCK_QH), dtype=mma_dtype)
             if use_hi:
-                weights_hi_t = tl.trans(_query_key_weights(q_base, k, rel_bias_ptr, offs_hi, offs_j,
+                weights_hi_t = tl.trans(_query_key_weights(q_base, k, affine_ptr, rel_bias_ptr, offs_hi, offs_j,
                                                             chunk_start, chunk_end, chunk_size, chunk_len, S,
-                                                            quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
+                                                            quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
                                                             DOT_PRECISION)).to(mma_dtype)
             else:
                 weights_hi_t = tl.zeros((BLOCK, BLOCK_QH), dtype=mma_dtype)
@@ -286,7 +288,7 @@ def mixed_chunk_bwd_key_kernel(
                 else:
                     for i0 in range(first_query, chunk_end, BLOCK):
                         offs_i = i0 + local
-                        q = load_rows(q_base, offs_i, chunk_end, S, BLOCK_S)
+                        q = load_role(q_base, offs_i, chunk_end, S, affine_ptr, 0, FROM_Z, BLOCK_S)
                         relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start,
                                                   chunk_end, chunk_size, chunk_len, quad_scale, HAS_BIAS,
                                                   BIAS_MATRIX, CAUSAL, DOT_PRECISION)

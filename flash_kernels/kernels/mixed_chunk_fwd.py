@@ -15,19 +15,24 @@ Two loop orders, chosen at compile time by HOIST_SCORES:
 import triton
 import triton.language as tl
 
-from .common import load_rows, load_tile, relu2_weights
+from .common import load_role, load_tile, relu2_weights
 
 
 @triton.jit(do_not_specialize=["T", "num_chunks"])
 def mixed_chunk_fwd_kernel(
-    q_quad_ptr, k_quad_ptr, q_lin_ptr, states_ptr, v_ptr, rel_bias_ptr, out_ptr,
+    q_quad_ptr, k_quad_ptr, q_lin_ptr, affine_ptr, states_ptr, v_ptr, rel_bias_ptr, gate_ptr,
+    out_ptr, attn_ptr,
     T, S, E, chunk_size, chunk_len, num_chunks, num_query_blocks, quad_scale,
+    FROM_Z: tl.constexpr, HAS_GATE: tl.constexpr, STORE_ATTN: tl.constexpr,
     HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr,
     CAUSAL: tl.constexpr, HOIST_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Grid: (num_chunks * num_query_blocks, B). Inputs contiguous (B, T, S) / (B, T, E);
+    FROM_Z: q_quad/k_quad/q_lin pointers are all z and the roles are formed on the fly
+    (`load_role`); HAS_GATE: out = gate * attention, with STORE_ATTN also writing the
+    ungated attention to attn_ptr;
     states (B, num_chunks or 1, S, E) float32; rel_bias float32, the (2 * chunk_size - 1,)
     vector or, with BIAS_MATRIX, its (chunk_len, chunk_len) Toeplitz matrix
     (chunk_len = min(chunk_size, T)).
@@ -51,7 +56,7 @@ def mixed_chunk_fwd_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = offs_i < chunk_end
-    q = load_rows(q_quad_ptr + batch * T * S, offs_i, chunk_end, S, BLOCK_S)
+    q = load_role(q_quad_ptr + batch * T * S, offs_i, chunk_end, S, affine_ptr, 0, FROM_Z, BLOCK_S)
     k_base = k_quad_ptr + batch * T * S
     v_base = v_ptr + batch * T * E
     out_base = out_ptr + batch * T * E
@@ -60,7 +65,8 @@ def mixed_chunk_fwd_kernel(
     else:
         keys_end = chunk_end
     if HAS_LINEAR:
-        q_lin = load_rows(q_lin_ptr + batch * T * S, offs_i, chunk_end, S, BLOCK_S).to(mma_dtype)
+        q_lin = load_role(q_lin_ptr + batch * T * S, offs_i, chunk_end, S, affine_ptr, 2, FROM_Z,
+                          BLOCK_S).to(mma_dtype)
         if CAUSAL:
             state_base = states_ptr + (batch * num_chunks + chunk) * S * E
         else:
@@ -72,13 +78,13 @@ def mixed_chunk_fwd_kernel(
         # skips it (2 + 2 + 4 + 4 tiles of 64 keys for C = 256 instead of 4 x 8).
         offs_lo = chunk_start + tl.arange(0, BLOCK_N)
         offs_hi = offs_lo + BLOCK_N
-        weights_lo = relu2_weights(q, k_base, rel_bias_ptr, offs_i, offs_lo, chunk_start, chunk_end,
-                                   chunk_size, chunk_len, S, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
+        weights_lo = relu2_weights(q, k_base, affine_ptr, rel_bias_ptr, offs_i, offs_lo, chunk_start, chunk_end,
+                                   chunk_size, chunk_len, S, quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
                                    DOT_PRECISION).to(mma_dtype)
         use_hi = chunk_start + BLOCK_N < keys_end
         if use_hi:
-            weights_hi = relu2_weights(q, k_base, rel_bias_ptr, offs_i, offs_hi, chunk_start,
-                                       chunk_end, chunk_size, chunk_len, S, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL,
+            weights_hi = relu2_weights(q, k_base, affine_ptr, rel_bias_ptr, offs_i, offs_hi, chunk_start,
+                                       chunk_end, chunk_size, chunk_len, S, quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX, CAUSAL,
                                        BLOCK_S, DOT_PRECISION).to(mma_dtype)
         else:
             weights_hi = tl.zeros((BLOCK_M, BLOCK_N), dtype=mma_dtype)
@@ -96,8 +102,8 @@ def mixed_chunk_fwd_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
             for j0 in range(chunk_start, keys_end, BLOCK_N):
                 offs_j = j0 + tl.arange(0, BLOCK_N)
-                weights = relu2_weights(q, k_base, rel_bias_ptr, offs_i, offs_j, chunk_start,
-                                        chunk_end, chunk_size, chunk_len, S, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL,
+                weights = relu2_weights(q, k_base, affine_ptr, rel_bias_ptr, offs_i, offs_j, chunk_start,
+                                        chunk_end, chunk_size, chunk_len, S, quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX, CAUSAL,
                                         BLOCK_S, DOT_PRECISION)
                 v = load_tile(v_base, offs_j, cols, chunk_end, E)
                 acc = tl.dot(weights.to(mma_dtype), v.to(mma_dtype), acc, input_precision=DOT_PRECISION)
@@ -105,5 +111,10 @@ def mixed_chunk_fwd_kernel(
             state = tl.load(state_base + offs_s[:, None] * E + cols[None, :],
                             mask=(offs_s[:, None] < S) & col_ok[None, :], other=0.0)
             acc = tl.dot(q_lin, state.to(mma_dtype), acc, input_precision=DOT_PRECISION)
-        tl.store(out_base + offs_i[:, None] * E + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+        tile = offs_i[:, None] * E + cols[None, :]
+        tile_mask = row_ok[:, None] & col_ok[None, :]
+        if STORE_ATTN:      # the ungated attention, kept for the gate's gradient
+            tl.store(attn_ptr + batch * T * E + tile, acc.to(attn_ptr.dtype.element_ty), mask=tile_mask)
+        if HAS_GATE:
+            acc = acc * tl.load(gate_ptr + batch * T * E + tile, mask=tile_mask, other=0.0).to(tl.float32)
+        tl.store(out_base + tile, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
