@@ -1,0 +1,253 @@
+"""GAU and FLASH layers: the Gated Attention Unit with full or mixed chunk attention."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..flash_attention import flash_attention
+from ..mixed_chunk_attention import mixed_chunk_attention
+from ..validation import BACKENDS
+from .cache import AttentionCache
+from .norms import make_norm
+from .position import RotaryEmbedding, make_rel_pos
+from .scale_offset import ScaleOffset
+
+
+class GatedAttentionLayer(nn.Module):
+    """A pre-norm Gated Attention Unit with residual (Hua et al. 2022, section 2):
+
+        h       = norm(x)                                   x: (batch, T, d)
+        u, v, z = silu(h W + b), split into e, e, s features   (one d x (2e + s) projection)
+        role_r  = z * gamma_r + beta_r                      (ScaleOffset; then RoPE if enabled)
+        a       = mixed_chunk_attention(roles, v)           relu^2 inside chunks (+ linear part)
+        out     = x + (u * a) W_o + b_o
+
+    `GAU` (one chunk as long as the sequence, two roles) and `FLASH` (chunks of C tokens, four
+    roles: quadratic plus linear attention) are the two configurations; use those.
+
+    The attention runs through `flash_kernels.flash_attention` (roles, attention and gate in one
+    op) unless RoPE is on: then the roles are formed and rotated here, at absolute token
+    positions, and `mixed_chunk_attention` takes them (the fused op has no RoPE).
+
+    Padding (`key_padding_mask`, True = padded, as in torch.nn.MultiheadAttention): the values of
+    padded tokens are zeroed. Both attention parts weight values (quad_i = sum_j a_ij v_j,
+    lin_i = q_i^T sum_j k_j v_j^T), so a zero v_j removes token j from every other token's
+    output, whatever its key (and its gradient: dA_ij = dO_i . v_j = 0). The layer's update at
+    padded positions is zeroed too, so they carry their residual only.
+    """
+
+    def __init__(self, d, *, s, expansion, chunk_size, linear, causal, rel_pos, rope, norm,
+                 quad_scale, lin_scale, max_distance, backend, t5_buckets=32, t5_max_distance=128):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.d, self.s, self.e = d, s, expansion * d
+        self.chunk_size = chunk_size
+        self.linear = linear
+        self.causal = causal
+        self.quad_scale = quad_scale
+        self.lin_scale = lin_scale
+        self.backend = backend
+        self.norm = make_norm(norm, d)
+        self.to_uvz = nn.Linear(d, 2 * self.e + s)
+        self.scale_offset = ScaleOffset(4 if linear else 2, s)
+        self.rel_pos = make_rel_pos(rel_pos, causal=causal, max_distance=max_distance,
+                                    t5_buckets=t5_buckets, t5_max_distance=t5_max_distance)
+        self.rope = RotaryEmbedding(s) if rope else None
+        self.to_out = nn.Linear(self.e, d)
+
+    # -- pieces shared by the full forward and the decoding step -------------------------------
+
+    def _uvz(self, x):
+        u, v, z = F.silu(self.to_uvz(self.norm(x))).split([self.e, self.e, self.s], dim=-1)
+        return u, v, z
+
+    def _roles(self, z, positions):
+        """[quad_q, quad_k(, lin_q, lin_k)], rotated at `positions` when RoPE is on."""
+        roles = self.scale_offset(z)
+        if self.rope is not None:
+            roles = [self.rope(r, positions) for r in roles]
+        return roles
+
+    def _chunk_len(self, T):
+        return self.chunk_size if self.chunk_size is not None else T
+
+    # -- full forward ---------------------------------------------------------------------------
+
+    def forward(self, x, key_padding_mask=None, cache=None):
+        """x: (batch, T, d) -> (batch, T, d).
+
+        key_padding_mask: optional (batch, T) bool, True at padded tokens.
+        cache: optional empty `AttentionCache` (causal layers): filled from this sequence for
+            decoding to continue after it (prefill).
+        """
+        if x.dim() != 3 or x.shape[-1] != self.d:
+            raise ValueError(f"x must have shape (batch, T, {self.d}), got {tuple(x.shape)}")
+        B, T, _ = x.shape
+        if cache is not None:
+            if not self.causal:
+                raise ValueError("a decoding cache needs a causal layer")
+            if cache.initialized or cache.position:
+                raise ValueError("prefill needs an empty AttentionCache (use step() to continue one)")
+            if key_padding_mask is not None:
+                raise ValueError("prefill does not take a key_padding_mask")
+        u, v, z = self._uvz(x)
+        keep = None
+        if key_padding_mask is not None:
+            if key_padding_mask.shape != (B, T) or key_padding_mask.dtype != torch.bool:
+                raise ValueError(f"key_padding_mask must be a bool tensor of shape ({B}, {T}), "
+                                 f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+            keep = (~key_padding_mask).unsqueeze(-1).to(v.dtype)
+            v = v * keep
+        C = self._chunk_len(T)
+        rel_bias = self.rel_pos.toeplitz(C) if self.rel_pos is not None and T else None
+        options = dict(chunk_size=self.chunk_size, causal=self.causal, rel_bias=rel_bias,
+                       quad_scale=self.quad_scale, lin_scale=self.lin_scale, backend=self.backend)
+        positions = torch.arange(T, device=x.device)
+        roles = None
+        if self.rope is None:
+            gamma, beta = self.scale_offset.gamma, self.scale_offset.beta
+            y = flash_attention(z, gamma, beta, v, u=u, **options)
+        else:
+            roles = self._roles(z, positions)
+            q_quad, k_quad = roles[:2]
+            q_lin, k_lin = roles[2:] if self.linear else (None, None)
+            y = u * mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, **options)
+        update = self.to_out(y)
+        if keep is not None:
+            update = update * keep
+        if cache is not None:
+            with torch.no_grad():
+                roles = self._roles(z, positions) if roles is None else roles
+                self._prefill(cache, roles, v)
+        return x + update
+
+    def _prefill(self, cache, roles, v):
+        """Cache after the sequence: state of its completed chunks, its last partial chunk."""
+        B, T, E = v.shape
+        k_quad = roles[1]
+        k_lin = roles[3] if self.linear else None
+        C = self.chunk_size
+        done = 0 if C is None else (T // C) * C       # tokens in completed chunks
+        capacity = C if C is not None else max(16, T)
+        cache.allocate(B, self.s, E, capacity, linear=self.linear, dtype=v.dtype, device=v.device)
+        if self.linear and done:
+            G = done // C
+            kl = k_lin[:, :done].to(cache.state.dtype).reshape(B, G, C, self.s)
+            vv = v[:, :done].to(cache.state.dtype).reshape(B, G, C, E)
+            # per-chunk states summed in chunk order, as decoding folds them one by one
+            for h in (kl.transpose(-1, -2) @ vv).unbind(1):
+                cache.state += h
+        n = T - done
+        cache.k_quad[:, :n] = k_quad[:, done:]
+        if self.linear:
+            cache.k_lin[:, :n] = k_lin[:, done:]
+        cache.v[:, :n] = v[:, done:]
+        cache.length, cache.position = n, T
+
+    # -- incremental decoding -------------------------------------------------------------------
+
+    def new_cache(self):
+        return AttentionCache()
+
+    def step(self, x, cache):
+        """One token: x (batch, d) at position cache.position -> (batch, d); updates cache.
+
+        quad = sum_{j in chunk, j <= t} relu(quad_scale <q_t, k_j> + b(t - j))^2 v_j over the
+        buffered chunk; lin = lin_scale q_lin_t^T state (completed chunks only). When the chunk
+        reaches C tokens its k_lin^T v is folded into the state. Work per token:
+        O(C (S + E) + S E + d (2e + s + e)), independent of the tokens before.
+        Inference only (the cache is updated in place); run it under torch.no_grad().
+        """
+        if not self.causal:
+            raise ValueError("step() decodes causal layers only")
+        if x.dim() != 2 or x.shape[-1] != self.d:
+            raise ValueError(f"x must have shape (batch, {self.d}), got {tuple(x.shape)}")
+        B = x.shape[0]
+        u, v, z = self._uvz(x)                                          # (B, e), (B, e), (B, s)
+        if not cache.initialized:
+            capacity = self.chunk_size if self.chunk_size is not None else 16
+            cache.allocate(B, self.s, self.e, capacity, linear=self.linear, dtype=v.dtype,
+                           device=v.device)
+        elif cache.v.shape[0] != B:
+            raise ValueError(f"the cache holds batch {cache.v.shape[0]}, x has batch {B}")
+        if cache.length == cache.capacity:                              # GAU: one growing chunk
+            cache.grow(2 * cache.capacity)
+        positions = torch.tensor([cache.position], device=x.device)
+        roles = [r[:, 0] for r in self._roles(z[:, None], positions)]  # (B, S) each
+        cache.append(roles[1], roles[3] if self.linear else None, v)
+
+        n = cache.length
+        compute = torch.promote_types(v.dtype, torch.float32)
+        C = self._chunk_len(n)
+        quad_scale = self.quad_scale if self.quad_scale is not None else 1.0 / C
+        q = roles[0].to(compute)[:, None]                               # (B, 1, S)
+        keys = cache.k_quad[:, :n].to(compute)                          # (B, n, S)
+        scores = quad_scale * (q @ keys.transpose(1, 2))                # (B, 1, n)
+        if self.rel_pos is not None:
+            offsets = torch.arange(n - 1, -1, -1, device=x.device)     # t - j for j = 0 .. n-1
+            scores = scores + self.rel_pos(offsets).to(compute)
+        attn = torch.relu(scores).square() @ cache.v[:, :n].to(compute)  # (B, 1, E)
+        if self.linear:
+            lin_scale = self.lin_scale if self.lin_scale is not None else 1.0 / C
+            attn = attn + lin_scale * (roles[2].to(compute)[:, None] @ cache.state)
+        y = u * attn[:, 0].to(v.dtype)
+        if self.chunk_size is not None and n == self.chunk_size:
+            cache.fold_chunk()
+        return x + self.to_out(y)
+
+
+class GAU(GatedAttentionLayer):
+    """Gated Attention Unit with full quadratic attention (FLASH paper, section 2).
+
+    One chunk as long as the sequence (chunk_size=None), roles (quad_q, quad_k):
+        a_ij = relu(quad_scale <q_i, k_j> + b(i - j))^2   (j <= i when causal),  out_i = sum_j a_ij v_j
+
+    quad_scale defaults to 1 / max_len, a constant standing for the paper's 1 / n at the training
+    length: dividing by the actual length would make causal outputs depend on later tokens and
+    break decoding. The learned relative bias has one weight per offset up to max_len - 1
+    (farther offsets share the last one). Decoding (step) is supported and is quadratic in the
+    sequence length by nature: token t attends to all t tokens before it.
+
+    Args: d (model width); s (shared z width, 128 in the paper); expansion (e = expansion * d);
+    causal; rel_pos (None, "learned" or "t5"); rope (RoPE on the roles); norm ("scalenorm" or
+    "layernorm"); backend of the attention op ("auto", "triton", "torch", "reference").
+    """
+
+    def __init__(self, d, *, s=128, expansion=2, causal=True, max_len=512, rel_pos="learned",
+                 rope=False, norm="scalenorm", quad_scale=None, backend="auto", t5_buckets=32,
+                 t5_max_distance=128):
+        super().__init__(d, s=s, expansion=expansion, chunk_size=None, linear=False, causal=causal,
+                         rel_pos=rel_pos, rope=rope, norm=norm,
+                         quad_scale=quad_scale if quad_scale is not None else 1.0 / max_len,
+                         lin_scale=None, max_distance=max_len, backend=backend,
+                         t5_buckets=t5_buckets, t5_max_distance=t5_max_distance)
+        self.max_len = max_len
+
+
+class FLASH(GatedAttentionLayer):
+    """FLASH layer: a GAU with mixed chunk attention, linear in the sequence length (section 3).
+
+    Chunks of C tokens; four roles (quad_q, quad_k, lin_q, lin_k) of the shared z:
+        quad_i = sum_{j in chunk(i), j <= i} relu(quad_scale <qq_i, kq_j> + b(i - j))^2 v_j
+        lin_i  = lin_scale ql_i^T sum_{chunks g before chunk(i)} sum_{j in g} kl_j v_j^T
+                 (all chunks when not causal)
+        out_i  = u_i * (quad_i + lin_i)
+    quad_scale = lin_scale = 1 / C by default (the paper's code). linear=False gives FLASH-Quad
+    (quadratic attention inside chunks only, no linear part). The learned relative bias has
+    one weight per offset within a chunk.
+
+    Decoding (step) keeps the float32 S x E state of the completed chunks and the current chunk's
+    keys and values: work per token is bounded by C and S x E.
+    Args as GAU, plus chunk_size (C), linear and lin_scale.
+    """
+
+    def __init__(self, d, *, s=128, expansion=2, chunk_size=256, linear=True, causal=True,
+                 rel_pos="learned", rope=False, norm="scalenorm", quad_scale=None, lin_scale=None,
+                 backend="auto", t5_buckets=32, t5_max_distance=128):
+        if chunk_size is None or chunk_size < 1:
+            raise ValueError(f"FLASH needs a positive chunk_size (use GAU for full attention), "
+                             f"got {chunk_size}")
+        super().__init__(d, s=s, expansion=expansion, chunk_size=chunk_size, linear=linear,
+                         causal=causal, rel_pos=rel_pos, rope=rope, norm=norm,
+                         quad_scale=quad_scale, lin_scale=lin_scale, max_distance=chunk_size,
+                         backend=backend, t5_buckets=t5_buckets, t5_max_distance=t5_max_distance)

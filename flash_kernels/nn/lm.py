@@ -1,0 +1,138 @@
+"""FLASHLM: a decoder (or encoder) language model made of GAU / FLASH layers."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..validation import BACKENDS
+from .layers import FLASH, GAU
+from .norms import make_norm
+
+
+class FLASHLM(nn.Module):
+    """Token embedding, a stack of pre-norm GAU/FLASH layers (each x + layer(norm(x))), a final
+    norm and an output head tied to the embedding:
+
+        h_0 = E[idx];   h_l = layer_l(h_{l-1});   logits = norm(h_L) E^T
+
+    Args:
+        vocab_size, d, depth: vocabulary, model width, number of layers.
+        layer: "flash" (mixed chunk attention, chunk_size C) or "gau" (full quadratic attention).
+        s, expansion, causal, rel_pos, rope, norm, quad_scale, lin_scale, backend: passed to
+            every layer (see FLASH and GAU); chunk_size and linear to FLASH layers, max_len to
+            GAU layers (their constant quad_scale 1/max_len and learned bias range).
+        init_std: the embedding's initial standard deviation.
+
+    `forward(idx)` gives logits for every position; `prefill`, `step` and `generate` decode
+    incrementally with per-layer `AttentionCache`s and agree with the forward.
+    """
+
+    def __init__(self, vocab_size, d=512, depth=8, *, layer="flash", s=128, expansion=2,
+                 chunk_size=256, linear=True, causal=True, rel_pos="learned", rope=False,
+                 norm="scalenorm", max_len=512, quad_scale=None, lin_scale=None, backend="auto",
+                 init_std=0.02):
+        super().__init__()
+        self.vocab_size, self.d, self.causal = vocab_size, d, causal
+        self.embed = nn.Embedding(vocab_size, d)
+        nn.init.normal_(self.embed.weight, std=init_std)
+        common = dict(s=s, expansion=expansion, causal=causal, rel_pos=rel_pos, rope=rope,
+                      norm=norm, quad_scale=quad_scale, backend=backend)
+        if layer == "flash":
+            make = lambda: FLASH(d, chunk_size=chunk_size, linear=linear, lin_scale=lin_scale,
+                                 **common)
+        elif layer == "gau":
+            if lin_scale is not None:
+                raise ValueError("lin_scale applies to FLASH layers only (GAU has no linear part)")
+            make = lambda: GAU(d, max_len=max_len, **common)
+        else:
+            raise ValueError(f"layer must be 'flash' or 'gau', got {layer!r}")
+        self.layers = nn.ModuleList(make() for _ in range(depth))
+        self.final_norm = make_norm(norm, d)
+
+    @property
+    def backend(self):
+        return self.layers[0].backend if len(self.layers) else "auto"
+
+    @backend.setter
+    def backend(self, value):
+        """Set the attention backend of every layer ("auto", "triton", "torch", "reference")."""
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        for layer in self.layers:
+            layer.backend = value
+
+    def _head(self, h):
+        return self.final_norm(h) @ self.embed.weight.t()   # tied output head
+
+    def forward(self, idx, key_padding_mask=None, caches=None):
+        """idx: (batch, T) token ids -> logits (batch, T, vocab_size).
+
+        key_padding_mask: optional (batch, T) bool, True at padded tokens (their logits are
+            meaningless). caches: optional list of empty caches (one per layer) to prefill.
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (batch, T), got {tuple(idx.shape)}")
+        h = self.embed(idx)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, key_padding_mask=key_padding_mask,
+                      cache=None if caches is None else caches[i])
+        return self._head(h)
+
+    def loss(self, idx, targets):
+        """Mean next-token cross-entropy of the logits for idx against targets (batch, T)."""
+        logits = self(idx)
+        return F.cross_entropy(logits.float().reshape(-1, self.vocab_size), targets.reshape(-1))
+
+    # -- incremental decoding -------------------------------------------------------------------
+
+    def new_caches(self):
+        return [layer.new_cache() for layer in self.layers]
+
+    def prefill(self, idx):
+        """Full forward over a prompt (batch, T >= 1) -> (logits (batch, T, vocab), caches)."""
+        if not self.causal:
+            raise ValueError("decoding needs a causal model")
+        caches = self.new_caches()
+        return self(idx, caches=caches), caches
+
+    def step(self, token, caches):
+        """One token per sequence: token (batch,) -> logits (batch, vocab) for the next one."""
+        if not self.causal:
+            raise ValueError("decoding needs a causal model")
+        h = self.embed(token)
+        for layer, cache in zip(self.layers, caches):
+            h = layer.step(h, cache)
+        return self._head(h)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Continue idx (batch, T >= 1) by max_new_tokens sampled tokens -> (batch, T + new).
+
+        The prompt runs through the full forward once (prefill); each new token then costs one
+        `step` per layer. temperature=0 picks the most likely token; top_k keeps the k most
+        likely before sampling.
+        """
+        if idx.dim() != 2 or idx.shape[1] < 1:
+            raise ValueError(f"idx must have shape (batch, T) with T >= 1, got {tuple(idx.shape)}")
+        logits, caches = self.prefill(idx)
+        logits = logits[:, -1]
+        out = [idx]
+        for i in range(max_new_tokens):
+            token = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
+            out.append(token[:, None])
+            if i + 1 < max_new_tokens:
+                logits = self.step(token, caches)
+        return torch.cat(out, dim=1)
+
+
+def sample_next(logits, *, temperature=1.0, top_k=None, generator=None):
+    """A token per row of logits (batch, vocab): argmax when temperature == 0, else a sample of
+    softmax(logits / temperature) restricted to the top_k largest logits (if top_k is given)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        k = min(int(top_k), logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
