@@ -24,7 +24,8 @@ from flash_kernels.aot_compile import (REPORT_PREAMBLE, error_details, markdown_
                                        record_key, retype_record, row_failed, summary_line)
 
 # ---------------------------------------------------------------------------------------------
-# Configs: edit freely. Keys: name; batch (leading dims); T, S, E; chunk_size (None = one chunk);
+# Configs: edit freely. Keys: name; op ("flash_attention" for the fused op with a gate, else
+# mixed_chunk_attention; q_quad then serves as z); batch (leading dims); T, S, E; chunk_size (None = one chunk);
 # causal; rel_bias (bool); linear (False = q_lin/k_lin None, quadratic only); dtype (what runs
 # under the interpreter: "float32" or "float16"); rel_bias_dtype; compile_dtype (optional: the
 # Triton type the fp16 launches are compiled as, e.g. "bf16" for what runs on the GPU);
@@ -49,6 +50,8 @@ CONFIGS = [
     dict(PAPER, name="paper bf16 causal + rel_bias", causal=True, rel_bias=True),
     dict(PAPER, name="paper bf16 non-causal", causal=False, rel_bias=False),
     dict(PAPER, name="paper bf16 non-causal + rel_bias", causal=False, rel_bias=True),
+    dict(PAPER, name="paper bf16 flash_attention (roles from z, gate), causal + rel_bias",
+         op="flash_attention", causal=True, rel_bias=True),
     dict(PAPER, name="paper bf16 full attention (chunk_size=None), causal + rel_bias",
          chunk_size=None, T=320, causal=True, rel_bias=True, linear=False),
 ]
@@ -59,7 +62,7 @@ DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resul
 # Runs in the TRITON_INTERPRET=1 child; `cfg` is substituted.
 _SNIPPET = """
 import torch
-from flash_kernels import mixed_chunk_attention
+from flash_kernels import flash_attention, mixed_chunk_attention
 
 cfg = {cfg!r}
 gen = torch.Generator().manual_seed(0)
@@ -78,8 +81,16 @@ v = rand("v", *batch, T, E)
 rel_bias = None
 if cfg["rel_bias"]:
     rel_bias = rand("rel_bias", 2 * (C or T) - 1, dt=getattr(torch, cfg["rel_bias_dtype"]))
-out = mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, chunk_size=C, causal=cfg["causal"],
-                            rel_bias=rel_bias, backend="triton")
+if cfg.get("op") == "flash_attention":
+    roles = 4 if cfg["linear"] else 2
+    gamma = rand("gamma", roles, S, dt=torch.float32)
+    beta = rand("beta", roles, S, dt=torch.float32)
+    u = rand("u", *batch, T, E)
+    out = flash_attention(q_quad, gamma, beta, v, u=u, chunk_size=C, causal=cfg["causal"],
+                          rel_bias=rel_bias, backend="triton")
+else:
+    out = mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, chunk_size=C,
+                                causal=cfg["causal"], rel_bias=rel_bias, backend="triton")
 assert out.shape == (*batch, T, E) and out.dtype == dtype
 if out.requires_grad:
     out.backward(torch.randn(out.shape, generator=gen).to(dtype))

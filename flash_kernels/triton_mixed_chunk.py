@@ -70,6 +70,7 @@ class KernelConfig:
     block_n: int             # key tile of the forward; hoisted: two of them span the chunk
     block_s: int
     block_e: int
+    bwd_query_block_e: int   # the query backward's dA = dO V^T reduces over E in these steps
     hoist: bool              # relu^2 weights formed once per program (chunk <= MAX_HOIST_KEYS)
     num_warps: int           # of the three per-chunk kernels
     fwd_stages: int
@@ -91,9 +92,11 @@ def kernel_config(chunk_len, S, E):
     hoist = chunk_pow2 <= max_hoist
     block_n = max(16, chunk_pow2 // 2) if hoist else block
     block_s = max(16, next_power_of_2(S))
+    block_e = _config_override.get("block_e", min(64, max(16, next_power_of_2(E))))
     return KernelConfig(
-        block=block, block_n=block_n, block_s=block_s,
-        block_e=_config_override.get("block_e", min(64, max(16, next_power_of_2(E)))),
+        block=block, block_n=block_n, block_s=block_s, block_e=block_e,
+        # 64 makes the fused (roles from z) query backward spill 64 bytes on sm_90; 32 does not.
+        bwd_query_block_e=min(32, block_e) if block >= 64 else block_e,
         hoist=hoist,
         # Measured ahead of time (bench/results/compile_report.md): with 64-row tiles, 4 warps
         # spill on sm_90 at the paper shape, 8 warps do not; the backward kernels spill at 2 stages.
@@ -263,7 +266,7 @@ def mixed_chunk_backward(grad_out, roles, v, rel_bias, states, chunk_size, causa
                dict(FROM_Z=roles.from_z, HAS_BIAS=bias is not None, BIAS_MATRIX=cfg.hoist,
                     CAUSAL=causal, NEED_DS=need_ds, NEED_DQ_QUAD=need_dq_quad,
                     NEED_DQ_LIN=need_dq_lin, STORE_DS=store_ds, NEED_DBIAS=need_dbias,
-                    BLOCK=cfg.block, BLOCK_S=cfg.block_s, BLOCK_E=cfg.block_e,
+                    BLOCK=cfg.block, BLOCK_S=cfg.block_s, BLOCK_E=cfg.bwd_query_block_e,
                     DOT_PRECISION=dot_precision),
                num_warps=cfg.num_warps, num_stages=cfg.bwd_query_stages)
 

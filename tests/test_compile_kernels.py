@@ -20,6 +20,7 @@ CASES = {
     "small fp16 one long chunk (chunk_size=None, T > 256: scores recomputed)": ALL_KERNELS,
     "paper bf16 causal + rel_bias": ALL_KERNELS,
     "paper bf16 non-causal": ALL_KERNELS,
+    "paper bf16 flash_attention (roles from z, gate), causal + rel_bias": ALL_KERNELS,
 }
 # Spill-free at the paper shape was established with this Triton; other versions allocate
 # registers differently, so elsewhere only compiling (and the limits) is checked.
