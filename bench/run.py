@@ -1,0 +1,369 @@
+"""Kernel microbenchmarks: time, TFLOP/s, fraction of the measured matmul peak and peak memory of
+FLASH mixed chunk attention against its baselines (forward, backward, forward+backward).
+
+Full mode (the default with CUDA): the paper shape S=128, E=1536, C=256, causal, bf16, T from
+512 to 128K at a fixed number of tokens per batch (batch = 65536 // T, at least 1), plus
+non-causal rows. Quick mode (the default without CUDA, a smoke test that runs in well under a
+minute on 2 CPU cores): fp32, S=128, E=256, T = 512..4096, batch 1; on a CPU the chunked
+"torch" path stands in for the kernels (the Triton kernels run on a CPU only under
+TRITON_INTERPRET=1, far too slow to time) and is measured against the dense reference and SDPA.
+
+Timing: GPU: triton.testing.do_bench (median, L2 flushed between runs, synchronised) after its
+warm-up; CPU: time.perf_counter, median of several runs after one warm-up. Every point gets
+fresh random inputs (no zeros). TFLOP/s come from bench/flops.py; the peak is a large
+torch.matmul in the run's dtype timed in the same run. Peak memory: torch.cuda's allocator on
+a GPU, a child process's RSS on a CPU (bench/memory.py); inputs and gradients included.
+Results are appended to OUTPUT_DIR/results.jsonl; then `python -m bench.plots` and
+`python -m bench.readme` draw the figures and the README table from them.
+
+    python -m bench.run [--quick | --full] [--seq-lens T ...] [--impls NAME ...] [--modes ...]
+                        [--time-budget SECONDS] [--output-dir DIR]
+"""
+import argparse
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from .flops import MODE_NAMES, MODES, matmul_flops
+from .impls import IMPLS, Problem, dense_bytes_estimate, make_call, run_once
+from .memory import peak_memory_bytes
+from .results_io import DEFAULT_DIR, RESULTS_NAME, append_results, run_metadata
+from .tables import (OURS, evaluate_targets, memory_table, mode_title, primary_impl,
+                     render_targets, render_text, time_table)
+
+FULL_SEQ_LENS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+QUICK_SEQ_LENS = [512, 1024, 2048, 4096]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _progress(iterable, total, enabled):
+    try:
+        from tqdm import tqdm
+    except ImportError:                      # tqdm is not a dependency of the package
+        tqdm = None
+    if not enabled or tqdm is None:
+        return iterable, print
+    bar = tqdm(iterable, total=total, unit="point", dynamic_ncols=True, mininterval=0.5)
+    return bar, tqdm.write
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Implementations: " + ", ".join(IMPLS) + " (see bench/impls.py).")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="small CPU-friendly smoke benchmark (default without CUDA)")
+    size.add_argument("--full", action="store_true",
+                      help="the paper-shape suite, T up to 128K (default with CUDA)")
+    parser.add_argument("--seq-lens", type=int, nargs="+", metavar="T",
+                        help=f"causal sequence lengths (full: {FULL_SEQ_LENS}; quick: {QUICK_SEQ_LENS})")
+    parser.add_argument("--noncausal-seq-lens", type=int, nargs="*", metavar="T",
+                        help="lengths of the non-causal rows (full: 4096; quick: 2048; none: empty)")
+    parser.add_argument("--tokens", type=int,
+                        help="tokens per batch: batch = max(1, tokens // T); 0 means batch 1 "
+                             "(full: 65536; quick: 0)")
+    parser.add_argument("--S", type=int, default=128, help="query/key width s (default 128)")
+    parser.add_argument("--E", type=int, help="value width e (full: 1536; quick: 256)")
+    parser.add_argument("--chunk-size", type=int, default=256, help="C (default 256)")
+    parser.add_argument("--rel-bias", action="store_true", help="add a (2C-1,) Toeplitz bias")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="input dtype (default: bf16 on CUDA, fp32 on a CPU)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--impls", nargs="+", choices=list(IMPLS),
+                        help="implementations to time (default: all that can run here; naming "
+                             "one forces it where it is skipped by default)")
+    parser.add_argument("--compile-seq-lens", type=int, nargs="+", metavar="T",
+                        help="restrict torch.compile (a compile per shape) to these T")
+    parser.add_argument("--repeats", type=int,
+                        help="CPU: timed runs per point, median taken (full 5, quick 3)")
+    parser.add_argument("--max-point-seconds", type=float, default=3.0,
+                        help="CPU: fewer repeats (at least 2) for points slower than this")
+    parser.add_argument("--warmup-ms", type=float, default=25.0, help="GPU: do_bench warm-up")
+    parser.add_argument("--rep-ms", type=float, default=100.0, help="GPU: do_bench timed span")
+    parser.add_argument("--max-dense-gb", type=float,
+                        help="skip the dense reference above this estimate (default: 40%% of "
+                             "GPU memory; on a CPU 4 GB, 0.5 GB in quick mode to stay quick)")
+    parser.add_argument("--no-memory", action="store_true", help="do not measure peak memory")
+    parser.add_argument("--time-budget", type=float,
+                        help="seconds: points not started by then are recorded as skipped")
+    parser.add_argument("--output-dir", default=DEFAULT_DIR,
+                        help=f"where {RESULTS_NAME} is appended (default bench/results)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int,
+                        help="CPU: torch threads (default: torch's); 1 is steadier on a busy machine")
+    parser.add_argument("--device", choices=["cuda", "cpu"],
+                        help="default: cuda when available")
+    args = parser.parse_args(argv)
+
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    args.quick = args.quick or (not args.full and args.device.type != "cuda")
+    q = args.quick
+    args.seq_lens = args.seq_lens or (QUICK_SEQ_LENS if q else FULL_SEQ_LENS)
+    if args.noncausal_seq_lens is None:
+        args.noncausal_seq_lens = [2048] if q else [4096]
+    args.tokens = args.tokens if args.tokens is not None else (0 if q else 65536)
+    args.E = args.E or (256 if q else 1536)
+    args.dtype = DTYPES[args.dtype] if args.dtype else (
+        torch.bfloat16 if args.device.type == "cuda" else torch.float32)
+    args.repeats = args.repeats or (3 if q else 5)
+    if args.max_dense_gb is None:
+        if args.device.type == "cuda":
+            args.max_dense_gb = 0.4 * torch.cuda.get_device_properties(args.device).total_memory / 2**30
+        else:
+            args.max_dense_gb = 0.5 if q else 4.0
+    for name, values in (("--seq-lens", args.seq_lens), ("--noncausal-seq-lens", args.noncausal_seq_lens)):
+        if any(T <= 0 for T in values):
+            parser.error(f"{name}: lengths must be positive")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(call, args):
+    """Median milliseconds of `call` after warm-up (do_bench on CUDA, perf_counter on a CPU)."""
+    if args.device.type == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(call, warmup=args.warmup_ms, rep=args.rep_ms,
+                                             return_mode="median"))
+    start = time.perf_counter()
+    call()                                               # warm-up
+    first = time.perf_counter() - start
+    repeats = max(2, min(args.repeats, int(args.max_point_seconds / max(first, 1e-9))))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def measure_peak(args):
+    """(TFLOP/s, what): a large square matmul in the run's dtype, timed like the points."""
+    n = 8192 if args.device.type == "cuda" else 1024
+    gen = torch.Generator(device=args.device).manual_seed(1)
+    a = torch.randn(n, n, device=args.device, dtype=args.dtype, generator=gen)
+    b = torch.randn(n, n, device=args.device, dtype=args.dtype, generator=gen)
+    ms = time_ms(lambda: torch.matmul(a, b), args)
+    what = f"torch.matmul {n}x{n}x{n} {str(args.dtype).replace('torch.', '')}"
+    return matmul_flops(n, n, n) / (ms * 1e-3) / 1e12, what
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------------------------
+def build_plan(args):
+    """[(impl, problem, mode)] in priority order (when a time budget runs out, the tail goes)."""
+    names = args.impls or list(IMPLS)
+    problems = []
+    for causal, lengths in ((True, args.seq_lens), (False, args.noncausal_seq_lens)):
+        for T in lengths:
+            batch = max(1, args.tokens // T) if args.tokens else 1
+            problems.append(Problem(T=T, batch=batch, S=args.S, E=args.E, C=args.chunk_size,
+                                    causal=causal, rel_bias=args.rel_bias))
+    plan = []
+    for name in names:
+        for p in problems:
+            if name == "torch.compile" and args.compile_seq_lens and p.T not in args.compile_seq_lens:
+                continue
+            plan.extend((name, p, mode) for mode in args.modes)
+    return plan
+
+
+def _error_note(exc):
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
+        return "out of memory"
+    return text[:300]
+
+
+def run_plan(args, meta, peak_tflops):
+    plan = build_plan(args)
+    explicit = set(args.impls or ())
+    skipped_impls = {}
+    for name in dict.fromkeys(name for name, _, _ in plan):
+        reason = IMPLS[name].availability(args.device, args.dtype, name in explicit)
+        if reason:
+            skipped_impls[name] = reason
+    records, errors = [], {}
+    started = time.perf_counter()
+    dtype_str = str(args.dtype).replace("torch.", "")
+    bar, write = _progress(plan, len(plan), not args.no_progress)
+    for reason_name, reason in skipped_impls.items():
+        write(f"{reason_name}: {reason}")
+    for name, p, mode in bar:
+        impl = IMPLS[name]
+        record = dict(meta, impl=name, mode=mode, **p.as_dict(), status="ok", note="", ms=None,
+                      flops=impl.flops(p, mode), tflops=None, frac_peak=None, mem_mb=None,
+                      peak_tflops=peak_tflops)
+        records.append(record)
+        if hasattr(bar, "set_description"):
+            bar.set_description(f"{name} {MODE_NAMES[mode]} T={p.T}")
+        if name in skipped_impls:
+            record.update(status="skipped", note=skipped_impls[name])
+            continue
+        if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+            record.update(status="skipped", note=f"skipped: time budget of {args.time_budget:.0f} s spent")
+            continue
+        if len(errors.get(name, ())) >= 2:
+            record.update(status="skipped", note=f"skipped after 2 errors (first: {errors[name][0]})")
+            continue
+        if name == "reference":
+            need = dense_bytes_estimate(p, mode) / 2**30
+            if need > args.max_dense_gb:
+                record.update(status="skipped", note=f"skipped: dense reference needs ~{need:.0f} GB "
+                                                    f"of memory (> --max-dense-gb {args.max_dense_gb:.0f})")
+                continue
+        call = None
+        point_start = time.perf_counter()
+        try:
+            call = make_call(impl, p, mode, args.device, args.dtype, seed=p.T)
+            ms = time_ms(call, args)
+            record.update(ms=ms, tflops=record["flops"] / (ms * 1e-3) / 1e12)
+            record["frac_peak"] = record["tflops"] / peak_tflops if peak_tflops else None
+        except Exception as exc:              # a failing baseline must not stop the benchmark
+            note = _error_note(exc)
+            record.update(status="error", note=note)
+            if note != "out of memory":
+                errors.setdefault(name, []).append(note)
+            write(f"{name} {MODE_NAMES[mode]} T={p.T} batch={p.batch}: {note}")
+        del call
+        record["wall_s"] = round(time.perf_counter() - point_start, 3)
+        gc.collect()
+        if args.device.type == "cuda":
+            torch.cuda.empty_cache()
+            if record["status"] == "ok" and not args.no_memory:
+                record["mem_mb"] = _gpu_memory_mb(name, p, mode, args.device, dtype_str)
+    if hasattr(bar, "close"):
+        bar.close()
+    timed = time.perf_counter() - started
+    if args.device.type == "cpu" and not args.no_memory:
+        _cpu_memory(records, args, dtype_str, write)
+    write(f"timed the points in {timed:.1f} s; memory in {time.perf_counter() - started - timed:.1f} s")
+    return records, skipped_impls
+
+
+def _gpu_memory_mb(name, p, mode, device, dtype_str):
+    try:
+        peak, = peak_memory_bytes([(run_once, (name, p.as_dict(), mode, str(device), dtype_str))],
+                                  device)
+        return peak / 2**20
+    except Exception:
+        return None
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _cpu_memory(records, args, dtype_str, write):
+    """Peak RSS of each measured point, all in one child process (bench/memory.py)."""
+    todo = [r for r in records if r["status"] == "ok" and r["impl"] != "torch.compile"]
+    if not todo:
+        return
+    calls = [(run_once, (r["impl"], {k: r[k] for k in ("T", "batch", "S", "E", "C", "causal",
+                                                         "rel_bias")},
+                         r["mode"], "cpu", dtype_str, torch.get_num_threads())) for r in todo]
+    try:
+        peaks = peak_memory_bytes(calls, args.device)
+    except Exception as exc:
+        write(f"peak memory not measured: {_error_note(exc)}")
+        return
+    for r, peak in zip(todo, peaks):
+        r["mem_mb"] = peak / 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+def _growth_summary(records):
+    """Quick mode: how the forward cost grows with T (linear vs quadratic)."""
+    lines = []
+    for name in ("triton", "torch", "reference"):
+        points = sorted((r["T"], r["ms"], r["batch"]) for r in records
+                        if r["impl"] == name and r["mode"] == "fwd" and r["causal"]
+                        and r["status"] == "ok")
+        if len(points) >= 2 and points[0][2] == points[-1][2]:
+            (T0, ms0, _), (T1, ms1, _) = points[0], points[-1]
+            lines.append(f"{name}: {T1 // T0}x the tokens cost {ms1 / ms0:.1f}x the forward time "
+                         f"(linear: {T1 // T0}x, quadratic: {(T1 // T0) ** 2}x)")
+    return lines
+
+
+def report(records, args, meta, peak_tflops, peak_what, skipped_impls, path):
+    print()
+    print(f"device: {meta['device']}  |  dtype {meta['dtype']}  |  torch {meta['torch']}, "
+          f"triton {meta['triton']}  |  commit {meta['commit']}")
+    shape = (f"S={args.S}, E={args.E}, C={args.chunk_size}" +
+             (", rel_bias" if args.rel_bias else "") +
+             (f", {args.tokens} tokens per batch (batch = {args.tokens} // T)" if args.tokens
+              else ", batch 1"))
+    print(f"{'quick' if args.quick else 'full'} mode: {shape}; causal unless marked")
+    print(f"measured peak: {peak_tflops:.3g} TFLOP/s ({peak_what})")
+    primary = primary_impl(records)
+    if primary == "torch":
+        print("no Triton timing here: the chunked torch path is the row under test")
+    for name, reason in skipped_impls.items():
+        print(f"  {name}: {reason}")
+    for mode in args.modes:
+        table = time_table(records, mode)
+        if table is None:
+            continue
+        print(f"\n== {mode_title(mode)}: milliseconds (median), '{primary}' TFLOP/s, % of peak, "
+              f"speedup of '{primary}' (x > 1: faster) ==")
+        print(render_text(table))
+        if not args.no_memory:
+            print(f"-- {MODE_NAMES[mode]}: peak memory, MB (inputs and gradients included) --")
+            print(render_text(memory_table(records, mode)))
+    notes = sorted({(r["impl"], r["note"]) for r in records if r["status"] == "error"})
+    if notes:
+        print("\nerrors:")
+        for name, note in notes:
+            print(f"  {name}: {note}")
+    if args.quick:
+        for line in _growth_summary(records):
+            print(line)
+    if args.device.type == "cuda":
+        print()
+        for ours in OURS:
+            if any(r["impl"] == ours and r["status"] == "ok" for r in records):
+                print(render_targets(evaluate_targets(records, ours), ours))
+    else:
+        print("\nPerformance targets are evaluated on CUDA runs only (bench/gpu_runbook.sh).")
+    print(f"\n{len(records)} results appended to {path}")
+    print("next: python -m bench.plots; python -m bench.readme")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = run_metadata(args.device, args.dtype, args.quick)
+    print(f"{'quick' if args.quick else 'full'} benchmark on {meta['device']}, {meta['dtype']}; "
+          f"measuring the matmul peak...", flush=True)
+    peak_tflops, peak_what = measure_peak(args)
+    meta = dict(meta, peak_what=peak_what)
+    records, skipped_impls = run_plan(args, meta, peak_tflops)
+    path = os.path.join(args.output_dir, RESULTS_NAME)
+    append_results(path, records)
+    report(records, args, meta, peak_tflops, peak_what, skipped_impls, path)
+    print(f"elapsed: {time.perf_counter() - t0:.1f} s")
+    return 0 if any(r["status"] == "ok" for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
