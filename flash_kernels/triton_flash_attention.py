@@ -12,7 +12,8 @@ gradients in float32; then, per role r (all sums over batch and tokens, determin
 """
 import torch
 
-from .triton_mixed_chunk import Roles, check_triton_inputs, mixed_chunk_backward, mixed_chunk_forward
+from .triton_mixed_chunk import (Roles, check_triton_inputs, feature_contiguous, mixed_chunk_backward,
+                                 mixed_chunk_forward)
 
 
 def _affine_stack(gamma, beta):
@@ -29,7 +30,7 @@ def _roles_from_z(z, affine, num_roles):
 
 
 class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd of the fused op. z (B, T, S), v and u (B, T, E), contiguous."""
+    """Autograd of the fused op. z (B, T, S), v and u (B, T, E), unit feature stride."""
 
     @staticmethod
     def forward(ctx, z, gamma, beta, v, u, rel_bias, chunk_size, causal, quad_scale, lin_scale):
@@ -86,6 +87,6 @@ def flash_attention_triton(z, gamma, beta, v, u, *, chunk_size, causal, rel_bias
                            lin_scale):
     """z (B, T, S), v and u (B, T, E) with one flattened batch dim; resolved options."""
     check_triton_inputs(z, v)
-    return FlashAttentionFunction.apply(z.contiguous(), gamma, beta, v.contiguous(),
-                                        None if u is None else u.contiguous(), rel_bias, chunk_size,
-                                        causal, float(quad_scale), float(lin_scale))
+    return FlashAttentionFunction.apply(feature_contiguous(z), gamma, beta, feature_contiguous(v),
+                                        feature_contiguous(u), rel_bias, chunk_size, causal,
+                                        float(quad_scale), float(lin_scale))

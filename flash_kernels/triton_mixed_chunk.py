@@ -138,14 +138,27 @@ class Roles:
         return self.q_lin is not None
 
 
+def row_strides(x):
+    """(batch stride, token stride) of a (B, T, W) view whose features are contiguous."""
+    return x.stride(0), x.stride(1)
+
+
+def feature_contiguous(x):
+    """x itself when its last dim has unit stride (the kernels take batch and token strides,
+    so slices of a fused projection need no copy), else a contiguous copy."""
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
 def _state_scan(x, y, affine, x_role, *, chunk_size, num_chunks, causal, reverse, lin_scale, config):
     """(B, num_chunks or 1, S, E) float32 states, see kernels/chunk_state.py."""
     B, T, S = x.shape
     E = y.shape[-1]
     states = new_buffer((B, num_chunks if causal else 1, S, E), torch.float32, x.device)
     grid = (triton_cdiv(E, config.state_block_e), triton_cdiv(S, config.state_block_s), B)
+    (stride_xb, stride_xt), (stride_yb, stride_yt) = row_strides(x), row_strides(y)
     launch(chunk_state_scan_kernel, grid,
-           dict(x_ptr=x, affine_ptr=affine, y_ptr=y, states_ptr=states, T=T, S=S, E=E,
+           dict(x_ptr=x, affine_ptr=affine, y_ptr=y, states_ptr=states, stride_xb=stride_xb,
+                stride_xt=stride_xt, stride_yb=stride_yb, stride_yt=stride_yt, T=T, S=S, E=E,
                 chunk_size=chunk_size, num_chunks=num_chunks, lin_scale=lin_scale),
            dict(X_ROLE=x_role, FROM_Z=affine is not None, REVERSE=reverse, CAUSAL=causal,
                 BLOCK_T=config.state_block_t, BLOCK_S=config.state_block_s,
@@ -165,6 +178,15 @@ class _Problem:
         self.num_chunks = triton_cdiv(self.T, chunk_size)
         self.config = kernel_config(self.chunk_len, self.S, self.E)
         self.num_blocks = triton_cdiv(self.chunk_len, self.config.block)
+
+
+def _strides(**tensors):
+    """Kernel arguments stride_<name>b, stride_<name>t of each (B, T, W) input (0 when absent)."""
+    args = {}
+    for name, x in tensors.items():
+        batch_stride, token_stride = row_strides(x) if x is not None else (0, 0)
+        args[f"stride_{name}b"], args[f"stride_{name}t"] = batch_stride, token_stride
+    return args
 
 
 def _bias_operand(rel_bias, p):
@@ -197,7 +219,9 @@ def mixed_chunk_forward(roles, v, rel_bias, chunk_size, causal, quad_scale, lin_
     launch(mixed_chunk_fwd_kernel, (p.num_chunks * num_query_blocks, p.B),
            dict(q_quad_ptr=roles.q_quad, k_quad_ptr=roles.k_quad, q_lin_ptr=roles.q_lin,
                 affine_ptr=roles.affine, states_ptr=states, v_ptr=v, rel_bias_ptr=bias,
-                gate_ptr=gate, out_ptr=out, attn_ptr=attn, T=p.T, S=p.S, E=p.E,
+                gate_ptr=gate, out_ptr=out, attn_ptr=attn,
+                **_strides(q=roles.q_quad, k=roles.k_quad, ql=roles.q_lin, v=v, g=gate),
+                T=p.T, S=p.S, E=p.E,
                 chunk_size=chunk_size, chunk_len=p.chunk_len, num_chunks=p.num_chunks,
                 num_query_blocks=num_query_blocks, quad_scale=quad_scale),
            dict(FROM_Z=roles.from_z, HAS_GATE=gate is not None, STORE_ATTN=store_attn,
@@ -260,7 +284,8 @@ def mixed_chunk_backward(grad_out, roles, v, rel_bias, states, chunk_size, causa
                dict(q_quad_ptr=roles.q_quad, k_quad_ptr=roles.k_quad, affine_ptr=roles.affine,
                     v_ptr=v, grad_out_ptr=grad_out, states_ptr=states if need_dq_lin else None,
                     rel_bias_ptr=bias, dq_quad_ptr=dq_quad, dq_lin_ptr=dq_lin, ds_ptr=ds,
-                    dbias_partial_ptr=dbias_partial, T=p.T, S=p.S, E=p.E, chunk_size=chunk_size,
+                    dbias_partial_ptr=dbias_partial, **_strides(q=roles.q_quad, k=roles.k_quad, v=v),
+                    T=p.T, S=p.S, E=p.E, chunk_size=chunk_size,
                     chunk_len=p.chunk_len, num_chunks=p.num_chunks, num_blocks=p.num_blocks,
                     quad_scale=quad_scale),
                dict(FROM_Z=roles.from_z, HAS_BIAS=bias is not None, BIAS_MATRIX=cfg.hoist,
@@ -284,7 +309,9 @@ def mixed_chunk_backward(grad_out, roles, v, rel_bias, states, chunk_size, causa
                     k_lin_ptr=roles.k_lin if dstates is not None else None,
                     affine_ptr=roles.affine, v_ptr=v, grad_out_ptr=grad_out, dstates_ptr=dstates,
                     rel_bias_ptr=bias, ds_ptr=ds if store_ds else None, dk_quad_ptr=dk_quad,
-                    dk_lin_ptr=dk_lin, dv_ptr=dv, T=p.T, S=p.S, E=p.E, chunk_size=chunk_size,
+                    dk_lin_ptr=dk_lin, dv_ptr=dv,
+                    **_strides(q=roles.q_quad, k=roles.k_quad, kl=roles.k_lin, v=v),
+                    T=p.T, S=p.S, E=p.E, chunk_size=chunk_size,
                     chunk_len=p.chunk_len, num_chunks=p.num_chunks, num_blocks=p.num_blocks,
                     quad_scale=quad_scale),
                dict(FROM_Z=roles.from_z, HAS_LINEAR=dstates is not None,
@@ -300,7 +327,8 @@ def mixed_chunk_backward(grad_out, roles, v, rel_bias, states, chunk_size, causa
 
 
 class MixedChunkAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton kernels. Inputs are (B, T, S) / (B, T, E), contiguous."""
+    """Autograd wrapper of the Triton kernels. Inputs (B, T, S) / (B, T, E) with unit feature
+    stride (any batch and token strides)."""
 
     @staticmethod
     def forward(ctx, q_quad, k_quad, q_lin, k_lin, v, rel_bias, chunk_size, causal, quad_scale, lin_scale):
@@ -339,6 +367,6 @@ def mixed_chunk_attention_triton(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size,
                                  quad_scale, lin_scale):
     """Inputs with one flattened batch dim (B, T, S) / (B, T, E); resolved chunk size and scales."""
     check_triton_inputs(q_quad, v)
-    contiguous = [x.contiguous() if x is not None else None for x in (q_quad, k_quad, q_lin, k_lin, v)]
-    return MixedChunkAttentionFunction.apply(*contiguous, rel_bias, chunk_size, causal,
+    views = [feature_contiguous(x) for x in (q_quad, k_quad, q_lin, k_lin, v)]
+    return MixedChunkAttentionFunction.apply(*views, rel_bias, chunk_size, causal,
                                              float(quad_scale), float(lin_scale))

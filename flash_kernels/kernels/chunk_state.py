@@ -16,6 +16,7 @@ import triton.language as tl
 @triton.jit(do_not_specialize=["T", "num_chunks"])
 def chunk_state_scan_kernel(
     x_ptr, affine_ptr, y_ptr, states_ptr,
+    stride_xb, stride_xt, stride_yb, stride_yt,
     T, S, E, chunk_size, num_chunks, lin_scale,
     X_ROLE: tl.constexpr, FROM_Z: tl.constexpr, REVERSE: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -23,7 +24,8 @@ def chunk_state_scan_kernel(
 ):
     """states[b, g, s, e] (causal) or states[b, 0, s, e] (non-causal), see the module docstring.
 
-    x: (B, T, S), y: (B, T, E) contiguous; states: (B, num_chunks or 1, S, E) float32.
+    x: (B, T, S), y: (B, T, E) views with unit feature stride and the given batch and token
+    strides; states: (B, num_chunks or 1, S, E) float32, contiguous.
     FROM_Z: x is z and X = z * gamma[X_ROLE] + beta[X_ROLE] is formed on the fly (see
     common.load_role; affine_ptr is the float32 (2, 4, S) stack [gamma; beta]).
     Grid: (cdiv(E, BLOCK_E), cdiv(S, BLOCK_S), B).
@@ -34,8 +36,8 @@ def chunk_state_scan_kernel(
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_t = tl.arange(0, BLOCK_T)
-    x_base = x_ptr + batch * T * S
-    y_base = y_ptr + batch * T * E
+    x_base = x_ptr + batch * stride_xb
+    y_base = y_ptr + batch * stride_yb
     num_states = num_chunks if CAUSAL else 1
     state_offsets = offs_s[:, None] * E + offs_e[None, :]
     state_mask = (offs_s[:, None] < S) & (offs_e[None, :] < E)
@@ -57,12 +59,12 @@ def chunk_state_scan_kernel(
         for t0 in range(0, chunk_size, BLOCK_T):
             rows = chunk_start + t0 + offs_t
             row_ok = (t0 + offs_t < chunk_size) & (rows < T)
-            x_t = tl.load(x_base + rows[None, :] * S + offs_s[:, None],          # (BLOCK_S, BLOCK_T)
+            x_t = tl.load(x_base + rows[None, :] * stride_xt + offs_s[:, None],  # (BLOCK_S, BLOCK_T)
                           mask=row_ok[None, :] & (offs_s[:, None] < S), other=0.0)
             if FROM_Z:
                 role = x_t.to(tl.float32) * gamma[:, None] + beta[:, None]
                 x_t = tl.where(row_ok[None, :], role, 0.0).to(x_t.dtype)
-            y = tl.load(y_base + rows[:, None] * E + offs_e[None, :],            # (BLOCK_T, BLOCK_E)
+            y = tl.load(y_base + rows[:, None] * stride_yt + offs_e[None, :],    # (BLOCK_T, BLOCK_E)
                         mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
             state = tl.dot(x_t, y, state, input_precision=DOT_PRECISION)
     if not CAUSAL:

@@ -11,16 +11,16 @@ import triton.language as tl
 
 
 @triton.jit
-def load_rows(base, rows, row_end, width, BLOCK_W: tl.constexpr):
-    """x[rows, :width] of a row-major (T, width) matrix, zero outside rows < row_end."""
+def load_rows(base, rows, row_end, width, row_stride, BLOCK_W: tl.constexpr):
+    """x[rows, :width] of a (T, width) matrix with unit column stride, zero for rows >= row_end."""
     cols = tl.arange(0, BLOCK_W)
-    return tl.load(base + rows.to(tl.int64)[:, None] * width + cols[None, :],
+    return tl.load(base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
                    mask=(rows[:, None] < row_end) & (cols[None, :] < width), other=0.0)
 
 
 @triton.jit
-def load_role(base, rows, row_end, width, affine_ptr, ROLE: tl.constexpr, FROM_Z: tl.constexpr,
-              BLOCK_W: tl.constexpr):
+def load_role(base, rows, row_end, width, row_stride, affine_ptr, ROLE: tl.constexpr,
+              FROM_Z: tl.constexpr, BLOCK_W: tl.constexpr):
     """Rows of one role tensor (quad_q = 0, quad_k = 1, lin_q = 2, lin_k = 3).
 
     Without FROM_Z, `base` is the role tensor itself. With FROM_Z it is z, and the role is
@@ -31,7 +31,7 @@ def load_role(base, rows, row_end, width, affine_ptr, ROLE: tl.constexpr, FROM_Z
     with affine_ptr the float32 (2, 4, width) stack [gamma; beta]. Rows outside row_end are 0
     (not beta), as a role tensor padded with zeros would be.
     """
-    x = load_rows(base, rows, row_end, width, BLOCK_W)
+    x = load_rows(base, rows, row_end, width, row_stride, BLOCK_W)
     if FROM_Z:
         cols = tl.arange(0, BLOCK_W)
         gamma = tl.load(affine_ptr + ROLE * width + cols, mask=cols < width, other=0.0)
@@ -76,19 +76,20 @@ def relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
 
 
 @triton.jit
-def load_tile(base, rows, cols, row_end, width):
-    """x[rows, cols] of a row-major (T, width) matrix, zero outside rows < row_end, cols < width."""
-    return tl.load(base + rows.to(tl.int64)[:, None] * width + cols[None, :],
+def load_tile(base, rows, cols, row_end, width, row_stride):
+    """x[rows, cols] of a (T, width) matrix with unit column stride, zero outside rows < row_end,
+    cols < width."""
+    return tl.load(base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
                    mask=(rows[:, None] < row_end) & (cols[None, :] < width), other=0.0)
 
 
 @triton.jit
-def relu2_weights(q, k_base, affine_ptr, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
-                  chunk_size, chunk_len, S, quad_scale, FROM_Z: tl.constexpr,
+def relu2_weights(q, k_base, k_row_stride, affine_ptr, rel_bias_ptr, offs_i, offs_j, chunk_start,
+                  chunk_end, chunk_size, chunk_len, S, quad_scale, FROM_Z: tl.constexpr,
                   HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
                   BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The attention weights relu(s_ij)^2 (float32) of queries q (rows offs_i) and keys offs_j."""
-    k = load_role(k_base, offs_j, chunk_end, S, affine_ptr, 1, FROM_Z, BLOCK_S)
+    k = load_role(k_base, offs_j, chunk_end, S, k_row_stride, affine_ptr, 1, FROM_Z, BLOCK_S)
     relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
                               chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL,
                               DOT_PRECISION)

@@ -23,28 +23,29 @@ from .common import load_role, load_tile, relu_scores_tile
 
 
 @triton.jit
-def _score_grad_tile(grad_out_base, v_base, relu_s, offs_i, offs_j, chunk_end, E,
+def _score_grad_tile(grad_out_base, v_base, v_row_stride, relu_s, offs_i, offs_j, chunk_end, E,
                      BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dS = 2 relu_s * (dO V^T) for one (query block, key block) tile, dA summed over E tiles."""
+    """dS = 2 relu_s * (dO V^T) for one (query block, key block) tile, dA summed over E tiles.
+    dO is contiguous (B, T, E); v rows are v_row_stride apart."""
     offs_e = tl.arange(0, BLOCK_E)
     grad_scores = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for e0 in range(0, E, BLOCK_E):
         cols = e0 + offs_e
         d_out = tl.load(grad_out_base + offs_i.to(tl.int64)[:, None] * E + cols[None, :],
                         mask=(offs_i[:, None] < chunk_end) & (cols[None, :] < E), other=0.0)
-        v = tl.load(v_base + offs_j.to(tl.int64)[:, None] * E + cols[None, :],
+        v = tl.load(v_base + offs_j.to(tl.int64)[:, None] * v_row_stride + cols[None, :],
                     mask=(offs_j[:, None] < chunk_end) & (cols[None, :] < E), other=0.0)
         grad_scores = tl.dot(d_out, tl.trans(v), grad_scores, input_precision=DOT_PRECISION)
     return 2.0 * relu_s * grad_scores
 
 
 @triton.jit
-def _query_key_weights(q_base, k, affine_ptr, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
+def _query_key_weights(q_base, q_row_stride, k, affine_ptr, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
                        chunk_size, chunk_len, S, quad_scale, FROM_Z: tl.constexpr,
                        HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
                        BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """relu(s)^2 of the queries offs_i against the loaded keys k (queries x keys, float32)."""
-    q = load_role(q_base, offs_i, chunk_end, S, affine_ptr, 0, FROM_Z, BLOCK_S)
+    q = load_role(q_base, offs_i, chunk_end, S, q_row_stride, affine_ptr, 0, FROM_Z, BLOCK_S)
     relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
                               chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL, DOT_PRECISION)
     return relu_s * relu_s
@@ -54,6 +55,7 @@ def _query_key_weights(q_base, k, affine_ptr, rel_bias_ptr, offs_i, offs_j, chun
 def mixed_chunk_bwd_query_kernel(
     q_quad_ptr, k_quad_ptr, affine_ptr, v_ptr, grad_out_ptr, states_ptr, rel_bias_ptr,
     dq_quad_ptr, dq_lin_ptr, ds_ptr, dbias_partial_ptr,
+    stride_qb, stride_qt, stride_kb, stride_kt, stride_vb, stride_vt,
     T, S, E, chunk_size, chunk_len, num_chunks, num_blocks, quad_scale,
     FROM_Z: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
     NEED_DS: tl.constexpr, NEED_DQ_QUAD: tl.constexpr, NEED_DQ_LIN: tl.constexpr,
@@ -61,7 +63,8 @@ def mixed_chunk_bwd_query_kernel(
     BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid: (num_chunks * num_blocks, B); query and key blocks are both BLOCK rows.
+    """Grid: (num_chunks * num_blocks, B); query and key blocks are both BLOCK rows. Inputs
+    are strided views (unit feature stride), grad_out and the outputs contiguous.
 
     Writes dq_quad (B, T, S), dq_lin (B, T, S) and, when asked:
     - STORE_DS: ds (B, num_chunks, chunk_len, chunk_len) float32, every tile at or below the
@@ -105,9 +108,10 @@ def mixed_chunk_bwd_query_kernel(
                  dq_lin.to(dq_lin_ptr.dtype.element_ty), mask=out_mask)
 
     if NEED_DS:
-        q = load_role(q_quad_ptr + batch * T * S, offs_i, chunk_end, S, affine_ptr, 0, FROM_Z, BLOCK_S)
-        k_base = k_quad_ptr + batch * T * S
-        v_base = v_ptr + batch * T * E
+        q = load_role(q_quad_ptr + batch * stride_qb, offs_i, chunk_end, S, stride_qt, affine_ptr,
+                      0, FROM_Z, BLOCK_S)
+        k_base = k_quad_ptr + batch * stride_kb
+        v_base = v_ptr + batch * stride_vb
         if CAUSAL:
             num_key_blocks = block + 1
         else:
@@ -125,11 +129,11 @@ def mixed_chunk_bwd_query_kernel(
             pending = tl.zeros((BLOCK,), dtype=tl.float32)
         for key_block in range(0, num_key_blocks):
             offs_j = chunk_start + key_block * BLOCK + local
-            k = load_role(k_base, offs_j, chunk_end, S, affine_ptr, 1, FROM_Z, BLOCK_S)
+            k = load_role(k_base, offs_j, chunk_end, S, stride_kt, affine_ptr, 1, FROM_Z, BLOCK_S)
             relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
                                       chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL, DOT_PRECISION)
-            ds = _score_grad_tile(grad_out_base, v_base, relu_s, offs_i, offs_j, chunk_end, E,
-                                  BLOCK, BLOCK_E, DOT_PRECISION)
+            ds = _score_grad_tile(grad_out_base, v_base, stride_vt, relu_s, offs_i, offs_j,
+                                  chunk_end, E, BLOCK, BLOCK_E, DOT_PRECISION)
             dq = tl.dot(ds.to(mma_dtype), k.to(mma_dtype), dq, input_precision=DOT_PRECISION)
             if STORE_DS or NEED_DBIAS:
                 if STORE_DS:
@@ -182,6 +186,7 @@ def mixed_chunk_bwd_query_kernel(
 def mixed_chunk_bwd_key_kernel(
     q_quad_ptr, k_quad_ptr, k_lin_ptr, affine_ptr, v_ptr, grad_out_ptr, dstates_ptr, rel_bias_ptr,
     ds_ptr, dk_quad_ptr, dk_lin_ptr, dv_ptr,
+    stride_qb, stride_qt, stride_kb, stride_kt, stride_klb, stride_klt, stride_vb, stride_vt,
     T, S, E, chunk_size, chunk_len, num_chunks, num_blocks, quad_scale,
     FROM_Z: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
     DS_STORED: tl.constexpr, HOIST_SCORES: tl.constexpr,
@@ -189,7 +194,8 @@ def mixed_chunk_bwd_key_kernel(
     BLOCK: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Grid: (num_chunks * num_blocks, B), one program per block of BLOCK keys.
+    """Grid: (num_chunks * num_blocks, B), one program per block of BLOCK keys. Inputs are
+    strided views (unit feature stride), grad_out and the outputs contiguous.
 
     dk_quad = quad_scale * sum_i dS_ij q_i (dS read back when DS_STORED, else recomputed);
     dv = sum_i relu_s_ij^2 dO_i + k_lin_j D, the weights formed once against the whole chunk
@@ -212,10 +218,11 @@ def mixed_chunk_bwd_key_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     offs_e = tl.arange(0, BLOCK_E)
     key_ok = offs_j < chunk_end
-    q_base = q_quad_ptr + batch * T * S
-    v_base = v_ptr + batch * T * E
+    q_base = q_quad_ptr + batch * stride_qb
+    v_base = v_ptr + batch * stride_vb
     grad_out_base = grad_out_ptr + batch * T * E
-    k = load_role(k_quad_ptr + batch * T * S, offs_j, chunk_end, S, affine_ptr, 1, FROM_Z, BLOCK_S)
+    k = load_role(k_quad_ptr + batch * stride_kb, offs_j, chunk_end, S, stride_kt, affine_ptr, 1,
+                  FROM_Z, BLOCK_S)
     if CAUSAL:
         first_query = key_start         # query and key blocks are aligned: earlier ones are masked
     else:
@@ -226,20 +233,21 @@ def mixed_chunk_bwd_key_kernel(
         dk = tl.zeros((BLOCK, BLOCK_S), dtype=tl.float32)
         for i0 in range(first_query, chunk_end, BLOCK):
             offs_i = i0 + local
-            q = load_role(q_base, offs_i, chunk_end, S, affine_ptr, 0, FROM_Z, BLOCK_S)
+            q = load_role(q_base, offs_i, chunk_end, S, stride_qt, affine_ptr, 0, FROM_Z, BLOCK_S)
             if DS_STORED:
                 ds_rows = offs_i - chunk_start
                 ds_cols = offs_j - chunk_start
-                ds = tl.load(ds_ptr + ((batch * num_chunks + chunk) * chunk_len + ds_rows[:, None]) * chunk_len
-                             + ds_cols[None, :],
+                ds_base = ds_ptr + (batch * num_chunks + chunk) * chunk_len * chunk_len
+                ds = tl.load(ds_base + ds_rows[:, None] * chunk_len + ds_cols[None, :],
                              mask=(offs_i[:, None] < chunk_end) & key_ok[None, :], other=0.0)
             else:
                 relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start,
-                                          chunk_end, chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL,
-                                          DOT_PRECISION)
-                ds = _score_grad_tile(grad_out_base, v_base, relu_s, offs_i, offs_j, chunk_end, E,
-                                      BLOCK, BLOCK_E, DOT_PRECISION)
-            dk = tl.dot(tl.trans(ds).to(mma_dtype), q.to(mma_dtype), dk, input_precision=DOT_PRECISION)
+                                          chunk_end, chunk_size, chunk_len, quad_scale, HAS_BIAS,
+                                          BIAS_MATRIX, CAUSAL, DOT_PRECISION)
+                ds = _score_grad_tile(grad_out_base, v_base, stride_vt, relu_s, offs_i, offs_j,
+                                      chunk_end, E, BLOCK, BLOCK_E, DOT_PRECISION)
+            dk = tl.dot(tl.trans(ds).to(mma_dtype), q.to(mma_dtype), dk,
+                        input_precision=DOT_PRECISION)
         tl.store(dk_quad_ptr + batch * T * S + offs_j[:, None] * S + offs_s[None, :],
                  (dk * quad_scale).to(dk_quad_ptr.dtype.element_ty), mask=out_mask)
 
@@ -249,8 +257,8 @@ def mixed_chunk_bwd_key_kernel(
                 dstate_base = dstates_ptr + (batch * num_chunks + chunk) * S * E
             else:
                 dstate_base = dstates_ptr + batch * S * E
-            k_lin = load_role(k_lin_ptr + batch * T * S, offs_j, chunk_end, S, affine_ptr, 3, FROM_Z,
-                              BLOCK_S).to(mma_dtype)
+            k_lin = load_role(k_lin_ptr + batch * stride_klb, offs_j, chunk_end, S, stride_klt,
+                              affine_ptr, 3, FROM_Z, BLOCK_S).to(mma_dtype)
             dk_lin = tl.zeros((BLOCK, BLOCK_S), dtype=tl.float32)
         if NEED_DV and HOIST_SCORES:
             # The chunk's queries as two tiles of BLOCK_QH, weights transposed (keys x queries);
@@ -260,17 +268,17 @@ def mixed_chunk_bwd_key_kernel(
             use_lo = first_query < chunk_start + BLOCK_QH
             use_hi = chunk_start + BLOCK_QH < chunk_end
             if use_lo:
-                weights_lo_t = tl.trans(_query_key_weights(q_base, k, affine_ptr, rel_bias_ptr, offs_lo, offs_j,
-                                                            chunk_start, chunk_end, chunk_size, chunk_len, S,
-                                                            quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
-                                                            DOT_PRECISION)).to(mma_dtype)
+                weights_lo_t = tl.trans(_query_key_weights(
+                    q_base, stride_qt, k, affine_ptr, rel_bias_ptr, offs_lo, offs_j, chunk_start,
+                    chunk_end, chunk_size, chunk_len, S, quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX,
+                    CAUSAL, BLOCK_S, DOT_PRECISION)).to(mma_dtype)
             else:
                 weights_lo_t = tl.zeros((BLOCK, BLOCK_QH), dtype=mma_dtype)
             if use_hi:
-                weights_hi_t = tl.trans(_query_key_weights(q_base, k, affine_ptr, rel_bias_ptr, offs_hi, offs_j,
-                                                            chunk_start, chunk_end, chunk_size, chunk_len, S,
-                                                            quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
-                                                            DOT_PRECISION)).to(mma_dtype)
+                weights_hi_t = tl.trans(_query_key_weights(
+                    q_base, stride_qt, k, affine_ptr, rel_bias_ptr, offs_hi, offs_j, chunk_start,
+                    chunk_end, chunk_size, chunk_len, S, quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX,
+                    CAUSAL, BLOCK_S, DOT_PRECISION)).to(mma_dtype)
             else:
                 weights_hi_t = tl.zeros((BLOCK, BLOCK_QH), dtype=mma_dtype)
         for e0 in range(0, E, BLOCK_E):
@@ -280,31 +288,33 @@ def mixed_chunk_bwd_key_kernel(
             if NEED_DV:
                 if HOIST_SCORES:
                     if use_lo:
-                        d_out = load_tile(grad_out_base, offs_lo, cols, chunk_end, E)
-                        dv = tl.dot(weights_lo_t, d_out.to(mma_dtype), dv, input_precision=DOT_PRECISION)
+                        d_out = load_tile(grad_out_base, offs_lo, cols, chunk_end, E, E)
+                        dv = tl.dot(weights_lo_t, d_out.to(mma_dtype), dv,
+                                    input_precision=DOT_PRECISION)
                     if use_hi:
-                        d_out = load_tile(grad_out_base, offs_hi, cols, chunk_end, E)
-                        dv = tl.dot(weights_hi_t, d_out.to(mma_dtype), dv, input_precision=DOT_PRECISION)
+                        d_out = load_tile(grad_out_base, offs_hi, cols, chunk_end, E, E)
+                        dv = tl.dot(weights_hi_t, d_out.to(mma_dtype), dv,
+                                    input_precision=DOT_PRECISION)
                 else:
                     for i0 in range(first_query, chunk_end, BLOCK):
                         offs_i = i0 + local
-                        q = load_role(q_base, offs_i, chunk_end, S, affine_ptr, 0, FROM_Z, BLOCK_S)
+                        q = load_role(q_base, offs_i, chunk_end, S, stride_qt, affine_ptr, 0,
+                                      FROM_Z, BLOCK_S)
                         relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start,
-                                                  chunk_end, chunk_size, chunk_len, quad_scale, HAS_BIAS,
-                                                  BIAS_MATRIX, CAUSAL, DOT_PRECISION)
-                        d_out = tl.load(grad_out_base + offs_i.to(tl.int64)[:, None] * E + cols[None, :],
-                                        mask=(offs_i[:, None] < chunk_end) & col_ok[None, :], other=0.0)
-                        dv = tl.dot(tl.trans(relu_s * relu_s).to(mma_dtype), d_out.to(mma_dtype), dv,
-                                    input_precision=DOT_PRECISION)
+                                                  chunk_end, chunk_size, chunk_len, quad_scale,
+                                                  HAS_BIAS, BIAS_MATRIX, CAUSAL, DOT_PRECISION)
+                        d_out = load_tile(grad_out_base, offs_i, cols, chunk_end, E, E)
+                        dv = tl.dot(tl.trans(relu_s * relu_s).to(mma_dtype), d_out.to(mma_dtype),
+                                    dv, input_precision=DOT_PRECISION)
             if HAS_LINEAR:
                 dstate = tl.load(dstate_base + offs_s[:, None] * E + cols[None, :],
                                  mask=(offs_s[:, None] < S) & col_ok[None, :], other=0.0).to(mma_dtype)
                 if NEED_DV:
                     dv = tl.dot(k_lin, dstate, dv, input_precision=DOT_PRECISION)
                 if NEED_DK_LIN:
-                    v = tl.load(v_base + offs_j[:, None] * E + cols[None, :],
-                                mask=key_ok[:, None] & col_ok[None, :], other=0.0)
-                    dk_lin = tl.dot(v.to(mma_dtype), tl.trans(dstate), dk_lin, input_precision=DOT_PRECISION)
+                    v = load_tile(v_base, offs_j, cols, chunk_end, E, stride_vt)
+                    dk_lin = tl.dot(v.to(mma_dtype), tl.trans(dstate), dk_lin,
+                                    input_precision=DOT_PRECISION)
             if NEED_DV:
                 tl.store(dv_ptr + batch * T * E + offs_j[:, None] * E + cols[None, :],
                          dv.to(dv_ptr.dtype.element_ty), mask=key_ok[:, None] & col_ok[None, :])

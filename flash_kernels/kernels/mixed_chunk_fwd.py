@@ -22,6 +22,8 @@ from .common import load_role, load_tile, relu2_weights
 def mixed_chunk_fwd_kernel(
     q_quad_ptr, k_quad_ptr, q_lin_ptr, affine_ptr, states_ptr, v_ptr, rel_bias_ptr, gate_ptr,
     out_ptr, attn_ptr,
+    stride_qb, stride_qt, stride_kb, stride_kt, stride_qlb, stride_qlt, stride_vb, stride_vt,
+    stride_gb, stride_gt,
     T, S, E, chunk_size, chunk_len, num_chunks, num_query_blocks, quad_scale,
     FROM_Z: tl.constexpr, HAS_GATE: tl.constexpr, STORE_ATTN: tl.constexpr,
     HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr,
@@ -29,16 +31,16 @@ def mixed_chunk_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid: (num_chunks * num_query_blocks, B). Inputs contiguous (B, T, S) / (B, T, E);
-    FROM_Z: q_quad/k_quad/q_lin pointers are all z and the roles are formed on the fly
-    (`load_role`); HAS_GATE: out = gate * attention, with STORE_ATTN also writing the
-    ungated attention to attn_ptr;
-    states (B, num_chunks or 1, S, E) float32; rel_bias float32, the (2 * chunk_size - 1,)
-    vector or, with BIAS_MATRIX, its (chunk_len, chunk_len) Toeplitz matrix
-    (chunk_len = min(chunk_size, T)).
+    """Grid: (num_chunks * num_query_blocks, B).
 
-    The weights relu^2(S) and the states enter the tensor cores as bf16 for bf16 inputs,
-    else as float32 (see common.py).
+    Inputs are (B, T, S) / (B, T, E) views with unit feature stride and the given batch and
+    token strides (slices of a fused projection need no copy); out and attn are contiguous.
+    FROM_Z: q_quad/k_quad/q_lin are all z and the roles are formed on the fly (`load_role`).
+    HAS_GATE: out = gate * attention; STORE_ATTN also writes the ungated attention to attn.
+    states: (B, num_chunks or 1, S, E) float32. rel_bias: float32, the (2 * chunk_size - 1,)
+    vector or, with BIAS_MATRIX, its (chunk_len, chunk_len) Toeplitz matrix (common.py).
+    The weights relu^2(S) and the states enter the tensor cores as bf16 for bf16 inputs, else
+    as float32 (common.py).
     """
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -49,24 +51,23 @@ def mixed_chunk_fwd_kernel(
     row_start = chunk_start + block * BLOCK_M
     if row_start >= chunk_end:
         return
-    # bf16 operands for bf16 inputs; fp32 (tf32) otherwise: see common.py.
     mma_dtype = tl.bfloat16 if v_ptr.dtype.element_ty == tl.bfloat16 else tl.float32
 
     offs_i = row_start + tl.arange(0, BLOCK_M)
     offs_s = tl.arange(0, BLOCK_S)
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = offs_i < chunk_end
-    q = load_role(q_quad_ptr + batch * T * S, offs_i, chunk_end, S, affine_ptr, 0, FROM_Z, BLOCK_S)
-    k_base = k_quad_ptr + batch * T * S
-    v_base = v_ptr + batch * T * E
-    out_base = out_ptr + batch * T * E
+    q = load_role(q_quad_ptr + batch * stride_qb, offs_i, chunk_end, S, stride_qt, affine_ptr, 0,
+                  FROM_Z, BLOCK_S)
+    k_base = k_quad_ptr + batch * stride_kb
+    v_base = v_ptr + batch * stride_vb
     if CAUSAL:
         keys_end = tl.minimum(row_start + BLOCK_M, chunk_end)
     else:
         keys_end = chunk_end
     if HAS_LINEAR:
-        q_lin = load_role(q_lin_ptr + batch * T * S, offs_i, chunk_end, S, affine_ptr, 2, FROM_Z,
-                          BLOCK_S).to(mma_dtype)
+        q_lin = load_role(q_lin_ptr + batch * stride_qlb, offs_i, chunk_end, S, stride_qlt,
+                          affine_ptr, 2, FROM_Z, BLOCK_S).to(mma_dtype)
         if CAUSAL:
             state_base = states_ptr + (batch * num_chunks + chunk) * S * E
         else:
@@ -75,17 +76,19 @@ def mixed_chunk_fwd_kernel(
     if HOIST_SCORES:
         # The chunk's keys as two tiles of BLOCK_N: each tile's scores are formed on their own
         # (half the registers at the peak), and a causal query block before the second tile
-        # skips it (2 + 2 + 4 + 4 tiles of 64 keys for C = 256 instead of 4 x 8).
+        # skips it (2 + 2 + 4 + 4 tiles of 64 keys for C = 256 instead of 4 x 4).
         offs_lo = chunk_start + tl.arange(0, BLOCK_N)
         offs_hi = offs_lo + BLOCK_N
-        weights_lo = relu2_weights(q, k_base, affine_ptr, rel_bias_ptr, offs_i, offs_lo, chunk_start, chunk_end,
-                                   chunk_size, chunk_len, S, quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
+        weights_lo = relu2_weights(q, k_base, stride_kt, affine_ptr, rel_bias_ptr, offs_i, offs_lo,
+                                   chunk_start, chunk_end, chunk_size, chunk_len, S, quad_scale,
+                                   FROM_Z, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
                                    DOT_PRECISION).to(mma_dtype)
         use_hi = chunk_start + BLOCK_N < keys_end
         if use_hi:
-            weights_hi = relu2_weights(q, k_base, affine_ptr, rel_bias_ptr, offs_i, offs_hi, chunk_start,
-                                       chunk_end, chunk_size, chunk_len, S, quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX, CAUSAL,
-                                       BLOCK_S, DOT_PRECISION).to(mma_dtype)
+            weights_hi = relu2_weights(q, k_base, stride_kt, affine_ptr, rel_bias_ptr, offs_i,
+                                       offs_hi, chunk_start, chunk_end, chunk_size, chunk_len, S,
+                                       quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
+                                       DOT_PRECISION).to(mma_dtype)
         else:
             weights_hi = tl.zeros((BLOCK_M, BLOCK_N), dtype=mma_dtype)
 
@@ -93,28 +96,31 @@ def mixed_chunk_fwd_kernel(
         cols = e0 + offs_e
         col_ok = cols < E
         if HOIST_SCORES:
-            v = load_tile(v_base, offs_lo, cols, chunk_end, E)
+            v = load_tile(v_base, offs_lo, cols, chunk_end, E, stride_vt)
             acc = tl.dot(weights_lo, v.to(mma_dtype), input_precision=DOT_PRECISION)
             if use_hi:
-                v = load_tile(v_base, offs_hi, cols, chunk_end, E)
+                v = load_tile(v_base, offs_hi, cols, chunk_end, E, stride_vt)
                 acc = tl.dot(weights_hi, v.to(mma_dtype), acc, input_precision=DOT_PRECISION)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
             for j0 in range(chunk_start, keys_end, BLOCK_N):
                 offs_j = j0 + tl.arange(0, BLOCK_N)
-                weights = relu2_weights(q, k_base, affine_ptr, rel_bias_ptr, offs_i, offs_j, chunk_start,
-                                        chunk_end, chunk_size, chunk_len, S, quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX, CAUSAL,
-                                        BLOCK_S, DOT_PRECISION)
-                v = load_tile(v_base, offs_j, cols, chunk_end, E)
-                acc = tl.dot(weights.to(mma_dtype), v.to(mma_dtype), acc, input_precision=DOT_PRECISION)
+                weights = relu2_weights(q, k_base, stride_kt, affine_ptr, rel_bias_ptr, offs_i,
+                                        offs_j, chunk_start, chunk_end, chunk_size, chunk_len, S,
+                                        quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
+                                        DOT_PRECISION)
+                v = load_tile(v_base, offs_j, cols, chunk_end, E, stride_vt)
+                acc = tl.dot(weights.to(mma_dtype), v.to(mma_dtype), acc,
+                             input_precision=DOT_PRECISION)
         if HAS_LINEAR:
             state = tl.load(state_base + offs_s[:, None] * E + cols[None, :],
                             mask=(offs_s[:, None] < S) & col_ok[None, :], other=0.0)
             acc = tl.dot(q_lin, state.to(mma_dtype), acc, input_precision=DOT_PRECISION)
-        tile = offs_i[:, None] * E + cols[None, :]
+        tile = batch * T * E + offs_i[:, None] * E + cols[None, :]
         tile_mask = row_ok[:, None] & col_ok[None, :]
         if STORE_ATTN:      # the ungated attention, kept for the gate's gradient
-            tl.store(attn_ptr + batch * T * E + tile, acc.to(attn_ptr.dtype.element_ty), mask=tile_mask)
+            tl.store(attn_ptr + tile, acc.to(attn_ptr.dtype.element_ty), mask=tile_mask)
         if HAS_GATE:
-            acc = acc * tl.load(gate_ptr + batch * T * E + tile, mask=tile_mask, other=0.0).to(tl.float32)
-        tl.store(out_base + tile, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+            gate = load_tile(gate_ptr + batch * stride_gb, offs_i, cols, chunk_end, E, stride_gt)
+            acc = acc * gate.to(tl.float32)
+        tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
