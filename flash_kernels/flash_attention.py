@@ -12,7 +12,13 @@ import math
 import torch
 
 from .mixed_chunk_attention import mixed_chunk_attention, pick_backend, resolve_options
+from .utils import autocast_cast, autocast_dtype
 from .validation import check_flash_inputs, check_options
+
+try:    # imported here so the custom ops are registered before anything is traced or compiled
+    from .triton_flash_attention import flash_attention_triton
+except ImportError:                  # no usable triton: mixed_chunk_attention says why on use
+    flash_attention_triton = None
 
 ROLE_NAMES = ("quad_q", "quad_k", "lin_q", "lin_k")
 
@@ -41,14 +47,23 @@ def flash_attention(z, gamma, beta, v, *, u=None, chunk_size=256, causal=True, r
 
     Returns:
         (*batch, T, E) in v's dtype. Gradients flow to z, gamma, beta, v, u and rel_bias.
+        Inside torch.autocast, z, v and u are cast to the autocast dtype first (so is the
+        output); gamma, beta and rel_bias keep theirs.
     """
+    cast = autocast_dtype(v)
+    if cast is not None:
+        z, v, u = (autocast_cast(x, cast) for x in (z, v, u))
+        with torch.autocast(v.device.type, enabled=False):
+            return flash_attention(z, gamma, beta, v, u=u, chunk_size=chunk_size, causal=causal,
+                                   rel_bias=rel_bias, quad_scale=quad_scale, lin_scale=lin_scale,
+                                   backend=backend)
     check_flash_inputs(z, gamma, beta, v, u)
     *batch, T, S = z.shape
     E = v.shape[-1]
     check_options(chunk_size, causal, rel_bias, quad_scale, lin_scale, backend, T=T,
                   device=z.device, device_owner="z")
     resolved = pick_backend(backend, v.device, v.dtype, S)
-    if resolved != "triton" or T == 0:
+    if resolved != "triton" or T == 0 or flash_attention_triton is None:
         roles = scale_offset_roles(z, gamma, beta)
         q_lin, k_lin = (roles[2], roles[3]) if len(roles) == 4 else (None, None)
         out = mixed_chunk_attention(roles[0], roles[1], q_lin, k_lin, v, chunk_size=chunk_size,
@@ -56,7 +71,6 @@ def flash_attention(z, gamma, beta, v, *, u=None, chunk_size=256, causal=True, r
                                     lin_scale=lin_scale, backend=resolved)
         return out if u is None else u * out
 
-    from .triton_flash_attention import flash_attention_triton
     B = math.prod(batch)
     out = flash_attention_triton(z.reshape(B, T, S), gamma, beta, v.reshape(B, T, E),
                                  None if u is None else u.reshape(B, T, E),

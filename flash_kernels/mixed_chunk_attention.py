@@ -5,8 +5,17 @@ import torch
 
 from .reference import dense_reference
 from .torch_chunked import mixed_chunk_attention_torch
-from .utils import TRITON_MAX_S, triton_interpret_enabled
+from .utils import TRITON_MAX_S, autocast_cast, autocast_dtype, triton_interpret_enabled
 from .validation import check_mixed_chunk_inputs
+
+try:    # imported here so the custom ops are registered before anything is traced or compiled
+    from .triton_mixed_chunk import mixed_chunk_attention_triton
+except ImportError as error:         # no usable triton: the PyTorch backends still work
+    _TRITON_IMPORT_ERROR = error
+
+    def mixed_chunk_attention_triton(*args, **kwargs):
+        raise RuntimeError(f"backend='triton' is unavailable: importing triton failed "
+                           f"({_TRITON_IMPORT_ERROR}); use backend='torch'")
 
 
 def pick_backend(backend, device, dtype, s):
@@ -57,8 +66,19 @@ def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size=256, ca
             torch.autograd.gradcheck works on this op whatever the backend.
 
     Returns:
-        (*batch, T, E) tensor in v's dtype.
+        (*batch, T, E) tensor in v's dtype. Inside torch.autocast, the five tensors are first
+        cast to the autocast dtype (as a matmul's inputs are; float64 is left alone), so the
+        output has that dtype; rel_bias keeps its own (float32 parameters stay float32).
     """
+    cast = autocast_dtype(v)
+    if cast is not None:
+        q_quad, k_quad, q_lin, k_lin, v = (autocast_cast(x, cast) for x in (q_quad, k_quad, q_lin, k_lin, v))
+        # Inside, every product is already in the precision chosen for it (fp32 accumulation,
+        # fp32 states): autocast must not re-cast the PyTorch paths' float32 matmuls.
+        with torch.autocast(v.device.type, enabled=False):
+            return mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, chunk_size=chunk_size,
+                                         causal=causal, rel_bias=rel_bias, quad_scale=quad_scale,
+                                         lin_scale=lin_scale, backend=backend)
     check_mixed_chunk_inputs(q_quad, k_quad, q_lin, k_lin, v, chunk_size, causal, rel_bias,
                              quad_scale, lin_scale, backend)
     *batch, T, S = q_quad.shape
@@ -80,6 +100,5 @@ def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size=256, ca
     if backend == "torch":
         out = mixed_chunk_attention_torch(*args, **options)
     else:
-        from .triton_mixed_chunk import mixed_chunk_attention_triton
         out = mixed_chunk_attention_triton(*args, **options)
     return out.reshape(*batch, T, E)

@@ -10,18 +10,12 @@ gradients in float32; then, per role r (all sums over batch and tokens, determin
     dz = sum_r d_role_r * gamma_r      dgamma_r = sum d_role_r * z      dbeta_r = sum d_role_r
     du = dO * attention
 """
+from typing import List, Optional, Tuple
+
 import torch
 
 from .triton_mixed_chunk import (Roles, check_triton_inputs, feature_contiguous, mixed_chunk_backward,
-                                 mixed_chunk_forward)
-
-
-def _affine_stack(gamma, beta):
-    """float32 (2, 4, S) [gamma; beta], zero rows for the linear roles when there are only two."""
-    affine = gamma.new_zeros((2, 4, gamma.shape[1]), dtype=torch.float32)
-    affine[0, :gamma.shape[0]] = gamma.float()
-    affine[1, :beta.shape[0]] = beta.float()
-    return affine
+                                 mixed_chunk_forward, states_shape)
 
 
 def _roles_from_z(z, affine, num_roles):
@@ -29,64 +23,118 @@ def _roles_from_z(z, affine, num_roles):
     return Roles(z, z, linear, linear, affine)
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd of the fused op. z (B, T, S), v and u (B, T, E), unit feature stride."""
+@torch.library.custom_op("flash_kernels::flash_fwd", mutates_args=())
+def flash_fwd_op(z: torch.Tensor, affine: torch.Tensor, num_roles: int, v: torch.Tensor,
+                 u: Optional[torch.Tensor], rel_bias: Optional[torch.Tensor], chunk_size: int,
+                 causal: bool, quad_scale: float, lin_scale: float,
+                 store_attn: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, attn, states): attn is the ungated attention when store_attn (else empty), states
+    the float32 forward states (empty without a linear part)."""
+    out, attn, states = mixed_chunk_forward(_roles_from_z(z, affine, num_roles), v, rel_bias,
+                                            chunk_size, causal, quad_scale, lin_scale, gate=u,
+                                            store_attn=store_attn)
+    if attn is None:
+        attn = v.new_empty(0)
+    if states is None:
+        states = v.new_empty(0, dtype=torch.float32)
+    return out, attn, states
 
-    @staticmethod
-    def forward(ctx, z, gamma, beta, v, u, rel_bias, chunk_size, causal, quad_scale, lin_scale):
-        affine = _affine_stack(gamma, beta)
-        bias32 = rel_bias.float().contiguous() if rel_bias is not None else None
-        store_attn = u is not None and ctx.needs_input_grad[4]
-        out, attn, states = mixed_chunk_forward(_roles_from_z(z, affine, gamma.shape[0]), v, bias32,
-                                                chunk_size, causal, quad_scale, lin_scale,
-                                                gate=u, store_attn=store_attn)
-        ctx.save_for_backward(z, affine, v, u, bias32, states, attn)
-        ctx.options = (chunk_size, causal, quad_scale, lin_scale)
-        ctx.dtypes = (gamma.dtype, beta.dtype, None if rel_bias is None else rel_bias.dtype)
-        ctx.num_roles = gamma.shape[0]
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        z, affine, v, u, bias32, states, attn = ctx.saved_tensors
-        chunk_size, causal, quad_scale, lin_scale = ctx.options
-        gamma_dtype, beta_dtype, bias_dtype = ctx.dtypes
-        need_z, need_gamma, need_beta, need_v, need_u, need_bias = ctx.needs_input_grad[:6]
-        num_roles = ctx.num_roles
-        grad_out = grad_out.contiguous()
+@flash_fwd_op.register_fake
+def _(z, affine, num_roles, v, u, rel_bias, chunk_size, causal, quad_scale, lin_scale, store_attn):
+    B, T, S = z.shape
+    out = v.new_empty(v.shape, memory_format=torch.contiguous_format)
+    attn = v.new_empty(v.shape if store_attn else (0,), memory_format=torch.contiguous_format)
+    states = v.new_empty(states_shape(B, T, S, v.shape[-1], chunk_size, causal, num_roles == 4),
+                         dtype=torch.float32)
+    return out, attn, states
 
-        du = None
-        if u is not None and need_u:
-            du = (grad_out.float() * attn.float()).to(u.dtype)
-        grad_attn = grad_out if u is None else (grad_out.float() * u.float()).to(v.dtype)
 
-        need_roles = need_z or need_gamma or need_beta
-        needs = (need_roles, need_roles, need_roles and num_roles == 4, need_roles and num_roles == 4,
-                 need_v, need_bias)
-        grads = mixed_chunk_backward(grad_attn, _roles_from_z(z, affine, num_roles), v, bias32, states,
-                                     chunk_size, causal, quad_scale, lin_scale, needs,
-                                     role_grad_dtype=torch.float32)
-        role_grads, dv, drel_bias = grads[:num_roles], grads[4], grads[5]
+@torch.library.custom_op("flash_kernels::flash_bwd", mutates_args=())
+def flash_bwd_op(grad_out: torch.Tensor, z: torch.Tensor, affine: torch.Tensor, num_roles: int,
+                 v: torch.Tensor, u: Optional[torch.Tensor], rel_bias: Optional[torch.Tensor],
+                 states: torch.Tensor, attn: torch.Tensor, chunk_size: int, causal: bool,
+                 quad_scale: float, lin_scale: float, needs: List[bool]) -> List[torch.Tensor]:
+    """Gradients of (z, gamma, beta, v, u, rel_bias) (gamma and beta as float32 (R, S));
+    an empty tensor where `needs` is False or the input is absent. See the module docstring."""
+    need_z, need_gamma, need_beta, need_v, need_u, need_bias = needs
+    grad_out = grad_out.contiguous()
+    du = (grad_out.float() * attn.float()).to(u.dtype) if u is not None and need_u else None
+    grad_attn = grad_out if u is None else (grad_out.float() * u.float()).to(v.dtype)
 
-        dz = dgamma = dbeta = None
-        if need_roles:
-            d_roles = torch.stack(role_grads)                          # (R, B, T, S) float32
-            if need_z:
-                gamma = affine[0, :num_roles]
-                dz = torch.einsum("rbts,rs->bts", d_roles, gamma).to(z.dtype)
-            if need_gamma:
-                dgamma = torch.einsum("rbts,bts->rs", d_roles, z.float()).to(gamma_dtype)
-            if need_beta:
-                dbeta = d_roles.sum(dim=(1, 2)).to(beta_dtype)
-        if drel_bias is not None:
-            drel_bias = drel_bias.to(bias_dtype)
-        return dz, dgamma, dbeta, dv, du, drel_bias, None, None, None, None
+    need_roles = need_z or need_gamma or need_beta
+    linear = need_roles and num_roles == 4
+    grads = mixed_chunk_backward(grad_attn, _roles_from_z(z, affine, num_roles), v, rel_bias,
+                                 states if num_roles == 4 else None, chunk_size, causal,
+                                 quad_scale, lin_scale,
+                                 (need_roles, need_roles, linear, linear, need_v, need_bias),
+                                 role_grad_dtype=torch.float32)
+    role_grads, dv, drel_bias = grads[:num_roles], grads[4], grads[5]
+
+    dz = dgamma = dbeta = None
+    if need_roles:
+        d_roles = torch.stack(role_grads)                              # (R, B, T, S) float32
+        if need_z:
+            dz = torch.einsum("rbts,rs->bts", d_roles, affine[0, :num_roles]).to(z.dtype)
+        if need_gamma:
+            dgamma = torch.einsum("rbts,bts->rs", d_roles, z.float())
+        if need_beta:
+            dbeta = d_roles.sum(dim=(1, 2))
+    return [g if g is not None else v.new_empty(0) for g in (dz, dgamma, dbeta, dv, du, drel_bias)]
+
+
+@flash_bwd_op.register_fake
+def _(grad_out, z, affine, num_roles, v, u, rel_bias, states, attn, chunk_size, causal, quad_scale,
+      lin_scale, needs):
+    S = z.shape[-1]
+    shapes = (z.shape, (num_roles, S), (num_roles, S), v.shape,
+              None if u is None else u.shape, None if rel_bias is None else rel_bias.shape)
+    dtypes = (z.dtype, torch.float32, torch.float32, v.dtype, v.dtype, torch.float32)
+    return [v.new_empty(shape, dtype=dtype) if need and shape is not None else v.new_empty(0)
+            for shape, dtype, need in zip(shapes, dtypes, needs)]
+
+
+def _flash_setup_context(ctx, inputs, output):
+    z, affine, num_roles, v, u, rel_bias, chunk_size, causal, quad_scale, lin_scale, _ = inputs
+    ctx.save_for_backward(z, affine, v, u, rel_bias, output[2], output[1])
+    ctx.options = (num_roles, chunk_size, causal, quad_scale, lin_scale)
+
+
+def _flash_backward(ctx, grad_out, grad_attn, grad_states):
+    z, affine, v, u, rel_bias, states, attn = ctx.saved_tensors
+    num_roles, chunk_size, causal, quad_scale, lin_scale = ctx.options
+    need = ctx.needs_input_grad
+    # affine holds gamma (row 0) and beta (row 1): its gradient is assembled from both.
+    needs = [bool(need[0]), bool(need[1]), bool(need[1]), bool(need[3]), bool(need[4]), bool(need[5])]
+    dz, dgamma, dbeta, dv, du, drel_bias = flash_bwd_op(
+        grad_out, z, affine, num_roles, v, u, rel_bias, states, attn, chunk_size, causal,
+        quad_scale, lin_scale, needs)
+    daffine = None
+    if need[1]:
+        daffine = torch.zeros_like(affine)
+        daffine[0, :num_roles] = dgamma
+        daffine[1, :num_roles] = dbeta
+    grads = [dz if need[0] else None, daffine, None, dv if need[3] else None,
+             du if need[4] else None, drel_bias if need[5] else None]
+    return (*grads, None, None, None, None, None)
+
+
+flash_fwd_op.register_autograd(_flash_backward, setup_context=_flash_setup_context)
 
 
 def flash_attention_triton(z, gamma, beta, v, u, *, chunk_size, causal, rel_bias, quad_scale,
                            lin_scale):
-    """z (B, T, S), v and u (B, T, E) with one flattened batch dim; resolved options."""
+    """z (B, T, S), v and u (B, T, E) with one flattened batch dim; resolved options.
+
+    gamma and beta enter the op stacked as the float32 (2, 4, S) `affine` (differentiable, so
+    their gradients come back through the stack in their own dtypes)."""
     check_triton_inputs(z, v)
-    return FlashAttentionFunction.apply(feature_contiguous(z), gamma, beta, feature_contiguous(v),
-                                        feature_contiguous(u), rel_bias, chunk_size, causal,
-                                        float(quad_scale), float(lin_scale))
+    num_roles = gamma.shape[0]
+    pad = gamma.new_zeros((4 - num_roles, gamma.shape[1]), dtype=torch.float32)
+    affine = torch.stack([torch.cat([gamma.float(), pad]), torch.cat([beta.float(), pad])])
+    store_attn = u is not None and u.requires_grad and torch.is_grad_enabled()
+    bias32 = rel_bias.float() if rel_bias is not None else None
+    out, _, _ = flash_fwd_op(feature_contiguous(z), affine, num_roles, feature_contiguous(v),
+                             feature_contiguous(u), bias32, chunk_size, causal, float(quad_scale),
+                             float(lin_scale), store_attn)
+    return out

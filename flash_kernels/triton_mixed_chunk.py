@@ -51,6 +51,7 @@ fp16 once s > 255) and those products use tf32; fp32 inputs follow
 torch.backends.cuda.matmul.allow_tf32 ("ieee" when it is False).
 """
 from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -326,31 +327,74 @@ def mixed_chunk_backward(grad_out, roles, v, rel_bias, states, chunk_size, causa
     return dq_quad, dk_quad, dq_lin, dk_lin, dv, drel_bias
 
 
-class MixedChunkAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton kernels. Inputs (B, T, S) / (B, T, E) with unit feature
-    stride (any batch and token strides)."""
+# The kernels are registered as PyTorch custom ops (forward and backward), with fake (meta)
+# implementations and an autograd formula, so torch.compile(fullgraph=True) traces through
+# them without a graph break and torch.library.opcheck can verify them.
 
-    @staticmethod
-    def forward(ctx, q_quad, k_quad, q_lin, k_lin, v, rel_bias, chunk_size, causal, quad_scale, lin_scale):
-        bias32 = rel_bias.float().contiguous() if rel_bias is not None else None
-        out, _, states = mixed_chunk_forward(Roles(q_quad, k_quad, q_lin, k_lin), v, bias32,
-                                             chunk_size, causal, quad_scale, lin_scale)
-        ctx.save_for_backward(q_quad, k_quad, q_lin, k_lin, v, bias32, states)
-        ctx.options = (chunk_size, causal, quad_scale, lin_scale)
-        ctx.bias_dtype = rel_bias.dtype if rel_bias is not None else None
-        return out
+@torch.library.custom_op("flash_kernels::mixed_chunk_fwd", mutates_args=())
+def mixed_chunk_fwd_op(q_quad: torch.Tensor, k_quad: torch.Tensor, q_lin: Optional[torch.Tensor],
+                       k_lin: Optional[torch.Tensor], v: torch.Tensor,
+                       rel_bias: Optional[torch.Tensor], chunk_size: int, causal: bool,
+                       quad_scale: float, lin_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, states): states are the float32 (B, N or 1, S, E) forward states, or an empty
+    tensor without a linear part. rel_bias is float32 here."""
+    out, _, states = mixed_chunk_forward(Roles(q_quad, k_quad, q_lin, k_lin), v, rel_bias,
+                                         chunk_size, causal, quad_scale, lin_scale)
+    return out, states if states is not None else v.new_empty(0, dtype=torch.float32)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q_quad, k_quad, q_lin, k_lin, v, bias32, states = ctx.saved_tensors
-        chunk_size, causal, quad_scale, lin_scale = ctx.options
-        needs = ctx.needs_input_grad[:6]
-        grads = mixed_chunk_backward(grad_out.contiguous(), Roles(q_quad, k_quad, q_lin, k_lin), v,
-                                     bias32, states, chunk_size, causal, quad_scale, lin_scale, needs)
-        dq_quad, dk_quad, dq_lin, dk_lin, dv, drel_bias = grads
-        if drel_bias is not None:
-            drel_bias = drel_bias.to(ctx.bias_dtype)
-        return dq_quad, dk_quad, dq_lin, dk_lin, dv, drel_bias, None, None, None, None
+
+def states_shape(B, T, S, E, chunk_size, causal, has_linear):
+    """Shape of the saved forward (or backward) states; (0,) without a linear part."""
+    if not has_linear:
+        return (0,)
+    return (B, (T + chunk_size - 1) // chunk_size if causal else 1, S, E)
+
+
+@mixed_chunk_fwd_op.register_fake
+def _(q_quad, k_quad, q_lin, k_lin, v, rel_bias, chunk_size, causal, quad_scale, lin_scale):
+    B, T, S = q_quad.shape
+    shape = states_shape(B, T, S, v.shape[-1], chunk_size, causal, q_lin is not None)
+    return v.new_empty(v.shape, memory_format=torch.contiguous_format), v.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("flash_kernels::mixed_chunk_bwd", mutates_args=())
+def mixed_chunk_bwd_op(grad_out: torch.Tensor, q_quad: torch.Tensor, k_quad: torch.Tensor,
+                       q_lin: Optional[torch.Tensor], k_lin: Optional[torch.Tensor],
+                       v: torch.Tensor, rel_bias: Optional[torch.Tensor], states: torch.Tensor,
+                       chunk_size: int, causal: bool, quad_scale: float, lin_scale: float,
+                       needs: List[bool]) -> List[torch.Tensor]:
+    """Gradients of (q_quad, k_quad, q_lin, k_lin, v, rel_bias); an empty tensor where
+    `needs` is False or the input is absent."""
+    grads = mixed_chunk_backward(grad_out.contiguous(), Roles(q_quad, k_quad, q_lin, k_lin), v,
+                                 rel_bias, states if q_lin is not None else None, chunk_size,
+                                 causal, quad_scale, lin_scale, needs)
+    return [g if g is not None else v.new_empty(0) for g in grads]
+
+
+@mixed_chunk_bwd_op.register_fake
+def _(grad_out, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, chunk_size, causal, quad_scale,
+      lin_scale, needs):
+    like = (q_quad, k_quad, q_lin, k_lin, v, rel_bias)
+    return [x.new_empty(x.shape, memory_format=torch.contiguous_format)
+            if need and x is not None else v.new_empty(0) for x, need in zip(like, needs)]
+
+
+def _mixed_chunk_setup_context(ctx, inputs, output):
+    q_quad, k_quad, q_lin, k_lin, v, rel_bias, chunk_size, causal, quad_scale, lin_scale = inputs
+    ctx.save_for_backward(q_quad, k_quad, q_lin, k_lin, v, rel_bias, output[1])
+    ctx.options = (chunk_size, causal, quad_scale, lin_scale)
+
+
+def _mixed_chunk_backward(ctx, grad_out, grad_states):
+    q_quad, k_quad, q_lin, k_lin, v, rel_bias, states = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:6]]
+    grads = mixed_chunk_bwd_op(grad_out, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states,
+                               *ctx.options, needs)
+    grads = [g if need else None for g, need in zip(grads, needs)]
+    return (*grads, None, None, None, None)
+
+
+mixed_chunk_fwd_op.register_autograd(_mixed_chunk_backward, setup_context=_mixed_chunk_setup_context)
 
 
 def check_triton_inputs(q, v):
@@ -368,5 +412,7 @@ def mixed_chunk_attention_triton(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size,
     """Inputs with one flattened batch dim (B, T, S) / (B, T, E); resolved chunk size and scales."""
     check_triton_inputs(q_quad, v)
     views = [feature_contiguous(x) for x in (q_quad, k_quad, q_lin, k_lin, v)]
-    return MixedChunkAttentionFunction.apply(*views, rel_bias, chunk_size, causal,
-                                             float(quad_scale), float(lin_scale))
+    bias32 = rel_bias.float() if rel_bias is not None else None     # its gradient casts back
+    out, _ = mixed_chunk_fwd_op(*views, bias32, chunk_size, causal, float(quad_scale),
+                                float(lin_scale))
+    return out

@@ -14,6 +14,22 @@ import torch
 TRITON_MAX_S = 256   # the Triton kernels hold a row of q/k (S features) in one tile
 
 
+def autocast_dtype(x):
+    """The dtype autocast casts x's device's matmul inputs to, or None outside autocast."""
+    device_type = x.device.type if isinstance(x, torch.Tensor) else None
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_cast(x, dtype):
+    """x in the autocast dtype, as autocast casts a matmul's inputs (float64 and non-floating
+    tensors, and None, are left alone)."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64:
+        return x.to(dtype)
+    return x
+
+
 def triton_interpret_enabled() -> bool:
     """TRITON_INTERPRET=1 runs Triton kernels on the CPU (it must be set before triton import)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
