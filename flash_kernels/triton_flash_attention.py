@@ -43,8 +43,8 @@ def flash_fwd_op(z: torch.Tensor, affine: torch.Tensor, num_roles: int, v: torch
 @flash_fwd_op.register_fake
 def _(z, affine, num_roles, v, u, rel_bias, chunk_size, causal, quad_scale, lin_scale, store_attn):
     B, T, S = z.shape
-    out = v.new_empty(v.shape, memory_format=torch.contiguous_format)
-    attn = v.new_empty(v.shape if store_attn else (0,), memory_format=torch.contiguous_format)
+    out = v.new_empty(v.shape)
+    attn = v.new_empty(v.shape if store_attn else (0,))
     states = v.new_empty(states_shape(B, T, S, v.shape[-1], chunk_size, causal, num_roles == 4),
                          dtype=torch.float32)
     return out, attn, states

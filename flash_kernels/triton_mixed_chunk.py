@@ -354,7 +354,7 @@ def states_shape(B, T, S, E, chunk_size, causal, has_linear):
 def _(q_quad, k_quad, q_lin, k_lin, v, rel_bias, chunk_size, causal, quad_scale, lin_scale):
     B, T, S = q_quad.shape
     shape = states_shape(B, T, S, v.shape[-1], chunk_size, causal, q_lin is not None)
-    return v.new_empty(v.shape, memory_format=torch.contiguous_format), v.new_empty(shape, dtype=torch.float32)
+    return v.new_empty(v.shape), v.new_empty(shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("flash_kernels::mixed_chunk_bwd", mutates_args=())
@@ -375,7 +375,7 @@ def mixed_chunk_bwd_op(grad_out: torch.Tensor, q_quad: torch.Tensor, k_quad: tor
 def _(grad_out, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, chunk_size, causal, quad_scale,
       lin_scale, needs):
     like = (q_quad, k_quad, q_lin, k_lin, v, rel_bias)
-    return [x.new_empty(x.shape, memory_format=torch.contiguous_format)
+    return [x.new_empty(x.shape)
             if need and x is not None else v.new_empty(0) for x, need in zip(like, needs)]
 
 
