@@ -12,7 +12,8 @@ Timing: GPU: triton.testing.do_bench (median, L2 flushed between runs, synchroni
 warm-up; CPU: time.perf_counter, median of several runs after one warm-up. Every point gets
 fresh random inputs (no zeros). TFLOP/s come from bench/flops.py; the peak is a large
 torch.matmul in the run's dtype timed in the same run. Peak memory: torch.cuda's allocator on
-a GPU, a child process's RSS on a CPU (bench/memory.py); inputs and gradients included.
+a GPU, a child process's RSS on a CPU (bench/memory.py); inputs and gradients included; not
+for the backward alone (it needs its forward: that is the forward+backward figure).
 Results are appended to OUTPUT_DIR/results.jsonl; then `python -m bench.plots` and
 `python -m bench.readme` draw the figures and the README table from them.
 
@@ -23,6 +24,7 @@ import argparse
 import gc
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -96,6 +98,9 @@ def parse_args(argv):
     parser.add_argument("--output-dir", default=DEFAULT_DIR,
                         help=f"where {RESULTS_NAME} is appended (default bench/results)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--allow-tf32", action="store_true",
+                        help="CUDA: let fp32 matmuls use TF32 (the torch and reference paths "
+                             "compute in fp32; default: torch's default, off)")
     parser.add_argument("--threads", type=int,
                         help="CPU: torch threads (default: torch's); 1 is steadier on a busy machine")
     parser.add_argument("--device", choices=["cuda", "cpu"],
@@ -153,12 +158,25 @@ def time_ms(call, args):
 
 
 def measure_peak(args):
-    """(TFLOP/s, what): a large square matmul in the run's dtype, timed like the points."""
+    """(TFLOP/s, what): a large square matmul in the run's dtype (bf16 on a GPU by default).
+
+    GPU: do_bench's median, like the points. CPU: the best of several runs (a peak is an upper
+    bound, and a busy machine only ever slows a run down). The runner measures it before and
+    after the points and keeps the higher."""
     n = 8192 if args.device.type == "cuda" else 1024
     gen = torch.Generator(device=args.device).manual_seed(1)
     a = torch.randn(n, n, device=args.device, dtype=args.dtype, generator=gen)
     b = torch.randn(n, n, device=args.device, dtype=args.dtype, generator=gen)
-    ms = time_ms(lambda: torch.matmul(a, b), args)
+    if args.device.type == "cuda":
+        ms = time_ms(lambda: torch.matmul(a, b), args)
+    else:
+        torch.matmul(a, b)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            times.append(time.perf_counter() - start)
+        ms = 1e3 * min(times)
     what = f"torch.matmul {n}x{n}x{n} {str(args.dtype).replace('torch.', '')}"
     return matmul_flops(n, n, n) / (ms * 1e-3) / 1e12, what
 
@@ -191,7 +209,51 @@ def _error_note(exc):
     return text[:300]
 
 
-def run_plan(args, meta, peak_tflops):
+def _stop_on_interrupt(write):
+    """After a first SIGINT (the runbook's timeout), ignore further ones so that the results
+    are still written and reported."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    write("interrupted: the remaining points are recorded as skipped")
+
+
+def _skip_reason(name, p, mode, args, skipped_impls, errors, started):
+    if name in skipped_impls:
+        return skipped_impls[name]
+    if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+        return f"skipped: time budget of {args.time_budget:.0f} s spent"
+    if len(errors.get(name, ())) >= 2:
+        return f"skipped after 2 errors (first: {errors[name][0]})"
+    if name == "reference":
+        need = dense_bytes_estimate(p, mode) / 2**30
+        if need > args.max_dense_gb:
+            return (f"skipped: dense reference needs ~{need:.1f} GB of memory "
+                    f"(> --max-dense-gb {args.max_dense_gb:.1f})")
+    return None
+
+
+def _measure_point(record, impl, p, mode, args, errors, write, dtype_str):
+    call = None
+    point_start = time.perf_counter()
+    try:
+        call = make_call(impl, p, mode, args.device, args.dtype, seed=p.T)
+        ms = time_ms(call, args)
+        record.update(ms=ms, tflops=record["flops"] / (ms * 1e-3) / 1e12)
+    except Exception as exc:              # a failing baseline must not stop the benchmark
+        note = _error_note(exc)
+        record.update(status="error", note=note)
+        if note != "out of memory":
+            errors.setdefault(impl.name, []).append(note)
+        write(f"{impl.name} {MODE_NAMES[mode]} T={p.T} batch={p.batch}: {note}")
+    del call
+    record["wall_s"] = round(time.perf_counter() - point_start, 3)
+    gc.collect()
+    if args.device.type == "cuda":
+        torch.cuda.empty_cache()
+        if record["status"] == "ok" and not args.no_memory and mode != "bwd":
+            record["mem_mb"] = _gpu_memory_mb(impl.name, p, mode, args.device, dtype_str)
+
+
+def run_plan(args, meta):
     plan = build_plan(args)
     explicit = set(args.impls or ())
     skipped_impls = {}
@@ -205,56 +267,37 @@ def run_plan(args, meta, peak_tflops):
     bar, write = _progress(plan, len(plan), not args.no_progress)
     for reason_name, reason in skipped_impls.items():
         write(f"{reason_name}: {reason}")
+    interrupted = False
     for name, p, mode in bar:
         impl = IMPLS[name]
         record = dict(meta, impl=name, mode=mode, **p.as_dict(), status="ok", note="", ms=None,
-                      flops=impl.flops(p, mode), tflops=None, frac_peak=None, mem_mb=None,
-                      peak_tflops=peak_tflops)
+                      flops=impl.flops(p, mode), tflops=None, frac_peak=None, mem_mb=None)
         records.append(record)
+        reason = "skipped: interrupted" if interrupted else _skip_reason(
+            name, p, mode, args, skipped_impls, errors, started)
+        if reason:
+            record.update(status="skipped", note=reason)
+            continue
         if hasattr(bar, "set_description"):
             bar.set_description(f"{name} {MODE_NAMES[mode]} T={p.T}")
-        if name in skipped_impls:
-            record.update(status="skipped", note=skipped_impls[name])
-            continue
-        if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
-            record.update(status="skipped", note=f"skipped: time budget of {args.time_budget:.0f} s spent")
-            continue
-        if len(errors.get(name, ())) >= 2:
-            record.update(status="skipped", note=f"skipped after 2 errors (first: {errors[name][0]})")
-            continue
-        if name == "reference":
-            need = dense_bytes_estimate(p, mode) / 2**30
-            if need > args.max_dense_gb:
-                record.update(status="skipped", note=f"skipped: dense reference needs ~{need:.0f} GB "
-                                                    f"of memory (> --max-dense-gb {args.max_dense_gb:.0f})")
-                continue
-        call = None
-        point_start = time.perf_counter()
         try:
-            call = make_call(impl, p, mode, args.device, args.dtype, seed=p.T)
-            ms = time_ms(call, args)
-            record.update(ms=ms, tflops=record["flops"] / (ms * 1e-3) / 1e12)
-            record["frac_peak"] = record["tflops"] / peak_tflops if peak_tflops else None
-        except Exception as exc:              # a failing baseline must not stop the benchmark
-            note = _error_note(exc)
-            record.update(status="error", note=note)
-            if note != "out of memory":
-                errors.setdefault(name, []).append(note)
-            write(f"{name} {MODE_NAMES[mode]} T={p.T} batch={p.batch}: {note}")
-        del call
-        record["wall_s"] = round(time.perf_counter() - point_start, 3)
-        gc.collect()
-        if args.device.type == "cuda":
-            torch.cuda.empty_cache()
-            if record["status"] == "ok" and not args.no_memory:
-                record["mem_mb"] = _gpu_memory_mb(name, p, mode, args.device, dtype_str)
+            _measure_point(record, impl, p, mode, args, errors, write, dtype_str)
+        except KeyboardInterrupt:
+            interrupted = True
+            _stop_on_interrupt(write)
+            if record["ms"] is None:
+                record.update(status="skipped", note="skipped: interrupted")
     if hasattr(bar, "close"):
         bar.close()
     timed = time.perf_counter() - started
-    if args.device.type == "cpu" and not args.no_memory:
-        _cpu_memory(records, args, dtype_str, write)
+    if args.device.type == "cpu" and not args.no_memory and not interrupted:
+        try:
+            _cpu_memory(records, args, dtype_str, write)
+        except KeyboardInterrupt:
+            interrupted = True
+            _stop_on_interrupt(write)
     write(f"timed the points in {timed:.1f} s; memory in {time.perf_counter() - started - timed:.1f} s")
-    return records, skipped_impls
+    return records, skipped_impls, interrupted
 
 
 def _gpu_memory_mb(name, p, mode, device, dtype_str):
@@ -271,18 +314,29 @@ def _gpu_memory_mb(name, p, mode, device, dtype_str):
 
 def _cpu_memory(records, args, dtype_str, write):
     """Peak RSS of each measured point, all in one child process (bench/memory.py)."""
-    todo = [r for r in records if r["status"] == "ok" and r["impl"] != "torch.compile"]
+    todo = [r for r in records if r["status"] == "ok" and r["impl"] != "torch.compile"
+            and r["mode"] != "bwd"]
     if not todo:
         return
     calls = [(run_once, (r["impl"], {k: r[k] for k in ("T", "batch", "S", "E", "C", "causal",
                                                          "rel_bias")},
                          r["mode"], "cpu", dtype_str, torch.get_num_threads())) for r in todo]
+    # The first call of each kind in a process allocates once-only buffers (autograd engine,
+    # thread pools): each (impl, mode) gets a throwaway call first, whose peak is dropped.
+    ordered, seen = [], set()
+    for r, call in sorted(zip(todo, calls), key=lambda rc: (rc[0]["impl"], rc[0]["mode"])):
+        if (r["impl"], r["mode"]) not in seen:
+            seen.add((r["impl"], r["mode"]))
+            ordered.append((None, call))
+        ordered.append((r, call))
     try:
-        peaks = peak_memory_bytes(calls, args.device)
+        peaks = peak_memory_bytes([call for _, call in ordered], args.device)
     except Exception as exc:
         write(f"peak memory not measured: {_error_note(exc)}")
         return
-    for r, peak in zip(todo, peaks):
+    for (r, _), peak in zip(ordered, peaks):
+        if r is None:
+            continue
         r["mem_mb"] = peak / 2**20
 
 
@@ -325,7 +379,7 @@ def report(records, args, meta, peak_tflops, peak_what, skipped_impls, path):
         print(f"\n== {mode_title(mode)}: milliseconds (median), '{primary}' TFLOP/s, % of peak, "
               f"speedup of '{primary}' (x > 1: faster) ==")
         print(render_text(table))
-        if not args.no_memory:
+        if not args.no_memory and mode != "bwd":
             print(f"-- {MODE_NAMES[mode]}: peak memory, MB (inputs and gradients included) --")
             print(render_text(memory_table(records, mode)))
     notes = sorted({(r["impl"], r["note"]) for r in records if r["status"] == "error"})
@@ -352,12 +406,23 @@ def main(argv=None):
     t0 = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    meta = run_metadata(args.device, args.dtype, args.quick)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    meta = dict(run_metadata(args.device, args.dtype, args.quick),
+                tf32=bool(torch.backends.cuda.matmul.allow_tf32))
     print(f"{'quick' if args.quick else 'full'} benchmark on {meta['device']}, {meta['dtype']}; "
           f"measuring the matmul peak...", flush=True)
     peak_tflops, peak_what = measure_peak(args)
-    meta = dict(meta, peak_what=peak_what)
-    records, skipped_impls = run_plan(args, meta, peak_tflops)
+    records, skipped_impls, interrupted = run_plan(args, meta)
+    if not interrupted:
+        try:
+            peak_tflops = max(peak_tflops, measure_peak(args)[0])
+        except KeyboardInterrupt:
+            _stop_on_interrupt(print)
+    for r in records:
+        r.update(peak_tflops=peak_tflops, peak_what=peak_what)
+        if r["tflops"] is not None:
+            r["frac_peak"] = r["tflops"] / peak_tflops
     path = os.path.join(args.output_dir, RESULTS_NAME)
     append_results(path, records)
     report(records, args, meta, peak_tflops, peak_what, skipped_impls, path)
