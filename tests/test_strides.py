@@ -62,21 +62,39 @@ def test_flash_attention_split_projection():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU case (a real > 2^31-element tensor) is in "
-                    "the GPU runbook; here a sparse virtual allocation stands in")
 def test_batch_stride_beyond_int32():
-    """Every input shares one storage of 2^31 + 4096 floats (8 GB virtual, a few pages
-    resident): batch 1 starts 2^31 elements after batch 0, so its addresses need int64."""
+    """Every input shares one storage of 2^31 + 4096 floats (on the CPU 8 GB virtual of which
+    a few pages become resident; on a GPU 8 GB real): batch 1 starts 2^31 elements after
+    batch 0, so its addresses need int64."""
     stride_b = 2**31
-    storage = torch.empty(stride_b + 4096)
+    storage = torch.empty(stride_b + 4096, device=DEVICE)
     torch.manual_seed(2)
     widths = [S, S, S, S, E]
     offsets = [0, 8 * S, 16 * S, 24 * S, 32 * S]
     views = []
     for width, offset in zip(widths, offsets):
         view = storage.as_strided((B, T, width), (stride_b, 64, 1), storage_offset=offset)
-        view.copy_(torch.randn(B, T, width))
+        view.copy_(torch.randn(B, T, width, device=DEVICE))
         views.append(view)
     big = _mixed(*views, None)
     small = _mixed(*[x.contiguous() for x in views], None)
     torch.testing.assert_close(big, small, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs ~15 GB of GPU memory: a real tensor of more "
+                    "than 2^31 elements")
+def test_tensors_over_2_31_elements():
+    """T * E > 2^31 (contiguous v and out), quadratic only so the last chunk's output depends
+    on that chunk alone and can be checked with the torch path on a slice."""
+    E_big, S_small, chunk = 64, 16, 256
+    T_big = 2**31 // E_big + 3 * chunk + 5
+    torch.manual_seed(3)
+    q_quad, k_quad = (torch.randn(1, T_big, S_small, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(1, T_big, E_big, device=DEVICE, dtype=torch.bfloat16)
+    assert v.numel() > 2**31
+    with torch.no_grad():
+        out = mixed_chunk_attention(q_quad, k_quad, None, None, v, chunk_size=chunk, backend="triton")
+        last = (T_big // chunk) * chunk
+        expected = mixed_chunk_attention(q_quad[:, last:], k_quad[:, last:], None, None, v[:, last:],
+                                         chunk_size=chunk, backend="torch")
+    torch.testing.assert_close(out[:, last:], expected, rtol=2e-2, atol=2e-2)
