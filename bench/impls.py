@@ -7,7 +7,8 @@ turns that into the three timed modes (forward, backward, forward+backward).
 - "triton": `mixed_chunk_attention(backend="triton")`, the package's kernels (CUDA; on a CPU only
   under TRITON_INTERPRET=1 and only when asked for: the interpreter is far too slow to time).
 - "flash_attention": the fused op `flash_attention(z, gamma, beta, v)` if the package has it
-  (Triton backend on CUDA, the composed PyTorch path elsewhere). It also forms the four
+  (Triton backend on CUDA or under TRITON_INTERPRET=1, the composed PyTorch path elsewhere;
+  on a CPU only when named explicitly). It also forms the four
   scale-offset roles from z, so it does a little more work than "triton" for the same flops.
 - "torch": the chunked PyTorch path (`backend="torch"`), eager.
 - "torch.compile": the same path under `torch.compile` (default mode, `dynamic=False`).
@@ -236,7 +237,9 @@ _AVAILABILITY = {
 
 
 def _fused_backend(p, inputs):
-    backend = "triton" if inputs[0].device.type == "cuda" else "torch"
+    on_triton = inputs[0].device.type == "cuda" or (
+        os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+    backend = "triton" if on_triton else "torch"
     return _fused_forward(backend, p, inputs)
 
 

@@ -60,7 +60,7 @@ def section(records, results_path, readme_path):
         lines += [f"**{mode_title(mode)}**", "", render_markdown(table), ""]
     for mode in ("fwd", "fwd+bwd"):
         if mode in modes_present(records) and any(r.get("mem_mb") is not None for r in records):
-            lines += [f"Peak memory, MB, {mode_title(mode)} (inputs and gradients included):", "",
+            lines += [f"Peak memory (MB, inputs and gradients included), {mode_title(mode)}:", "",
                       render_markdown(memory_table(records, mode)), ""]
     if gpu:
         for ours in OURS:
@@ -79,7 +79,7 @@ def section(records, results_path, readme_path):
     plots = [name for name in PLOT_NAMES if os.path.exists(os.path.join(plot_dir, name))]
     if plots:
         base = os.path.relpath(plot_dir, os.path.dirname(os.path.abspath(readme_path)))
-        lines += ["Figures (`python -m bench.plots`, possibly from a later run than this table): " +
+        lines += ["Figures from `python -m bench.plots` (the run is named in each title): " +
                   ", ".join(f"[{name}]({base}/{name})" for name in plots) + ".", ""]
     lines += ["Reproduce: `python -m bench` (quick on a CPU, the full suite with CUDA), "
               "`python -m bench.plots`, `python -m bench.readme`; on a GPU machine "

@@ -22,7 +22,6 @@ Results are appended to OUTPUT_DIR/results.jsonl; then `python -m bench.plots` a
 """
 import argparse
 import gc
-import math
 import os
 import signal
 import statistics
@@ -134,11 +133,6 @@ def parse_args(argv):
 # ---------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ms(call, args):
     """Median milliseconds of `call` after warm-up (do_bench on CUDA, perf_counter on a CPU)."""
     if args.device.type == "cuda":
@@ -346,7 +340,7 @@ def _cpu_memory(records, args, dtype_str, write):
 def _growth_summary(records):
     """Quick mode: how the forward cost grows with T (linear vs quadratic)."""
     lines = []
-    for name in ("triton", "torch", "reference"):
+    for name in ("triton", "torch", "reference", "sdpa"):
         points = sorted((r["T"], r["ms"], r["batch"]) for r in records
                         if r["impl"] == name and r["mode"] == "fwd" and r["causal"]
                         and r["status"] == "ok")

@@ -46,7 +46,7 @@ def _cell(r, field, fmt):
 
 
 def _ms(value):
-    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+    return f"{value:#.3g}" if value < 100 else f"{value:.0f}"
 
 
 def _label_T(T, noncausal):
@@ -71,7 +71,7 @@ def time_table(records, mode):
         row += [_cell(index.get((name, noncausal, T, batch)), "ms", _ms) for name in impls]
         if primary in impls:
             ours = index.get((primary, noncausal, T, batch))
-            row.append(_cell(ours, "tflops", lambda x: f"{x:.3g}"))
+            row.append(_cell(ours, "tflops", lambda x: f"{x:#.3g}"))
             row.append(_cell(ours, "frac_peak", lambda x: f"{100 * x:.1f}%"))
             for name in others:
                 other = index.get((name, noncausal, T, batch))

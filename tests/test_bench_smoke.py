@@ -43,7 +43,7 @@ def test_quick_mode_runs_on_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--device", "cpu", "--output-dir", str(tmp_path),
-         "--threads", "1", "--no-progress"],
+         "--threads", "1", "--no-progress", "--max-dense-gb", "0.2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
@@ -60,6 +60,9 @@ def test_quick_mode_runs_on_cpu(tmp_path):
         if r["status"] == "ok":
             assert r["ms"] > 0 and r["tflops"] > 0 and r["frac_peak"] > 0
             assert (r["mem_mb"] is not None) == (r["mode"] != "bwd"), r   # bwd: see fwd+bwd
+    # the dense reference is skipped where its memory estimate exceeds --max-dense-gb
+    assert any(r["impl"] == "reference" and r["status"] == "skipped" and "memory" in r["note"]
+               and r["T"] == 4096 for r in records)
     # the Triton kernels are never timed on a CPU without the interpreter being asked for
     assert all(r["status"] == "skipped" for r in records if r["impl"] == "triton")
 
