@@ -73,8 +73,9 @@ def section(records, results_path, readme_path):
                       if r["status"] == "skipped" and r["note"].startswith("skipped: ")
                       and not any(x["impl"] == r["impl"] and x["status"] == "ok" for x in records)})
     if skipped:
-        lines += ["Not measured in this run: " +
-                  "; ".join(f"`{name}` ({note[len('skipped: '):]})" for name, note in skipped) + ".", ""]
+        lines += ["Not measured in this run:", ""]
+        lines += [f"- `{name}`: {note[len('skipped: '):]}" for name, note in skipped]
+        lines.append("")
     plot_dir = os.path.dirname(os.path.abspath(results_path))
     plots = [name for name in PLOT_NAMES if os.path.exists(os.path.join(plot_dir, name))]
     if plots:

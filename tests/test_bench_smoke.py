@@ -129,7 +129,7 @@ def test_readme_section_from_fake_results(tmp_path):
     assert "old" not in region and "NVIDIA FakeGPU 80GB" in region    # the GPU run is preferred
     assert "20260101T000000-1" in region
     assert "| T | batch | triton ms |" in region and "**PASS**" in region and "**FAIL**" in region
-    assert "`fla` (fla-core not installed" in region
+    assert "- `fla`: fla-core not installed" in region
     # --latest takes the CPU smoke run instead; running twice changes nothing more
     assert readme.main(["--results", str(results), "--readme", str(target), "--latest"]) == 0
     assert "20270101T000000-1" in target.read_text()
