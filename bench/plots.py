@@ -58,7 +58,7 @@ def draw(records, plot_dir):
     def t_label(T, _pos=None):
         return f"{int(T) // 1024}K" if T >= 1024 else f"{int(T)}"
 
-    def panels(ylabel):
+    def panels(ylabel, modes=modes):
         fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 4.4), squeeze=False)
         for ax, mode in zip(axes[0], modes):
             ax.set_title(MODE_NAMES[mode])
@@ -105,8 +105,10 @@ def draw(records, plot_dir):
                         **_STYLE.get(name, {}))
     save(fig, axes, PLOT_NAMES[1])
 
-    fig, axes = panels("peak memory, MB (inputs and gradients included)")
-    for ax, mode in zip(axes, modes):
+    # the backward alone has no memory figure: it needs its forward (see forward+backward)
+    memory_modes = [mode for mode in modes if mode != "bwd"] or modes
+    fig, axes = panels("peak memory, MB (inputs and gradients included)", memory_modes)
+    for ax, mode in zip(axes, memory_modes):
         ax.set_yscale("log")
         for name in impls:
             T, mb = _series(records, name, mode, "mem_mb")
