@@ -11,6 +11,18 @@ import triton.language as tl
 
 
 @triton.jit
+def program_chunk_block(num_blocks, chunk_size, T):
+    """This program's (batch, chunk, block, chunk_start, chunk_end) for a grid of
+    (num_chunks * num_blocks, B): block `block` of chunk `chunk` of batch entry `batch`.
+    Token offsets are int64 (chunk_start), so addresses never overflow 32 bits."""
+    pid = tl.program_id(0)
+    chunk = pid // num_blocks
+    chunk_start = chunk.to(tl.int64) * chunk_size
+    return (tl.program_id(1).to(tl.int64), chunk, pid % num_blocks, chunk_start,
+            tl.minimum(chunk_start + chunk_size, T))
+
+
+@triton.jit
 def load_rows(base, rows, row_end, width, row_stride, BLOCK_W: tl.constexpr):
     """x[rows, :width] of a (T, width) matrix with unit column stride, zero for rows >= row_end."""
     cols = tl.arange(0, BLOCK_W)

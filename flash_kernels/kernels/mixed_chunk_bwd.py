@@ -19,7 +19,7 @@ gradients are deterministic.
 import triton
 import triton.language as tl
 
-from .common import load_role, load_tile, relu_scores_tile
+from .common import load_role, load_tile, program_chunk_block, relu_scores_tile
 
 
 @triton.jit
@@ -73,12 +73,7 @@ def mixed_chunk_bwd_query_kernel(
     - NEED_DBIAS: dbias_partial (B, num_chunks, num_blocks, 2 * num_blocks, BLOCK): segment s of
       a program holds the sums of its dS over offsets i - j = s * BLOCK - (BLOCK - 1) + p, p < BLOCK.
     """
-    pid = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    chunk = pid // num_blocks
-    block = pid % num_blocks
-    chunk_start = chunk.to(tl.int64) * chunk_size
-    chunk_end = tl.minimum(chunk_start + chunk_size, T)
+    batch, chunk, block, chunk_start, chunk_end = program_chunk_block(num_blocks, chunk_size, T)
     row_start = chunk_start + block * BLOCK
     # bf16 operands for bf16 inputs; fp32 (tf32) otherwise: see common.py.
     mma_dtype = tl.bfloat16 if v_ptr.dtype.element_ty == tl.bfloat16 else tl.float32
@@ -122,7 +117,7 @@ def mixed_chunk_bwd_query_kernel(
             ds_base = ds_ptr + (batch * num_chunks + chunk) * chunk_len * chunk_len
             ds_row_stride = chunk_len
         elif NEED_DBIAS:
-            ds_base = ds_ptr + (batch * tl.num_programs(0) + pid) * BLOCK * BLOCK
+            ds_base = ds_ptr + (batch * tl.num_programs(0) + tl.program_id(0)) * BLOCK * BLOCK
             ds_row_stride = BLOCK
         if NEED_DBIAS:
             segments_base = dbias_partial_ptr + ((batch * num_chunks + chunk) * num_blocks + block) * (2 * num_blocks) * BLOCK
@@ -202,12 +197,7 @@ def mixed_chunk_bwd_key_kernel(
     when HOIST_SCORES (chunk <= 2 * BLOCK_QH), else recomputed per value tile;
     dk_lin = V_j D^T.
     """
-    pid = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    chunk = pid // num_blocks
-    block = pid % num_blocks
-    chunk_start = chunk.to(tl.int64) * chunk_size
-    chunk_end = tl.minimum(chunk_start + chunk_size, T)
+    batch, chunk, block, chunk_start, chunk_end = program_chunk_block(num_blocks, chunk_size, T)
     key_start = chunk_start + block * BLOCK
     if key_start >= chunk_end:
         return

@@ -15,7 +15,7 @@ Two loop orders, chosen at compile time by HOIST_SCORES:
 import triton
 import triton.language as tl
 
-from .common import load_role, load_tile, relu2_weights
+from .common import load_role, load_tile, program_chunk_block, relu2_weights
 
 
 @triton.jit(do_not_specialize=["T", "num_chunks"])
@@ -42,12 +42,7 @@ def mixed_chunk_fwd_kernel(
     The weights relu^2(S) and the states enter the tensor cores as bf16 for bf16 inputs, else
     as float32 (common.py).
     """
-    pid = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    chunk = pid // num_query_blocks
-    block = pid % num_query_blocks
-    chunk_start = chunk.to(tl.int64) * chunk_size
-    chunk_end = tl.minimum(chunk_start + chunk_size, T)
+    batch, chunk, block, chunk_start, chunk_end = program_chunk_block(num_query_blocks, chunk_size, T)
     row_start = chunk_start + block * BLOCK_M
     if row_start >= chunk_end:
         return
