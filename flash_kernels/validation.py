@@ -35,6 +35,18 @@ def check_chunk_size(chunk_size):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
 
 
+def check_same_dtype_and_device(named, group):
+    """Every (name, tensor) after the first has the first's dtype and device."""
+    first_name, first = named[0]
+    for name, x in named[1:]:
+        if x.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but {first_name} has {first.dtype}: "
+                            f"{group} must share one dtype")
+        if x.device != first.device:
+            raise ValueError(f"{name} is on {x.device} but {first_name} is on {first.device}: "
+                             f"all inputs must be on one device")
+
+
 def check_mixed_chunk_inputs(q_quad, k_quad, q_lin, k_lin, v, chunk_size, causal, rel_bias,
                              quad_scale, lin_scale, backend):
     """Validate the arguments of mixed_chunk_attention (SPEC.md section 2)."""
@@ -60,13 +72,7 @@ def check_mixed_chunk_inputs(q_quad, k_quad, q_lin, k_lin, v, chunk_size, causal
         elif tuple(x.shape) != expected_qk:
             raise ValueError(f"{name} must have the same shape as q_quad {expected_qk} "
                              f"(*batch, T, S), got {tuple(x.shape)}")
-    for name, x in named[1:]:
-        if x.dtype != q_quad.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but q_quad has {q_quad.dtype}: all of "
-                            f"q_quad, k_quad, q_lin, k_lin, v must share one dtype")
-        if x.device != q_quad.device:
-            raise ValueError(f"{name} is on {x.device} but q_quad is on {q_quad.device}: all "
-                             f"inputs must be on one device")
+    check_same_dtype_and_device(named, "q_quad, k_quad, q_lin, k_lin, v")
 
     check_options(chunk_size, causal, rel_bias, quad_scale, lin_scale, backend,
                   T=q_quad.shape[-2], device=q_quad.device, device_owner="q_quad")
@@ -121,15 +127,9 @@ def check_flash_inputs(z, gamma, beta, v, u):
     if tuple(v.shape[:-1]) != tuple(z.shape[:-1]):
         raise ValueError(f"v must have shape (*batch, T, E) = {tuple(z.shape[:-1]) + ('E',)} "
                          f"matching z's batch dims and T, got {tuple(v.shape)}")
-    named = [("v", v)] + ([("u", u)] if u is not None else [])
     if u is not None:
         check_tensor("u", u, min_dim=2)
         if u.shape != v.shape:
             raise ValueError(f"u must have v's shape {tuple(v.shape)}, got {tuple(u.shape)}")
-    for name, x in named:
-        if x.dtype != z.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but z has {z.dtype}: z, v and u must "
-                            f"share one dtype")
-        if x.device != z.device:
-            raise ValueError(f"{name} is on {x.device} but z is on {z.device}: all inputs must be "
-                             f"on one device")
+    check_same_dtype_and_device([("z", z), ("v", v)] + ([("u", u)] if u is not None else []),
+                                "z, v and u")
