@@ -1,4 +1,9 @@
-"""Triton backend of mixed chunk attention: launch helpers and the torch.autograd.Function.
+"""Triton backend of mixed chunk attention: tile configuration, launch helpers, and the
+kernels registered as PyTorch custom ops (flash_kernels::mixed_chunk_fwd / _bwd, with fake
+implementations and an autograd formula, so torch.compile traces them without a graph break).
+Inputs are (B, T, W) views with unit feature stride; batch and token strides go to the kernels,
+so slices of a fused projection are not copied. `Roles` lets flash_attention reuse everything
+with z in place of the four role tensors (triton_flash_attention.py).
 
 Design (numbers for the paper shape: S = 128, E = 1536, C = 256, causal, bf16, per token)
 
@@ -12,8 +17,8 @@ Forward = a sequential state pass + a parallel output pass (not one fused kernel
 - `chunk_state_scan_kernel` walks the chunks in order per (batch, S tile, E tile) and stores
   each float32 state P_g before adding chunk g (the exclusive cumsum). Its parallelism is
   B * (S / 64) * (E / 64) = 48 programs per sequence at the paper shape, each a chain of
-  T / C small (64 x 64 x 256) products: 2 S E flop per token, ~1/2 of the total work is
-  not on this path, and its output, S E * 4 B / C = 3 KB per token, is about one input's size.
+  T / C small (64 x 64 x 256) products: 2 S E flop per token (a third of the forward's), and
+  its output, S E * 4 B / C = 3 KB per token, is about one input's size.
   A single fused kernel would have to run the chunks of a sequence one after another in one
   program (T / C = 256 steps at 64K tokens) with only B * E / 64 programs: on a 132-SM GPU
   that leaves most of the machine idle, which is why the state pass is split off.
