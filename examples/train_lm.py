@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "reference"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0: the cores the load average leaves idle, at least 1)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and data set (smoke test)")
     p.add_argument("--compare", action="store_true", help="also train a Transformer++ baseline")
     p.add_argument("--plot", default="train_lm_curves.png", help="PNG of the --compare curves")
@@ -315,18 +317,38 @@ def run_check_backends(args):
 
 # -- main --------------------------------------------------------------------------------------
 
+def pick_threads(requested):
+    """CPU threads for torch: `requested`, or the cores other processes leave idle.
+
+    On a shared machine, more threads than idle cores is far slower than fewer: each parallel
+    region waits for a thread that is not running (measured here: 2 threads with one core busy
+    elsewhere ran a training step 12x slower than 1 thread).
+    """
+    if requested > 0:
+        return requested
+    cores = torch.get_num_threads()
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:                # no load average on this platform
+        return cores
+    return max(1, min(cores, int(os.cpu_count() - busy + 0.5)))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.check_backends:
         run_check_backends(args)
         return
+    if args.device == "cpu":
+        torch.set_num_threads(pick_threads(args.threads))
     train_data, val_data = load_corpus(args.data_mb * 2**20, args.seed)
     print(f"data: {len(train_data):,} train / {len(val_data):,} validation bytes of stdlib source")
     model = build_flash(args)
     flash_params = count_params(model)
     print(f"FLASHLM: d={args.d} depth={args.depth} s={args.s} C={args.chunk_size} "
           f"T={args.seq_len} batch={args.batch_size}, {flash_params:,} parameters, "
-          f"backend={args.backend}, device={args.device}")
+          f"backend={args.backend}, device={args.device}"
+          + (f", CPU threads: {torch.get_num_threads()}" if args.device == "cpu" else ""))
     flash_hist = train(model, train_data, val_data, args, "FLASH")
     if args.sample:
         sample_text(model, val_data, args)
