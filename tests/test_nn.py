@@ -277,11 +277,14 @@ def test_training_curve_torch_vs_triton():
         assert abs(a - b) <= 1e-4 * abs(a), (torch_losses, triton_losses)
 
 
-def test_example_runs():
+def test_example_runs(tmp_path):
+    """The example's main, 2 steps of the tiny FLASH model and of the Transformer++ baseline."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, EXAMPLE, "--tiny", "--steps", "2", "--device", "cpu",
-                             "--backend", "torch"],
-                            capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    command = [sys.executable, EXAMPLE, "--tiny", "--steps", "2", "--device", "cpu",
+               "--backend", "torch", "--compare", "--plot", str(tmp_path / "curves.png")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "step     2" in result.stdout + result.stderr
-    assert "tok/s" in result.stdout
+    assert "FLASH step     2" in result.stdout + result.stderr
+    assert "Transformer++ step     2" in result.stdout + result.stderr
+    assert "tok/s" in result.stdout and "sample" in result.stdout
