@@ -133,7 +133,8 @@ def flash_attention_triton(z, gamma, beta, v, u, *, chunk_size, causal, rel_bias
     pad = gamma.new_zeros((4 - num_roles, gamma.shape[1]), dtype=torch.float32)
     affine = torch.stack([torch.cat([gamma.float(), pad]), torch.cat([beta.float(), pad])])
     store_attn = u is not None and u.requires_grad and torch.is_grad_enabled()
-    bias32 = rel_bias.float() if rel_bias is not None else None
+    # float32 and contiguous: the long-chunk kernels read it through a raw pointer.
+    bias32 = rel_bias.float().contiguous() if rel_bias is not None else None
     out, _, _ = flash_fwd_op(feature_contiguous(z), affine, num_roles, feature_contiguous(v),
                              feature_contiguous(u), bias32, chunk_size, causal, float(quad_scale),
                              float(lin_scale), store_attn)

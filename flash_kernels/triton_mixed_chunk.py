@@ -417,7 +417,9 @@ def mixed_chunk_attention_triton(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size,
     """Inputs with one flattened batch dim (B, T, S) / (B, T, E); resolved chunk size and scales."""
     check_triton_inputs(q_quad, v)
     views = [feature_contiguous(x) for x in (q_quad, k_quad, q_lin, k_lin, v)]
-    bias32 = rel_bias.float() if rel_bias is not None else None     # its gradient casts back
+    # float32 and contiguous (the long-chunk kernels read it through a raw pointer); the
+    # conversion is differentiable, so its gradient comes back in rel_bias's dtype.
+    bias32 = rel_bias.float().contiguous() if rel_bias is not None else None
     out, _ = mixed_chunk_fwd_op(*views, bias32, chunk_size, causal, float(quad_scale),
                                 float(lin_scale))
     return out

@@ -33,6 +33,9 @@ def check_chunk_size(chunk_size):
         raise TypeError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    if chunk_size >= 2**62:        # positions are int64; a longer chunk than that means one chunk
+        raise ValueError(f"chunk_size must be below 2**62 (use chunk_size=None for one chunk as "
+                         f"long as the sequence), got {chunk_size}")
 
 
 def check_same_dtype_and_device(named, group):

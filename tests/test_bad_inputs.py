@@ -323,35 +323,11 @@ def _returns_within(seconds, op, backend, chunk_size, in_subprocess=DEVICE == "c
         signal.signal(signal.SIGALRM, previous)
 
 
-STATE_SCAN_HANGS = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: the Triton state scan (kernels/chunk_state.py, chunk_state_scan_kernel) loops "
-    "`for t0 in range(0, chunk_size, BLOCK_T)` over the whole nominal chunk instead of "
-    "min(chunk_size, T - chunk_start): with chunk_size=10**12 and T=10 that is 1.6e10 masked "
-    "iterations per program, so any call with a linear part never returns (time grows linearly "
-    "with chunk_size: 64000 already takes ~2 s under the interpreter)"))
-TRITON_CHUNK_INT64 = pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "BUG: chunk_size >= 2**63 passes validation and the 'torch' backend handles it, but "
-    "backend='triton' fails with RuntimeError \"flash_kernels::mixed_chunk_fwd() Expected a "
-    "value of type 'int' for argument 'chunk_size' but instead found type 'int'\" (the "
-    "custom op's SymInt schema), not a clear ValueError"))
-REFERENCE_CHUNK_OVERFLOW = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: chunk_size=2**64 passes validation, then backend='reference' fails with "
-    "OverflowError('int too big to convert') from `pos // C` in reference.dense_reference, "
-    "a message that does not name chunk_size"))
-
-
 def _huge_params():
     for op in OPS:
         for backend in BACKENDS:
             for chunk_size in (10**12, 2**64):
-                marks = []
-                if backend == "triton" and chunk_size == 10**12:
-                    marks = [STATE_SCAN_HANGS]
-                elif backend == "triton":
-                    marks = [TRITON_CHUNK_INT64]
-                elif backend == "reference" and chunk_size == 2**64:
-                    marks = [REFERENCE_CHUNK_OVERFLOW]
-                yield pytest.param(op, backend, chunk_size, marks=marks,
+                yield pytest.param(op, backend, chunk_size,
                                    id=f"{op.split('_')[0]}-{backend}-{chunk_size}")
 
 
@@ -415,16 +391,6 @@ def _dependent_rows(name, causal, linear):
     }[name]
 
 
-# Through the quadratic scores only, the Triton kernels turn NaN into 0.
-TRITON_DROPS_NAN_SCORES = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: the Triton kernels compute relu(s) as tl.maximum(scores, 0.0) "
-    "(kernels/common.py, relu_scores_tile), whose NaN handling (PropagateNan.NONE, max.f32 on a "
-    "GPU) returns 0 for a NaN score: a NaN in q_quad, k_quad, rel_bias (or in z / gamma / beta "
-    "through the quadratic roles) gives a finite output on backend='triton', where 'torch' and "
-    "'reference' return NaN (e.g. q_quad[0, 5, 1] = nan, T=12, C=4: row 5 is NaN on torch, "
-    "finite on triton); tl.maximum(..., propagate_nan=tl.PropagateNan.ALL) would keep it"))
-
-
 def _nan_cases():
     # (op, where, value, linear/roles, causal)
     mixed = [("q_quad", NAN), ("k_quad", NAN), ("q_lin", NAN), ("q_lin", INF), ("k_lin", NAN),
@@ -445,15 +411,9 @@ def _nan_cases():
 
 
 def _nan_params():
-    score_path = {"q_quad", "k_quad", "rel_bias", "z", "gamma0", "gamma1", "beta1"}
     for op, where, value, linear, causal in _nan_cases():
         for backend in BACKENDS:
-            # Only NaN is dropped (relu(+inf)^2 = inf stays inf). A NaN in z also reaches the
-            # output through the linear roles, but rows 6 and 7 depend on z_5 only through k_quad.
-            marks = []
-            if backend == "triton" and value != value and where in score_path:
-                marks = [TRITON_DROPS_NAN_SCORES]
-            yield pytest.param(op, where, value, linear, causal, backend, marks=marks,
+            yield pytest.param(op, where, value, linear, causal, backend,
                                id=f"{op.split('_')[0]}-{backend}-{where}={value}-"
                                   f"{'lin' if linear else 'quad'}-{'causal' if causal else 'full'}")
 
@@ -577,13 +537,7 @@ def test_empty_inputs_give_empty_outputs_and_gradients(batch, T_, op, backend):
 @pytest.mark.parametrize("T_,chunk_size", [
     (20, 8),
     # chunks longer than 256 keys: the kernels gather the bias from the (2C - 1,) vector
-    pytest.param(300, None, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "BUG: backend='triton' ignores rel_bias's stride on the long-chunk path (chunk longer "
-        "than 256 keys, e.g. chunk_size=None with T=300): triton_mixed_chunk passes "
-        "rel_bias.float() (a no-op for float32, so still strided) to the kernels, which gather "
-        "rel_bias_ptr + (i - j + C - 1) as if contiguous. rel_bias = torch.randn(2 * 599 * 2)"
-        "[::2] gives max |error| ~250 against the same bias made contiguous (output ~130); "
-        "short chunks are fine (the bias goes through toeplitz_bias, an indexing copy)"))),
+    (300, None),
 ], ids=["short-chunks", "chunk-longer-than-256"])
 def test_non_contiguous_rel_bias(op, T_, chunk_size):
     gen = torch.Generator().manual_seed(6)

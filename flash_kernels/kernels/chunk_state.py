@@ -56,7 +56,8 @@ def chunk_state_scan_kernel(
             tl.store(states_ptr + ((batch * num_states + chunk) * S * E + state_offsets),
                      state * lin_scale, mask=state_mask)
         chunk_start = chunk.to(tl.int64) * chunk_size
-        for t0 in range(0, chunk_size, BLOCK_T):
+        # Only the chunk's tokens that exist: chunk_size may exceed T by far (one short chunk).
+        for t0 in range(0, tl.minimum(chunk_size, T - chunk_start), BLOCK_T):
             rows = chunk_start + t0 + offs_t
             row_ok = (t0 + offs_t < chunk_size) & (rows < T)
             x_t = tl.load(x_base + rows[None, :] * stride_xt + offs_s[:, None],  # (BLOCK_S, BLOCK_T)

@@ -84,7 +84,8 @@ def relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
             # i and j are in the same chunk, so the index lies in [0, 2 * chunk_size - 2].
             bias_index = local_i[:, None] - local_j[None, :] + chunk_size - 1
             scores += tl.load(rel_bias_ptr + bias_index, mask=valid, other=0.0)
-    return tl.where(valid, tl.maximum(scores, 0.0), 0.0)
+    # NaN in q, k or the bias must reach the output, as it does in the PyTorch paths.
+    return tl.where(valid, tl.maximum(scores, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
 
 
 @triton.jit
