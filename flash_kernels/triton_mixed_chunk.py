@@ -55,6 +55,7 @@ operand (as FlashAttention rounds its probabilities); for fp16 they stay fp32 (r
 fp16 once s > 255) and those products use tf32; fp32 inputs follow
 torch.backends.cuda.matmul.allow_tf32 ("ieee" when it is False).
 """
+import contextlib
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -90,8 +91,22 @@ class KernelConfig:
 _config_override: dict = {}
 
 
+@contextlib.contextmanager
+def tile_override(**fields):
+    """Force tile sizes inside the block (tests): `block`, `max_hoist_keys`, `block_e`,
+    `state_block_t`. Small tiles give short test sequences several blocks per chunk, and
+    `max_hoist_keys` forces the long-chunk path."""
+    saved = dict(_config_override)
+    _config_override.update(fields)
+    try:
+        yield
+    finally:
+        _config_override.clear()
+        _config_override.update(saved)
+
+
 def kernel_config(chunk_len, S, E):
-    """Tile sizes for a chunk of `chunk_len` tokens (tests may override fields: `_config_override`)."""
+    """Tile sizes for a chunk of `chunk_len` tokens (tests may override fields: `tile_override`)."""
     chunk_pow2 = max(16, next_power_of_2(chunk_len))
     block = _config_override.get("block", min(64, chunk_pow2))
     max_hoist = _config_override.get("max_hoist_keys", MAX_HOIST_KEYS)

@@ -11,30 +11,18 @@ The three runs differ in everything that must not matter: the first with uniniti
 (torch.empty) scratch buffers, the second with NaN-filled ones, the third after other launches
 with different shapes have run in between (tile caches, autotuning, allocator reuse).
 """
-import contextlib
 
 import pytest
 import torch
 
-import flash_kernels.triton_mixed_chunk as triton_backend
 from flash_kernels import flash_attention, mixed_chunk_attention
+from flash_kernels.triton_mixed_chunk import tile_override
 from flash_kernels.utils import nan_filled_buffers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, T, S, E, C = 2, 70, 7, 10, 32      # 3 chunks, the last partial; S, E not powers of two
 PATHS = {"hoisted": dict(block=16, state_block_t=16),
          "recomputed": dict(block=16, state_block_t=16, max_hoist_keys=16, block_e=16)}
-
-
-@contextlib.contextmanager
-def tiles(override):
-    saved = dict(triton_backend._config_override)
-    triton_backend._config_override.update(override)
-    try:
-        yield
-    finally:
-        triton_backend._config_override.clear()
-        triton_backend._config_override.update(saved)
 
 
 def _inputs(op, dtype, seed=0):
@@ -100,7 +88,7 @@ def _cases():
 @pytest.mark.parametrize("backend,dtype,path", list(_cases()))
 def test_same_inputs_give_the_same_bits(backend, dtype, path, op, causal):
     inputs = _inputs(op, dtype)
-    with tiles(PATHS.get(path, {})):
+    with tile_override(**PATHS.get(path, {})):
         first = _run(op, inputs, backend, causal)
         with nan_filled_buffers():
             second = _run(op, inputs, backend, causal)
@@ -123,7 +111,7 @@ def test_rel_bias_gradient_does_not_depend_on_which_other_grads_are_needed(backe
     def drel_bias(requires):
         leaves = {n: x.clone().requires_grad_(n in requires or n == "rel_bias")
                   for n, x in inputs.items()}
-        with tiles(PATHS["hoisted"]), nan_filled_buffers():
+        with tile_override(**PATHS["hoisted"]), nan_filled_buffers():
             out = mixed_chunk_attention(leaves["q_quad"], leaves["k_quad"], leaves["q_lin"],
                                         leaves["k_lin"], leaves["v"], chunk_size=C,
                                         rel_bias=leaves["rel_bias"], backend=backend)

@@ -7,8 +7,8 @@ Buffers the kernels must fill are NaN-filled (see test_triton_mixed_chunk.py).
 import pytest
 import torch
 
-import flash_kernels.triton_mixed_chunk as triton_backend
 from flash_kernels import flash_attention
+from flash_kernels.triton_mixed_chunk import tile_override
 from flash_kernels.utils import nan_filled_buffers
 from helpers import assert_close
 
@@ -81,13 +81,8 @@ def test_matches_composed_reference(causal, roles, gate, T, chunk):
 def test_several_blocks_per_chunk(path):
     overrides = dict(block=16, state_block_t=16, **({"max_hoist_keys": 16} if path == "recomputed" else {}))
     problem = make_flash_problem((2,), 90, 7, 10, bias_chunk=40, seed=1)
-    saved = dict(triton_backend._config_override)
-    triton_backend._config_override.update(overrides)
-    try:
+    with tile_override(**overrides):
         check(problem, chunk_size=40, causal=True)
-    finally:
-        triton_backend._config_override.clear()
-        triton_backend._config_override.update(saved)
 
 
 def test_float16_with_float32_parameters():

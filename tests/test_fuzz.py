@@ -31,11 +31,13 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, example, given, note, settings
-from hypothesis import strategies as st
 
-import flash_kernels.triton_mixed_chunk as triton_backend
+pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (the 'test' extra)")
+from hypothesis import HealthCheck, Phase, example, given, note, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
 from flash_kernels import flash_attention, mixed_chunk_attention
+from flash_kernels.triton_mixed_chunk import tile_override
 from flash_kernels.utils import nan_filled_buffers
 from helpers import assert_close
 
@@ -103,21 +105,6 @@ def _options(case):
                 quad_scale=case["quad_scale"], lin_scale=case["lin_scale"])
 
 
-class _tiles:
-    """Temporarily override the Triton tile sizes (triton_mixed_chunk._config_override)."""
-
-    def __init__(self, tiles):
-        self.tiles = tiles
-
-    def __enter__(self):
-        self.saved = dict(triton_backend._config_override)
-        triton_backend._config_override.update(self.tiles)
-
-    def __exit__(self, *exc):
-        triton_backend._config_override.clear()
-        triton_backend._config_override.update(self.saved)
-
-
 def _leaves(values, dtypes, device):
     """Fresh leaves requiring grad: values (float64, or None) rounded to dtypes[name]."""
     return {name: None if x is None else
@@ -135,12 +122,12 @@ def _compare(name_prefix, run, values, dtypes, dtype, backend, tiles):
     """Run `run(inputs, backend)` on the rounded inputs and on their float64 copies (reference);
     compare the output and the gradient of every tensor input."""
     low = _leaves(values, dtypes, DEVICE)
-    with nan_filled_buffers(), _tiles(tiles if backend == "triton" else {}):
+    with nan_filled_buffers(), tile_override(**(tiles if backend == "triton" else {})):
         out = run(low, backend)
     gen = torch.Generator().manual_seed(1234)
     grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)
     names = [n for n, x in low.items() if x is not None]
-    with nan_filled_buffers(), _tiles(tiles if backend == "triton" else {}):
+    with nan_filled_buffers(), tile_override(**(tiles if backend == "triton" else {})):
         grads = torch.autograd.grad(out, [low[n] for n in names], grad_out, allow_unused=True)
 
     exact = _rounded_float64(values, dtypes)

@@ -6,13 +6,11 @@ memory nobody wrote shows up as NaN. Small tiles (`block`) are forced in some ca
 test sequences still have several query/key blocks per chunk, and `max_hoist_keys` forces the
 long-chunk path (scores recomputed per value tile) that chunk_size=None takes on long sequences.
 """
-import contextlib
-
 import pytest
 import torch
 
-import flash_kernels.triton_mixed_chunk as triton_backend
 from flash_kernels import mixed_chunk_attention
+from flash_kernels.triton_mixed_chunk import tile_override
 from flash_kernels.utils import nan_filled_buffers
 from helpers import GRAD_NAMES, assert_close, make_problem, run_with_grads
 
@@ -27,17 +25,6 @@ RATIO = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 def _nan_scratch():
     with nan_filled_buffers():
         yield
-
-
-@contextlib.contextmanager
-def config(**override):
-    saved = dict(triton_backend._config_override)
-    triton_backend._config_override.update(override)
-    try:
-        yield
-    finally:
-        triton_backend._config_override.clear()
-        triton_backend._config_override.update(saved)
 
 
 def as_dtype(problem, dtype, device=DEVICE):
@@ -92,7 +79,7 @@ def test_several_blocks_per_chunk(causal, path, linear, bias):
     if path == "recomputed":
         overrides["max_hoist_keys"] = 16
     problem = make_problem((2,), 90, S, E, linear=linear, bias_chunk=40 if bias else None, seed=1)
-    with config(**overrides):
+    with tile_override(**overrides):
         check_against_reference(problem, chunk_size=40, causal=causal, quad_scale=0.7, lin_scale=0.3)
 
 
@@ -100,14 +87,14 @@ def test_several_blocks_per_chunk(causal, path, linear, bias):
 def test_full_attention_long_sequence(causal):
     """chunk_size=None over a sequence longer than one key tile (the recomputing path)."""
     problem = make_problem((1,), 70, 17, 33, linear=False, bias_chunk=70, seed=2)
-    with config(block=16, max_hoist_keys=32, block_e=16):
+    with tile_override(block=16, max_hoist_keys=32, block_e=16):
         check_against_reference(problem, chunk_size=None, causal=causal)
 
 
 def test_wide_features_and_several_value_tiles():
     """S and E not powers of two and E over several value tiles."""
     problem = make_problem((2,), 45, 24, 72, bias_chunk=16, seed=3)
-    with config(block_e=16):
+    with tile_override(block_e=16):
         check_against_reference(problem, chunk_size=16, causal=True)
 
 
