@@ -1,7 +1,7 @@
 """Shared test helpers: random problems and an rms-ratio assert_close that says where it failed."""
 import torch
 
-from flash_kernels import mixed_chunk_attention
+from flash_kernels import flash_attention, mixed_chunk_attention
 
 GRAD_NAMES = ("q_quad", "k_quad", "q_lin", "k_lin", "v", "rel_bias")
 
@@ -62,3 +62,14 @@ def run_with_grads(problem, grad_out=None, **options):
     names = [n for n in GRAD_NAMES if problem[n] is not None and problem[n].requires_grad]
     grads = torch.autograd.grad(out, [problem[n] for n in names], grad_out, allow_unused=True)
     return out, dict(zip(names, grads)), grad_out
+
+
+def call_op(op, tensors, **options):
+    """Run "mixed_chunk_attention" or "flash_attention" on a dict of named tensors (the
+    names of the op's arguments; rel_bias included)."""
+    if op == "mixed_chunk_attention":
+        return mixed_chunk_attention(tensors["q_quad"], tensors["k_quad"], tensors["q_lin"],
+                                     tensors["k_lin"], tensors["v"], rel_bias=tensors["rel_bias"],
+                                     **options)
+    return flash_attention(tensors["z"], tensors["gamma"], tensors["beta"], tensors["v"],
+                           u=tensors["u"], rel_bias=tensors["rel_bias"], **options)

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from flash_kernels import flash_attention, mixed_chunk_attention
+from helpers import call_op
 from test_validation import BAD_INPUTS as VALIDATION_BAD_INPUTS
 from test_validation import call as validation_call
 
@@ -442,13 +443,7 @@ def test_nan_and_inf_propagate_and_nothing_hangs(op, where, value, linear, causa
     else:
         inputs[where][0, TOKEN, 1] = value
     leaves = {n: x.requires_grad_() if x is not None else None for n, x in inputs.items()}
-    options = dict(chunk_size=CN, causal=causal, rel_bias=leaves["rel_bias"], backend=backend)
-    if op == "mixed_chunk_attention":
-        out = mixed_chunk_attention(leaves["q_quad"], leaves["k_quad"], leaves["q_lin"],
-                                    leaves["k_lin"], leaves["v"], **options)
-    else:
-        out = flash_attention(leaves["z"], leaves["gamma"], leaves["beta"], leaves["v"],
-                              u=leaves["u"], **options)
+    out = call_op(op, leaves, chunk_size=CN, causal=causal, backend=backend)
     # The backward runs too (nothing hangs or crashes; its values are not checked).
     out.sum().backward()
     assert all(x.grad is not None for x in leaves.values() if x is not None)

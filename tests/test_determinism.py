@@ -15,9 +15,10 @@ with different shapes have run in between (tile caches, autotuning, allocator re
 import pytest
 import torch
 
-from flash_kernels import flash_attention, mixed_chunk_attention
+from flash_kernels import mixed_chunk_attention
 from flash_kernels.triton_mixed_chunk import tile_override
 from flash_kernels.utils import nan_filled_buffers
+from helpers import call_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, T, S, E, C = 2, 70, 7, 10, 32      # 3 chunks, the last partial; S, E not powers of two
@@ -44,13 +45,7 @@ def _inputs(op, dtype, seed=0):
 
 def _run(op, inputs, backend, causal):
     leaves = {name: x.clone().requires_grad_() for name, x in inputs.items()}
-    options = dict(chunk_size=C, causal=causal, rel_bias=leaves["rel_bias"], backend=backend)
-    if op == "mixed_chunk_attention":
-        out = mixed_chunk_attention(leaves["q_quad"], leaves["k_quad"], leaves["q_lin"],
-                                    leaves["k_lin"], leaves["v"], **options)
-    else:
-        out = flash_attention(leaves["z"], leaves["gamma"], leaves["beta"], leaves["v"],
-                              u=leaves["u"], **options)
+    out = call_op(op, leaves, chunk_size=C, causal=causal, backend=backend)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(99),
                            dtype=torch.float64).to(out)
     names = list(leaves)

@@ -7,8 +7,6 @@ paths are plain tensor code. So torch.compile(fullgraph=True) must trace every b
 import pytest
 import torch
 
-import flash_kernels.triton_flash_attention  # noqa: F401 - registers the flash ops
-import flash_kernels.triton_mixed_chunk  # noqa: F401 - registers the mixed chunk ops
 from flash_kernels import flash_attention, mixed_chunk_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
