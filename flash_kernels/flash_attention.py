@@ -1,4 +1,4 @@
-"""The fused FLASH op `flash_attention` (SPEC.md section 4): roles from z, attention, gate.
+"""The fused FLASH op `flash_attention` (SPEC.md sections 4 and 7): roles from z, attention, gate.
 
     q_quad = z * gamma[0] + beta[0]      k_quad = z * gamma[1] + beta[1]
     q_lin  = z * gamma[2] + beta[2]      k_lin  = z * gamma[3] + beta[3]     (rows 2, 3 optional)
@@ -11,9 +11,9 @@ import math
 
 import torch
 
-from .mixed_chunk_attention import mixed_chunk_attention, pick_backend, resolve_options
+from .mixed_chunk_attention import Documents, mixed_chunk_attention, pick_backend
 from .utils import autocast_cast, autocast_dtype
-from .validation import check_flash_inputs, check_options
+from .validation import check_flash_inputs, check_options, check_rel_bias
 
 try:    # imported here so the custom ops are registered before anything is traced or compiled
     from .triton_flash_attention import flash_attention_triton
@@ -32,7 +32,8 @@ def scale_offset_roles(z, gamma, beta):
 
 
 def flash_attention(z, gamma, beta, v, *, u=None, chunk_size=256, causal=True, rel_bias=None,
-                    quad_scale=None, lin_scale=None, backend="auto"):
+                    quad_scale=None, lin_scale=None, cu_seqlens=None, max_seqlen=None,
+                    initial_state=None, output_final_state=False, backend="auto"):
     """FLASH attention from the shared z: per-role scale-offsets, mixed chunk attention, gate.
 
     Args:
@@ -41,39 +42,51 @@ def flash_attention(z, gamma, beta, v, *, u=None, chunk_size=256, causal=True, r
             quadratic attention only. May be float32 while z is half; their gradients are
             returned in their own dtype (reduced over tokens deterministically).
         v: (*batch, T, E) values; u: optional (*batch, T, E) gate, the output is u * attention.
-        chunk_size, causal, rel_bias, quad_scale, lin_scale, backend: as mixed_chunk_attention
-            ("triton" fuses the roles and the gate into the kernels; float64 takes the
-            composed PyTorch path).
+        chunk_size, causal, rel_bias, quad_scale, lin_scale, cu_seqlens, max_seqlen,
+            initial_state, output_final_state, backend: as mixed_chunk_attention ("triton"
+            fuses the roles and the gate into the kernels; float64 takes the composed PyTorch
+            path). The final state is the ungated attention's (u gates outputs, not the state).
 
     Returns:
-        (*batch, T, E) in v's dtype. Gradients flow to z, gamma, beta, v, u and rel_bias.
-        Inside torch.autocast, z, v and u are cast to the autocast dtype first (so is the
-        output); gamma, beta and rel_bias keep theirs.
+        (*batch, T, E) in v's dtype, or (out, final_state) with output_final_state. Gradients
+        flow to z, gamma, beta, v, u, rel_bias and initial_state. Inside torch.autocast, z, v
+        and u are cast to the autocast dtype first (so is the output); gamma, beta, rel_bias
+        and initial_state keep theirs.
     """
+    options = dict(chunk_size=chunk_size, causal=causal, rel_bias=rel_bias, quad_scale=quad_scale,
+                   lin_scale=lin_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                   initial_state=initial_state, output_final_state=output_final_state)
     cast = autocast_dtype(v)
     if cast is not None:
         z, v, u = (autocast_cast(x, cast) for x in (z, v, u))
         with torch.autocast(v.device.type, enabled=False):
-            return flash_attention(z, gamma, beta, v, u=u, chunk_size=chunk_size, causal=causal,
-                                   rel_bias=rel_bias, quad_scale=quad_scale, lin_scale=lin_scale,
-                                   backend=backend)
+            return flash_attention(z, gamma, beta, v, u=u, backend=backend, **options)
     check_flash_inputs(z, gamma, beta, v, u)
+    check_options(chunk_size, causal, quad_scale, lin_scale, backend)
     *batch, T, S = z.shape
     E = v.shape[-1]
-    check_options(chunk_size, causal, rel_bias, quad_scale, lin_scale, backend, T=T,
-                  device=z.device, device_owner="z")
     resolved = pick_backend(backend, v.device, v.dtype, S)
     if resolved != "triton" or T == 0 or flash_attention_triton is None:
         roles = scale_offset_roles(z, gamma, beta)
         q_lin, k_lin = (roles[2], roles[3]) if len(roles) == 4 else (None, None)
-        out = mixed_chunk_attention(roles[0], roles[1], q_lin, k_lin, v, chunk_size=chunk_size,
-                                    causal=causal, rel_bias=rel_bias, quad_scale=quad_scale,
-                                    lin_scale=lin_scale, backend=resolved)
-        return out if u is None else u * out
+        result = mixed_chunk_attention(roles[0], roles[1], q_lin, k_lin, v, backend=resolved,
+                                       **options)
+        if u is None:
+            return result
+        if output_final_state:
+            return u * result[0], result[1]
+        return u * result
 
+    docs = Documents(batch=batch, T=T, S=S, E=E, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
+                     max_seqlen=max_seqlen, initial_state=initial_state,
+                     output_final_state=output_final_state, has_linear=gamma.shape[0] == 4,
+                     causal=causal, device=z.device, dtype=v.dtype)
+    check_rel_bias(rel_bias, C=docs.chunk_size, chunk_size=chunk_size, packed=docs.packed,
+                   device=z.device, device_owner="z")
     B = math.prod(batch)
-    out = flash_attention_triton(z.reshape(B, T, S), gamma, beta, v.reshape(B, T, E),
-                                 None if u is None else u.reshape(B, T, E),
-                                 **resolve_options(T, chunk_size, causal, rel_bias, quad_scale,
-                                                   lin_scale))
-    return out.reshape(*batch, T, E)
+    out, total = flash_attention_triton(
+        z.reshape(B, T, S), gamma, beta, v.reshape(B, T, E),
+        None if u is None else u.reshape(B, T, E), chunk_size=docs.chunk_size, causal=causal,
+        rel_bias=rel_bias, quad_scale=quad_scale, lin_scale=lin_scale, tables=docs.tables(),
+        state_offset=docs.state_offset(B), store_total=output_final_state)
+    return docs.finish(out, total)

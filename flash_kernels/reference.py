@@ -1,9 +1,25 @@
 """Dense O(T^2) reference of mixed chunk attention: the simplest code that can be right.
 
-Everything is written as one T x T matrix product so that each term of SPEC.md section 2 is
-visible in a single line. Gradients come from autograd. Use float64 inputs for ground truth.
+Everything is written as one T x T matrix product so that each term of the contract (docs/contract.md
+section 2) is visible in a single line, and packed documents (section 7) are literally a loop over
+the documents. Gradients come from autograd. Use float64 inputs for ground truth.
 """
 import torch
+
+
+def _finite_rows(x):
+    """x with its non-finite rows zeroed, and the (..., T) mask of those rows."""
+    bad = ~torch.isfinite(x).all(dim=-1)
+    return torch.where(bad[..., None], torch.zeros((), dtype=x.dtype, device=x.device), x), bad
+
+
+def _pair_products(q, k, scale):
+    """scale * q @ k^T, NaN where the query or the key row is non-finite: formed from finite
+    rows, so the gradient of a pair that is masked out later is exactly zero."""
+    q, bad_q = _finite_rows(q)
+    k, bad_k = _finite_rows(k)
+    products = scale * (q @ k.transpose(-1, -2))
+    return torch.where(bad_q[..., :, None] | bad_k[..., None, :], float("nan"), products)
 
 
 def dense_reference(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
@@ -14,6 +30,9 @@ def dense_reference(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_
            if c(i) == c(j) (and j <= i when causal), else 0
     L_ij = lin_scale * <q_lin_i, k_lin_j> if c(j) < c(i) (causal) or always (non-causal), else 0
 
+    Pairs outside those sets are removed by selection, not multiplied by zero: whatever a token
+    that query i may not attend holds (NaN, inf), out_i does not see it; an output entry that
+    attends a non-finite value is NaN.
     `chunk_size`, `quad_scale` and `lin_scale` must already be resolved (ints and floats).
     Computes in float32 at least (float64 stays float64); returns v's dtype.
     """
@@ -21,22 +40,75 @@ def dense_reference(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_
     C = chunk_size
     out_dtype = v.dtype
     compute_dtype = torch.promote_types(v.dtype, torch.float32)
-    q_quad, k_quad, v = (x.to(compute_dtype) for x in (q_quad, k_quad, v))
+    zero = torch.zeros((), dtype=compute_dtype, device=v.device)
 
     pos = torch.arange(T, device=v.device)
     offset = pos[:, None] - pos[None, :]                      # i - j
     chunk = pos // C
     same_chunk = chunk[:, None] == chunk[None, :]
-    allowed = same_chunk & (offset >= 0) if causal else same_chunk
+    quad_pairs = same_chunk & (offset >= 0) if causal else same_chunk
 
-    scores = quad_scale * (q_quad @ k_quad.transpose(-1, -2))
+    scores = _pair_products(q_quad.to(compute_dtype), k_quad.to(compute_dtype), quad_scale)
     if rel_bias is not None:
         bias_index = (offset + C - 1).clamp(0, 2 * C - 2)      # clamped entries are masked below
         scores = scores + rel_bias.to(compute_dtype)[bias_index]
-    attn = torch.where(allowed, torch.relu(scores) ** 2, torch.zeros((), dtype=compute_dtype,
-                                                                      device=v.device))
+    weights = torch.relu(torch.where(quad_pairs, scores, zero)) ** 2
+    attended = quad_pairs
     if q_lin is not None:
-        earlier = chunk[None, :] < chunk[:, None] if causal else torch.ones_like(same_chunk)
-        lin = lin_scale * (q_lin.to(compute_dtype) @ k_lin.to(compute_dtype).transpose(-1, -2))
-        attn = attn + torch.where(earlier, lin, torch.zeros((), dtype=compute_dtype, device=v.device))
-    return (attn @ v).to(out_dtype)
+        lin_pairs = chunk[None, :] < chunk[:, None] if causal else torch.ones_like(same_chunk)
+        lin = _pair_products(q_lin.to(compute_dtype), k_lin.to(compute_dtype), lin_scale)
+        weights = weights + torch.where(lin_pairs, lin, zero)
+        attended = attended | lin_pairs
+
+    v = v.to(compute_dtype)
+    bad_v = ~torch.isfinite(v)
+    out = weights @ torch.where(bad_v, zero, v)
+    if bad_v.any():        # which outputs attend a non-finite value (ground truth: a plain count)
+        seen = (attended.to(compute_dtype) @ bad_v.to(compute_dtype)) > 0
+        out = torch.where(seen, float("nan"), out)
+    return out.to(out_dtype)
+
+
+def reference_with_state(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
+                         quad_scale, lin_scale, cu_seqlens=None, initial_state=None,
+                         output_final_state=False):
+    """The contract's section 7 as a loop over the packed documents (cu_seqlens; without it the
+    sequence is one document), each run through `dense_reference` alone:
+
+        out[bos:eos]   = dense_reference(document n) + lin_scale * q_lin[bos:eos] @ initial_state[n]
+        final_state[n] = initial_state[n] + sum over the document's complete chunks g of H_g
+
+    initial_state: (*batch, N, S, E) with cu_seqlens, else (*batch, S, E). Returns out, or
+    (out, final_state) with output_final_state (float32; float64 for float64 inputs).
+    """
+    packed = cu_seqlens is not None
+    bounds = cu_seqlens.tolist() if packed else [0, v.shape[-2]]
+    compute_dtype = torch.promote_types(v.dtype, torch.float32)
+    outs, finals = [], []
+    for n, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:])):
+        def doc(x):
+            return None if x is None else x[..., bos:eos, :]
+        out = dense_reference(doc(q_quad), doc(k_quad), doc(q_lin), doc(k_lin), doc(v),
+                              chunk_size=chunk_size, causal=causal, rel_bias=rel_bias,
+                              quad_scale=quad_scale, lin_scale=lin_scale)
+        start = None
+        if initial_state is not None:
+            start = (initial_state[..., n, :, :] if packed else initial_state).to(compute_dtype)
+            out = (out.to(compute_dtype) + lin_scale * (doc(q_lin).to(compute_dtype) @ start)).to(v.dtype)
+        outs.append(out)
+        if output_final_state:
+            complete = (eos - bos) // chunk_size * chunk_size
+            k_done = doc(k_lin)[..., :complete, :].to(compute_dtype)
+            v_done = doc(v)[..., :complete, :].to(compute_dtype)
+            final = k_done.transpose(-1, -2) @ v_done
+            finals.append(final if start is None else start + final)
+    out = torch.cat(outs, dim=-2) if outs else v[..., :0, :].clone()
+    if not output_final_state:
+        return out
+    if packed:
+        S, E = q_lin.shape[-1], v.shape[-1]
+        final = torch.stack(finals, dim=-3) if finals else \
+            v.new_zeros(*v.shape[:-2], 0, S, E, dtype=compute_dtype)
+    else:
+        final = finals[0]
+    return out, final

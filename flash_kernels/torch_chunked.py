@@ -3,9 +3,20 @@
 This is the default CPU path and the baseline the Triton kernels are measured against. Per chunk
 of C tokens it forms the C x C relu^2 scores (so memory is O(T * C), linear in T); the linear
 part keeps one S x E state per chunk, in float32 at least, combined by an exclusive cumulative sum.
+
+Packed documents (packing.ChunkTables) use the kernels' chunk slots: tokens are gathered into a
+(B, slots, C, W) layout (idle slots and rows past a chunk's end masked), and the states are
+summed by a segmented scan over the slots, so nothing crosses a document boundary and nothing
+waits for the device (every shape comes from T, C and N). Memory is then O((T / C + N) C^2):
+many documents much shorter than a chunk waste most of their slots.
+
+Masked positions are removed by selection (torch.where), never by multiplying by zero, so a
+non-finite value in a token that a query may not attend cannot reach that query's output or
+gradient. An output entry that attends a non-finite value is NaN.
 """
+from typing import NamedTuple
+
 import torch
-import torch.nn.functional as F
 
 
 def toeplitz_bias(rel_bias, chunk_size, length):
@@ -14,52 +25,151 @@ def toeplitz_bias(rel_bias, chunk_size, length):
     return rel_bias[pos[:, None] - pos[None, :] + chunk_size - 1]
 
 
+class ChunkLayout(NamedTuple):
+    """Where every (chunk slot, row) of the (B, G, C, W) layout reads its token."""
+    token: torch.Tensor          # (G, C) token index (clamped into [0, T))
+    valid: torch.Tensor          # (G, C) the row holds a token of the slot's chunk
+    doc: torch.Tensor            # (G,) document of the slot (0 without packing; idle slots: 0)
+    last_complete: torch.Tensor  # (N,) slot of the document's last complete chunk, or -1
+    last: torch.Tensor           # (N,) slot of the document's last chunk, or -1 (empty)
+    position: torch.Tensor       # (T,) flat index g * C + row of every token (None: the first T)
+
+
+def chunk_layout(T, chunk_size, C, tables, device):
+    """The layout of T tokens in chunks of chunk_size (C = min(chunk_size, T) rows per slot)."""
+    rows = torch.arange(C, device=device)
+    if tables is None:
+        num_slots = -(-T // C)
+        token = torch.arange(num_slots * C, device=device).reshape(num_slots, C)
+        num_complete = T // chunk_size
+        return ChunkLayout(
+            token.clamp(max=T - 1), token < T, torch.zeros(num_slots, dtype=torch.long, device=device),
+            torch.tensor([num_complete - 1], device=device),
+            torch.tensor([num_slots - 1], device=device), None)
+    cu = tables.cu_seqlens.long()
+    offsets = tables.chunk_offsets.long()
+    doc = tables.chunk_table[:, 0].long()
+    owned = doc >= 0
+    doc = doc.clamp(min=0)
+    start = cu[doc] + tables.chunk_table[:, 1].long().clamp(min=0) * chunk_size
+    end = torch.minimum(start + chunk_size, cu[doc + 1])
+    token = start[:, None] + rows
+    lengths = cu[1:] - cu[:-1]
+    num_complete = lengths // chunk_size
+    last_complete = torch.where(num_complete > 0, offsets[:-1] + num_complete - 1, -1)
+    last = torch.where(lengths > 0, offsets[1:] - 1, -1)
+    # token t of document n (cu[n] <= t < cu[n + 1]) sits in slot offsets[n] + local // chunk_size
+    t = torch.arange(T, device=device)
+    token_doc = torch.searchsorted(cu[1:], t, right=True).clamp(max=max(tables.num_docs - 1, 0))
+    local = t - cu[token_doc]
+    position = (offsets[token_doc] + local // chunk_size) * C + local % chunk_size
+    return ChunkLayout(token.clamp(0, max(T - 1, 0)), owned[:, None] & (token < end[:, None]), doc,
+                       last_complete, last, position)
+
+
+def _nonfinite_rows(x):
+    """(..., rows) True where a row of x (..., rows, W) holds a non-finite value."""
+    return ~torch.isfinite(x).all(dim=-1)
+
+
+def _segmented_scan(states, doc, *, exclusive):
+    """Sum of states[:, h] over the slots h of g's document with h < g (exclusive) or h <= g.
+
+    A Hillis-Steele scan: log2(G) steps of additions over the slots (a document's slots are
+    contiguous). It only ever adds states of one document: never a difference of running sums
+    across documents, which would cancel catastrophically."""
+    G = states.shape[1]
+    zero = torch.zeros((), dtype=states.dtype, device=states.device)
+
+    def shifted(total, step):
+        same_doc = (doc[step:] == doc[:-step]).view(1, -1, 1, 1)
+        return torch.where(same_doc, total[:, :-step], zero)
+
+    total, step = states, 1
+    while step < G:
+        total = torch.cat([total[:, :step], total[:, step:] + shifted(total, step)], dim=1)
+        step *= 2
+    if not exclusive:
+        return total
+    return torch.cat([torch.zeros_like(total[:, :1]), shifted(total, 1)], dim=1) if G > 1 \
+        else torch.zeros_like(total)
+
+
 def mixed_chunk_attention_torch(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
-                                quad_scale, lin_scale):
+                                quad_scale, lin_scale, tables=None, state_offset=None,
+                                store_total=False):
     """Inputs (B, T, S) and (B, T, E) with one flattened batch dim; resolved chunk_size and scales.
 
-    Pads T to a multiple of C with zeros: a padded key has k = 0 and v = 0, so it adds nothing
-    to the linear states, and its quadratic score (which may be relu(bias)^2 > 0) is masked.
+    tables: packed documents (packing.ChunkTables); state_offset: optional (B, N, S, E)
+    unscaled state every chunk of document n starts from (N = 1 without packing). Returns
+    (out, total): total is None unless store_total, else the (B, N, S, E) per-document sums of
+    k_lin^T v over complete chunks (causal) or over all chunks (non-causal), in the compute
+    dtype, as the kernels' state scan (kernels/chunk_state.py).
     """
     B, T, S = q_quad.shape
     E = v.shape[-1]
-    # A sequence shorter than one chunk is a single block of T tokens: no padding needed.
-    C = min(chunk_size, T)
-    num_chunks = -(-T // C)
-    pad = num_chunks * C - T
+    C = min(chunk_size, T)          # rows per slot: a chunk never holds more than T tokens
     out_dtype = v.dtype
     compute_dtype = torch.promote_types(v.dtype, torch.float32)
+    zero = torch.zeros((), dtype=compute_dtype, device=v.device)
+    layout = chunk_layout(T, chunk_size, C, tables, v.device)
+    num_slots = layout.token.shape[0]
+    valid_row = layout.valid
 
     def chunked(x):
-        x = x.to(compute_dtype)
-        if pad:
-            x = F.pad(x, (0, 0, 0, pad))
-        return x.reshape(B, num_chunks, C, x.shape[-1])
+        rows = x.to(compute_dtype)[:, layout.token.reshape(-1)].reshape(B, num_slots, C, x.shape[-1])
+        return torch.where(valid_row[None, :, :, None], rows, zero)
 
     qq, kq, vc = chunked(q_quad), chunked(k_quad), chunked(v)
 
-    scores = quad_scale * (qq @ kq.transpose(-1, -2))                 # (B, N, C, C)
+    # Scores from finite rows; a pair with a non-finite query or key row is NaN, and only
+    # pairs a query may attend survive the selection, so no gradient reaches the others.
+    bad_q, bad_k = _nonfinite_rows(qq), _nonfinite_rows(kq)
+    qq = torch.where(bad_q[..., None], zero, qq)
+    kq = torch.where(bad_k[..., None], zero, kq)
+    scores = quad_scale * (qq @ kq.transpose(-1, -2))                 # (B, G, C, C)
+    scores = torch.where(bad_q[..., :, None] | bad_k[..., None, :], float("nan"), scores)
     if rel_bias is not None:
         scores = scores + toeplitz_bias(rel_bias.to(compute_dtype), chunk_size, C)
-    pos = torch.arange(num_chunks * C, device=v.device).reshape(num_chunks, 1, C)
-    valid_key = pos < T                                                 # (N, 1, C)
+    valid = valid_row[:, :, None] & valid_row[:, None, :]               # (G, C, C)
     if causal:
-        local = torch.arange(C, device=v.device)
-        valid = valid_key & (local[None, :] <= local[:, None])          # (N, C, C)
-    else:
-        valid = valid_key.expand(num_chunks, C, C)
-    attn = torch.where(valid, torch.relu(scores).square(), scores.new_zeros(()))
-    out = attn @ vc                                                     # (B, N, C, E)
+        valid = valid & torch.ones(C, C, dtype=torch.bool, device=v.device).tril()
+    attn = torch.relu(torch.where(valid, scores, zero)).square()       # 0 where masked
 
+    # Values: a non-finite v[j, e] reaches exactly the queries that attend j, as NaN.
+    bad_v = ~torch.isfinite(vc)                                         # (B, G, C, E)
+    out = attn @ torch.where(bad_v, zero, vc)
+    if causal:      # query i attends rows j <= i of its chunk: the first bad row poisons the rest
+        row = torch.arange(C, device=v.device).view(1, 1, C, 1)
+        first_bad = torch.where(bad_v, row, C).amin(dim=2, keepdim=True)
+        poisoned = row >= first_bad
+    else:
+        poisoned = bad_v.any(dim=2, keepdim=True)
+    out = torch.where(poisoned, float("nan"), out)                      # (B, G, C, E)
+
+    total = None
     if q_lin is not None:
         ql, kl = chunked(q_lin), chunked(k_lin)
-        states = kl.transpose(-1, -2) @ vc                              # (B, N, S, E): H_g
-        if causal:
-            # exclusive prefix sum: P_g = H_0 + ... + H_{g-1}
-            prefix = torch.cumsum(states, dim=1)
-            prefix = torch.cat([torch.zeros_like(prefix[:, :1]), prefix[:, :-1]], dim=1)
-            out = out + lin_scale * (ql @ prefix)
+        states = kl.transpose(-1, -2) @ vc                              # (B, G, S, E): H_g
+        if tables is None:
+            inclusive = torch.cumsum(states, dim=1)
         else:
-            out = out + lin_scale * (ql @ states.sum(dim=1, keepdim=True))
+            inclusive = _segmented_scan(states, layout.doc, exclusive=False)
+        last = layout.last_complete if causal else layout.last
+        doc_total = torch.where((last >= 0).view(1, -1, 1, 1), inclusive[:, last.clamp(min=0)], zero)
+        if causal:   # exclusive prefix within the document: P_g = sum of its H_h, h < g
+            if tables is None:
+                prefix = torch.cat([torch.zeros_like(inclusive[:, :1]), inclusive[:, :-1]], dim=1)
+            else:
+                prefix = _segmented_scan(states, layout.doc, exclusive=True)
+        else:
+            prefix = doc_total[:, layout.doc]
+        if state_offset is not None:
+            prefix = prefix + state_offset.to(compute_dtype)[:, layout.doc]
+        out = out + lin_scale * (ql @ prefix)
+        if store_total:
+            total = doc_total
 
-    return out.reshape(B, num_chunks * C, E)[:, :T].to(out_dtype)
+    out = out.reshape(B, num_slots * C, E)
+    out = out[:, :T] if layout.position is None else out[:, layout.position]
+    return out.to(out_dtype), total

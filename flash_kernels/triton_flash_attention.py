@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .triton_mixed_chunk import (Roles, check_triton_inputs, feature_contiguous, mixed_chunk_backward,
-                                 mixed_chunk_forward, states_shape)
+                                 mixed_chunk_forward, packed_arguments, state_shapes, tables_from)
 
 
 def _roles_from_z(z, affine, num_roles):
@@ -25,51 +25,60 @@ def _roles_from_z(z, affine, num_roles):
 
 @torch.library.custom_op("flash_kernels::flash_fwd", mutates_args=())
 def flash_fwd_op(z: torch.Tensor, affine: torch.Tensor, num_roles: int, v: torch.Tensor,
-                 u: Optional[torch.Tensor], rel_bias: Optional[torch.Tensor], chunk_size: int,
-                 causal: bool, quad_scale: float, lin_scale: float,
-                 store_attn: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, attn, states): attn is the ungated attention when store_attn (else empty), states
-    the float32 forward states (empty without a linear part)."""
-    out, attn, states = mixed_chunk_forward(_roles_from_z(z, affine, num_roles), v, rel_bias,
-                                            chunk_size, causal, quad_scale, lin_scale, gate=u,
-                                            store_attn=store_attn)
-    if attn is None:
-        attn = v.new_empty(0)
-    if states is None:
-        states = v.new_empty(0, dtype=torch.float32)
-    return out, attn, states
+                 u: Optional[torch.Tensor], rel_bias: Optional[torch.Tensor],
+                 cu_seqlens: Optional[torch.Tensor], chunk_offsets: Optional[torch.Tensor],
+                 chunk_table: Optional[torch.Tensor], state_offset: Optional[torch.Tensor],
+                 chunk_size: int, causal: bool, quad_scale: Optional[float],
+                 lin_scale: Optional[float], store_attn: bool,
+                 store_total: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, attn, states, total): attn is the ungated attention when store_attn (else empty),
+    states the float32 forward states (empty without a linear part), total the per-document
+    totals when store_total (see mixed_chunk_fwd_op)."""
+    out, attn, states, total = mixed_chunk_forward(
+        _roles_from_z(z, affine, num_roles), v, rel_bias, chunk_size, causal, quad_scale,
+        lin_scale, tables=tables_from(cu_seqlens, chunk_offsets, chunk_table),
+        state_offset=state_offset, store_total=store_total, gate=u, store_attn=store_attn)
+    empty = v.new_empty(0, dtype=torch.float32)
+    return (out, attn if attn is not None else v.new_empty(0),
+            states if states is not None else empty, total if total is not None else empty.clone())
 
 
 @flash_fwd_op.register_fake
-def _(z, affine, num_roles, v, u, rel_bias, chunk_size, causal, quad_scale, lin_scale, store_attn):
+def _(z, affine, num_roles, v, u, rel_bias, cu_seqlens, chunk_offsets, chunk_table, state_offset,
+      chunk_size, causal, quad_scale, lin_scale, store_attn, store_total):
     B, T, S = z.shape
-    out = v.new_empty(v.shape)
-    attn = v.new_empty(v.shape if store_attn else (0,))
-    states = v.new_empty(states_shape(B, T, S, v.shape[-1], chunk_size, causal, num_roles == 4),
-                         dtype=torch.float32)
-    return out, attn, states
+    states, total = state_shapes(B, T, S, v.shape[-1], chunk_size, causal, num_roles == 4,
+                                 store_total, cu_seqlens, chunk_table)
+    return (v.new_empty(v.shape), v.new_empty(v.shape if store_attn else (0,)),
+            v.new_empty(states, dtype=torch.float32), v.new_empty(total, dtype=torch.float32))
 
 
 @torch.library.custom_op("flash_kernels::flash_bwd", mutates_args=())
-def flash_bwd_op(grad_out: torch.Tensor, z: torch.Tensor, affine: torch.Tensor, num_roles: int,
-                 v: torch.Tensor, u: Optional[torch.Tensor], rel_bias: Optional[torch.Tensor],
-                 states: torch.Tensor, attn: torch.Tensor, chunk_size: int, causal: bool,
-                 quad_scale: float, lin_scale: float, needs: List[bool]) -> List[torch.Tensor]:
-    """Gradients of (z, gamma, beta, v, u, rel_bias) (gamma and beta as float32 (R, S));
-    an empty tensor where `needs` is False or the input is absent. See the module docstring."""
-    need_z, need_gamma, need_beta, need_v, need_u, need_bias = needs
+def flash_bwd_op(grad_out: torch.Tensor, grad_total: Optional[torch.Tensor], z: torch.Tensor,
+                 affine: torch.Tensor, num_roles: int, v: torch.Tensor, u: Optional[torch.Tensor],
+                 rel_bias: Optional[torch.Tensor], states: torch.Tensor, attn: torch.Tensor,
+                 cu_seqlens: Optional[torch.Tensor], chunk_offsets: Optional[torch.Tensor],
+                 chunk_table: Optional[torch.Tensor], state_offset: Optional[torch.Tensor],
+                 chunk_size: int, causal: bool, quad_scale: Optional[float],
+                 lin_scale: Optional[float], needs: List[bool]) -> List[torch.Tensor]:
+    """Gradients of (z, gamma, beta, v, u, rel_bias, state_offset) (gamma and beta as float32
+    (R, S)); an empty tensor where `needs` is False or the input is absent. See the module
+    docstring."""
+    need_z, need_gamma, need_beta, need_v, need_u, need_bias, need_offset = needs
     grad_out = grad_out.contiguous()
     du = (grad_out.float() * attn.float()).to(u.dtype) if u is not None and need_u else None
     grad_attn = grad_out if u is None else (grad_out.float() * u.float()).to(v.dtype)
 
     need_roles = need_z or need_gamma or need_beta
     linear = need_roles and num_roles == 4
-    grads = mixed_chunk_backward(grad_attn, _roles_from_z(z, affine, num_roles), v, rel_bias,
-                                 states if num_roles == 4 else None, chunk_size, causal,
-                                 quad_scale, lin_scale,
-                                 (need_roles, need_roles, linear, linear, need_v, need_bias),
-                                 role_grad_dtype=torch.float32)
-    role_grads, dv, drel_bias = grads[:num_roles], grads[4], grads[5]
+    grads = mixed_chunk_backward(
+        grad_attn, _roles_from_z(z, affine, num_roles), v, rel_bias,
+        states if num_roles == 4 else None, chunk_size, causal, quad_scale, lin_scale,
+        (need_roles, need_roles, linear, linear, need_v, need_bias, need_offset),
+        tables=tables_from(cu_seqlens, chunk_offsets, chunk_table), state_offset=state_offset,
+        grad_total=grad_total.contiguous() if grad_total is not None else None,
+        role_grad_dtype=torch.float32)
+    role_grads, dv, drel_bias, doffset = grads[:num_roles], grads[4], grads[5], grads[6]
 
     dz = dgamma = dbeta = None
     if need_roles:
@@ -80,51 +89,62 @@ def flash_bwd_op(grad_out: torch.Tensor, z: torch.Tensor, affine: torch.Tensor, 
             dgamma = torch.einsum("rbts,bts->rs", d_roles, z.float())
         if need_beta:
             dbeta = d_roles.sum(dim=(1, 2))
-    return [g if g is not None else v.new_empty(0) for g in (dz, dgamma, dbeta, dv, du, drel_bias)]
+    return [g if g is not None else v.new_empty(0)
+            for g in (dz, dgamma, dbeta, dv, du, drel_bias, doffset)]
 
 
 @flash_bwd_op.register_fake
-def _(grad_out, z, affine, num_roles, v, u, rel_bias, states, attn, chunk_size, causal, quad_scale,
-      lin_scale, needs):
+def _(grad_out, grad_total, z, affine, num_roles, v, u, rel_bias, states, attn, cu_seqlens,
+      chunk_offsets, chunk_table, state_offset, chunk_size, causal, quad_scale, lin_scale, needs):
     S = z.shape[-1]
     shapes = (z.shape, (num_roles, S), (num_roles, S), v.shape,
-              None if u is None else u.shape, None if rel_bias is None else rel_bias.shape)
-    dtypes = (z.dtype, torch.float32, torch.float32, v.dtype, v.dtype, torch.float32)
+              None if u is None else u.shape, None if rel_bias is None else rel_bias.shape,
+              None if state_offset is None else state_offset.shape)
+    dtypes = (z.dtype, torch.float32, torch.float32, v.dtype, v.dtype, torch.float32,
+              torch.float32)
     return [v.new_empty(shape, dtype=dtype) if need and shape is not None else v.new_empty(0)
             for shape, dtype, need in zip(shapes, dtypes, needs)]
 
 
 def _flash_setup_context(ctx, inputs, output):
-    z, affine, num_roles, v, u, rel_bias, chunk_size, causal, quad_scale, lin_scale, _ = inputs
-    ctx.save_for_backward(z, affine, v, u, rel_bias, output[2], output[1])
-    ctx.options = (num_roles, chunk_size, causal, quad_scale, lin_scale)
+    (z, affine, num_roles, v, u, rel_bias, cu_seqlens, chunk_offsets, chunk_table, state_offset,
+     chunk_size, causal, quad_scale, lin_scale, _, store_total) = inputs
+    ctx.save_for_backward(z, affine, v, u, rel_bias, output[2], output[1], cu_seqlens,
+                          chunk_offsets, chunk_table, state_offset)
+    ctx.options = (chunk_size, causal, quad_scale, lin_scale)
+    ctx.num_roles = num_roles
+    ctx.store_total = store_total
 
 
-def _flash_backward(ctx, grad_out, grad_attn, grad_states):
-    z, affine, v, u, rel_bias, states, attn = ctx.saved_tensors
-    num_roles, chunk_size, causal, quad_scale, lin_scale = ctx.options
+def _flash_backward(ctx, grad_out, grad_attn, grad_states, grad_total):
+    (z, affine, v, u, rel_bias, states, attn, cu_seqlens, chunk_offsets, chunk_table,
+     state_offset) = ctx.saved_tensors
+    num_roles = ctx.num_roles
     need = ctx.needs_input_grad
     # affine holds gamma (row 0) and beta (row 1): its gradient is assembled from both.
-    needs = [bool(need[0]), bool(need[1]), bool(need[1]), bool(need[3]), bool(need[4]), bool(need[5])]
-    dz, dgamma, dbeta, dv, du, drel_bias = flash_bwd_op(
-        grad_out, z, affine, num_roles, v, u, rel_bias, states, attn, chunk_size, causal,
-        quad_scale, lin_scale, needs)
+    needs = [bool(need[0]), bool(need[1]), bool(need[1]), bool(need[3]), bool(need[4]),
+             bool(need[5]), bool(need[9])]
+    dz, dgamma, dbeta, dv, du, drel_bias, doffset = flash_bwd_op(
+        grad_out, grad_total if ctx.store_total else None, z, affine, num_roles, v, u, rel_bias,
+        states, attn, cu_seqlens, chunk_offsets, chunk_table, state_offset, *ctx.options, needs)
     daffine = None
     if need[1]:
         daffine = torch.zeros_like(affine)
         daffine[0, :num_roles] = dgamma
         daffine[1, :num_roles] = dbeta
     grads = [dz if need[0] else None, daffine, None, dv if need[3] else None,
-             du if need[4] else None, drel_bias if need[5] else None]
-    return (*grads, None, None, None, None, None)
+             du if need[4] else None, drel_bias if need[5] else None, None, None, None,
+             doffset if need[9] else None]
+    return (*grads, None, None, None, None, None, None)
 
 
 flash_fwd_op.register_autograd(_flash_backward, setup_context=_flash_setup_context)
 
 
 def flash_attention_triton(z, gamma, beta, v, u, *, chunk_size, causal, rel_bias, quad_scale,
-                           lin_scale):
-    """z (B, T, S), v and u (B, T, E) with one flattened batch dim; resolved options.
+                           lin_scale, tables=None, state_offset=None, store_total=False):
+    """z (B, T, S), v and u (B, T, E) with one flattened batch dim; resolved chunk size, scales
+    as mixed_chunk_attention_triton; returns (out, total or None) like it.
 
     gamma and beta enter the op stacked as the float32 (2, 4, S) `affine` (differentiable, so
     their gradients come back through the stack in their own dtypes)."""
@@ -135,7 +155,9 @@ def flash_attention_triton(z, gamma, beta, v, u, *, chunk_size, causal, rel_bias
     store_attn = u is not None and u.requires_grad and torch.is_grad_enabled()
     # float32 and contiguous: the long-chunk kernels read it through a raw pointer.
     bias32 = rel_bias.float().contiguous() if rel_bias is not None else None
-    out, _, _ = flash_fwd_op(feature_contiguous(z), affine, num_roles, feature_contiguous(v),
-                             feature_contiguous(u), bias32, chunk_size, causal, float(quad_scale),
-                             float(lin_scale), store_attn)
-    return out
+    offset32 = state_offset.float().contiguous() if state_offset is not None else None
+    out, _, _, total = flash_fwd_op(feature_contiguous(z), affine, num_roles, feature_contiguous(v),
+                                    feature_contiguous(u), bias32, *packed_arguments(tables),
+                                    offset32, chunk_size, causal, quad_scale, lin_scale,
+                                    store_attn, store_total)
+    return out, (total if store_total else None)

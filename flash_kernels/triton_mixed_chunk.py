@@ -64,8 +64,10 @@ import torch
 from .kernels.chunk_state import chunk_state_scan_kernel
 from .kernels.mixed_chunk_bwd import mixed_chunk_bwd_key_kernel, mixed_chunk_bwd_query_kernel
 from .kernels.mixed_chunk_fwd import mixed_chunk_fwd_kernel
+from .packing import ChunkTables
 from .torch_chunked import toeplitz_bias
-from .utils import TRITON_MAX_S, launch, new_buffer, next_power_of_2, triton_interpret_enabled
+from .utils import (TRITON_MAX_S, launch, new_buffer, next_power_of_2, resolve_scales,
+                    triton_interpret_enabled)
 
 MAX_HOIST_KEYS = 256  # longest chunk whose relu^2 weights are formed once per query block
 
@@ -170,35 +172,55 @@ def feature_contiguous(x):
     return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
-def _state_scan(x, y, affine, x_role, *, chunk_size, num_chunks, causal, reverse, lin_scale, config):
-    """(B, num_chunks or 1, S, E) float32 states, see kernels/chunk_state.py."""
+def _state_scan(x, y, affine, x_role, p, *, causal, reverse, lin_scale, store_total=False):
+    """(states, total): the (B, num_chunks or num_docs, S, E) float32 states and, with
+    store_total, the (B, num_docs, S, E) totals; see kernels/chunk_state.py."""
     B, T, S = x.shape
     E = y.shape[-1]
-    states = new_buffer((B, num_chunks if causal else 1, S, E), torch.float32, x.device)
-    grid = (triton_cdiv(E, config.state_block_e), triton_cdiv(S, config.state_block_s), B)
+    cfg = p.config
+    num_states = p.num_chunks if causal else p.num_docs
+    states = new_buffer((B, num_states, S, E), torch.float32, x.device)
+    total = new_buffer((B, p.num_docs, S, E), torch.float32, x.device) if store_total else None
+    grid = (B * p.num_docs * triton_cdiv(S, cfg.state_block_s) * triton_cdiv(E, cfg.state_block_e),)
     (stride_xb, stride_xt), (stride_yb, stride_yt) = row_strides(x), row_strides(y)
     launch(chunk_state_scan_kernel, grid,
-           dict(x_ptr=x, affine_ptr=affine, y_ptr=y, states_ptr=states, stride_xb=stride_xb,
-                stride_xt=stride_xt, stride_yb=stride_yb, stride_yt=stride_yt, T=T, S=S, E=E,
-                chunk_size=chunk_size, num_chunks=num_chunks, lin_scale=lin_scale),
+           dict(x_ptr=x, affine_ptr=affine, y_ptr=y, states_ptr=states, total_ptr=total,
+                cu_seqlens_ptr=p.tables.cu_seqlens if p.tables else None,
+                chunk_offsets_ptr=p.tables.chunk_offsets if p.tables else None,
+                stride_xb=stride_xb, stride_xt=stride_xt, stride_yb=stride_yb, stride_yt=stride_yt,
+                T=T, S=S, E=E, chunk_size=p.chunk_size, num_states=num_states,
+                num_docs=p.num_docs, lin_scale=lin_scale),
            dict(X_ROLE=x_role, FROM_Z=affine is not None, REVERSE=reverse, CAUSAL=causal,
-                BLOCK_T=config.state_block_t, BLOCK_S=config.state_block_s,
-                BLOCK_E=config.state_block_e, DOT_PRECISION=_dot_precision(x.dtype)),
+                IS_VARLEN=p.tables is not None, STORE_TOTAL=store_total,
+                BLOCK_T=cfg.state_block_t, BLOCK_S=cfg.state_block_s,
+                BLOCK_E=cfg.state_block_e, DOT_PRECISION=_dot_precision(x.dtype)),
            num_warps=4, num_stages=2)
-    return states
+    return states, total
 
 
 class _Problem:
-    """Sizes shared by the forward and backward launches."""
+    """Sizes shared by the forward and backward launches. `tables` (packing.ChunkTables) when
+    the sequence packs several documents: the kernels then run one program per chunk slot."""
 
-    def __init__(self, q_quad, v, chunk_size):
+    def __init__(self, q_quad, v, chunk_size, tables=None):
         self.B, self.T, self.S = q_quad.shape
         self.E = v.shape[-1]
         self.chunk_size = chunk_size
-        self.chunk_len = min(chunk_size, self.T)
-        self.num_chunks = triton_cdiv(self.T, chunk_size)
+        self.chunk_len = min(chunk_size, self.T)       # no chunk is longer
+        self.tables = tables
+        self.num_chunks = tables.num_slots if tables else triton_cdiv(self.T, chunk_size)
+        self.num_docs = tables.num_docs if tables else 1
         self.config = kernel_config(self.chunk_len, self.S, self.E)
         self.num_blocks = triton_cdiv(self.chunk_len, self.config.block)
+        self.grid = (self.B * self.num_chunks * self.num_blocks,)
+
+    def chunk_args(self):
+        """The kernels' chunk-geometry arguments (common.program_chunk_block)."""
+        tables = self.tables
+        return dict(chunk_table_ptr=tables.chunk_table if tables else None,
+                    cu_seqlens_ptr=tables.cu_seqlens if tables else None,
+                    T=self.T, S=self.S, E=self.E, chunk_size=self.chunk_size,
+                    chunk_len=self.chunk_len, num_chunks=self.num_chunks, num_docs=self.num_docs)
 
 
 def _strides(**tensors):
@@ -220,37 +242,42 @@ def _bias_operand(rel_bias, p):
 
 
 def mixed_chunk_forward(roles, v, rel_bias, chunk_size, causal, quad_scale, lin_scale, *,
-                        gate=None, store_attn=False):
-    """Launch the forward: returns (out, attn or None, states or None).
+                        tables=None, state_offset=None, store_total=False, gate=None,
+                        store_attn=False):
+    """Launch the forward: returns (out, attn or None, states or None, total or None).
 
     out = gate * attention when a gate is given (else the attention); with store_attn the
-    ungated attention is also returned (the gate's gradient needs it).
+    ungated attention is also returned (the gate's gradient needs it). tables: packed
+    documents (packing.ChunkTables). state_offset: (B, num_docs, S, E) float32, the unscaled
+    state every chunk of a document starts from (see common.linear_state_tile). store_total:
+    also return the scan's per-document totals (chunk_state.py, STORE_TOTAL).
     """
-    p = _Problem(roles.q_quad, v, chunk_size)
+    quad_scale, lin_scale = (float(x) for x in resolve_scales(quad_scale, lin_scale, chunk_size))
+    p = _Problem(roles.q_quad, v, chunk_size, tables)
     cfg = p.config
     bias = _bias_operand(rel_bias, p)
-    states = None
+    states = total = None
     if roles.has_linear:
-        states = _state_scan(roles.k_lin, v, roles.affine, 3, chunk_size=chunk_size,
-                             num_chunks=p.num_chunks, causal=causal, reverse=False,
-                             lin_scale=lin_scale, config=cfg)
+        states, total = _state_scan(roles.k_lin, v, roles.affine, 3, p, causal=causal,
+                                    reverse=False, lin_scale=lin_scale, store_total=store_total)
     out = new_buffer((p.B, p.T, p.E), v.dtype, v.device)
     attn = new_buffer((p.B, p.T, p.E), v.dtype, v.device) if store_attn else None
-    num_query_blocks = triton_cdiv(p.chunk_len, cfg.block)
-    launch(mixed_chunk_fwd_kernel, (p.num_chunks * num_query_blocks, p.B),
+    launch(mixed_chunk_fwd_kernel, p.grid,
            dict(q_quad_ptr=roles.q_quad, k_quad_ptr=roles.k_quad, q_lin_ptr=roles.q_lin,
-                affine_ptr=roles.affine, states_ptr=states, v_ptr=v, rel_bias_ptr=bias,
-                gate_ptr=gate, out_ptr=out, attn_ptr=attn,
+                affine_ptr=roles.affine, states_ptr=states, state_offset_ptr=state_offset,
+                v_ptr=v, rel_bias_ptr=bias, gate_ptr=gate, out_ptr=out, attn_ptr=attn,
                 **_strides(q=roles.q_quad, k=roles.k_quad, ql=roles.q_lin, v=v, g=gate),
-                T=p.T, S=p.S, E=p.E,
-                chunk_size=chunk_size, chunk_len=p.chunk_len, num_chunks=p.num_chunks,
-                num_query_blocks=num_query_blocks, quad_scale=quad_scale),
+                **p.chunk_args(), num_query_blocks=p.num_blocks, quad_scale=quad_scale,
+                lin_scale=lin_scale),
            dict(FROM_Z=roles.from_z, HAS_GATE=gate is not None, STORE_ATTN=store_attn,
-                HAS_LINEAR=roles.has_linear, HAS_BIAS=bias is not None, BIAS_MATRIX=cfg.hoist,
-                CAUSAL=causal, HOIST_SCORES=cfg.hoist, BLOCK_M=cfg.block, BLOCK_N=cfg.block_n,
-                BLOCK_S=cfg.block_s, BLOCK_E=cfg.block_e, DOT_PRECISION=_dot_precision(v.dtype)),
+                HAS_LINEAR=roles.has_linear,
+                HAS_STATE_OFFSET=roles.has_linear and state_offset is not None,
+                HAS_BIAS=bias is not None, BIAS_MATRIX=cfg.hoist, CAUSAL=causal,
+                HOIST_SCORES=cfg.hoist, IS_VARLEN=tables is not None, BLOCK_M=cfg.block,
+                BLOCK_N=cfg.block_n, BLOCK_S=cfg.block_s, BLOCK_E=cfg.block_e,
+                DOT_PRECISION=_dot_precision(v.dtype)),
            num_warps=cfg.num_warps, num_stages=cfg.fwd_stages)
-    return out, attn, states
+    return out, attn, states, total
 
 
 def _rel_bias_grad(dbias_partial, chunk_size, block):
@@ -271,16 +298,21 @@ def _rel_bias_grad(dbias_partial, chunk_size, block):
 
 
 def mixed_chunk_backward(grad_out, roles, v, rel_bias, states, chunk_size, causal, quad_scale,
-                         lin_scale, needs, role_grad_dtype=None):
-    """Launch the backward. `needs` = which of (q_quad, k_quad, q_lin, k_lin, v, rel_bias) need a
-    gradient; returns those gradients (None for the rest). Role gradients are written in
-    `role_grad_dtype` (default v's dtype; flash_attention asks for float32 and reduces them)."""
-    p = _Problem(roles.q_quad, v, chunk_size)
+                         lin_scale, needs, *, tables=None, state_offset=None, grad_total=None,
+                         role_grad_dtype=None):
+    """Launch the backward. `needs` = which of (q_quad, k_quad, q_lin, k_lin, v, rel_bias,
+    state_offset) need a gradient; returns those gradients (None for the rest). Role gradients
+    are written in `role_grad_dtype` (default v's dtype; flash_attention asks for float32 and
+    reduces them). grad_total: the gradient reaching the forward's totals (the final state),
+    added to the reverse states of the chunks that went into them."""
+    quad_scale, lin_scale = (float(x) for x in resolve_scales(quad_scale, lin_scale, chunk_size))
+    p = _Problem(roles.q_quad, v, chunk_size, tables)
     cfg = p.config
     bias = _bias_operand(rel_bias, p)
-    need_dq_quad, need_dk_quad, need_dq_lin, need_dk_lin, need_dv, need_dbias = needs
+    need_dq_quad, need_dk_quad, need_dq_lin, need_dk_lin, need_dv, need_dbias, need_doffset = needs
     need_dq_lin = need_dq_lin and roles.has_linear
     need_dk_lin = need_dk_lin and roles.has_linear
+    need_doffset = need_doffset and roles.has_linear
     store_ds = cfg.hoist and need_dk_quad
     need_ds = need_dq_quad or need_dbias or store_ds
     device, dtype = v.device, v.dtype
@@ -290,133 +322,175 @@ def mixed_chunk_backward(grad_out, roles, v, rel_bias, states, chunk_size, causa
 
     dq_quad = new_buffer(shape_s, role_grad_dtype, device) if need_dq_quad else None
     dq_lin = new_buffer(shape_s, role_grad_dtype, device) if need_dq_lin else None
-    grid = (p.num_chunks * p.num_blocks, p.B)
     ds = None
     if store_ds:
         ds = new_buffer((p.B, p.num_chunks, p.chunk_len, p.chunk_len), torch.float32, device)
     elif need_dbias:
-        ds = new_buffer((p.B, grid[0], cfg.block, cfg.block), torch.float32, device)
+        ds = new_buffer((p.grid[0], cfg.block, cfg.block), torch.float32, device)
     dbias_partial = None
     if need_dbias:
         dbias_partial = new_buffer((p.B, p.num_chunks, p.num_blocks, 2 * p.num_blocks, cfg.block),
                                    torch.float32, device)
     if need_ds or need_dq_lin:
-        launch(mixed_chunk_bwd_query_kernel, grid,
+        launch(mixed_chunk_bwd_query_kernel, p.grid,
                dict(q_quad_ptr=roles.q_quad, k_quad_ptr=roles.k_quad, affine_ptr=roles.affine,
                     v_ptr=v, grad_out_ptr=grad_out, states_ptr=states if need_dq_lin else None,
-                    rel_bias_ptr=bias, dq_quad_ptr=dq_quad, dq_lin_ptr=dq_lin, ds_ptr=ds,
-                    dbias_partial_ptr=dbias_partial, **_strides(q=roles.q_quad, k=roles.k_quad, v=v),
-                    T=p.T, S=p.S, E=p.E, chunk_size=chunk_size,
-                    chunk_len=p.chunk_len, num_chunks=p.num_chunks, num_blocks=p.num_blocks,
-                    quad_scale=quad_scale),
+                    state_offset_ptr=state_offset if need_dq_lin else None, rel_bias_ptr=bias,
+                    dq_quad_ptr=dq_quad, dq_lin_ptr=dq_lin, ds_ptr=ds,
+                    dbias_partial_ptr=dbias_partial,
+                    **_strides(q=roles.q_quad, k=roles.k_quad, v=v), **p.chunk_args(),
+                    num_blocks=p.num_blocks, quad_scale=quad_scale, lin_scale=lin_scale),
                dict(FROM_Z=roles.from_z, HAS_BIAS=bias is not None, BIAS_MATRIX=cfg.hoist,
-                    CAUSAL=causal, NEED_DS=need_ds, NEED_DQ_QUAD=need_dq_quad,
+                    CAUSAL=causal, HAS_STATE_OFFSET=need_dq_lin and state_offset is not None,
+                    IS_VARLEN=tables is not None, NEED_DS=need_ds, NEED_DQ_QUAD=need_dq_quad,
                     NEED_DQ_LIN=need_dq_lin, STORE_DS=store_ds, NEED_DBIAS=need_dbias,
                     BLOCK=cfg.block, BLOCK_S=cfg.block_s, BLOCK_E=cfg.bwd_query_block_e,
                     DOT_PRECISION=dot_precision),
                num_warps=cfg.num_warps, num_stages=cfg.bwd_query_stages)
 
+    dstates = doffset = None
+    if roles.has_linear and (need_dk_lin or need_dv or need_doffset):
+        # Causal: the scan's totals are d state_offset; non-causal: its one state per document is.
+        dstates, doffset = _state_scan(roles.q_lin, grad_out, roles.affine, 2, p, causal=causal,
+                                       reverse=True, lin_scale=lin_scale,
+                                       store_total=need_doffset and causal)
+        if need_doffset and not causal:
+            doffset = dstates
     dk_quad = new_buffer(shape_s, role_grad_dtype, device) if need_dk_quad else None
     dk_lin = new_buffer(shape_s, role_grad_dtype, device) if need_dk_lin else None
     dv = new_buffer(v.shape, dtype, device) if need_dv else None
     if need_dk_quad or need_dk_lin or need_dv:
-        dstates = None
-        if roles.has_linear and (need_dk_lin or need_dv):
-            dstates = _state_scan(roles.q_lin, grad_out, roles.affine, 2, chunk_size=chunk_size,
-                                  num_chunks=p.num_chunks, causal=causal, reverse=True,
-                                  lin_scale=lin_scale, config=cfg)
-        launch(mixed_chunk_bwd_key_kernel, grid,
+        has_linear = dstates is not None and (need_dk_lin or need_dv)
+        launch(mixed_chunk_bwd_key_kernel, p.grid,
                dict(q_quad_ptr=roles.q_quad, k_quad_ptr=roles.k_quad,
-                    k_lin_ptr=roles.k_lin if dstates is not None else None,
-                    affine_ptr=roles.affine, v_ptr=v, grad_out_ptr=grad_out, dstates_ptr=dstates,
+                    k_lin_ptr=roles.k_lin if has_linear else None,
+                    affine_ptr=roles.affine, v_ptr=v, grad_out_ptr=grad_out,
+                    dstates_ptr=dstates if has_linear else None,
+                    dstate_offset_ptr=grad_total if has_linear else None,
                     rel_bias_ptr=bias, ds_ptr=ds if store_ds else None, dk_quad_ptr=dk_quad,
                     dk_lin_ptr=dk_lin, dv_ptr=dv,
                     **_strides(q=roles.q_quad, k=roles.k_quad, kl=roles.k_lin, v=v),
-                    T=p.T, S=p.S, E=p.E, chunk_size=chunk_size,
-                    chunk_len=p.chunk_len, num_chunks=p.num_chunks, num_blocks=p.num_blocks,
-                    quad_scale=quad_scale),
-               dict(FROM_Z=roles.from_z, HAS_LINEAR=dstates is not None,
+                    **p.chunk_args(), num_blocks=p.num_blocks, quad_scale=quad_scale),
+               dict(FROM_Z=roles.from_z, HAS_LINEAR=has_linear,
                     HAS_BIAS=bias is not None, BIAS_MATRIX=cfg.hoist, CAUSAL=causal,
-                    DS_STORED=store_ds, HOIST_SCORES=cfg.hoist, NEED_DK_QUAD=need_dk_quad,
-                    NEED_DK_LIN=need_dk_lin, NEED_DV=need_dv, BLOCK=cfg.block,
-                    BLOCK_QH=cfg.block_n, BLOCK_S=cfg.block_s, BLOCK_E=cfg.block_e,
-                    DOT_PRECISION=dot_precision),
+                    HAS_DSTATE_OFFSET=has_linear and grad_total is not None,
+                    IS_VARLEN=tables is not None, DS_STORED=store_ds, HOIST_SCORES=cfg.hoist,
+                    NEED_DK_QUAD=need_dk_quad, NEED_DK_LIN=need_dk_lin, NEED_DV=need_dv,
+                    BLOCK=cfg.block, BLOCK_QH=cfg.block_n, BLOCK_S=cfg.block_s,
+                    BLOCK_E=cfg.block_e, DOT_PRECISION=dot_precision),
                num_warps=cfg.num_warps, num_stages=cfg.bwd_key_stages)
 
     drel_bias = _rel_bias_grad(dbias_partial, chunk_size, cfg.block) if need_dbias else None
-    return dq_quad, dk_quad, dq_lin, dk_lin, dv, drel_bias
+    return dq_quad, dk_quad, dq_lin, dk_lin, dv, drel_bias, doffset
 
 
 # The kernels are registered as PyTorch custom ops (forward and backward), with fake (meta)
 # implementations and an autograd formula, so torch.compile(fullgraph=True) traces through
-# them without a graph break and torch.library.opcheck can verify them.
+# them without a graph break and torch.library.opcheck can verify them. Packed documents enter
+# as their three index tables (packing.chunk_tables, computed outside so that torch.compile
+# sees plain tensor code), the state offset as an optional (B, N, S, E) float32 tensor.
+
+def tables_from(cu_seqlens, chunk_offsets, chunk_table):
+    """packing.ChunkTables from the custom ops' three table arguments (all None: dense)."""
+    if cu_seqlens is None:
+        return None
+    return ChunkTables(cu_seqlens, chunk_offsets, chunk_table, cu_seqlens.shape[0] - 1,
+                       chunk_table.shape[0])
+
+
+def state_shapes(B, T, S, E, chunk_size, causal, has_linear, store_total, cu_seqlens,
+                 chunk_table):
+    """Shapes of the forward's states and totals ((0,) when absent), from shapes alone."""
+    if not has_linear:
+        return (0,), (0,)
+    num_docs = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 1
+    if causal:
+        num_states = chunk_table.shape[0] if chunk_table is not None else triton_cdiv(T, chunk_size)
+    else:
+        num_states = num_docs
+    return (B, num_states, S, E), ((B, num_docs, S, E) if store_total else (0,))
+
 
 @torch.library.custom_op("flash_kernels::mixed_chunk_fwd", mutates_args=())
 def mixed_chunk_fwd_op(q_quad: torch.Tensor, k_quad: torch.Tensor, q_lin: Optional[torch.Tensor],
                        k_lin: Optional[torch.Tensor], v: torch.Tensor,
-                       rel_bias: Optional[torch.Tensor], chunk_size: int, causal: bool,
-                       quad_scale: float, lin_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out, states): states are the float32 (B, N or 1, S, E) forward states, or an empty
-    tensor without a linear part. rel_bias is float32 here."""
-    out, _, states = mixed_chunk_forward(Roles(q_quad, k_quad, q_lin, k_lin), v, rel_bias,
-                                         chunk_size, causal, quad_scale, lin_scale)
-    return out, states if states is not None else v.new_empty(0, dtype=torch.float32)
-
-
-def states_shape(B, T, S, E, chunk_size, causal, has_linear):
-    """Shape of the saved forward (or backward) states; (0,) without a linear part."""
-    if not has_linear:
-        return (0,)
-    return (B, (T + chunk_size - 1) // chunk_size if causal else 1, S, E)
+                       rel_bias: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                       chunk_offsets: Optional[torch.Tensor], chunk_table: Optional[torch.Tensor],
+                       state_offset: Optional[torch.Tensor], chunk_size: int, causal: bool,
+                       quad_scale: Optional[float], lin_scale: Optional[float],
+                       store_total: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, states, total): states are the float32 forward states (empty without a linear
+    part), total the per-document totals when store_total (else empty). rel_bias is float32."""
+    out, _, states, total = mixed_chunk_forward(
+        Roles(q_quad, k_quad, q_lin, k_lin), v, rel_bias, chunk_size, causal, quad_scale,
+        lin_scale, tables=tables_from(cu_seqlens, chunk_offsets, chunk_table),
+        state_offset=state_offset, store_total=store_total)
+    empty = v.new_empty(0, dtype=torch.float32)
+    return out, states if states is not None else empty, total if total is not None else empty.clone()
 
 
 @mixed_chunk_fwd_op.register_fake
-def _(q_quad, k_quad, q_lin, k_lin, v, rel_bias, chunk_size, causal, quad_scale, lin_scale):
+def _(q_quad, k_quad, q_lin, k_lin, v, rel_bias, cu_seqlens, chunk_offsets, chunk_table,
+      state_offset, chunk_size, causal, quad_scale, lin_scale, store_total):
     B, T, S = q_quad.shape
-    shape = states_shape(B, T, S, v.shape[-1], chunk_size, causal, q_lin is not None)
-    return v.new_empty(v.shape), v.new_empty(shape, dtype=torch.float32)
+    states, total = state_shapes(B, T, S, v.shape[-1], chunk_size, causal, q_lin is not None,
+                                 store_total, cu_seqlens, chunk_table)
+    return (v.new_empty(v.shape), v.new_empty(states, dtype=torch.float32),
+            v.new_empty(total, dtype=torch.float32))
 
 
 @torch.library.custom_op("flash_kernels::mixed_chunk_bwd", mutates_args=())
-def mixed_chunk_bwd_op(grad_out: torch.Tensor, q_quad: torch.Tensor, k_quad: torch.Tensor,
-                       q_lin: Optional[torch.Tensor], k_lin: Optional[torch.Tensor],
-                       v: torch.Tensor, rel_bias: Optional[torch.Tensor], states: torch.Tensor,
-                       chunk_size: int, causal: bool, quad_scale: float, lin_scale: float,
-                       needs: List[bool]) -> List[torch.Tensor]:
-    """Gradients of (q_quad, k_quad, q_lin, k_lin, v, rel_bias); an empty tensor where
-    `needs` is False or the input is absent."""
-    grads = mixed_chunk_backward(grad_out.contiguous(), Roles(q_quad, k_quad, q_lin, k_lin), v,
-                                 rel_bias, states if q_lin is not None else None, chunk_size,
-                                 causal, quad_scale, lin_scale, needs)
+def mixed_chunk_bwd_op(grad_out: torch.Tensor, grad_total: Optional[torch.Tensor],
+                       q_quad: torch.Tensor, k_quad: torch.Tensor, q_lin: Optional[torch.Tensor],
+                       k_lin: Optional[torch.Tensor], v: torch.Tensor,
+                       rel_bias: Optional[torch.Tensor], states: torch.Tensor,
+                       cu_seqlens: Optional[torch.Tensor], chunk_offsets: Optional[torch.Tensor],
+                       chunk_table: Optional[torch.Tensor], state_offset: Optional[torch.Tensor],
+                       chunk_size: int, causal: bool, quad_scale: Optional[float],
+                       lin_scale: Optional[float], needs: List[bool]) -> List[torch.Tensor]:
+    """Gradients of (q_quad, k_quad, q_lin, k_lin, v, rel_bias, state_offset); an empty tensor
+    where `needs` is False or the input is absent."""
+    grads = mixed_chunk_backward(
+        grad_out.contiguous(), Roles(q_quad, k_quad, q_lin, k_lin), v, rel_bias,
+        states if q_lin is not None else None, chunk_size, causal, quad_scale, lin_scale, needs,
+        tables=tables_from(cu_seqlens, chunk_offsets, chunk_table), state_offset=state_offset,
+        grad_total=grad_total.contiguous() if grad_total is not None else None)
     return [g if g is not None else v.new_empty(0) for g in grads]
 
 
 @mixed_chunk_bwd_op.register_fake
-def _(grad_out, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, chunk_size, causal, quad_scale,
-      lin_scale, needs):
-    like = (q_quad, k_quad, q_lin, k_lin, v, rel_bias)
+def _(grad_out, grad_total, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, cu_seqlens,
+      chunk_offsets, chunk_table, state_offset, chunk_size, causal, quad_scale, lin_scale, needs):
+    like = (q_quad, k_quad, q_lin, k_lin, v, rel_bias, state_offset)
     return [x.new_empty(x.shape)
             if need and x is not None else v.new_empty(0) for x, need in zip(like, needs)]
 
 
+# Positions in mixed_chunk_fwd_op's inputs of the tensors that may need a gradient.
+_DIFFERENTIABLE_INPUTS = (0, 1, 2, 3, 4, 5, 9)
+
+
 def _mixed_chunk_setup_context(ctx, inputs, output):
-    q_quad, k_quad, q_lin, k_lin, v, rel_bias, chunk_size, causal, quad_scale, lin_scale = inputs
-    ctx.save_for_backward(q_quad, k_quad, q_lin, k_lin, v, rel_bias, output[1])
+    (q_quad, k_quad, q_lin, k_lin, v, rel_bias, cu_seqlens, chunk_offsets, chunk_table,
+     state_offset, chunk_size, causal, quad_scale, lin_scale, store_total) = inputs
+    ctx.save_for_backward(q_quad, k_quad, q_lin, k_lin, v, rel_bias, output[1], cu_seqlens,
+                          chunk_offsets, chunk_table, state_offset)
     ctx.options = (chunk_size, causal, quad_scale, lin_scale)
+    ctx.store_total = store_total
 
 
-def _mixed_chunk_backward(ctx, grad_out, grad_states):
-    q_quad, k_quad, q_lin, k_lin, v, rel_bias, states = ctx.saved_tensors
-    needs = [bool(n) for n in ctx.needs_input_grad[:6]]
-    grads = mixed_chunk_bwd_op(grad_out, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states,
-                               *ctx.options, needs)
+def _mixed_chunk_backward(ctx, grad_out, grad_states, grad_total):
+    (q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, cu_seqlens, chunk_offsets, chunk_table,
+     state_offset) = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[i]) for i in _DIFFERENTIABLE_INPUTS]
+    grads = mixed_chunk_bwd_op(grad_out, grad_total if ctx.store_total else None, q_quad, k_quad,
+                               q_lin, k_lin, v, rel_bias, states, cu_seqlens, chunk_offsets,
+                               chunk_table, state_offset, *ctx.options, needs)
     grads = [g if need else None for g, need in zip(grads, needs)]
-    return (*grads, None, None, None, None)
+    return (*grads[:6], None, None, None, grads[6], None, None, None, None, None)
 
 
 mixed_chunk_fwd_op.register_autograd(_mixed_chunk_backward, setup_context=_mixed_chunk_setup_context)
-
-
 def check_triton_inputs(q, v):
     """What the Triton backend cannot take, with the way out."""
     if q.shape[-1] > TRITON_MAX_S:
@@ -427,14 +501,27 @@ def check_triton_inputs(q, v):
                          f"set before triton is imported; use backend='torch' on the CPU")
 
 
+def packed_arguments(tables):
+    """The custom ops' three table arguments of packing.ChunkTables (None: dense)."""
+    if tables is None:
+        return None, None, None
+    return tables.cu_seqlens, tables.chunk_offsets, tables.chunk_table
+
+
 def mixed_chunk_attention_triton(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
-                                 quad_scale, lin_scale):
-    """Inputs with one flattened batch dim (B, T, S) / (B, T, E); resolved chunk size and scales."""
+                                 quad_scale, lin_scale, tables=None, state_offset=None,
+                                 store_total=False):
+    """Inputs with one flattened batch dim (B, T, S) / (B, T, E); resolved chunk size, scales
+    left None for the default 1 / chunk_size (resolve_scales). tables: packed documents;
+    state_offset: (B, num_docs, S, E) unscaled initial state. Returns (out, total) with total
+    the (B, num_docs, S, E) float32 sums over each document's complete chunks when store_total,
+    else None."""
     check_triton_inputs(q_quad, v)
     views = [feature_contiguous(x) for x in (q_quad, k_quad, q_lin, k_lin, v)]
     # float32 and contiguous (the long-chunk kernels read it through a raw pointer); the
     # conversion is differentiable, so its gradient comes back in rel_bias's dtype.
     bias32 = rel_bias.float().contiguous() if rel_bias is not None else None
-    out, _ = mixed_chunk_fwd_op(*views, bias32, chunk_size, causal, float(quad_scale),
-                                float(lin_scale))
-    return out
+    offset32 = state_offset.float().contiguous() if state_offset is not None else None
+    out, _, total = mixed_chunk_fwd_op(*views, bias32, *packed_arguments(tables), offset32,
+                                       chunk_size, causal, quad_scale, lin_scale, store_total)
+    return out, (total if store_total else None)

@@ -250,3 +250,11 @@ def new_buffer(shape, dtype, device):
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def resolve_scales(quad_scale, lin_scale, chunk_size):
+    """The scales as numbers, None meaning the default 1 / chunk_size. The Triton path passes
+    None through to here, inside its custom ops, so that torch.compile never sees 1 / T as a
+    constant (chunk_size=None makes C = T: a guard on it would recompile for every length)."""
+    return (quad_scale if quad_scale is not None else 1.0 / chunk_size,
+            lin_scale if lin_scale is not None else 1.0 / chunk_size)

@@ -50,9 +50,8 @@ def check_same_dtype_and_device(named, group):
                              f"all inputs must be on one device")
 
 
-def check_mixed_chunk_inputs(q_quad, k_quad, q_lin, k_lin, v, chunk_size, causal, rel_bias,
-                             quad_scale, lin_scale, backend):
-    """Validate the arguments of mixed_chunk_attention (SPEC.md section 2)."""
+def check_tensors_of_mixed_chunk(q_quad, k_quad, q_lin, k_lin, v):
+    """Validate the tensors of mixed_chunk_attention (SPEC.md section 2)."""
     check_tensor("q_quad", q_quad, min_dim=2)
     check_tensor("k_quad", k_quad, min_dim=2)
     check_tensor("v", v, min_dim=2)
@@ -77,12 +76,8 @@ def check_mixed_chunk_inputs(q_quad, k_quad, q_lin, k_lin, v, chunk_size, causal
                              f"(*batch, T, S), got {tuple(x.shape)}")
     check_same_dtype_and_device(named, "q_quad, k_quad, q_lin, k_lin, v")
 
-    check_options(chunk_size, causal, rel_bias, quad_scale, lin_scale, backend,
-                  T=q_quad.shape[-2], device=q_quad.device, device_owner="q_quad")
 
-
-def check_options(chunk_size, causal, rel_bias, quad_scale, lin_scale, backend, *, T, device,
-                  device_owner):
+def check_options(chunk_size, causal, quad_scale, lin_scale, backend):
     """The keyword options shared by mixed_chunk_attention and flash_attention."""
     check_chunk_size(chunk_size)
     if not isinstance(causal, bool):
@@ -92,19 +87,24 @@ def check_options(chunk_size, causal, rel_bias, quad_scale, lin_scale, backend, 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
-    if rel_bias is not None:
-        C = chunk_size if chunk_size is not None else T
-        if not isinstance(rel_bias, torch.Tensor):
-            raise TypeError(f"rel_bias must be a torch.Tensor or None, got {type(rel_bias).__name__}")
-        if rel_bias.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"rel_bias must be a floating tensor, got {rel_bias.dtype}")
-        if rel_bias.device != device:
-            raise ValueError(f"rel_bias is on {rel_bias.device} but {device_owner} is on {device}: "
-                             f"rel_bias must be on the inputs' device")
-        if C > 0 and tuple(rel_bias.shape) != (2 * C - 1,):
-            what = f"chunk_size={chunk_size}" if chunk_size is not None else f"chunk_size=None (C = T = {T})"
-            raise ValueError(f"rel_bias must have shape (2 * C - 1,) = ({2 * C - 1},) for {what}, "
-                             f"got {tuple(rel_bias.shape)}")
+
+def check_rel_bias(rel_bias, *, C, chunk_size, packed, device, device_owner):
+    """rel_bias is None or a (2C - 1,) floating tensor on the inputs' device; C is the resolved
+    chunk size (chunk_size=None: T, or max_seqlen with cu_seqlens)."""
+    if rel_bias is None:
+        return
+    if not isinstance(rel_bias, torch.Tensor):
+        raise TypeError(f"rel_bias must be a torch.Tensor or None, got {type(rel_bias).__name__}")
+    if rel_bias.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"rel_bias must be a floating tensor, got {rel_bias.dtype}")
+    if rel_bias.device != device:
+        raise ValueError(f"rel_bias is on {rel_bias.device} but {device_owner} is on {device}: "
+                         f"rel_bias must be on the inputs' device")
+    if C > 0 and tuple(rel_bias.shape) != (2 * C - 1,):
+        what = f"chunk_size={chunk_size}" if chunk_size is not None else \
+            f"chunk_size=None (C = {'max_seqlen' if packed else 'T'} = {C})"
+        raise ValueError(f"rel_bias must have shape (2 * C - 1,) = ({2 * C - 1},) for {what}, "
+                         f"got {tuple(rel_bias.shape)}")
 
 
 def check_flash_inputs(z, gamma, beta, v, u):
@@ -136,3 +136,77 @@ def check_flash_inputs(z, gamma, beta, v, u):
             raise ValueError(f"u must have v's shape {tuple(v.shape)}, got {tuple(u.shape)}")
     check_same_dtype_and_device([("z", z), ("v", v)] + ([("u", u)] if u is not None else []),
                                 "z, v and u")
+
+
+def check_packing(cu_seqlens, max_seqlen, T, device):
+    """Validate cu_seqlens / max_seqlen (the contract's section 7) and return the packed
+    documents' lengths as a host list, or None where the values were not read: where reading
+    them would wait for the device (a CUDA cu_seqlens with max_seqlen given) or cannot happen
+    (under torch.compile tracing).
+    """
+    if cu_seqlens is None:
+        if max_seqlen is not None:
+            raise ValueError("max_seqlen is the longest packed document: it needs cu_seqlens")
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor of int32 or int64, got "
+                        f"{type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64 (0, then the cumulative document "
+                        f"lengths), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be 1-D of shape (N + 1,) for N documents, got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device and cu_seqlens.device.type != "cpu":
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}: "
+                         f"pass it on their device or on the CPU")
+    if max_seqlen is not None and (isinstance(max_seqlen, bool)
+                                   or not isinstance(max_seqlen, numbers.Integral)
+                                   or max_seqlen < 1):
+        raise ValueError(f"max_seqlen must be a positive int (the longest document's length), "
+                         f"got {max_seqlen!r}")
+    if torch.compiler.is_compiling() or (cu_seqlens.device.type != "cpu" and max_seqlen is not None):
+        return None
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != T:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T = {T} (the packed length), "
+                         f"got {bounds[0]} ... {bounds[-1]}")
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    if any(length < 0 for length in lengths):
+        first = next(i for i, length in enumerate(lengths) if length < 0)
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds[first]} then "
+                         f"{bounds[first + 1]} at positions {first} and {first + 1}")
+    if max_seqlen is not None and lengths and max(lengths) > max_seqlen:
+        raise ValueError(f"max_seqlen={max_seqlen} is less than the longest document "
+                         f"({max(lengths)} tokens)")
+    return lengths
+
+
+def check_state_arguments(initial_state, output_final_state, *, batch, num_docs, S, E, packed,
+                          has_linear, causal, device):
+    """Validate initial_state / output_final_state (the contract's section 7)."""
+    if not isinstance(output_final_state, bool):
+        raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
+    if initial_state is None and not output_final_state:
+        return
+    what = "initial_state" if initial_state is not None else "output_final_state=True"
+    if not has_linear:
+        raise ValueError(f"{what} needs the linear part: q_lin and k_lin (the state is their "
+                         f"k_lin^T v; quadratic-only attention has none)")
+    if not causal:
+        raise ValueError(f"{what} needs causal=True (a non-causal chunk sees the whole sequence, "
+                         f"so there is no state to carry in or out)")
+    if initial_state is None:
+        return
+    if not isinstance(initial_state, torch.Tensor):
+        raise TypeError(f"initial_state must be a torch.Tensor, got {type(initial_state).__name__}")
+    if initial_state.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"initial_state must be a floating tensor, got {initial_state.dtype}")
+    expected = tuple(batch) + ((num_docs,) if packed else ()) + (S, E)
+    if tuple(initial_state.shape) != expected:
+        layout = "(*batch, N, S, E) with cu_seqlens" if packed else "(*batch, S, E)"
+        raise ValueError(f"initial_state must have shape {layout} = {expected}, got "
+                         f"{tuple(initial_state.shape)}")
+    if initial_state.device != device:
+        raise ValueError(f"initial_state is on {initial_state.device} but the inputs are on "
+                         f"{device}")

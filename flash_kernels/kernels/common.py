@@ -11,15 +11,64 @@ import triton.language as tl
 
 
 @triton.jit
-def program_chunk_block(num_blocks, chunk_size, T):
-    """This program's (batch, chunk, block, chunk_start, chunk_end) for a grid of
-    (num_chunks * num_blocks, B): block `block` of chunk `chunk` of batch entry `batch`.
-    Token offsets are int64 (chunk_start), so addresses never overflow 32 bits."""
+def program_chunk_block(num_blocks, num_chunks, chunk_size, T, chunk_table_ptr, cu_seqlens_ptr,
+                        IS_VARLEN: tl.constexpr):
+    """This program's (batch, chunk, block, doc, chunk_start, chunk_end).
+
+    The grid is one-dimensional, program (batch * num_chunks + chunk) * num_blocks + block: the
+    batch is folded into axis 0 (up to 2^31 - 1 programs) because CUDA limits axes 1 and 2 to
+    65535, and the blocks of one chunk stay neighbours (they read the same keys and values).
+
+    Dense: chunk `chunk` covers tokens [chunk * chunk_size, min(... + chunk_size, T)) and doc is 0.
+    IS_VARLEN (packed documents): chunk is a slot of the (num_chunks, 2) int32 table of
+    (document, chunk of that document) rows, -1 for idle slots; the chunk starts at the
+    document's first token cu_seqlens[doc] plus chunk * chunk_size and ends at the document's
+    end at the latest. An idle slot gets an empty chunk (chunk_start == chunk_end == 0, doc 0), so
+    every mask is false and nothing is read or written. Token offsets are int64.
+    """
     pid = tl.program_id(0)
-    chunk = pid // num_blocks
-    chunk_start = chunk.to(tl.int64) * chunk_size
-    return (tl.program_id(1).to(tl.int64), chunk, pid % num_blocks, chunk_start,
-            tl.minimum(chunk_start + chunk_size, T))
+    block = pid % num_blocks
+    chunk = (pid // num_blocks) % num_chunks
+    batch = (pid // num_blocks // num_chunks).to(tl.int64)
+    if IS_VARLEN:
+        doc = tl.load(chunk_table_ptr + 2 * chunk)
+        chunk_of_doc = tl.load(chunk_table_ptr + 2 * chunk + 1)
+        idle = doc < 0
+        doc = tl.maximum(doc, 0)
+        doc_start = tl.load(cu_seqlens_ptr + doc).to(tl.int64)
+        doc_end = tl.load(cu_seqlens_ptr + doc + 1).to(tl.int64)
+        chunk_start = tl.where(idle, 0, doc_start + chunk_of_doc.to(tl.int64) * chunk_size)
+        chunk_end = tl.where(idle, 0, tl.minimum(chunk_start + chunk_size, doc_end))
+    else:
+        doc = 0
+        chunk_start = chunk.to(tl.int64) * chunk_size
+        chunk_end = tl.minimum(chunk_start + chunk_size, T)
+    return batch, chunk, block, doc, chunk_start, chunk_end
+
+
+@triton.jit
+def linear_state_tile(states_ptr, offset_ptr, batch, chunk, doc, num_chunks, num_docs, S, E,
+                      offs_s, cols, lin_scale, CAUSAL: tl.constexpr, HAS_OFFSET: tl.constexpr):
+    """The (S, cols) tile of the float32 state P that the chunk's queries read:
+
+        causal:      P = states[batch, chunk]  (+ lin_scale * offset[batch, doc])
+        non-causal:  P = states[batch, doc]    (+ lin_scale * offset[batch, doc])
+
+    `states` already holds lin_scale; `offset` is the unscaled (B, num_docs, S, E) state of the
+    tokens before this call's (a caller's initial_state, or the earlier ranks' total under
+    context parallelism): the one hook through which state from elsewhere enters.
+    """
+    tile = offs_s[:, None] * E + cols[None, :]
+    mask = (offs_s[:, None] < S) & (cols[None, :] < E)
+    if CAUSAL:
+        index = batch * num_chunks + chunk
+    else:
+        index = batch * num_docs + doc
+    state = tl.load(states_ptr + index * S * E + tile, mask=mask, other=0.0)
+    if HAS_OFFSET:
+        offset = tl.load(offset_ptr + (batch * num_docs + doc) * S * E + tile, mask=mask, other=0.0)
+        state += lin_scale * offset
+    return state
 
 
 @triton.jit

@@ -19,7 +19,8 @@ gradients are deterministic.
 import triton
 import triton.language as tl
 
-from .common import load_role, load_tile, program_chunk_block, relu_scores_tile
+from .common import (linear_state_tile, load_role, load_tile, program_chunk_block,
+                     relu_scores_tile)
 
 
 @triton.jit
@@ -51,29 +52,34 @@ def _query_key_weights(q_base, q_row_stride, k, affine_ptr, rel_bias_ptr, offs_i
     return relu_s * relu_s
 
 
-@triton.jit(do_not_specialize=["T", "num_chunks"])
+@triton.jit(do_not_specialize=["T", "num_chunks", "num_docs"])
 def mixed_chunk_bwd_query_kernel(
-    q_quad_ptr, k_quad_ptr, affine_ptr, v_ptr, grad_out_ptr, states_ptr, rel_bias_ptr,
-    dq_quad_ptr, dq_lin_ptr, ds_ptr, dbias_partial_ptr,
+    q_quad_ptr, k_quad_ptr, affine_ptr, v_ptr, grad_out_ptr, states_ptr, state_offset_ptr,
+    rel_bias_ptr, dq_quad_ptr, dq_lin_ptr, ds_ptr, dbias_partial_ptr, chunk_table_ptr,
+    cu_seqlens_ptr,
     stride_qb, stride_qt, stride_kb, stride_kt, stride_vb, stride_vt,
-    T, S, E, chunk_size, chunk_len, num_chunks, num_blocks, quad_scale,
+    T, S, E, chunk_size, chunk_len, num_chunks, num_docs, num_blocks, quad_scale, lin_scale,
     FROM_Z: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_STATE_OFFSET: tl.constexpr, IS_VARLEN: tl.constexpr,
     NEED_DS: tl.constexpr, NEED_DQ_QUAD: tl.constexpr, NEED_DQ_LIN: tl.constexpr,
     STORE_DS: tl.constexpr, NEED_DBIAS: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid: (num_chunks * num_blocks, B); query and key blocks are both BLOCK rows. Inputs
-    are strided views (unit feature stride), grad_out and the outputs contiguous.
+    """Grid: (B * num_chunks * num_blocks,) (common.program_chunk_block); query and key blocks
+    are both BLOCK rows. Inputs are strided views (unit feature stride), grad_out and the
+    outputs contiguous. dq_lin = dO P^T with P the forward states plus the state offset
+    (common.linear_state_tile).
 
     Writes dq_quad (B, T, S), dq_lin (B, T, S) and, when asked:
     - STORE_DS: ds (B, num_chunks, chunk_len, chunk_len) float32, every tile at or below the
       causal diagonal (the key kernel reads exactly those); else, for NEED_DBIAS, ds is a
-      (B, grid, BLOCK, BLOCK) scratch tile per program;
+      (grid, BLOCK, BLOCK) scratch tile per program;
     - NEED_DBIAS: dbias_partial (B, num_chunks, num_blocks, 2 * num_blocks, BLOCK): segment s of
       a program holds the sums of its dS over offsets i - j = s * BLOCK - (BLOCK - 1) + p, p < BLOCK.
     """
-    batch, chunk, block, chunk_start, chunk_end = program_chunk_block(num_blocks, chunk_size, T)
+    batch, chunk, block, doc, chunk_start, chunk_end = program_chunk_block(
+        num_blocks, num_chunks, chunk_size, T, chunk_table_ptr, cu_seqlens_ptr, IS_VARLEN)
     row_start = chunk_start + block * BLOCK
     # bf16 operands for bf16 inputs; fp32 (tf32) otherwise: see common.py.
     mma_dtype = tl.bfloat16 if v_ptr.dtype.element_ty == tl.bfloat16 else tl.float32
@@ -86,17 +92,14 @@ def mixed_chunk_bwd_query_kernel(
     out_mask = row_ok[:, None] & (offs_s[None, :] < S)
 
     if NEED_DQ_LIN:
-        if CAUSAL:
-            state_base = states_ptr + (batch * num_chunks + chunk) * S * E
-        else:
-            state_base = states_ptr + batch * S * E
         dq_lin = tl.zeros((BLOCK, BLOCK_S), dtype=tl.float32)
         for e0 in range(0, E, BLOCK_E):
             cols = e0 + offs_e
             d_out = tl.load(grad_out_base + offs_i[:, None] * E + cols[None, :],
                             mask=row_ok[:, None] & (cols[None, :] < E), other=0.0)
-            state = tl.load(state_base + offs_s[:, None] * E + cols[None, :],
-                            mask=(offs_s[:, None] < S) & (cols[None, :] < E), other=0.0)
+            state = linear_state_tile(states_ptr, state_offset_ptr, batch, chunk, doc, num_chunks,
+                                      num_docs, S, E, offs_s, cols, lin_scale, CAUSAL,
+                                      HAS_STATE_OFFSET)
             dq_lin = tl.dot(d_out.to(mma_dtype), tl.trans(state.to(mma_dtype)), dq_lin,
                             input_precision=DOT_PRECISION)
         tl.store(dq_lin_ptr + batch * T * S + offs_i[:, None] * S + offs_s[None, :],
@@ -117,7 +120,7 @@ def mixed_chunk_bwd_query_kernel(
             ds_base = ds_ptr + (batch * num_chunks + chunk) * chunk_len * chunk_len
             ds_row_stride = chunk_len
         elif NEED_DBIAS:
-            ds_base = ds_ptr + (batch * tl.num_programs(0) + tl.program_id(0)) * BLOCK * BLOCK
+            ds_base = ds_ptr + tl.program_id(0).to(tl.int64) * BLOCK * BLOCK
             ds_row_stride = BLOCK
         if NEED_DBIAS:
             segments_base = dbias_partial_ptr + ((batch * num_chunks + chunk) * num_blocks + block) * (2 * num_blocks) * BLOCK
@@ -177,27 +180,35 @@ def mixed_chunk_bwd_query_kernel(
                      (dq * quad_scale).to(dq_quad_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit(do_not_specialize=["T", "num_chunks"])
+@triton.jit(do_not_specialize=["T", "num_chunks", "num_docs"])
 def mixed_chunk_bwd_key_kernel(
-    q_quad_ptr, k_quad_ptr, k_lin_ptr, affine_ptr, v_ptr, grad_out_ptr, dstates_ptr, rel_bias_ptr,
-    ds_ptr, dk_quad_ptr, dk_lin_ptr, dv_ptr,
+    q_quad_ptr, k_quad_ptr, k_lin_ptr, affine_ptr, v_ptr, grad_out_ptr, dstates_ptr,
+    dstate_offset_ptr, rel_bias_ptr, ds_ptr, dk_quad_ptr, dk_lin_ptr, dv_ptr, chunk_table_ptr,
+    cu_seqlens_ptr,
     stride_qb, stride_qt, stride_kb, stride_kt, stride_klb, stride_klt, stride_vb, stride_vt,
-    T, S, E, chunk_size, chunk_len, num_chunks, num_blocks, quad_scale,
-    FROM_Z: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
-    DS_STORED: tl.constexpr, HOIST_SCORES: tl.constexpr,
+    T, S, E, chunk_size, chunk_len, num_chunks, num_docs, num_blocks, quad_scale,
+    FROM_Z: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_DSTATE_OFFSET: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DS_STORED: tl.constexpr, HOIST_SCORES: tl.constexpr,
     NEED_DK_QUAD: tl.constexpr, NEED_DK_LIN: tl.constexpr, NEED_DV: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Grid: (num_chunks * num_blocks, B), one program per block of BLOCK keys. Inputs are
-    strided views (unit feature stride), grad_out and the outputs contiguous.
+    """Grid: (B * num_chunks * num_blocks,), one program per block of BLOCK keys
+    (common.program_chunk_block). Inputs are strided views (unit feature stride), grad_out and
+    the outputs contiguous.
 
     dk_quad = quad_scale * sum_i dS_ij q_i (dS read back when DS_STORED, else recomputed);
     dv = sum_i relu_s_ij^2 dO_i + k_lin_j D, the weights formed once against the whole chunk
     when HOIST_SCORES (chunk <= 2 * BLOCK_QH), else recomputed per value tile;
     dk_lin = V_j D^T.
+    D is the reverse state dstates[b, chunk] (non-causal: dstates[b, doc]) plus, with
+    HAS_DSTATE_OFFSET, the gradient dstate_offset[b, doc] that reaches the state from after this
+    call (a final_state's gradient, or the later ranks' under context parallelism): causal, it
+    reaches the chunks that went into that state, i.e. the complete ones; non-causal, all of them.
     """
-    batch, chunk, block, chunk_start, chunk_end = program_chunk_block(num_blocks, chunk_size, T)
+    batch, chunk, block, doc, chunk_start, chunk_end = program_chunk_block(
+        num_blocks, num_chunks, chunk_size, T, chunk_table_ptr, cu_seqlens_ptr, IS_VARLEN)
     key_start = chunk_start + block * BLOCK
     if key_start >= chunk_end:
         return
@@ -245,8 +256,10 @@ def mixed_chunk_bwd_key_kernel(
         if HAS_LINEAR:
             if CAUSAL:
                 dstate_base = dstates_ptr + (batch * num_chunks + chunk) * S * E
+                offset_reaches_chunk = chunk_end - chunk_start == chunk_size
             else:
-                dstate_base = dstates_ptr + batch * S * E
+                dstate_base = dstates_ptr + (batch * num_docs + doc) * S * E
+                offset_reaches_chunk = True
             k_lin = load_role(k_lin_ptr + batch * stride_klb, offs_j, chunk_end, S, stride_klt,
                               affine_ptr, 3, FROM_Z, BLOCK_S).to(mma_dtype)
             dk_lin = tl.zeros((BLOCK, BLOCK_S), dtype=tl.float32)
@@ -297,8 +310,15 @@ def mixed_chunk_bwd_key_kernel(
                         dv = tl.dot(tl.trans(relu_s * relu_s).to(mma_dtype), d_out.to(mma_dtype),
                                     dv, input_precision=DOT_PRECISION)
             if HAS_LINEAR:
+                state_mask = (offs_s[:, None] < S) & col_ok[None, :]
                 dstate = tl.load(dstate_base + offs_s[:, None] * E + cols[None, :],
-                                 mask=(offs_s[:, None] < S) & col_ok[None, :], other=0.0).to(mma_dtype)
+                                 mask=state_mask, other=0.0)
+                if HAS_DSTATE_OFFSET:
+                    if offset_reaches_chunk:
+                        dstate += tl.load(dstate_offset_ptr + (batch * num_docs + doc) * S * E
+                                          + offs_s[:, None] * E + cols[None, :],
+                                          mask=state_mask, other=0.0)
+                dstate = dstate.to(mma_dtype)
                 if NEED_DV:
                     dv = tl.dot(k_lin, dstate, dv, input_precision=DOT_PRECISION)
                 if NEED_DK_LIN:

@@ -15,34 +15,39 @@ Two loop orders, chosen at compile time by HOIST_SCORES:
 import triton
 import triton.language as tl
 
-from .common import load_role, load_tile, program_chunk_block, relu2_weights
+from .common import (linear_state_tile, load_role, load_tile, program_chunk_block,
+                     relu2_weights)
 
 
-@triton.jit(do_not_specialize=["T", "num_chunks"])
+@triton.jit(do_not_specialize=["T", "num_chunks", "num_docs"])
 def mixed_chunk_fwd_kernel(
-    q_quad_ptr, k_quad_ptr, q_lin_ptr, affine_ptr, states_ptr, v_ptr, rel_bias_ptr, gate_ptr,
-    out_ptr, attn_ptr,
+    q_quad_ptr, k_quad_ptr, q_lin_ptr, affine_ptr, states_ptr, state_offset_ptr, v_ptr,
+    rel_bias_ptr, gate_ptr, out_ptr, attn_ptr, chunk_table_ptr, cu_seqlens_ptr,
     stride_qb, stride_qt, stride_kb, stride_kt, stride_qlb, stride_qlt, stride_vb, stride_vt,
     stride_gb, stride_gt,
-    T, S, E, chunk_size, chunk_len, num_chunks, num_query_blocks, quad_scale,
+    T, S, E, chunk_size, chunk_len, num_chunks, num_docs, num_query_blocks, quad_scale, lin_scale,
     FROM_Z: tl.constexpr, HAS_GATE: tl.constexpr, STORE_ATTN: tl.constexpr,
-    HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr,
-    CAUSAL: tl.constexpr, HOIST_SCORES: tl.constexpr,
+    HAS_LINEAR: tl.constexpr, HAS_STATE_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr, HOIST_SCORES: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid: (num_chunks * num_query_blocks, B).
+    """Grid: (B * num_chunks * num_query_blocks,), see common.program_chunk_block (IS_VARLEN:
+    packed documents through chunk_table and cu_seqlens).
 
     Inputs are (B, T, S) / (B, T, E) views with unit feature stride and the given batch and
     token strides (slices of a fused projection need no copy); out and attn are contiguous.
     FROM_Z: q_quad/k_quad/q_lin are all z and the roles are formed on the fly (`load_role`).
     HAS_GATE: out = gate * attention; STORE_ATTN also writes the ungated attention to attn.
-    states: (B, num_chunks or 1, S, E) float32. rel_bias: float32, the (2 * chunk_size - 1,)
-    vector or, with BIAS_MATRIX, its (chunk_len, chunk_len) Toeplitz matrix (common.py).
+    states: (B, num_chunks, S, E) float32 (non-causal: (B, num_docs, S, E)); HAS_STATE_OFFSET
+    adds lin_scale * state_offset[b, doc] to them (common.linear_state_tile).
+    rel_bias: float32, the (2 * chunk_size - 1,) vector or, with BIAS_MATRIX, its (chunk_len, chunk_len) Toeplitz matrix (common.py).
     The weights relu^2(S) and the states enter the tensor cores as bf16 for bf16 inputs, else
     as float32 (common.py).
     """
-    batch, chunk, block, chunk_start, chunk_end = program_chunk_block(num_query_blocks, chunk_size, T)
+    batch, chunk, block, doc, chunk_start, chunk_end = program_chunk_block(
+        num_query_blocks, num_chunks, chunk_size, T, chunk_table_ptr, cu_seqlens_ptr, IS_VARLEN)
     row_start = chunk_start + block * BLOCK_M
     if row_start >= chunk_end:
         return
@@ -63,10 +68,6 @@ def mixed_chunk_fwd_kernel(
     if HAS_LINEAR:
         q_lin = load_role(q_lin_ptr + batch * stride_qlb, offs_i, chunk_end, S, stride_qlt,
                           affine_ptr, 2, FROM_Z, BLOCK_S).to(mma_dtype)
-        if CAUSAL:
-            state_base = states_ptr + (batch * num_chunks + chunk) * S * E
-        else:
-            state_base = states_ptr + batch * S * E
 
     if HOIST_SCORES:
         # The chunk's keys as two tiles of BLOCK_N: each tile's scores are formed on their own
@@ -108,8 +109,9 @@ def mixed_chunk_fwd_kernel(
                 acc = tl.dot(weights.to(mma_dtype), v.to(mma_dtype), acc,
                              input_precision=DOT_PRECISION)
         if HAS_LINEAR:
-            state = tl.load(state_base + offs_s[:, None] * E + cols[None, :],
-                            mask=(offs_s[:, None] < S) & col_ok[None, :], other=0.0)
+            state = linear_state_tile(states_ptr, state_offset_ptr, batch, chunk, doc, num_chunks,
+                                      num_docs, S, E, offs_s, cols, lin_scale, CAUSAL,
+                                      HAS_STATE_OFFSET)
             acc = tl.dot(q_lin, state.to(mma_dtype), acc, input_precision=DOT_PRECISION)
         tile = batch * T * E + offs_i[:, None] * E + cols[None, :]
         tile_mask = row_ok[:, None] & col_ok[None, :]
