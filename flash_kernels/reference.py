@@ -7,6 +7,12 @@ the documents. Gradients come from autograd. Use float64 inputs for ground truth
 import torch
 
 
+def nan_where(mask):
+    """NaN where mask is True, else 0: added to a result, it marks what attends a non-finite
+    value without cutting the gradient of the other terms (as torch.where would)."""
+    return torch.zeros_like(mask, dtype=torch.float32).masked_fill(mask, float("nan"))
+
+
 def _finite_rows(x):
     """x with its non-finite rows zeroed, and the (..., T) mask of those rows."""
     bad = ~torch.isfinite(x).all(dim=-1)
@@ -15,11 +21,11 @@ def _finite_rows(x):
 
 def _pair_products(q, k, scale):
     """scale * q @ k^T, NaN where the query or the key row is non-finite: formed from finite
-    rows, so the gradient of a pair that is masked out later is exactly zero."""
+    rows, so a masked pair's gradient, zero, never meets a non-finite row in the backward."""
     q, bad_q = _finite_rows(q)
     k, bad_k = _finite_rows(k)
     products = scale * (q @ k.transpose(-1, -2))
-    return torch.where(bad_q[..., :, None] | bad_k[..., None, :], float("nan"), products)
+    return products + nan_where(bad_q[..., :, None] | bad_k[..., None, :])
 
 
 def dense_reference(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
@@ -65,7 +71,7 @@ def dense_reference(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_
     out = weights @ torch.where(bad_v, zero, v)
     if bad_v.any():        # which outputs attend a non-finite value (ground truth: a plain count)
         seen = (attended.to(compute_dtype) @ bad_v.to(compute_dtype)) > 0
-        out = torch.where(seen, float("nan"), out)
+        out = out + nan_where(seen)
     return out.to(out_dtype)
 
 

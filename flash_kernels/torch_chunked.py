@@ -67,6 +67,12 @@ def chunk_layout(T, chunk_size, C, tables, device):
                        last_complete, last, position)
 
 
+def nan_where(mask):
+    """NaN where mask is True, 0 elsewhere: added to a result, it marks the entries that attend
+    a non-finite value without cutting the gradient of the others' terms (torch.where would)."""
+    return torch.zeros_like(mask, dtype=torch.float32).masked_fill(mask, float("nan"))
+
+
 def _nonfinite_rows(x):
     """(..., rows) True where a row of x (..., rows, W) holds a non-finite value."""
     return ~torch.isfinite(x).all(dim=-1)
@@ -128,7 +134,7 @@ def mixed_chunk_attention_torch(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, 
     qq = torch.where(bad_q[..., None], zero, qq)
     kq = torch.where(bad_k[..., None], zero, kq)
     scores = quad_scale * (qq @ kq.transpose(-1, -2))                 # (B, G, C, C)
-    scores = torch.where(bad_q[..., :, None] | bad_k[..., None, :], float("nan"), scores)
+    scores = scores + nan_where(bad_q[..., :, None] | bad_k[..., None, :])
     if rel_bias is not None:
         scores = scores + toeplitz_bias(rel_bias.to(compute_dtype), chunk_size, C)
     valid = valid_row[:, :, None] & valid_row[:, None, :]               # (G, C, C)
@@ -145,7 +151,7 @@ def mixed_chunk_attention_torch(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, 
         poisoned = row >= first_bad
     else:
         poisoned = bad_v.any(dim=2, keepdim=True)
-    out = torch.where(poisoned, float("nan"), out)                      # (B, G, C, E)
+    out = out + nan_where(poisoned)                                     # (B, G, C, E)
 
     total = None
     if q_lin is not None:

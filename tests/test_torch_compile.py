@@ -7,7 +7,10 @@ paths are plain tensor code. So torch.compile(fullgraph=True) must trace every b
 import pytest
 import torch
 
+import torch._dynamo.testing
+
 from flash_kernels import flash_attention, mixed_chunk_attention
+from flash_kernels.packing import chunk_tables
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, T, S, E, C = 2, 19, 5, 6, 8
@@ -21,21 +24,60 @@ def _inputs(dtype=torch.float32, seed=0):
     return qk + [v, rel_bias]
 
 
-def test_opcheck_mixed_chunk_op():
+def _packing(packed, with_grad=True):
+    """The custom ops' table and state-offset arguments: dense (all None), or three documents
+    with an initial state."""
+    if not packed:
+        return (None, None, None, None), False
+    tables = chunk_tables(torch.tensor([0, 7, 7, T]), T, C, DEVICE)
+    offset = torch.randn(B, tables.num_docs, S, E, device=DEVICE).requires_grad_(with_grad)
+    return (tables.cu_seqlens, tables.chunk_offsets, tables.chunk_table, offset), True
+
+
+OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed-state"])
+def test_opcheck_mixed_chunk_op(packed):
     q_quad, k_quad, q_lin, k_lin, v, rel_bias = _inputs()
-    args = (q_quad, k_quad, q_lin, k_lin, v, rel_bias, C, True, 0.7, 0.3)
-    torch.library.opcheck(torch.ops.flash_kernels.mixed_chunk_fwd.default, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    packing, store_total = _packing(packed)
+    scales = (None, None) if packed else (0.7, 0.3)     # None: the default 1 / C, inside the op
+    args = (q_quad, k_quad, q_lin, k_lin, v, rel_bias, *packing, C, True, *scales, store_total)
+    torch.library.opcheck(torch.ops.flash_kernels.mixed_chunk_fwd.default, args, test_utils=OPCHECKS)
 
 
-def test_opcheck_flash_op():
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed-state"])
+def test_opcheck_flash_op(packed):
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(B, T, S, generator=gen, device=DEVICE).requires_grad_()
     affine = torch.randn(2, 4, S, generator=gen, device=DEVICE).requires_grad_()
     v, u = (torch.randn(B, T, E, generator=gen, device=DEVICE).requires_grad_() for _ in range(2))
-    args = (z, affine, 4, v, u, None, C, True, 0.7, 0.3, True)
-    torch.library.opcheck(torch.ops.flash_kernels.flash_fwd.default, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    packing, store_total = _packing(packed)
+    args = (z, affine, 4, v, u, None, *packing, C, True, 0.7, 0.3, True, store_total)
+    torch.library.opcheck(torch.ops.flash_kernels.flash_fwd.default, args, test_utils=OPCHECKS)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("op", ["mixed_chunk_attention", "flash_attention"])
+def test_dynamic_compile_of_one_chunk_attention_compiles_once(backend, op):
+    """chunk_size=None makes C = T and the default scale 1 / T: under torch.compile(dynamic=True)
+    that must stay symbolic (no guard on 1 / T), one graph for every length."""
+    counter = torch._dynamo.testing.CompileCounter()
+
+    def fn(x, v):
+        if op == "mixed_chunk_attention":
+            return mixed_chunk_attention(x, x, None, None, v, chunk_size=None, backend=backend)
+        gamma = torch.ones(2, S, device=x.device)
+        return flash_attention(x, gamma, torch.zeros_like(gamma), v, chunk_size=None,
+                               backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=counter)
+    for length in (9, 13, 20):
+        x = torch.randn(B, length, S, device=DEVICE)
+        v = torch.randn(B, length, E, device=DEVICE)
+        torch.testing.assert_close(compiled(x, v), fn(x, v), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1, f"{counter.frame_count} compiles for 3 lengths"
 
 
 def _run(fn, inputs):

@@ -156,3 +156,27 @@ def relu2_weights(q, k_base, k_row_stride, affine_ptr, rel_bias_ptr, offs_i, off
                               chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL,
                               DOT_PRECISION)
     return relu_s * relu_s
+
+
+@triton.jit
+def nonfinite_in(x, partial_rows):
+    """True at the non-finite entries of the rows `partial_rows` ((rows,) bool) of a tile x.
+
+    A causal tile pairs some rows with rows that may attend them and with rows that may not,
+    and a product multiplies the masked pairs' zero weights too: 0 * NaN = NaN would leak a
+    non-finite value into rows that never attend it. So before a product the kernels zero the
+    non-finite entries of such partially attended rows (rows attended by the whole other side
+    keep theirs: those do reach every output). A value is finite iff x - x == 0 (inf - inf and
+    NaN - NaN are NaN).
+    """
+    return ((x - x) != 0) & partial_rows[:, None]
+
+
+@triton.jit
+def zero_unattended_nonfinite(x, rows, partial_rows, first_bad):
+    """x with `nonfinite_in(x, partial_rows)` zeroed, and first_bad (per column) lowered to the
+    first row where that happened: the caller poisons the outputs at or after that row (a
+    causal query attends every key up to itself), exactly those that do attend the value."""
+    bad = nonfinite_in(x, partial_rows)
+    first_bad = tl.minimum(first_bad, tl.min(tl.where(bad, rows[:, None], first_bad[None, :]), axis=0))
+    return tl.where(bad, 0.0, x).to(x.dtype), first_bad

@@ -19,8 +19,8 @@ gradients are deterministic.
 import triton
 import triton.language as tl
 
-from .common import (linear_state_tile, load_role, load_tile, program_chunk_block,
-                     relu_scores_tile)
+from .common import (linear_state_tile, load_role, load_tile, nonfinite_in,
+                     program_chunk_block, relu_scores_tile)
 
 
 @triton.jit
@@ -37,7 +37,8 @@ def _score_grad_tile(grad_out_base, v_base, v_row_stride, relu_s, offs_i, offs_j
         v = tl.load(v_base + offs_j.to(tl.int64)[:, None] * v_row_stride + cols[None, :],
                     mask=(offs_j[:, None] < chunk_end) & (cols[None, :] < E), other=0.0)
         grad_scores = tl.dot(d_out, tl.trans(v), grad_scores, input_precision=DOT_PRECISION)
-    return 2.0 * relu_s * grad_scores
+    # Selected, not multiplied: a masked pair's dA may be NaN (a value its query never sees).
+    return tl.where(relu_s > 0, 2.0 * relu_s * grad_scores, 0.0)
 
 
 @triton.jit
@@ -132,6 +133,8 @@ def mixed_chunk_bwd_query_kernel(
                                       chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL, DOT_PRECISION)
             ds = _score_grad_tile(grad_out_base, v_base, stride_vt, relu_s, offs_i, offs_j,
                                   chunk_end, E, BLOCK, BLOCK_E, DOT_PRECISION)
+            if CAUSAL:      # the diagonal block's later keys: see common.nonfinite_in
+                k = tl.where(nonfinite_in(k, offs_j >= row_start), 0.0, k).to(k.dtype)
             dq = tl.dot(ds.to(mma_dtype), k.to(mma_dtype), dq, input_precision=DOT_PRECISION)
             if STORE_DS or NEED_DBIAS:
                 if STORE_DS:
@@ -247,6 +250,8 @@ def mixed_chunk_bwd_key_kernel(
                                           BIAS_MATRIX, CAUSAL, DOT_PRECISION)
                 ds = _score_grad_tile(grad_out_base, v_base, stride_vt, relu_s, offs_i, offs_j,
                                       chunk_end, E, BLOCK, BLOCK_E, DOT_PRECISION)
+            if CAUSAL:      # queries before the block's last key: see common.nonfinite_in
+                q = tl.where(nonfinite_in(q, offs_i < key_start + BLOCK), 0.0, q).to(q.dtype)
             dk = tl.dot(tl.trans(ds).to(mma_dtype), q.to(mma_dtype), dk,
                         input_precision=DOT_PRECISION)
         tl.store(dk_quad_ptr + batch * T * S + offs_j[:, None] * S + offs_s[None, :],

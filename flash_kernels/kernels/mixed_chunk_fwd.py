@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import (linear_state_tile, load_role, load_tile, program_chunk_block,
-                     relu2_weights)
+                     relu2_weights, zero_unattended_nonfinite)
 
 
 @triton.jit(do_not_specialize=["T", "num_chunks", "num_docs"])
@@ -91,11 +91,19 @@ def mixed_chunk_fwd_kernel(
     for e0 in range(0, E, BLOCK_E):
         cols = e0 + offs_e
         col_ok = cols < E
+        # Values are read up to keys_end only (causal: no row after the block's last query).
+        # Causal, the block's own keys meet masked (zero) weights: see zero_unattended_nonfinite.
+        first_bad = tl.zeros((BLOCK_E,), dtype=tl.int64) + chunk_end
         if HOIST_SCORES:
-            v = load_tile(v_base, offs_lo, cols, chunk_end, E, stride_vt)
+            v = load_tile(v_base, offs_lo, cols, keys_end, E, stride_vt)
+            if CAUSAL:
+                v, first_bad = zero_unattended_nonfinite(v, offs_lo, offs_lo >= row_start, first_bad)
             acc = tl.dot(weights_lo, v.to(mma_dtype), input_precision=DOT_PRECISION)
             if use_hi:
-                v = load_tile(v_base, offs_hi, cols, chunk_end, E, stride_vt)
+                v = load_tile(v_base, offs_hi, cols, keys_end, E, stride_vt)
+                if CAUSAL:
+                    v, first_bad = zero_unattended_nonfinite(v, offs_hi, offs_hi >= row_start,
+                                                               first_bad)
                 acc = tl.dot(weights_hi, v.to(mma_dtype), acc, input_precision=DOT_PRECISION)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
@@ -105,9 +113,13 @@ def mixed_chunk_fwd_kernel(
                                         offs_j, chunk_start, chunk_end, chunk_size, chunk_len, S,
                                         quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
                                         DOT_PRECISION)
-                v = load_tile(v_base, offs_j, cols, chunk_end, E, stride_vt)
+                v = load_tile(v_base, offs_j, cols, keys_end, E, stride_vt)
+                if CAUSAL:
+                    v, first_bad = zero_unattended_nonfinite(v, offs_j, offs_j >= row_start, first_bad)
                 acc = tl.dot(weights.to(mma_dtype), v.to(mma_dtype), acc,
                              input_precision=DOT_PRECISION)
+        if CAUSAL:          # the outputs that do attend a zeroed non-finite value
+            acc = tl.where(offs_i[:, None] >= first_bad[None, :], float("nan"), acc)
         if HAS_LINEAR:
             state = linear_state_tile(states_ptr, state_offset_ptr, batch, chunk, doc, num_chunks,
                                       num_docs, S, E, offs_s, cols, lin_scale, CAUSAL,
