@@ -5,7 +5,8 @@ import torch
 
 from .reference import dense_reference
 from .torch_chunked import mixed_chunk_attention_torch
-from .utils import TRITON_MAX_S, autocast_cast, autocast_dtype, triton_interpret_enabled
+from .utils import (INTERPRETED_KERNELS, TRITON_MAX_S, autocast_cast, autocast_dtype,
+                    functorch_transform_active, triton_interpret_enabled)
 from .validation import check_mixed_chunk_inputs
 
 try:    # imported here so the custom ops are registered before anything is traced or compiled
@@ -19,10 +20,19 @@ except ImportError as error:         # no usable triton: the PyTorch backends st
 
 
 def pick_backend(backend, device, dtype, s):
-    """The backend that runs: "auto" resolved, and float64 on "triton" sent to "torch"."""
+    """The backend that runs: "auto" resolved, and float64 on "triton" sent to "torch".
+
+    "auto" takes "torch" where the kernels cannot give the right answer: S > 256, float64,
+    CPU tensors without the interpreter, bfloat16 under the interpreter (it cannot compute in
+    bfloat16: SPEC section 6) and inside torch.func transforms. An explicit "triton" in the
+    last two cases raises instead (check_triton_inputs).
+    """
     if backend == "auto":
         on_triton_device = device.type == "cuda" or (device.type == "cpu" and triton_interpret_enabled())
-        return "triton" if on_triton_device and dtype != torch.float64 and s <= TRITON_MAX_S else "torch"
+        interpreter_bf16 = INTERPRETED_KERNELS and dtype == torch.bfloat16
+        usable = (on_triton_device and dtype != torch.float64 and s <= TRITON_MAX_S
+                  and not interpreter_bf16 and not functorch_transform_active())
+        return "triton" if usable else "torch"
     if backend == "triton" and dtype == torch.float64:
         return "torch"          # the kernels compute in fp32; float64 (gradcheck) takes the exact path
     return backend
