@@ -74,6 +74,12 @@ def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size=256, ca
             "triton", "torch" (chunked PyTorch, O(T) memory) or "reference" (dense, O(T^2)).
             float64 inputs on the Triton backend run the "torch" path, so
             torch.autograd.gradcheck works on this op whatever the backend.
+            "auto" also takes "torch" for bfloat16 under the Triton interpreter (which has no
+            bfloat16 arithmetic) and inside torch.func transforms (grad, vmap, ...: the Triton
+            custom ops have no functorch rules); an explicit "triton" raises in both cases.
+            TRITON_INTERPRET must be set before flash_kernels is imported: the Triton
+            backend ("auto" on CPU tensors included) raises if it was set later. Interpreted kernel launches are serialised (the interpreter is
+            not thread-safe), so threads may call the op at once.
 
     Returns:
         (*batch, T, E) tensor in v's dtype. Inside torch.autocast, the five tensors are first
