@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 
-from flash_kernels import flash_attention, mixed_chunk_attention
 from flash_kernels.nn import FLASH, FLASHLM, GAU, sample_next
 from flash_kernels.utils import INTERPRETED_KERNELS
 from helpers import call_op
