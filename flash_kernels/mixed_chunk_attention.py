@@ -7,8 +7,8 @@ import torch
 from .packing import chunk_tables
 from .reference import reference_with_state
 from .torch_chunked import mixed_chunk_attention_torch
-from .utils import (TRITON_MAX_S, autocast_cast, autocast_dtype, resolve_scales,
-                    triton_interpret_enabled)
+from .utils import (INTERPRETED_KERNELS, TRITON_MAX_S, autocast_cast, autocast_dtype,
+                    functorch_transform_active, resolve_scales, triton_interpret_enabled)
 from .validation import (check_options, check_packing, check_rel_bias, check_state_arguments,
                          check_tensors_of_mixed_chunk)
 
@@ -23,10 +23,19 @@ except ImportError as error:         # no usable triton: the PyTorch backends st
 
 
 def pick_backend(backend, device, dtype, s):
-    """The backend that runs: "auto" resolved, and float64 on "triton" sent to "torch"."""
+    """The backend that runs: "auto" resolved, and float64 on "triton" sent to "torch".
+
+    "auto" takes "torch" where the kernels cannot give the right answer: S > 256, float64,
+    CPU tensors without the interpreter, bfloat16 under the interpreter (it cannot compute in
+    bfloat16: SPEC section 6) and inside torch.func transforms. An explicit "triton" in the
+    last two cases raises instead (check_triton_inputs).
+    """
     if backend == "auto":
         on_triton_device = device.type == "cuda" or (device.type == "cpu" and triton_interpret_enabled())
-        return "triton" if on_triton_device and dtype != torch.float64 and s <= TRITON_MAX_S else "torch"
+        interpreter_bf16 = INTERPRETED_KERNELS and dtype == torch.bfloat16
+        usable = (on_triton_device and dtype != torch.float64 and s <= TRITON_MAX_S
+                  and not interpreter_bf16 and not functorch_transform_active())
+        return "triton" if usable else "torch"
     if backend == "triton" and dtype == torch.float64:
         return "torch"          # the kernels compute in fp32; float64 (gradcheck) takes the exact path
     return backend
@@ -59,7 +68,7 @@ class Documents:
         self.batch, self.T, self.S, self.E = tuple(batch), T, S, E
         self.cu_seqlens = cu_seqlens
         self.initial_state = initial_state
-        self.output_final_state = output_final_state
+        self.output_final_state = bool(output_final_state)
         self.device = device
         self.state_dtype = torch.promote_types(dtype, torch.float32)
 
@@ -137,6 +146,13 @@ def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size=256, ca
             "triton", "torch" (chunked PyTorch, O(T) memory) or "reference" (dense, O(T^2)).
             float64 inputs on the Triton backend run the "torch" path, so
             torch.autograd.gradcheck works on this op whatever the backend.
+            "auto" also takes "torch" for bfloat16 under the Triton interpreter (which has no
+            bfloat16 arithmetic) and inside torch.func transforms (grad, vmap, ...: the Triton
+            custom ops have no functorch rules); an explicit "triton" raises in both cases.
+            TRITON_INTERPRET must be set before flash_kernels is imported: the Triton
+            backend ("auto" on CPU tensors included) raises if it was set later. Interpreted
+            kernel launches are serialised (the interpreter is not thread-safe), so threads may
+            call the op at once.
 
     Returns:
         (*batch, T, E) tensor in v's dtype, or (out, final_state) with output_final_state.

@@ -66,8 +66,8 @@ from .kernels.mixed_chunk_bwd import mixed_chunk_bwd_key_kernel, mixed_chunk_bwd
 from .kernels.mixed_chunk_fwd import mixed_chunk_fwd_kernel
 from .packing import ChunkTables
 from .torch_chunked import toeplitz_bias
-from .utils import (TRITON_MAX_S, launch, new_buffer, next_power_of_2, resolve_scales,
-                    triton_interpret_enabled)
+from .utils import (INTERPRETED_KERNELS, TRITON_MAX_S, functorch_transform_active, launch,
+                    new_buffer, next_power_of_2, resolve_scales, triton_interpret_enabled)
 
 MAX_HOIST_KEYS = 256  # longest chunk whose relu^2 weights are formed once per query block
 
@@ -496,9 +496,24 @@ def check_triton_inputs(q, v):
     if q.shape[-1] > TRITON_MAX_S:
         raise ValueError(f"backend='triton' holds q/k in one tile: S (their last dim) must be at "
                          f"most {TRITON_MAX_S}, got {q.shape[-1]}; use backend='torch'")
+    if triton_interpret_enabled() and not INTERPRETED_KERNELS:
+        raise RuntimeError("TRITON_INTERPRET=1 was set after flash_kernels was imported: Triton "
+                           "reads it when it defines the kernels, at import, so they are not "
+                           "interpreted. TRITON_INTERPRET must be set before flash_kernels (and "
+                           "triton) is imported; or use backend='torch'")
     if v.device.type != "cuda" and not triton_interpret_enabled():
         raise ValueError(f"backend='triton' needs CUDA tensors (got {v.device}) or TRITON_INTERPRET=1 "
-                         f"set before triton is imported; use backend='torch' on the CPU")
+                         f"set before flash_kernels is imported; use backend='torch' on the CPU")
+    if INTERPRETED_KERNELS and v.dtype == torch.bfloat16:
+        raise TypeError("backend='triton' cannot take torch.bfloat16 inputs under the Triton "
+                        "interpreter (TRITON_INTERPRET=1): it has no bfloat16 arithmetic and would "
+                        "return wrong values. Use backend='torch' (backend='auto' does), or "
+                        "float16/float32 inputs, or a GPU without TRITON_INTERPRET")
+    if functorch_transform_active():
+        raise RuntimeError("backend='triton' does not work inside torch.func transforms (grad, "
+                           "vmap, jacrev, jvp, ...): its custom ops have no functorch rules. Use "
+                           "backend='torch' (backend='auto' does inside torch.func), or "
+                           "torch.autograd.grad / .backward()")
 
 
 def packed_arguments(tables):

@@ -1,11 +1,13 @@
 """Helpers shared by the ops: Triton availability, dtype maps, and the one place kernels launch.
 
 Every kernel launch goes through `launch`, so that tests and the ahead-of-time compile report can
-record exactly which kernels, argument dtypes, constexprs and warp counts the ops really use.
+record exactly which kernels, argument dtypes, constexprs and warp counts the ops really use, and
+so that launches under the Triton interpreter can be serialised (see `launch`).
 """
 import contextlib
 import inspect
 import os
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -31,8 +33,26 @@ def autocast_cast(x, dtype):
 
 
 def triton_interpret_enabled() -> bool:
-    """TRITON_INTERPRET=1 runs Triton kernels on the CPU (it must be set before triton import)."""
+    """Whether TRITON_INTERPRET is set now (read when an op runs). It only takes effect if it
+    was already set when flash_kernels was imported: see INTERPRETED_KERNELS."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Whether the package's kernels run under the Triton interpreter. triton.jit reads
+# TRITON_INTERPRET once, when it defines a kernel, and the kernels are defined while
+# flash_kernels is imported: importing any part of the package runs flash_kernels/__init__.py,
+# which imports this module and then, in the same import, the kernel modules. Setting or unsetting
+# the variable later changes nothing for them (check_triton_inputs says so instead of letting
+# Triton fail with "0 active drivers").
+INTERPRETED_KERNELS = triton_interpret_enabled()
+
+
+def functorch_transform_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, jvp, ...) is running. The Triton
+    custom ops have no functorch rules, so the public ops must not reach them there. Skipped
+    under torch.compile, where Dynamo answers with its own functorch state, not the caller's."""
+    return (not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is not None)
 
 
 @dataclass
@@ -213,17 +233,31 @@ def make_launch_record(kernel, grid, args: dict, constexprs: dict, num_warps: in
         num_stages=num_stages, grid=() if callable(grid) else tuple(grid))
 
 
+# The Triton interpreter is not thread-safe: a launch sets the program id in one module-level
+# builder and patches triton.language's functions for its duration, so two launches running at
+# once read each other's program ids and restore each other's patches (wrong outputs, or
+# "z >= grid_dim[2]" crashes). Locking each launch is enough; an op need not hold the lock
+# between its launches: an interpreted launch copies its arguments in, runs every program, copies
+# them back and undoes its patches before it returns, so nothing of it outlives the launch, and
+# the buffers one op passes from a launch to the next are its own (allocated per call), which
+# another thread's launches never touch. Locking whole ops would buy nothing more and would
+# also serialise their PyTorch work between launches. Compiled (GPU) launches need no lock.
+_interpreter_lock = threading.Lock()
+
+
 def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int, num_stages: int):
     """Launch `kernel[grid](**args, **constexprs)`; record it when a recorder is active.
 
     `args` are the run-time arguments (tensors, ints, floats; None for an absent optional
     pointer, which Triton treats as a constexpr), `constexprs` the compile-time ones.
+    Under the interpreter, one launch runs at a time (threads wait for each other).
     """
     if _recorders:
         record = make_launch_record(kernel, grid, args, constexprs, num_warps, num_stages)
         for records in _recorders:
             records.append(record)
-    kernel[grid](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+    with _interpreter_lock if INTERPRETED_KERNELS else contextlib.nullcontext():
+        kernel[grid](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
 
 
 _nan_fill_depth = 0

@@ -1,10 +1,38 @@
 """Argument checks for the public ops: every bad input gets an error naming the argument."""
+import math
 import numbers
 
+import numpy as np
 import torch
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def type_name(value):
+    """The type of `value` as a user would write it: "int", "numpy.float64", "torch.Tensor"."""
+    kind = type(value)
+    module = kind.__module__.split(".")[0]
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+
+
+def is_bool(value):
+    """Python and numpy bools (numpy.bool_ is no subclass of bool); not ints, not tensors."""
+    return isinstance(value, (bool, np.bool_))
+
+
+def check_bool(name, value):
+    if not is_bool(value):
+        raise TypeError(f"{name} must be a bool, got {type_name(value)}")
+
+
+def check_int(name, value, *, minimum):
+    """An integer (Python or numpy, not a bool) at least `minimum`."""
+    if is_bool(value) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type_name(value)}")
+    if value < minimum:
+        what = "positive" if minimum == 1 else f"at least {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value}")
 
 
 def check_tensor(name, x, *, min_dim):
@@ -20,9 +48,9 @@ def check_tensor(name, x, *, min_dim):
 def check_scale(name, value):
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number or None, got {type(value).__name__}")
-    if value != value or value in (float("inf"), float("-inf")):
+    if is_bool(value) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number or None, got {type_name(value)}")
+    if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
 
 
@@ -36,6 +64,17 @@ def check_chunk_size(chunk_size):
     if chunk_size >= 2**62:        # positions are int64; a longer chunk than that means one chunk
         raise ValueError(f"chunk_size must be below 2**62 (use chunk_size=None for one chunk as "
                          f"long as the sequence), got {chunk_size}")
+
+
+def check_feature_sizes(qk_name, qk, v_name, v):
+    """S and E are positive (SPEC section 2); T = 0 and empty batch dims are fine. With S = 0
+    every score would be the bias alone, whatever the tokens: surely a caller's bug."""
+    if qk.shape[-1] == 0:
+        raise ValueError(f"{qk_name} has S = 0 features (its last dim): queries and keys need "
+                         f"S >= 1, got shape {tuple(qk.shape)}")
+    if v.shape[-1] == 0:
+        raise ValueError(f"{v_name} has E = 0 features (its last dim): values need E >= 1, "
+                         f"got shape {tuple(v.shape)}")
 
 
 def check_same_dtype_and_device(named, group):
@@ -74,14 +113,14 @@ def check_tensors_of_mixed_chunk(q_quad, k_quad, q_lin, k_lin, v):
         elif tuple(x.shape) != expected_qk:
             raise ValueError(f"{name} must have the same shape as q_quad {expected_qk} "
                              f"(*batch, T, S), got {tuple(x.shape)}")
+    check_feature_sizes("q_quad", q_quad, "v", v)
     check_same_dtype_and_device(named, "q_quad, k_quad, q_lin, k_lin, v")
 
 
 def check_options(chunk_size, causal, quad_scale, lin_scale, backend):
     """The keyword options shared by mixed_chunk_attention and flash_attention."""
     check_chunk_size(chunk_size)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    check_bool("causal", causal)
     check_scale("quad_scale", quad_scale)
     check_scale("lin_scale", lin_scale)
     if backend not in BACKENDS:
@@ -111,6 +150,7 @@ def check_flash_inputs(z, gamma, beta, v, u):
     """Validate the tensors of flash_attention (SPEC.md section 4)."""
     check_tensor("z", z, min_dim=2)
     check_tensor("v", v, min_dim=2)
+    check_feature_sizes("z", z, "v", v)
     S = z.shape[-1]
     for name, x in (("gamma", gamma), ("beta", beta)):
         if not isinstance(x, torch.Tensor):
@@ -185,8 +225,7 @@ def check_packing(cu_seqlens, max_seqlen, T, device):
 def check_state_arguments(initial_state, output_final_state, *, batch, num_docs, S, E, packed,
                           has_linear, causal, device):
     """Validate initial_state / output_final_state (the contract's section 7)."""
-    if not isinstance(output_final_state, bool):
-        raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
+    check_bool("output_final_state", output_final_state)
     if initial_state is None and not output_final_state:
         return
     what = "initial_state" if initial_state is not None else "output_final_state=True"

@@ -5,11 +5,22 @@ from torch import nn
 
 from ..flash_attention import flash_attention
 from ..mixed_chunk_attention import mixed_chunk_attention
-from ..validation import BACKENDS
+from ..validation import BACKENDS, check_bool, check_int, check_scale, type_name
 from .cache import AttentionCache
 from .norms import make_norm
 from .position import RotaryEmbedding, make_rel_pos
 from .scale_offset import ScaleOffset
+
+
+def check_layer_options(*, d, s, expansion, linear, causal, rope, quad_scale, lin_scale):
+    """The sizes are positive ints, the switches bools, the scales finite reals or None."""
+    check_int("d", d, minimum=1)
+    check_int("s", s, minimum=1)
+    check_int("expansion", expansion, minimum=1)
+    for name, value in (("linear", linear), ("causal", causal), ("rope", rope)):
+        check_bool(name, value)
+    check_scale("quad_scale", quad_scale)
+    check_scale("lin_scale", lin_scale)
 
 
 class GatedAttentionLayer(nn.Module):
@@ -38,6 +49,8 @@ class GatedAttentionLayer(nn.Module):
     def __init__(self, d, *, s, expansion, chunk_size, linear, causal, rel_pos, rope, norm,
                  quad_scale, lin_scale, max_distance, backend, t5_buckets=32, t5_max_distance=128):
         super().__init__()
+        check_layer_options(d=d, s=s, expansion=expansion, linear=linear, causal=causal,
+                            rope=rope, quad_scale=quad_scale, lin_scale=lin_scale)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.d, self.s, self.e = d, s, expansion * d
@@ -56,6 +69,22 @@ class GatedAttentionLayer(nn.Module):
         self.to_out = nn.Linear(self.e, d)
 
     # -- pieces shared by the full forward and the decoding step -------------------------------
+
+    def _check_input(self, x, shape):
+        """x is a tensor on the layer's device in its dtype (any floating dtype under autocast)
+        of `shape` ("batch" matches any size), else an error naming x."""
+        expected = f"({', '.join(str(n) for n in shape)})"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape {expected}, got {type_name(x)}")
+        if x.dim() != len(shape) or x.shape[-1] != self.d:
+            raise ValueError(f"x must have shape {expected}, got {tuple(x.shape)}")
+        weight = self.to_uvz.weight
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the layer is on {weight.device}")
+        autocast = x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)
+        if x.dtype != weight.dtype and not (autocast and x.is_floating_point()):
+            raise TypeError(f"x has dtype {x.dtype} but the layer's parameters are {weight.dtype}: "
+                            f"convert x (x.to({weight.dtype})) or the layer (layer.to({x.dtype}))")
 
     def _uvz(self, x):
         u, v, z = F.silu(self.to_uvz(self.norm(x))).split([self.e, self.e, self.s], dim=-1)
@@ -80,8 +109,7 @@ class GatedAttentionLayer(nn.Module):
         cache: optional empty `AttentionCache` (causal layers): filled from this sequence for
             decoding to continue after it (prefill).
         """
-        if x.dim() != 3 or x.shape[-1] != self.d:
-            raise ValueError(f"x must have shape (batch, T, {self.d}), got {tuple(x.shape)}")
+        self._check_input(x, ("batch", "T", self.d))
         B, T, _ = x.shape
         if cache is not None:
             if not self.causal:
@@ -160,8 +188,7 @@ class GatedAttentionLayer(nn.Module):
         """
         if not self.causal:
             raise ValueError("step() decodes causal layers only")
-        if x.dim() != 2 or x.shape[-1] != self.d:
-            raise ValueError(f"x must have shape (batch, {self.d}), got {tuple(x.shape)}")
+        self._check_input(x, ("batch", self.d))
         B = x.shape[0]
         u, v, z = self._uvz(x)                                          # (B, e), (B, e), (B, s)
         if not cache.initialized:
@@ -216,6 +243,7 @@ class GAU(GatedAttentionLayer):
     def __init__(self, d, *, s=128, expansion=2, causal=True, max_len=512, rel_pos="learned",
                  rope=False, norm="scalenorm", quad_scale=None, backend="auto", t5_buckets=32,
                  t5_max_distance=128):
+        check_int("max_len", max_len, minimum=1)
         super().__init__(d, s=s, expansion=expansion, chunk_size=None, linear=False, causal=causal,
                          rel_pos=rel_pos, rope=rope, norm=norm,
                          quad_scale=quad_scale if quad_scale is not None else 1.0 / max_len,
@@ -244,9 +272,10 @@ class FLASH(GatedAttentionLayer):
     def __init__(self, d, *, s=128, expansion=2, chunk_size=256, linear=True, causal=True,
                  rel_pos="learned", rope=False, norm="scalenorm", quad_scale=None, lin_scale=None,
                  backend="auto", t5_buckets=32, t5_max_distance=128):
-        if chunk_size is None or chunk_size < 1:
-            raise ValueError(f"FLASH needs a positive chunk_size (use GAU for full attention), "
-                             f"got {chunk_size}")
+        if chunk_size is None:
+            raise ValueError("FLASH needs a positive chunk_size (use GAU for full attention), "
+                             "got None")
+        check_int("chunk_size", chunk_size, minimum=1)
         super().__init__(d, s=s, expansion=expansion, chunk_size=chunk_size, linear=linear,
                          causal=causal, rel_pos=rel_pos, rope=rope, norm=norm,
                          quad_scale=quad_scale, lin_scale=lin_scale, max_distance=chunk_size,

@@ -1,9 +1,12 @@
 """FLASHLM: a decoder (or encoder) language model made of GAU / FLASH layers."""
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..validation import BACKENDS
+from ..validation import BACKENDS, check_int, is_bool, type_name
 from .layers import FLASH, GAU
 from .norms import make_norm
 
@@ -31,6 +34,9 @@ class FLASHLM(nn.Module):
                  norm="scalenorm", max_len=512, quad_scale=None, lin_scale=None, backend="auto",
                  init_std=0.02):
         super().__init__()
+        check_int("vocab_size", vocab_size, minimum=1)
+        check_int("d", d, minimum=1)
+        check_int("depth", depth, minimum=0)
         self.vocab_size, self.d, self.causal = vocab_size, d, causal
         self.embed = nn.Embedding(vocab_size, d)
         nn.init.normal_(self.embed.weight, std=init_std)
@@ -60,6 +66,29 @@ class FLASHLM(nn.Module):
         for layer in self.layers:
             layer.backend = value
 
+    def _check_tokens(self, name, idx, dims):
+        """idx is an integer tensor of `dims` dims on the model's device with ids in
+        [0, vocab_size). The range check reads the ids back (a device sync); it is skipped
+        under torch.compile. Without it, a bad id is a raw IndexError on a CPU and a
+        device-side assert, which ends the CUDA context, on a GPU."""
+        shape = "(batch, T)" if dims == 2 else "(batch,)"
+        if not isinstance(idx, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of token ids {shape}, "
+                            f"got {type_name(idx)}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must hold token ids as int64 or int32, got {idx.dtype}")
+        if idx.dim() != dims:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(idx.shape)}")
+        if idx.device != self.embed.weight.device:
+            raise ValueError(f"{name} is on {idx.device} but the model is on "
+                             f"{self.embed.weight.device}")
+        if idx.numel() and not torch.compiler.is_compiling():
+            outside = (idx < 0) | (idx >= self.vocab_size)
+            if outside.any():
+                bad = idx[outside][0].item()
+                raise ValueError(f"{name} holds token id {bad}, outside [0, vocab_size) = "
+                                 f"[0, {self.vocab_size})")
+
     def _head(self, h):
         return self.final_norm(h) @ self.embed.weight.t()   # tied output head
 
@@ -69,8 +98,7 @@ class FLASHLM(nn.Module):
         key_padding_mask: optional (batch, T) bool, True at padded tokens (their logits are
             meaningless). caches: optional list of empty caches (one per layer) to prefill.
         """
-        if idx.dim() != 2:
-            raise ValueError(f"idx must have shape (batch, T), got {tuple(idx.shape)}")
+        self._check_tokens("idx", idx, 2)
         h = self.embed(idx)
         for i, layer in enumerate(self.layers):
             h = layer(h, key_padding_mask=key_padding_mask,
@@ -98,6 +126,7 @@ class FLASHLM(nn.Module):
         """One token per sequence: token (batch,) -> logits (batch, vocab) for the next one."""
         if not self.causal:
             raise ValueError("decoding needs a causal model")
+        self._check_tokens("token", token, 1)
         h = self.embed(token)
         for layer, cache in zip(self.layers, caches):
             h = layer.step(h, cache)
@@ -111,7 +140,10 @@ class FLASHLM(nn.Module):
         `step` per layer. temperature=0 picks the most likely token; top_k keeps the k most
         likely before sampling.
         """
-        if idx.dim() != 2 or idx.shape[1] < 1:
+        check_int("max_new_tokens", max_new_tokens, minimum=0)
+        check_sampling(temperature, top_k)
+        self._check_tokens("idx", idx, 2)
+        if idx.shape[1] < 1:
             raise ValueError(f"idx must have shape (batch, T) with T >= 1, got {tuple(idx.shape)}")
         logits, caches = self.prefill(idx)
         logits = logits[:, -1]
@@ -127,6 +159,7 @@ class FLASHLM(nn.Module):
 def sample_next(logits, *, temperature=1.0, top_k=None, generator=None):
     """A token per row of logits (batch, vocab): argmax when temperature == 0, else a sample of
     softmax(logits / temperature) restricted to the top_k largest logits (if top_k is given)."""
+    check_sampling(temperature, top_k)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -136,3 +169,15 @@ def sample_next(logits, *, temperature=1.0, top_k=None, generator=None):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def check_sampling(temperature, top_k):
+    """temperature: a finite real >= 0 (a negative one would sample the inverted distribution);
+    top_k: None or a positive int."""
+    if is_bool(temperature) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number >= 0, got {type_name(temperature)}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 picks the most likely "
+                         f"token), got {temperature}")
+    if top_k is not None:
+        check_int("top_k", top_k, minimum=1)
