@@ -94,7 +94,8 @@ def mixed_chunk_bwd_query_kernel(
 
     if NEED_DQ_LIN:
         dq_lin = tl.zeros((BLOCK, BLOCK_S), dtype=tl.float32)
-        for e0 in range(0, E, BLOCK_E):
+        # A block past its chunk's end (an idle slot: no state was stored for it) reads nothing.
+        for e0 in range(0, tl.where(row_start < chunk_end, E, 0), BLOCK_E):
             cols = e0 + offs_e
             d_out = tl.load(grad_out_base + offs_i[:, None] * E + cols[None, :],
                             mask=row_ok[:, None] & (cols[None, :] < E), other=0.0)

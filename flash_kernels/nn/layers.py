@@ -23,6 +23,23 @@ def check_layer_options(*, d, s, expansion, linear, causal, rope, quad_scale, li
     check_scale("lin_scale", lin_scale)
 
 
+def positions_in_documents(cu_seqlens, T, device):
+    """(T,) position of every token inside its packed document: t - cu_seqlens[doc(t)]."""
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    t = torch.arange(T, device=device)
+    doc = torch.searchsorted(cu[1:], t, right=True).clamp(max=max(cu.numel() - 2, 0))
+    return t - cu[doc]
+
+
+def packed_chunk_len(cu_seqlens, max_seqlen):
+    """C of one-chunk-per-document attention (chunk_size=None): max_seqlen, or the longest
+    document (read from cu_seqlens: a device sync if it is on a GPU)."""
+    if max_seqlen is not None:
+        return max_seqlen
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    return max(max(lengths, default=1), 1)
+
+
 class GatedAttentionLayer(nn.Module):
     """A pre-norm Gated Attention Unit with residual (Hua et al. 2022, section 2):
 
@@ -39,11 +56,15 @@ class GatedAttentionLayer(nn.Module):
     op) unless RoPE is on: then the roles are formed and rotated here, at absolute token
     positions, and `mixed_chunk_attention` takes them (the fused op has no RoPE).
 
-    Padding (`key_padding_mask`, True = padded, as in torch.nn.MultiheadAttention): the values of
-    padded tokens are zeroed. Both attention parts weight values (quad_i = sum_j a_ij v_j,
-    lin_i = q_i^T sum_j k_j v_j^T), so a zero v_j removes token j from every other token's
-    output, whatever its key (and its gradient: dA_ij = dO_i . v_j = 0). The layer's update at
-    padded positions is zeroed too, so they carry their residual only.
+    Padding (`key_padding_mask`, True = padded, as in torch.nn.MultiheadAttention): the u, v and
+    z of padded tokens are replaced by zeros (selected, so even a NaN or inf there is gone).
+    Both attention parts weight values (quad_i = sum_j a_ij v_j, lin_i = q_i^T sum_j k_j v_j^T),
+    so a zero v_j removes token j from every other token's output (and its gradient:
+    dA_ij = dO_i . v_j = 0). The layer's update at padded positions is zero too, so they carry
+    their residual only.
+
+    Packed documents (`cu_seqlens`): the attention op keeps them apart, and RoPE positions
+    restart at each document.
     """
 
     def __init__(self, d, *, s, expansion, chunk_size, linear, causal, rel_pos, rope, norm,
@@ -100,77 +121,125 @@ class GatedAttentionLayer(nn.Module):
     def _chunk_len(self, T):
         return self.chunk_size if self.chunk_size is not None else T
 
+    def _rel_bias(self, C):
+        return self.rel_pos.toeplitz(C) if self.rel_pos is not None and C else None
+
     # -- full forward ---------------------------------------------------------------------------
 
-    def forward(self, x, key_padding_mask=None, cache=None):
+    def forward(self, x, key_padding_mask=None, cache=None, *, cu_seqlens=None, max_seqlen=None):
         """x: (batch, T, d) -> (batch, T, d).
 
-        key_padding_mask: optional (batch, T) bool, True at padded tokens.
-        cache: optional empty `AttentionCache` (causal layers): filled from this sequence for
-            decoding to continue after it (prefill).
+        key_padding_mask: optional (batch, T) bool, True at padded tokens: they are removed by
+            selection (their u, v and z are replaced by zeros, whatever they hold), so no real
+            token sees them, and their own update is zero (they carry their residual only).
+        cache: optional `AttentionCache` (causal layers) to prefill: an empty one is filled from
+            this sequence; a filled one is continued, x being the tokens after those it has
+            seen (so a prompt prefilled in pieces gives the cache and outputs of one prefill).
+        cu_seqlens, max_seqlen: packed documents along T, as in mixed_chunk_attention: no
+            attention or state crosses a document boundary, and RoPE positions restart at
+            each document's first token.
         """
         self._check_input(x, ("batch", "T", self.d))
         B, T, _ = x.shape
         if cache is not None:
             if not self.causal:
                 raise ValueError("a decoding cache needs a causal layer")
-            if cache.initialized or cache.position:
-                raise ValueError("prefill needs an empty AttentionCache (use step() to continue one)")
-            if key_padding_mask is not None:
-                raise ValueError("prefill does not take a key_padding_mask")
+            if key_padding_mask is not None or cu_seqlens is not None:
+                raise ValueError("prefill takes neither a key_padding_mask nor cu_seqlens")
+            if cache.initialized and cache.v.shape[0] != B:
+                raise ValueError(f"the cache holds batch {cache.v.shape[0]}, x has batch {B}")
         u, v, z = self._uvz(x)
-        keep = None
+        padded = None
         if key_padding_mask is not None:
             if key_padding_mask.shape != (B, T) or key_padding_mask.dtype != torch.bool:
                 raise ValueError(f"key_padding_mask must be a bool tensor of shape ({B}, {T}), "
                                  f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
-            keep = (~key_padding_mask).unsqueeze(-1).to(v.dtype)
-            v = v * keep
-        C = self._chunk_len(T)
-        rel_bias = self.rel_pos.toeplitz(C) if self.rel_pos is not None and T else None
-        options = dict(chunk_size=self.chunk_size, causal=self.causal, rel_bias=rel_bias,
-                       quad_scale=self.quad_scale, lin_scale=self.lin_scale, backend=self.backend)
-        positions = torch.arange(T, device=x.device)
-        roles = None
-        if self.rope is None:
-            gamma, beta = self.scale_offset.gamma, self.scale_offset.beta
-            y = flash_attention(z, gamma, beta, v, u=u, **options)
-        else:
-            roles = self._roles(z, positions)
-            q_quad, k_quad = roles[:2]
-            q_lin, k_lin = roles[2:] if self.linear else (None, None)
-            y = u * mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, **options)
-        update = self.to_out(y)
-        if keep is not None:
-            update = update * keep
+            padded = key_padding_mask.unsqueeze(-1)
+            u, v, z = (torch.where(padded, torch.zeros((), dtype=t.dtype, device=t.device), t)
+                       for t in (u, v, z))
         if cache is not None:
-            with torch.no_grad():
-                roles = self._roles(z, positions) if roles is None else roles
-                self._prefill(cache, roles, v)
+            y = self._attend_after_cache(u, v, z, cache)
+        else:
+            y = self._attend(u, v, z, cu_seqlens, max_seqlen)
+        update = self.to_out(y)
+        if padded is not None:
+            update = torch.where(padded, torch.zeros((), dtype=update.dtype, device=update.device),
+                                 update)
         return x + update
 
-    def _prefill(self, cache, roles, v):
-        """Cache after the sequence: state of its completed chunks, its last partial chunk."""
+    def _attend(self, u, v, z, cu_seqlens, max_seqlen):
+        """u * attention(roles of z, v) over the whole sequence (or its packed documents)."""
+        T = v.shape[1]
+        if cu_seqlens is None:
+            C = self._chunk_len(T)
+            positions = torch.arange(T, device=v.device)
+        else:
+            C = self.chunk_size if self.chunk_size is not None else \
+                packed_chunk_len(cu_seqlens, max_seqlen)
+            positions = positions_in_documents(cu_seqlens, T, v.device)
+        options = dict(chunk_size=self.chunk_size, causal=self.causal, rel_bias=self._rel_bias(C),
+                       quad_scale=self.quad_scale, lin_scale=self.lin_scale,
+                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=self.backend)
+        if self.rope is None:
+            gamma, beta = self.scale_offset.gamma, self.scale_offset.beta
+            return flash_attention(z, gamma, beta, v, u=u, **options)
+        roles = self._roles(z, positions)
+        q_lin, k_lin = roles[2:] if self.linear else (None, None)
+        return u * mixed_chunk_attention(roles[0], roles[1], q_lin, k_lin, v, **options)
+
+    def _attend_after_cache(self, u, v, z, cache):
+        """Prefill: the attention of the new tokens after those the cache holds, and the cache
+        moved past them. The new tokens continue the cache's current chunk: the op runs on its
+        buffered keys and values followed by the new ones (the buffered rows' queries are
+        zeros and their outputs dropped), starting from the cache's state; its final state
+        (the completed chunks) and the new partial chunk become the cache."""
         B, T, E = v.shape
-        k_quad = roles[1]
-        k_lin = roles[3] if self.linear else None
-        C = self.chunk_size
-        done = 0 if C is None else (T // C) * C       # tokens in completed chunks
-        capacity = C if C is not None else max(16, T)
-        cache.allocate(B, self.s, E, capacity, linear=self.linear, dtype=v.dtype, device=v.device)
-        if self.linear and done:
-            G = done // C
-            kl = k_lin[:, :done].to(cache.state.dtype).reshape(B, G, C, self.s)
-            vv = v[:, :done].to(cache.state.dtype).reshape(B, G, C, E)
-            # per-chunk states summed in chunk order, as decoding folds them one by one
-            for h in (kl.transpose(-1, -2) @ vv).unbind(1):
-                cache.state += h
-        n = T - done
-        cache.k_quad[:, :n] = k_quad[:, done:]
+        held = cache.length if cache.initialized else 0
+        positions = cache.position + torch.arange(T, device=v.device)
+        roles = self._roles(z, positions)
+
+        def with_held(new, buffer):
+            if not held:
+                return new
+            return torch.cat([buffer[:, :held].to(new.dtype), new], dim=1)
+
+        def queries(new):
+            return torch.cat([new.new_zeros(B, held, new.shape[-1]), new], dim=1) if held else new
+
+        k_quad = with_held(roles[1], cache.k_quad)
+        values = with_held(v, cache.v)
+        q_lin = k_lin = None
         if self.linear:
-            cache.k_lin[:, :n] = k_lin[:, done:]
-        cache.v[:, :n] = v[:, done:]
-        cache.length, cache.position = n, T
+            q_lin, k_lin = queries(roles[2]), with_held(roles[3], cache.k_lin)
+        length = held + T
+        result = mixed_chunk_attention(
+            queries(roles[0]), k_quad, q_lin, k_lin, values, chunk_size=self.chunk_size,
+            causal=True, rel_bias=self._rel_bias(self._chunk_len(length)),
+            quad_scale=self.quad_scale, lin_scale=self.lin_scale,
+            initial_state=cache.state if self.linear and cache.initialized else None,
+            output_final_state=self.linear, backend=self.backend)
+        out, final = result if self.linear else (result, None)
+        with torch.no_grad():
+            self._fill_cache(cache, k_quad, k_lin, values, final, cache.position + T)
+        return u * out[:, held:]
+
+    def _fill_cache(self, cache, k_quad, k_lin, v, final_state, position):
+        """The cache after a prefill: the state of the completed chunks, and the keys and
+        values of the current (incomplete) chunk; a GAU layer's one chunk never completes."""
+        B, length, E = v.shape
+        C = self.chunk_size
+        done = 0 if C is None else (length // C) * C
+        held = length - done
+        capacity = C if C is not None else max(16, length)
+        state = final_state.detach() if final_state is not None else None
+        cache.allocate(B, self.s, E, capacity, linear=self.linear, dtype=v.dtype, device=v.device)
+        if state is not None:
+            cache.state.copy_(state)
+        cache.k_quad[:, :held] = k_quad[:, done:]
+        if self.linear:
+            cache.k_lin[:, :held] = k_lin[:, done:]
+        cache.v[:, :held] = v[:, done:]
+        cache.length, cache.position = held, position
 
     # -- incremental decoding -------------------------------------------------------------------
 

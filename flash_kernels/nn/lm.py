@@ -92,22 +92,25 @@ class FLASHLM(nn.Module):
     def _head(self, h):
         return self.final_norm(h) @ self.embed.weight.t()   # tied output head
 
-    def forward(self, idx, key_padding_mask=None, caches=None):
+    def forward(self, idx, key_padding_mask=None, caches=None, *, cu_seqlens=None, max_seqlen=None):
         """idx: (batch, T) token ids -> logits (batch, T, vocab_size).
 
         key_padding_mask: optional (batch, T) bool, True at padded tokens (their logits are
-            meaningless). caches: optional list of empty caches (one per layer) to prefill.
+            meaningless). caches: optional list of caches (one per layer) to prefill (see
+            `prefill`). cu_seqlens, max_seqlen: documents packed along T (training on packed
+            sequences): no attention crosses a document boundary, positions restart at each.
         """
         self._check_tokens("idx", idx, 2)
         h = self.embed(idx)
         for i, layer in enumerate(self.layers):
             h = layer(h, key_padding_mask=key_padding_mask,
-                      cache=None if caches is None else caches[i])
+                      cache=None if caches is None else caches[i], cu_seqlens=cu_seqlens,
+                      max_seqlen=max_seqlen)
         return self._head(h)
 
-    def loss(self, idx, targets):
+    def loss(self, idx, targets, *, cu_seqlens=None, max_seqlen=None):
         """Mean next-token cross-entropy of the logits for idx against targets (batch, T)."""
-        logits = self(idx)
+        logits = self(idx, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return F.cross_entropy(logits.float().reshape(-1, self.vocab_size), targets.reshape(-1))
 
     # -- incremental decoding -------------------------------------------------------------------
@@ -115,11 +118,16 @@ class FLASHLM(nn.Module):
     def new_caches(self):
         return [layer.new_cache() for layer in self.layers]
 
-    def prefill(self, idx):
-        """Full forward over a prompt (batch, T >= 1) -> (logits (batch, T, vocab), caches)."""
+    def prefill(self, idx, caches=None):
+        """One forward pass over a prompt (batch, T) -> (logits (batch, T, vocab), caches).
+
+        Each layer's attention runs once over the prompt and its final state becomes the
+        cache (no token loop). Given caches, idx continues the prompt they hold: a prompt
+        prefilled in pieces gives the logits and caches of one prefill.
+        """
         if not self.causal:
             raise ValueError("decoding needs a causal model")
-        caches = self.new_caches()
+        caches = self.new_caches() if caches is None else caches
         return self(idx, caches=caches), caches
 
     def step(self, token, caches):
