@@ -1,8 +1,8 @@
 """Figures from the benchmark results (PNG): time vs T on log-log axes, the speedup of the kernels
 over each baseline, and peak memory vs T; one panel per mode, causal rows.
 
-Error bars span the fastest to the slowest timed run of each point (the line joins the
-medians); a ring marks a point flagged noisy or non-monotonic (bench/stability.py), and the
+Error bars span each point's spread range (the fastest to the slowest timed run, or the 10th
+to 90th percentile with 10 runs or more: bench/stability.py; the line joins the medians); a ring marks a point flagged noisy or non-monotonic (bench/stability.py), and the
 title says when the run's machine was loaded. Dashed grey guides show how a linear cost
 (proportional to batch * T) and a quadratic one (batch * T^2) would grow from the primary
 implementation's first point. Axis ticks read 512, 1K, 2K, ... and 0.5, 1, 2, 5, 10, ...
@@ -23,7 +23,7 @@ import textwrap
 
 from .flops import MODE_NAMES
 from .results_io import DEFAULT_DIR, RESULTS_NAME, load_results, select_run
-from .stability import point_flags, point_key
+from .stability import point_flags, point_key, spread_range
 from .tables import IMPL_ORDER, modes_present, primary_impl
 
 PLOT_NAMES = ("time_vs_T.png", "speedup.png", "memory_vs_T.png")
@@ -50,12 +50,13 @@ def _points(records, impl, mode, field):
 
 
 def _ratio_range(other, mine):
-    """(lowest, highest) speedup other/mine the timed runs allow: the baseline's fastest over
-    our slowest, and its slowest over our fastest (the medians' ratio without the fields)."""
-    if None in (other.get("ms_min"), other.get("ms_max"), mine.get("ms_min"), mine.get("ms_max")):
+    """(lowest, highest) speedup other/mine the spread ranges allow: the baseline's low over
+    our high, and its high over our low (the medians' ratio without the fields)."""
+    theirs, ours = spread_range(other), spread_range(mine)
+    if theirs is None or ours is None:
         ratio = other["ms"] / mine["ms"]
         return ratio, ratio
-    return other["ms_min"] / mine["ms_max"], other["ms_max"] / mine["ms_min"]
+    return theirs[0] / ours[1], theirs[1] / ours[0]
 
 
 def _impls(records):
@@ -158,7 +159,7 @@ def draw(records, plot_dir):
                 handle.set_label("_" + label)
             seen.add(label)
 
-    fig, axes, note = panels("milliseconds (median; bars: fastest to slowest run)")
+    fig, axes, note = panels("milliseconds (median; bars: spread of the runs)")
     for ax, mode in zip(axes, modes):
         guides(ax, _points(records, primary, mode, "ms"), "ms")
         for name in impls:
@@ -166,8 +167,9 @@ def draw(records, plot_dir):
             if not points:
                 continue
             ms = [r["ms"] for r in points]
-            low = [r["ms"] - r["ms_min"] if r.get("ms_min") is not None else 0 for r in points]
-            high = [r["ms_max"] - r["ms"] if r.get("ms_max") is not None else 0 for r in points]
+            bounds = [spread_range(r) or (r["ms"], r["ms"]) for r in points]
+            low = [m - lo for m, (lo, _) in zip(ms, bounds)]
+            high = [hi - m for m, (_, hi) in zip(ms, bounds)]
             ax.errorbar([r["T"] for r in points], ms, yerr=[low, high], capsize=3, label=name,
                         **_STYLE.get(name, {}))
             mark_flagged(ax, points, ms)

@@ -10,9 +10,10 @@ TRITON_INTERPRET=1, far too slow to time) and is measured against the dense refe
 
 Timing: GPU: triton.testing.do_bench (L2 flushed between runs, synchronised) after its warm-up;
 CPU: time.perf_counter over several runs after one warm-up. Every point records the median
-(ms, the number every table and ratio uses), the fastest and slowest run (ms_min, ms_max) and
-the number of timed runs; bench/stability.py flags noisy points (spread (max - min) / median
-above 20%) and non-monotonic ones (more work measured faster), warns on screen when the
+(ms, the number every table and ratio uses), the fastest and slowest run (ms_min, ms_max),
+with 10 runs or more (a GPU) also the 10th and 90th percentiles (ms_p10, ms_p90), and the
+number of timed runs; bench/stability.py flags noisy points (spread above 20% of the median:
+the 10th-90th percentile range when there is one, else the min-max range) and non-monotonic ones (more work measured faster), warns on screen when the
 machine is loaded (load average, or a matmul peak far below this machine's usual one), and
 draws growth conclusions only from stable points. Every point gets fresh random inputs. TFLOP/s come from bench/flops.py; the peak is a large
 torch.matmul in the run's dtype timed in the same run. Peak memory: torch.cuda's allocator on
@@ -51,6 +52,7 @@ from .tables import (OURS, SPREAD_NOTE, evaluate_targets, memory_table, mode_tit
 FULL_SEQ_LENS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 QUICK_SEQ_LENS = [512, 1024, 2048, 4096]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PERCENTILE_MIN_REPS = 10
 
 
 def _progress(iterable, total, enabled):
@@ -147,8 +149,9 @@ def parse_args(argv):
 # timing
 # ---------------------------------------------------------------------------------------------
 def time_ms(call, args):
-    """{"ms": median, "ms_min", "ms_max", "reps"}: milliseconds of `call`'s timed runs after
-    warm-up (do_bench's runs on CUDA, perf_counter on a CPU)."""
+    """{"ms": median, "ms_min", "ms_max", "ms_p10", "ms_p90", "reps"}: milliseconds of
+    `call`'s timed runs after warm-up (do_bench's runs on CUDA, perf_counter on a CPU); the
+    10th and 90th percentiles only with at least PERCENTILE_MIN_REPS runs, else None."""
     if args.device.type == "cuda":
         import triton.testing
         times = [float(t) for t in triton.testing.do_bench(
@@ -163,8 +166,12 @@ def time_ms(call, args):
             start = time.perf_counter()
             call()
             times.append(1e3 * (time.perf_counter() - start))
-    return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times),
-            "reps": len(times)}
+    timing = {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times),
+              "ms_p10": None, "ms_p90": None, "reps": len(times)}
+    if len(times) >= PERCENTILE_MIN_REPS:       # enough runs that one outlier is not the range
+        deciles = statistics.quantiles(times, n=10, method="inclusive")
+        timing.update(ms_p10=deciles[0], ms_p90=deciles[-1])
+    return timing
 
 
 def measure_peak(args):
@@ -281,7 +288,8 @@ def run_plan(args, meta):
     for name, p, mode in bar:
         impl = IMPLS[name]
         record = dict(meta, impl=name, mode=mode, **p.as_dict(), status="ok", note="", ms=None,
-                      ms_min=None, ms_max=None, reps=0, flops=impl.flops(p, mode), tflops=None,
+                      ms_min=None, ms_max=None, ms_p10=None, ms_p90=None, reps=0,
+                      flops=impl.flops(p, mode), tflops=None,
                       frac_peak=None, mem_mb=None)
         records.append(record)
         reason = "skipped: interrupted" if interrupted else _skip_reason(

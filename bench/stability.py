@@ -1,8 +1,10 @@
 """When a benchmark number is noise: the spread of each point, rows that contradict the work
 they do, a loaded machine, and conclusions drawn only from what is left.
 
-- Spread of a point: (ms_max - ms_min) / ms over its timed runs (ms is the median). A point
-  whose spread exceeds NOISY_SPREAD is "noisy".
+- Spread of a point: the range of its timed runs over their median ms: the 10th to 90th
+  percentile (ms_p10, ms_p90) when the point had enough runs to have them (a GPU's hundreds,
+  where the single slowest run is often an outlier), else the fastest to the slowest run
+  (ms_min, ms_max: a CPU's few runs). A point whose spread exceeds NOISY_SPREAD is "noisy".
 - Non-monotonic: along one series (implementation, mode, causal or not, by increasing T), a point
   that does at least the work of the previous one (flops) but is faster by more than
   MONOTONIC_SLACK. Both points of such a pair are flagged: one of the two is wrong.
@@ -46,11 +48,21 @@ def _ok(r):
     return r.get("status") == "ok" and r.get("ms") is not None
 
 
-def spread(r):
-    """(max - min) / median of the point's timed runs; None without the fields (old results)."""
-    if not _ok(r) or r.get("ms_min") is None or r.get("ms_max") is None:
+def spread_range(r):
+    """(low, high) ms of the point's spread: (p10, p90) if recorded, else (min, max); None
+    without the fields (results older than them)."""
+    if not _ok(r):
         return None
-    return (r["ms_max"] - r["ms_min"]) / r["ms"]
+    for low, high in (("ms_p10", "ms_p90"), ("ms_min", "ms_max")):
+        if r.get(low) is not None and r.get(high) is not None:
+            return r[low], r[high]
+    return None
+
+
+def spread(r):
+    """(high - low) / median of the point's spread range (see spread_range), or None."""
+    bounds = spread_range(r)
+    return None if bounds is None else (bounds[1] - bounds[0]) / r["ms"]
 
 
 def point_flags(records):

@@ -1,17 +1,19 @@
 """Tables and performance targets from result records (shared by the runner and the README).
 
-A time cell reads "median ±h%": h is half the range between the fastest and the slowest timed
-run, relative to the median (old records without that range show the median alone). A
+A time cell reads "median ±h%": h is half the spread range relative to the median (the
+fastest to the slowest timed run, or the 10th to 90th percentile with 10 runs or more; see
+bench/stability.py). Old records without that range show the median alone. A
 "flags" column names the implementations whose point in that row is noisy or non-monotonic
 (bench/stability.py); it appears only when some row is flagged.
 """
 from .flops import MODE_NAMES, MODES
 from .stability import NOISY_SPREAD, point_flags, row_flags, spread
 
-SPREAD_NOTE = (f"Times: median ms ±half the range between the fastest and the slowest timed run "
-               f"(relative); a point whose range exceeds {NOISY_SPREAD:.0%} of its median is "
-               f"flagged noisy, and a point that does more work than the one before it yet "
-               f"measures faster is flagged non-monotonic (both of the pair).")
+SPREAD_NOTE = (f"Times: median ms ±half the range of the timed runs relative to the median "
+               f"(fastest to slowest; 10th to 90th percentile with 10 runs or more); a point "
+               f"whose range exceeds {NOISY_SPREAD:.0%} of its median is flagged noisy, and a "
+               f"point that does more work than the one before it yet measures faster is "
+               f"flagged non-monotonic (both of the pair).")
 
 IMPL_ORDER = ("triton", "flash_attention", "torch", "torch.compile", "reference", "sdpa", "fla")
 OURS = ("triton", "flash_attention")

@@ -200,6 +200,23 @@ def test_noise_is_flagged_and_kept_out_of_conclusions():
     assert stability.spread(dict(steady[0], ms_min=None)) is None
 
 
+def test_spread_uses_percentiles_when_there_are_enough_runs():
+    import argparse
+    import torch
+    from bench.run import time_ms
+    args = argparse.Namespace(device=torch.device("cpu"), repeats=12, max_point_seconds=3.0)
+    timing = time_ms(lambda: sum(range(1000)), args)
+    assert timing["reps"] == 12
+    assert timing["ms_min"] <= timing["ms_p10"] <= timing["ms"] <= timing["ms_p90"] <= timing["ms_max"]
+    assert time_ms(lambda: None, argparse.Namespace(device=torch.device("cpu"), repeats=5,
+                                                    max_point_seconds=3.0))["ms_p10"] is None
+    # one slow outlier among many runs widens min-max, not the 10th-90th percentile range
+    r = dict(_series("triton", "fwd", [(512, 1.0, 0.95, 3.0)])[0], ms_p10=0.97, ms_p90=1.05)
+    assert stability.spread(r) == pytest.approx(0.08)
+    assert stability.point_flags([r]) == {}
+    assert stability.point_flags([dict(r, ms_p10=None, ms_p90=None)]) != {}
+
+
 def test_loaded_machine_is_reported():
     warnings = stability.machine_warnings(1.9, 3.0, 2, 2, 0.05, 0.116, "reference text")
     assert len(warnings) == 2
