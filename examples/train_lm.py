@@ -259,9 +259,16 @@ def describe(args, device):
 
 
 def device_label(args):
+    """The device, and on a CPU the threads and the load average (wall-clock is only
+    comparable between runs on an equally loaded machine)."""
     if args.device.startswith("cuda"):
         return torch.cuda.get_device_name(args.device)
-    return f"CPU, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    label = f"CPU, {threads} thread{'s' if threads != 1 else ''}"
+    try:
+        return label + f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    except OSError:
+        return label
 
 
 def save_plot(flash_hist, base_hist, path, title):

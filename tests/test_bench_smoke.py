@@ -3,7 +3,7 @@ and writes only to bench_out/ under the current directory (never the committed b
 or README.md); the flop count matches a hand computation; noisy and non-monotonic points are
 flagged and kept out of conclusions; a loaded machine is reported; the plots, README section,
 target verdicts and the publish step come out of small fake results files. No GPU needed; the
-quick run takes ~30 s on 2 cores."""
+quick run (two lengths) takes ~15 s on 2 quiet cores."""
 import hashlib
 import json
 import os
@@ -70,7 +70,7 @@ def test_quick_mode_runs_on_cpu_and_leaves_the_checkout_alone(tmp_path):
         return output
 
     output = run("bench", "--device", "cpu", "--threads", "1", "--no-progress",
-                 "--max-dense-gb", "0.2")
+                 "--max-dense-gb", "0.2", "--seq-lens", "512", "4096", "--noncausal-seq-lens")
     assert "quick mode" in output and "forward + backward" in output, output[-4000:]
     assert "bench_out" in output and "±" in output, output[-4000:]
     records = load_results(tmp_path / "bench_out" / "results.jsonl")
