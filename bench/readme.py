@@ -83,7 +83,9 @@ def section(records, results_path, readme_path):
     if r0.get("quick"):
         conclusions = growth_conclusions(records)
         if conclusions:
-            lines += ["Growth of the forward time with T (from stable points only):", ""]
+            caveat = (" The run's machine was loaded, so even these are indicative at best."
+                      if r0.get("machine_warnings") else "")
+            lines += [f"Growth of the forward time with T, from stable points only.{caveat}", ""]
             lines += [f"- {line}" for line in conclusions]
             lines.append("")
     memory = False

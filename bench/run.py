@@ -399,8 +399,11 @@ def report(records, args, meta, skipped_impls, path):
     for line in unstable:
         print(f"  {line}")
     if args.quick:
+        print("growth of the forward time, from stable points only"
+              + (" (the machine was loaded: indicative at best):" if meta["machine_warnings"]
+                 else ":"))
         for line in growth_conclusions(records):
-            print(line)
+            print(f"  {line}")
     if args.device.type == "cuda":
         print()
         for ours in OURS:

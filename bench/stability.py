@@ -205,9 +205,9 @@ def machine_warnings(load_start, load_end, own_threads, cores, peak, reference, 
         measured.append((load_end - own_threads,
                          f"{load_end:.1f} at the end, {own_threads} of it this run's threads"))
     if measured and max(value for value, _ in measured) > LOADED_FRACTION * cores:
-        lines.append(f"the machine is loaded: other processes keep "
-                     f"{max(value for value, _ in measured):.1f} of its {cores} cores busy "
-                     f"(load average {'; '.join(text for _, text in measured)})")
+        lines.append(f"the machine is loaded: other processes' load average reached "
+                     f"{max(value for value, _ in measured):.1f} on {cores} cores "
+                     f"({'; '.join(text for _, text in measured)})")
     if reference and peak < reference:
         lines.append(f"the measured matmul peak, {peak:.3g} TFLOP/s, is below {reference:.3g} "
                      f"TFLOP/s ({reference_what})")
