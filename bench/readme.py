@@ -1,22 +1,32 @@
-"""Regenerate the README's benchmark section from the benchmark results.
+"""The README's benchmark section, made from the benchmark results.
 
-Replaces what lies between `<!-- bench:start -->` and `<!-- bench:end -->` in README.md (nothing
-else) with tables made from one run of bench/results/results.jsonl: the latest GPU run if there
-is one, else the latest run (or --run RUN / --latest), naming the device, versions and commit.
-Links the figures of `python -m bench.plots` when they exist.
+Tables from one run of the results file (the latest GPU run if there is one, else the latest
+run; or --run RUN / --latest), naming the device, versions and commit, with every time's
+spread, the rows flagged noisy or non-monotonic, growth conclusions drawn from stable points
+only, a warning when the run's machine was loaded, and links to the figures of
+`python -m bench.plots` when they exist.
 
-    python -m bench.readme [--results PATH] [--readme PATH] [--run RUN | --latest] [--stdout]
+By default it reads bench_out/results.jsonl (under the current directory) and writes the
+section to bench_out/benchmark_section.md: the committed README.md is not touched. With
+--readme PATH it replaces what lies between `<!-- bench:start -->` and `<!-- bench:end -->` in
+PATH (nothing else); --stdout prints the section and writes nothing. Updating the committed
+README is the explicit step `python -m bench.publish`, which runs this with
+--results bench/results/results.jsonl --readme README.md.
+
+    python -m bench.readme [--results PATH] [--readme PATH | --stdout] [--run RUN | --latest]
 """
 import argparse
 import os
 import sys
 
-from .plots import PLOT_NAMES
-from .results_io import DEFAULT_DIR, REPO, RESULTS_NAME, load_results, select_run
-from .tables import (OURS, evaluate_targets, memory_table, mode_title, modes_present,
-                     primary_impl, render_markdown, time_table)
+from .plots import MEMORY_NOTE, PLOT_NAMES
+from .results_io import DEFAULT_DIR, RESULTS_NAME, load_results, select_run
+from .stability import growth_conclusions, point_flags, point_key
+from .tables import (OURS, SPREAD_NOTE, evaluate_targets, memory_table, mode_title,
+                     modes_present, primary_impl, render_markdown, time_table)
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+SECTION_NAME = "benchmark_section.md"
 
 
 def _fmt_tokens(records):
@@ -43,11 +53,14 @@ def section(records, results_path, readme_path):
              f"unless marked{', rel_bias' if r0.get('rel_bias') else ''}. "
              + (f"Measured matmul peak in the same run: {peak:.3g} TFLOP/s "
                 f"({r0.get('peak_what', 'matmul')}). " if peak else "")
-             + "Times are medians in milliseconds; TFLOP/s count the flops of `bench/flops.py` "
+             + SPREAD_NOTE + " TFLOP/s count the flops of `bench/flops.py` "
              "(SPEC section 5: ~2C(s+e) per token inside chunks, half causal, plus 4se across "
-             "them; backward 2x forward); `x NAME` is the speedup of "
+             "them; backward 2x forward), from the median; `x NAME` is the speedup of "
              f"`{primary}` over NAME (above 1: faster); `mem`: skipped for memory, `time`: "
              "skipped for the time budget, `err`/`OOM`: failed (see the results file).", ""]
+    if r0.get("machine_warnings"):
+        lines += ["**Warning: this run's timings are unreliable.** "
+                  + "; ".join(w[0].upper() + w[1:] for w in r0["machine_warnings"]) + ".", ""]
     if not gpu:
         lines += ["No GPU has run this benchmark yet: on a CPU the Triton kernels run only under "
                   "the interpreter, so the chunked `torch` path is the row under test, against the "
@@ -58,10 +71,31 @@ def section(records, results_path, readme_path):
         if table is None:
             continue
         lines += [f"**{mode_title(mode)}**", "", render_markdown(table), ""]
+    timed = [r for r in records if r.get("status") == "ok"]
+    if timed and all(r.get("ms_min") is None for r in timed):
+        lines += ["This run predates the recording of each point's spread: medians only, so "
+                  "only contradictions between points can be flagged.", ""]
+    flags = point_flags(records)
+    flagged = sum(1 for r in timed if point_key(r) in flags)
+    lines += [f"Stability: {flagged} of {len(timed)} timed points flagged (the `flags` columns); "
+              "no conclusion is drawn from them." if flagged else
+              f"Stability: none of the {len(timed)} timed points is flagged.", ""]
+    if r0.get("quick"):
+        conclusions = growth_conclusions(records)
+        if conclusions:
+            caveat = (" The run's machine was loaded, so even these are indicative at best."
+                      if r0.get("machine_warnings") else "")
+            lines += [f"Growth of the forward time with T, from stable points only.{caveat}", ""]
+            lines += [f"- {line}" for line in conclusions]
+            lines.append("")
+    memory = False
     for mode in ("fwd", "fwd+bwd"):
         if mode in modes_present(records) and any(r.get("mem_mb") is not None for r in records):
+            memory = True
             lines += [f"Peak memory (MB, inputs and gradients included), {mode_title(mode)}:", "",
                       render_markdown(memory_table(records, mode)), ""]
+    if memory and any(r["impl"] == "sdpa" and r.get("mem_mb") for r in records):
+        lines += [MEMORY_NOTE, ""]
     if gpu:
         for ours in OURS:
             if any(r["impl"] == ours and r["status"] == "ok" for r in records):
@@ -82,8 +116,11 @@ def section(records, results_path, readme_path):
         base = os.path.relpath(plot_dir, os.path.dirname(os.path.abspath(readme_path)))
         lines += ["Figures from `python -m bench.plots` (the run is named in each title): " +
                   ", ".join(f"[{name}]({base}/{name})" for name in plots) + ".", ""]
-    lines += ["Reproduce: `python -m bench` (quick on a CPU, the full suite with CUDA), "
-              "`python -m bench.plots`, `python -m bench.readme`; on a GPU machine "
+    lines += ["Reproduce: `python -m bench` (quick on a CPU, the full suite with CUDA), then "
+              "`python -m bench.plots` and `python -m bench.readme`: all three write to "
+              "`bench_out/` (git-ignored), never to the committed results; "
+              "`python -m bench.publish` copies a run into `bench/results/` and regenerates "
+              "these figures and this section. On a GPU machine "
               "`bash bench/gpu_runbook.sh OUTDIR` runs the tests and the full suite in 8 minutes."]
     return "\n".join(lines)
 
@@ -96,20 +133,32 @@ def replace_region(text, body):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.readme", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", default=os.path.join(DEFAULT_DIR, RESULTS_NAME))
-    parser.add_argument("--readme", default=os.path.join(REPO, "README.md"))
+    parser = argparse.ArgumentParser(prog="python -m bench.readme",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default=os.path.join(DEFAULT_DIR, RESULTS_NAME),
+                        help="results file (default: %(default)s under the current directory)")
+    parser.add_argument("--readme",
+                        help="a README whose benchmark region is replaced (default: none; the "
+                             f"section goes to {SECTION_NAME} beside the results file)")
     parser.add_argument("--run", help="run id (default: latest GPU run, else latest)")
     parser.add_argument("--latest", action="store_true", help="the latest run, whatever device")
     parser.add_argument("--stdout", action="store_true", help="print the section, write nothing")
     args = parser.parse_args(argv)
     if not os.path.exists(args.results):
-        print(f"no results at {args.results}: run `python -m bench.run` first", file=sys.stderr)
+        print(f"no results at {args.results}: run `python -m bench` first", file=sys.stderr)
         return 1
     records = select_run(load_results(args.results), args.run, args.latest)
-    body = section(records, args.results, args.readme)
+    section_path = args.readme or os.path.join(os.path.dirname(os.path.abspath(args.results)),
+                                               SECTION_NAME)
+    body = section(records, args.results, section_path)
     if args.stdout:
         print(body)
+        return 0
+    if not args.readme:
+        with open(section_path, "w") as f:
+            f.write(body + "\n")
+        print(f"{section_path}: benchmark section from run {records[0]['run']} on "
+              f"{records[0]['device']} (python -m bench.publish puts a run into README.md)")
         return 0
     with open(args.readme) as f:
         text = f.read()

@@ -1,9 +1,21 @@
 """Benchmark results: one JSON object per line, each line self-contained (run metadata included).
 
+Where they go: a user's runs go to DEFAULT_DIR, `bench_out/` under the current directory
+(git-ignored at the repository root), so the README's commands leave the checkout clean. The
+committed results in COMMITTED_DIR (bench/results/) change only through the explicit step
+`python -m bench.publish` (or by naming that folder with --output-dir / --results).
+
 Fields of a line: run (id), time (UTC, ISO), device, device_type ("cuda"/"cpu"), dtype, torch,
-triton, python, commit, quick (bool), peak_tflops (the matmul peak measured in the same run),
-peak_what; then the point: impl, mode ("fwd", "bwd", "fwd+bwd"), T, batch, S, E, C, causal,
-rel_bias, status ("ok", "skipped" or "error"), note, ms, flops, tflops, frac_peak, mem_mb.
+triton, python, commit, quick (bool), tf32, threads (CPU threads of torch), cpu_count,
+load_start and load_end (1-minute load averages; the end includes the run's own threads),
+peak_tflops (the matmul peak measured in the same run), peak_what, peak_reference_tflops and
+peak_reference_what (what the peak should reach on this machine, null if unknown),
+machine_warnings (why the timings may be unreliable; empty when nothing says so); then the
+point: impl, mode ("fwd", "bwd", "fwd+bwd"), T, batch, S, E, C, causal, rel_bias, status ("ok",
+"skipped" or "error"), note, ms (median), ms_min, ms_max, ms_p10 and ms_p90 (10th and 90th
+percentiles, with 10 timed runs or more, else null), reps (timed runs), flops, tflops and
+frac_peak (from the median), mem_mb, flags ("noisy", "non-monotonic": bench/stability.py),
+wall_s. Older lines may lack the newer fields; readers treat them as unknown.
 """
 import datetime
 import hashlib
@@ -15,7 +27,8 @@ import subprocess
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DIR = os.path.join(REPO, "bench", "results")
+DEFAULT_DIR = "bench_out"
+COMMITTED_DIR = os.path.join(REPO, "bench", "results")
 RESULTS_NAME = "results.jsonl"
 
 
@@ -87,6 +100,14 @@ def append_results(path, records):
     with open(path, "a") as f:
         for record in records:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def load_committed_results():
+    """The committed records (bench/results/results.jsonl), [] if absent or unreadable."""
+    try:
+        return load_results(os.path.join(COMMITTED_DIR, RESULTS_NAME))
+    except (OSError, ValueError):
+        return []
 
 
 def load_results(path):

@@ -8,14 +8,23 @@ minute on 2 CPU cores): fp32, S=128, E=256, T = 512..4096, batch 1; on a CPU the
 "torch" path stands in for the kernels (the Triton kernels run on a CPU only under
 TRITON_INTERPRET=1, far too slow to time) and is measured against the dense reference and SDPA.
 
-Timing: GPU: triton.testing.do_bench (median, L2 flushed between runs, synchronised) after its
-warm-up; CPU: time.perf_counter, median of several runs after one warm-up. Every point gets
-fresh random inputs (no zeros). TFLOP/s come from bench/flops.py; the peak is a large
+Timing: GPU: triton.testing.do_bench (L2 flushed between runs, synchronised) after its warm-up;
+CPU: time.perf_counter over several runs after one warm-up. Every point records the median
+(ms, the number every table and ratio uses), the fastest and slowest run (ms_min, ms_max),
+with 10 runs or more (a GPU) also the 10th and 90th percentiles (ms_p10, ms_p90), and the
+number of timed runs; bench/stability.py flags noisy points (spread above 20% of the median:
+the 10th-90th percentile range when there is one, else the min-max range) and non-monotonic ones (more work measured faster), warns on screen when the
+machine is loaded (load average, or a matmul peak far below this machine's usual one), and
+draws growth conclusions only from stable points. Every point gets fresh random inputs. TFLOP/s come from bench/flops.py; the peak is a large
 torch.matmul in the run's dtype timed in the same run. Peak memory: torch.cuda's allocator on
 a GPU, a child process's RSS on a CPU (bench/memory.py); inputs and gradients included; not
 for the backward alone (it needs its forward: that is the forward+backward figure).
-Results are appended to OUTPUT_DIR/results.jsonl; then `python -m bench.plots` and
-`python -m bench.readme` draw the figures and the README table from them.
+Results are appended to OUTPUT_DIR/results.jsonl, by default bench_out/results.jsonl under the
+current directory (git-ignored at the repository root): the committed bench/results/ is never
+touched by default. Then `python -m bench.plots` and `python -m bench.readme` draw the figures
+and the README section from them into the same folder, and `python -m bench.publish` is the
+explicit step that copies a run into bench/results/ and updates the committed figures and the
+README (see bench/publish.py).
 
     python -m bench.run [--quick | --full] [--seq-lens T ...] [--impls NAME ...] [--modes ...]
                         [--time-budget SECONDS] [--output-dir DIR]
@@ -33,13 +42,17 @@ import torch
 from .flops import MODE_NAMES, MODES, matmul_flops
 from .impls import IMPLS, Problem, dense_bytes_estimate, make_call, run_once
 from .memory import peak_memory_bytes
-from .results_io import DEFAULT_DIR, RESULTS_NAME, append_results, run_metadata
-from .tables import (OURS, evaluate_targets, memory_table, mode_title, primary_impl,
-                     render_targets, render_text, time_table)
+from .results_io import (DEFAULT_DIR, RESULTS_NAME, append_results, load_committed_results,
+                         run_metadata)
+from .stability import (annotate, growth_conclusions, load_average, machine_warnings,
+                        peak_reference, unstable_summary)
+from .tables import (OURS, SPREAD_NOTE, evaluate_targets, memory_table, mode_title,
+                     primary_impl, render_targets, render_text, time_table)
 
 FULL_SEQ_LENS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 QUICK_SEQ_LENS = [512, 1024, 2048, 4096]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PERCENTILE_MIN_REPS = 10
 
 
 def _progress(iterable, total, enabled):
@@ -83,7 +96,7 @@ def parse_args(argv):
     parser.add_argument("--compile-seq-lens", type=int, nargs="+", metavar="T",
                         help="restrict torch.compile (a compile per shape) to these T")
     parser.add_argument("--repeats", type=int,
-                        help="CPU: timed runs per point, median taken (full 5, quick 3)")
+                        help="CPU: timed runs per point, median taken (default 5)")
     parser.add_argument("--max-point-seconds", type=float, default=3.0,
                         help="CPU: fewer repeats (at least 2) for points slower than this")
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="GPU: do_bench warm-up")
@@ -95,7 +108,9 @@ def parse_args(argv):
     parser.add_argument("--time-budget", type=float,
                         help="seconds: points not started by then are recorded as skipped")
     parser.add_argument("--output-dir", default=DEFAULT_DIR,
-                        help=f"where {RESULTS_NAME} is appended (default bench/results)")
+                        help=f"where {RESULTS_NAME} is appended (default: {DEFAULT_DIR}/ in the "
+                             "current directory, git-ignored; the committed bench/results/ "
+                             "is updated by `python -m bench.publish`)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--allow-tf32", action="store_true",
                         help="CUDA: let fp32 matmuls use TF32 (the torch and reference paths "
@@ -118,7 +133,7 @@ def parse_args(argv):
     args.E = args.E or (256 if q else 1536)
     args.dtype = DTYPES[args.dtype] if args.dtype else (
         torch.bfloat16 if args.device.type == "cuda" else torch.float32)
-    args.repeats = args.repeats or (3 if q else 5)
+    args.repeats = args.repeats or 5
     if args.max_dense_gb is None:
         if args.device.type == "cuda":
             args.max_dense_gb = 0.4 * torch.cuda.get_device_properties(args.device).total_memory / 2**30
@@ -134,21 +149,29 @@ def parse_args(argv):
 # timing
 # ---------------------------------------------------------------------------------------------
 def time_ms(call, args):
-    """Median milliseconds of `call` after warm-up (do_bench on CUDA, perf_counter on a CPU)."""
+    """{"ms": median, "ms_min", "ms_max", "ms_p10", "ms_p90", "reps"}: milliseconds of
+    `call`'s timed runs after warm-up (do_bench's runs on CUDA, perf_counter on a CPU); the
+    10th and 90th percentiles only with at least PERCENTILE_MIN_REPS runs, else None."""
     if args.device.type == "cuda":
         import triton.testing
-        return float(triton.testing.do_bench(call, warmup=args.warmup_ms, rep=args.rep_ms,
-                                             return_mode="median"))
-    start = time.perf_counter()
-    call()                                               # warm-up
-    first = time.perf_counter() - start
-    repeats = max(2, min(args.repeats, int(args.max_point_seconds / max(first, 1e-9))))
-    times = []
-    for _ in range(repeats):
+        times = [float(t) for t in triton.testing.do_bench(
+            call, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="all")]
+    else:
         start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        call()                                           # warm-up
+        first = time.perf_counter() - start
+        repeats = max(2, min(args.repeats, int(args.max_point_seconds / max(first, 1e-9))))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            times.append(1e3 * (time.perf_counter() - start))
+    timing = {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times),
+              "ms_p10": None, "ms_p90": None, "reps": len(times)}
+    if len(times) >= PERCENTILE_MIN_REPS:       # enough runs that one outlier is not the range
+        deciles = statistics.quantiles(times, n=10, method="inclusive")
+        timing.update(ms_p10=deciles[0], ms_p90=deciles[-1])
+    return timing
 
 
 def measure_peak(args):
@@ -162,7 +185,7 @@ def measure_peak(args):
     a = torch.randn(n, n, device=args.device, dtype=args.dtype, generator=gen)
     b = torch.randn(n, n, device=args.device, dtype=args.dtype, generator=gen)
     if args.device.type == "cuda":
-        ms = time_ms(lambda: torch.matmul(a, b), args)
+        ms = time_ms(lambda: torch.matmul(a, b), args)["ms"]
     else:
         torch.matmul(a, b)
         times = []
@@ -230,8 +253,8 @@ def _measure_point(record, impl, p, mode, args, errors, write, dtype_str):
     point_start = time.perf_counter()
     try:
         call = make_call(impl, p, mode, args.device, args.dtype, seed=p.T)
-        ms = time_ms(call, args)
-        record.update(ms=ms, tflops=record["flops"] / (ms * 1e-3) / 1e12)
+        timing = time_ms(call, args)
+        record.update(timing, tflops=record["flops"] / (timing["ms"] * 1e-3) / 1e12)
     except Exception as exc:              # a failing baseline must not stop the benchmark
         note = _error_note(exc)
         record.update(status="error", note=note)
@@ -265,7 +288,9 @@ def run_plan(args, meta):
     for name, p, mode in bar:
         impl = IMPLS[name]
         record = dict(meta, impl=name, mode=mode, **p.as_dict(), status="ok", note="", ms=None,
-                      flops=impl.flops(p, mode), tflops=None, frac_peak=None, mem_mb=None)
+                      ms_min=None, ms_max=None, ms_p10=None, ms_p90=None, reps=0,
+                      flops=impl.flops(p, mode), tflops=None,
+                      frac_peak=None, mem_mb=None)
         records.append(record)
         reason = "skipped: interrupted" if interrupted else _skip_reason(
             name, p, mode, args, skipped_impls, errors, started)
@@ -337,21 +362,7 @@ def _cpu_memory(records, args, dtype_str, write):
 # ---------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------
-def _growth_summary(records):
-    """Quick mode: how the forward cost grows with T (linear vs quadratic)."""
-    lines = []
-    for name in ("triton", "torch", "reference", "sdpa"):
-        points = sorted((r["T"], r["ms"], r["batch"]) for r in records
-                        if r["impl"] == name and r["mode"] == "fwd" and r["causal"]
-                        and r["status"] == "ok")
-        if len(points) >= 2 and points[0][2] == points[-1][2]:
-            (T0, ms0, _), (T1, ms1, _) = points[0], points[-1]
-            lines.append(f"{name}: {T1 // T0}x the tokens cost {ms1 / ms0:.1f}x the forward time "
-                         f"(linear: {T1 // T0}x, quadratic: {(T1 // T0) ** 2}x)")
-    return lines
-
-
-def report(records, args, meta, peak_tflops, peak_what, skipped_impls, path):
+def report(records, args, meta, skipped_impls, path):
     print()
     print(f"device: {meta['device']}  |  dtype {meta['dtype']}  |  torch {meta['torch']}, "
           f"triton {meta['triton']}  |  commit {meta['commit']}")
@@ -360,18 +371,19 @@ def report(records, args, meta, peak_tflops, peak_what, skipped_impls, path):
              (f", {args.tokens} tokens per batch (batch = {args.tokens} // T)" if args.tokens
               else ", batch 1"))
     print(f"{'quick' if args.quick else 'full'} mode: {shape}; causal unless marked")
-    print(f"measured peak: {peak_tflops:.3g} TFLOP/s ({peak_what})")
+    print(f"measured peak: {meta['peak_tflops']:.3g} TFLOP/s ({meta['peak_what']})")
     primary = primary_impl(records)
     if primary == "torch":
         print("no Triton timing here: the chunked torch path is the row under test")
     for name, reason in skipped_impls.items():
         print(f"  {name}: {reason}")
+    print(SPREAD_NOTE)
     for mode in args.modes:
         table = time_table(records, mode)
         if table is None:
             continue
-        print(f"\n== {mode_title(mode)}: milliseconds (median), '{primary}' TFLOP/s, % of peak, "
-              f"speedup of '{primary}' (x > 1: faster) ==")
+        print(f"\n== {mode_title(mode)}: milliseconds (median ±half the min-max range), "
+              f"'{primary}' TFLOP/s, % of peak, speedup of '{primary}' (x > 1: faster) ==")
         print(render_text(table))
         if not args.no_memory and mode != "bwd":
             print(f"-- {MODE_NAMES[mode]}: peak memory, MB (inputs and gradients included) --")
@@ -381,9 +393,17 @@ def report(records, args, meta, peak_tflops, peak_what, skipped_impls, path):
         print("\nerrors:")
         for name, note in notes:
             print(f"  {name}: {note}")
+    unstable = unstable_summary(records)
+    print("\nunstable points (not used for conclusions):" if unstable else
+          "\nevery timed point is stable (spread <= 20%, more work never measured faster)")
+    for line in unstable:
+        print(f"  {line}")
     if args.quick:
-        for line in _growth_summary(records):
-            print(line)
+        print("growth of the forward time, from stable points only"
+              + (" (the machine was loaded: indicative at best):" if meta["machine_warnings"]
+                 else ":"))
+        for line in growth_conclusions(records):
+            print(f"  {line}")
     if args.device.type == "cuda":
         print()
         for ours in OURS:
@@ -391,8 +411,25 @@ def report(records, args, meta, peak_tflops, peak_what, skipped_impls, path):
                 print(render_targets(evaluate_targets(records, ours), ours))
     else:
         print("\nPerformance targets are evaluated on CUDA runs only (bench/gpu_runbook.sh).")
+    _print_warnings(meta["machine_warnings"], args)
     print(f"\n{len(records)} results appended to {path}")
-    print("next: python -m bench.plots; python -m bench.readme")
+    print(f"next: python -m bench.plots; python -m bench.readme (both read and write "
+          f"{os.path.dirname(path) or '.'}); python -m bench.publish copies the run into the "
+          f"committed bench/results/ and the README")
+
+
+def _print_warnings(warnings, args):
+    if not warnings:
+        return
+    print("\n" + "!" * 80)
+    print("WARNING: these timings are unreliable:")
+    for line in warnings:
+        print(f"  - {line}")
+    advice = "rerun on a quiet machine"
+    if args.device.type == "cpu" and torch.get_num_threads() > 1:
+        advice += " or with --threads 1"
+    print(f"  Noise is not a result: {advice} before drawing conclusions.")
+    print("!" * 80)
 
 
 def main(argv=None):
@@ -402,24 +439,43 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    load_start = load_average()
     meta = dict(run_metadata(args.device, args.dtype, args.quick),
-                tf32=bool(torch.backends.cuda.matmul.allow_tf32))
+                tf32=bool(torch.backends.cuda.matmul.allow_tf32),
+                threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+                load_start=load_start)
     print(f"{'quick' if args.quick else 'full'} benchmark on {meta['device']}, {meta['dtype']}; "
           f"measuring the matmul peak...", flush=True)
     peak_tflops, peak_what = measure_peak(args)
+    reference, reference_what = peak_reference(meta["device"], meta["dtype"], meta["tf32"],
+                                               load_committed_results())
+    early = machine_warnings(load_start, None, 0, os.cpu_count(), peak_tflops, reference,
+                             reference_what)
+    if early:
+        print("note: " + "; ".join(early) + ": expect noisy timings", flush=True)
     records, skipped_impls, interrupted = run_plan(args, meta)
     if not interrupted:
         try:
             peak_tflops = max(peak_tflops, measure_peak(args)[0])
         except KeyboardInterrupt:
             _stop_on_interrupt(print)
+    load_end = load_average()
+    own_threads = torch.get_num_threads() if args.device.type == "cpu" else 1
+    meta.update(load_end=load_end, peak_tflops=peak_tflops, peak_what=peak_what,
+                peak_reference_tflops=reference, peak_reference_what=reference_what or None,
+                machine_warnings=machine_warnings(load_start, load_end, own_threads,
+                                                  os.cpu_count(), peak_tflops, reference,
+                                                  reference_what))
     for r in records:
-        r.update(peak_tflops=peak_tflops, peak_what=peak_what)
+        r.update((key, meta[key]) for key in ("load_end", "peak_tflops", "peak_what",
+                                               "peak_reference_tflops", "peak_reference_what",
+                                               "machine_warnings"))
         if r["tflops"] is not None:
             r["frac_peak"] = r["tflops"] / peak_tflops
+    annotate(records)
     path = os.path.join(args.output_dir, RESULTS_NAME)
     append_results(path, records)
-    report(records, args, meta, peak_tflops, peak_what, skipped_impls, path)
+    report(records, args, meta, skipped_impls, path)
     print(f"elapsed: {time.perf_counter() - t0:.1f} s")
     return 0 if any(r["status"] == "ok" for r in records) else 1
 

@@ -1,5 +1,19 @@
-"""Tables and performance targets from result records (shared by the runner and the README)."""
+"""Tables and performance targets from result records (shared by the runner and the README).
+
+A time cell reads "median ±h%": h is half the spread range relative to the median (the
+fastest to the slowest timed run, or the 10th to 90th percentile with 10 runs or more; see
+bench/stability.py). Old records without that range show the median alone. A
+"flags" column names the implementations whose point in that row is noisy or non-monotonic
+(bench/stability.py); it appears only when some row is flagged.
+"""
 from .flops import MODE_NAMES, MODES
+from .stability import NOISY_SPREAD, point_flags, row_flags, spread
+
+SPREAD_NOTE = (f"Times: median ms ±half the range of the timed runs relative to the median "
+               f"(fastest to slowest; 10th to 90th percentile with 10 runs or more); a point "
+               f"whose range exceeds {NOISY_SPREAD:.0%} of its median is flagged noisy, and a "
+               f"point that does more work than the one before it yet measures faster is "
+               f"flagged non-monotonic (both of the pair).")
 
 IMPL_ORDER = ("triton", "flash_attention", "torch", "torch.compile", "reference", "sdpa", "fla")
 OURS = ("triton", "flash_attention")
@@ -49,13 +63,21 @@ def _ms(value):
     return f"{value:#.3g}" if value < 100 else f"{value:.0f}"
 
 
+def _ms_spread(r):
+    """"1.42 ±3%" (median and half the min-max range), or the median alone without a range."""
+    text = _ms(r["ms"])
+    relative = spread(r)
+    return text if relative is None else f"{text} ±{50 * relative:.0f}%"
+
+
 def _label_T(T, noncausal):
     return f"{T} non-causal" if noncausal else str(T)
 
 
 def time_table(records, mode):
-    """(headers, rows): ms of every implementation, TFLOP/s and fraction of the measured matmul
-    peak of the primary one, and its speedup over each other implementation (>1: faster)."""
+    """(headers, rows): ms of every implementation (median and spread), TFLOP/s and fraction
+    of the measured matmul peak of the primary one, its speedup over each other implementation
+    (>1: faster, from the medians), and the row's flags when any row has some."""
     impls = _impls(records, mode)
     if not impls:
         return None
@@ -68,7 +90,7 @@ def time_table(records, mode):
     rows = []
     for noncausal, T, batch in _rows(records, mode):
         row = [_label_T(T, noncausal), str(batch)]
-        row += [_cell(index.get((name, noncausal, T, batch)), "ms", _ms) for name in impls]
+        row += [_time_cell(index.get((name, noncausal, T, batch))) for name in impls]
         if primary in impls:
             ours = index.get((primary, noncausal, T, batch))
             row.append(_cell(ours, "tflops", lambda x: f"{x:#.3g}"))
@@ -80,7 +102,18 @@ def time_table(records, mode):
                 else:
                     row.append("-")
         rows.append(row)
+    flags = row_flags(records, mode, point_flags(records))
+    if flags:
+        headers.append("flags")
+        for row, key in zip(rows, _rows(records, mode)):
+            row.append(flags.get(key, ""))
     return headers, rows
+
+
+def _time_cell(r):
+    if r is None or not _ok(r):
+        return _cell(r, "ms", _ms)
+    return _ms_spread(r)
 
 
 def memory_table(records, mode):

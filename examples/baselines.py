@@ -67,18 +67,42 @@ class TransformerPPBlock(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 
+def default_ffn_hidden(d):
+    """The SwiGLU width of LLaMA-style blocks: 8d/3 rounded to a multiple of 8."""
+    return 8 * round(8 * d / 3 / 8)
+
+
+def transformer_pp_params(vocab_size, d, depth, ffn_hidden):
+    """Parameters of TransformerPP: the tied embedding (vocab x d), per block two RMSNorm
+    weights (2d), q/k/v/out (4 d^2) and the SwiGLU's W_1, W_3, W_2 (3 d h); the final norm (d)."""
+    return vocab_size * d + depth * (2 * d + 4 * d * d + 3 * d * ffn_hidden) + d
+
+
+def matching_config(vocab_size, d, target_params, max_depth=64):
+    """(depth, ffn_hidden) of a width-d TransformerPP with about `target_params` parameters.
+
+    The depth is the one whose default FFN width comes closest; then the FFN width (any integer
+    >= 1) closes the rest of the gap, since the count is linear in it (3 d depth per unit)."""
+    depth = min(range(1, max_depth + 1), key=lambda n: abs(
+        transformer_pp_params(vocab_size, d, n, default_ffn_hidden(d)) - target_params))
+    without_ffn = transformer_pp_params(vocab_size, d, depth, 0)
+    hidden = max(1, round((target_params - without_ffn) / (3 * d * depth)))
+    return depth, hidden
+
+
 class TransformerPP(nn.Module):
     """Causal LM: embedding, `depth` Transformer++ blocks, final RMSNorm, tied head.
 
-    Per block 4 d^2 attention weights and 3 d h FFN weights (h = 8d/3 rounded to a multiple of
-    8: about 12 d^2 in all, as much as two GAU/FLASH layers with e = 2d).
+    Per block 4 d^2 attention weights and 3 d h FFN weights (by default h = 8d/3 rounded to a
+    multiple of 8: about 12 d^2 in all, as much as two GAU/FLASH layers with e = 2d);
+    `matching_config` picks depth and h for a given parameter count.
     """
 
     def __init__(self, vocab_size, d, depth, heads=None, ffn_hidden=None, init_std=0.02):
         super().__init__()
         heads = heads or max(1, d // 64)
-        ffn_hidden = ffn_hidden or 8 * round(8 * d / 3 / 8)
-        self.vocab_size = vocab_size
+        ffn_hidden = ffn_hidden or default_ffn_hidden(d)
+        self.vocab_size, self.ffn_hidden = vocab_size, ffn_hidden
         self.embed = nn.Embedding(vocab_size, d)
         nn.init.normal_(self.embed.weight, std=init_std)
         self.blocks = nn.ModuleList(TransformerPPBlock(d, heads, ffn_hidden) for _ in range(depth))

@@ -1,6 +1,10 @@
-"""Smoke tests of the benchmarks (bench/): the quick CPU mode runs and writes its results, the
-flop count matches a hand computation, and the plots, README section and target verdicts come
-out of a small fake results file. No GPU needed; the quick run takes ~20 s on 2 cores."""
+"""Smoke tests of the benchmarks (bench/): the quick CPU mode runs, records each point's spread
+and writes only to bench_out/ under the current directory (never the committed bench/results/
+or README.md); the flop count matches a hand computation; noisy and non-monotonic points are
+flagged and kept out of conclusions; a loaded machine is reported; the plots, README section,
+target verdicts and the publish step come out of small fake results files. No GPU needed; the
+quick run (two lengths) takes ~15 s on 2 quiet cores."""
+import hashlib
 import json
 import os
 import subprocess
@@ -8,7 +12,7 @@ import sys
 
 import pytest
 
-from bench import plots, readme
+from bench import plots, publish, readme, stability
 from bench.flops import flash_flops, softmax_flops
 from bench.results_io import load_results, select_run
 from bench.tables import evaluate_targets, time_table
@@ -38,33 +42,75 @@ def test_flash_flops_hand_computed():
         flash_flops(4, 2, 3, 2, mode="forward")
 
 
-def test_quick_mode_runs_on_cpu(tmp_path):
-    """`python -m bench` (the README's main job) on a CPU: quick mode, results in --output-dir."""
+def _committed_state():
+    """Hashes of what the README's bench commands must not change: bench/results/ and README."""
+    paths = [os.path.join(REPO, "README.md")]
+    results = os.path.join(REPO, "bench", "results")
+    paths += sorted(os.path.join(results, name) for name in os.listdir(results))
+    state = {}
+    for path in paths:
+        with open(path, "rb") as f:
+            state[path] = hashlib.sha256(f.read()).hexdigest()
+    return state
+
+
+def test_quick_mode_runs_on_cpu_and_leaves_the_checkout_alone(tmp_path):
+    """`python -m bench` (the README's main job) on a CPU, then `python -m bench.plots` and
+    `python -m bench.readme`, all with their defaults from another directory: quick mode, each
+    point's spread recorded, everything in ./bench_out, nothing committed touched."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--device", "cpu", "--output-dir", str(tmp_path),
-         "--threads", "1", "--no-progress", "--max-dense-gb", "0.2"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    before = _committed_state()
+
+    def run(*module_args, timeout=240):
+        proc = subprocess.run([sys.executable, "-m", *module_args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, output[-4000:]
+        return output
+
+    output = run("bench", "--device", "cpu", "--threads", "1", "--no-progress",
+                 "--max-dense-gb", "0.2", "--seq-lens", "512", "4096", "--noncausal-seq-lens")
     assert "quick mode" in output and "forward + backward" in output, output[-4000:]
-    records = load_results(tmp_path / "results.jsonl")
+    assert "bench_out" in output and "±" in output, output[-4000:]
+    records = load_results(tmp_path / "bench_out" / "results.jsonl")
     ok = {(r["impl"], r["mode"], r["T"]) for r in records if r["status"] == "ok"}
     for impl in ("torch", "reference", "sdpa"):
         for mode in ("fwd", "bwd", "fwd+bwd"):
             assert (impl, mode, 512) in ok, (impl, mode)
     first = records[0]
     assert first["device_type"] == "cpu" and first["quick"] and first["commit"]
-    assert first["torch"] and first["peak_tflops"] > 0
+    assert first["torch"] and first["peak_tflops"] > 0 and first["threads"] == 1
+    assert isinstance(first["machine_warnings"], list)
     for r in records:
+        assert isinstance(r["flags"], list)
         if r["status"] == "ok":
             assert r["ms"] > 0 and r["tflops"] > 0 and r["frac_peak"] > 0
+            assert 0 < r["ms_min"] <= r["ms"] <= r["ms_max"] and r["reps"] >= 2, r
             assert (r["mem_mb"] is not None) == (r["mode"] != "bwd"), r   # bwd: see fwd+bwd
     # the dense reference is skipped where its memory estimate exceeds --max-dense-gb
     assert any(r["impl"] == "reference" and r["status"] == "skipped" and "memory" in r["note"]
                and r["T"] == 4096 for r in records)
     # the Triton kernels are never timed on a CPU without the interpreter being asked for
     assert all(r["status"] == "skipped" for r in records if r["impl"] == "triton")
+
+    if _has_matplotlib():
+        run("bench.plots", timeout=120)
+        for name in plots.PLOT_NAMES:
+            assert (tmp_path / "bench_out" / name).exists()
+    run("bench.readme", timeout=120)
+    section = (tmp_path / "bench_out" / readme.SECTION_NAME).read_text()
+    assert first["run"] in section and "±" in section and "Stability:" in section
+    assert sorted(os.listdir(tmp_path)) == ["bench_out"]
+    assert _committed_state() == before
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _fake_run(path, device_type="cuda", run="20260101T000000-1"):
@@ -87,8 +133,9 @@ def _fake_run(path, device_type="cuda", run="20260101T000000-1"):
                 tflops = flops / (ms * 1e-3) / 1e12
                 records.append(dict(meta, impl=impl, mode=mode, T=T, batch=65536 // T, S=128,
                                     E=1536, C=256, causal=True, rel_bias=False, status="ok",
-                                    note="", ms=ms, flops=flops, tflops=tflops,
-                                    frac_peak=tflops / 500.0, mem_mb=100.0 * T / 1024))
+                                    note="", ms=ms, ms_min=0.98 * ms, ms_max=1.04 * ms, reps=50,
+                                    flops=flops, tflops=tflops, frac_peak=tflops / 500.0,
+                                    mem_mb=100.0 * T / 1024, machine_warnings=[]))
     records.append(dict(records[0], impl="fla", status="skipped", ms=None, tflops=None,
                         frac_peak=None, mem_mb=None,
                         note="skipped: fla-core not installed (pip install fla-core)"))
@@ -112,6 +159,134 @@ def test_targets_and_tables_from_fake_results(tmp_path):
     headers, rows = time_table(records, "fwd+bwd")
     assert headers[:3] == ["T", "batch", "triton ms"] and "x torch" in headers
     assert rows[0][0] == "2048" and rows[0][headers.index("x torch")] == "6.00x"
+    # the median with half the min-max range: (1.04 - 0.98) / 2 = 3%; no flags, no column
+    assert rows[0][2] == "6.00 ±3%" and "flags" not in headers
+
+
+def _series(impl, mode, points, batch=1, causal=True):
+    """Records of one series: points = [(T, median, min, max)], flops proportional to T."""
+    return [dict(run="r", impl=impl, mode=mode, T=T, batch=batch, causal=causal, status="ok",
+                 note="", ms=ms, ms_min=lo, ms_max=hi, flops=1e6 * T * batch)
+            for T, ms, lo, hi in points]
+
+
+def test_noise_is_flagged_and_kept_out_of_conclusions():
+    steady = _series("torch", "fwd", [(512, 1.0, 0.99, 1.02), (1024, 2.0, 1.98, 2.05),
+                                      (2048, 4.1, 4.0, 4.2), (4096, 8.3, 8.2, 8.4)])
+    # T=1024 measured slower than T=2048: a contradiction, whatever the spreads
+    contradicted = _series("sdpa", "fwd", [(512, 1.0, 0.99, 1.01), (1024, 5.0, 4.9, 5.1),
+                                           (2048, 4.0, 3.9, 4.1), (4096, 16.0, 15.9, 16.1)])
+    # the last point's runs range over 50% of its median: noisy, left out of the ratio
+    noisy_end = _series("reference", "fwd", [(512, 1.0, 0.99, 1.01), (1024, 4.0, 3.9, 4.1),
+                                              (2048, 16.0, 15.8, 16.2), (4096, 50.0, 40.0, 65.0)])
+    records = steady + contradicted + noisy_end
+    flags = stability.point_flags(records)
+    assert flags == {("sdpa", "fwd", True, 1024, 1): ["non-monotonic"],
+                     ("sdpa", "fwd", True, 2048, 1): ["non-monotonic"],
+                     ("reference", "fwd", True, 4096, 1): ["noisy"]}
+    lines = stability.growth_conclusions(records)
+    assert any(line.startswith("torch: 8x the tokens cost 8.3x the forward time") for line in lines)
+    sdpa, = (line for line in lines if line.startswith("sdpa"))
+    assert "no conclusion" in sdpa and "1024, 2048" in sdpa and "x the tokens" not in sdpa
+    ref, = (line for line in lines if line.startswith("reference"))
+    assert "4x the tokens cost 16.0x" in ref and "left out, noisy: T = 4096" in ref
+    headers, rows = time_table(records, "fwd")
+    assert headers[-1] == "flags"
+    by_T = {row[0]: row for row in rows}
+    assert by_T["1024"][-1] == "non-monotonic: sdpa" and by_T["4096"][-1] == "noisy: reference"
+    assert by_T["512"][-1] == ""
+    assert stability.annotate(records)[5]["flags"] == ["non-monotonic"]
+    # a point without the spread fields (an older results file) is never called noisy
+    assert stability.spread(dict(steady[0], ms_min=None)) is None
+
+
+def test_spread_uses_percentiles_when_there_are_enough_runs():
+    import argparse
+    import torch
+    from bench.run import time_ms
+    args = argparse.Namespace(device=torch.device("cpu"), repeats=12, max_point_seconds=3.0)
+    timing = time_ms(lambda: sum(range(1000)), args)
+    assert timing["reps"] == 12
+    assert timing["ms_min"] <= timing["ms_p10"] <= timing["ms"] <= timing["ms_p90"] <= timing["ms_max"]
+    assert time_ms(lambda: None, argparse.Namespace(device=torch.device("cpu"), repeats=5,
+                                                    max_point_seconds=3.0))["ms_p10"] is None
+    # one slow outlier among many runs widens min-max, not the 10th-90th percentile range
+    r = dict(_series("triton", "fwd", [(512, 1.0, 0.95, 3.0)])[0], ms_p10=0.97, ms_p90=1.05)
+    assert stability.spread(r) == pytest.approx(0.08)
+    assert stability.point_flags([r]) == {}
+    assert stability.point_flags([dict(r, ms_p10=None, ms_p90=None)]) != {}
+
+
+def test_loaded_machine_is_reported():
+    warnings = stability.machine_warnings(1.9, 3.0, 2, 2, 0.05, 0.116, "reference text")
+    assert len(warnings) == 2
+    assert "loaded" in warnings[0] and "1.9" in warnings[0]
+    assert "0.05 TFLOP/s" in warnings[1] and "reference text" in warnings[1]
+    # a quiet machine: its own threads at the end do not count as load
+    assert stability.machine_warnings(0.1, 2.2, 2, 2, 0.2, 0.116, "x") == []
+    earlier = [dict(device="CPU X (2 cores, 2 threads)", dtype="float32", tf32=False,
+                    peak_tflops=0.194)]
+    reference, what = stability.peak_reference("CPU X (2 cores, 2 threads)", "float32", False,
+                                               earlier)
+    assert reference == pytest.approx(0.6 * 0.194) and "best earlier run" in what
+    assert stability.peak_reference("CPU Y", "float32", False, earlier) == (None, "")
+    reference, what = stability.peak_reference("NVIDIA H100 80GB HBM3", "bfloat16", False, [])
+    assert reference == pytest.approx(0.5 * 989.4) and "datasheet" in what
+    assert stability.datasheet_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert stability.datasheet_tflops("NVIDIA A100-SXM4-80GB", "float32", tf32=True) == 156.0
+
+
+def test_log_tick_labels_read_plainly():
+    labels = [plots.plain_number(x) for x in (512, 1024, 2048, 65536, 131072, 1048576)]
+    assert labels == ["512", "1K", "2K", "64K", "128K", "1M"]
+    assert [plots.plain_number(x) for x in (0.2, 1, 5, 20, 200, 2000)] == \
+        ["0.2", "1", "5", "20", "200", "2K"]
+
+
+def test_readme_defaults_to_bench_out(tmp_path, monkeypatch):
+    """Without --readme the section goes beside the results file, never into a README."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench_out").mkdir()
+    _fake_run(tmp_path / "bench_out" / "results.jsonl")
+    assert readme.main([]) == 0
+    section = (tmp_path / "bench_out" / readme.SECTION_NAME).read_text()
+    assert section.startswith("## Benchmark") and "NVIDIA FakeGPU 80GB" in section
+    assert "6.00 ±3%" in section and "none of the" in section
+    assert sorted(os.listdir(tmp_path / "bench_out")) == [readme.SECTION_NAME, "results.jsonl"]
+
+
+def test_publish_is_the_step_that_updates_committed_results(tmp_path, monkeypatch):
+    committed = tmp_path / "committed"
+    committed.mkdir()
+    monkeypatch.setattr(publish, "COMMITTED_DIR", str(committed))
+    drawn = []                    # drawing is test_plots_from_fake_results' job (seconds each)
+    monkeypatch.setattr(plots, "draw", lambda records, plot_dir: drawn.append(
+        (records[0]["run"], plot_dir)) or [])
+    old_cpu = _fake_run(committed / "results.jsonl", device_type="cpu", run="20250101T000000-1")
+    gpu = _fake_run(committed / "results.jsonl", run="20250601T000000-1")
+    new_cpu_file = tmp_path / "bench_out" / "results.jsonl"
+    new_cpu_file.parent.mkdir()
+    new_cpu = _fake_run(new_cpu_file, device_type="cpu", run="20270101T000000-1")
+    target = tmp_path / "README.md"
+    target.write_text("# T\n" + readme.START + "\nold\n" + readme.END + "\n")
+    argv = ["--results", str(new_cpu_file), "--latest", "--readme", str(target)]
+    assert publish.main(argv) == 0
+    runs = [r["run"] for r in load_results(committed / "results.jsonl")]
+    # the older CPU run is replaced, the GPU run kept (and shown: a GPU run is preferred)
+    assert runs == [gpu[0]["run"]] * len(gpu) + [new_cpu[0]["run"]] * len(new_cpu)
+    assert old_cpu[0]["run"] not in runs and gpu[0]["run"] in target.read_text()
+    assert drawn == [(gpu[0]["run"], str(committed))]
+    assert publish.main(argv) == 0                      # twice: nothing more
+    assert len(load_results(committed / "results.jsonl")) == len(runs)
+    # a run measured on a loaded machine needs --allow-loaded
+    loaded = [dict(r, run="20280101T000000-1", machine_warnings=["the machine is loaded"])
+              for r in new_cpu]
+    with open(new_cpu_file, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in loaded)
+    assert publish.main(argv) == 1
+    assert len(load_results(committed / "results.jsonl")) == len(runs)
+    assert publish.main(argv + ["--allow-loaded"]) == 0
+    assert "20280101T000000-1" in {r["run"] for r in load_results(committed / "results.jsonl")}
 
 
 def test_readme_section_from_fake_results(tmp_path):

@@ -278,13 +278,31 @@ def test_training_curve_torch_vs_triton():
 
 
 def test_example_runs(tmp_path):
-    """The example's main, 2 steps of the tiny FLASH model and of the Transformer++ baseline."""
+    """The example's main, 2 steps of the tiny FLASH model and of the Transformer++ baseline:
+    the loss before training is printed, the baseline's parameter count is within 2% of
+    FLASH's, and the only thing written is the plot under ./examples_out (git-ignored)."""
+    import re
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     command = [sys.executable, EXAMPLE, "--tiny", "--steps", "2", "--device", "cpu",
-               "--backend", "torch", "--compare", "--plot", str(tmp_path / "curves.png")]
+               "--backend", "torch", "--compare"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env,
                             cwd=tmp_path)
+    output = result.stdout + result.stderr
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "FLASH step     2" in result.stdout + result.stderr
-    assert "Transformer++ step     2" in result.stdout + result.stderr
-    assert "tok/s" in result.stdout and "sample" in result.stdout
+    assert "FLASH step     0 | val 5." in output and "Transformer++ step     0 | val" in output
+    assert "FLASH step     2" in output and "Transformer++ step     2" in output
+    assert "tok/s" in result.stdout and "the marker '|>>>'" in result.stdout
+    flash_params = int(re.search(r"FLASHLM: .*?([\d,]+) parameters", output)[1].replace(",", ""))
+    base_params = int(re.search(r"Transformer\+\+: .*?([\d,]+) parameters", output)[1]
+                      .replace(",", ""))
+    assert abs(base_params - flash_params) <= 0.02 * flash_params, (flash_params, base_params)
+    help_text = subprocess.run([sys.executable, EXAMPLE, "--help"], capture_output=True,
+                               text=True, timeout=60, env=env, cwd=tmp_path).stdout
+    assert "(default: None)" not in help_text and "training steps (default: 300)" in help_text
+    assert help_text.count("(default:") == 23, help_text     # every option but the 4 flags
+    written = sorted(os.listdir(tmp_path))
+    if importlib.util.find_spec("matplotlib") is None:
+        assert written == [], written
+    else:
+        assert written == ["examples_out"] and \
+            os.listdir(tmp_path / "examples_out") == ["train_lm_compare.png"]
