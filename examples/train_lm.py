@@ -3,6 +3,7 @@
     python examples/train_lm.py                    # FLASH LM, a few minutes on a CPU
     python examples/train_lm.py --compare          # + a Transformer++ with as many parameters
     python examples/train_lm.py --check-backends   # same seed, backend "torch" vs "triton"
+    python examples/train_lm.py --pack             # packed documents: one source file = one
     python examples/train_lm.py --tiny --steps 2   # smoke test
 
 The text is every `*.py` under os.path.dirname(os.__file__) (site-packages excluded), read as
@@ -15,6 +16,11 @@ curves go to --plot (default examples_out/train_lm_compare.png under the current
 git-ignored; matplotlib: `pip install -e ".[examples]"`). --check-backends needs CUDA or
 the Triton interpreter (TRITON_INTERPRET=1, set here when there is no GPU; then the model is
 tiny and the run short, because the interpreter executes kernels in Python).
+
+--pack trains on packed documents: each step's batch_size * seq_len bytes are one contiguous
+stretch of the corpus in which every source file is its own document (cu_seqlens): no attention
+or state crosses a file boundary, positions restart in each file, and no byte is predicted from
+another file (the last byte of each file has no target). The validation loss is packed alike.
 """
 import argparse
 import glob
@@ -91,6 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (0: the cores the load average leaves idle, at least 1)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and data set (smoke test)")
+    p.add_argument("--pack", action="store_true",
+                   help="train on packed documents: a source file per document (cu_seqlens)")
     p.add_argument("--compare", action="store_true",
                    help="also train a Transformer++ baseline with as many parameters")
     p.add_argument("--plot", default=os.path.join("examples_out", "train_lm_compare.png"),
@@ -118,8 +126,9 @@ def stdlib_sources():
     return sorted(p for p in paths if "site-packages" not in p and "dist-packages" not in p)
 
 
-def load_corpus(max_bytes, seed=0):
-    """(train, val) uint8 tensors: stdlib sources shuffled by file, cut at max_bytes, 95/5."""
+def load_corpus(max_bytes, seed=0, with_files=False):
+    """(train, val) uint8 tensors: stdlib sources shuffled by file, cut at max_bytes, 95/5.
+    with_files: also each part's file start offsets, ((train, train_starts), (val, val_starts))."""
     paths = stdlib_sources()
     random.Random(seed).shuffle(paths)
     parts, total = [], 0
@@ -135,7 +144,13 @@ def load_corpus(max_bytes, seed=0):
             break
     data = torch.frombuffer(bytearray(b"\n\n".join(parts)[:int(max_bytes)]), dtype=torch.uint8)
     split = int(0.95 * len(data))
-    return data[:split], data[split:]
+    if not with_files:
+        return data[:split], data[split:]
+    starts = torch.tensor([0] + [len(part) + 2 for part in parts[:-1]]).cumsum(0)
+    starts = starts[starts < len(data)]
+    train_starts = starts[starts < split]
+    val_starts = torch.cat([torch.zeros(1, dtype=starts.dtype), starts[starts > split] - split])
+    return (data[:split], train_starts), (data[split:], val_starts)
 
 
 def get_batch(data, batch_size, seq_len, generator, device):
@@ -143,6 +158,31 @@ def get_batch(data, batch_size, seq_len, generator, device):
     starts = torch.randint(len(data) - seq_len - 1, (batch_size,), generator=generator)
     window = torch.stack([data[i:i + seq_len + 1] for i in starts.tolist()]).long()
     return window[:, :-1].to(device), window[:, 1:].to(device)
+
+
+def get_packed_batch(data, file_starts, tokens, generator, device):
+    """One stretch of `tokens` bytes as packed documents (a document per source file):
+    inputs (1, tokens), targets (1, tokens) with -100 (ignored) at each file's last byte, and
+    cu_seqlens (N + 1,) int32 of the files' pieces inside the stretch (kept on the CPU: the op
+    then needs no device sync)."""
+    start = int(torch.randint(len(data) - tokens - 1, (1,), generator=generator))
+    window = data[start:start + tokens + 1].long()
+    inside = file_starts[(file_starts > start) & (file_starts < start + tokens)] - start
+    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), inside,
+                            torch.tensor([tokens])]).to(torch.int32)
+    targets = window[1:].clone()
+    targets[inside - 1] = -100            # the next file's first byte is not this file's
+    return window[None, :-1].to(device), targets[None].to(device), cu_seqlens
+
+
+def make_batch(data, args, generator):
+    """(inputs, targets, loss keyword arguments): random windows, or with --pack one packed
+    stretch of as many bytes (`data` is then (bytes, file starts))."""
+    if args.pack:
+        x, y, cu_seqlens = get_packed_batch(*data, args.batch_size * args.seq_len, generator,
+                                            args.device)
+        return x, y, {"cu_seqlens": cu_seqlens}
+    return (*get_batch(data, args.batch_size, args.seq_len, generator, args.device), {})
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -182,8 +222,10 @@ def lr_at(step, args):
 @torch.no_grad()
 def evaluate(model, val, args):
     gen = torch.Generator().manual_seed(args.seed + 1)          # the same batches every time
-    losses = [model.loss(*get_batch(val, args.batch_size, args.seq_len, gen, args.device)).item()
-              for _ in range(args.eval_batches)]
+    losses = []
+    for _ in range(args.eval_batches):
+        x, y, packing = make_batch(val, args, gen)
+        losses.append(model.loss(x, y, **packing).item())
     return sum(losses) / len(losses)
 
 
@@ -213,11 +255,11 @@ def train(model, train_data, val_data, args, label, quiet=False):
     steps = range(args.steps)
     bar = tqdm(steps, desc=label, dynamic_ncols=True, leave=True) if tqdm and not quiet else steps
     for step in bar:
-        x, y = get_batch(train_data, args.batch_size, args.seq_len, gen, args.device)
+        x, y, packing = make_batch(train_data, args, gen)
         start = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        loss = model.loss(x, y)
+        loss = model.loss(x, y, **packing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -407,8 +449,17 @@ def main(argv=None):
         return
     if args.device == "cpu":
         torch.set_num_threads(pick_threads(args.threads))
-    train_data, val_data = load_corpus(args.data_mb * 2**20, args.seed)
-    print(f"data: {len(train_data):,} train / {len(val_data):,} validation bytes of stdlib source")
+    if args.pack and (args.compare or args.check_backends):
+        raise SystemExit("--pack trains FLASHLM alone: it does not combine with --compare or "
+                         "--check-backends")
+    train_data, val_data = load_corpus(args.data_mb * 2**20, args.seed, with_files=args.pack)
+    if args.pack:
+        print(f"data: {len(train_data[0]):,} train / {len(val_data[0]):,} validation bytes of "
+              f"stdlib source, {len(train_data[1]) + len(val_data[1]):,} files packed as "
+              f"documents ({args.batch_size * args.seq_len:,} bytes per step)")
+    else:
+        print(f"data: {len(train_data):,} train / {len(val_data):,} validation bytes of stdlib "
+              f"source")
     model = build_flash(args)
     flash_params = count_params(model)
     print(f"FLASHLM: d={args.d} depth={args.depth} s={args.s} C={args.chunk_size} "
@@ -417,7 +468,7 @@ def main(argv=None):
           + (f", CPU threads: {torch.get_num_threads()}" if args.device == "cpu" else ""))
     flash_hist = train(model, train_data, val_data, args, "FLASH")
     if args.sample:
-        sample_text(model, val_data, args)
+        sample_text(model, val_data[0] if args.pack else val_data, args)
     if args.compare:
         baseline = build_baseline(args, flash_params)
         base_params = count_params(baseline)

@@ -38,7 +38,7 @@ def _score_grad_tile(grad_out_base, v_base, v_row_stride, relu_s, offs_i, offs_j
                     mask=(offs_j[:, None] < chunk_end) & (cols[None, :] < E), other=0.0)
         grad_scores = tl.dot(d_out, tl.trans(v), grad_scores, input_precision=DOT_PRECISION)
     # Selected, not multiplied: a masked pair's dA may be NaN (a value its query never sees).
-    return tl.where(relu_s > 0, 2.0 * relu_s * grad_scores, 0.0)
+    return 2.0 * relu_s * tl.where(relu_s > 0, grad_scores, 0.0)
 
 
 @triton.jit
@@ -130,12 +130,12 @@ def mixed_chunk_bwd_query_kernel(
         for key_block in range(0, num_key_blocks):
             offs_j = chunk_start + key_block * BLOCK + local
             k = load_role(k_base, offs_j, chunk_end, S, stride_kt, affine_ptr, 1, FROM_Z, BLOCK_S)
+            if CAUSAL:      # the diagonal block's later keys: see common.nonfinite_in
+                k = tl.where(nonfinite_in(k, offs_j >= row_start), 0.0, k).to(k.dtype)
             relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
                                       chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL, DOT_PRECISION)
             ds = _score_grad_tile(grad_out_base, v_base, stride_vt, relu_s, offs_i, offs_j,
                                   chunk_end, E, BLOCK, BLOCK_E, DOT_PRECISION)
-            if CAUSAL:      # the diagonal block's later keys: see common.nonfinite_in
-                k = tl.where(nonfinite_in(k, offs_j >= row_start), 0.0, k).to(k.dtype)
             dq = tl.dot(ds.to(mma_dtype), k.to(mma_dtype), dq, input_precision=DOT_PRECISION)
             if STORE_DS or NEED_DBIAS:
                 if STORE_DS:
