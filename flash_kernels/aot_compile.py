@@ -430,10 +430,12 @@ def resource_usage(compiled) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def measure_record(record: LaunchRecord, capability: int) -> dict:
-    """Compile one record for one capability; a row dict with the record, the resource usage
-    (None on error), the error text (None if it compiled) and the limit checks."""
-    row = dict(record=record_to_dict(record), capability=capability, usage=None, error=None,
-               over_shared_limit=False, over_register_limit=False)
+    """Compile one record for one capability; a row dict with the record, the Triton version,
+    the resource usage (None on error), the error text (None if it compiled) and the limit
+    checks."""
+    import triton
+    row = dict(record=record_to_dict(record), capability=capability, triton=triton.__version__,
+               usage=None, error=None, over_shared_limit=False, over_register_limit=False)
     try:
         usage = resource_usage(compile_record(record, capability))
     except Exception as e:  # noqa: BLE001 - the report lists every failure
@@ -453,15 +455,18 @@ def measure_records(records, capabilities=(80, 90)) -> list:
 
 
 def measure_records_in_subprocess(records, capabilities=(80, 90), sys_path=(),
-                                  timeout: float = 3600) -> list:
+                                  timeout: float = 3600, python: str = None) -> list:
     """`measure_records` in a child process without TRITON_INTERPRET (use it from a process that
-    has the interpreter on). `sys_path`: directories needed to import the kernels' modules."""
+    has the interpreter on). `sys_path`: directories needed to import the kernels' modules.
+    `python`: the interpreter of the child (default this one), e.g. a virtual environment with
+    another Triton version: the records are compiled by that Triton (the repository root is put
+    on its path, so it needs torch and triton, not this package installed)."""
     sys_path = [os.path.abspath(p) for p in sys_path]
     with tempfile.TemporaryDirectory() as tmp:
         records_path = os.path.join(tmp, "records.json")
         rows_path = os.path.join(tmp, "rows.json")
         save_records(records, records_path)
-        cmd = [sys.executable, "-m", "flash_kernels.aot_compile", records_path,
+        cmd = [python or sys.executable, "-m", "flash_kernels.aot_compile", records_path,
                "--capabilities", *map(str, capabilities), "--json", rows_path]
         for p in sys_path:
             cmd += ["--sys-path", p]
@@ -474,11 +479,12 @@ def measure_records_in_subprocess(records, capabilities=(80, 90), sys_path=(),
             return json.load(f)
 
 
-def measure_launches(records, capabilities=(80, 90), sys_path=()) -> list:
+def measure_launches(records, capabilities=(80, 90), sys_path=(), python: str = None) -> list:
     """Compile and measure `records` for `capabilities`: in this process when TRITON_INTERPRET is
-    off, else in a child process without it. Returns the rows (see `measure_record`)."""
-    if triton_interpret_enabled():
-        return measure_records_in_subprocess(records, capabilities, sys_path)
+    off, else in a child process without it; with `python` given, always in a child process run
+    by that interpreter (another Triton version). Returns the rows (see `measure_record`)."""
+    if python or triton_interpret_enabled():
+        return measure_records_in_subprocess(records, capabilities, sys_path, python=python)
     for p in sys_path:
         if os.path.abspath(p) not in sys.path:
             sys.path.insert(0, os.path.abspath(p))

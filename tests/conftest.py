@@ -99,7 +99,7 @@ SLOW = {
 def _file_and_test(item):
     """("test_x.py", "test_x.py::test_name") of an item (parametrization left out)."""
     filename = os.path.basename(str(item.path))
-    return filename, f"{filename}::{item.originalname or item.name}"
+    return filename, f"{filename}::{getattr(item, 'originalname', None) or item.name}"
 
 
 def is_gpu_test(item) -> bool:
@@ -109,22 +109,25 @@ def is_gpu_test(item) -> bool:
       a GPU), which every file testing the kernels defines; or
     - it is listed in GPU_TESTS (the few older tests that follow neither).
     """
-    filename, test = _file_and_test(item)
+    _, test = _file_and_test(item)
     return (item.get_closest_marker("gpu") is not None
-            or hasattr(item.module, "DEVICE")
+            or hasattr(getattr(item, "module", None), "DEVICE")
             or test in GPU_TESTS)
 
 
-def _gpu_order(item) -> int:
-    """Rank in the run: core kernel files, other GPU tests, fuzzing, big memory, CPU only."""
+def _gpu_order(item) -> tuple:
+    """Rank in the run: the core kernel files (in CORE_FILES' order), the other GPU tests,
+    fuzzing, big memory, then the CPU-only tests."""
     filename, _ = _file_and_test(item)
     if item.get_closest_marker("gpu") is None:
-        return 4
+        return (4, 0)
     if item.get_closest_marker("big_memory") is not None:
-        return 3
+        return (3, 0)
     if "fuzz" in filename:
-        return 2
-    return 0 if filename in CORE_FILES else 1
+        return (2, 0)
+    if filename in CORE_FILES:
+        return (0, CORE_FILES.index(filename))
+    return (1, 0)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -136,7 +139,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.big_memory)
         if filename in SLOW or test in SLOW:
             item.add_marker(pytest.mark.slow)
-    order = {id(item): (_gpu_order(item), index) for index, item in enumerate(items)}
+    order = {id(item): (*_gpu_order(item), index) for index, item in enumerate(items)}
     items.sort(key=lambda item: order[id(item)])
 
 
