@@ -13,9 +13,11 @@
 
        env -u TRITON_INTERPRET python -m bench.gpu_selection launches.json [--workers 8]
 
-The estimate is the busiest worker's compile time, next to the ideal total / WORKERS. It
-assumes a GPU host core compiles as fast as a core here (measured single-threaded; Triton's
-compile of one kernel uses one core, and 8 workers on 16 cores do not share one).
+The estimate is the busiest worker's compile time (an upper bound: workers that find a kernel
+another one already wrote to the shared cache do not compile it), next to the ideal total /
+WORKERS. Times are CPU seconds (this process and its ptxas / gcc children), i.e. the wall time
+on an idle core: a compile uses one core, and 8 workers on 16 cores do not share one. It
+assumes a GPU host core as fast as a core here.
 """
 import argparse
 import glob
@@ -26,7 +28,6 @@ import statistics
 import sys
 import sysconfig
 import tempfile
-import time
 from collections import defaultdict
 
 from flash_kernels.aot_compile import (compile_record, jit_compile_inputs, record_from_dict,
@@ -52,18 +53,25 @@ def launcher_signature(record) -> tuple:
     return tuple(src.signature.values())
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (ptxas, gcc): what a compile takes
+    on an idle core, whatever else this machine runs meanwhile."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def time_compile(record, capability) -> float:
-    """Seconds of one cold `triton.compile` of `record` (a fresh cache directory)."""
+    """CPU seconds of one cold `triton.compile` of `record` (a fresh cache directory)."""
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
-        start = time.perf_counter()
+        start = cpu_seconds()
         compile_record(record, capability)
-        return time.perf_counter() - start
+        return cpu_seconds() - start
 
 
 def time_launcher_build(record) -> float:
-    """Seconds of one build of the C launcher Triton 3.6 makes for `record`'s signature, with
-    the same compiler command (without linking libcuda, which a CPU machine lacks)."""
+    """CPU seconds of one build of the C launcher Triton 3.6 makes for `record`'s signature,
+    with the same compiler command (without linking libcuda, which a CPU machine lacks)."""
     from triton.backends.nvidia import driver
     from triton.runtime.build import _build
     src, _ = jit_compile_inputs(record)
@@ -74,9 +82,9 @@ def time_launcher_build(record) -> float:
         path = os.path.join(tmp, "launcher.c")
         with open(path, "w") as f:
             f.write(code)
-        start = time.perf_counter()
+        start = cpu_seconds()
         _build("launcher", path, tmp, [], driver.include_dirs, [], [])
-        return time.perf_counter() - start
+        return cpu_seconds() - start
 
 
 def schedule(tests, cost_of_key, cost_of_signature, key_signature, workers) -> list:
@@ -140,7 +148,7 @@ def main(argv=None) -> int:
     total = total_compile + len(signatures) * launcher_s
     busy = schedule(per_test, cost_of_key, launcher_s, key_signature, args.workers)
     print(json.dumps(dict(
-        triton=triton.__version__, selection=args.selection, tests=len(chosen),
+        triton=triton.__version__, selection=args.selection,
         tests_launching=sum(bool(k) for k in per_test), specializations=len(records),
         launcher_signatures=len(signatures), launcher_build_s=round(launcher_s, 2),
         compile_s_one_core=round(total_compile, 1), total_s_one_core=round(total, 1),
