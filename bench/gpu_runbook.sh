@@ -31,8 +31,8 @@
 #
 # OUTDIR keeps at most 5 files (the device tool returns 8): summary.txt (the summary),
 # results.jsonl (benchmark records: copy them into bench/results/results.jsonl, then
-# `python -m bench.plots && python -m bench.readme`), bench_section.md, tests.xml (JUnit) and
-# logs.tar.gz (machine.txt, pip_list.txt, preflight.txt, install.log, tests.log, bench.log,
+# `python -m bench.plots && python -m bench.readme`), bench_section.md, tests.jsonl (one line
+# per test outcome, written as the tests end) and logs.tar.gz (machine.txt, pip_list.txt, preflight.txt, install.log, tests.log, bench.log,
 # plots, README.md with the regenerated benchmark section, elapsed.txt, triton_cache.txt).
 # The Triton cache (OUTDIR/work/triton_cache while it runs) is counted, then deleted.
 #
@@ -96,8 +96,8 @@ finish() {
     fi
     [ -f "$WORK/results.jsonl" ] && cp "$WORK/results.jsonl" "$OUT/results.jsonl"
     [ -f "$WORK/bench_section.md" ] && cp "$WORK/bench_section.md" "$OUT/bench_section.md"
-    [ -f "$WORK/tests.xml" ] && cp "$WORK/tests.xml" "$OUT/tests.xml"
-    "$PY" -m bench.gpu_summary --preflight "$WORK/preflight.txt" --junit "$WORK/tests.xml" \
+    [ -f "$WORK/tests.jsonl" ] && cp "$WORK/tests.jsonl" "$OUT/tests.jsonl"
+    "$PY" -m bench.gpu_summary --preflight "$WORK/preflight.txt" --tests "$WORK/tests.jsonl" \
         --results "$WORK/results.jsonl" --tests-rc "$TESTS_RC" --elapsed "$(elapsed)" \
         --output "$OUT/summary.txt" > /dev/null 2>&1 \
         || echo "the summary failed; see logs.tar.gz" > "$OUT/summary.txt"
@@ -147,14 +147,16 @@ elif ! "$PY" -c "import pytest" 2>/dev/null; then
     echo "pytest is not installed: tests skipped (give WHEELHOUSE=DIR with its wheels)" | tee "$WORK/tests.log"
     TESTS_RC="skipped (no pytest)"
 else
-    PYTEST_ARGS=(-m "${TEST_SELECTION:-gpu}" -q -rfEs -p no:cacheprovider --junitxml="$WORK/tests.xml")
+    export FLASH_KERNELS_TEST_REPORT="$WORK/tests.jsonl"      # one line per test, as it ends
+    PYTEST_ARGS=(-m "${TEST_SELECTION:-gpu}" -q -rfEs -p no:cacheprovider)
     if [ "$WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
         PYTEST_ARGS+=(-n "$WORKERS" --dist load)
     else
         echo "pytest-xdist missing or WORKERS=0: tests run in one process (kernels compile serially)"
     fi
     if "$PY" -c "import pytest_timeout" 2>/dev/null; then
-        PYTEST_ARGS+=(--timeout "$PER_TEST_TIMEOUT_S")
+        # per test, and no new test after the session's time (the outer timeout is the backstop)
+        PYTEST_ARGS+=(--timeout "$PER_TEST_TIMEOUT_S" --session-timeout $(( TEST_TIMEOUT_S - 20 )))
     else
         echo "pytest-timeout missing: no per-test time limit"
     fi

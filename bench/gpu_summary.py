@@ -1,19 +1,20 @@
 """The one-screen summary of a GPU run (bench/gpu_runbook.sh prints it last).
 
-From the preflight report, the tests' JUnit XML and the benchmark's results.jsonl: the machine,
+From the preflight report, the tests' live report (FLASH_KERNELS_TEST_REPORT, tests/conftest.py)
+and the benchmark's results.jsonl: the machine,
 the preflight verdict, tests passed / failed / skipped per file with the skip reasons and the
 first failures, every bf16 test's outcome, and the headline timings at the paper shape (the
 forward+backward table of the run's bf16 causal points and the performance targets). Each part
 says so when its input is missing, so the last screen holds the evidence of whatever ran.
 
-    python -m bench.gpu_summary --preflight F --junit F --results F [--tests-rc N]
+    python -m bench.gpu_summary --preflight F --tests F --results F [--tests-rc N]
                                 [--elapsed S] [--output F]
 """
 import argparse
 import collections
+import json
 import os
 import sys
-import xml.etree.ElementTree as ET
 
 MAX_FAILURES_SHOWN = 8
 MAX_SKIP_REASONS_SHOWN = 6
@@ -28,30 +29,23 @@ def _clip(text, width=WIDTH):
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def read_junit(path):
-    """[(file, test name, outcome, message)] of every test case in a JUnit XML report; outcome
-    is "passed", "failed", "error" or "skipped"."""
+def read_test_report(path):
+    """[(file, test name, outcome, message)] from the JSON lines tests/conftest.py writes with
+    FLASH_KERNELS_TEST_REPORT; outcome is "passed", "failed", "error" or "skipped"."""
     cases = []
-    for case in ET.parse(path).getroot().iter("testcase"):
-        module = case.get("classname", "").split(".")
-        # classname is "tests.test_x" or "tests.test_x.TestClass": the file is the test_ part
-        filename = next((part + ".py" for part in module if part.startswith("test_")), "?")
-        outcome, message = "passed", ""
-        for tag in ("failure", "error", "skipped"):
-            child = case.find(tag)
-            if child is not None:
-                outcome = {"failure": "failed"}.get(tag, tag)
-                message = child.get("message") or (child.text or "")
-                break
-        cases.append((filename, case.get("name", "?"), outcome, message))
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                entry = json.loads(line)
+                path_part, _, name = entry["nodeid"].partition("::")
+                cases.append((os.path.basename(path_part), name, entry["outcome"], entry["message"]))
     return cases
 
 
-def tests_section(junit_path, tests_rc):
-    if not junit_path or not os.path.exists(junit_path):
-        return [f"tests: no JUnit report ({junit_path}): not run, or stopped before the end "
-                f"(exit {tests_rc})"]
-    cases = read_junit(junit_path)
+def tests_section(report_path, tests_rc):
+    if not report_path or not os.path.exists(report_path):
+        return [f"tests: no test report ({report_path}): not run (exit {tests_rc})"]
+    cases = read_test_report(report_path)
     totals = collections.Counter(outcome for _, _, outcome, _ in cases)
     lines = [f"tests: {totals['passed']} passed, {totals['failed']} failed, "
              f"{totals['error']} errors, {totals['skipped']} skipped (exit {tests_rc})"]
@@ -101,7 +95,7 @@ def timings_section(results_path):
     return lines
 
 
-def summary(preflight_path, junit_path, results_path, tests_rc="?", elapsed=None):
+def summary(preflight_path, tests_path, results_path, tests_rc="?", elapsed=None):
     lines = ["=" * 30 + " GPU run summary " + "=" * 30]
     if preflight_path and os.path.exists(preflight_path):
         with open(preflight_path) as f:
@@ -111,7 +105,7 @@ def summary(preflight_path, junit_path, results_path, tests_rc="?", elapsed=None
                                                                       "version numpy", "FAIL", "PREFLIGHT"))]
     else:
         lines.append(f"preflight: no report ({preflight_path})")
-    lines += tests_section(junit_path, tests_rc)
+    lines += tests_section(tests_path, tests_rc)
     try:
         lines += timings_section(results_path)
     except Exception as exc:  # noqa: BLE001 - the summary must still print
@@ -124,13 +118,13 @@ def summary(preflight_path, junit_path, results_path, tests_rc="?", elapsed=None
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preflight")
-    parser.add_argument("--junit")
+    parser.add_argument("--tests", help="the FLASH_KERNELS_TEST_REPORT file of the test run")
     parser.add_argument("--results")
     parser.add_argument("--tests-rc", default="?")
     parser.add_argument("--elapsed")
     parser.add_argument("--output")
     args = parser.parse_args(argv)
-    text = summary(args.preflight, args.junit, args.results, args.tests_rc, args.elapsed)
+    text = summary(args.preflight, args.tests, args.results, args.tests_rc, args.elapsed)
     if args.output:
         with open(args.output, "w") as f:
             f.write(text)

@@ -14,6 +14,8 @@
   files come first, then the other GPU tests, fuzzing, the big-memory test, and CPU-only tests.
 - FLASH_KERNELS_FUZZ_EXAMPLES=N: examples per fuzz test (tests/test_fuzz.py reads it; the GPU
   runbook lowers it).
+- FLASH_KERNELS_TEST_REPORT=PATH: one JSON line per test outcome, appended as each test ends
+  (so a run stopped by a time cap or a kill still leaves what ran): bench/gpu_summary.py.
 - FLASH_KERNELS_RECORD_LAUNCHES=PATH: record every kernel launch of every test (its
   `flash_kernels.utils.LaunchRecord`s) into PATH (JSON; one file per xdist worker, PATH.gwN);
   bench/gpu_selection.py estimates the GPU run's compile work from it.
@@ -173,3 +175,41 @@ def pytest_sessionfinish(session):
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     with open(f"{path}.{worker}" if worker else path, "w") as f:
         json.dump(_recorded, f, default=str)
+
+
+# ---------------------------------------------------------------------------------------------
+# A live report of every test's outcome (opt-in)
+# ---------------------------------------------------------------------------------------------
+
+def _outcome(report):
+    """("passed" | "failed" | "error" | "skipped", message) of a test phase's report, or None
+    for the phases that say nothing (a passing setup or teardown)."""
+    if report.when == "call" and not report.skipped:
+        outcome = report.outcome
+    elif report.failed:
+        outcome = "error"
+    elif report.skipped:
+        outcome = "skipped"
+    else:
+        return None
+    if report.skipped:
+        if hasattr(report, "wasxfail"):
+            return outcome, f"xfail: {report.wasxfail}"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        return outcome, reason.removeprefix("Skipped: ")
+    if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        return outcome, crash.message if crash is not None else report.longreprtext[-500:]
+    return outcome, ""
+
+
+def pytest_runtest_logreport(report):
+    path = os.environ.get("FLASH_KERNELS_TEST_REPORT")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):     # under xdist the controller writes
+        return
+    result = _outcome(report)
+    if result is None:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(nodeid=report.nodeid, outcome=result[0], message=result[1],
+                                seconds=round(report.duration, 3))) + "\n")

@@ -50,24 +50,24 @@ def test_tiny_kernel_runs_and_is_checked():
     assert ok, message
 
 
-JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
-<testcase classname="tests.test_triton_mixed_chunk" name="test_bfloat16[causal]" time="1"/>
-<testcase classname="tests.test_triton_mixed_chunk" name="test_bfloat16[full]" time="1">
-  <failure message="AssertionError: out: rms error 1e-1">trace</failure></testcase>
-<testcase classname="tests.test_strides" name="test_tensors_over_2_31_elements" time="0">
-  <skipped type="pytest.skip" message="needs ~15 GB of GPU memory">why</skipped></testcase>
-<testcase classname="tests.test_strides" name="test_layouts_give_the_same_result[split]" time="1"/>
-</testsuite></testsuites>
-"""
+REPORT = [
+    dict(nodeid="tests/test_triton_mixed_chunk.py::test_bfloat16[causal]", outcome="passed", message=""),
+    dict(nodeid="tests/test_triton_mixed_chunk.py::test_bfloat16[full]", outcome="failed",
+         message="AssertionError: out: rms error 1e-1"),
+    dict(nodeid="tests/test_strides.py::test_tensors_over_2_31_elements", outcome="skipped",
+         message="needs ~15 GB of GPU memory"),
+    dict(nodeid="tests/test_strides.py::test_layouts_give_the_same_result[split]", outcome="passed",
+         message=""),
+]
 
 
 def test_summary_counts_per_file_with_reasons_and_bf16(tmp_path):
-    junit = tmp_path / "tests.xml"
-    junit.write_text(JUNIT)
+    report = tmp_path / "tests.jsonl"
+    report.write_text("".join(json.dumps(entry) + "\n" for entry in REPORT))
     preflight = tmp_path / "preflight.txt"
     preflight.write_text("version triton: 3.6.0\nFAIL compiler: missing Python.h\n"
                          "PREFLIGHT: FAILED: missing Python.h\n")
-    text = gpu_summary.summary(str(preflight), str(junit), str(tmp_path / "none.jsonl"), "1", "12")
+    text = gpu_summary.summary(str(preflight), str(report), str(tmp_path / "none.jsonl"), "1", "12")
     assert "tests: 2 passed, 1 failed, 0 errors, 1 skipped (exit 1)" in text
     lines = text.splitlines()
     assert any(line.split()[:5] == ["test_triton_mixed_chunk.py", "1", "1", "0", "0"] for line in lines)
@@ -80,7 +80,7 @@ def test_summary_counts_per_file_with_reasons_and_bf16(tmp_path):
 
 def test_summary_without_any_input():
     text = gpu_summary.summary(None, None, None)
-    assert "preflight: no report" in text and "tests: no JUnit report" in text
+    assert "preflight: no report" in text and "tests: no test report" in text
 
 
 def test_runbook_dry_run(tmp_path):
@@ -96,7 +96,7 @@ def test_runbook_dry_run(tmp_path):
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["bench_section.md", "logs.tar.gz", "results.jsonl",
-                                       "summary.txt", "tests.xml"]
+                                       "summary.txt", "tests.jsonl"]
     summary = (out / "summary.txt").read_text()
     assert proc.stdout.rstrip().endswith(summary.rstrip())      # the summary is the last screen
     assert "PREFLIGHT: OK" in summary
