@@ -167,7 +167,7 @@ else
     TESTS_RC=$?
     unset TRITON_INTERPRET
     tail -n 4 "$WORK/tests.log"
-    echo "tests exit code $TESTS_RC (124/130: stopped at the time cap; see tests.log)"
+    echo "tests exit code $TESTS_RC (124/130/137: stopped at the time cap; tests.jsonl has what ran)"
 fi
 
 LEFT=$(( BUDGET_S - $(elapsed) ))
