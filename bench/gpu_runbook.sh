@@ -41,10 +41,10 @@
 #
 # Environment knobs: PYTHON (default python3, else python), BUDGET_S, TEST_TIMEOUT_S,
 # PER_TEST_TIMEOUT_S (default 150), WORKERS (default 8; 0 = no xdist), TEST_SELECTION (default
-# "gpu"), TEST_PATHS (default tests), FLASH_KERNELS_FUZZ_EXAMPLES (default 8), BENCH_ARGS (extra arguments for bench.run),
-# BENCH_MODE (default --full on a GPU, --quick without), INSTALL=0 (PYTHONPATH only),
-# SKIP_TESTS=1, WHEELHOUSE (a folder of wheels installed with --no-index first),
-# FLASH_KERNELS_COMMIT (the commit id to record when the tree has no .git).
+# "gpu"), TEST_PATHS (default tests), FLASH_KERNELS_FUZZ_EXAMPLES (default 8), BENCH_ARGS (extra
+# arguments for bench.run), BENCH_MODE (default --full on a GPU, --quick without), INSTALL=0
+# (PYTHONPATH only), SKIP_TESTS=1, WHEELHOUSE (a folder of wheels installed with --no-index
+# first), FLASH_KERNELS_COMMIT (the commit id to record when the tree has no .git).
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
