@@ -32,7 +32,8 @@
 # OUTDIR keeps at most 5 files (the device tool returns 8): summary.txt (the summary),
 # results.jsonl (benchmark records: copy them into bench/results/results.jsonl, then
 # `python -m bench.plots && python -m bench.readme`), bench_section.md, tests.jsonl (one line
-# per test outcome, written as the tests end) and logs.tar.gz (machine.txt, pip_list.txt, preflight.txt, install.log, tests.log, bench.log,
+# per test outcome, written as the tests end) and logs.tar.gz (machine.txt, pip_list.txt,
+# preflight.txt, install.log, tests.log, bench.log,
 # plots, README.md with the regenerated benchmark section, elapsed.txt, triton_cache.txt).
 # The Triton cache (OUTDIR/work/triton_cache while it runs) is counted, then deleted.
 #
