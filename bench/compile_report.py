@@ -13,6 +13,15 @@ constexprs / warps for fp16 and bf16. T only needs to be large enough to reach t
 (several chunks); the compiled kernels do not depend on it (T is not specialised).
 
     python -m bench.compile_report [--capabilities 80 90] [--only paper] [--output PATH]
+                                   [--other-triton PYTHON ...] [--other-only paper]
+
+--other-triton: a Python whose environment holds another Triton version (e.g. the GPU machine's
+3.6: `python3 -m venv V && V/bin/pip install torch==2.13.0 triton==3.6.0 "numpy<2.4"`) compiles
+the launches of the configs named by --other-only for --other-capabilities (default sm_90) too;
+the report then lists registers and spills per version side by side. The launches are recorded
+once, with this process's Triton: the tile choice (kernel_config) does not depend on the Triton
+version, and the JIT of every version specialises arguments alike (aot_compile.jit_compile_inputs
+checks it).
 """
 import argparse
 import os
@@ -120,18 +129,67 @@ def record_config(cfg) -> list:
     return list(unique.values())
 
 
+def _regs_spill(row) -> str:
+    if row is None:
+        return "-"
+    if row["error"]:
+        return "**compile error**"
+    return f"{row['usage']['registers']} / {row['usage']['stack_bytes']}"
+
+
+def compile_with_other_tritons(records_by_config, rows_by_key, pythons, only, capabilities):
+    """Compile the chosen configs' launches with each of `pythons` (other Triton versions) and
+    return (their rows, the report section comparing registers / spill bytes per version)."""
+    configs = [name for name in records_by_config if any(word in name for word in only)]
+    if not pythons or not configs:
+        return [], []
+    import triton
+    versions = [f"Triton {triton.__version__}"]
+    by_version = []                      # per other Python: {(record key, capability): row}
+    other_rows = []
+    for python in pythons:
+        records = [r for name in configs for r in records_by_config[name]]
+        rows = measure_launches(records, capabilities, python=python)
+        other_rows += rows
+        by_version.append({(record_key(record_from_dict(row["record"])), row["capability"]): row
+                           for row in rows})
+        versions.append(f"Triton {rows[0]['triton']}" if rows else python)
+        print(f"[{python}] {len(rows)} compiles, {sum(map(row_failed, rows))} failed", file=sys.stderr)
+    lines = ["## Registers / spill bytes per Triton version", "",
+             f"The launches of the {', '.join(configs)} configs, compiled by each version "
+             f"({', '.join(versions[1:])} from another environment: `--other-triton`). "
+             + " ".join(f"{v}: {summary_line(list(rows.values()))}" for v, rows
+                        in zip(versions[1:], by_version)), "",
+             "| config | kernel | target | " + " | ".join(f"{v}: regs / spill B" for v in versions) + " |",
+             "|---|---|---|" + "---|" * len(versions)]
+    for name in configs:
+        for record in records_by_config[name]:
+            key = record_key(record)
+            for cap in capabilities:
+                cells = [_regs_spill(rows_by_key.get((key, cap)))]
+                cells += [_regs_spill(rows.get((key, cap))) for rows in by_version]
+                lines.append(f"| {name} | `{record.kernel_name}` | sm_{cap} | " + " | ".join(cells) + " |")
+    return other_rows, lines + [""]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--capabilities", nargs="+", type=int, default=[80, 90])
     parser.add_argument("--only", nargs="+", default=None,
                         help="run only the configs whose name contains one of these words")
     parser.add_argument("--output", default=DEFAULT_OUTPUT)
+    parser.add_argument("--other-triton", nargs="+", default=[], metavar="PYTHON",
+                        help="also compile with these Pythons' Triton versions")
+    parser.add_argument("--other-only", nargs="+", default=["paper"],
+                        help="the configs (words of their names) compiled by --other-triton")
+    parser.add_argument("--other-capabilities", nargs="+", type=int, default=[90])
     args = parser.parse_args(argv)
 
     configs = [c for c in CONFIGS
                if not args.only or any(word in c["name"] for word in args.only)]
     rows_by_key = {}                     # (record key, capability) -> row: compile each once
     sections, all_rows, failures = [], [], 0
+    records_by_config = {}
     for cfg in configs:
         start = time.perf_counter()
         lines = [f"## {cfg['name']}", "", config_label(cfg), ""]
@@ -149,6 +207,7 @@ def main(argv=None) -> int:
         for row in measure_launches(todo, args.capabilities):
             rows_by_key[(record_key(record_from_dict(row["record"])), row["capability"])] = row
         rows = [rows_by_key[(record_key(r), cap)] for r in records for cap in args.capabilities]
+        records_by_config[cfg["name"]] = records
         all_rows += rows
         sections += lines + markdown_table(rows) + [""]
         print(f"[{cfg['name']}] {len(records)} launches, {sum(map(row_failed, rows))} failed, "
@@ -156,15 +215,17 @@ def main(argv=None) -> int:
 
     import triton
     unique_rows = list({id(r): r for r in all_rows}.values())
+    other_rows, other_section = compile_with_other_tritons(
+        records_by_config, rows_by_key, args.other_triton, args.other_only, args.other_capabilities)
     report = ["# Ahead-of-time compile report: mixed_chunk_attention (backend=\"triton\")", "",
               f"Triton {triton.__version__}; forward + backward of each config. " + REPORT_PREAMBLE,
               "", summary_line(unique_rows, extra_failures=failures), ""]
-    report += sections + error_details(unique_rows)
+    report += other_section + sections + error_details(unique_rows) + error_details(other_rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         f.write("\n".join(report).rstrip("\n") + "\n")
     print(f"wrote {args.output}", file=sys.stderr)
-    return 1 if failures or any(map(row_failed, unique_rows)) else 0
+    return 1 if failures or any(map(row_failed, unique_rows + other_rows)) else 0
 
 
 if __name__ == "__main__":

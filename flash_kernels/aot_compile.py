@@ -211,15 +211,72 @@ def load_kernel(record: LaunchRecord):
     return obj
 
 
-def ast_source(record: LaunchRecord):
-    """The `triton.compiler.ASTSource` the JIT would build for this launch (Triton 3.9 format):
+_TRITON_TO_TORCH = {
+    "fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64", "i32": "int32",
+    "i64": "int64", "i16": "int16", "i8": "int8", "u8": "uint8", "u1": "bool",
+    "fp8e4nv": "float8_e4m3fn", "fp8e5": "float8_e5m2"}
 
-    - signature: {arg name: type} for every parameter, "constexpr" for the constant ones;
-    - constexprs: {arg name (or (index,) path): value};
-    - attrs: {(index,): [["tt.divisibility", 16]]} for the arguments specialised as multiples
-      of 16 (what `CUDABackend.parse_attr("D")` gives the JIT).
+
+def _stand_in_value(record: LaunchRecord, name: str):
+    """A value the JIT specialises exactly as the recorded argument `name`: a tensor stand-in of
+    the recorded element type at an address that is (or is not) a multiple of 16, an int of the
+    recorded width that is (or is not) a multiple of 16, a float, a bool, or the constant."""
+    import torch
+    from triton.runtime.jit import MockTensor
+    if name in record.constexprs:
+        return record.constexprs[name]
+    ty = record.signature[name]
+    divisible = name in record.divisible_by_16
+    if ty.startswith("*"):
+        address = 0 if divisible else 8
+
+        class StandInTensor(MockTensor):
+            @staticmethod
+            def data_ptr():
+                return address
+        return StandInTensor(getattr(torch, _TRITON_TO_TORCH[ty[1:]]))
+    base = {"i32": 16, "i64": 2**40, "u64": 2**63}.get(ty)
+    if base is not None:
+        return base if divisible else base + 1
+    if ty == "fp32":
+        return 1.5
+    if ty == "u1":
+        return True
+    raise ValueError(f"{record.kernel_name}: cannot stand in for argument {name} of type {ty!r}")
+
+
+class _RecordingDriver:
+    """The minimum of a Triton driver the JIT asks for before it compiles: a device, a stream
+    and the target (no GPU behind it)."""
+    device = "flash_kernels.aot_compile"       # a device key no real launch uses
+
+    def __init__(self, capability: int):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", capability, 32)
+
+    def get_current_device(self):
+        return self.device
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def jit_compile_inputs(record: LaunchRecord, capability: int = 90):
+    """(ASTSource, options dict) exactly as Triton's JIT builds them for this launch on an
+    sm_`capability` GPU, with the installed Triton.
+
+    Runs the kernel's own `JITFunction.run(..., warmup=True)` on stand-in arguments that the JIT
+    specialises as recorded (`_stand_in_value`), against a driver that only names the target,
+    and catches the source and options the JIT hands to `triton.compile` instead of compiling.
+    So the source carries the JIT's attrs to the letter (e.g. an empty attr list for every
+    specialisable int or pointer that is not a multiple of 16; Triton 3.6 also attrs string
+    constexprs) and the options its defaults (debug, instrumentation mode), and the compile
+    lands in the same cache entry as the JIT's: compiling ahead of time warms the cache.
     """
-    from triton.compiler import ASTSource
+    from triton.runtime.driver import driver
     fn = load_kernel(record)
     names = list(fn.arg_names)
     unknown = (set(record.signature) | set(record.constexprs) | set(record.divisible_by_16)) - set(names)
@@ -229,27 +286,59 @@ def ast_source(record: LaunchRecord):
     missing = [n for n in names if n not in record.signature and n not in record.constexprs]
     if missing:
         raise ValueError(f"{record.kernel_name}: no recorded type or value for {missing}")
-    signature = {n: ("constexpr" if n in record.constexprs else record.signature[n]) for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in record.divisible_by_16}
-    return ASTSource(fn, signature, dict(record.constexprs), attrs)
+    args = {n: _stand_in_value(record, n) for n in names}
+    caught = {}
+
+    def catch_compile(src, target=None, options=None, **_):
+        caught.update(src=src, options=dict(options))
+        return object()                   # the JIT keeps it as the "kernel"; it is never run
+
+    recording_driver = _RecordingDriver(capability)
+    previous_driver = driver._active
+    previous_compile = fn.__dict__.get("compile")    # set by the binder of a real launch
+    driver.set_active(recording_driver)
+    try:
+        fn.device_caches[recording_driver.device]      # the binder for this target
+        fn.compile = catch_compile
+        fn.run(grid=(1,), warmup=True, num_warps=record.num_warps,
+               num_stages=record.num_stages, **args)
+    finally:
+        driver._active = previous_driver
+        fn.device_caches.pop(recording_driver.device, None)
+        if previous_compile is None:
+            del fn.compile
+        else:
+            fn.compile = previous_compile
+    src = caught["src"]
+    expected = {n: ("constexpr" if n in record.constexprs else record.signature[n]) for n in names}
+    if dict(src.signature) != expected:
+        raise ValueError(f"{record.kernel_name}: the JIT specialises the recorded launch as "
+                         f"{dict(src.signature)}, not as recorded ({expected}); record again")
+    return src, caught["options"]
+
+
+def ast_source(record: LaunchRecord, capability: int = 90):
+    """The `triton.compiler.ASTSource` the JIT builds for this launch (see `jit_compile_inputs`):
+    signature {arg name: type, "constexpr" for the constant ones}, constexprs {(index,): value},
+    attrs {(index,): [["tt.divisibility", 16]] for multiples of 16, [] for the other
+    specialisable ints and pointers}."""
+    return jit_compile_inputs(record, capability)[0]
 
 
 def compile_record(record: LaunchRecord, capability: int):
     """Compile one recorded launch for NVIDIA compute capability `capability` (80, 90, ...).
 
-    Returns Triton's `CompiledKernel` (`.asm["ptx"]`, `.asm["cubin"]`, `.metadata.shared`, ...).
-    Runs on a machine without a GPU. Raises if TRITON_INTERPRET is set, and whatever Triton raises
-    when the kernel does not compile.
+    Returns Triton's `CompiledKernel` (`.asm["ptx"]`, `.asm["cubin"]`, `.metadata.shared`,
+    `.hash`: the JIT's cache key for the same launch). Runs on a machine without a GPU. Raises if
+    TRITON_INTERPRET is set, and whatever Triton raises when the kernel does not compile.
     """
     _require_compile_mode()
     import triton
     from triton.backends.compiler import GPUTarget
-    src = ast_source(record)
+    src, options = jit_compile_inputs(record, capability)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
-        return triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": record.num_warps,
-                                       "num_stages": record.num_stages})
+        return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
 
 
 def _cuobjdump_path() -> str:
@@ -341,10 +430,12 @@ def resource_usage(compiled) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def measure_record(record: LaunchRecord, capability: int) -> dict:
-    """Compile one record for one capability; a row dict with the record, the resource usage
-    (None on error), the error text (None if it compiled) and the limit checks."""
-    row = dict(record=record_to_dict(record), capability=capability, usage=None, error=None,
-               over_shared_limit=False, over_register_limit=False)
+    """Compile one record for one capability; a row dict with the record, the Triton version,
+    the resource usage (None on error), the error text (None if it compiled) and the limit
+    checks."""
+    import triton
+    row = dict(record=record_to_dict(record), capability=capability, triton=triton.__version__,
+               usage=None, error=None, over_shared_limit=False, over_register_limit=False)
     try:
         usage = resource_usage(compile_record(record, capability))
     except Exception as e:  # noqa: BLE001 - the report lists every failure
@@ -364,15 +455,18 @@ def measure_records(records, capabilities=(80, 90)) -> list:
 
 
 def measure_records_in_subprocess(records, capabilities=(80, 90), sys_path=(),
-                                  timeout: float = 3600) -> list:
+                                  timeout: float = 3600, python: str = None) -> list:
     """`measure_records` in a child process without TRITON_INTERPRET (use it from a process that
-    has the interpreter on). `sys_path`: directories needed to import the kernels' modules."""
+    has the interpreter on). `sys_path`: directories needed to import the kernels' modules.
+    `python`: the interpreter of the child (default this one), e.g. a virtual environment with
+    another Triton version: the records are compiled by that Triton (the repository root is put
+    on its path, so it needs torch and triton, not this package installed)."""
     sys_path = [os.path.abspath(p) for p in sys_path]
     with tempfile.TemporaryDirectory() as tmp:
         records_path = os.path.join(tmp, "records.json")
         rows_path = os.path.join(tmp, "rows.json")
         save_records(records, records_path)
-        cmd = [sys.executable, "-m", "flash_kernels.aot_compile", records_path,
+        cmd = [python or sys.executable, "-m", "flash_kernels.aot_compile", records_path,
                "--capabilities", *map(str, capabilities), "--json", rows_path]
         for p in sys_path:
             cmd += ["--sys-path", p]
@@ -385,11 +479,12 @@ def measure_records_in_subprocess(records, capabilities=(80, 90), sys_path=(),
             return json.load(f)
 
 
-def measure_launches(records, capabilities=(80, 90), sys_path=()) -> list:
+def measure_launches(records, capabilities=(80, 90), sys_path=(), python: str = None) -> list:
     """Compile and measure `records` for `capabilities`: in this process when TRITON_INTERPRET is
-    off, else in a child process without it. Returns the rows (see `measure_record`)."""
-    if triton_interpret_enabled():
-        return measure_records_in_subprocess(records, capabilities, sys_path)
+    off, else in a child process without it; with `python` given, always in a child process run
+    by that interpreter (another Triton version). Returns the rows (see `measure_record`)."""
+    if python or triton_interpret_enabled():
+        return measure_records_in_subprocess(records, capabilities, sys_path, python=python)
     for p in sys_path:
         if os.path.abspath(p) not in sys.path:
             sys.path.insert(0, os.path.abspath(p))

@@ -3,10 +3,28 @@
 - The repository root is importable (for `csrc_ref`) and so is this folder (for `helpers`).
 - Without a GPU, Triton kernels run on the CPU under the interpreter: TRITON_INTERPRET=1 must be
   set before triton is first imported, so it is set here, before any test module loads.
+- Triton < 3.7's interpreter breaks under numpy >= 2.4; a test-time shim repairs it
+  (`_patch_old_interpreter_for_new_numpy`).
+- Test selections (markers registered in pyproject.toml):
+    gpu   every test that touches CUDA when a GPU is present: the GPU run is `-m gpu`;
+    slow  left out of the quick selection `-m "not slow"` (which still launches every kernel);
+    big_memory  allocates a tensor of more than 2^31 elements: last in the GPU run.
+  Which tests get `gpu` is decided by rules, not by a list, so new test files join by
+  themselves (see `is_gpu_test`). Tests are ordered so that the kernels' core correctness
+  files come first, then the other GPU tests, fuzzing, the big-memory test, and CPU-only tests.
+- FLASH_KERNELS_FUZZ_EXAMPLES=N: examples per fuzz test (tests/test_fuzz.py reads it; the GPU
+  runbook lowers it).
+- FLASH_KERNELS_TEST_REPORT=PATH: one JSON line per test outcome, appended as each test ends
+  (so a run stopped by a time cap or a kill still leaves what ran): bench/gpu_summary.py.
+- FLASH_KERNELS_RECORD_LAUNCHES=PATH: record every kernel launch of every test (its
+  `flash_kernels.utils.LaunchRecord`s) into PATH (JSON; one file per xdist worker, PATH.gwN);
+  bench/gpu_selection.py estimates the GPU run's compile work from it.
 """
+import json
 import os
 import sys
 
+import pytest
 import torch
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -16,3 +34,183 @@ for path in (os.path.dirname(_TESTS), _TESTS):
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# tests/test_fuzz.py has read FLASH_FUZZ_EXAMPLES; FLASH_KERNELS_FUZZ_EXAMPLES is the one knob.
+if "FLASH_KERNELS_FUZZ_EXAMPLES" in os.environ:
+    os.environ["FLASH_FUZZ_EXAMPLES"] = os.environ["FLASH_KERNELS_FUZZ_EXAMPLES"]
+
+
+def _version(text):
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2])
+
+
+def _patch_old_interpreter_for_new_numpy():
+    """Triton < 3.7's interpreter gives `tl.tensor` an `__index__` of `int(handle.data)` while a
+    kernel runs, so `range(n)` over a run-time scalar `n` (a 1-element array) converts an array
+    of ndim 1; numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python
+    scalars") and every kernel loop with a run-time bound fails. `.item()` first is what numpy
+    did implicitly before. Test-time only: the package itself does not depend on the interpreter.
+    """
+    import numpy
+    import triton
+    if _version(triton.__version__) >= (3, 7) or _version(numpy.__version__) < (2, 4):
+        return
+    from triton.runtime import interpreter
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_with_scalar_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patch_tensor_with_scalar_index
+
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    _patch_old_interpreter_for_new_numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Test selections
+# ---------------------------------------------------------------------------------------------
+
+#: The kernels' core correctness files, first in the GPU run: the Triton op against the
+#: references (the bf16 checks included), the fused op, strides, torch.compile, determinism.
+CORE_FILES = ("test_triton_mixed_chunk.py", "test_flash_attention.py", "test_strides.py",
+              "test_torch_compile.py", "test_determinism.py")
+
+#: Tests that use CUDA when it is there but follow none of the rules in `is_gpu_test`.
+GPU_TESTS = {"test_nn.py::test_training_curve_torch_vs_triton"}
+
+#: Marked `big_memory` (last in the GPU run): ~15 GB of GPU memory.
+BIG_MEMORY_TESTS = {"test_strides.py::test_tensors_over_2_31_elements"}
+
+#: Slow under the interpreter on 2 cores, and not needed to launch every kernel once (the
+#: quick selection `-m "not slow"` leaves them out). A file name means the whole file.
+SLOW = {
+    "test_compile_kernels.py",             # records under the interpreter, compiles to cubin
+    "test_aot_compile.py",                 # the same machinery on a toy kernel
+    "test_cpp_reference.py",               # builds the C++ oracle (ninja, ~1 min)
+    "test_fuzz.py",                        # hundreds of random problems
+    "test_gpu_preflight.py::test_runbook_dry_run",
+    "test_bench_smoke.py::test_quick_mode_runs_on_cpu",
+    "test_nn.py::test_example_runs",
+    "test_nn.py::test_training_curve_torch_vs_triton",
+    "test_determinism.py::test_same_inputs_give_the_same_bits",   # every path 3 times
+    "test_nn.py::test_decoding_matches_forward",                  # 12 layers x 19 steps
+}
+
+
+def _file_and_test(item):
+    """("test_x.py", "test_x.py::test_name") of an item (parametrization left out)."""
+    filename = os.path.basename(str(item.path))
+    return filename, f"{filename}::{getattr(item, 'originalname', None) or item.name}"
+
+
+def is_gpu_test(item) -> bool:
+    """A test touches CUDA (and so is in the GPU run, `-m gpu`) when
+    - it (or its class or module: `pytestmark = pytest.mark.gpu`) is marked `gpu`; or
+    - its module follows the device convention: a module-level `DEVICE` ("cuda" when there is
+      a GPU), which every file testing the kernels defines; or
+    - it is listed in GPU_TESTS (the few older tests that follow neither).
+    """
+    _, test = _file_and_test(item)
+    return (item.get_closest_marker("gpu") is not None
+            or hasattr(getattr(item, "module", None), "DEVICE")
+            or test in GPU_TESTS)
+
+
+def _gpu_order(item) -> tuple:
+    """Rank in the run: the core kernel files (in CORE_FILES' order), the other GPU tests,
+    fuzzing, big memory, then the CPU-only tests."""
+    filename, _ = _file_and_test(item)
+    if item.get_closest_marker("gpu") is None:
+        return (4, 0)
+    if item.get_closest_marker("big_memory") is not None:
+        return (3, 0)
+    if "fuzz" in filename:
+        return (2, 0)
+    if filename in CORE_FILES:
+        return (0, CORE_FILES.index(filename))
+    return (1, 0)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        filename, test = _file_and_test(item)
+        if is_gpu_test(item):
+            item.add_marker(pytest.mark.gpu)
+        if test in BIG_MEMORY_TESTS:
+            item.add_marker(pytest.mark.big_memory)
+        if filename in SLOW or test in SLOW:
+            item.add_marker(pytest.mark.slow)
+    order = {id(item): (*_gpu_order(item), index) for index, item in enumerate(items)}
+    items.sort(key=lambda item: order[id(item)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording every test's kernel launches (opt-in)
+# ---------------------------------------------------------------------------------------------
+
+_recorded = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not os.environ.get("FLASH_KERNELS_RECORD_LAUNCHES"):
+        yield
+        return
+    from flash_kernels.utils import record_launches
+    with record_launches() as records:
+        yield
+    if records:
+        from flash_kernels.aot_compile import record_to_dict
+        _recorded[item.nodeid] = dict(gpu=item.get_closest_marker("gpu") is not None,
+                                      slow=item.get_closest_marker("slow") is not None,
+                                      launches=[record_to_dict(r) for r in records])
+
+
+def pytest_sessionfinish(session):
+    path = os.environ.get("FLASH_KERNELS_RECORD_LAUNCHES")
+    if not path or not _recorded:
+        return
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    with open(f"{path}.{worker}" if worker else path, "w") as f:
+        json.dump(_recorded, f, default=str)
+
+
+# ---------------------------------------------------------------------------------------------
+# A live report of every test's outcome (opt-in)
+# ---------------------------------------------------------------------------------------------
+
+def _outcome(report):
+    """("passed" | "failed" | "error" | "skipped", message) of a test phase's report, or None
+    for the phases that say nothing (a passing setup or teardown)."""
+    if report.when == "call" and not report.skipped:
+        outcome = report.outcome
+    elif report.failed:
+        outcome = "error"
+    elif report.skipped:
+        outcome = "skipped"
+    else:
+        return None
+    if report.skipped:
+        if hasattr(report, "wasxfail"):
+            return outcome, f"xfail: {report.wasxfail}"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        return outcome, reason.removeprefix("Skipped: ")
+    if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        return outcome, crash.message if crash is not None else report.longreprtext[-500:]
+    return outcome, ""
+
+
+def pytest_runtest_logreport(report):
+    path = os.environ.get("FLASH_KERNELS_TEST_REPORT")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):     # under xdist the controller writes
+        return
+    result = _outcome(report)
+    if result is None:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(nodeid=report.nodeid, outcome=result[0], message=result[1],
+                                seconds=round(report.duration, 3))) + "\n")

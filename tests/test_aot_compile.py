@@ -4,6 +4,7 @@ The launch is recorded under TRITON_INTERPRET=1 in a child process (no GPU neede
 for sm_80 and sm_90 without the interpreter (in this process, or in a child process when this one
 runs with TRITON_INTERPRET=1), and the cubin's resources are read with the wheel's cuobjdump.
 """
+import json
 import os
 import subprocess
 import sys
@@ -128,6 +129,55 @@ def test_cli_reports_compile_errors(toy_records, tmp_path):
     assert "**FAIL**: 1 compile error(s)" in report
     assert report.count("| `matmul_tile_kernel` |") == 2
     assert "| sm_90 |" in report and "| yes | ok |" in report
+
+
+# Runs without the interpreter (a child process: this one may have TRITON_INTERPRET=1).
+WARM_CACHE_SCRIPT = """
+import json, os, sys
+import torch
+import aot_toy_kernels as toy
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from flash_kernels.aot_compile import compile_record
+from flash_kernels.utils import make_launch_record
+
+# What the JIT specialises: a pointer 2 bytes past a multiple of 16, ints that are not multiples
+# of 16 (stride_a) or not 1 (n_tiles), a do_not_specialize int, a float, constexprs.
+a = torch.zeros(50 * 72 + 1, dtype=torch.float16)[1:]
+b = torch.zeros(64, 64, dtype=torch.float16)
+c = torch.zeros(64, 64)
+args = dict(a_ptr=a, b_ptr=b, c_ptr=c, T=50, n_tiles=3, stride_a=72, scale=1.0)
+constexprs = dict(HAS_SCALE=True, BLOCK=64)
+record = make_launch_record(toy.matmul_tile_kernel, (1,), args, constexprs, num_warps=4, num_stages=2)
+ahead = compile_record(record, 90)
+entries = sorted(os.listdir(os.environ["TRITON_CACHE_DIR"]))
+
+class Sm90:   # the JIT asks its driver for a device, a stream and the target, nothing else here
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+
+driver.set_active(Sm90())
+jit = toy.matmul_tile_kernel.warmup(**args, **constexprs, grid=(1,), num_warps=4, num_stages=2)
+print(json.dumps(dict(ahead=ahead.hash, jit=jit.hash, entries_after_ahead=entries,
+                      entries_after_jit=sorted(os.listdir(os.environ["TRITON_CACHE_DIR"])))))
+"""
+
+
+def test_ahead_of_time_compile_warms_the_jit_cache(tmp_path):
+    """compile_record builds exactly the JIT's source and options: the JIT, given the real
+    arguments of the recorded launch, finds the ahead-of-time compile in its cache (same key,
+    no new cache entry)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, TESTS_DIR, env.get("PYTHONPATH", "")])
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, "-c", WARM_CACHE_SCRIPT], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["jit"] == result["ahead"], "the JIT compiles a different source or options"
+    assert result["entries_after_jit"] == result["entries_after_ahead"]
+    assert len(result["entries_after_ahead"]) == 1
 
 
 def test_bench_compile_report_assembles(toy_records, tmp_path, monkeypatch):

@@ -1,0 +1,106 @@
+"""The GPU runbook's parts: its preflight finds what is missing, its summary reports what ran,
+and the whole runbook runs end to end here as a dry run (no GPU: kernels under the interpreter).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import gpu_preflight, gpu_summary
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_missing_compiler_is_named(monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(gpu_preflight.shutil, "which", lambda name: None)
+    ok, message = gpu_preflight.check_compiler_and_headers()
+    assert not ok and "C compiler" in message and "gcc" in message
+
+
+def test_missing_python_header_is_named(monkeypatch, tmp_path):
+    monkeypatch.setattr(gpu_preflight, "python_include_dir", lambda: str(tmp_path))
+    ok, message = gpu_preflight.check_compiler_and_headers()
+    assert not ok and "Python.h" in message and str(tmp_path) in message
+
+
+def test_compiler_that_fails_is_reported(monkeypatch):
+    monkeypatch.setenv("CC", "false")          # exists, exits 1: a broken toolchain
+    ok, message = gpu_preflight.check_compiler_and_headers()
+    assert not ok and "cannot build an extension" in message
+
+
+def test_cache_dir_must_be_inside_the_output(monkeypatch, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    assert not gpu_preflight.check_cache_dir(str(out))[0]
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "elsewhere"))
+    ok, message = gpu_preflight.check_cache_dir(str(out))
+    assert not ok and "not inside" in message
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(out / "cache"))
+    assert gpu_preflight.check_cache_dir(str(out)) == (True, f"TRITON_CACHE_DIR={out / 'cache'}")
+
+
+@pytest.mark.gpu
+def test_tiny_kernel_runs_and_is_checked():
+    ok, message = gpu_preflight.check_tiny_kernel()
+    assert ok, message
+
+
+REPORT = [
+    dict(nodeid="tests/test_triton_mixed_chunk.py::test_bfloat16[causal]", outcome="passed", message=""),
+    dict(nodeid="tests/test_triton_mixed_chunk.py::test_bfloat16[full]", outcome="failed",
+         message="AssertionError: out: rms error 1e-1"),
+    dict(nodeid="tests/test_strides.py::test_tensors_over_2_31_elements", outcome="skipped",
+         message="needs ~15 GB of GPU memory"),
+    dict(nodeid="tests/test_strides.py::test_layouts_give_the_same_result[split]", outcome="passed",
+         message=""),
+]
+
+
+def test_summary_counts_per_file_with_reasons_and_bf16(tmp_path):
+    report = tmp_path / "tests.jsonl"
+    report.write_text("".join(json.dumps(entry) + "\n" for entry in REPORT))
+    preflight = tmp_path / "preflight.txt"
+    preflight.write_text("version triton: 3.6.0\nFAIL compiler: missing Python.h\n"
+                         "PREFLIGHT: FAILED: missing Python.h\n")
+    text = gpu_summary.summary(str(preflight), str(report), str(tmp_path / "none.jsonl"), "1", "12")
+    assert "tests: 2 passed, 1 failed, 0 errors, 1 skipped (exit 1)" in text
+    lines = text.splitlines()
+    assert any(line.split()[:5] == ["test_triton_mixed_chunk.py", "1", "1", "0", "0"] for line in lines)
+    assert any(line.split()[:5] == ["test_strides.py", "1", "0", "0", "1"] for line in lines)
+    assert "1 x needs ~15 GB of GPU memory" in text
+    assert "FAILED test_triton_mixed_chunk.py::test_bfloat16[full]: AssertionError" in text
+    assert "test_bfloat16[causal] passed" in text and "test_bfloat16[full] failed" in text
+    assert "PREFLIGHT: FAILED: missing Python.h" in text and "timings: no results" in text
+
+
+def test_summary_without_any_input():
+    text = gpu_summary.summary(None, None, None)
+    assert "preflight: no report" in text and "tests: no test report" in text
+
+
+def test_runbook_dry_run(tmp_path):
+    """bench/gpu_runbook.sh end to end on this machine: preflight, the GPU selection of one test
+    file, a one-point quick benchmark, plots, README section, the summary last, few files."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHON=sys.executable, INSTALL="0", BUDGET_S="200", TEST_TIMEOUT_S="120",
+               WORKERS="0", TEST_PATHS="tests/test_gpu_preflight.py",
+               BENCH_ARGS="--seq-lens 512 --noncausal-seq-lens --modes fwd --impls torch "
+                        "--no-memory")
+    proc = subprocess.run(["bash", "bench/gpu_runbook.sh", str(out)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["bench_section.md", "logs.tar.gz", "results.jsonl",
+                                       "summary.txt", "tests.jsonl"]
+    summary = (out / "summary.txt").read_text()
+    assert proc.stdout.rstrip().endswith(summary.rstrip())      # the summary is the last screen
+    assert "PREFLIGHT: OK" in summary
+    assert "tests: 1 passed, 0 failed, 0 errors, 0 skipped" in summary
+    assert "test_gpu_preflight.py" in summary and "timings (fwd" in summary
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["impl"] for r in records} == {"torch"} and {r["T"] for r in records} == {512}
