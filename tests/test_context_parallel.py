@@ -34,8 +34,9 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
 # -- the cases ------------------------------------------------------------------------------------
 
 def op_case(name, op, backend, lengths, *, causal=True, linear=True, bias=True, gate=True,
-            batch=(2,), C=8, S=8, E=8, seed=0, **extra):
-    dtype = torch.float64 if backend == "torch" else torch.float32
+            batch=(2,), C=8, S=8, E=8, seed=0, dtype=None, **extra):
+    if dtype is None:
+        dtype = torch.float64 if backend == "torch" else torch.float32
     return dict(name=name, kind="op", op=op, backend=backend, dtype=dtype, lengths=lengths,
                 causal=causal, linear=linear, bias=bias, gate=gate, batch=batch, C=C, S=S, E=E,
                 seed=seed, **extra)
@@ -121,8 +122,9 @@ def _make_inputs(case):
     return tensors, rand(*batch, T, E)
 
 
-def _run_op(case, tensors, grad_out, lo, hi, group, **overrides):
-    """(out, grads by name) of the op on tokens [lo, hi) (the whole sequence without group)."""
+def _run_op(case, tensors, grad_out, lo, hi, group, device="cpu", **overrides):
+    """(out, grads by name) of the op on tokens [lo, hi) (the whole sequence without group),
+    returned on the CPU."""
     dtype = overrides.get("dtype", case["dtype"])
     requires_grad = overrides.get("requires_grad", True)
     inputs = {}
@@ -134,7 +136,7 @@ def _run_op(case, tensors, grad_out, lo, hi, group, **overrides):
             x = x[..., lo:hi, :]
             if name == "v" and "v_dtype" in overrides:
                 x = x.to(overrides["v_dtype"])
-        inputs[name] = x.to(dtype if name != "v" or "v_dtype" not in overrides else x.dtype)
+        inputs[name] = x.to(device, dtype if name != "v" or "v_dtype" not in overrides else x.dtype)
         inputs[name].requires_grad_(requires_grad)
     if "batch" in overrides:
         for name in SEQUENCE_NAMES[case["op"]]:
@@ -153,8 +155,8 @@ def _run_op(case, tensors, grad_out, lo, hi, group, **overrides):
                               u=inputs["u"], **options)
     names = [n for n, x in inputs.items() if x is not None and x.requires_grad]
     grads = torch.autograd.grad(out, [inputs[n] for n in names],
-                                grad_out[..., lo:hi, :].to(out.dtype), allow_unused=True)
-    return out.detach(), dict(zip(names, grads))
+                                grad_out[..., lo:hi, :].to(device, out.dtype), allow_unused=True)
+    return out.detach().cpu(), {n: g.cpu() for n, g in zip(names, grads)}
 
 
 def _make_layer(case):
@@ -205,7 +207,7 @@ def _run_ddp(case, group):
 
 # -- one rank ---------------------------------------------------------------------------------------
 
-def _rank_case(case, group, rank):
+def _rank_case(case, group, rank, device):
     world_size = dist.get_world_size(group)
     lengths = case.get("lengths", [])
     lo = sum(lengths[:rank])
@@ -217,7 +219,8 @@ def _rank_case(case, group, rank):
     tensors, grad_out = _make_inputs(case)
     if case["kind"] == "bad":
         try:
-            _run_op(case, tensors, grad_out, lo, hi, group, **case["overrides"].get(rank, {}))
+            _run_op(case, tensors, grad_out, lo, hi, group, device,
+                    **case["overrides"].get(rank, {}))
         except (TypeError, ValueError, RuntimeError) as error:
             return dict(exception=type(error).__name__, message=str(error))
         return dict(exception=None, message=None)
@@ -231,7 +234,7 @@ def _rank_case(case, group, rank):
             return total
         CPCall.sum_all = recording
     try:
-        runs = [_run_op(case, tensors, grad_out, lo, hi, group)
+        runs = [_run_op(case, tensors, grad_out, lo, hi, group, device)
                 for _ in range(2 if case.get("repeat") else 1)]
     finally:
         if case.get("record_state"):
@@ -240,23 +243,27 @@ def _rank_case(case, group, rank):
     return dict(runs=runs, state=recorded)
 
 
-def _rank_main(rank, world_size, init_file, cases, out_dir):
+def _rank_main(rank, world_size, init_file, cases, out_dir, dist_backend, device):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+    if dist_backend == "nccl":
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(rank)
+    dist.init_process_group(dist_backend, init_method=f"file://{init_file}", rank=rank,
                             world_size=world_size)
     group = dist.group.WORLD
     results = {}
     for case in cases:
-        results[case["name"]] = _rank_case(case, group, rank)
+        results[case["name"]] = _rank_case(case, group, rank, device)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def run_group(world_size, cases, tmp_dir):
+def run_group(world_size, cases, tmp_dir, dist_backend="gloo", device="cpu"):
     """Every rank's results, or a failure naming the rank; never a hang."""
     init_file = os.path.join(tmp_dir, "rendezvous")
-    context = mp.start_processes(_rank_main, args=(world_size, init_file, cases, tmp_dir),
+    context = mp.start_processes(_rank_main, args=(world_size, init_file, cases, tmp_dir,
+                                                   dist_backend, device),
                                  nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + GROUP_DEADLINE_S
     try:
@@ -292,11 +299,11 @@ def group_results(tmp_path_factory):
 
 # -- the checks ---------------------------------------------------------------------------------------
 
-def _check_op(case, ranks):
+def _check_op(case, ranks, device="cpu"):
     tensors, grad_out = _make_inputs(case)
     T = sum(case["lengths"])
-    out, grads = _run_op(case, tensors, grad_out, 0, T, None)
-    tol = TOLERANCE[case["dtype"]]
+    out, grads = _run_op(case, tensors, grad_out, 0, T, None, device)
+    tol = case.get("tolerance", TOLERANCE[case["dtype"]])
     name = case["name"]
     first_runs = [r["runs"][0] for r in ranks]
     assert_close(f"{name}: out", torch.cat([o for o, _ in first_runs], dim=-2), out, tol)
@@ -377,3 +384,42 @@ def test_context_parallel(group_results, world_size, index):
     results = group_results(world_size)
     case = CASES[world_size][index]
     CHECKS[case["kind"]](case, [r[case["name"]] for r in results])
+
+
+# -- GPUs -------------------------------------------------------------------------------------------
+
+def gpu_cases():
+    cases = [op_case("mixed-triton-causal-fp32", "mixed", "triton", [512, 300], C=256, S=64,
+                     E=96),
+             op_case("flash-triton-noncausal-fp32", "flash", "triton", [256, 256], C=256,
+                     S=64, E=96, causal=False)]
+    for dtype, tolerance in ((torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
+        name = str(dtype).split(".")[-1]
+        cases.append(op_case(f"mixed-triton-causal-{name}", "mixed", "triton", [512, 512, 100],
+                             C=256, S=128, E=256, dtype=dtype, tolerance=tolerance))
+        cases.append(op_case(f"flash-triton-causal-{name}", "flash", "triton", [256, 0, 40],
+                             C=256, S=128, E=256, dtype=dtype, tolerance=tolerance))
+    return cases
+
+
+def _check_gpu_group(world_size, dist_backend, device, tmp_path):
+    cases = [c for c in gpu_cases() if len(c["lengths"]) == world_size]
+    results = run_group(world_size, cases, str(tmp_path), dist_backend, device)
+    for case in cases:
+        _check_op(case, [r[case["name"]] for r in results], device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_cuda_tensors_over_gloo(world_size, tmp_path):
+    """Every rank on the one GPU; gloo moves the states through the host."""
+    _check_gpu_group(world_size, "gloo", "cuda:0", tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_nccl(world_size, tmp_path):
+    if torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} GPUs (NCCL: one per rank)")
+    _check_gpu_group(world_size, "nccl", None, tmp_path)
