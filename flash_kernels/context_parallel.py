@@ -48,7 +48,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from .torch_chunked import mixed_chunk_attention_torch
+from .torch_chunked import ChunkedAttention
 from .utils import resolve_scales
 from .validation import (check_flash_inputs, check_options, check_rel_bias,
                          check_tensors_of_mixed_chunk, type_name)
@@ -470,17 +470,10 @@ class _ExchangeTotals(torch.autograd.Function):
 
 
 def _torch_forward(call, q_quad, k_quad, q_lin, k_lin, v, rel_bias):
-    """This rank's slice on the chunked PyTorch path, differentiated by autograd: its total
-    (one matmul over its complete chunks, causal; all its tokens, non-causal) goes through
-    _ExchangeTotals and comes back as the state offset of mixed_chunk_attention_torch."""
+    """This rank's slice on the chunked PyTorch path, differentiated by autograd: the slice's
+    total (torch_chunked.ChunkedAttention sums it before forming any output) goes through
+    _ExchangeTotals and comes back as the state offset of the output."""
     B, T, S = q_quad.shape
-    C = call.chunk_size
-    offset = None
-    if q_lin is not None:
-        compute = torch.promote_types(v.dtype, torch.float32)
-        counted = (T // C) * C if call.causal else T
-        total = k_lin[:, :counted].to(compute).transpose(1, 2) @ v[:, :counted].to(compute)
-        offset = _ExchangeTotals.apply(call, total)
     if not T:
         # Empty, but connected to every input as the Triton path's is (each gets an empty or
         # zero gradient), and to the exchange, whose backward collective this rank must join.
@@ -490,14 +483,19 @@ def _torch_forward(call, q_quad, k_quad, q_lin, k_lin, v, rel_bias):
                 out = out + x.sum(-1, keepdim=True)
         if rel_bias is not None:
             out = out + rel_bias.sum().to(out.dtype)
-        if offset is not None:
-            out = out + (call.lin_scale * (q_lin.to(offset.dtype) @ offset)).to(v.dtype)
+        if q_lin is not None:
+            compute = torch.promote_types(v.dtype, torch.float32)
+            total = k_lin.to(compute).transpose(1, 2) @ v.to(compute)          # zeros
+            offset = _ExchangeTotals.apply(call, total)
+            out = out + (call.lin_scale * (q_lin.to(compute) @ offset)).to(v.dtype)
         return out
-    out, _ = mixed_chunk_attention_torch(
-        q_quad, k_quad, q_lin, k_lin, v, chunk_size=C, causal=call.causal, rel_bias=rel_bias,
-        quad_scale=call.quad_scale, lin_scale=call.lin_scale,
-        state_offset=None if offset is None else offset[:, None])
-    return out
+    run = ChunkedAttention(q_quad, k_quad, q_lin, k_lin, v, chunk_size=call.chunk_size,
+                           causal=call.causal, rel_bias=rel_bias, quad_scale=call.quad_scale,
+                           lin_scale=call.lin_scale)
+    if q_lin is None:
+        return run.output()
+    offset = _ExchangeTotals.apply(call, run.total[:, 0])
+    return run.output(offset[:, None])
 
 
 # -- the public ops' entries ---------------------------------------------------------------------
