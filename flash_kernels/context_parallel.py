@@ -43,7 +43,6 @@ around a context-parallel call (it runs eagerly).
 import math
 import struct
 from dataclasses import dataclass
-from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -52,6 +51,17 @@ from .torch_chunked import ChunkedAttention
 from .utils import resolve_scales
 from .validation import (check_flash_inputs, check_options, check_rel_bias,
                          check_tensors_of_mixed_chunk, type_name)
+
+try:
+    from .triton_flash_attention import affine_stack, reduce_role_grads, roles_from_z
+    from .triton_mixed_chunk import (BackwardLaunches, Problem, Roles, check_triton_inputs,
+                                     feature_contiguous, forward_output, forward_state_scan)
+except ImportError as error:         # no usable triton: the PyTorch path still works
+    _TRITON_IMPORT_ERROR = error
+
+    def check_triton_inputs(*args):
+        raise RuntimeError(f"backend='triton' is unavailable: importing triton failed "
+                           f"({_TRITON_IMPORT_ERROR}); use backend='torch'")
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BATCH_SLOTS = 6     # leading dims sent as they are; more are folded into the last slot
@@ -121,11 +131,6 @@ class CPCall:
     causal: bool
     quad_scale: float
     lin_scale: float
-
-    @property
-    def start(self):
-        """The global position of this rank's first token."""
-        return sum(self.lengths[:self.rank])
 
     def all_gather(self, tensor, async_op=False):
         return _Gathered(tensor, self.group, self.world_size, async_op)
@@ -311,7 +316,6 @@ def _grad_needed(*tensors):
 
 def _triton_forward(call, roles, v, rel_bias, gate=None, store_attn=False):
     """(out, attn, states, offset) of this rank's slice; see the module docstring."""
-    from .triton_mixed_chunk import Problem, forward_output, forward_state_scan
     B, T, S = roles.q_quad.shape
     E = v.shape[-1]
     causal, lin_scale = call.causal, call.lin_scale
@@ -344,7 +348,6 @@ def _triton_backward(call, grad_out, roles, v, rel_bias, states, offset, needs,
     """Gradients (dq_quad, dk_quad, dq_lin, dk_lin, dv, drel_bias) of this rank's slice, None
     where `needs` (q_quad, k_quad, q_lin, k_lin, v, rel_bias) is False. The all-gather of the
     reverse totals runs while the query-side kernel does."""
-    from .triton_mixed_chunk import BackwardLaunches
     B, T, S = roles.q_quad.shape
     E = v.shape[-1]
     causal = call.causal
@@ -386,7 +389,6 @@ class _MixedChunkCP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, call, q_quad, k_quad, q_lin, k_lin, v, rel_bias):
-        from .triton_mixed_chunk import Roles
         roles = Roles(q_quad, k_quad, q_lin, k_lin)
         out, _, states, offset = _triton_forward(call, roles, v, rel_bias)
         ctx.save_for_backward(q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, offset)
@@ -395,7 +397,6 @@ class _MixedChunkCP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from .triton_mixed_chunk import Roles
         q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, offset = ctx.saved_tensors
         needs = tuple(bool(n) for n in ctx.needs_input_grad[1:7])
         grads = _triton_backward(ctx.call, grad_out.contiguous(),
@@ -410,7 +411,6 @@ class _FlashCP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, call, num_roles, store_attn, z, affine, v, u, rel_bias):
-        from .triton_flash_attention import roles_from_z
         roles = roles_from_z(z, affine, num_roles)
         out, attn, states, offset = _triton_forward(call, roles, v, rel_bias, gate=u,
                                                     store_attn=store_attn)
@@ -420,7 +420,6 @@ class _FlashCP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from .triton_flash_attention import reduce_role_grads, roles_from_z
         z, affine, v, u, rel_bias, states, offset, attn = ctx.saved_tensors
         num_roles = ctx.num_roles
         _, _, _, need_z, need_affine, need_v, need_u, need_bias = ctx.needs_input_grad
@@ -501,6 +500,7 @@ def _torch_forward(call, q_quad, k_quad, q_lin, k_lin, v, rel_bias):
 # -- the public ops' entries ---------------------------------------------------------------------
 
 def _pick_backend(backend, v, S):
+    # Imported here: mixed_chunk_attention imports this module (the public ops dispatch to it).
     from .mixed_chunk_attention import pick_backend
     return pick_backend(backend, v.device, v.dtype, S)
 
@@ -521,7 +521,6 @@ def mixed_chunk_attention_cp(q_quad, k_quad, q_lin, k_lin, v, *, cp_group, chunk
         *batch, T, S = q_quad.shape
         resolved = _pick_backend(backend, v, S)
         if resolved == "triton":
-            from .triton_mixed_chunk import check_triton_inputs
             check_triton_inputs(q_quad, v)
         quad, lin = resolve_scales(quad_scale, lin_scale, chunk_size)
         fields = describe(op="mixed_chunk_attention", batch=batch, T=T, S=S, E=v.shape[-1],
@@ -543,7 +542,6 @@ def mixed_chunk_attention_cp(q_quad, k_quad, q_lin, k_lin, v, *, cp_group, chunk
     if resolved == "torch":
         out = _torch_forward(call, *tensors, rel_bias)
     else:
-        from .triton_mixed_chunk import feature_contiguous
         bias32 = rel_bias.float().contiguous() if rel_bias is not None else None
         out = _MixedChunkCP.apply(call, *(feature_contiguous(x) for x in tensors), bias32)
     return out.reshape(*batch, T, E)
@@ -566,7 +564,6 @@ def flash_attention_cp(z, gamma, beta, v, *, u, cp_group, chunk_size, causal, re
         *batch, T, S = z.shape
         resolved = _pick_backend(backend, v, S)
         if resolved == "triton":
-            from .triton_mixed_chunk import check_triton_inputs
             check_triton_inputs(z, v)
         quad, lin = resolve_scales(quad_scale, lin_scale, chunk_size)
         fields = describe(op="flash_attention", batch=batch, T=T, S=S, E=v.shape[-1],
@@ -581,14 +578,12 @@ def flash_attention_cp(z, gamma, beta, v, *, u, cp_group, chunk_size, causal, re
     E = v.shape[-1]
     B = math.prod(batch)
     if resolved == "torch":
-        from .flash_attention import scale_offset_roles
+        from .flash_attention import scale_offset_roles     # (it imports this module)
         roles = [r.reshape(B, T, S) for r in scale_offset_roles(z, gamma, beta)]
         q_lin, k_lin = (roles[2], roles[3]) if len(roles) == 4 else (None, None)
         out = _torch_forward(call, roles[0], roles[1], q_lin, k_lin, v.reshape(B, T, E),
                              rel_bias).reshape(*batch, T, E)
         return out if u is None else u * out
-    from .triton_flash_attention import affine_stack
-    from .triton_mixed_chunk import feature_contiguous
     gate = None if u is None else feature_contiguous(u.reshape(B, T, E))
     store_attn = u is not None and u.requires_grad and torch.is_grad_enabled()
     bias32 = rel_bias.float().contiguous() if rel_bias is not None else None

@@ -423,3 +423,24 @@ def test_nccl(world_size, tmp_path):
     if torch.cuda.device_count() < world_size:
         pytest.skip(f"needs {world_size} GPUs (NCCL: one per rank)")
     _check_gpu_group(world_size, "nccl", None, tmp_path)
+
+
+# -- errors raised before any collective (no group needed) ------------------------------------------
+
+def test_layer_errors_before_any_collective():
+    x = torch.randn(1, 8, 16)
+    from flash_kernels.nn import GAU
+    with pytest.raises(ValueError, match="GAU attends the whole sequence as one chunk"):
+        GAU(16, s=8, max_len=16, backend="torch")(x, cp_group=object())
+    with pytest.raises(ValueError, match="with cp_group and RoPE, pass start"):
+        FLASH(16, s=8, chunk_size=4, rope=True, backend="torch")(x, cp_group=object())
+    with pytest.raises(ValueError, match="start must be at least 0"):
+        FLASH(16, s=8, chunk_size=4, backend="torch")(x, start=-1)
+
+
+def test_cp_group_needs_torch_distributed():
+    x = torch.randn(1, 8, 4)
+    if dist.is_initialized():
+        pytest.skip("this process already has a process group")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        mixed_chunk_attention(x, x, x, x, x, chunk_size=4, cp_group=object())
