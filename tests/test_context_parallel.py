@@ -92,7 +92,7 @@ CASES = {
         op_case("mixed-torch-noncausal-empty-first", "mixed", "torch", [0, 8, 5], causal=False),
         op_case("mixed-triton-empty-last", "mixed", "triton", [8, 16, 0]),
         op_case("flash-triton-noncausal-empty-middle", "flash", "triton", [8, 0, 5],
-                causal=False, record_state=True),
+                causal=False, gate=False, record_state=True),
         op_case("flash-torch-causal", "flash", "torch", [8, 8, 3], gate=False),
         bad_case("middle-slice-partial", [8, 4, 8], ["rank 1 holds 4 tokens"]),
         layer_case("flash-layer-torch-rope-empty", "torch", [8, 0, 5], rope=True, causal=True),
