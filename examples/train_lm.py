@@ -5,6 +5,7 @@
     python examples/train_lm.py --check-backends   # same seed, backend "torch" vs "triton"
     python examples/train_lm.py --pack             # packed documents: one source file = one
     python examples/train_lm.py --tiny --steps 2   # smoke test
+    torchrun --nproc-per-node=2 examples/train_lm.py --context-parallel 2   # one sequence, 2 ranks
 
 The text is every `*.py` under os.path.dirname(os.__file__) (site-packages excluded), read as
 bytes (vocabulary 256), shuffled by file with a fixed seed, 95% train / 5% validation. The
@@ -107,6 +108,10 @@ def parse_args(argv=None):
                    help="train with backend='torch' and 'triton' on one seed, compare the losses")
     p.add_argument("--check-steps", type=int, default=None,
                    help="steps of --check-backends (default: 3 under the interpreter, 20 on CUDA)")
+    p.add_argument("--context-parallel", type=int, default=0, metavar="W",
+                   help="under torchrun with W processes: every sequence split across the W "
+                        "ranks (cp_group), then rank 0 trains the same model in one process "
+                        "and prints both loss curves side by side")
     args = p.parse_args(argv)
     if args.tiny:
         for key, value in TINY.items():
@@ -423,6 +428,89 @@ def run_check_backends(args):
     return worst
 
 
+# -- context parallelism -------------------------------------------------------------------------
+
+class ContextParallelLM(torch.nn.Module):
+    """`model` seen by `train` as if it ran on whole sequences, while this rank runs only its
+    slice [start, end) of every sequence, with cp_group (flash_kernels.context_parallel).
+
+    loss(x, y): this rank's share sum of its tokens' cross-entropy / all tokens of the batch,
+    carrying the whole batch's mean as its value (all-reduced), so `train` records the loss
+    the single process would. Each parameter's gradient (a per-rank partial) is summed over
+    the ranks as soon as backward has accumulated it, so clipping and the optimizer step see
+    the whole-sequence gradient on every rank, and the replicas stay identical.
+    """
+
+    def __init__(self, model, group, start, end):
+        super().__init__()
+        self.model, self.group, self.start, self.end = model, group, start, end
+        import torch.distributed as dist
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(
+                lambda p: dist.all_reduce(p.grad, group=self.group))
+
+    def loss(self, idx, targets):
+        import torch.distributed as dist
+        import torch.nn.functional as F
+        logits = self.model(idx[:, self.start:self.end], cp_group=self.group, start=self.start)
+        local = F.cross_entropy(logits.float().reshape(-1, VOCAB),
+                                targets[:, self.start:self.end].reshape(-1),
+                                reduction="sum") / targets.numel()
+        whole = local.detach().clone()
+        dist.all_reduce(whole, group=self.group)
+        return local + (whole - local.detach())
+
+
+def run_context_parallel(args):
+    """`torchrun --nproc-per-node=W examples/train_lm.py --context-parallel W`: gloo on a CPU,
+    NCCL on GPUs (one per rank). Every rank draws the same batches from the same seed and
+    holds the bytes [r * L, (r + 1) * L) of each sequence (L = seq_len / W rounded up to whole
+    chunks; the last rank holds the rest), so the losses equal the single-process run's up to
+    float rounding: rank 0 trains that one afterwards and prints the two side by side."""
+    import torch.distributed as dist
+    if "RANK" not in os.environ:
+        sys.exit(f"--context-parallel {args.context_parallel} runs under torchrun: "
+                 f"torchrun --nproc-per-node={args.context_parallel} examples/train_lm.py "
+                 f"--context-parallel {args.context_parallel}")
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if world_size != args.context_parallel:
+        sys.exit(f"--context-parallel {args.context_parallel} but torchrun started {world_size} "
+                 f"processes")
+    if not cuda:
+        torch.set_num_threads(max(1, pick_threads(args.threads) // world_size))
+    per_rank = -(-args.seq_len // world_size)
+    per_rank = -(-per_rank // args.chunk_size) * args.chunk_size
+    start = min(rank * per_rank, args.seq_len)
+    end = min(start + per_rank, args.seq_len)
+    args.sample, args.compare = 0, False
+    train_data, val_data = load_corpus(args.data_mb * 2**20, args.seed)
+    if rank == 0:
+        print(f"context parallel over {world_size} ranks ({dist.get_backend()}): bytes "
+              f"{[(min(r * per_rank, args.seq_len), min((r + 1) * per_rank, args.seq_len)) for r in range(world_size)]} "
+              f"of every {args.seq_len}-byte sequence")
+    model = ContextParallelLM(build_flash(args), dist.group.WORLD, start, end)
+    parallel = train(model, train_data, val_data, args, f"CP rank {rank}", quiet=rank != 0)
+    dist.barrier()
+    if rank == 0:
+        single = train(build_flash(args), train_data, val_data, args, "single process",
+                       quiet=True)
+        print(f"\n{'step':>5} | {'single process':>14} | {f'{world_size} ranks (CP)':>14} | rel. diff")
+        worst = 0.0
+        for step, (a, b) in enumerate(zip(single["train"], parallel["train"])):
+            rel = abs(a - b) / abs(a)
+            worst = max(worst, rel)
+            print(f"{step + 1:>5} | {a:>14.6f} | {b:>14.6f} | {rel:.1e}")
+        print(f"max relative difference of the training losses: {worst:.1e}; tok/s: single "
+              f"{single['tok_s']:,.0f}, CP {parallel['tok_s']:,.0f} (whole sequences)")
+    dist.destroy_process_group()
+
+
 # -- main --------------------------------------------------------------------------------------
 
 def pick_threads(requested):
@@ -446,6 +534,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.check_backends:
         run_check_backends(args)
+        return
+    if args.context_parallel:
+        run_context_parallel(args)
         return
     if args.device == "cpu":
         torch.set_num_threads(pick_threads(args.threads))

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .context_parallel import flash_attention_cp
 from .mixed_chunk_attention import Documents, mixed_chunk_attention, pick_backend
 from .utils import autocast_cast, autocast_dtype
 from .validation import check_flash_inputs, check_options, check_rel_bias
@@ -33,7 +34,8 @@ def scale_offset_roles(z, gamma, beta):
 
 def flash_attention(z, gamma, beta, v, *, u=None, chunk_size=256, causal=True, rel_bias=None,
                     quad_scale=None, lin_scale=None, cu_seqlens=None, max_seqlen=None,
-                    initial_state=None, output_final_state=False, backend="auto"):
+                    initial_state=None, output_final_state=False, backend="auto",
+                    cp_group=None):
     """FLASH attention from the shared z: per-role scale-offsets, mixed chunk attention, gate.
 
     Args:
@@ -46,6 +48,10 @@ def flash_attention(z, gamma, beta, v, *, u=None, chunk_size=256, causal=True, r
             initial_state, output_final_state, backend: as mixed_chunk_attention ("triton"
             fuses the roles and the gate into the kernels; float64 takes the composed PyTorch
             path). The final state is the ungated attention's (u gates outputs, not the state).
+        cp_group: context parallelism, as mixed_chunk_attention: outputs and the gradients of
+            z, v and u are the whole-sequence op's on this rank's slice; gamma, beta and
+            rel_bias get this rank's partial gradients (their sum over the ranks is the
+            whole-sequence gradient).
 
     Returns:
         (*batch, T, E) in v's dtype, or (out, final_state) with output_final_state. Gradients
@@ -60,7 +66,11 @@ def flash_attention(z, gamma, beta, v, *, u=None, chunk_size=256, causal=True, r
     if cast is not None:
         z, v, u = (autocast_cast(x, cast) for x in (z, v, u))
         with torch.autocast(v.device.type, enabled=False):
-            return flash_attention(z, gamma, beta, v, u=u, backend=backend, **options)
+            return flash_attention(z, gamma, beta, v, u=u, backend=backend, cp_group=cp_group,
+                                   **options)
+    if cp_group is not None:
+        return flash_attention_cp(z, gamma, beta, v, u=u, cp_group=cp_group, backend=backend,
+                                  **options)
     check_flash_inputs(z, gamma, beta, v, u)
     check_options(chunk_size, causal, quad_scale, lin_scale, backend)
     *batch, T, S = z.shape

@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from .context_parallel import mixed_chunk_attention_cp
 from .packing import chunk_tables
 from .reference import reference_with_state
 from .torch_chunked import mixed_chunk_attention_torch
@@ -103,7 +104,7 @@ class Documents:
 def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size=256, causal=True,
                           rel_bias=None, quad_scale=None, lin_scale=None, cu_seqlens=None,
                           max_seqlen=None, initial_state=None, output_final_state=False,
-                          backend="auto"):
+                          backend="auto", cp_group=None):
     """FLASH mixed chunk attention: relu^2 attention inside chunks, linear attention across them.
 
     For tokens i, j in the same chunk of C tokens (c(i) = i // C):
@@ -153,6 +154,19 @@ def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size=256, ca
             backend ("auto" on CPU tensors included) raises if it was set later. Interpreted
             kernel launches are serialised (the interpreter is not thread-safe), so threads may
             call the op at once.
+        cp_group: a torch.distributed ProcessGroup for context parallelism: rank r of the group
+            holds the contiguous slice r of the sequence (same leading dims on every rank; every
+            slice but the last rank's a multiple of chunk_size; a rank may hold 0 tokens).
+            Causal, rank r's chunks see the states of every earlier rank's chunks; non-causal,
+            every chunk sees the whole sequence's. The result and the gradients of the five
+            tensors are those of the single-process op on the whole sequence, restricted to
+            this rank's slice; rel_bias gets this rank's partial gradient (the sum over the
+            ranks, e.g. the usual all-reduce of parameter gradients, is the whole-sequence
+            one). One all-gather of (*batch, S, E) totals per direction and call (none for
+            quadratic-only), plus a small descriptor all-gather per forward so that a bad
+            grouping raises the same ValueError on every rank. Every rank must make the same
+            calls and run their backward. Not with cu_seqlens, state in/out or backend
+            "reference"; chunk_size must be given. See flash_kernels/context_parallel.py.
 
     Returns:
         (*batch, T, E) tensor in v's dtype, or (out, final_state) with output_final_state.
@@ -163,7 +177,7 @@ def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size=256, ca
     options = dict(chunk_size=chunk_size, causal=causal, rel_bias=rel_bias, quad_scale=quad_scale,
                    lin_scale=lin_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                    initial_state=initial_state, output_final_state=output_final_state,
-                   backend=backend)
+                   backend=backend, cp_group=cp_group)
     cast = autocast_dtype(v)
     if cast is not None:
         q_quad, k_quad, q_lin, k_lin, v = (autocast_cast(x, cast) for x in (q_quad, k_quad, q_lin, k_lin, v))
@@ -171,6 +185,8 @@ def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size=256, ca
         # fp32 states): autocast must not re-cast the PyTorch paths' float32 matmuls.
         with torch.autocast(v.device.type, enabled=False):
             return mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, **options)
+    if cp_group is not None:
+        return mixed_chunk_attention_cp(q_quad, k_quad, q_lin, k_lin, v, **options)
     check_tensors_of_mixed_chunk(q_quad, k_quad, q_lin, k_lin, v)
     check_options(chunk_size, causal, quad_scale, lin_scale, backend)
     *batch, T, S = q_quad.shape

@@ -101,6 +101,99 @@ def _segmented_scan(states, doc, *, exclusive):
         else torch.zeros_like(total)
 
 
+class ChunkedAttention:
+    """mixed_chunk_attention_torch in two steps: building it sums the linear states (so
+    `total`, the per-document totals, exists before any output), and `output(state_offset)`
+    forms the output. Context parallelism sends `total` to the other ranks in between and
+    passes what comes back as the state offset (no second pass over the keys)."""
+
+    def __init__(self, q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
+                 quad_scale, lin_scale, tables=None):
+        B, T, S = q_quad.shape
+        E = v.shape[-1]
+        C = min(chunk_size, T)          # rows per slot: a chunk never holds more than T tokens
+        self.shape = (B, T, E)
+        self.out_dtype = v.dtype
+        self.compute_dtype = compute_dtype = torch.promote_types(v.dtype, torch.float32)
+        self.zero = torch.zeros((), dtype=compute_dtype, device=v.device)
+        self.layout = layout = chunk_layout(T, chunk_size, C, tables, v.device)
+        self.num_slots, self.C = layout.token.shape[0], C
+        self.chunk_size, self.causal, self.rel_bias = chunk_size, causal, rel_bias
+        self.quad_scale, self.lin_scale = quad_scale, lin_scale
+        self.q_quad, self.k_quad, self.v = q_quad, k_quad, v
+        self.vc = self.chunked(v)
+        self.total = self.ql = self.prefix = None
+        if q_lin is not None:
+            self.ql, kl = self.chunked(q_lin), self.chunked(k_lin)
+            states = kl.transpose(-1, -2) @ self.vc                      # (B, G, S, E): H_g
+            if tables is None:
+                inclusive = torch.cumsum(states, dim=1)
+            else:
+                inclusive = _segmented_scan(states, layout.doc, exclusive=False)
+            last = layout.last_complete if causal else layout.last
+            self.total = torch.where((last >= 0).view(1, -1, 1, 1),
+                                     inclusive[:, last.clamp(min=0)], self.zero)
+            if causal:   # exclusive prefix within the document: P_g = sum of its H_h, h < g
+                if tables is None:
+                    self.prefix = torch.cat([torch.zeros_like(inclusive[:, :1]),
+                                             inclusive[:, :-1]], dim=1)
+                else:
+                    self.prefix = _segmented_scan(states, layout.doc, exclusive=True)
+            else:
+                self.prefix = self.total[:, layout.doc]
+
+    def chunked(self, x):
+        """x (B, T, W) as (B, slots, C, W) in the compute dtype, rows outside chunks zero."""
+        B, num_slots, C, layout = x.shape[0], self.num_slots, self.C, self.layout
+        rows = x.to(self.compute_dtype)[:, layout.token.reshape(-1)].reshape(B, num_slots, C,
+                                                                            x.shape[-1])
+        return torch.where(layout.valid[None, :, :, None], rows, self.zero)
+
+    def output(self, state_offset=None):
+        """The (B, T, E) output, every chunk of document n also reading the unscaled
+        state_offset[:, n] (B, N, S, E) when given."""
+        B, T, E = self.shape
+        C, zero, layout, device = self.C, self.zero, self.layout, self.v.device
+        valid_row = layout.valid
+        qq, kq, vc = self.chunked(self.q_quad), self.chunked(self.k_quad), self.vc
+
+        # Scores from finite rows; a pair with a non-finite query or key row is NaN, and only
+        # pairs a query may attend survive the selection, so no gradient reaches the others.
+        bad_q, bad_k = _nonfinite_rows(qq), _nonfinite_rows(kq)
+        qq = torch.where(bad_q[..., None], zero, qq)
+        kq = torch.where(bad_k[..., None], zero, kq)
+        scores = self.quad_scale * (qq @ kq.transpose(-1, -2))             # (B, G, C, C)
+        scores = scores + nan_where(bad_q[..., :, None] | bad_k[..., None, :])
+        if self.rel_bias is not None:
+            scores = scores + toeplitz_bias(self.rel_bias.to(self.compute_dtype),
+                                            self.chunk_size, C)
+        valid = valid_row[:, :, None] & valid_row[:, None, :]               # (G, C, C)
+        if self.causal:
+            valid = valid & torch.ones(C, C, dtype=torch.bool, device=device).tril()
+        attn = torch.relu(torch.where(valid, scores, zero)).square()       # 0 where masked
+
+        # Values: a non-finite v[j, e] reaches exactly the queries that attend j, as NaN.
+        bad_v = ~torch.isfinite(vc)                                         # (B, G, C, E)
+        out = attn @ torch.where(bad_v, zero, vc)
+        if self.causal:  # query i attends rows j <= i of its chunk: the first bad row poisons the rest
+            row = torch.arange(C, device=device).view(1, 1, C, 1)
+            first_bad = torch.where(bad_v, row, C).amin(dim=2, keepdim=True)
+            poisoned = row >= first_bad
+        else:
+            poisoned = bad_v.any(dim=2, keepdim=True)
+        out = out + nan_where(poisoned)                                     # (B, G, C, E)
+
+        if self.ql is not None:
+            prefix = self.prefix
+            if state_offset is not None:
+                prefix = prefix + state_offset.to(self.compute_dtype)[:, layout.doc]
+            out = out + self.lin_scale * (self.ql @ prefix)
+
+        out = out.reshape(B, self.num_slots * C, E)
+        out = out[:, :T] if layout.position is None else out[:, layout.position]
+        return out.to(self.out_dtype)
+
+
 def mixed_chunk_attention_torch(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
                                 quad_scale, lin_scale, tables=None, state_offset=None,
                                 store_total=False):
@@ -112,70 +205,7 @@ def mixed_chunk_attention_torch(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, 
     k_lin^T v over complete chunks (causal) or over all chunks (non-causal), in the compute
     dtype, as the kernels' state scan (kernels/chunk_state.py).
     """
-    B, T, S = q_quad.shape
-    E = v.shape[-1]
-    C = min(chunk_size, T)          # rows per slot: a chunk never holds more than T tokens
-    out_dtype = v.dtype
-    compute_dtype = torch.promote_types(v.dtype, torch.float32)
-    zero = torch.zeros((), dtype=compute_dtype, device=v.device)
-    layout = chunk_layout(T, chunk_size, C, tables, v.device)
-    num_slots = layout.token.shape[0]
-    valid_row = layout.valid
-
-    def chunked(x):
-        rows = x.to(compute_dtype)[:, layout.token.reshape(-1)].reshape(B, num_slots, C, x.shape[-1])
-        return torch.where(valid_row[None, :, :, None], rows, zero)
-
-    qq, kq, vc = chunked(q_quad), chunked(k_quad), chunked(v)
-
-    # Scores from finite rows; a pair with a non-finite query or key row is NaN, and only
-    # pairs a query may attend survive the selection, so no gradient reaches the others.
-    bad_q, bad_k = _nonfinite_rows(qq), _nonfinite_rows(kq)
-    qq = torch.where(bad_q[..., None], zero, qq)
-    kq = torch.where(bad_k[..., None], zero, kq)
-    scores = quad_scale * (qq @ kq.transpose(-1, -2))                 # (B, G, C, C)
-    scores = scores + nan_where(bad_q[..., :, None] | bad_k[..., None, :])
-    if rel_bias is not None:
-        scores = scores + toeplitz_bias(rel_bias.to(compute_dtype), chunk_size, C)
-    valid = valid_row[:, :, None] & valid_row[:, None, :]               # (G, C, C)
-    if causal:
-        valid = valid & torch.ones(C, C, dtype=torch.bool, device=v.device).tril()
-    attn = torch.relu(torch.where(valid, scores, zero)).square()       # 0 where masked
-
-    # Values: a non-finite v[j, e] reaches exactly the queries that attend j, as NaN.
-    bad_v = ~torch.isfinite(vc)                                         # (B, G, C, E)
-    out = attn @ torch.where(bad_v, zero, vc)
-    if causal:      # query i attends rows j <= i of its chunk: the first bad row poisons the rest
-        row = torch.arange(C, device=v.device).view(1, 1, C, 1)
-        first_bad = torch.where(bad_v, row, C).amin(dim=2, keepdim=True)
-        poisoned = row >= first_bad
-    else:
-        poisoned = bad_v.any(dim=2, keepdim=True)
-    out = out + nan_where(poisoned)                                     # (B, G, C, E)
-
-    total = None
-    if q_lin is not None:
-        ql, kl = chunked(q_lin), chunked(k_lin)
-        states = kl.transpose(-1, -2) @ vc                              # (B, G, S, E): H_g
-        if tables is None:
-            inclusive = torch.cumsum(states, dim=1)
-        else:
-            inclusive = _segmented_scan(states, layout.doc, exclusive=False)
-        last = layout.last_complete if causal else layout.last
-        doc_total = torch.where((last >= 0).view(1, -1, 1, 1), inclusive[:, last.clamp(min=0)], zero)
-        if causal:   # exclusive prefix within the document: P_g = sum of its H_h, h < g
-            if tables is None:
-                prefix = torch.cat([torch.zeros_like(inclusive[:, :1]), inclusive[:, :-1]], dim=1)
-            else:
-                prefix = _segmented_scan(states, layout.doc, exclusive=True)
-        else:
-            prefix = doc_total[:, layout.doc]
-        if state_offset is not None:
-            prefix = prefix + state_offset.to(compute_dtype)[:, layout.doc]
-        out = out + lin_scale * (ql @ prefix)
-        if store_total:
-            total = doc_total
-
-    out = out.reshape(B, num_slots * C, E)
-    out = out[:, :T] if layout.position is None else out[:, layout.position]
-    return out.to(out_dtype), total
+    run = ChunkedAttention(q_quad, k_quad, q_lin, k_lin, v, chunk_size=chunk_size, causal=causal,
+                           rel_bias=rel_bias, quad_scale=quad_scale, lin_scale=lin_scale,
+                           tables=tables)
+    return run.output(state_offset), (run.total if store_total else None)

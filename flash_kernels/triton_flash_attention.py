@@ -18,7 +18,7 @@ from .triton_mixed_chunk import (Roles, check_triton_inputs, feature_contiguous,
                                  mixed_chunk_forward, packed_arguments, state_shapes, tables_from)
 
 
-def _roles_from_z(z, affine, num_roles):
+def roles_from_z(z, affine, num_roles):
     linear = z if num_roles == 4 else None
     return Roles(z, z, linear, linear, affine)
 
@@ -35,7 +35,7 @@ def flash_fwd_op(z: torch.Tensor, affine: torch.Tensor, num_roles: int, v: torch
     states the float32 forward states (empty without a linear part), total the per-document
     totals when store_total (see mixed_chunk_fwd_op)."""
     out, attn, states, total = mixed_chunk_forward(
-        _roles_from_z(z, affine, num_roles), v, rel_bias, chunk_size, causal, quad_scale,
+        roles_from_z(z, affine, num_roles), v, rel_bias, chunk_size, causal, quad_scale,
         lin_scale, tables=tables_from(cu_seqlens, chunk_offsets, chunk_table),
         state_offset=state_offset, store_total=store_total, gate=u, store_attn=store_attn)
     empty = v.new_empty(0, dtype=torch.float32)
@@ -72,16 +72,25 @@ def flash_bwd_op(grad_out: torch.Tensor, grad_total: Optional[torch.Tensor], z: 
     need_roles = need_z or need_gamma or need_beta
     linear = need_roles and num_roles == 4
     grads = mixed_chunk_backward(
-        grad_attn, _roles_from_z(z, affine, num_roles), v, rel_bias,
+        grad_attn, roles_from_z(z, affine, num_roles), v, rel_bias,
         states if num_roles == 4 else None, chunk_size, causal, quad_scale, lin_scale,
         (need_roles, need_roles, linear, linear, need_v, need_bias, need_offset),
         tables=tables_from(cu_seqlens, chunk_offsets, chunk_table), state_offset=state_offset,
         grad_total=grad_total.contiguous() if grad_total is not None else None,
         role_grad_dtype=torch.float32)
     role_grads, dv, drel_bias, doffset = grads[:num_roles], grads[4], grads[5], grads[6]
+    dz, dgamma, dbeta = reduce_role_grads(role_grads, z, affine, need_z, need_gamma, need_beta)
+    return [g if g is not None else v.new_empty(0)
+            for g in (dz, dgamma, dbeta, dv, du, drel_bias, doffset)]
 
+
+def reduce_role_grads(role_grads, z, affine, need_z, need_gamma, need_beta):
+    """(dz, dgamma, dbeta) from the float32 gradients of the R roles (None where not needed):
+    dz = sum_r d_role_r * gamma_r, dgamma_r = sum d_role_r * z, dbeta_r = sum d_role_r (sums
+    over batch and tokens, deterministic)."""
     dz = dgamma = dbeta = None
-    if need_roles:
+    if need_z or need_gamma or need_beta:
+        num_roles = len(role_grads)
         d_roles = torch.stack(role_grads)                              # (R, B, T, S) float32
         if need_z:
             dz = torch.einsum("rbts,rs->bts", d_roles, affine[0, :num_roles]).to(z.dtype)
@@ -89,8 +98,7 @@ def flash_bwd_op(grad_out: torch.Tensor, grad_total: Optional[torch.Tensor], z: 
             dgamma = torch.einsum("rbts,bts->rs", d_roles, z.float())
         if need_beta:
             dbeta = d_roles.sum(dim=(1, 2))
-    return [g if g is not None else v.new_empty(0)
-            for g in (dz, dgamma, dbeta, dv, du, drel_bias, doffset)]
+    return dz, dgamma, dbeta
 
 
 @flash_bwd_op.register_fake
@@ -141,6 +149,12 @@ def _flash_backward(ctx, grad_out, grad_attn, grad_states, grad_total):
 flash_fwd_op.register_autograd(_flash_backward, setup_context=_flash_setup_context)
 
 
+def affine_stack(gamma, beta):
+    """The kernels' float32 (2, 4, S) [gamma; beta] (rows past R zero), differentiable."""
+    pad = gamma.new_zeros((4 - gamma.shape[0], gamma.shape[1]), dtype=torch.float32)
+    return torch.stack([torch.cat([gamma.float(), pad]), torch.cat([beta.float(), pad])])
+
+
 def flash_attention_triton(z, gamma, beta, v, u, *, chunk_size, causal, rel_bias, quad_scale,
                            lin_scale, tables=None, state_offset=None, store_total=False):
     """z (B, T, S), v and u (B, T, E) with one flattened batch dim; resolved chunk size, scales
@@ -150,8 +164,7 @@ def flash_attention_triton(z, gamma, beta, v, u, *, chunk_size, causal, rel_bias
     their gradients come back through the stack in their own dtypes)."""
     check_triton_inputs(z, v)
     num_roles = gamma.shape[0]
-    pad = gamma.new_zeros((4 - num_roles, gamma.shape[1]), dtype=torch.float32)
-    affine = torch.stack([torch.cat([gamma.float(), pad]), torch.cat([beta.float(), pad])])
+    affine = affine_stack(gamma, beta)
     store_attn = u is not None and u.requires_grad and torch.is_grad_enabled()
     # float32 and contiguous: the long-chunk kernels read it through a raw pointer.
     bias32 = rel_bias.float().contiguous() if rel_bias is not None else None

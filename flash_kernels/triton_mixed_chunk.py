@@ -202,7 +202,7 @@ def _state_scan(x, y, affine, x_role, p, *, causal, reverse, lin_scale, store_to
     return states, total
 
 
-class _Problem:
+class Problem:
     """Sizes shared by the forward and backward launches. `tables` (packing.ChunkTables) when
     the sequence packs several documents: the kernels then run one program per chunk slot."""
 
@@ -245,25 +245,22 @@ def _bias_operand(rel_bias, p):
     return toeplitz_bias(rel_bias, p.chunk_size, p.chunk_len).contiguous()
 
 
-def mixed_chunk_forward(roles, v, rel_bias, chunk_size, causal, quad_scale, lin_scale, *,
-                        tables=None, state_offset=None, store_total=False, gate=None,
-                        store_attn=False):
-    """Launch the forward: returns (out, attn or None, states or None, total or None).
+def forward_state_scan(roles, v, p, *, causal, lin_scale, store_total=False):
+    """The forward's state pass (states, total): P_g of every chunk (causal) or of every
+    document (non-causal), float32 with lin_scale folded in, and with store_total the unscaled
+    per-document totals (chunk_state.py, STORE_TOTAL). The output launch needs the states;
+    context parallelism sends the totals to the other ranks between the two launches."""
+    return _state_scan(roles.k_lin, v, roles.affine, 3, p, causal=causal, reverse=False,
+                       lin_scale=lin_scale, store_total=store_total)
 
-    out = gate * attention when a gate is given (else the attention); with store_attn the
-    ungated attention is also returned (the gate's gradient needs it). tables: packed
-    documents (packing.ChunkTables). state_offset: (B, num_docs, S, E) float32, the unscaled
-    state every chunk of a document starts from (see common.linear_state_tile). store_total:
-    also return the scan's per-document totals (chunk_state.py, STORE_TOTAL).
-    """
-    quad_scale, lin_scale = (float(x) for x in resolve_scales(quad_scale, lin_scale, chunk_size))
-    p = _Problem(roles.q_quad, v, chunk_size, tables)
+
+def forward_output(roles, v, rel_bias, p, *, causal, quad_scale, lin_scale, states,
+                   state_offset=None, gate=None, store_attn=False):
+    """The forward's output launch: (out, attn or None) from the states of forward_state_scan
+    (None without a linear part) plus, with state_offset, lin_scale * state_offset[b, doc]
+    (common.linear_state_tile). Scales are resolved numbers."""
     cfg = p.config
     bias = _bias_operand(rel_bias, p)
-    states = total = None
-    if roles.has_linear:
-        states, total = _state_scan(roles.k_lin, v, roles.affine, 3, p, causal=causal,
-                                    reverse=False, lin_scale=lin_scale, store_total=store_total)
     out = new_buffer((p.B, p.T, p.E), v.dtype, v.device)
     attn = new_buffer((p.B, p.T, p.E), v.dtype, v.device) if store_attn else None
     launch(mixed_chunk_fwd_kernel, p.grid,
@@ -277,11 +274,34 @@ def mixed_chunk_forward(roles, v, rel_bias, chunk_size, causal, quad_scale, lin_
                 HAS_LINEAR=roles.has_linear,
                 HAS_STATE_OFFSET=roles.has_linear and state_offset is not None,
                 HAS_BIAS=bias is not None, BIAS_MATRIX=cfg.hoist, CAUSAL=causal,
-                HOIST_SCORES=cfg.hoist, IS_VARLEN=tables is not None, BLOCK_M=cfg.block,
+                HOIST_SCORES=cfg.hoist, IS_VARLEN=p.tables is not None, BLOCK_M=cfg.block,
                 BLOCK_N=cfg.block_n, BLOCK_S=cfg.block_s,
                 BLOCK_E=cfg.fused_fwd_block_e if roles.from_z else cfg.block_e,
                 DOT_PRECISION=_dot_precision(v.dtype)),
            num_warps=cfg.num_warps, num_stages=cfg.fwd_stages)
+    return out, attn
+
+
+def mixed_chunk_forward(roles, v, rel_bias, chunk_size, causal, quad_scale, lin_scale, *,
+                        tables=None, state_offset=None, store_total=False, gate=None,
+                        store_attn=False):
+    """Launch the forward: returns (out, attn or None, states or None, total or None).
+
+    out = gate * attention when a gate is given (else the attention); with store_attn the
+    ungated attention is also returned (the gate's gradient needs it). tables: packed
+    documents (packing.ChunkTables). state_offset: (B, num_docs, S, E) float32, the unscaled
+    state every chunk of a document starts from (see common.linear_state_tile). store_total:
+    also return the scan's per-document totals (chunk_state.py, STORE_TOTAL).
+    """
+    quad_scale, lin_scale = (float(x) for x in resolve_scales(quad_scale, lin_scale, chunk_size))
+    p = Problem(roles.q_quad, v, chunk_size, tables)
+    states = total = None
+    if roles.has_linear:
+        states, total = forward_state_scan(roles, v, p, causal=causal, lin_scale=lin_scale,
+                                           store_total=store_total)
+    out, attn = forward_output(roles, v, rel_bias, p, causal=causal, quad_scale=quad_scale,
+                               lin_scale=lin_scale, states=states, state_offset=state_offset,
+                               gate=gate, store_attn=store_attn)
     return out, attn, states, total
 
 
@@ -302,6 +322,133 @@ def _rel_bias_grad(dbias_partial, chunk_size, block):
     return grad
 
 
+class BackwardLaunches:
+    """The backward's three launches for one call, in an order the caller picks:
+
+    - `query_side(states, state_offset)`: dq_quad, dq_lin, dS and the bias partial sums; it
+      needs the forward states P, not the reverse states D;
+    - `reverse_scan(store_total)`: the reverse states D and, with store_total, the reverse
+      per-document totals lin_scale * sum q_lin^T dO (chunk_state.py);
+    - `key_side(dstates, grad_total)`: dk_quad, dk_lin, dv from D plus grad_total (the
+      gradient reaching the forward's totals) on the chunks that went into them.
+
+    mixed_chunk_backward runs them in that order; context parallelism runs the reverse scan
+    first, sends its totals to the other ranks while the query side runs, then the key side.
+    `needs` = which of (q_quad, k_quad, q_lin, k_lin, v, rel_bias, state_offset) need a gradient.
+    Role gradients are written in `role_grad_dtype` (default v's dtype).
+    """
+
+    def __init__(self, grad_out, roles, v, rel_bias, chunk_size, causal, quad_scale, lin_scale,
+                 needs, *, tables=None, role_grad_dtype=None):
+        self.quad_scale, self.lin_scale = (
+            float(x) for x in resolve_scales(quad_scale, lin_scale, chunk_size))
+        self.p = p = Problem(roles.q_quad, v, chunk_size, tables)
+        self.grad_out, self.roles, self.v, self.causal = grad_out, roles, v, causal
+        self.bias = _bias_operand(rel_bias, p)
+        (self.need_dq_quad, self.need_dk_quad, need_dq_lin, need_dk_lin, self.need_dv,
+         self.need_dbias, need_doffset) = needs
+        self.need_dq_lin = need_dq_lin and roles.has_linear
+        self.need_dk_lin = need_dk_lin and roles.has_linear
+        self.need_doffset = need_doffset and roles.has_linear
+        self.store_ds = p.config.hoist and self.need_dk_quad
+        self.need_ds = self.need_dq_quad or self.need_dbias or self.store_ds
+        self.role_grad_dtype = role_grad_dtype or v.dtype
+        self.dot_precision = _dot_precision(v.dtype)
+        self.dq_quad = self.dq_lin = self.dk_quad = self.dk_lin = self.dv = None
+        self.ds = self.dbias_partial = None
+
+    @property
+    def needs_reverse_states(self):
+        """Whether any gradient needs the reverse states D (or their totals)."""
+        return self.roles.has_linear and (self.need_dk_lin or self.need_dv or self.need_doffset)
+
+    def query_side(self, states, state_offset):
+        p, cfg, roles, v = self.p, self.p.config, self.roles, self.v
+        shape_s = (p.B, p.T, p.S)
+        device = v.device
+        if self.need_dq_quad:
+            self.dq_quad = new_buffer(shape_s, self.role_grad_dtype, device)
+        if self.need_dq_lin:
+            self.dq_lin = new_buffer(shape_s, self.role_grad_dtype, device)
+        if self.store_ds:
+            self.ds = new_buffer((p.B, p.num_chunks, p.chunk_len, p.chunk_len), torch.float32,
+                                 device)
+        elif self.need_dbias:
+            self.ds = new_buffer((p.grid[0], cfg.block, cfg.block), torch.float32, device)
+        if self.need_dbias:
+            self.dbias_partial = new_buffer(
+                (p.B, p.num_chunks, p.num_blocks, 2 * p.num_blocks, cfg.block), torch.float32,
+                device)
+        if not (self.need_ds or self.need_dq_lin):
+            return
+        need_dq_lin = self.need_dq_lin
+        launch(mixed_chunk_bwd_query_kernel, p.grid,
+               dict(q_quad_ptr=roles.q_quad, k_quad_ptr=roles.k_quad, affine_ptr=roles.affine,
+                    v_ptr=v, grad_out_ptr=self.grad_out,
+                    states_ptr=states if need_dq_lin else None,
+                    state_offset_ptr=state_offset if need_dq_lin else None,
+                    rel_bias_ptr=self.bias, dq_quad_ptr=self.dq_quad, dq_lin_ptr=self.dq_lin,
+                    ds_ptr=self.ds, dbias_partial_ptr=self.dbias_partial,
+                    **_strides(q=roles.q_quad, k=roles.k_quad, v=v), **p.chunk_args(),
+                    num_blocks=p.num_blocks, quad_scale=self.quad_scale,
+                    lin_scale=self.lin_scale),
+               dict(FROM_Z=roles.from_z, HAS_BIAS=self.bias is not None, BIAS_MATRIX=cfg.hoist,
+                    CAUSAL=self.causal,
+                    HAS_STATE_OFFSET=need_dq_lin and state_offset is not None,
+                    IS_VARLEN=p.tables is not None, NEED_DS=self.need_ds,
+                    NEED_DQ_QUAD=self.need_dq_quad, NEED_DQ_LIN=need_dq_lin,
+                    STORE_DS=self.store_ds, NEED_DBIAS=self.need_dbias,
+                    BLOCK=cfg.block, BLOCK_S=cfg.block_s, BLOCK_E=cfg.bwd_query_block_e,
+                    DOT_PRECISION=self.dot_precision),
+               num_warps=cfg.num_warps, num_stages=cfg.bwd_query_stages)
+
+    def reverse_scan(self, store_total):
+        """(dstates, total or None): see chunk_state.py (REVERSE)."""
+        return _state_scan(self.roles.q_lin, self.grad_out, self.roles.affine, 2, self.p,
+                           causal=self.causal, reverse=True, lin_scale=self.lin_scale,
+                           store_total=store_total)
+
+    def key_side(self, dstates, grad_total):
+        p, cfg, roles, v = self.p, self.p.config, self.roles, self.v
+        need_dk_quad, need_dk_lin, need_dv = self.need_dk_quad, self.need_dk_lin, self.need_dv
+        shape_s = (p.B, p.T, p.S)
+        if need_dk_quad:
+            self.dk_quad = new_buffer(shape_s, self.role_grad_dtype, v.device)
+        if need_dk_lin:
+            self.dk_lin = new_buffer(shape_s, self.role_grad_dtype, v.device)
+        if need_dv:
+            self.dv = new_buffer(v.shape, v.dtype, v.device)
+        if not (need_dk_quad or need_dk_lin or need_dv):
+            return
+        has_linear = dstates is not None and (need_dk_lin or need_dv)
+        launch(mixed_chunk_bwd_key_kernel, p.grid,
+               dict(q_quad_ptr=roles.q_quad, k_quad_ptr=roles.k_quad,
+                    k_lin_ptr=roles.k_lin if has_linear else None,
+                    affine_ptr=roles.affine, v_ptr=v, grad_out_ptr=self.grad_out,
+                    dstates_ptr=dstates if has_linear else None,
+                    dstate_offset_ptr=grad_total if has_linear else None,
+                    rel_bias_ptr=self.bias, ds_ptr=self.ds if self.store_ds else None,
+                    dk_quad_ptr=self.dk_quad, dk_lin_ptr=self.dk_lin, dv_ptr=self.dv,
+                    **_strides(q=roles.q_quad, k=roles.k_quad, kl=roles.k_lin, v=v),
+                    **p.chunk_args(), num_blocks=p.num_blocks, quad_scale=self.quad_scale),
+               dict(FROM_Z=roles.from_z, HAS_LINEAR=has_linear,
+                    HAS_BIAS=self.bias is not None, BIAS_MATRIX=cfg.hoist, CAUSAL=self.causal,
+                    HAS_DSTATE_OFFSET=has_linear and grad_total is not None,
+                    IS_VARLEN=p.tables is not None, DS_STORED=self.store_ds,
+                    HOIST_SCORES=cfg.hoist, NEED_DK_QUAD=need_dk_quad, NEED_DK_LIN=need_dk_lin,
+                    NEED_DV=need_dv, BLOCK=cfg.block, BLOCK_QH=cfg.block_n,
+                    BLOCK_S=cfg.block_s, BLOCK_E=cfg.block_e, DOT_PRECISION=self.dot_precision),
+               num_warps=cfg.num_warps, num_stages=cfg.bwd_key_stages)
+
+    def gradients(self, doffset=None):
+        """(dq_quad, dk_quad, dq_lin, dk_lin, dv, drel_bias, doffset), None where not needed."""
+        drel_bias = None
+        if self.need_dbias:
+            drel_bias = _rel_bias_grad(self.dbias_partial, self.p.chunk_size, self.p.config.block)
+        return (self.dq_quad, self.dk_quad, self.dq_lin, self.dk_lin, self.dv, drel_bias,
+                doffset)
+
+
 def mixed_chunk_backward(grad_out, roles, v, rel_bias, states, chunk_size, causal, quad_scale,
                          lin_scale, needs, *, tables=None, state_offset=None, grad_total=None,
                          role_grad_dtype=None):
@@ -310,83 +457,18 @@ def mixed_chunk_backward(grad_out, roles, v, rel_bias, states, chunk_size, causa
     are written in `role_grad_dtype` (default v's dtype; flash_attention asks for float32 and
     reduces them). grad_total: the gradient reaching the forward's totals (the final state),
     added to the reverse states of the chunks that went into them."""
-    quad_scale, lin_scale = (float(x) for x in resolve_scales(quad_scale, lin_scale, chunk_size))
-    p = _Problem(roles.q_quad, v, chunk_size, tables)
-    cfg = p.config
-    bias = _bias_operand(rel_bias, p)
-    need_dq_quad, need_dk_quad, need_dq_lin, need_dk_lin, need_dv, need_dbias, need_doffset = needs
-    need_dq_lin = need_dq_lin and roles.has_linear
-    need_dk_lin = need_dk_lin and roles.has_linear
-    need_doffset = need_doffset and roles.has_linear
-    store_ds = cfg.hoist and need_dk_quad
-    need_ds = need_dq_quad or need_dbias or store_ds
-    device, dtype = v.device, v.dtype
-    role_grad_dtype = role_grad_dtype or dtype
-    dot_precision = _dot_precision(dtype)
-    shape_s = (p.B, p.T, p.S)
-
-    dq_quad = new_buffer(shape_s, role_grad_dtype, device) if need_dq_quad else None
-    dq_lin = new_buffer(shape_s, role_grad_dtype, device) if need_dq_lin else None
-    ds = None
-    if store_ds:
-        ds = new_buffer((p.B, p.num_chunks, p.chunk_len, p.chunk_len), torch.float32, device)
-    elif need_dbias:
-        ds = new_buffer((p.grid[0], cfg.block, cfg.block), torch.float32, device)
-    dbias_partial = None
-    if need_dbias:
-        dbias_partial = new_buffer((p.B, p.num_chunks, p.num_blocks, 2 * p.num_blocks, cfg.block),
-                                   torch.float32, device)
-    if need_ds or need_dq_lin:
-        launch(mixed_chunk_bwd_query_kernel, p.grid,
-               dict(q_quad_ptr=roles.q_quad, k_quad_ptr=roles.k_quad, affine_ptr=roles.affine,
-                    v_ptr=v, grad_out_ptr=grad_out, states_ptr=states if need_dq_lin else None,
-                    state_offset_ptr=state_offset if need_dq_lin else None, rel_bias_ptr=bias,
-                    dq_quad_ptr=dq_quad, dq_lin_ptr=dq_lin, ds_ptr=ds,
-                    dbias_partial_ptr=dbias_partial,
-                    **_strides(q=roles.q_quad, k=roles.k_quad, v=v), **p.chunk_args(),
-                    num_blocks=p.num_blocks, quad_scale=quad_scale, lin_scale=lin_scale),
-               dict(FROM_Z=roles.from_z, HAS_BIAS=bias is not None, BIAS_MATRIX=cfg.hoist,
-                    CAUSAL=causal, HAS_STATE_OFFSET=need_dq_lin and state_offset is not None,
-                    IS_VARLEN=tables is not None, NEED_DS=need_ds, NEED_DQ_QUAD=need_dq_quad,
-                    NEED_DQ_LIN=need_dq_lin, STORE_DS=store_ds, NEED_DBIAS=need_dbias,
-                    BLOCK=cfg.block, BLOCK_S=cfg.block_s, BLOCK_E=cfg.bwd_query_block_e,
-                    DOT_PRECISION=dot_precision),
-               num_warps=cfg.num_warps, num_stages=cfg.bwd_query_stages)
-
+    launches = BackwardLaunches(grad_out, roles, v, rel_bias, chunk_size, causal, quad_scale,
+                                lin_scale, needs, tables=tables, role_grad_dtype=role_grad_dtype)
+    launches.query_side(states, state_offset)
     dstates = doffset = None
-    if roles.has_linear and (need_dk_lin or need_dv or need_doffset):
+    if launches.needs_reverse_states:
         # Causal: the scan's totals are d state_offset; non-causal: its one state per document is.
-        dstates, doffset = _state_scan(roles.q_lin, grad_out, roles.affine, 2, p, causal=causal,
-                                       reverse=True, lin_scale=lin_scale,
-                                       store_total=need_doffset and causal)
+        need_doffset = launches.need_doffset
+        dstates, doffset = launches.reverse_scan(store_total=need_doffset and causal)
         if need_doffset and not causal:
             doffset = dstates
-    dk_quad = new_buffer(shape_s, role_grad_dtype, device) if need_dk_quad else None
-    dk_lin = new_buffer(shape_s, role_grad_dtype, device) if need_dk_lin else None
-    dv = new_buffer(v.shape, dtype, device) if need_dv else None
-    if need_dk_quad or need_dk_lin or need_dv:
-        has_linear = dstates is not None and (need_dk_lin or need_dv)
-        launch(mixed_chunk_bwd_key_kernel, p.grid,
-               dict(q_quad_ptr=roles.q_quad, k_quad_ptr=roles.k_quad,
-                    k_lin_ptr=roles.k_lin if has_linear else None,
-                    affine_ptr=roles.affine, v_ptr=v, grad_out_ptr=grad_out,
-                    dstates_ptr=dstates if has_linear else None,
-                    dstate_offset_ptr=grad_total if has_linear else None,
-                    rel_bias_ptr=bias, ds_ptr=ds if store_ds else None, dk_quad_ptr=dk_quad,
-                    dk_lin_ptr=dk_lin, dv_ptr=dv,
-                    **_strides(q=roles.q_quad, k=roles.k_quad, kl=roles.k_lin, v=v),
-                    **p.chunk_args(), num_blocks=p.num_blocks, quad_scale=quad_scale),
-               dict(FROM_Z=roles.from_z, HAS_LINEAR=has_linear,
-                    HAS_BIAS=bias is not None, BIAS_MATRIX=cfg.hoist, CAUSAL=causal,
-                    HAS_DSTATE_OFFSET=has_linear and grad_total is not None,
-                    IS_VARLEN=tables is not None, DS_STORED=store_ds, HOIST_SCORES=cfg.hoist,
-                    NEED_DK_QUAD=need_dk_quad, NEED_DK_LIN=need_dk_lin, NEED_DV=need_dv,
-                    BLOCK=cfg.block, BLOCK_QH=cfg.block_n, BLOCK_S=cfg.block_s,
-                    BLOCK_E=cfg.block_e, DOT_PRECISION=dot_precision),
-               num_warps=cfg.num_warps, num_stages=cfg.bwd_key_stages)
-
-    drel_bias = _rel_bias_grad(dbias_partial, chunk_size, cfg.block) if need_dbias else None
-    return dq_quad, dk_quad, dq_lin, dk_lin, dv, drel_bias, doffset
+    launches.key_side(dstates, grad_total)
+    return launches.gradients(doffset)
 
 
 # The kernels are registered as PyTorch custom ops (forward and backward), with fake (meta)

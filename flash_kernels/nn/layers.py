@@ -126,7 +126,8 @@ class GatedAttentionLayer(nn.Module):
 
     # -- full forward ---------------------------------------------------------------------------
 
-    def forward(self, x, key_padding_mask=None, cache=None, *, cu_seqlens=None, max_seqlen=None):
+    def forward(self, x, key_padding_mask=None, cache=None, *, cu_seqlens=None, max_seqlen=None,
+                cp_group=None, start=None):
         """x: (batch, T, d) -> (batch, T, d).
 
         key_padding_mask: optional (batch, T) bool, True at padded tokens: they are removed by
@@ -138,9 +139,19 @@ class GatedAttentionLayer(nn.Module):
         cu_seqlens, max_seqlen: packed documents along T, as in mixed_chunk_attention: no
             attention or state crosses a document boundary, and RoPE positions restart at
             each document's first token.
+        cp_group: context parallelism (a torch.distributed ProcessGroup): x is this rank's
+            contiguous slice of the sequences (rank order; every slice but the last rank's a
+            multiple of chunk_size; same batch on every rank). The output and x's gradient
+            are the single-process layer's on the slice; the parameters get this rank's
+            partial gradients, whose sum over the ranks (the usual all-reduce) is the
+            whole-sequence gradient. See mixed_chunk_attention. FLASH layers only (a GAU's
+            one chunk spans the sequence).
+        start: the position of x's first token in the sequence (RoPE), default 0; required
+            with cp_group when RoPE is on (the sum of the earlier ranks' slice lengths).
         """
         self._check_input(x, ("batch", "T", self.d))
         B, T, _ = x.shape
+        start = self._check_context_parallel(cp_group, start, cache)
         if cache is not None:
             if not self.causal:
                 raise ValueError("a decoding cache needs a causal layer")
@@ -160,19 +171,36 @@ class GatedAttentionLayer(nn.Module):
         if cache is not None:
             y = self._attend_after_cache(u, v, z, cache)
         else:
-            y = self._attend(u, v, z, cu_seqlens, max_seqlen)
+            y = self._attend(u, v, z, cu_seqlens, max_seqlen, cp_group, start)
         update = self.to_out(y)
         if padded is not None:
             update = torch.where(padded, torch.zeros((), dtype=update.dtype, device=update.device),
                                  update)
         return x + update
 
-    def _attend(self, u, v, z, cu_seqlens, max_seqlen):
-        """u * attention(roles of z, v) over the whole sequence (or its packed documents)."""
+    def _check_context_parallel(self, cp_group, start, cache):
+        """The checked start (an int >= 0, default 0) of the slice x."""
+        if start is not None:
+            check_int("start", start, minimum=0)
+        if cp_group is None:
+            return start or 0
+        if self.chunk_size is None:
+            raise ValueError("cp_group needs a chunked layer (FLASH): a GAU attends the whole "
+                             "sequence as one chunk, which cannot be split across ranks")
+        if cache is not None:
+            raise ValueError("cp_group does not take a decoding cache (prefill one process)")
+        if self.rope is not None and start is None:
+            raise ValueError("with cp_group and RoPE, pass start: the position of this rank's "
+                             "first token (the sum of the earlier ranks' slice lengths)")
+        return start or 0
+
+    def _attend(self, u, v, z, cu_seqlens, max_seqlen, cp_group=None, start=0):
+        """u * attention(roles of z, v) over the whole sequence (or its packed documents), or
+        over this rank's slice starting at position `start` under context parallelism."""
         T = v.shape[1]
         if cu_seqlens is None:
             C = self._chunk_len(T)
-            positions = torch.arange(T, device=v.device)
+            positions = start + torch.arange(T, device=v.device)
         else:
             C = self.chunk_size if self.chunk_size is not None else \
                 packed_chunk_len(cu_seqlens, max_seqlen)
@@ -180,6 +208,8 @@ class GatedAttentionLayer(nn.Module):
         options = dict(chunk_size=self.chunk_size, causal=self.causal, rel_bias=self._rel_bias(C),
                        quad_scale=self.quad_scale, lin_scale=self.lin_scale,
                        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=self.backend)
+        if cp_group is not None:
+            options["cp_group"] = cp_group
         if self.rope is None:
             gamma, beta = self.scale_offset.gamma, self.scale_offset.beta
             return flash_attention(z, gamma, beta, v, u=u, **options)

@@ -92,20 +92,26 @@ class FLASHLM(nn.Module):
     def _head(self, h):
         return self.final_norm(h) @ self.embed.weight.t()   # tied output head
 
-    def forward(self, idx, key_padding_mask=None, caches=None, *, cu_seqlens=None, max_seqlen=None):
+    def forward(self, idx, key_padding_mask=None, caches=None, *, cu_seqlens=None, max_seqlen=None,
+                cp_group=None, start=None):
         """idx: (batch, T) token ids -> logits (batch, T, vocab_size).
 
         key_padding_mask: optional (batch, T) bool, True at padded tokens (their logits are
             meaningless). caches: optional list of caches (one per layer) to prefill (see
             `prefill`). cu_seqlens, max_seqlen: documents packed along T (training on packed
             sequences): no attention crosses a document boundary, positions restart at each.
+        cp_group, start: context parallelism: idx is this rank's slice of the sequences,
+            starting at position `start` (see FLASH.forward; FLASH layers only). The logits
+            are the whole-sequence model's on the slice; parameter gradients are this rank's
+            partials (all-reduce them with a sum, and normalise the loss by the number of
+            tokens of all ranks).
         """
         self._check_tokens("idx", idx, 2)
         h = self.embed(idx)
         for i, layer in enumerate(self.layers):
             h = layer(h, key_padding_mask=key_padding_mask,
                       cache=None if caches is None else caches[i], cu_seqlens=cu_seqlens,
-                      max_seqlen=max_seqlen)
+                      max_seqlen=max_seqlen, cp_group=cp_group, start=start)
         return self._head(h)
 
     def loss(self, idx, targets, *, cu_seqlens=None, max_seqlen=None):
