@@ -292,3 +292,9 @@ def resolve_scales(quad_scale, lin_scale, chunk_size):
     constant (chunk_size=None makes C = T: a guard on it would recompile for every length)."""
     return (quad_scale if quad_scale is not None else 1.0 / chunk_size,
             lin_scale if lin_scale is not None else 1.0 / chunk_size)
+
+
+def triton_version():
+    """The installed Triton's (major, minor), e.g. (3, 9)."""
+    import triton
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])

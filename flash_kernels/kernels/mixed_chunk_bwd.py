@@ -19,6 +19,17 @@ gradients are deterministic.
 import triton
 import triton.language as tl
 
+from ..utils import triton_version
+
+# The query backward reads each dS tile back skewed to sum its diagonals (d rel_bias). Triton
+# before 3.7 keeps the whole 64 x 64 gather live and spills 160-232 bytes on sm_90 at the paper
+# shape; read in 2 row slabs it does not (4 and 8 slabs still spill in some configurations).
+# Triton 3.9 allocates the other way round (slabs spill, one read does not). A global, so an
+# ahead-of-time compile under another Triton version takes that version's value
+# (bench/results/compile_report.md); tests/test_kernel_variants.py runs both under the
+# interpreter.
+DBIAS_ROW_SLABS: tl.constexpr = tl.constexpr(2 if triton_version() < (3, 7) else 1)
+
 from .common import (linear_state_tile, load_role, load_tile, nonfinite_in,
                      program_chunk_block, relu_scores_tile)
 
@@ -153,14 +164,19 @@ def mixed_chunk_bwd_query_kernel(
                 # Diagonal sums of the tile, read back skewed: column kk of the low half holds
                 # offset i - j = kk - (BLOCK - 1), of the high half offset kk + 1.
                 tl.debug_barrier()
-                j_low = local[:, None] + (BLOCK - 1) - local[None, :]
-                j_high = local[:, None] - 1 - local[None, :]
-                low_ok = rows_in[:, None] & (j_low < BLOCK) & (j_low < col_limit)
-                high_ok = rows_in[:, None] & (j_high >= 0) & (j_high < col_limit)
-                diag_low = tl.sum(tl.load(tile_base + local[:, None] * ds_row_stride + j_low,
-                                          mask=low_ok, other=0.0), axis=0)
-                diag_high = tl.sum(tl.load(tile_base + local[:, None] * ds_row_stride + j_high,
-                                           mask=high_ok, other=0.0), axis=0)
+                diag_low = tl.zeros((BLOCK,), dtype=tl.float32)
+                diag_high = tl.zeros((BLOCK,), dtype=tl.float32)
+                for slab in tl.static_range(DBIAS_ROW_SLABS):
+                    rows = slab * (BLOCK // DBIAS_ROW_SLABS) + tl.arange(0, BLOCK // DBIAS_ROW_SLABS)
+                    rows_ok = rows < row_limit
+                    j_low = rows[:, None] + (BLOCK - 1) - local[None, :]
+                    j_high = rows[:, None] - 1 - local[None, :]
+                    low_ok = rows_ok[:, None] & (j_low < BLOCK) & (j_low < col_limit)
+                    high_ok = rows_ok[:, None] & (j_high >= 0) & (j_high < col_limit)
+                    diag_low += tl.sum(tl.load(tile_base + rows[:, None] * ds_row_stride + j_low,
+                                               mask=low_ok, other=0.0), axis=0)
+                    diag_high += tl.sum(tl.load(tile_base + rows[:, None] * ds_row_stride + j_high,
+                                                mask=high_ok, other=0.0), axis=0)
                 tl.debug_barrier()
                 # Tile (block, key_block) covers segments block - key_block (low half) and
                 # block - key_block + 1 (high half); the latter also got the previous tile's
