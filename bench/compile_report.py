@@ -38,7 +38,8 @@ from flash_kernels.aot_compile import (REPORT_PREAMBLE, error_details, markdown_
 # causal; rel_bias (bool); linear (False = q_lin/k_lin None, quadratic only); dtype (what runs
 # under the interpreter: "float32" or "float16"); rel_bias_dtype; compile_dtype (optional: the
 # Triton type the fp16 launches are compiled as, e.g. "bf16" for what runs on the GPU);
-# grads (which inputs require grad for the backward; default all).
+# grads (which inputs require grad for the backward; default all); packed (document lengths
+# summing to T: cu_seqlens); state (an initial state in, the final state out, both in the loss).
 # ---------------------------------------------------------------------------------------------
 SMALL = dict(batch=(2,), T=45, S=20, E=36, chunk_size=16, rel_bias=True, linear=True,
              rel_bias_dtype="float32")
@@ -63,6 +64,13 @@ CONFIGS = [
          op="flash_attention", causal=True, rel_bias=True),
     dict(PAPER, name="paper bf16 full attention (chunk_size=None), causal + rel_bias",
          chunk_size=None, T=320, causal=True, rel_bias=True, linear=False),
+    dict(PAPER, name="paper bf16 packed documents + state, causal + rel_bias", T=800,
+         packed=[200, 256, 0, 300, 44], state=True, causal=True, rel_bias=True),
+    dict(PAPER, name="paper bf16 packed documents, non-causal + rel_bias", T=800,
+         packed=[200, 256, 0, 300, 44], causal=False, rel_bias=True),
+    dict(PAPER, name="paper bf16 flash_attention packed documents + state, causal + rel_bias",
+         op="flash_attention", T=800, packed=[200, 256, 0, 300, 44], state=True, causal=True,
+         rel_bias=True),
 ]
 
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -90,19 +98,31 @@ v = rand("v", *batch, T, E)
 rel_bias = None
 if cfg["rel_bias"]:
     rel_bias = rand("rel_bias", 2 * (C or T) - 1, dt=getattr(torch, cfg["rel_bias_dtype"]))
+packing = dict(output_final_state=bool(cfg.get("state")))
+if cfg.get("packed"):
+    packing["cu_seqlens"] = torch.tensor([0] + cfg["packed"]).cumsum(0)
+if cfg.get("state"):
+    docs = (len(cfg["packed"]),) if cfg.get("packed") else ()
+    packing["initial_state"] = rand("initial_state", *batch, *docs, S, E, dt=torch.float32)
 if cfg.get("op") == "flash_attention":
     roles = 4 if cfg["linear"] else 2
     gamma = rand("gamma", roles, S, dt=torch.float32)
     beta = rand("beta", roles, S, dt=torch.float32)
     u = rand("u", *batch, T, E)
     out = flash_attention(q_quad, gamma, beta, v, u=u, chunk_size=C, causal=cfg["causal"],
-                          rel_bias=rel_bias, backend="triton")
+                          rel_bias=rel_bias, backend="triton", **packing)
 else:
     out = mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, chunk_size=C,
-                                causal=cfg["causal"], rel_bias=rel_bias, backend="triton")
+                                causal=cfg["causal"], rel_bias=rel_bias, backend="triton",
+                                **packing)
+loss = 0.0
+if cfg.get("state"):
+    out, final = out
+    loss = (final * torch.randn(final.shape, generator=gen)).sum()
 assert out.shape == (*batch, T, E) and out.dtype == dtype
 if out.requires_grad:
-    out.backward(torch.randn(out.shape, generator=gen).to(dtype))
+    loss = loss + (out.float() * torch.randn(out.shape, generator=gen)).sum()
+    loss.backward()
 """
 
 
@@ -115,6 +135,10 @@ def config_label(cfg) -> str:
              f"linear={cfg['linear']}", f"compiled as {dtype}"]
     if cfg.get("compile_dtype"):
         parts.append(f"recorded in {cfg['dtype']}")
+    if cfg.get("packed"):
+        parts.append(f"packed documents {cfg['packed']}")
+    if cfg.get("state"):
+        parts.append("initial and final state")
     return ", ".join(parts)
 
 

@@ -13,7 +13,7 @@ sum over rank r's tokens of q_lin^T dO:
     non-causal:        every chunk reads lin_scale * sum_{all r'} Tot_r', and D = sum_{all r'} dTot_r'
 
 offset_r is rank r's initial state and dfinal_r the gradient of its final state: the kernels'
-state hooks (common.linear_state_tile, HAS_DSTATE_OFFSET of the key backward) carry them.
+state hooks (common.state_offset_tile, HAS_DSTATE_OFFSET of the key backward) carry them.
 
 Communication, per call and rank: one all-gather of the (B, S, E) totals in the forward and one
 of the dTot in the backward, in the state dtype (float32; float64 for float64 inputs), so each

@@ -254,22 +254,30 @@ def forward_state_scan(roles, v, p, *, causal, lin_scale, store_total=False):
                        lin_scale=lin_scale, store_total=store_total)
 
 
+def _offset_operand(state_offset, lin_scale, dtype):
+    """What the kernels read for a state offset: lin_scale * offset in the tensor-core operand
+    dtype (bf16 for bf16 inputs, else float32; see kernels/common.py, state_offset_tile)."""
+    if state_offset is None:
+        return None
+    operand = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    return (lin_scale * state_offset).to(operand).contiguous()
+
+
 def forward_output(roles, v, rel_bias, p, *, causal, quad_scale, lin_scale, states,
                    state_offset=None, gate=None, store_attn=False):
     """The forward's output launch: (out, attn or None) from the states of forward_state_scan
     (None without a linear part) plus, with state_offset, lin_scale * state_offset[b, doc]
-    (common.linear_state_tile). Scales are resolved numbers."""
+    (common.state_offset_tile). Scales are resolved numbers."""
     cfg = p.config
     bias = _bias_operand(rel_bias, p)
     out = new_buffer((p.B, p.T, p.E), v.dtype, v.device)
     attn = new_buffer((p.B, p.T, p.E), v.dtype, v.device) if store_attn else None
     launch(mixed_chunk_fwd_kernel, p.grid,
            dict(q_quad_ptr=roles.q_quad, k_quad_ptr=roles.k_quad, q_lin_ptr=roles.q_lin,
-                affine_ptr=roles.affine, states_ptr=states, state_offset_ptr=state_offset,
-                v_ptr=v, rel_bias_ptr=bias, gate_ptr=gate, out_ptr=out, attn_ptr=attn,
+                affine_ptr=roles.affine, states_ptr=states,
+                state_offset_ptr=_offset_operand(state_offset, lin_scale, v.dtype), v_ptr=v, rel_bias_ptr=bias, gate_ptr=gate, out_ptr=out, attn_ptr=attn,
                 **_strides(q=roles.q_quad, k=roles.k_quad, ql=roles.q_lin, v=v, g=gate),
-                **p.chunk_args(), num_query_blocks=p.num_blocks, quad_scale=quad_scale,
-                lin_scale=lin_scale),
+                **p.chunk_args(), num_query_blocks=p.num_blocks, quad_scale=quad_scale),
            dict(FROM_Z=roles.from_z, HAS_GATE=gate is not None, STORE_ATTN=store_attn,
                 HAS_LINEAR=roles.has_linear,
                 HAS_STATE_OFFSET=roles.has_linear and state_offset is not None,
@@ -290,7 +298,7 @@ def mixed_chunk_forward(roles, v, rel_bias, chunk_size, causal, quad_scale, lin_
     out = gate * attention when a gate is given (else the attention); with store_attn the
     ungated attention is also returned (the gate's gradient needs it). tables: packed
     documents (packing.ChunkTables). state_offset: (B, num_docs, S, E) float32, the unscaled
-    state every chunk of a document starts from (see common.linear_state_tile). store_total:
+    state every chunk of a document starts from (see common.state_offset_tile). store_total:
     also return the scan's per-document totals (chunk_state.py, STORE_TOTAL).
     """
     quad_scale, lin_scale = (float(x) for x in resolve_scales(quad_scale, lin_scale, chunk_size))
@@ -386,12 +394,12 @@ class BackwardLaunches:
                dict(q_quad_ptr=roles.q_quad, k_quad_ptr=roles.k_quad, affine_ptr=roles.affine,
                     v_ptr=v, grad_out_ptr=self.grad_out,
                     states_ptr=states if need_dq_lin else None,
-                    state_offset_ptr=state_offset if need_dq_lin else None,
+                    state_offset_ptr=_offset_operand(state_offset, self.lin_scale, v.dtype)
+                    if need_dq_lin else None,
                     rel_bias_ptr=self.bias, dq_quad_ptr=self.dq_quad, dq_lin_ptr=self.dq_lin,
                     ds_ptr=self.ds, dbias_partial_ptr=self.dbias_partial,
                     **_strides(q=roles.q_quad, k=roles.k_quad, v=v), **p.chunk_args(),
-                    num_blocks=p.num_blocks, quad_scale=self.quad_scale,
-                    lin_scale=self.lin_scale),
+                    num_blocks=p.num_blocks, quad_scale=self.quad_scale),
                dict(FROM_Z=roles.from_z, HAS_BIAS=self.bias is not None, BIAS_MATRIX=cfg.hoist,
                     CAUSAL=self.causal,
                     HAS_STATE_OFFSET=need_dq_lin and state_offset is not None,

@@ -25,6 +25,7 @@ CASES = {
     "paper bf16 causal + rel_bias": ALL_KERNELS,
     "paper bf16 non-causal": ALL_KERNELS,
     "paper bf16 flash_attention (roles from z, gate), causal + rel_bias": ALL_KERNELS,
+    "paper bf16 flash_attention packed documents + state, causal + rel_bias": ALL_KERNELS,
 }
 def _version(text):
     return tuple(int(part) for part in text.split(".")[:2])

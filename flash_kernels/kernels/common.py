@@ -47,28 +47,27 @@ def program_chunk_block(num_blocks, num_chunks, chunk_size, T, chunk_table_ptr, 
 
 
 @triton.jit
-def linear_state_tile(states_ptr, offset_ptr, batch, chunk, doc, num_chunks, num_docs, S, E,
-                      offs_s, cols, lin_scale, CAUSAL: tl.constexpr, HAS_OFFSET: tl.constexpr):
-    """The (S, cols) tile of the float32 state P that the chunk's queries read:
-
-        causal:      P = states[batch, chunk]  (+ lin_scale * offset[batch, doc])
-        non-causal:  P = states[batch, doc]    (+ lin_scale * offset[batch, doc])
-
-    `states` already holds lin_scale; `offset` is the unscaled (B, num_docs, S, E) state of the
-    tokens before this call's (a caller's initial_state, or the earlier ranks' total under
-    context parallelism): the one hook through which state from elsewhere enters.
-    """
-    tile = offs_s[:, None] * E + cols[None, :]
-    mask = (offs_s[:, None] < S) & (cols[None, :] < E)
+def linear_state_tile(states_ptr, batch, chunk, doc, num_chunks, num_docs, S, E, offs_s, cols,
+                      CAUSAL: tl.constexpr):
+    """The (S, cols) tile of the float32 state P (lin_scale folded in) that the chunk's
+    queries read: states[batch, chunk] when causal, states[batch, doc] when not."""
     if CAUSAL:
         index = batch * num_chunks + chunk
     else:
         index = batch * num_docs + doc
-    state = tl.load(states_ptr + index * S * E + tile, mask=mask, other=0.0)
-    if HAS_OFFSET:
-        offset = tl.load(offset_ptr + (batch * num_docs + doc) * S * E + tile, mask=mask, other=0.0)
-        state += lin_scale * offset
-    return state
+    return tl.load(states_ptr + index * S * E + offs_s[:, None] * E + cols[None, :],
+                   mask=(offs_s[:, None] < S) & (cols[None, :] < E), other=0.0)
+
+
+@triton.jit
+def state_offset_tile(offset_ptr, batch, doc, num_docs, S, E, offs_s, cols):
+    """The (S, cols) tile of lin_scale * offset[batch, doc]: the state of the tokens before
+    this call's (a caller's initial_state, or the earlier ranks' total under context
+    parallelism), the one way state from elsewhere enters. The launcher stores it scaled and
+    already in the tensor-core operand dtype, so the kernels multiply it as it is loaded (a
+    second product beside the state's) instead of holding another float32 tile to add."""
+    return tl.load(offset_ptr + (batch * num_docs + doc) * S * E + offs_s[:, None] * E + cols[None, :],
+                   mask=(offs_s[:, None] < S) & (cols[None, :] < E), other=0.0)
 
 
 @triton.jit

@@ -31,7 +31,7 @@ from ..utils import triton_version
 DBIAS_ROW_SLABS: tl.constexpr = tl.constexpr(2 if triton_version() < (3, 7) else 1)
 
 from .common import (linear_state_tile, load_role, load_tile, nonfinite_in,
-                     program_chunk_block, relu_scores_tile)
+                     program_chunk_block, relu_scores_tile, state_offset_tile)
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def mixed_chunk_bwd_query_kernel(
     rel_bias_ptr, dq_quad_ptr, dq_lin_ptr, ds_ptr, dbias_partial_ptr, chunk_table_ptr,
     cu_seqlens_ptr,
     stride_qb, stride_qt, stride_kb, stride_kt, stride_vb, stride_vt,
-    T, S, E, chunk_size, chunk_len, num_chunks, num_docs, num_blocks, quad_scale, lin_scale,
+    T, S, E, chunk_size, chunk_len, num_chunks, num_docs, num_blocks, quad_scale,
     FROM_Z: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_STATE_OFFSET: tl.constexpr, IS_VARLEN: tl.constexpr,
     NEED_DS: tl.constexpr, NEED_DQ_QUAD: tl.constexpr, NEED_DQ_LIN: tl.constexpr,
@@ -81,7 +81,7 @@ def mixed_chunk_bwd_query_kernel(
     """Grid: (B * num_chunks * num_blocks,) (common.program_chunk_block); query and key blocks
     are both BLOCK rows. Inputs are strided views (unit feature stride), grad_out and the
     outputs contiguous. dq_lin = dO P^T with P the forward states plus the state offset
-    (common.linear_state_tile).
+    (common.state_offset_tile).
 
     Writes dq_quad (B, T, S), dq_lin (B, T, S) and, when asked:
     - STORE_DS: ds (B, num_chunks, chunk_len, chunk_len) float32, every tile at or below the
@@ -110,11 +110,15 @@ def mixed_chunk_bwd_query_kernel(
             cols = e0 + offs_e
             d_out = tl.load(grad_out_base + offs_i[:, None] * E + cols[None, :],
                             mask=row_ok[:, None] & (cols[None, :] < E), other=0.0)
-            state = linear_state_tile(states_ptr, state_offset_ptr, batch, chunk, doc, num_chunks,
-                                      num_docs, S, E, offs_s, cols, lin_scale, CAUSAL,
-                                      HAS_STATE_OFFSET)
+            state = linear_state_tile(states_ptr, batch, chunk, doc, num_chunks, num_docs, S, E,
+                                      offs_s, cols, CAUSAL)
             dq_lin = tl.dot(d_out.to(mma_dtype), tl.trans(state.to(mma_dtype)), dq_lin,
                             input_precision=DOT_PRECISION)
+            if HAS_STATE_OFFSET:
+                offset = state_offset_tile(state_offset_ptr, batch, doc, num_docs, S, E, offs_s,
+                                           cols)
+                dq_lin = tl.dot(d_out.to(mma_dtype), tl.trans(offset.to(mma_dtype)), dq_lin,
+                                input_precision=DOT_PRECISION)
         tl.store(dq_lin_ptr + batch * T * S + offs_i[:, None] * S + offs_s[None, :],
                  dq_lin.to(dq_lin_ptr.dtype.element_ty), mask=out_mask)
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import (linear_state_tile, load_role, load_tile, program_chunk_block,
-                     relu2_weights, zero_unattended_nonfinite)
+                     relu2_weights, state_offset_tile, zero_unattended_nonfinite)
 
 
 @triton.jit(do_not_specialize=["T", "num_chunks", "num_docs"])
@@ -25,7 +25,7 @@ def mixed_chunk_fwd_kernel(
     rel_bias_ptr, gate_ptr, out_ptr, attn_ptr, chunk_table_ptr, cu_seqlens_ptr,
     stride_qb, stride_qt, stride_kb, stride_kt, stride_qlb, stride_qlt, stride_vb, stride_vt,
     stride_gb, stride_gt,
-    T, S, E, chunk_size, chunk_len, num_chunks, num_docs, num_query_blocks, quad_scale, lin_scale,
+    T, S, E, chunk_size, chunk_len, num_chunks, num_docs, num_query_blocks, quad_scale,
     FROM_Z: tl.constexpr, HAS_GATE: tl.constexpr, STORE_ATTN: tl.constexpr,
     HAS_LINEAR: tl.constexpr, HAS_STATE_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr, HOIST_SCORES: tl.constexpr,
@@ -41,7 +41,7 @@ def mixed_chunk_fwd_kernel(
     FROM_Z: q_quad/k_quad/q_lin are all z and the roles are formed on the fly (`load_role`).
     HAS_GATE: out = gate * attention; STORE_ATTN also writes the ungated attention to attn.
     states: (B, num_chunks, S, E) float32 (non-causal: (B, num_docs, S, E)); HAS_STATE_OFFSET
-    adds lin_scale * state_offset[b, doc] to them (common.linear_state_tile).
+    adds the (B, num_docs, S, E) lin_scale * state_offset[b, doc] (common.state_offset_tile).
     rel_bias: float32, the (2 * chunk_size - 1,) vector or, with BIAS_MATRIX, its (chunk_len, chunk_len) Toeplitz matrix (common.py).
     The weights relu^2(S) and the states enter the tensor cores as bf16 for bf16 inputs, else
     as float32 (common.py).
@@ -121,10 +121,13 @@ def mixed_chunk_fwd_kernel(
         if CAUSAL:          # the outputs that do attend a zeroed non-finite value
             acc = tl.where(offs_i[:, None] >= first_bad[None, :], float("nan"), acc)
         if HAS_LINEAR:
-            state = linear_state_tile(states_ptr, state_offset_ptr, batch, chunk, doc, num_chunks,
-                                      num_docs, S, E, offs_s, cols, lin_scale, CAUSAL,
-                                      HAS_STATE_OFFSET)
+            state = linear_state_tile(states_ptr, batch, chunk, doc, num_chunks, num_docs, S, E,
+                                      offs_s, cols, CAUSAL)
             acc = tl.dot(q_lin, state.to(mma_dtype), acc, input_precision=DOT_PRECISION)
+            if HAS_STATE_OFFSET:
+                offset = state_offset_tile(state_offset_ptr, batch, doc, num_docs, S, E, offs_s,
+                                           cols)
+                acc = tl.dot(q_lin, offset.to(mma_dtype), acc, input_precision=DOT_PRECISION)
         tile = batch * T * E + offs_i[:, None] * E + cols[None, :]
         tile_mask = row_ok[:, None] & col_ok[None, :]
         if STORE_ATTN:      # the ungated attention, kept for the gate's gradient
