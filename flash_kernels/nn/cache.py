@@ -13,8 +13,8 @@ class AttentionCache(DecodeCache):
     one batch may be at different positions), length (B,) tokens of the current chunk, state
     (B, S, E) float32 (float64 for float64 models) over completed chunks, or None for
     quadratic-only layers; k_quad, k_lin, v (B, capacity, ...) the current chunk's keys (RoPE
-    applied) and values. max_tokens: a host-side bound on every position (prefilled tokens plus
-    steps), kept without reading the device.
+    applied) and values. max_tokens: for one-chunk (GAU) buffers, a host-side bound on every
+    position (prefilled tokens plus steps), kept without reading the device.
 
     A chunked layer's buffers hold one chunk (capacity C): memory and work per token stay
     bounded however long the sequence grows, and the tensors never change (a decoding step

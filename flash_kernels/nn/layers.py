@@ -202,7 +202,7 @@ class GatedAttentionLayer(nn.Module):
         equal lengths take the op on the (B, T) rows directly.
         """
         B, T, E = v.shape
-        held_rows = cache.capacity if cache.initialized and cache.max_tokens else 0
+        held_rows = cache.capacity if cache.initialized else 0
         self._prepare_cache(cache, B, T, v.dtype, v.device)
         new_tokens = lengths if lengths is not None else torch.full(
             (B,), T, dtype=torch.long, device=v.device)
@@ -368,7 +368,8 @@ class GatedAttentionLayer(nn.Module):
             roles = self._roles(z, cache.position)
             q_lin, k_lin = roles[2:] if self.linear else (None, None)
             y = u * mixed_chunk_decode(roles[0], roles[1], q_lin, k_lin, v, cache, **options)
-        cache.max_tokens += 1
+        if self.chunk_size is None:      # the bound one-chunk buffers grow by (chunked: unused)
+            cache.max_tokens += 1
         return x + self.to_out(y)
 
 
