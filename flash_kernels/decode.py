@@ -253,15 +253,16 @@ def decode_torch(q_quad, k_quad, q_lin, k_lin, v, cache, *, rel_bias, quad_scale
 
 DECODE_BLOCK_N = 32     # buffered rows per step of the key loop
 DECODE_BLOCK_E = 64     # value columns per program
+DECODE_BLOCK_SL = 32    # state rows per step of the linear part
+DECODE_BLOCK_SF = 64    # state rows per step of the fold
 
 
 def decode_config(S, E):
-    """(BLOCK_S, BLOCK_E, num_warps) of the decode kernel."""
+    """The decode kernel's tile constexprs and num_warps."""
     block_s = max(16, next_power_of_2(S))
-    block_e = min(DECODE_BLOCK_E, max(16, next_power_of_2(E)))
-    # The program holds a (BLOCK_S, BLOCK_E) float32 state tile: 8 warps past 8K entries.
-    num_warps = 8 if block_s * block_e > 8192 else 4
-    return block_s, block_e, num_warps
+    return dict(BLOCK_N=DECODE_BLOCK_N, BLOCK_S=block_s,
+                BLOCK_SL=min(DECODE_BLOCK_SL, block_s), BLOCK_SF=min(DECODE_BLOCK_SF, block_s),
+                BLOCK_E=min(DECODE_BLOCK_E, max(16, next_power_of_2(E)))), 4
 
 
 @torch.library.custom_op("flash_kernels::mixed_chunk_decode",
@@ -282,8 +283,8 @@ def mixed_chunk_decode_op(q_quad: torch.Tensor, k_quad: torch.Tensor,
     out = torch.empty(B, E, dtype=v.dtype, device=v.device)
     if B == 0:
         return out
-    block_s, block_e, num_warps = decode_config(S, E)
-    num_e_tiles = -(-E // block_e)
+    tiles, num_warps = decode_config(S, E)
+    num_e_tiles = -(-E // tiles["BLOCK_E"])
     from_z = affine is not None
     linear = state is not None
     launch(mixed_chunk_decode_kernel, (B * num_e_tiles,),
@@ -300,8 +301,8 @@ def mixed_chunk_decode_op(q_quad: torch.Tensor, k_quad: torch.Tensor,
                 S=S, E=E, capacity=k_quad_cache.shape[1], chunk_size=chunk_size,
                 num_e_tiles=num_e_tiles, quad_scale=quad_scale, lin_scale=lin_scale),
            dict(FROM_Z=from_z, HAS_GATE=gate is not None, HAS_LINEAR=linear,
-                HAS_BIAS=rel_bias is not None, FOLDS=folds, BLOCK_N=DECODE_BLOCK_N,
-                BLOCK_S=block_s, BLOCK_E=block_e, DOT_PRECISION=_dot_precision(v.dtype)),
+                HAS_BIAS=rel_bias is not None, FOLDS=folds, **tiles,
+                DOT_PRECISION=_dot_precision(v.dtype)),
            num_warps=num_warps, num_stages=1)
     return out
 

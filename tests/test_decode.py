@@ -28,7 +28,7 @@ from helpers import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_OK = DEVICE == "cuda" or INTERPRETED_KERNELS
-B, T, S, E = 4, 26, 6, 20
+B, T, S, E = 4, 26, 20, 20
 START = [0, 3, 5, 18]            # positions of the four sequences when decoding starts
 STEPS = 4                        # sequences cross a chunk end (C = 4, 20) at different steps
 GAU_CAPACITY = 32
@@ -36,10 +36,10 @@ GAU_CAPACITY = 32
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    """Tiles of 16 rows and 16 value columns: E = 20 takes two programs per sequence (the
-    second partial) and a 20-token chunk two key tiles."""
-    monkeypatch.setattr(decode_module, "DECODE_BLOCK_E", 16)
-    monkeypatch.setattr(decode_module, "DECODE_BLOCK_N", 16)
+    """Tiles of 16: E = 20 takes two programs per sequence (the second partial), a 20-token
+    chunk two key tiles, S = 20 two row blocks of the state (read and fold)."""
+    for name in ("DECODE_BLOCK_E", "DECODE_BLOCK_N", "DECODE_BLOCK_SL", "DECODE_BLOCK_SF"):
+        monkeypatch.setattr(decode_module, name, 16)
 
 BACKENDS = [pytest.param("torch", torch.float64, id="torch-f64"),
             pytest.param("triton", torch.float32, id="triton-f32",
@@ -191,7 +191,7 @@ def test_bad_inputs_are_named():
     v = torch.randn(2, E)
     with pytest.raises(ValueError, match=r"v must have shape \(B, E\)"):
         mixed_chunk_decode(q, q, q, q, v[None], cache)
-    with pytest.raises(ValueError, match=r"k_quad must have shape \(2, 6\)"):
+    with pytest.raises(ValueError, match=r"k_quad must have shape \(2, 20\)"):
         mixed_chunk_decode(q, q[:, :3], q, q, v, cache)
     with pytest.raises(TypeError, match="q_lin has dtype torch.float64"):
         mixed_chunk_decode(q, q, q.double(), q, v, cache)
@@ -199,7 +199,7 @@ def test_bad_inputs_are_named():
         mixed_chunk_decode(q, q, q, None, v, cache)
     with pytest.raises(ValueError, match="quadratic-only decoding"):
         mixed_chunk_decode(q, q, None, None, v, cache)
-    with pytest.raises(ValueError, match=r"cache.k_quad must have shape \(3, 4, 6\)"):
+    with pytest.raises(ValueError, match=r"cache.k_quad must have shape \(3, 4, 20\)"):
         mixed_chunk_decode(*(torch.randn(3, S) for _ in range(4)), torch.randn(3, E), cache)
     with pytest.raises(TypeError, match="cache.k_quad has dtype torch.float32"):
         mixed_chunk_decode(q.double(), q.double(), q.double(), q.double(), v.double(), cache)

@@ -59,14 +59,16 @@ def mixed_chunk_decode_kernel(
     S, E, capacity, chunk_size, num_e_tiles, quad_scale, lin_scale,
     FROM_Z: tl.constexpr, HAS_GATE: tl.constexpr, HAS_LINEAR: tl.constexpr,
     HAS_BIAS: tl.constexpr, FOLDS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SL: tl.constexpr, BLOCK_SF: tl.constexpr,
+    BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """New-token inputs are (B, S) / (B, E) rows with unit feature stride and the given batch
     strides; the caches are contiguous: k_quad/k_lin (B, capacity, S), v (B, capacity, E) in
     the inputs' dtype, state (B, S, E) float32, position (B,) int64, tickets (B,) int32 (zero
     between launches), out (B, E). rel_bias: float32 (2 C - 1,), C = chunk_size (the buffers'
-    capacity for one growing chunk). FOLDS: chunked attention (n = position mod C and the fold)."""
+    capacity for one growing chunk). FOLDS: chunked attention (n = position mod C and the fold).
+    The state is read in blocks of BLOCK_SL rows and folded in blocks of BLOCK_SF rows, so no
+    whole (S, BLOCK_E) float32 tile stays in registers (it made the program hold ~180)."""
     pid = tl.program_id(0)
     batch = (pid // num_e_tiles).to(tl.int64)
     e_tile = pid % num_e_tiles
@@ -108,41 +110,49 @@ def mixed_chunk_decode_kernel(
     own = tl.maximum(own, 0.0, propagate_nan=tl.PropagateNan.ALL)
     acc += (own * own) * v_new.to(tl.float32)
 
-    if HAS_LINEAR:
-        q_lin = _token_role(q_lin_ptr + batch * stride_qlb, offs_s, S, affine_ptr, 2,
-                            FROM_Z).to(tl.float32)
-        state_tile = state_ptr + batch * S * E + offs_s[:, None] * E + cols[None, :]
-        state_mask = s_ok[:, None] & col_ok[None, :]
-        state = tl.load(state_tile, mask=state_mask, other=0.0)
-        acc += lin_scale * tl.sum(q_lin[:, None] * state, axis=0)
+    if HAS_LINEAR:          # the state in row blocks: a short-lived (BLOCK_SL, BLOCK_E) tile
+        for s0 in range(0, S, BLOCK_SL):
+            offs = s0 + tl.arange(0, BLOCK_SL)
+            q_lin = _token_role(q_lin_ptr + batch * stride_qlb, offs, S, affine_ptr, 2,
+                                FROM_Z).to(tl.float32)
+            state = tl.load(state_ptr + batch * S * E + offs[:, None] * E + cols[None, :],
+                            mask=(offs[:, None] < S) & col_ok[None, :], other=0.0)
+            acc += lin_scale * tl.sum(q_lin[:, None] * state, axis=0)
     acc = tl.where(fits, acc, float("nan"))
     if HAS_GATE:
         acc = acc * tl.load(gate_ptr + batch * stride_gb + cols, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + batch * E + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
     if fits:
-        if HAS_LINEAR:
-            k_lin_new = _token_role(k_lin_ptr + batch * stride_klb, offs_s, S, affine_ptr, 3,
-                                    FROM_Z)
         if e_tile == 0:
             tl.store(k_cache + n * S + offs_s, k_new, mask=s_ok)
             if HAS_LINEAR:
+                k_lin_new = _token_role(k_lin_ptr + batch * stride_klb, offs_s, S, affine_ptr, 3,
+                                        FROM_Z)
                 tl.store(k_lin_cache_ptr + batch * capacity * S + n * S + offs_s, k_lin_new,
                          mask=s_ok)
         tl.store(v_cache + n * E + cols, v_new, mask=col_ok)
         if FOLDS and HAS_LINEAR:
             if n == chunk_size - 1:             # the chunk is complete: fold it into the state
-                state += k_lin_new.to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
                 kl_cache = k_lin_cache_ptr + batch * capacity * S
-                for j0 in range(0, rows_held, BLOCK_N):
-                    rows = j0 + tl.arange(0, BLOCK_N)
-                    row_ok = rows < rows_held
-                    keys = tl.load(kl_cache + rows[:, None] * S + offs_s[None, :],
-                                   mask=row_ok[:, None] & s_ok[None, :], other=0.0)
-                    values = tl.load(v_cache + rows[:, None] * E + cols[None, :],
-                                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                    state = tl.dot(tl.trans(keys), values, state, input_precision=DOT_PRECISION)
-                tl.store(state_tile, state, mask=state_mask)
+                for s0 in range(0, S, BLOCK_SF):
+                    offs = s0 + tl.arange(0, BLOCK_SF)
+                    tile = state_ptr + batch * S * E + offs[:, None] * E + cols[None, :]
+                    tile_mask = (offs[:, None] < S) & col_ok[None, :]
+                    k_lin_new = _token_role(k_lin_ptr + batch * stride_klb, offs, S, affine_ptr,
+                                            3, FROM_Z)
+                    state = tl.load(tile, mask=tile_mask, other=0.0)
+                    state += k_lin_new.to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+                    for j0 in range(0, rows_held, BLOCK_N):
+                        rows = j0 + tl.arange(0, BLOCK_N)
+                        row_ok = rows < rows_held
+                        keys = tl.load(kl_cache + rows[:, None] * S + offs[None, :],
+                                       mask=row_ok[:, None] & (offs[None, :] < S), other=0.0)
+                        values = tl.load(v_cache + rows[:, None] * E + cols[None, :],
+                                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                        state = tl.dot(tl.trans(keys), values, state,
+                                       input_precision=DOT_PRECISION)
+                    tl.store(tile, state, mask=tile_mask)
 
     # The last program of the sequence to finish advances its position (see the module doc).
     tl.debug_barrier()
