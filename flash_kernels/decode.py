@@ -48,12 +48,14 @@ class DecodeCache:
         state: (B, S, E) float32 (float64 for float64 models): sum of k_lin_j v_j^T over every
             COMPLETED chunk (the full op's `final_state`); None without a linear part.
         position: (B,) int64, tokens seen so far by each sequence (the next token's position);
-            the current chunk holds `length` = position mod C of them (all, for one chunk).
+            the current chunk holds `length` = position mod C of them (all, for one chunk),
+            in rows [0, length); the rows after them hold zeros (the decode ops and
+            DecodeCache.empty keep it so; a cache filled by hand must too).
         chunk_size: C, or None for one chunk that never completes (full GAU attention): then the
             buffers hold every token and `capacity` bounds the sequence length.
 
-    Rows at or after `length` are never read (old contents may stay there). The tensors keep
-    their addresses for the cache's life (updated in place), as a CUDA graph needs.
+    The tensors keep their addresses for the cache's life (updated in place), as a CUDA graph
+    needs.
     """
 
     def __init__(self, k_quad, k_lin, v, state, position, *, chunk_size):
@@ -198,13 +200,21 @@ def _capturing():
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def _select(mask, x, other):
+    """torch.where(mask, x, other) with the mask expanded to x's shape first: on the CPU (torch
+    2.13) a mask broadcast along the last dim takes a slow path, ~40x slower."""
+    return torch.where(mask.expand_as(x), x, other)
+
+
 def decode_torch(q_quad, k_quad, q_lin, k_lin, v, cache, *, rel_bias, quad_scale, lin_scale):
     """The decode step in tensor code (inputs (B, S) / (B, E), scales resolved): the output
-    (B, E) in the compute dtype, the cache updated in place. Static shapes; no value read back
-    to the host except one `any()` deciding whether a chunk completes, skipped (the fold then
-    computed for every sequence and selected) under torch.compile or CUDA graph capture."""
+    (B, E) in the compute dtype, the cache updated in place, as the kernel does (see
+    kernels/mixed_chunk_decode.py). Rows past a sequence's length hold zeros (the cache's
+    invariant), so the products run over whole buffers and only the weights are masked.
+    Static shapes; no value read back to the host except one `any()` deciding whether a
+    chunk completes, skipped under torch.compile and CUDA graph capture (the fold is then
+    computed for every sequence and selected)."""
     B, S = q_quad.shape
-    E = v.shape[-1]
     cap = cache.capacity
     compute = torch.promote_types(v.dtype, torch.float32)
     zero = torch.zeros((), dtype=compute, device=v.device)
@@ -213,38 +223,36 @@ def decode_torch(q_quad, k_quad, q_lin, k_lin, v, cache, *, rel_bias, quad_scale
     row = n.clamp(max=cap - 1)
     rows = torch.arange(cap, device=v.device)
     attended = (rows[None, :] <= n[:, None]) & fits[:, None]           # (B, cap)
+    completes = (n == cache.chunk_size - 1) if cache.chunk_size is not None else None
 
-    def write(buffer, new):
-        """buffer[b, n_b] = new[b] where the row fits (a static-shape scatter)."""
-        index = row.view(B, 1, 1).expand(B, 1, buffer.shape[-1])
-        old = buffer.gather(1, index)
-        buffer.scatter_(1, index, torch.where(fits.view(B, 1, 1), new[:, None].to(buffer.dtype),
+    for buffer, new in ((cache.k_quad, k_quad), (cache.k_lin, k_lin), (cache.v, v)):
+        if buffer is not None:                  # buffer[b, n_b] = new[b] where the row fits
+            index = row.view(B, 1, 1).expand(B, 1, buffer.shape[-1])
+            old = buffer.gather(1, index)
+            buffer.scatter_(1, index, _select(fits.view(B, 1, 1), new[:, None].to(buffer.dtype),
                                               old))
 
-    write(cache.k_quad, k_quad)
-    write(cache.v, v)
-    if cache.k_lin is not None:
-        write(cache.k_lin, k_lin)
-
-    keys = torch.where(attended[..., None], cache.k_quad.to(compute), zero)
-    values = torch.where(attended[..., None], cache.v.to(compute), zero)
-    scores = quad_scale * (keys @ q_quad.to(compute)[:, :, None])[..., 0]   # (B, cap)
+    scores = quad_scale * (cache.k_quad.to(compute) @ q_quad.to(compute)[:, :, None])[..., 0]
     if rel_bias is not None:
         C = cache.bias_chunk
         offsets = (n[:, None] - rows[None, :]).clamp(0, C - 1)          # masked rows: any index
         scores = scores + rel_bias.to(compute)[offsets + C - 1]
-    weights = torch.where(attended, torch.relu(scores).square(), zero)
+    weights = torch.where(attended, torch.relu(scores).square(), zero)  # (B, cap)
+    values = cache.v.to(compute)
     out = (weights[:, None, :] @ values)[:, 0]                          # (B, E)
     if q_lin is not None:
         out = out + lin_scale * (q_lin.to(compute)[:, None, :] @ cache.state)[:, 0]
-    out = torch.where(fits[:, None], out, torch.full_like(out, float("nan")))
+    out = _select(fits[:, None], out, torch.full_like(out, float("nan")))
 
-    if cache.chunk_size is not None and cache.state is not None:
-        completes = (n == cache.chunk_size - 1)
-        if torch.compiler.is_compiling() or _capturing() or bool(completes.any()):
-            chunk_keys = torch.where(attended[..., None], cache.k_lin.to(compute), zero)
-            fold = chunk_keys.transpose(1, 2) @ values                     # (B, S, E)
-            cache.state.add_(torch.where(completes.view(B, 1, 1), fold, zero))
+    if completes is not None and (torch.compiler.is_compiling() or _capturing()
+                                  or bool(completes.any())):
+        restart = completes.view(B, 1, 1)
+        if cache.state is not None:
+            fold = cache.k_lin.to(compute).transpose(1, 2) @ values        # (B, S, E)
+            cache.state.add_(_select(restart, fold, zero))
+        for buffer in (cache.k_quad, cache.k_lin, cache.v):
+            if buffer is not None:
+                buffer.masked_fill_(restart.expand_as(buffer), 0)
     cache.position.add_(fits.to(cache.position.dtype))
     return out
 

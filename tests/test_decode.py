@@ -165,6 +165,8 @@ def test_decode_equals_the_full_op(case, backend, dtype):
         held = end - first
         assert torch.equal(cache.k_quad[b, :held], problem.roles[1][b, first:end])
         assert torch.equal(cache.v[b, :held], problem.v[b, first:end])
+        buffers = [cache.k_quad, cache.v] + ([cache.k_lin] if problem.linear else [])
+        assert all((x[b, held:] == 0).all() for x in buffers), "rows past the length not zero"
         if problem.linear:
             _, final = problem.full(end)
             _check(cache.state[b].double(), final[b], dtype, f"state of sequence {b}")

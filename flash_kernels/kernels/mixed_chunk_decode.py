@@ -9,11 +9,11 @@ chunk's buffers (n = p mod C for chunked attention, n = p for one growing chunk)
     out   = quad + lin,    times the gate u when given
 
 exactly the full op's output for that token. Then the new token's k_quad, k_lin and v go to
-row n; when the chunk completes (n = C - 1, chunked only) its keys and values are folded into
-the state, state += sum_{j <= n} k_lin_j v_j^T (float32), and the buffer restarts (the next
-token lands in row 0: nothing is cleared, rows at or after n are never read); position[b]
-becomes p + 1. Rows are never read past n, so old contents (a non-finite value included)
-never reach a token that does not attend them.
+row n; or, when the chunk completes (n = C - 1, chunked only), its keys and values are folded
+into the state, state += sum_{j <= n} k_lin_j v_j^T (float32), and the buffers restart: their
+rows are zeroed. position[b] becomes p + 1. So rows at or after a sequence's length always
+hold zeros (the cache's invariant, which the torch path relies on); the kernel itself never
+reads them.
 
 A row outside the buffers (n >= capacity: one growing chunk whose buffers are full) gets a NaN
 output and changes nothing, rather than writing out of bounds.
@@ -123,7 +123,12 @@ def mixed_chunk_decode_kernel(
         acc = acc * tl.load(gate_ptr + batch * stride_gb + cols, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + batch * E + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
-    if fits:
+    completes = False                       # one growing chunk never completes
+    joins = fits
+    if FOLDS:
+        completes = fits & (n == chunk_size - 1)
+        joins = fits & (n != chunk_size - 1)
+    if joins:                               # the token joins the buffers at row n
         if e_tile == 0:
             tl.store(k_cache + n * S + offs_s, k_new, mask=s_ok)
             if HAS_LINEAR:
@@ -132,31 +137,47 @@ def mixed_chunk_decode_kernel(
                 tl.store(k_lin_cache_ptr + batch * capacity * S + n * S + offs_s, k_lin_new,
                          mask=s_ok)
         tl.store(v_cache + n * E + cols, v_new, mask=col_ok)
-        if FOLDS and HAS_LINEAR:
-            if n == chunk_size - 1:             # the chunk is complete: fold it into the state
-                kl_cache = k_lin_cache_ptr + batch * capacity * S
-                for s0 in range(0, S, BLOCK_SF):
-                    offs = s0 + tl.arange(0, BLOCK_SF)
-                    tile = state_ptr + batch * S * E + offs[:, None] * E + cols[None, :]
-                    tile_mask = (offs[:, None] < S) & col_ok[None, :]
-                    k_lin_new = _token_role(k_lin_ptr + batch * stride_klb, offs, S, affine_ptr,
-                                            3, FROM_Z)
-                    state = tl.load(tile, mask=tile_mask, other=0.0)
-                    state += k_lin_new.to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
-                    for j0 in range(0, rows_held, BLOCK_N):
-                        rows = j0 + tl.arange(0, BLOCK_N)
-                        row_ok = rows < rows_held
-                        keys = tl.load(kl_cache + rows[:, None] * S + offs[None, :],
-                                       mask=row_ok[:, None] & (offs[None, :] < S), other=0.0)
-                        values = tl.load(v_cache + rows[:, None] * E + cols[None, :],
-                                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                        state = tl.dot(tl.trans(keys), values, state,
-                                       input_precision=DOT_PRECISION)
-                    tl.store(tile, state, mask=tile_mask)
+    if completes:                           # the chunk is complete: fold it, clear the buffers
+        if HAS_LINEAR:
+            kl_cache = k_lin_cache_ptr + batch * capacity * S
+            for s0 in range(0, S, BLOCK_SF):
+                offs = s0 + tl.arange(0, BLOCK_SF)
+                tile = state_ptr + batch * S * E + offs[:, None] * E + cols[None, :]
+                tile_mask = (offs[:, None] < S) & col_ok[None, :]
+                k_lin_new = _token_role(k_lin_ptr + batch * stride_klb, offs, S, affine_ptr,
+                                        3, FROM_Z)
+                state = tl.load(tile, mask=tile_mask, other=0.0)
+                state += k_lin_new.to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+                for j0 in range(0, rows_held, BLOCK_N):
+                    rows = j0 + tl.arange(0, BLOCK_N)
+                    row_ok = rows < rows_held
+                    keys = tl.load(kl_cache + rows[:, None] * S + offs[None, :],
+                                   mask=row_ok[:, None] & (offs[None, :] < S), other=0.0)
+                    values = tl.load(v_cache + rows[:, None] * E + cols[None, :],
+                                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                    state = tl.dot(tl.trans(keys), values, state, input_precision=DOT_PRECISION)
+                tl.store(tile, state, mask=tile_mask)
+        # This program's value columns are its own; the keys (read by every program of the
+        # sequence) are cleared by the last one, below.
+        for j0 in range(0, rows_held, BLOCK_N):
+            rows = j0 + tl.arange(0, BLOCK_N)
+            tl.store(v_cache + rows[:, None] * E + cols[None, :],
+                     tl.zeros((BLOCK_N, BLOCK_E), dtype=v_new.dtype),
+                     mask=(rows[:, None] < rows_held) & col_ok[None, :])
 
     # The last program of the sequence to finish advances its position (see the module doc).
     tl.debug_barrier()
     ticket = tl.atomic_add(tickets_ptr + batch, 1)
     if ticket == num_e_tiles - 1:
+        if completes:
+            for j0 in range(0, rows_held, BLOCK_N):
+                rows = j0 + tl.arange(0, BLOCK_N)
+                row_mask = (rows[:, None] < rows_held) & s_ok[None, :]
+                tl.store(k_cache + rows[:, None] * S + offs_s[None, :],
+                         tl.zeros((BLOCK_N, BLOCK_S), dtype=k_new.dtype), mask=row_mask)
+                if HAS_LINEAR:
+                    tl.store(k_lin_cache_ptr + batch * capacity * S + rows[:, None] * S
+                             + offs_s[None, :], tl.zeros((BLOCK_N, BLOCK_S), dtype=k_new.dtype),
+                             mask=row_mask)
         tl.store(tickets_ptr + batch, 0)
         tl.store(position_ptr + batch, tl.where(fits, position + 1, position))

@@ -287,7 +287,9 @@ class GatedAttentionLayer(nn.Module):
                 continue
             x = layout[name]
             gathered = x.gather(1, source[..., None].expand(-1, -1, x.shape[-1]))
-            buffer.copy_(torch.where(keep[..., None], gathered, torch.zeros_like(gathered)))
+            # (the mask expanded: a broadcast one takes a slow CPU path in torch 2.13)
+            buffer.copy_(torch.where(keep[..., None].expand_as(gathered), gathered,
+                                     torch.zeros_like(gathered)))
         if final_state is not None:
             cache.state.copy_(final_state.detach())
 
