@@ -4,7 +4,7 @@ with a KV cache (SDPA over the cached keys and values), at growing context lengt
 
 Both decode one token per sequence for a batch, at a given context length (tokens already in
 the cache), with the same model width d:
-- "flash": a FLASH layer (s = 128, e = 2d, chunk C = 256): norm, the u/v/z projection, the decode
+- "flash": a FLASH layer (s = 128, e = 2d, chunk C = 256; 64 in the CPU run): norm, the u/v/z projection, the decode
   op (the float32 S x E state of the completed chunks plus the current chunk's keys and
   values), the gate and the output projection. Its cache does not grow with the context.
 - "kv_cache": a pre-norm multi-head attention block with heads of 64: the qkv projection, the
@@ -14,13 +14,15 @@ Neither has the rest of a transformer (a FLASH layer replaces attention + FFN; t
 each layer's parameter count).
 
 Timing. GPU: each model's step is captured once in a CUDA graph and replayed (no Python or launch
-overhead in the numbers); "flash" replays C = 256 steps from a chunk's first token, so its mean
-includes one fold of the chunk into the state; "kv_cache" replays at a fixed context. CPU: eager
-steps (the torch path of the decode op), timed the same way. Caches hold random values (the
-cost does not depend on them); the context enters as the cache's position (flash) or the number
-of cached keys (kv_cache). Points whose KV cache would not fit in memory are skipped.
+overhead in the numbers); "flash" replays C steps (a whole chunk, whatever the context), so
+its mean includes one fold of the chunk into the state; "kv_cache" replays at a fixed context.
+CPU (one thread by default): eager steps (the torch path of the decode op), each timed; the
+median is reported (a shared CPU slows single steps at random), the mean kept beside it.
+Caches hold random values (the cost does not depend on them); the context enters as the
+cache's position (flash) or the number of cached keys (kv_cache). Points whose KV cache would
+not fit in memory are skipped.
 
-    python -m bench.decode                 # CPU: a small grid, under a minute
+    python -m bench.decode                 # CPU: d = 256, batches 1, 8, 64, contexts 256 .. 16K
     python -m bench.decode --full          # GPU: batches 1, 8, 64; contexts 1K .. 64K and 256K
 
 Results are appended to bench/results/decode.jsonl (one JSON object per point, run metadata
@@ -43,9 +45,10 @@ from .results_io import DEFAULT_DIR, append_results, run_metadata
 
 RESULTS_NAME = "decode.jsonl"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-FULL = dict(d=1024, batches=[1, 8, 64],
+FULL = dict(d=1024, chunk_size=256, batches=[1, 8, 64],
             contexts=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 262144], dtype="bf16")
-QUICK = dict(d=256, batches=[1, 8, 64], contexts=[256, 1024, 4096], dtype="fp32")
+QUICK = dict(d=256, chunk_size=64, batches=[1, 8, 64], contexts=[256, 1024, 4096, 16384],
+             dtype="fp32")
 HEAD_DIM = 64
 
 
@@ -75,8 +78,8 @@ class KVCacheAttention(nn.Module):
         return x + self.out(att.reshape(B, d))
 
 
-def flash_layer(d, device, dtype):
-    return FLASH(d, s=128, expansion=2, chunk_size=256).to(device, dtype).eval()
+def flash_layer(d, chunk_size, device, dtype):
+    return FLASH(d, s=128, expansion=2, chunk_size=chunk_size).to(device, dtype).eval()
 
 
 def flash_cache(layer, batch, context, device, dtype):
@@ -102,8 +105,8 @@ def _sync(device):
 
 
 def time_steps(step, steps, device, graph):
-    """Mean seconds per call of step() over `steps` calls (after a warm-up), replaying a CUDA
-    graph of it when `graph`."""
+    """(mean, median) seconds per call of step() over `steps` calls after a warm-up, replaying
+    a CUDA graph of it when `graph`. On a GPU the calls are timed together (median = mean)."""
     if graph:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -126,27 +129,28 @@ def time_steps(step, steps, device, graph):
             call()
         end.record()
         torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000 / steps
+        mean = start.elapsed_time(end) / 1000 / steps
+        return mean, mean
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
-    return statistics.fmean(times)
+    return statistics.fmean(times), statistics.median(times)
 
 
 def measure(impl, batch, context, args, device, dtype):
     """One point: a dict of the measurement (or a skip with the reason)."""
     d = args.d
     point = dict(impl=impl, batch=batch, context=context, d=d, layers=args.layers,
-                 heads=d // HEAD_DIM, S=128, E=2 * d, C=256)
+                 heads=d // HEAD_DIM, S=128, E=2 * d, C=args.chunk_size)
     torch.manual_seed(0)
     graph = device.type == "cuda" and not args.no_graph
     if impl == "flash":
-        layers = [flash_layer(d, device, dtype) for _ in range(args.layers)]
+        layers = [flash_layer(d, args.chunk_size, device, dtype) for _ in range(args.layers)]
         caches = [flash_cache(layer, batch, context, device, dtype) for layer in layers]
         per_seq = sum(cache_bytes((c.k_quad, c.k_lin, c.v, c.state), batch) for c in caches)
-        steps = 256                            # one chunk cycle: includes one fold
+        steps = args.chunk_size                # one chunk cycle: includes one fold
     else:
         per_seq = args.layers * 2 * (context + 1) * d * dtype.itemsize
         if device.type == "cuda":
@@ -171,11 +175,15 @@ def measure(impl, batch, context, args, device, dtype):
     params = sum(p.numel() for p in layers[0].parameters())
     try:
         with torch.no_grad():
-            seconds = time_steps(step, steps, device, graph)
+            mean, median = time_steps(step, steps, device, graph)
     except torch.cuda.OutOfMemoryError:
         return dict(point, status="skipped", note="out of memory", cache_bytes_per_seq=per_seq)
+    # A CPU shared with other work makes single steps slow at random: there the median step
+    # is the figure (the mean, which weighs flash's fold in properly, is kept as ms_mean).
+    seconds = mean if device.type == "cuda" else median
     return dict(point, status="ok", ms_per_token=1000 * seconds, tokens_per_s=batch / seconds,
-                cache_bytes_per_seq=per_seq, params_per_layer=params, cuda_graph=graph)
+                ms_mean=1000 * mean, ms_median=1000 * median, cache_bytes_per_seq=per_seq,
+                params_per_layer=params, cuda_graph=graph, steps=steps)
 
 
 def plot(records, path):
@@ -215,8 +223,10 @@ def plot(records, path):
     ax_time.set_ylabel("ms per decoding step (one token per sequence)")
     ax_mem.set_ylabel("cache per sequence (MiB)")
     graph = " (CUDA graphs)" if r.get("cuda_graph") else ""
-    ax_time.set_title(f"{r['layers']} layer, d={r['d']}, {r['dtype']}{graph}", fontsize=9)
-    ax_mem.set_title(f"cache per sequence and layer x {r['layers']}", fontsize=9)
+    ax_time.set_title(f"{r['layers']} layer(s), d={r['d']}, C={r['C']}, {r['dtype']}{graph}",
+                      fontsize=9)
+    ax_mem.set_title(f"cache per sequence, {r['layers']} layer(s) (FLASH: state + one chunk)",
+                     fontsize=9)
     fig.suptitle(f"Decoding: FLASH against a KV cache, {r['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -256,10 +266,13 @@ def parse_args(argv):
     parser.add_argument("--batches", type=int, nargs="+")
     parser.add_argument("--contexts", type=int, nargs="+")
     parser.add_argument("--d", type=int, help="model width (heads of 64)")
+    parser.add_argument("--chunk-size", type=int, help="FLASH's chunk size C")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--dtype", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-graph", action="store_true", help="GPU: time eager steps")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU: torch threads (1: the least noise on a shared machine)")
     parser.add_argument("--cpu-memory-gib", type=float, default=2.0,
                         help="CPU: skip KV caches larger than this")
     parser.add_argument("--output-dir", default=DEFAULT_DIR)
@@ -267,7 +280,7 @@ def parse_args(argv):
     device = torch.device(args.device)
     defaults = FULL if args.full or (device.type == "cuda" and not args.quick) else QUICK
     args.quick = defaults is QUICK
-    for name in ("d", "batches", "contexts", "dtype"):
+    for name in ("d", "chunk_size", "batches", "contexts", "dtype"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
     if args.d % HEAD_DIM:
@@ -279,7 +292,7 @@ def main(argv=None):
     args, device = parse_args(argv)
     dtype = DTYPES[args.dtype]
     if device.type == "cpu":
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+        torch.set_num_threads(args.threads)
     meta = run_metadata(device, dtype, args.quick)
     records, start = [], time.perf_counter()
     for batch in args.batches:
