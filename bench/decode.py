@@ -78,8 +78,9 @@ class KVCacheAttention(nn.Module):
         return x + self.out(att.reshape(B, d))
 
 
-def flash_layer(d, chunk_size, device, dtype):
-    return FLASH(d, s=128, expansion=2, chunk_size=chunk_size).to(device, dtype).eval()
+def flash_layer(d, chunk_size, device, dtype, backend="auto"):
+    return FLASH(d, s=128, expansion=2, chunk_size=chunk_size,
+                 backend=backend).to(device, dtype).eval()
 
 
 def flash_cache(layer, batch, context, device, dtype):
@@ -147,7 +148,8 @@ def measure(impl, batch, context, args, device, dtype):
     torch.manual_seed(0)
     graph = device.type == "cuda" and not args.no_graph
     if impl == "flash":
-        layers = [flash_layer(d, args.chunk_size, device, dtype) for _ in range(args.layers)]
+        layers = [flash_layer(d, args.chunk_size, device, dtype, args.backend)
+                  for _ in range(args.layers)]
         caches = [flash_cache(layer, batch, context, device, dtype) for layer in layers]
         per_seq = sum(cache_bytes((c.k_quad, c.k_lin, c.v, c.state), batch) for c in caches)
         steps = args.chunk_size                # one chunk cycle: includes one fold
@@ -271,6 +273,8 @@ def parse_args(argv):
     parser.add_argument("--dtype", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-graph", action="store_true", help="GPU: time eager steps")
+    parser.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
+                        help="the FLASH layer's attention backend")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU: torch threads (1: the least noise on a shared machine)")
     parser.add_argument("--cpu-memory-gib", type=float, default=2.0,

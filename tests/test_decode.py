@@ -399,3 +399,46 @@ def _clone(cache):
     copy.__dict__.update({k: v.clone() if isinstance(v, torch.Tensor) else v
                           for k, v in cache.__dict__.items()})
     return copy
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("from_z", [False, True], ids=["roles", "from-z"])
+def test_opcheck_decode_op(from_z):
+    """The custom op's schema (which inputs it mutates) and fake implementation are right."""
+    problem = Problem(op="flash" if from_z else "mixed", linear=True, bias=True, chunk_size=4,
+                      dtype=torch.float32)
+    cache = problem.cache_at([3, 1, 0, 2])            # sequence 0 completes its chunk
+    rows = torch.arange(B, device=DEVICE)
+    if from_z:
+        gamma, beta = problem.gamma.float(), problem.beta.float()
+        affine = torch.stack([gamma, beta])
+        inputs = (problem.z[rows, 0], None, None, None, problem.v[rows, 0], problem.u[rows, 0],
+                  affine)
+    else:
+        inputs = (*(r[rows, 0] for r in problem.roles), problem.v[rows, 0], None, None)
+    args = (*inputs, problem.bias_decode, cache.k_quad, cache.k_lin, cache.v, cache.state,
+            cache.position, cache.tickets, 4, True, 0.25, 0.25)
+    torch.library.opcheck(decode_module.mixed_chunk_decode_op, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_decode_benchmark_runs(tmp_path):
+    """bench/decode.py end to end on a tiny grid: both models measured, FLASH's cache constant
+    in the context and the KV cache growing with it."""
+    import json
+
+    from bench.decode import main
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--device", "cpu", "--batches", "2", "--contexts", "16", "48", "--d", "64",
+                     "--chunk-size", "16", "--backend", "torch",
+                     "--output-dir", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    records = [json.loads(line) for line in (tmp_path / "decode.jsonl").read_text().splitlines()]
+    assert sorted((r["impl"], r["context"]) for r in records) == [
+        ("flash", 16), ("flash", 48), ("kv_cache", 16), ("kv_cache", 48)]
+    assert all(r["status"] == "ok" and r["ms_per_token"] > 0 for r in records)
+    memory = {(r["impl"], r["context"]): r["cache_bytes_per_seq"] for r in records}
+    assert memory["flash", 16] == memory["flash", 48]
+    assert memory["kv_cache", 48] == 2 * 49 * 64 * 4 > memory["kv_cache", 16]
