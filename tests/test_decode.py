@@ -211,6 +211,10 @@ def test_bad_inputs_are_named():
         mixed_chunk_decode(q, q, q, q, v, {"state": None})
     with pytest.raises(ValueError, match="backend"):
         mixed_chunk_decode(q, q, q, q, v, cache, backend="cuda")
+    bad_position = DecodeCache.empty(2, S, E, chunk_size=4)
+    bad_position.position = bad_position.position.int()
+    with pytest.raises(ValueError, match="cache.position must be an int64 tensor"):
+        mixed_chunk_decode(q, q, q, q, v, bad_position)
     with pytest.raises(ValueError, match="explicit quad_scale"):
         mixed_chunk_decode(q, q, None, None, v, DecodeCache.empty(2, S, E, chunk_size=None,
                                                                   capacity=8, linear=False))
