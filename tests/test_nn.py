@@ -208,9 +208,10 @@ def test_decoding_matches_forward(layer, rel_pos, rope):
         torch.testing.assert_close(logits, full, rtol=1e-10, atol=1e-10,
                                    msg=lambda m: f"prefill={prefill}: {m}")
     if layer == "flash":                    # the cache never holds more than one chunk
-        assert all(c.capacity == C and c.length == 19 % C and c.position == 19 for c in caches)
+        assert all(c.capacity == C and (c.length == 19 % C).all() and (c.position == 19).all()
+                   for c in caches)
     else:                                   # GAU: one growing chunk
-        assert all(c.length == 19 and c.state is None for c in caches)
+        assert all((c.length == 19).all() and c.state is None for c in caches)
 
 
 def test_flash_quad_decoding_and_float32():

@@ -1,78 +1,86 @@
 """The decoding cache of one GAU / FLASH layer."""
 import torch
 
+from ..decode import DecodeCache
+from ..validation import type_name
 
-class AttentionCache:
-    """What one layer keeps between decoding steps.
 
-    Attributes:
-        position: absolute position of the next token (RoPE angles and chunk membership).
-        length: tokens of the current, incomplete chunk held in the buffers.
-        state: (B, S, E) sum of k_lin_j v_j^T over every *completed* chunk, in float32 (float64
-            for float64 models): the exclusive inter-chunk state of the linear part. None for
-            quadratic-only layers.
-        k_quad, k_lin, v: (B, capacity, S / S / E) buffers; rows [:length] are the current chunk's
-            keys (RoPE applied) and values, in the model's dtype. k_lin is None without a
-            linear part.
+class AttentionCache(DecodeCache):
+    """What one layer keeps between decoding steps: a `flash_kernels.DecodeCache` allocated on
+    first use (the layer knows its sizes, the first input its batch, dtype and device).
 
-    The buffers of a chunked layer hold one chunk (capacity C), so memory and work per token stay
-    bounded however long the sequence grows. A GAU layer (chunk_size=None) has one chunk that
-    never completes: its buffers grow (doubling capacity) and every token attends to all before
-    it, O(t) work for token t: quadratic attention is quadratic by nature.
+    Attributes (see DecodeCache): position (B,) int64 tokens seen per sequence (sequences of
+    one batch may be at different positions), length (B,) tokens of the current chunk, state
+    (B, S, E) float32 (float64 for float64 models) over completed chunks, or None for
+    quadratic-only layers; k_quad, k_lin, v (B, capacity, ...) the current chunk's keys (RoPE
+    applied) and values. max_tokens: for one-chunk (GAU) buffers, a host-side bound on every
+    position (prefilled tokens plus steps), kept without reading the device.
+
+    A chunked layer's buffers hold one chunk (capacity C): memory and work per token stay
+    bounded however long the sequence grows, and the tensors never change (a decoding step
+    can be captured in a CUDA graph). A GAU layer (chunk_size=None) has one chunk that never
+    completes: its buffers hold every token and grow (doubling, new tensors) when max_tokens
+    would pass the capacity; every token attends to all before it, O(t) work for token t.
+    To capture GAU decoding in a CUDA graph, `reserve` the capacity first.
     """
 
     def __init__(self):
-        self.position = 0
-        self.length = 0
-        self.state = None
-        self.k_quad = None
-        self.k_lin = None
-        self.v = None
+        self.k_quad = self.k_lin = self.v = self.state = self.position = self.tickets = None
+        self.chunk_size = None
+        self.max_tokens = 0
+        self.min_capacity = 0
 
     @property
     def initialized(self):
         return self.k_quad is not None
 
-    @property
-    def capacity(self):
-        return 0 if self.k_quad is None else self.k_quad.shape[1]
+    def reserve(self, tokens):
+        """Make room for `tokens` tokens per sequence in one-chunk (GAU) buffers, at allocation
+        or now, so no step reallocates them (chunked buffers always hold one chunk)."""
+        self.min_capacity = max(self.min_capacity, int(tokens))
+        if self.initialized and self.chunk_size is None and self.capacity < tokens:
+            self.grow(int(tokens))
 
-    def allocate(self, batch, S, E, capacity, *, linear, dtype, device):
-        self.k_quad = torch.zeros(batch, capacity, S, dtype=dtype, device=device)
-        self.k_lin = torch.zeros(batch, capacity, S, dtype=dtype, device=device) if linear else None
-        self.v = torch.zeros(batch, capacity, E, dtype=dtype, device=device)
-        compute = torch.promote_types(dtype, torch.float32)
-        self.state = torch.zeros(batch, S, E, dtype=compute, device=device) if linear else None
+    def allocate(self, batch, S, E, capacity, *, chunk_size, linear, dtype, device):
+        empty = DecodeCache.empty(batch, S, E, chunk_size=chunk_size, capacity=capacity,
+                                  linear=linear, dtype=dtype, device=device)
+        self._assign(empty.k_quad, empty.k_lin, empty.v, empty.state, empty.position, chunk_size)
 
     def grow(self, capacity):
-        """Enlarge the buffers to `capacity` rows, keeping rows [:length] (GAU decoding)."""
+        """Enlarge one-chunk buffers to `capacity` rows, keeping their contents (new tensors)."""
         def grown(buf):
             if buf is None:
                 return None
             new = buf.new_zeros(buf.shape[0], capacity, buf.shape[2])
-            new[:, :self.length] = buf[:, :self.length]
+            new[:, :buf.shape[1]] = buf
             return new
-        self.k_quad, self.k_lin, self.v = grown(self.k_quad), grown(self.k_lin), grown(self.v)
+        self._assign(grown(self.k_quad), grown(self.k_lin), grown(self.v), self.state,
+                     self.position, self.chunk_size)
 
-    def append(self, k_quad, k_lin, v):
-        """Write one token's (B, S), (B, S), (B, E) rows at index `length`."""
-        n = self.length
-        self.k_quad[:, n] = k_quad
-        if self.k_lin is not None:
-            self.k_lin[:, n] = k_lin
-        self.v[:, n] = v
-        self.length = n + 1
-        self.position += 1
 
-    def fold_chunk(self):
-        """The current chunk is complete: add its k_lin^T v to the state and empty the buffers.
-
-        Tokens of later chunks see this chunk through the state only (SPEC section 2: the linear
-        part uses earlier chunks, the quadratic part the token's own chunk).
-        """
-        if self.state is not None:
-            n = self.length
-            kl = self.k_lin[:, :n].to(self.state.dtype)
-            vv = self.v[:, :n].to(self.state.dtype)
-            self.state += kl.transpose(1, 2) @ vv
-        self.length = 0
+def check_lengths(lengths, batch, T, device, *, minimum=0):
+    """lengths: None, or a (batch,) integer tensor (or list) of per-row token counts in
+    [minimum, T] -> None or an int64 tensor on `device`. The range check reads the values (a
+    device sync): skipped under torch.compile and CUDA graph capture."""
+    if lengths is None:
+        return None
+    if isinstance(lengths, (list, tuple)):
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
+            raise TypeError("lengths must hold ints")
+        lengths = torch.tensor(lengths, dtype=torch.int64)
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"lengths must be a (batch,) integer tensor or a list of ints, got "
+                        f"{type_name(lengths)}")
+    if lengths.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"lengths must be int64 or int32, got {lengths.dtype}")
+    if tuple(lengths.shape) != (batch,):
+        raise ValueError(f"lengths must have shape ({batch},) (one length per row), got "
+                         f"{tuple(lengths.shape)}")
+    lengths = lengths.to(device=device, dtype=torch.int64)
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if batch and not torch.compiler.is_compiling() and not capturing:
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < minimum or high > T:
+            raise ValueError(f"lengths must lie in [{minimum}, {T}] (T = the rows' length), got "
+                             f"values from {low} to {high}")
+    return lengths

@@ -3,10 +3,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..decode import flash_attention_decode, mixed_chunk_decode
 from ..flash_attention import flash_attention
 from ..mixed_chunk_attention import mixed_chunk_attention
 from ..validation import BACKENDS, check_bool, check_int, check_scale, type_name
-from .cache import AttentionCache
+from .cache import AttentionCache, check_lengths
 from .norms import make_norm
 from .position import RotaryEmbedding, make_rel_pos
 from .scale_offset import ScaleOffset
@@ -217,72 +218,170 @@ class GatedAttentionLayer(nn.Module):
         q_lin, k_lin = roles[2:] if self.linear else (None, None)
         return u * mixed_chunk_attention(roles[0], roles[1], q_lin, k_lin, v, **options)
 
-    def _attend_after_cache(self, u, v, z, cache):
-        """Prefill: the attention of the new tokens after those the cache holds, and the cache
-        moved past them. The new tokens continue the cache's current chunk: the op runs on its
-        buffered keys and values followed by the new ones (the buffered rows' queries are
-        zeros and their outputs dropped), starting from the cache's state; its final state
-        (the completed chunks) and the new partial chunk become the cache."""
+    def _attend_after_cache(self, u, v, z, cache, lengths=None):
+        """Prefill: u * the attention of the new tokens after those the cache holds, and the
+        cache moved past them, in one call of the op (its final state is the cache's state).
+
+        Row b continues its sequence by its first lengths[b] tokens (all T without lengths;
+        the rest of the row is padding, its outputs meaningless). Each row becomes one packed
+        document that starts at its current chunk's first token: the chunk's buffered keys and
+        values (queries zero, outputs dropped), then the new tokens; padding forms a document
+        of its own. The op starts each document from the cache's state and its final state
+        (the completed chunks) and the new partial chunk become the cache. Shapes come from
+        T and the buffers' capacity; nothing is read back from the device. A fresh cache and
+        equal lengths take the op on the (B, T) rows directly.
+        """
         B, T, E = v.shape
-        held = cache.length if cache.initialized else 0
-        positions = cache.position + torch.arange(T, device=v.device)
-        roles = self._roles(z, positions)
-
-        def with_held(new, buffer):
-            if not held:
-                return new
-            return torch.cat([buffer[:, :held].to(new.dtype), new], dim=1)
-
-        def queries(new):
-            return torch.cat([new.new_zeros(B, held, new.shape[-1]), new], dim=1) if held else new
-
-        k_quad = with_held(roles[1], cache.k_quad)
-        values = with_held(v, cache.v)
-        q_lin = k_lin = None
-        if self.linear:
-            q_lin, k_lin = queries(roles[2]), with_held(roles[3], cache.k_lin)
-        length = held + T
-        result = mixed_chunk_attention(
-            queries(roles[0]), k_quad, q_lin, k_lin, values, chunk_size=self.chunk_size,
-            causal=True, rel_bias=self._rel_bias(self._chunk_len(length)),
-            quad_scale=self.quad_scale, lin_scale=self.lin_scale,
-            initial_state=cache.state if self.linear and cache.initialized else None,
-            output_final_state=self.linear, backend=self.backend)
-        out, final = result if self.linear else (result, None)
-        with torch.no_grad():
-            self._fill_cache(cache, k_quad, k_lin, values, final, cache.position + T)
-        return u * out[:, held:]
-
-    def _fill_cache(self, cache, k_quad, k_lin, v, final_state, position):
-        """The cache after a prefill: the state of the completed chunks, and the keys and
-        values of the current (incomplete) chunk; a GAU layer's one chunk never completes."""
-        B, length, E = v.shape
+        held_rows = cache.capacity if cache.initialized else 0
+        self._prepare_cache(cache, B, T, v.dtype, v.device)
+        new_tokens = lengths if lengths is not None else torch.full(
+            (B,), T, dtype=torch.long, device=v.device)
+        held = cache.length if held_rows else torch.zeros_like(new_tokens)
+        positions = cache.position[:, None] + torch.arange(T, device=v.device)
+        roles = [r.reshape(B, T, self.s) for r in self._roles(z.reshape(B * T, self.s),
+                                                              positions.reshape(-1))]
         C = self.chunk_size
-        done = 0 if C is None else (length // C) * C
-        held = length - done
-        capacity = C if C is not None else max(16, length)
-        state = final_state.detach() if final_state is not None else None
-        cache.allocate(B, self.s, E, capacity, linear=self.linear, dtype=v.dtype, device=v.device)
-        if state is not None:
-            cache.state.copy_(state)
-        cache.k_quad[:, :held] = k_quad[:, done:]
+        if not held_rows and lengths is None:                  # fresh cache, whole rows
+            layout = dict(q_quad=roles[0], k_quad=roles[1], v=v)
+            if self.linear:
+                layout.update(q_lin=roles[2], k_lin=roles[3])
+            packing = dict(chunk_size=C, rel_bias=self._rel_bias(self._chunk_len(T)))
+            L = T
+        else:
+            L = held_rows + T
+            layout = self._continuation_layout(cache, roles, v, held, held_rows)
+            ends = torch.arange(B, device=v.device) * L
+            cu = torch.stack([ends, ends + held + new_tokens], dim=1).reshape(-1)
+            packing = dict(chunk_size=C, rel_bias=self._rel_bias(C if C is not None else L),
+                           cu_seqlens=torch.cat([cu, cu.new_full((1,), B * L)]), max_seqlen=L)
+            layout = {name: x.reshape(1, B * L, x.shape[-1]) for name, x in layout.items()}
+            if self.linear:           # document 2b is row b's sequence, 2b + 1 its padding
+                initial = cache.state.new_zeros(1, 2 * B, self.s, E)
+                initial[0, 0::2] = cache.state
+                packing["initial_state"] = initial
+        result = mixed_chunk_attention(
+            layout["q_quad"], layout["k_quad"], layout.get("q_lin"), layout.get("k_lin"),
+            layout["v"], causal=True, quad_scale=self.quad_scale, lin_scale=self.lin_scale,
+            output_final_state=self.linear, backend=self.backend, **packing)
+        out, final = result if self.linear else (result, None)
+        out = out.reshape(B, L, E)
+        if final is not None and final.dim() == 4:
+            final = final[0, 0::2]
+        with torch.no_grad():
+            self._fill_cache(cache, {k: x.reshape(B, L, -1) for k, x in layout.items()},
+                             final, held + new_tokens)
+            cache.position += new_tokens
+            cache.max_tokens += T
+        if L != T:                                    # the new tokens' rows of each document
+            rows = (held[:, None] + torch.arange(T, device=v.device)).clamp(max=L - 1)
+            out = out.gather(1, rows[..., None].expand(B, T, E))
+        return u * out
+
+    def _continuation_layout(self, cache, roles, v, held, held_rows):
+        """(B, held_rows + T, W) rows of every op input: row b's `held[b]` buffered keys and
+        values (zero queries), its T new tokens, then zeros. A static-shape gather."""
+        B, T, _ = v.shape
+        r = torch.arange(held_rows + T, device=v.device)
+        source = torch.where(r < held[:, None], r,
+                             torch.where(r < held[:, None] + T, held_rows + r - held[:, None],
+                                         held_rows + T))                    # (B, L)
+
+        def arrange(buffer, new):
+            parts = [buffer[:, :held_rows].to(new.dtype) if buffer is not None
+                     else new.new_zeros(B, held_rows, new.shape[-1]),
+                     new, new.new_zeros(B, 1, new.shape[-1])]
+            rows = torch.cat(parts, dim=1)
+            return rows.gather(1, source[..., None].expand(-1, -1, new.shape[-1]))
+
+        layout = dict(q_quad=arrange(None, roles[0]), k_quad=arrange(cache.k_quad, roles[1]),
+                      v=arrange(cache.v, v))
         if self.linear:
-            cache.k_lin[:, :held] = k_lin[:, done:]
-        cache.v[:, :held] = v[:, done:]
-        cache.length, cache.position = held, position
+            layout.update(q_lin=arrange(None, roles[2]), k_lin=arrange(cache.k_lin, roles[3]))
+        return layout
+
+    def _fill_cache(self, cache, layout, final_state, tokens):
+        """The cache after a prefill. layout: the op's (B, L, W) inputs by name, row b holding
+        its sequence's current chunk from the chunk's first token on, tokens[b] rows of it;
+        final_state: the op's (B, S, E) state of the completed chunks. The rows after the last
+        completed chunk (all of them for a GAU layer, whose chunk never completes) become the
+        buffers, written in place."""
+        C = self.chunk_size
+        L = layout["v"].shape[1]
+        done = (tokens // C) * C if C is not None else torch.zeros_like(tokens)
+        rows = torch.arange(cache.capacity, device=tokens.device)
+        source = (done[:, None] + rows).clamp(max=L - 1)
+        keep = rows[None, :] < (tokens - done)[:, None]
+        for name in ("k_quad", "k_lin", "v"):
+            buffer = getattr(cache, name)
+            if buffer is None:
+                continue
+            x = layout[name]
+            gathered = x.gather(1, source[..., None].expand(-1, -1, x.shape[-1]))
+            # (the mask expanded: a broadcast one takes a slow CPU path in torch 2.13)
+            buffer.copy_(torch.where(keep[..., None].expand_as(gathered), gathered,
+                                     torch.zeros_like(gathered)))
+        if final_state is not None:
+            cache.state.copy_(final_state.detach())
 
     # -- incremental decoding -------------------------------------------------------------------
 
     def new_cache(self):
         return AttentionCache()
 
+    def _prepare_cache(self, cache, batch, new_tokens, dtype, device):
+        """Allocate the cache on first use, and grow one-chunk (GAU) buffers so that
+        `new_tokens` more tokens per sequence fit (host-side bookkeeping: cache.max_tokens)."""
+        if self.chunk_size is not None:
+            capacity = self.chunk_size
+        else:
+            capacity = cache.capacity if cache.initialized else max(16, cache.min_capacity)
+            while capacity < cache.max_tokens + new_tokens:
+                capacity *= 2
+        if not cache.initialized:
+            cache.allocate(batch, self.s, self.e, capacity, chunk_size=self.chunk_size,
+                           linear=self.linear, dtype=dtype, device=device)
+            return
+        if cache.v.shape[0] != batch:
+            raise ValueError(f"the cache holds batch {cache.v.shape[0]}, x has batch {batch}")
+        if cache.v.dtype != dtype:
+            raise TypeError(f"the cache holds {cache.v.dtype} keys and values but the layer now "
+                            f"computes in {dtype}: decode in the dtype of the prefill")
+        if capacity > cache.capacity:
+            cache.grow(capacity)
+
+    def prefill(self, x, cache, lengths=None):
+        """Run a prompt through the layer into `cache`: x (batch, T, d) -> (batch, T, d).
+
+        Row b holds lengths[b] prompt tokens (right-padded; all T without lengths) that continue
+        the tokens the cache has seen (none for a new cache): one pass of the attention op,
+        whose final state becomes the cache's, so a prompt prefilled in pieces gives the outputs
+        and cache of one prefill. The update at padded positions is zero.
+        """
+        if not self.causal:
+            raise ValueError("a decoding cache needs a causal layer")
+        self._check_input(x, ("batch", "T", self.d))
+        B, T, _ = x.shape
+        lengths = check_lengths(lengths, B, T, x.device)
+        if cache.initialized and cache.v.shape[0] != B:
+            raise ValueError(f"the cache holds batch {cache.v.shape[0]}, x has batch {B}")
+        u, v, z = self._uvz(x)
+        update = self.to_out(self._attend_after_cache(u, v, z, cache, lengths))
+        if lengths is not None:
+            padded = torch.arange(T, device=x.device)[None, :] >= lengths[:, None]
+            update = torch.where(padded[..., None], torch.zeros_like(update), update)
+        return x + update
+
     def step(self, x, cache):
-        """One token: x (batch, d) at position cache.position -> (batch, d); updates cache.
+        """One token per sequence: x (batch, d) -> (batch, d), at each sequence's own position
+        (cache.position); updates cache in place.
 
         quad = sum_{j in chunk, j <= t} relu(quad_scale <q_t, k_j> + b(t - j))^2 v_j over the
-        buffered chunk; lin = lin_scale q_lin_t^T state (completed chunks only). When the chunk
-        reaches C tokens its k_lin^T v is folded into the state. Work per token:
-        O(C (S + E) + S E + d (2e + s + e)), independent of the tokens before.
+        buffered chunk; lin = lin_scale q_lin_t^T state (completed chunks only). When a
+        sequence's chunk reaches C tokens its k_lin^T v is folded into its state. Work per
+        token: O(C (S + E) + S E + d (2e + s + e)), independent of the tokens before.
+        The attention is one call of `flash_kernels.flash_attention_decode` (roles and gate
+        fused; with RoPE, `mixed_chunk_decode` on rotated roles): one kernel launch on a GPU,
+        static shapes and no host-device sync, so the step can be captured in a CUDA graph.
         Inference only (the cache is updated in place); run it under torch.no_grad().
         """
         if not self.causal:
@@ -290,35 +389,19 @@ class GatedAttentionLayer(nn.Module):
         self._check_input(x, ("batch", self.d))
         B = x.shape[0]
         u, v, z = self._uvz(x)                                          # (B, e), (B, e), (B, s)
-        if not cache.initialized:
-            capacity = self.chunk_size if self.chunk_size is not None else 16
-            cache.allocate(B, self.s, self.e, capacity, linear=self.linear, dtype=v.dtype,
-                           device=v.device)
-        elif cache.v.shape[0] != B:
-            raise ValueError(f"the cache holds batch {cache.v.shape[0]}, x has batch {B}")
-        if cache.length == cache.capacity:                              # GAU: one growing chunk
-            cache.grow(2 * cache.capacity)
-        positions = torch.tensor([cache.position], device=x.device)
-        roles = [r[:, 0] for r in self._roles(z[:, None], positions)]  # (B, S) each
-        cache.append(roles[1], roles[3] if self.linear else None, v)
-
-        n = cache.length
-        compute = torch.promote_types(v.dtype, torch.float32)
-        C = self._chunk_len(n)
-        quad_scale = self.quad_scale if self.quad_scale is not None else 1.0 / C
-        q = roles[0].to(compute)[:, None]                               # (B, 1, S)
-        keys = cache.k_quad[:, :n].to(compute)                          # (B, n, S)
-        scores = quad_scale * (q @ keys.transpose(1, 2))                # (B, 1, n)
-        if self.rel_pos is not None:
-            offsets = torch.arange(n - 1, -1, -1, device=x.device)     # t - j for j = 0 .. n-1
-            scores = scores + self.rel_pos(offsets).to(compute)
-        attn = torch.relu(scores).square() @ cache.v[:, :n].to(compute)  # (B, 1, E)
-        if self.linear:
-            lin_scale = self.lin_scale if self.lin_scale is not None else 1.0 / C
-            attn = attn + lin_scale * (roles[2].to(compute)[:, None] @ cache.state)
-        y = u * attn[:, 0].to(v.dtype)
-        if self.chunk_size is not None and n == self.chunk_size:
-            cache.fold_chunk()
+        self._prepare_cache(cache, B, 1, v.dtype, v.device)
+        options = dict(rel_bias=self._rel_bias(cache.bias_chunk), quad_scale=self.quad_scale,
+                       lin_scale=self.lin_scale, backend=self.backend)
+        if self.rope is None:
+            gamma, beta = self.scale_offset.gamma, self.scale_offset.beta
+            y = flash_attention_decode(z, gamma, beta, v, cache, u=u, **options)
+        else:
+            # (B, S) rows: the rotation takes B as its token axis, each at its own position.
+            roles = self._roles(z, cache.position)
+            q_lin, k_lin = roles[2:] if self.linear else (None, None)
+            y = u * mixed_chunk_decode(roles[0], roles[1], q_lin, k_lin, v, cache, **options)
+        if self.chunk_size is None:      # the bound one-chunk buffers grow by (chunked: unused)
+            cache.max_tokens += 1
         return x + self.to_out(y)
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..validation import BACKENDS, check_int, is_bool, type_name
+from .cache import check_lengths
 from .layers import FLASH, GAU
 from .norms import make_norm
 
@@ -124,50 +125,110 @@ class FLASHLM(nn.Module):
     def new_caches(self):
         return [layer.new_cache() for layer in self.layers]
 
-    def prefill(self, idx, caches=None):
-        """One forward pass over a prompt (batch, T) -> (logits (batch, T, vocab), caches).
+    def _check_caches(self, caches):
+        if not isinstance(caches, (list, tuple)) or len(caches) != len(self.layers):
+            raise ValueError(f"caches must be a list of {len(self.layers)} layer caches "
+                             f"(model.new_caches() or prefill's), got {type_name(caches)}"
+                             + (f" of length {len(caches)}" if isinstance(caches, (list, tuple))
+                                else ""))
 
-        Each layer's attention runs once over the prompt and its final state becomes the
-        cache (no token loop). Given caches, idx continues the prompt they hold: a prompt
-        prefilled in pieces gives the logits and caches of one prefill.
+    def prefill(self, idx, caches=None, *, lengths=None):
+        """One forward pass over prompts (batch, T) -> (logits (batch, T, vocab), caches).
+
+        Each layer's attention runs once over the prompts and its final state becomes the
+        cache (no token loop). lengths: optional (batch,) prompt lengths of right-padded rows
+        (row b's prompt is idx[b, :lengths[b]]; logits at padded positions are meaningless);
+        each sequence then continues from its own position. Given caches, idx continues the
+        prompts they hold: prompts prefilled in pieces give the logits and caches of one
+        prefill.
         """
         if not self.causal:
             raise ValueError("decoding needs a causal model")
+        self._check_tokens("idx", idx, 2)
         caches = self.new_caches() if caches is None else caches
-        return self(idx, caches=caches), caches
+        self._check_caches(caches)
+        lengths = check_lengths(lengths, idx.shape[0], idx.shape[1], idx.device)
+        h = self.embed(idx)
+        for layer, cache in zip(self.layers, caches):
+            h = layer.prefill(h, cache, lengths)
+        return self._head(h), caches
 
     def step(self, token, caches):
-        """One token per sequence: token (batch,) -> logits (batch, vocab) for the next one."""
+        """One token per sequence: token (batch,) -> logits (batch, vocab) for the next one.
+
+        Each sequence is at its own position (its caches'). Static shapes, no host-device
+        sync: the step can be captured in a CUDA graph (torch.cuda.graph, or
+        torch.compile(mode="reduce-overhead")); while a graph is being captured the token ids
+        are not range-checked (that reads them back).
+        """
         if not self.causal:
             raise ValueError("decoding needs a causal model")
-        self._check_tokens("token", token, 1)
+        if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            self._check_tokens("token", token, 1)
         h = self.embed(token)
         for layer, cache in zip(self.layers, caches):
             h = layer.step(h, cache)
         return self._head(h)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Continue idx (batch, T >= 1) by max_new_tokens sampled tokens -> (batch, T + new).
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, *,
+                 lengths=None, eos_token_id=None, pad_token_id=None):
+        """Continue each prompt by up to max_new_tokens sampled tokens.
 
-        The prompt runs through the full forward once (prefill); each new token then costs one
-        `step` per layer. temperature=0 picks the most likely token; top_k keeps the k most
-        likely before sampling.
+        idx: (batch, T >= 1) prompts. lengths: optional (batch,) prompt lengths for prompts of
+        different lengths, right-padded: row b's prompt is idx[b, :lengths[b]] (the rest of the
+        row is ignored). Every prompt runs through one prefill; then each step decodes one token
+        per sequence, each at its own position.
+        eos_token_id: a sequence that samples it stops (the eos is kept); generation ends when
+        every sequence has stopped or after max_new_tokens steps.
+        pad_token_id: fills what follows a sequence's end (default: eos_token_id, else 0).
+
+        Returns (batch, T + steps) token ids, steps <= max_new_tokens the number of decoding
+        steps run: row b is its prompt, its new tokens (through the eos, if sampled), then
+        pad_token_id. Without lengths and eos_token_id that is idx followed by max_new_tokens
+        tokens per row. temperature=0 picks the most likely token; top_k keeps the k most
+        likely before sampling. Each row gets the tokens it would get generated alone
+        (greedy; sampling draws from one generator for the whole batch).
         """
         check_int("max_new_tokens", max_new_tokens, minimum=0)
         check_sampling(temperature, top_k)
         self._check_tokens("idx", idx, 2)
-        if idx.shape[1] < 1:
+        B, T = idx.shape
+        if T < 1:
             raise ValueError(f"idx must have shape (batch, T) with T >= 1, got {tuple(idx.shape)}")
-        logits, caches = self.prefill(idx)
-        logits = logits[:, -1]
-        out = [idx]
+        for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+            if value is not None:
+                check_int(name, value, minimum=0)
+                if value >= self.vocab_size:
+                    raise ValueError(f"{name} must be a token id below vocab_size "
+                                     f"({self.vocab_size}), got {value}")
+        given_lengths = check_lengths(lengths, B, T, idx.device, minimum=1)
+        prompt_lengths = given_lengths if given_lengths is not None else torch.full(
+            (B,), T, dtype=torch.long, device=idx.device)
+        pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
+
+        caches = self.new_caches()
+        for cache in caches:                  # one-chunk (GAU) buffers: no regrowth mid-way
+            cache.reserve(T + max_new_tokens)
+        logits, caches = self.prefill(idx, caches, lengths=given_lengths)
+        logits = logits.gather(1, (prompt_lengths - 1).view(B, 1, 1).expand(B, 1, logits.shape[-1]))[:, 0]
+        prompt = torch.arange(T, device=idx.device)[None, :] < prompt_lengths[:, None]
+        out = torch.cat([torch.where(prompt, idx, torch.full_like(idx, pad)),
+                         idx.new_full((B, max_new_tokens), pad)], dim=1)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        steps = 0
         for i in range(max_new_tokens):
             token = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
-            out.append(token[:, None])
+            token = torch.where(done, pad, token).to(idx.dtype)
+            out.scatter_(1, (prompt_lengths + i)[:, None], token[:, None])
+            steps = i + 1
+            if eos_token_id is not None:
+                done |= token == eos_token_id
+                if bool(done.all()):          # a sync per step, only when stopping is possible
+                    break
             if i + 1 < max_new_tokens:
                 logits = self.step(token, caches)
-        return torch.cat(out, dim=1)
+        return out[:, :T + steps]
 
 
 def sample_next(logits, *, temperature=1.0, top_k=None, generator=None):
