@@ -26,6 +26,8 @@ CASES = {
     "paper bf16 non-causal": ALL_KERNELS,
     "paper bf16 flash_attention (roles from z, gate), causal + rel_bias": ALL_KERNELS,
     "paper bf16 flash_attention packed documents + state, causal + rel_bias": ALL_KERNELS,
+    "paper bf16 decode: flash_attention_decode (roles from z, gate) + rel_bias":
+        {"mixed_chunk_decode_kernel"},
 }
 def _version(text):
     return tuple(int(part) for part in text.split(".")[:2])
