@@ -35,7 +35,9 @@ from flash_kernels.aot_compile import (REPORT_PREAMBLE, error_details, markdown_
 # ---------------------------------------------------------------------------------------------
 # Configs: edit freely. Keys: name; op ("flash_attention" for the fused op with a gate, else
 # mixed_chunk_attention; q_quad then serves as z); batch (leading dims); T, S, E; chunk_size (None = one chunk);
-# causal; rel_bias (bool); linear (False = q_lin/k_lin None, quadratic only); dtype (what runs
+# causal; rel_bias (bool); linear (False = q_lin/k_lin None, quadratic only); op may also be
+# "mixed_chunk_decode" / "flash_attention_decode" (one decode step, T ignored; capacity for
+# chunk_size=None); dtype (what runs
 # under the interpreter: "float32" or "float16"); rel_bias_dtype; compile_dtype (optional: the
 # Triton type the fp16 launches are compiled as, e.g. "bf16" for what runs on the GPU);
 # grads (which inputs require grad for the backward; default all); packed (document lengths
@@ -45,6 +47,8 @@ SMALL = dict(batch=(2,), T=45, S=20, E=36, chunk_size=16, rel_bias=True, linear=
              rel_bias_dtype="float32")
 PAPER = dict(batch=(1,), T=512, S=128, E=1536, chunk_size=256, linear=True, dtype="float16",
              rel_bias_dtype="float32", compile_dtype="bf16")
+# The decode ops (one token per sequence; T = 1): run by _DECODE_SNIPPET, sequence 0 folds.
+DECODE = dict(PAPER, batch=(2,), T=1, causal=True, rel_bias=True)
 
 CONFIGS = [
     dict(SMALL, name="small fp32 causal", dtype="float32", causal=True),
@@ -71,6 +75,12 @@ CONFIGS = [
     dict(PAPER, name="paper bf16 flash_attention packed documents + state, causal + rel_bias",
          op="flash_attention", T=800, packed=[200, 256, 0, 300, 44], state=True, causal=True,
          rel_bias=True),
+    dict(DECODE, name="paper bf16 decode: flash_attention_decode (roles from z, gate) + rel_bias",
+         op="flash_attention_decode"),
+    dict(DECODE, name="paper bf16 decode: mixed_chunk_decode (RoPE roles) + rel_bias",
+         op="mixed_chunk_decode"),
+    dict(DECODE, name="bf16 decode: one growing chunk (chunk_size=None, capacity 512)",
+         op="mixed_chunk_decode", chunk_size=None, capacity=512, linear=False),
 ]
 
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -126,6 +136,39 @@ if out.requires_grad:
 """
 
 
+# The decode configs' child: one decode step of B sequences at different rows of their chunks.
+_DECODE_SNIPPET = """
+import torch
+from flash_kernels import DecodeCache, flash_attention_decode, mixed_chunk_decode
+
+cfg = {cfg!r}
+gen = torch.Generator().manual_seed(0)
+dtype = getattr(torch, cfg["dtype"])
+(B,), S, E, C = tuple(cfg["batch"]), cfg["S"], cfg["E"], cfg["chunk_size"]
+capacity = C if C is not None else cfg["capacity"]
+
+def rand(*shape, dt=dtype):
+    return (0.5 * torch.randn(*shape, generator=gen)).to(dt)
+
+cache = DecodeCache.empty(B, S, E, chunk_size=C, capacity=capacity, linear=cfg["linear"],
+                          dtype=dtype)
+cache.position.copy_(torch.tensor([capacity - 1 - b for b in range(B)]))
+rel_bias = rand(2 * capacity - 1, dt=getattr(torch, cfg["rel_bias_dtype"])) if cfg["rel_bias"] else None
+quad_scale = None if C is not None else 1.0 / capacity
+if cfg["op"] == "flash_attention_decode":
+    roles = 4 if cfg["linear"] else 2
+    out = flash_attention_decode(rand(B, S), rand(roles, S, dt=torch.float32),
+                                 rand(roles, S, dt=torch.float32), rand(B, E), cache,
+                                 u=rand(B, E), rel_bias=rel_bias, quad_scale=quad_scale,
+                                 backend="triton")
+else:
+    linear = [rand(B, S), rand(B, S)] if cfg["linear"] else [None, None]
+    out = mixed_chunk_decode(rand(B, S), rand(B, S), *linear, rand(B, E), cache,
+                             rel_bias=rel_bias, quad_scale=quad_scale, backend="triton")
+assert out.shape == (B, E) and out.dtype == dtype
+"""
+
+
 def config_label(cfg) -> str:
     """One line describing a config's shape and options."""
     dtype = cfg.get("compile_dtype") or {"float32": "fp32", "float16": "fp16"}[cfg["dtype"]]
@@ -144,7 +187,8 @@ def config_label(cfg) -> str:
 
 def record_config(cfg) -> list:
     """The distinct kernel launches of one config's forward + backward, retyped for compiling."""
-    records = record_in_interpreter(_SNIPPET.format(cfg=cfg))
+    snippet = _DECODE_SNIPPET if cfg.get("op", "").endswith("_decode") else _SNIPPET
+    records = record_in_interpreter(snippet.format(cfg=cfg))
     if cfg.get("compile_dtype"):
         records = [retype_record(r, "fp16", cfg["compile_dtype"]) for r in records]
     unique = {}
