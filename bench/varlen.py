@@ -16,20 +16,20 @@ from .impls import PACKED, PADDED
 from .stability import is_varlen, point_flags, point_key
 from .tables import _cell, _ms_spread, _ok, primary_impl
 
-# Share of the total of each of the 8 documents (the last takes what is left, ~0.085): at
-# 4096 tokens and C = 256, 1229, 25, 778, 49, 1065, 152, 451 and 347 tokens.
+# Share of the total of each of the 8 documents (the last takes what is left, ~0.085). With
+# C = 256: the quick row's 4096 tokens are 1229, 25, 778, 49, 1065, 152, 451 and 347 (three
+# documents shorter than a chunk, the longest 4.8 chunks); the full row's 16384 are 4915, 98,
+# 3113, 197, 4260, 606, 1802 and 1393. Padding to the longest gives 2.4x the tokens.
 DOC_FRACTIONS = (0.30, 0.006, 0.19, 0.012, 0.26, 0.037, 0.11)
 NUM_DOCS = len(DOC_FRACTIONS) + 1
 
 VARLEN_NOTE = (
-    "The same {n} documents ({lengths} tokens) as one row of "
-    "{total} tokens with `cu_seqlens` (chunks restart at each document, nothing crosses a "
-    "boundary) and zero-padded to a batch of {n} x {longest}; both are credited with the "
-    "documents' useful flops (`bench/flops.py` per document), so the padded batch's wasted "
-    "work shows as lower useful TFLOP/s.")
-
-
-MIN_TOTAL = 256
+    "The same {n} documents ({lengths} tokens) as one row of {total} tokens with `cu_seqlens` "
+    "(chunks restart at each document, nothing crosses a boundary) and zero-padded to a batch "
+    "of {n} x {longest}; both are credited with the documents' useful flops (`bench/flops.py` "
+    "per document), so the padded batch's wasted work shows as lower useful TFLOP/s; `packed "
+    "speedup` is padded ms / packed ms.")
+MIN_TOTAL = 256            # fewer tokens cannot give 8 documents of these proportions
 
 
 def document_lengths(total, chunk_size):
