@@ -95,7 +95,8 @@ def parse_args(argv):
                              "(full: 65536; quick: 0)")
     parser.add_argument("--varlen-tokens", type=int, metavar="N",
                         help="tokens of the varlen row's 8 packed documents (full: "
-                             f"{FULL_VARLEN_TOKENS}; quick: {QUICK_VARLEN_TOKENS}; 0: no varlen row)")
+                             f"{FULL_VARLEN_TOKENS}; quick: {QUICK_VARLEN_TOKENS}; 0: no "
+                             "varlen row)")
     parser.add_argument("--S", type=int, default=128, help="query/key width s (default 128)")
     parser.add_argument("--E", type=int, help="value width e (full: 1536; quick: 256)")
     parser.add_argument("--chunk-size", type=int, default=256, help="C (default 256)")
