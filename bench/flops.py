@@ -39,6 +39,19 @@ def flash_flops(T, S, E, chunk_size=256, *, causal=True, linear=True, mode="fwd"
     return float(batch) * T * (quad + lin) * MODE_FACTOR[mode]
 
 
+def packed_flops(doc_lens, S, E, chunk_size=256, *, causal=True, linear=True, mode="fwd"):
+    """Flop of FLASH over packed documents: the sum of `flash_flops` over the documents, each
+    one sequence whose chunks restart at its first token (a document shorter than a chunk is
+    one chunk of its own length). This is the useful work of the documents however they are
+    laid out: padding them to a batch adds work, but not useful flops.
+
+    Example: documents of 1 and 4 tokens, S=2, E=3, C=2, causal: 1 * (1*5 + 4*2*3) = 29 and
+    4 * (2*5 + 24) = 136, 165 in all (one sequence of 5 tokens: 5 * 34 = 170).
+    """
+    return sum(flash_flops(length, S, E, chunk_size, causal=causal, linear=linear, mode=mode)
+               for length in doc_lens if length > 0)
+
+
 def softmax_flops(T, heads, head_dim, *, causal=True, mode="fwd", batch=1):
     """Flop of softmax attention (scaled_dot_product_attention) with `heads` heads of `head_dim`.
 

@@ -19,24 +19,38 @@ turns that into the three timed modes (forward, backward, forward+backward).
 - "fla": flash-linear-attention's chunked linear attention (`fla.ops.linear_attn.
   chunk_linear_attn`, package fla-core) on the same problem as one head: q, k of width S,
   v of width E, no normalisation. Its flops are counted with `flash_flops` at its chunk of 64.
+
+Packed documents (the varlen row, bench/varlen.py): a Problem with `doc_lens` is either the
+documents packed into one row of sum(doc_lens) tokens, passed with `cu_seqlens` (on the inputs'
+device, made once) and `max_seqlen`, or the same documents zero-padded to a batch of
+len(doc_lens) rows of max(doc_lens) tokens. Both get the same document contents, and both are
+credited with the documents' useful flops (`packed_flops`). Only the implementations marked
+`varlen` run them: "triton", "flash_attention" and "torch".
 """
 import functools
 import inspect
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .flops import flash_flops, softmax_flops
+from .flops import flash_flops, packed_flops, softmax_flops
 
 FLA_CHUNK = 64            # fla's chunked linear attention works on chunks of 64 tokens
 SDPA_HEAD_DIM = 64
 
 
+PACKED, PADDED = "packed", "padded"
+
+
 @dataclass(frozen=True)
 class Problem:
-    """One benchmark shape: `batch` sequences of T tokens, widths S and E, chunk C."""
+    """One benchmark shape: `batch` sequences of T tokens, widths S and E, chunk C.
+
+    With `doc_lens` (the varlen row) it is the documents of these lengths, `varlen` says how:
+    PACKED: one row (batch 1) of T = sum(doc_lens) tokens with cu_seqlens; PADDED: a batch of
+    len(doc_lens) rows of T = max(doc_lens) tokens, each document followed by zeros."""
     T: int
     batch: int
     S: int = 128
@@ -44,9 +58,35 @@ class Problem:
     C: int = 256
     causal: bool = True
     rel_bias: bool = False
+    varlen: str = None
+    doc_lens: tuple = None
+
+    def __post_init__(self):
+        if self.doc_lens is not None:
+            object.__setattr__(self, "doc_lens", tuple(int(n) for n in self.doc_lens))
+        expected = {None: None, PACKED: (1, sum(self.doc_lens or ())),
+                    PADDED: (len(self.doc_lens or ()), max(self.doc_lens or (0,)))}
+        if self.varlen not in expected or (self.varlen is None) != (self.doc_lens is None):
+            raise ValueError(f"varlen must be None, {PACKED!r} or {PADDED!r}, with doc_lens "
+                             f"exactly when it is not None; got {self.varlen!r}, {self.doc_lens!r}")
+        if self.varlen is not None and (self.batch, self.T) != expected[self.varlen]:
+            raise ValueError(f"a {self.varlen} problem of documents {self.doc_lens} has "
+                             f"(batch, T) = {expected[self.varlen]}, got {(self.batch, self.T)}")
 
     def as_dict(self):
         return asdict(self)
+
+    @property
+    def seed(self):
+        """Seed of the inputs: T, or the documents' total (the same documents packed or padded)."""
+        return self.T if self.doc_lens is None else sum(self.doc_lens)
+
+
+def varlen_problems(doc_lens, S, E, C, causal=True, rel_bias=False):
+    """(packed, padded): the same documents as one packed row and as a zero-padded batch."""
+    shape = dict(S=S, E=E, C=C, causal=causal, rel_bias=rel_bias, doc_lens=tuple(doc_lens))
+    return (Problem(T=sum(doc_lens), batch=1, varlen=PACKED, **shape),
+            Problem(T=max(doc_lens), batch=len(doc_lens), varlen=PADDED, **shape))
 
 
 def sdpa_heads(E):
@@ -56,6 +96,56 @@ def sdpa_heads(E):
 
 def _randn(shape, device, dtype, scale=1.0):
     return (scale * torch.randn(*shape, device=device, dtype=torch.float32)).to(dtype)
+
+
+def _documents(make_inputs):
+    """make_inputs for a padded problem: the packed problem's inputs (the same documents, from
+    the same seed), each (1, total, width) tensor laid out as (documents, longest, width) with
+    zeros after each document; the other inputs (rel_bias, gamma, beta) as they are."""
+    @functools.wraps(make_inputs)
+    def make(p, device, dtype):
+        if p.varlen != PADDED:
+            return make_inputs(p, device, dtype)
+        packed = make_inputs(replace(p, varlen=PACKED, T=sum(p.doc_lens), batch=1), device, dtype)
+        padded = []
+        while packed:                       # each packed tensor freed once laid out
+            x = packed.pop(0)
+            padded.append(_pad_documents(x, p.doc_lens) if x.dim() == 3 else x)
+        return padded
+    return make
+
+
+def _pad_documents(x, doc_lens):
+    padded = x.new_zeros(len(doc_lens), max(doc_lens), x.shape[-1])
+    start = 0
+    for row, length in enumerate(doc_lens):
+        padded[row, :length] = x[0, start:start + length]
+        start += length
+    return padded
+
+
+def padding_mask(p, device):
+    """(batch, T, 1) mask of a padded problem's real tokens (1) and padding (0), else None."""
+    if p.varlen != PADDED:
+        return None
+    lengths = torch.tensor(p.doc_lens, device=device)
+    return (torch.arange(p.T, device=device)[None, :] < lengths[:, None])[..., None]
+
+
+@functools.lru_cache(maxsize=None)
+def _cu_seqlens(doc_lens, device):
+    starts = [0]
+    for length in doc_lens:
+        starts.append(starts[-1] + length)
+    return torch.tensor(starts, dtype=torch.int32, device=device)
+
+
+def _packing(p, device):
+    """The op's keyword arguments for a packed problem: cu_seqlens on the inputs' device (made
+    once, as a training loop would) and max_seqlen (so that nothing waits for a GPU)."""
+    if p.varlen != PACKED:
+        return {}
+    return dict(cu_seqlens=_cu_seqlens(p.doc_lens, device), max_seqlen=max(p.doc_lens))
 
 
 def _flash_inputs(p, device, dtype):
@@ -73,7 +163,7 @@ def _mca_forward(backend, p, inputs):
     from flash_kernels import mixed_chunk_attention
     rel_bias = inputs[5] if p.rel_bias else None
     return mixed_chunk_attention(*inputs[:5], chunk_size=p.C, causal=p.causal, rel_bias=rel_bias,
-                                 backend=backend)
+                                 backend=backend, **_packing(p, inputs[0].device))
 
 
 def _torch_path(q_quad, k_quad, q_lin, k_lin, v, rel_bias, chunk_size, causal):
@@ -114,7 +204,8 @@ def _fused_forward(backend, p, inputs):
     import flash_kernels
     rel_bias = inputs[4] if p.rel_bias else None
     return flash_kernels.flash_attention(*inputs[:4], chunk_size=p.C, causal=p.causal,
-                                         rel_bias=rel_bias, backend=backend)
+                                         rel_bias=rel_bias, backend=backend,
+                                         **_packing(p, inputs[0].device))
 
 
 def _sdpa_inputs(p, device, dtype):
@@ -176,6 +267,7 @@ class Impl:
     flops: object                # (problem, mode) -> float
     ours: bool = False           # one of the package's kernels (the targets are about these)
     baseline: bool = False
+    varlen: bool = False         # runs the packed-documents row (cu_seqlens)
 
     def availability(self, device, dtype, explicit):
         """None when it can run here, else the reason it is skipped ("skipped: ...")."""
@@ -183,6 +275,8 @@ class Impl:
 
 
 def _flash_count(p, mode):
+    if p.doc_lens is not None:             # packed or padded: the documents' useful work
+        return packed_flops(p.doc_lens, p.S, p.E, p.C, causal=p.causal, mode=mode)
     return flash_flops(p.T, p.S, p.E, p.C, causal=p.causal, mode=mode, batch=p.batch)
 
 
@@ -245,12 +339,12 @@ def _fused_backend(p, inputs):
 
 # In priority order: when the time budget runs out, the implementations last here go first.
 IMPLS = {
-    "triton": Impl("triton", _flash_inputs, functools.partial(_mca_forward, "triton"),
-                   _flash_count, ours=True),
-    "flash_attention": Impl("flash_attention", _fused_inputs, _fused_backend, _flash_count,
-                            ours=True),
-    "torch": Impl("torch", _flash_inputs, functools.partial(_mca_forward, "torch"),
-                  _flash_count, baseline=True),
+    "triton": Impl("triton", _documents(_flash_inputs), functools.partial(_mca_forward, "triton"),
+                   _flash_count, ours=True, varlen=True),
+    "flash_attention": Impl("flash_attention", _documents(_fused_inputs), _fused_backend,
+                            _flash_count, ours=True, varlen=True),
+    "torch": Impl("torch", _documents(_flash_inputs), functools.partial(_mca_forward, "torch"),
+                  _flash_count, baseline=True, varlen=True),
     "sdpa": Impl("sdpa", _sdpa_inputs, _sdpa_forward, _sdpa_count, baseline=True),
     "torch.compile": Impl("torch.compile", _flash_inputs, _compile_forward, _flash_count,
                           baseline=True),
@@ -265,8 +359,11 @@ def make_call(impl, p, mode, device, dtype, seed=0):
 
     fwd: forward under torch.no_grad (inference). bwd: the gradients of every input, from one
     forward kept alive (retain_graph). fwd+bwd: forward with autograd, then those gradients.
-    Gradients are returned by torch.autograd.grad, never accumulated into .grad.
+    Gradients are returned by torch.autograd.grad, never accumulated into .grad. A padded
+    problem's output gradient is zero on the padding (its loss ignores those positions).
     """
+    if p.varlen is not None and not impl.varlen:
+        raise ValueError(f"{impl.name} does not run packed documents (varlen={p.varlen!r})")
     torch.manual_seed(seed)
     inputs = impl.make_inputs(p, device, dtype)
     if mode == "fwd":
@@ -278,6 +375,9 @@ def make_call(impl, p, mode, device, dtype, seed=0):
         x.requires_grad_(True)
     out = impl.forward(p, inputs)
     grad_out = torch.randn_like(out)
+    mask = padding_mask(p, device)
+    if mask is not None:
+        grad_out = grad_out * mask
     if mode == "bwd":
         def call():
             return torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
@@ -296,4 +396,5 @@ def run_once(impl_name, problem_dict, mode, device_str, dtype_str, threads=None)
         torch.set_num_threads(threads)
     device = torch.device(device_str)
     dtype = getattr(torch, dtype_str)
-    make_call(IMPLS[impl_name], Problem(**problem_dict), mode, device, dtype)()
+    problem = Problem(**problem_dict)
+    make_call(IMPLS[impl_name], problem, mode, device, dtype, seed=problem.seed)()

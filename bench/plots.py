@@ -6,6 +6,8 @@ to 90th percentile with 10 runs or more: bench/stability.py; the line joins the 
 title says when the run's machine was loaded. Dashed grey guides show how a linear cost
 (proportional to batch * T) and a quadratic one (batch * T^2) would grow from the primary
 implementation's first point. Axis ticks read 512, 1K, 2K, ... and 0.5, 1, 2, 5, 10, ...
+The varlen row (packed vs padded documents, bench/varlen.py) is no point of these T series and
+is left out: its table is in the report and the README section.
 
 Reads OUTPUT_DIR/results.jsonl (default bench_out/results.jsonl in the current directory; the
 latest GPU run if there is one, else the latest run; or --run RUN) and writes time_vs_T.png,
@@ -23,7 +25,7 @@ import textwrap
 
 from .flops import MODE_NAMES
 from .results_io import DEFAULT_DIR, RESULTS_NAME, load_results, select_run
-from .stability import point_flags, point_key, spread_range
+from .stability import is_varlen, point_flags, point_key, spread_range
 from .tables import IMPL_ORDER, modes_present, primary_impl
 
 PLOT_NAMES = ("time_vs_T.png", "speedup.png", "memory_vs_T.png")
@@ -45,7 +47,8 @@ MEMORY_NOTE = (
 def _points(records, impl, mode, field):
     """The causal, measured points of one series, sorted by T."""
     return sorted((r for r in records if r["impl"] == impl and r["mode"] == mode and r["causal"]
-                   and r.get("status") == "ok" and r.get(field) is not None),
+                   and r.get("status") == "ok" and r.get(field) is not None
+                   and not is_varlen(r)),
                   key=lambda r: r["T"])
 
 
@@ -60,13 +63,14 @@ def _ratio_range(other, mine):
 
 
 def _impls(records):
-    present = {r["impl"] for r in records if r.get("status") == "ok"}
+    present = {r["impl"] for r in records if r.get("status") == "ok" and not is_varlen(r)}
     return [name for name in IMPL_ORDER if name in present] + sorted(present - set(IMPL_ORDER))
 
 
 def _title(records):
     r = records[0]
-    batch = "fixed tokens per batch" if len({x["batch"] for x in records}) > 1 else "batch 1"
+    batches = {x["batch"] for x in records if not is_varlen(x)}
+    batch = "fixed tokens per batch" if len(batches) > 1 else "batch 1"
     title = (f"{r['device']}, {r['dtype']}: S={r['S']} E={r['E']} C={r['C']}, causal, {batch}\n"
              f"torch {r['torch']}, triton {r['triton']}, commit {r['commit']}, run {r['run']}")
     if r.get("machine_warnings"):

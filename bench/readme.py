@@ -3,8 +3,9 @@
 Tables from one run of the results file (the latest GPU run if there is one, else the latest
 run; or --run RUN / --latest), naming the device, versions and commit, with every time's
 spread, the rows flagged noisy or non-monotonic, growth conclusions drawn from stable points
-only, a warning when the run's machine was loaded, and links to the figures of
-`python -m bench.plots` when they exist.
+only, a warning when the run's machine was loaded, the varlen row (packed documents against
+the same documents padded to a batch, bench/varlen.py) with its one-line explanation, and
+links to the figures of `python -m bench.plots` when they exist.
 
 By default it reads bench_out/results.jsonl (under the current directory) and writes the
 section to bench_out/benchmark_section.md: the committed README.md is not touched. With
@@ -21,16 +22,17 @@ import sys
 
 from .plots import MEMORY_NOTE, PLOT_NAMES
 from .results_io import DEFAULT_DIR, RESULTS_NAME, load_results, select_run
-from .stability import growth_conclusions, point_flags, point_key
+from .stability import growth_conclusions, is_varlen, point_flags, point_key
 from .tables import (OURS, SPREAD_NOTE, evaluate_targets, memory_table, mode_title,
                      modes_present, primary_impl, render_markdown, time_table)
+from .varlen import describe as describe_varlen, varlen_table
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 SECTION_NAME = "benchmark_section.md"
 
 
 def _fmt_tokens(records):
-    batches = {r["T"]: r["batch"] for r in records}
+    batches = {r["T"]: r["batch"] for r in records if not is_varlen(r)}
     if all(b == 1 for b in batches.values()):
         return "batch 1"
     tokens = max(T * b for T, b in batches.items())
@@ -96,6 +98,10 @@ def section(records, results_path, readme_path):
                       render_markdown(memory_table(records, mode)), ""]
     if memory and any(r["impl"] == "sdpa" and r.get("mem_mb") for r in records):
         lines += [MEMORY_NOTE, ""]
+    varlen = varlen_table(records, modes_present(records))
+    if varlen is not None:
+        lines += ["**Packed documents (varlen)**", "", describe_varlen(records), "",
+                  render_markdown(varlen), ""]
     if gpu:
         for ours in OURS:
             if any(r["impl"] == ours and r["status"] == "ok" for r in records):

@@ -7,6 +7,10 @@ non-causal rows. Quick mode (the default without CUDA, a smoke test that runs in
 minute on 2 CPU cores): fp32, S=128, E=256, T = 512..4096, batch 1; on a CPU the chunked
 "torch" path stands in for the kernels (the Triton kernels run on a CPU only under
 TRITON_INTERPRET=1, far too slow to time) and is measured against the dense reference and SDPA.
+Both modes add the varlen row (bench/varlen.py): 8 documents of mixed lengths packed into one
+row with cu_seqlens against the same documents zero-padded to a batch of 8, for the
+implementations that take cu_seqlens (triton, flash_attention, torch), at --varlen-tokens
+tokens in all (full: 16384; quick: 4096, to stay within the quick mode's time).
 
 Timing: GPU: triton.testing.do_bench (L2 flushed between runs, synchronised) after its warm-up;
 CPU: time.perf_counter over several runs after one warm-up. Every point records the median
@@ -27,9 +31,10 @@ explicit step that copies a run into bench/results/ and updates the committed fi
 README (see bench/publish.py).
 
     python -m bench.run [--quick | --full] [--seq-lens T ...] [--impls NAME ...] [--modes ...]
-                        [--time-budget SECONDS] [--output-dir DIR]
+                        [--varlen-tokens N] [--time-budget SECONDS] [--output-dir DIR]
 """
 import argparse
+import dataclasses
 import gc
 import os
 import signal
@@ -40,7 +45,7 @@ import time
 import torch
 
 from .flops import MODE_NAMES, MODES, matmul_flops
-from .impls import IMPLS, Problem, dense_bytes_estimate, make_call, run_once
+from .impls import IMPLS, Problem, dense_bytes_estimate, make_call, run_once, varlen_problems
 from .memory import peak_memory_bytes
 from .results_io import (DEFAULT_DIR, RESULTS_NAME, append_results, load_committed_results,
                          run_metadata)
@@ -48,9 +53,14 @@ from .stability import (annotate, growth_conclusions, load_average, machine_warn
                         peak_reference, unstable_summary)
 from .tables import (OURS, SPREAD_NOTE, evaluate_targets, memory_table, mode_title,
                      primary_impl, render_targets, render_text, time_table)
+from .varlen import describe as describe_varlen, document_lengths, varlen_table
 
 FULL_SEQ_LENS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 QUICK_SEQ_LENS = [512, 1024, 2048, 4096]
+FULL_VARLEN_TOKENS = 16384
+# 16384 tokens on the torch path on a CPU would add ~20 s to the quick run (the padded batch is
+# 2.4x the tokens); 4096 adds ~5 s and still has documents of several chunks.
+QUICK_VARLEN_TOKENS = 4096
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PERCENTILE_MIN_REPS = 10
 
@@ -83,6 +93,10 @@ def parse_args(argv):
     parser.add_argument("--tokens", type=int,
                         help="tokens per batch: batch = max(1, tokens // T); 0 means batch 1 "
                              "(full: 65536; quick: 0)")
+    parser.add_argument("--varlen-tokens", type=int, metavar="N",
+                        help="tokens of the varlen row's 8 packed documents (full: "
+                             f"{FULL_VARLEN_TOKENS}; quick: {QUICK_VARLEN_TOKENS}; 0: no "
+                             "varlen row)")
     parser.add_argument("--S", type=int, default=128, help="query/key width s (default 128)")
     parser.add_argument("--E", type=int, help="value width e (full: 1536; quick: 256)")
     parser.add_argument("--chunk-size", type=int, default=256, help="C (default 256)")
@@ -130,6 +144,15 @@ def parse_args(argv):
     if args.noncausal_seq_lens is None:
         args.noncausal_seq_lens = [2048] if q else [4096]
     args.tokens = args.tokens if args.tokens is not None else (0 if q else 65536)
+    if args.varlen_tokens is None:
+        args.varlen_tokens = QUICK_VARLEN_TOKENS if q else FULL_VARLEN_TOKENS
+    if args.varlen_tokens < 0:
+        parser.error("--varlen-tokens: must be positive, or 0 for no varlen row")
+    try:
+        args.doc_lens = (document_lengths(args.varlen_tokens, args.chunk_size)
+                         if args.varlen_tokens else None)
+    except ValueError as exc:
+        parser.error(str(exc))
     args.E = args.E or (256 if q else 1536)
     args.dtype = DTYPES[args.dtype] if args.dtype else (
         torch.bfloat16 if args.device.type == "cuda" else torch.float32)
@@ -202,7 +225,8 @@ def measure_peak(args):
 # the plan
 # ---------------------------------------------------------------------------------------------
 def build_plan(args):
-    """[(impl, problem, mode)] in priority order (when a time budget runs out, the tail goes)."""
+    """[(impl, problem, mode)] in priority order (when a time budget runs out, the tail goes):
+    by implementation, its T series, then its varlen row (packed, padded) if it has one."""
     names = args.impls or list(IMPLS)
     problems = []
     for causal, lengths in ((True, args.seq_lens), (False, args.noncausal_seq_lens)):
@@ -210,9 +234,11 @@ def build_plan(args):
             batch = max(1, args.tokens // T) if args.tokens else 1
             problems.append(Problem(T=T, batch=batch, S=args.S, E=args.E, C=args.chunk_size,
                                     causal=causal, rel_bias=args.rel_bias))
+    varlen = list(varlen_problems(args.doc_lens, args.S, args.E, args.chunk_size,
+                                  rel_bias=args.rel_bias)) if args.doc_lens else []
     plan = []
     for name in names:
-        for p in problems:
+        for p in problems + (varlen if IMPLS[name].varlen else []):
             if name == "torch.compile" and args.compile_seq_lens and p.T not in args.compile_seq_lens:
                 continue
             plan.extend((name, p, mode) for mode in args.modes)
@@ -252,7 +278,7 @@ def _measure_point(record, impl, p, mode, args, errors, write, dtype_str):
     call = None
     point_start = time.perf_counter()
     try:
-        call = make_call(impl, p, mode, args.device, args.dtype, seed=p.T)
+        call = make_call(impl, p, mode, args.device, args.dtype, seed=p.seed)
         timing = time_ms(call, args)
         record.update(timing, tflops=record["flops"] / (timing["ms"] * 1e-3) / 1e12)
     except Exception as exc:              # a failing baseline must not stop the benchmark
@@ -260,7 +286,8 @@ def _measure_point(record, impl, p, mode, args, errors, write, dtype_str):
         record.update(status="error", note=note)
         if note != "out of memory":
             errors.setdefault(impl.name, []).append(note)
-        write(f"{impl.name} {MODE_NAMES[mode]} T={p.T} batch={p.batch}: {note}")
+        write(f"{impl.name} {MODE_NAMES[mode]} T={p.T} batch={p.batch}"
+              f"{f' varlen {p.varlen}' if p.varlen else ''}: {note}")
     del call
     record["wall_s"] = round(time.perf_counter() - point_start, 3)
     gc.collect()
@@ -298,7 +325,8 @@ def run_plan(args, meta):
             record.update(status="skipped", note=reason)
             continue
         if hasattr(bar, "set_description"):
-            bar.set_description(f"{name} {MODE_NAMES[mode]} T={p.T}")
+            bar.set_description(f"{name} {MODE_NAMES[mode]} T={p.T}"
+                                f"{f' {p.varlen}' if p.varlen else ''}")
         try:
             _measure_point(record, impl, p, mode, args, errors, write, dtype_str)
         except KeyboardInterrupt:
@@ -337,9 +365,9 @@ def _cpu_memory(records, args, dtype_str, write):
             and r["mode"] != "bwd"]
     if not todo:
         return
-    calls = [(run_once, (r["impl"], {k: r[k] for k in ("T", "batch", "S", "E", "C", "causal",
-                                                         "rel_bias")},
-                         r["mode"], "cpu", dtype_str, torch.get_num_threads())) for r in todo]
+    problem_fields = [field.name for field in dataclasses.fields(Problem)]
+    calls = [(run_once, (r["impl"], {k: r[k] for k in problem_fields}, r["mode"], "cpu",
+                         dtype_str, torch.get_num_threads())) for r in todo]
     # The first call of each kind in a process allocates once-only buffers (autograd engine,
     # thread pools): each (impl, mode) gets a throwaway call first, whose peak is dropped.
     ordered, seen = [], set()
@@ -388,6 +416,12 @@ def report(records, args, meta, skipped_impls, path):
         if not args.no_memory and mode != "bwd":
             print(f"-- {MODE_NAMES[mode]}: peak memory, MB (inputs and gradients included) --")
             print(render_text(memory_table(records, mode)))
+    varlen = varlen_table(records, args.modes)
+    if varlen is not None:
+        print("\n== packed documents (varlen): ms (median ±half the min-max range), useful "
+              "TFLOP/s, peak MB; packed speedup = padded ms / packed ms ==")
+        print(describe_varlen(records))
+        print(render_text(varlen))
     notes = sorted({(r["impl"], r["note"]) for r in records if r["status"] == "error"})
     if notes:
         print("\nerrors:")

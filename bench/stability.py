@@ -7,7 +7,10 @@ they do, a loaded machine, and conclusions drawn only from what is left.
   (ms_min, ms_max: a CPU's few runs). A point whose spread exceeds NOISY_SPREAD is "noisy".
 - Non-monotonic: along one series (implementation, mode, causal or not, by increasing T), a point
   that does at least the work of the previous one (flops) but is faster by more than
-  MONOTONIC_SLACK. Both points of such a pair are flagged: one of the two is wrong.
+  MONOTONIC_SLACK. Both points of such a pair are flagged: one of the two is wrong. The varlen
+  row's points (bench/varlen.py: packed or padded documents) are each a series of their own:
+  the padded batch does the packed row's useful flops with more work, so being slower is no
+  contradiction; they can only be noisy.
 - Loaded machine: other processes' load average above LOADED_FRACTION of the cores, or the
   matmul peak measured in the run below PEAK_FRACTION of a reference for the machine (the
   best earlier run of the same device and dtype in the committed results, and for known GPUs
@@ -41,7 +44,12 @@ DATASHEET_TFLOPS = (
 
 
 def point_key(r):
-    return (r["impl"], r["mode"], bool(r["causal"]), r["T"], r["batch"])
+    return (r["impl"], r["mode"], bool(r["causal"]), r["T"], r["batch"], r.get("varlen"))
+
+
+def is_varlen(r):
+    """A point of the varlen row (packed or padded documents), not of a T series."""
+    return r.get("varlen") is not None
 
 
 def _ok(r):
@@ -71,7 +79,8 @@ def point_flags(records):
     series = {}
     for r in records:
         if _ok(r):
-            series.setdefault((r["impl"], r["mode"], bool(r["causal"])), []).append(r)
+            series.setdefault((r["impl"], r["mode"], bool(r["causal"]), r.get("varlen")),
+                              []).append(r)
             s = spread(r)
             if s is not None and s > NOISY_SPREAD:
                 flags.setdefault(point_key(r), set()).add("noisy")
@@ -94,11 +103,12 @@ def annotate(records):
 
 
 def row_flags(records, mode, flags=None):
-    """{(noncausal, T, batch): "noisy: sdpa; non-monotonic: torch"} for the rows of a table."""
+    """{(noncausal, T, batch): "noisy: sdpa; non-monotonic: torch"} for the rows of a table
+    (the T series; the varlen row's flags are in its own table)."""
     flags = point_flags(records) if flags is None else flags
     rows = {}
-    for (impl, point_mode, causal, T, batch), kinds in flags.items():
-        if point_mode == mode:
+    for (impl, point_mode, causal, T, batch, varlen), kinds in flags.items():
+        if point_mode == mode and varlen is None:
             row = rows.setdefault((not causal, T, batch), {})
             for kind in kinds:
                 row.setdefault(kind, []).append(impl)
@@ -114,7 +124,7 @@ def growth_conclusions(records, impls=("triton", "flash_attention", "torch", "re
     lines = []
     for name in impls:
         points = sorted((r for r in records if r["impl"] == name and r["mode"] == "fwd"
-                         and r["causal"] and _ok(r)), key=lambda r: r["T"])
+                         and r["causal"] and _ok(r) and not is_varlen(r)), key=lambda r: r["T"])
         if len(points) < 2 or len({r["batch"] for r in points}) > 1:
             continue
         contradicted = [r["T"] for r in points if "non-monotonic" in flags.get(point_key(r), ())]
@@ -147,6 +157,11 @@ def unstable_summary(records):
         for (noncausal, T, batch), text in sorted(rows.items()):
             label = f"T={T}{' non-causal' if noncausal else ''}"
             lines.append(f"{MODE_NAMES[mode]} {label}: {text}")
+        varlen_points = sorted((key, kinds) for key, kinds in flags.items()
+                               if key[1] == mode and key[5] is not None)
+        for (impl, _, _, T, batch, varlen), kinds in varlen_points:
+            lines.append(f"{MODE_NAMES[mode]} varlen {varlen} ({batch} x {T}): "
+                         f"{', '.join(kinds)}: {impl}")
     return lines
 
 

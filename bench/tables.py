@@ -4,10 +4,12 @@ A time cell reads "median ±h%": h is half the spread range relative to the medi
 fastest to the slowest timed run, or the 10th to 90th percentile with 10 runs or more; see
 bench/stability.py). Old records without that range show the median alone. A
 "flags" column names the implementations whose point in that row is noisy or non-monotonic
-(bench/stability.py); it appears only when some row is flagged.
+(bench/stability.py); it appears only when some row is flagged. The varlen row's records
+(packed or padded documents) are left out of these tables and of the targets: bench/varlen.py
+has their table.
 """
 from .flops import MODE_NAMES, MODES
-from .stability import NOISY_SPREAD, point_flags, row_flags, spread
+from .stability import NOISY_SPREAD, is_varlen, point_flags, row_flags, spread
 
 SPREAD_NOTE = (f"Times: median ms ±half the range of the timed runs relative to the median "
                f"(fastest to slowest; 10th to 90th percentile with 10 runs or more); a point "
@@ -33,18 +35,20 @@ def primary_impl(records):
 
 
 def _impls(records, mode):
-    present = {r["impl"] for r in records if r["mode"] == mode and r.get("status") != "skipped"}
+    present = {r["impl"] for r in records if r["mode"] == mode and r.get("status") != "skipped"
+               and not is_varlen(r)}
     return [name for name in IMPL_ORDER if name in present] + sorted(present - set(IMPL_ORDER))
 
 
 def _rows(records, mode):
-    keys = {(not r["causal"], r["T"], r["batch"]) for r in records if r["mode"] == mode}
+    keys = {(not r["causal"], r["T"], r["batch"]) for r in records
+            if r["mode"] == mode and not is_varlen(r)}
     return sorted(keys)
 
 
 def _index(records, mode):
     return {(r["impl"], not r["causal"], r["T"], r["batch"]): r for r in records
-            if r["mode"] == mode}
+            if r["mode"] == mode and not is_varlen(r)}
 
 
 def _cell(r, field, fmt):

@@ -2,8 +2,10 @@
 and writes only to bench_out/ under the current directory (never the committed bench/results/
 or README.md); the flop count matches a hand computation; noisy and non-monotonic points are
 flagged and kept out of conclusions; a loaded machine is reported; the plots, README section,
-target verdicts and the publish step come out of small fake results files. No GPU needed; the
-quick run (two lengths) takes ~15 s on 2 quiet cores."""
+target verdicts and the publish step come out of small fake results files; the varlen row
+(packed documents vs the same documents padded) has the same documents in both layouts, the
+same useful flops, its own table and flags, and stays out of the T series. No GPU needed; the
+quick run (two lengths and a 512-token varlen row) takes ~17 s on 2 quiet cores."""
 import hashlib
 import json
 import os
@@ -12,8 +14,11 @@ import sys
 
 import pytest
 
-from bench import plots, publish, readme, stability
-from bench.flops import flash_flops, softmax_flops
+import torch
+
+from bench import plots, publish, readme, stability, varlen
+from bench.flops import flash_flops, packed_flops, softmax_flops
+from bench.impls import IMPLS, make_call, varlen_problems
 from bench.results_io import load_results, select_run
 from bench.tables import evaluate_targets, time_table
 
@@ -40,6 +45,57 @@ def test_flash_flops_hand_computed():
     assert softmax_flops(1024, 12, 64, causal=True) == 12 * 4 * 1024 * 1024 * 64 / 2
     with pytest.raises(ValueError, match="mode"):
         flash_flops(4, 2, 3, 2, mode="forward")
+    # packed documents: each its own sequence, chunks restarting at its first token:
+    # 3 tokens (C=2) 3 * (2*5 + 24) = 102, plus 4 tokens 136; an empty document costs nothing
+    assert packed_flops([3, 4], 2, 3, 2) == 238
+    assert packed_flops([3, 0, 4], 2, 3, 2, mode="fwd+bwd") == 3 * 238
+    # a 1-token document is a chunk of 1 (1*5 + 24 = 29), not part of a 2-token chunk as in
+    # one 5-token sequence (5 * 34 = 170)
+    assert packed_flops([1, 4], 2, 3, 2) == 29 + 136 < flash_flops(5, 2, 3, 2) == 170
+
+
+def test_varlen_documents_are_mixed_deterministic_and_off_chunk_multiples():
+    for total in (256, 512, 4096, 16384, 5000):
+        lengths = varlen.document_lengths(total, 256)
+        assert lengths == varlen.document_lengths(total, 256)
+        assert len(lengths) == varlen.NUM_DOCS == 8 and sum(lengths) == total
+        assert min(lengths) >= 1 and all(n % 256 for n in lengths), lengths
+    # the quick and full rows: some documents shorter than a chunk, some several chunks
+    assert varlen.document_lengths(4096, 256) == [1229, 25, 778, 49, 1065, 152, 451, 347]
+    for total in (4096, 16384):
+        lengths = varlen.document_lengths(total, 256)
+        assert sum(n < 256 for n in lengths) >= 2 and sum(n > 3 * 256 for n in lengths) >= 3
+    # a length that would land on a multiple of C is moved off it, the total kept
+    for C in (3, 7, 16, 49, 152):
+        for total in range(256, 420):
+            lengths = varlen.document_lengths(total, C)
+            assert sum(lengths) == total and all(n % C for n in lengths), (C, total, lengths)
+    with pytest.raises(ValueError, match="varlen-tokens 255 is too few"):
+        varlen.document_lengths(255, 256)
+
+
+def test_varlen_problems_hold_the_same_documents():
+    """The padded batch is the packed row's documents, each followed by zeros: the torch path
+    gives each document the same output in both layouts (float64, so exactly the same
+    arithmetic up to rounding), and the padded row's output gradient is zero on the padding."""
+    lengths = [5, 40, 3, 17]
+    packed, padded = varlen_problems(lengths, S=8, E=12, C=16)
+    assert (packed.batch, packed.T, padded.batch, padded.T) == (1, 65, 4, 40)
+    assert IMPLS["torch"].flops(packed, "bwd") == IMPLS["torch"].flops(padded, "bwd") \
+        == packed_flops(lengths, 8, 12, 16, mode="bwd")
+    cpu = torch.device("cpu")
+    out_packed = make_call(IMPLS["torch"], packed, "fwd", cpu, torch.float64, packed.seed)()
+    out_padded = make_call(IMPLS["torch"], padded, "fwd", cpu, torch.float64, padded.seed)()
+    start = 0
+    for row, length in enumerate(lengths):
+        torch.testing.assert_close(out_padded[row, :length], out_packed[0, start:start + length])
+        start += length
+    grads = make_call(IMPLS["torch"], padded, "fwd+bwd", cpu, torch.float64, padded.seed)()
+    assert grads[-1][0, 5:].abs().max() == 0 and grads[-1][0, :5].abs().max() > 0
+    with pytest.raises(ValueError, match="does not run packed documents"):
+        make_call(IMPLS["sdpa"], packed, "fwd", cpu, torch.float32)
+    with pytest.raises(ValueError, match=r"\(batch, T\) = \(1, 65\)"):
+        type(packed)(T=64, batch=1, varlen="packed", doc_lens=lengths)
 
 
 def _committed_state():
@@ -70,8 +126,10 @@ def test_quick_mode_runs_on_cpu_and_leaves_the_checkout_alone(tmp_path):
         return output
 
     output = run("bench", "--device", "cpu", "--threads", "1", "--no-progress",
-                 "--max-dense-gb", "0.2", "--seq-lens", "512", "4096", "--noncausal-seq-lens")
+                 "--max-dense-gb", "0.2", "--seq-lens", "512", "4096", "--noncausal-seq-lens",
+                 "--varlen-tokens", "512")
     assert "quick mode" in output and "forward + backward" in output, output[-4000:]
+    assert "packed documents (varlen)" in output and "8 x 154, zero-padded" in output
     assert "bench_out" in output and "±" in output, output[-4000:]
     records = load_results(tmp_path / "bench_out" / "results.jsonl")
     ok = {(r["impl"], r["mode"], r["T"]) for r in records if r["status"] == "ok"}
@@ -93,6 +151,20 @@ def test_quick_mode_runs_on_cpu_and_leaves_the_checkout_alone(tmp_path):
                and r["T"] == 4096 for r in records)
     # the Triton kernels are never timed on a CPU without the interpreter being asked for
     assert all(r["status"] == "skipped" for r in records if r["impl"] == "triton")
+    # the varlen row: the torch path, both layouts, every mode, the documents recorded, the
+    # same useful flops for both layouts; no baseline without cu_seqlens runs it
+    lengths = varlen.document_lengths(512, 256)
+    rows = {(r["mode"], r["varlen"]): r for r in records
+            if r["impl"] == "torch" and r["varlen"] is not None}
+    assert sorted(rows) == sorted((m, v) for m in ("fwd", "bwd", "fwd+bwd")
+                                  for v in ("packed", "padded"))
+    for (mode, layout), r in rows.items():
+        assert r["status"] == "ok" and r["doc_lens"] == lengths and r["causal"], r
+        assert (r["batch"], r["T"]) == ((1, 512) if layout == "packed" else (8, max(lengths)))
+        assert r["flops"] == packed_flops(lengths, 128, 256, mode=mode)
+    assert {r["impl"] for r in records if r["varlen"] is not None} == {
+        "triton", "flash_attention", "torch"}
+    assert all(r["varlen"] is None for r in records if r["impl"] in ("reference", "sdpa"))
 
     if _has_matplotlib():
         run("bench.plots", timeout=120)
@@ -101,6 +173,8 @@ def test_quick_mode_runs_on_cpu_and_leaves_the_checkout_alone(tmp_path):
     run("bench.readme", timeout=120)
     section = (tmp_path / "bench_out" / readme.SECTION_NAME).read_text()
     assert first["run"] in section and "±" in section and "Stability:" in section
+    assert "**Packed documents (varlen)**" in section and "| torch | forward | padded |" in section
+    assert f"({', '.join(map(str, lengths))} tokens)" in section
     assert sorted(os.listdir(tmp_path)) == ["bench_out"]
     assert _committed_state() == before
 
@@ -145,6 +219,65 @@ def _fake_run(path, device_type="cuda", run="20260101T000000-1"):
     return records
 
 
+def _fake_varlen(path, run_records, noisy_packed_mode=None):
+    """Append a varlen row to a fake run: triton, the 16K documents packed (ms 1, 2, 3 per
+    mode) and padded (2.4x the time, 2x the memory), the packed point of `noisy_packed_mode`
+    with a 50% spread."""
+    lengths = varlen.document_lengths(16384, 256)
+    records = []
+    for layout, batch, T, factor in (("packed", 1, 16384, 1.0), ("padded", 8, max(lengths), 2.4)):
+        for mode, base in (("fwd", 1.0), ("bwd", 2.0), ("fwd+bwd", 3.0)):
+            ms = base * factor
+            spread = 0.5 if (layout == "packed" and mode == noisy_packed_mode) else 0.04
+            flops = packed_flops(lengths, 128, 1536, 256, mode=mode)
+            tflops = flops / (ms * 1e-3) / 1e12
+            records.append(dict(run_records[0], impl="triton", mode=mode, T=T, batch=batch,
+                                varlen=layout, doc_lens=lengths, status="ok", note="", ms=ms,
+                                ms_min=(1 - spread / 2) * ms, ms_max=(1 + spread / 2) * ms,
+                                reps=50, flops=flops, tflops=tflops, frac_peak=tflops / 500.0,
+                                mem_mb=None if mode == "bwd" else 100.0 * factor / 1.2))
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return records
+
+
+def test_varlen_row_has_its_own_table_and_stays_out_of_the_series(tmp_path):
+    series = _fake_run(tmp_path / "results.jsonl")
+    rows = _fake_varlen(tmp_path / "results.jsonl", series, noisy_packed_mode="bwd")
+    records = series + rows
+    # the T tables, targets and growth lines are those of the run without the varlen row
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        assert time_table(records, mode) == time_table(series, mode)
+    assert evaluate_targets(records) == evaluate_targets(series)
+    assert stability.growth_conclusions(records) == stability.growth_conclusions(series)
+    # the padded batch is slower for the same useful flops: no contradiction; noise is flagged
+    flags = stability.point_flags(records)
+    assert flags == {("triton", "bwd", True, 16384, 1, "packed"): ["noisy"]}
+    assert stability.row_flags(records, "bwd") == {}
+    assert stability.unstable_summary(records) == [
+        "backward varlen packed (1 x 16384): noisy: triton"]
+    headers, table = varlen.varlen_table(records)
+    assert headers[:4] == ["impl", "mode", "layout", "batch x T"] and headers[-1] == "flags"
+    packed_fwd, padded_fwd = table[0], table[1]
+    assert packed_fwd[:4] == ["triton", "forward", "packed", "1 x 16384, cu_seqlens"]
+    assert padded_fwd[2:4] == ["padded", "8 x 4915, zero-padded"]
+    column = {name: i for i, name in enumerate(headers)}
+    assert packed_fwd[column["packed speedup"]] == "2.40x"
+    assert packed_fwd[column["padded / packed MB"]] == "2.40x"
+    # the same useful flops, so the padded row's useful TFLOP/s is 2.4x lower
+    assert float(packed_fwd[column["useful TFLOP/s"]]) == pytest.approx(
+        2.4 * float(padded_fwd[column["useful TFLOP/s"]]), rel=1e-2)
+    assert table[2][column["flags"]] == "noisy" and table[2][column["peak MB"]] == "-"
+    section = readme.section(records, str(tmp_path / "results.jsonl"), str(tmp_path / "R.md"))
+    assert "**Packed documents (varlen)**" in section
+    assert "The same 8 documents (4915, 98, 3113, 197, 4260, 606, 1802, 1393 tokens)" in section
+    assert "| triton | forward | packed | 1 x 16384, cu_seqlens | 1.00 ±2% |" in section
+    assert "65536 tokens per batch" in section                # the series' batches only
+    assert varlen.varlen_table(series) is None and "varlen" not in readme.section(
+        series, str(tmp_path / "results.jsonl"), str(tmp_path / "R.md"))
+
+
 def test_targets_and_tables_from_fake_results(tmp_path):
     records = _fake_run(tmp_path / "results.jsonl")
     verdicts = {description: (verdict, detail)
@@ -181,9 +314,9 @@ def test_noise_is_flagged_and_kept_out_of_conclusions():
                                               (2048, 16.0, 15.8, 16.2), (4096, 50.0, 40.0, 65.0)])
     records = steady + contradicted + noisy_end
     flags = stability.point_flags(records)
-    assert flags == {("sdpa", "fwd", True, 1024, 1): ["non-monotonic"],
-                     ("sdpa", "fwd", True, 2048, 1): ["non-monotonic"],
-                     ("reference", "fwd", True, 4096, 1): ["noisy"]}
+    assert flags == {("sdpa", "fwd", True, 1024, 1, None): ["non-monotonic"],
+                     ("sdpa", "fwd", True, 2048, 1, None): ["non-monotonic"],
+                     ("reference", "fwd", True, 4096, 1, None): ["noisy"]}
     lines = stability.growth_conclusions(records)
     assert any(line.startswith("torch: 8x the tokens cost 8.3x the forward time") for line in lines)
     sdpa, = (line for line in lines if line.startswith("sdpa"))
@@ -314,7 +447,7 @@ def test_readme_section_from_fake_results(tmp_path):
 def test_plots_from_fake_results(tmp_path):
     pytest.importorskip("matplotlib")
     results = tmp_path / "results.jsonl"
-    _fake_run(results)
+    _fake_varlen(results, _fake_run(results))                 # the varlen row is left out
     assert plots.main(["--results", str(results), "--plot-dir", str(tmp_path / "png")]) == 0
     for name in plots.PLOT_NAMES:
         path = tmp_path / "png" / name
