@@ -11,7 +11,7 @@ import sys
 from .run import main as run_main
 
 PRESET = ["--impls", "torch", "reference", "--modes", "fwd", "--tokens", "0",
-          "--noncausal-seq-lens"]
+          "--varlen-tokens", "0", "--noncausal-seq-lens"]
 
 
 def main(argv=None):

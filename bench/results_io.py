@@ -14,7 +14,8 @@ machine_warnings (why the timings may be unreliable; empty when nothing says so)
 point: impl, mode ("fwd", "bwd", "fwd+bwd"), T, batch, S, E, C, causal, rel_bias, status ("ok",
 "skipped" or "error"), note, ms (median), ms_min, ms_max, ms_p10 and ms_p90 (10th and 90th
 percentiles, with 10 timed runs or more, else null), reps (timed runs), flops, tflops and
-frac_peak (from the median), mem_mb, flags ("noisy", "non-monotonic": bench/stability.py),
+frac_peak (from the median), mem_mb, varlen (null, or "packed"/"padded": the varlen row,
+bench/varlen.py), doc_lens (its document lengths), flags ("noisy", "non-monotonic": bench/stability.py),
 wall_s. Older lines may lack the newer fields; readers treat them as unknown.
 """
 import datetime
