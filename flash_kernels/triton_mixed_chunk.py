@@ -79,7 +79,7 @@ class KernelConfig:
     block_n: int             # key tile of the forward; hoisted: two of them span the chunk
     block_s: int
     block_e: int
-    fused_fwd_block_e: int   # the forward's value tile when it forms the roles from z and gates
+    narrow_fwd_block_e: int  # the forward's value tile when causal or fused (roles from z, gate)
     bwd_query_block_e: int   # the query backward's dA = dO V^T reduces over E in these steps
     hoist: bool              # relu^2 weights formed once per program (chunk <= MAX_HOIST_KEYS)
     num_warps: int           # of the three per-chunk kernels
@@ -119,9 +119,10 @@ def kernel_config(chunk_len, S, E):
     block_e = _config_override.get("block_e", min(64, max(16, next_power_of_2(E))))
     return KernelConfig(
         block=block, block_n=block_n, block_s=block_s, block_e=block_e,
-        # Roles from z, the gate and the non-finite value guard of causal tiles need 64 x 32
-        # value tiles to stay spill-free on sm_90 at the paper shape (64 x 64: 96 bytes).
-        fused_fwd_block_e=min(32, block_e),
+        # The non-finite value guard of causal tiles, the roles from z and the gate need 64 x 32
+        # value tiles to stay spill-free on sm_90 at the paper shape (64 x 64 spills 8 bytes
+        # causal, 96 fused, 168 with packed documents and a state offset; Triton 3.9 and 3.6).
+        narrow_fwd_block_e=min(32, block_e),
         # 64 makes the fused (roles from z) query backward spill 64 bytes on sm_90; 32 does not.
         bwd_query_block_e=min(32, block_e) if block >= 64 else block_e,
         hoist=hoist,
@@ -284,7 +285,7 @@ def forward_output(roles, v, rel_bias, p, *, causal, quad_scale, lin_scale, stat
                 HAS_BIAS=bias is not None, BIAS_MATRIX=cfg.hoist, CAUSAL=causal,
                 HOIST_SCORES=cfg.hoist, IS_VARLEN=p.tables is not None, BLOCK_M=cfg.block,
                 BLOCK_N=cfg.block_n, BLOCK_S=cfg.block_s,
-                BLOCK_E=cfg.fused_fwd_block_e if roles.from_z else cfg.block_e,
+                BLOCK_E=cfg.narrow_fwd_block_e if causal or roles.from_z else cfg.block_e,
                 DOT_PRECISION=_dot_precision(v.dtype)),
            num_warps=cfg.num_warps, num_stages=cfg.fwd_stages)
     return out, attn
