@@ -1,6 +1,8 @@
-"""Shared test helpers: random problems and an rms-ratio assert_close that says where it failed."""
+"""Shared test helpers: random problems, an rms-ratio assert_close that says where it failed,
+the kernels a Triton call must launch, and the C++ loop oracle (csrc_ref) as an autograd op."""
 import torch
 
+from csrc_ref import mixed_chunk_attention_cpp, mixed_chunk_attention_cpp_backward
 from flash_kernels import flash_attention, mixed_chunk_attention
 
 GRAD_NAMES = ("q_quad", "k_quad", "q_lin", "k_lin", "v", "rel_bias")
@@ -73,3 +75,84 @@ def call_op(op, tensors, **options):
                                      **options)
     return flash_attention(tensors["z"], tensors["gamma"], tensors["beta"], tensors["v"],
                            u=tensors["u"], rel_bias=tensors["rel_bias"], **options)
+
+
+def default_scale(T, chunk_size):
+    """The default quad_scale and lin_scale, 1 / C, with C = chunk_size (even when longer than
+    the sequence) or T for chunk_size=None (SPEC.md section 2). Worked out here, not by the
+    package, so that a test comparing against it can see a wrong default."""
+    return 1.0 / (T if chunk_size is None else chunk_size)
+
+
+def triton_kernels(phase, linear):
+    """Names of the kernels one Triton "forward", or one "backward" in which every input
+    requires grad, launches: the per-chunk kernels, and with a linear part the state scan."""
+    per_chunk = {"forward": {"mixed_chunk_fwd_kernel"},
+                 "backward": {"mixed_chunk_bwd_query_kernel", "mixed_chunk_bwd_key_kernel"}}[phase]
+    return per_chunk | ({"chunk_state_scan_kernel"} if linear else set())
+
+
+def assert_launched(what, records, expected, *, from_z=False):
+    """The kernels recorded (flash_kernels.utils.record_launches) are exactly `expected` (a set
+    of names; empty for the PyTorch paths); flash_attention's (from_z) form the roles from z,
+    and the state scan runs forward in a forward and in reverse in a backward."""
+    launched = {r.kernel_name for r in records}
+    assert launched == set(expected), \
+        f"{what}: launched {sorted(launched)}, expected {sorted(expected)}"
+    for r in records:
+        assert r.constexprs.get("FROM_Z") == from_z, f"{what}: {r.kernel_name} FROM_Z != {from_z}"
+        if r.kernel_name == "chunk_state_scan_kernel":
+            assert r.constexprs["REVERSE"] == (what.endswith("backward")), f"{what}: scan direction"
+
+
+class _CppOracle(torch.autograd.Function):
+    """The C++ loop oracle with its hand-written backward (SPEC.md section 3), for autograd.
+    `options` are resolved: an int chunk_size and float scales."""
+
+    @staticmethod
+    def forward(ctx, options, q_quad, k_quad, q_lin, k_lin, v, rel_bias):
+        ctx.options = options
+        ctx.save_for_backward(q_quad, k_quad, q_lin, k_lin, v, rel_bias)
+        return mixed_chunk_attention_cpp(q_quad, k_quad, q_lin, k_lin, v, rel_bias=rel_bias,
+                                         **options)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q_quad, k_quad, q_lin, k_lin, v, rel_bias = ctx.saved_tensors
+        grads = mixed_chunk_attention_cpp_backward(grad_out, q_quad, k_quad, q_lin, k_lin, v,
+                                                   rel_bias=rel_bias, **ctx.options)
+        return (None, *(grads[name] for name in GRAD_NAMES))
+
+
+def flash_roles(z, gamma, beta, round_to=None):
+    """The roles z * gamma[r] + beta[r] (r < len(gamma)), rounded to `round_to` when given, as
+    flash_attention rounds them to z's dtype for half inputs; the gradient passes the rounding
+    unchanged, as the op's backward does."""
+    roles = [z * gamma[r] + beta[r] for r in range(gamma.shape[0])]
+    if round_to is None:
+        return roles
+    return [role + (role.to(round_to).to(role.dtype) - role).detach() for role in roles]
+
+
+def composed_flash_attention(tensors, attention, round_to=None):
+    """flash_attention composed from its definition: the roles (flash_roles), then
+    `attention(q_quad, k_quad, q_lin, k_lin, v, rel_bias)`, then the gate u."""
+    roles = flash_roles(tensors["z"], tensors["gamma"], tensors["beta"], round_to)
+    q_lin, k_lin = (roles[2], roles[3]) if len(roles) == 4 else (None, None)
+    out = attention(roles[0], roles[1], q_lin, k_lin, tensors["v"], tensors["rel_bias"])
+    return out if tensors["u"] is None else tensors["u"] * out
+
+
+def cpp_oracle(op, tensors, *, chunk_size, causal, quad_scale, lin_scale):
+    """`op` ("mixed_chunk_attention" or "flash_attention", tensors named as in call_op) by the
+    C++ oracle, float64, differentiable; every option must be given resolved. flash_attention
+    is composed around it (composed_flash_attention)."""
+    options = dict(chunk_size=chunk_size, causal=causal, quad_scale=quad_scale,
+                   lin_scale=lin_scale)
+
+    def attention(q_quad, k_quad, q_lin, k_lin, v, rel_bias):
+        return _CppOracle.apply(options, q_quad, k_quad, q_lin, k_lin, v, rel_bias)
+
+    if op == "mixed_chunk_attention":
+        return attention(*(tensors[name] for name in GRAD_NAMES))
+    return composed_flash_attention(tensors, attention)

@@ -447,8 +447,8 @@ def _nan_params():
             yield pytest.param(op, where, value, linear, causal, backend,
                                id=f"{op.split('_')[0]}-{backend}-{where}={value}-"
                                   f"{'lin' if linear else 'quad'}-{'causal' if causal else 'full'}",
-                               marks=[pytest.mark.xfail(strict=True, raises=AssertionError, reason=leak)]
-                               if leak else [])
+                               marks=[pytest.mark.xfail(strict=True, raises=AssertionError,
+                                                        reason=leak)] if leak else [])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")     # numpy, inside the Triton interpreter
