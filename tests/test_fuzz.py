@@ -83,11 +83,6 @@ def _programs(B, T, chunk_size, tiles):
     return B * math.ceil(T / (chunk_size or T)) * math.ceil(chunk_len / block)
 
 
-def _several_blocks(T, chunk_size, tiles):
-    """Whether a chunk spans several query blocks (of 64 rows unless `tiles` says otherwise)."""
-    return math.ceil(min(chunk_size or T, T) / tiles.get("block", 64)) > 1
-
-
 @st.composite
 def shapes_and_options(draw):
     """Shape, chunking, tile overrides, dtype and scales shared by both fuzzers."""
