@@ -4,6 +4,7 @@ import torch
 
 from csrc_ref import mixed_chunk_attention_cpp, mixed_chunk_attention_cpp_backward
 from flash_kernels import flash_attention, mixed_chunk_attention
+from flash_kernels.utils import record_launches
 
 GRAD_NAMES = ("q_quad", "k_quad", "q_lin", "k_lin", "v", "rel_bias")
 
@@ -53,16 +54,21 @@ def inputs_of(problem):
     return [problem[n] for n in GRAD_NAMES if problem[n] is not None and problem[n].requires_grad]
 
 
-def run_with_grads(problem, grad_out=None, **options):
-    """Output and the gradients of every input that requires grad, as a dict by name."""
-    out = mixed_chunk_attention(problem["q_quad"], problem["k_quad"], problem["q_lin"],
-                                problem["k_lin"], problem["v"], rel_bias=problem["rel_bias"],
-                                **options)
+def run_with_grads(problem, grad_out=None, launches=None, **options):
+    """Output and the gradients of every input that requires grad, as a dict by name. The
+    kernels launched go to `launches` (a dict: "forward" and "backward" record lists) if given."""
+    launches = {} if launches is None else launches
+    with record_launches() as launches["forward"]:
+        out = mixed_chunk_attention(problem["q_quad"], problem["k_quad"], problem["q_lin"],
+                                    problem["k_lin"], problem["v"], rel_bias=problem["rel_bias"],
+                                    **options)
     if grad_out is None:
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(123),
                                dtype=torch.float64).to(out)
     names = [n for n in GRAD_NAMES if problem[n] is not None and problem[n].requires_grad]
-    grads = torch.autograd.grad(out, [problem[n] for n in names], grad_out, allow_unused=True)
+    with record_launches() as launches["backward"]:
+        grads = torch.autograd.grad(out, [problem[n] for n in names], grad_out,
+                                    allow_unused=True)
     return out, dict(zip(names, grads)), grad_out
 
 
@@ -92,17 +98,18 @@ def triton_kernels(phase, linear):
     return per_chunk | ({"chunk_state_scan_kernel"} if linear else set())
 
 
-def assert_launched(what, records, expected, *, from_z=False):
-    """The kernels recorded (flash_kernels.utils.record_launches) are exactly `expected` (a set
-    of names; empty for the PyTorch paths); flash_attention's (from_z) form the roles from z,
-    and the state scan runs forward in a forward and in reverse in a backward."""
+def assert_launched(what, phase, records, expected, *, from_z=False):
+    """The kernels recorded in one `phase` ("forward" or "backward"; flash_kernels.utils.
+    record_launches) are exactly `expected` (a set of names; empty for the PyTorch paths);
+    flash_attention's (from_z) form the roles from z, and the state scan runs forward in a
+    forward and in reverse in a backward."""
     launched = {r.kernel_name for r in records}
     assert launched == set(expected), \
-        f"{what}: launched {sorted(launched)}, expected {sorted(expected)}"
+        f"{what} {phase}: launched {sorted(launched)}, expected {sorted(expected)}"
     for r in records:
         assert r.constexprs.get("FROM_Z") == from_z, f"{what}: {r.kernel_name} FROM_Z != {from_z}"
         if r.kernel_name == "chunk_state_scan_kernel":
-            assert r.constexprs["REVERSE"] == (what.endswith("backward")), f"{what}: scan direction"
+            assert r.constexprs["REVERSE"] == (phase == "backward"), f"{what} {phase}: scan direction"
 
 
 class _CppOracle(torch.autograd.Function):

@@ -181,7 +181,7 @@ def _compare(op, values, dtypes, backend, case, linear):
     what = f"{op}[{backend}]"
     for phase, records in (("forward", forward), ("backward", backward)):
         expected = triton_kernels(phase, linear) if backend == "triton" else set()
-        assert_launched(f"{what} {phase}", records, expected, from_z=op == "flash_attention")
+        assert_launched(what, phase, records, expected, from_z=op == "flash_attention")
 
     exact = _rounded_float64(values, dtypes)
     if backend == "reference":

@@ -12,7 +12,8 @@ import torch
 from flash_kernels import mixed_chunk_attention
 from flash_kernels.triton_mixed_chunk import tile_override
 from flash_kernels.utils import nan_filled_buffers
-from helpers import GRAD_NAMES, assert_close, make_problem, run_with_grads
+from helpers import (GRAD_NAMES, assert_close, assert_launched, make_problem, run_with_grads,
+                     triton_kernels)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 S, E = 5, 6         # not powers of two on purpose
@@ -42,7 +43,16 @@ def as_dtype(problem, dtype, device=DEVICE):
 
 def check_against_reference(problem, dtype=torch.float32, **options):
     low, exact = as_dtype(problem, dtype)
-    out, grads, grad_out = run_with_grads(low, backend="triton", **options)
+    launches = {}
+    out, grads, grad_out = run_with_grads(low, launches=launches, backend="triton", **options)
+    linear = problem["q_lin"] is not None
+    assert_launched("triton", "forward", launches["forward"], triton_kernels("forward", linear))
+    every_backward_kernel = triton_kernels("backward", linear)
+    if all(x.requires_grad for x in problem.values() if x is not None):
+        assert_launched("triton", "backward", launches["backward"], every_backward_kernel)
+    else:       # fewer gradients, fewer kernels
+        launched = {r.kernel_name for r in launches["backward"]}
+        assert launched <= every_backward_kernel, launched
     ref, ref_grads, _ = run_with_grads(exact, grad_out.double().cpu(), backend="reference", **options)
     assert out.dtype == dtype
     ratio = RATIO[dtype]
