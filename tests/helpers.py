@@ -50,6 +50,45 @@ def make_problem(batch, T, S, E, *, linear=True, bias_chunk=None, dtype=torch.fl
     return problem
 
 
+FP16_MAX = 65504.0
+# Options of large_score_problem: scores in the hundreds, so relu^2 weights ~1e5.
+LARGE_SCORE_OPTIONS = dict(chunk_size=16, quad_scale=40.0, lin_scale=4.0)
+
+
+def large_score_problem(seed=11):
+    """(problem, grad_out) whose relu^2 weights exceed fp16's largest value while the output
+    and every gradient stay far inside fp16's range (with LARGE_SCORE_OPTIONS).
+
+    quad_scale = 40 on N(0, 1) queries and keys of S = 16 features gives scores s ~ N(0, 160^2),
+    so the largest weights relu(s)^2 reach 1e5-3e5 > 65504; values of size 0.01 keep the output
+    ~1e3 (at most ~9e3), a grad_out of size 0.01 keeps dv = A^T dO ~1e3 and dq, dk ~1e2, and
+    lin_scale = 4 keeps the linear part's gradients (~1e-2) clear of fp16's subnormals. A kernel
+    that rounds the weights (or anything of their size) to fp16 gets inf.
+    """
+    problem = make_problem((2,), 37, 16, 24, bias_chunk=16, seed=seed)
+    problem["v"] = (0.01 * problem["v"].detach()).requires_grad_()
+    gen = torch.Generator().manual_seed(seed + 1)
+    grad_out = 0.01 * torch.randn(2, 37, 24, generator=gen, dtype=torch.float64)
+    return problem, grad_out
+
+
+def largest_weight(problem, *, chunk_size, causal, quad_scale):
+    """max relu(s_ij)^2 over the pairs the op weights (same chunk, j <= i when causal), in
+    float64 from the inputs as given."""
+    q, k = problem["q_quad"].detach().double(), problem["k_quad"].detach().double()
+    T = q.shape[-2]
+    pos = torch.arange(T)
+    offset = pos[:, None] - pos[None, :]
+    allowed = (pos[:, None] // chunk_size) == (pos[None, :] // chunk_size)
+    if causal:
+        allowed &= offset >= 0
+    scores = quad_scale * q @ k.transpose(-1, -2)
+    if problem["rel_bias"] is not None:
+        bias = problem["rel_bias"].detach().double()
+        scores = scores + bias[(offset + chunk_size - 1).clamp(0, 2 * chunk_size - 2)]
+    return (torch.relu(scores) ** 2)[..., allowed].max().item()
+
+
 def inputs_of(problem):
     return [problem[n] for n in GRAD_NAMES if problem[n] is not None and problem[n].requires_grad]
 
@@ -81,6 +120,25 @@ def call_op(op, tensors, **options):
                                      **options)
     return flash_attention(tensors["z"], tensors["gamma"], tensors["beta"], tensors["v"],
                            u=tensors["u"], rel_bias=tensors["rel_bias"], **options)
+
+
+# (T, chunk_size, quad_scale, lin_scale) and the scales resolved by hand: 1 / C with C the chunk
+# size, even when longer than the sequence, or T for chunk_size=None; an explicit scale never
+# sets the other one.
+DEFAULT_SCALE_CASES = [
+    (10, 4, None, None, 1 / 4, 1 / 4),
+    (5, 16, None, None, 1 / 16, 1 / 16),           # T < C
+    (10, None, None, None, 1 / 10, 1 / 10),
+    (10, 4, 0.7, None, 0.7, 1 / 4),
+    (10, 4, None, 0.3, 1 / 4, 0.3),
+    (5, 16, 0.7, None, 0.7, 1 / 16),
+    (10, None, None, 0.3, 1 / 10, 0.3),
+]
+
+
+def scale_case_id(case):
+    T, chunk_size, quad_scale, lin_scale = case[:4]
+    return f"T{T}-C{chunk_size}-quad{quad_scale}-lin{lin_scale}"
 
 
 def default_scale(T, chunk_size):
