@@ -117,6 +117,7 @@ def test_float16_with_float32_parameters():
     check(problem, dtype=torch.float16, chunk_size=16)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="bfloat16 needs a GPU: the Triton interpreter "
                     "multiplies raw bf16 bit patterns (triton issue #11584)")
 def test_bfloat16():
