@@ -1,9 +1,9 @@
 """Property-based fuzzing of both public ops against float64 ground truth.
 
 Every example draws a shape (0-2 leading batch dims of size 1-3, at most 4 sequences in all;
-T 1..70, S 1..20, E 1..20), a chunking, causal or not, with or without rel_bias, linear part or quadratic only, scales
-(None = 1/C, or random), a dtype and (for the Triton backend) tile sizes, and runs the op on
-one backend:
+T 1..70, S 1..20, E 1..20), a chunking, causal or not, with or without rel_bias, linear part or
+quadratic only, scales (None = 1/C, or random), a dtype and (for the Triton backend) tile
+sizes, and runs the op on one backend:
 - "triton" (under TRITON_INTERPRET=1 without a GPU) and "torch", in float32 or float16 (never
   float64: the Triton backend would route it to the PyTorch path and no kernel would run).
   Ground truth: `backend="reference"` on float64 copies of the same rounded inputs (for
@@ -36,8 +36,9 @@ absolute value.
 
 Reproducible and bounded: hypothesis runs derandomized (the same examples on every run and
 machine), without a database or shrinking (a failing example is printed as drawn; shrinking under
-the interpreter would take minutes), and each example's Triton work is capped at MAX_PROGRAMS
-(batch x chunks x query blocks) because the interpreter runs programs one by one in Python.
+the interpreter would take minutes), and each example's Triton work is capped at MAX_WORK
+(batch x chunks x query blocks, x key tiles on the long-chunk path) because the interpreter
+runs programs one by one in Python.
 FLASH_KERNELS_FUZZ_EXAMPLES sets the number of drawn examples per test (default 35).
 """
 import math
@@ -61,8 +62,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ("triton", "torch", "reference")
 RATIO = {torch.float32: 2e-5, torch.float16: 5e-3, torch.float64: 1e-10}
 DTYPES = (torch.float32, torch.float16)     # of "triton" and "torch"; "reference" runs float64
-# The interpreter executes every program of a grid in Python: cap batch x chunks x query blocks.
-MAX_PROGRAMS = 8 if DEVICE == "cpu" else 10**6
+# The interpreter executes every program of a grid in Python: cap the programs (_work).
+MAX_WORK = 6 if DEVICE == "cpu" else 10**6
 MAX_EXAMPLES = int(os.environ.get("FLASH_KERNELS_FUZZ_EXAMPLES", "35"))
 # Tile overrides (see test_triton_mixed_chunk.py): several query/key blocks per chunk (block 16),
 # several state tiles along T, the long-chunk path (scores recomputed per value tile), narrow
@@ -75,44 +76,52 @@ FUZZ_SETTINGS = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=T
                          suppress_health_check=(HealthCheck.too_slow, HealthCheck.data_too_large))
 
 
-def _programs(B, T, chunk_size, tiles):
-    """Per-chunk programs the Triton backend launches (as triton_mixed_chunk.kernel_config)."""
+def _work(B, T, chunk_size, tiles):
+    """The interpreter's work for one example: the per-chunk programs the Triton backend
+    launches (as triton_mixed_chunk.kernel_config), each counted once per key tile it walks on
+    the long-chunk path (chunks longer than max_hoist_keys)."""
     chunk_len = min(chunk_size or T, T)
     pow2 = max(16, 1 << (chunk_len - 1).bit_length())
-    block = tiles.get("block", min(64, pow2))
-    return B * math.ceil(T / (chunk_size or T)) * math.ceil(chunk_len / block)
+    blocks = math.ceil(chunk_len / tiles.get("block", min(64, pow2)))
+    key_tiles = 1 if pow2 <= tiles.get("max_hoist_keys", 256) else blocks
+    return B * math.ceil(T / (chunk_size or T)) * blocks * key_tiles
 
 
 @st.composite
 def shapes_and_options(draw):
     """Shape, chunking, tile overrides, dtype and scales shared by both fuzzers."""
-    # At most 4 sequences: a bigger batch multiplies the interpreter's work and adds no path.
-    batch = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=2)
-                       .filter(lambda dims: math.prod(dims) <= 4)))
-    B = math.prod(batch)
-    S = draw(st.integers(1, 20))
-    E = draw(st.integers(1, 20))
     # Several chunks 4 times in 6 (half of them with several 16-row query blocks per chunk),
     # one chunk at least as long as the sequence once, chunk_size=None once.
     chunking = draw(st.sampled_from(("several", "several blocks") * 2 + ("one", "none")))
+    # At most 4 sequences (a bigger batch multiplies the interpreter's work and adds no path),
+    # one with several blocks per chunk (the batch index has its own grid axis: the other
+    # draws cover it).
+    most = 1 if chunking == "several blocks" else 4
+    batch = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=2)
+                       .filter(lambda dims: math.prod(dims) <= most)))
+    B = math.prod(batch)
+    S = draw(st.integers(1, 20))
+    E = draw(st.integers(1, 20))
     block_tiles = [t for t in TILES if t.get("block") == 16]
     if chunking == "several blocks":
+        # Chunks of 17..40 tokens: two or three query blocks each (one sequence: some size
+        # always fits MAX_WORK).
         T = draw(st.integers(18, 70))
         sizes = [c for c in range(17, min(40, T - 1) + 1)
-                 if _programs(B, T, c, block_tiles[0]) <= MAX_PROGRAMS]
-        chunking = "several" if not sizes else chunking
-    if chunking == "several blocks":
+                 if _work(B, T, c, block_tiles[0]) <= MAX_WORK]
         chunk_size = draw(st.sampled_from(sizes))
-        tiles = draw(st.sampled_from(block_tiles))
+        tiles = draw(st.sampled_from([t for t in block_tiles
+                                      if _work(B, T, chunk_size, t) <= MAX_WORK]))
     else:
         T = draw(st.integers(2 if chunking == "several" else 1, 70))
-        if chunking == "several":
-            fewest_tokens = math.ceil(T / max(1, MAX_PROGRAMS // B))
-            chunk_size = draw(st.integers(min(fewest_tokens, T - 1), min(40, T - 1)))
+        # Chunk sizes that split the sequence within MAX_WORK (none for a big batch).
+        sizes = [c for c in range(1, min(40, T - 1) + 1) if _work(B, T, c, {}) <= MAX_WORK]
+        if chunking == "several" and sizes:
+            chunk_size = draw(st.integers(sizes[0], sizes[-1]))
         else:
             chunk_size = None if chunking == "none" else draw(st.integers(T, T + 16))
         tiles = draw(st.sampled_from([t for t in TILES
-                                      if not t or _programs(B, T, chunk_size, t) <= MAX_PROGRAMS]))
+                                      if not t or _work(B, T, chunk_size, t) <= MAX_WORK]))
 
     def scale():
         magnitude = draw(st.none() | st.floats(0.25, 2.0))
