@@ -167,7 +167,8 @@ def assert_launched(what, phase, records, expected, *, from_z=False):
     for r in records:
         assert r.constexprs.get("FROM_Z") == from_z, f"{what}: {r.kernel_name} FROM_Z != {from_z}"
         if r.kernel_name == "chunk_state_scan_kernel":
-            assert r.constexprs["REVERSE"] == (phase == "backward"), f"{what} {phase}: scan direction"
+            assert r.constexprs["REVERSE"] == (phase == "backward"), \
+                f"{what} {phase}: scan direction"
 
 
 class _CppOracle(torch.autograd.Function):

@@ -65,10 +65,12 @@ def test_float16_large_scores(causal):
     the gradients do not (tests/helpers.py large_score_problem): forward and backward against
     the float64 reference on the same rounded inputs."""
     problem, grad_out = large_score_problem()
+    grad_out = grad_out.half()                  # as the fp16 backward sees it, for both sides
     low = {n: None if x is None else
            x.detach().to(torch.float32 if n == "rel_bias" else torch.float16).requires_grad_()
            for n, x in problem.items()}
-    exact = {n: None if x is None else x.detach().double().requires_grad_() for n, x in low.items()}
+    exact = {n: None if x is None else x.detach().double().requires_grad_()
+             for n, x in low.items()}
     weight = largest_weight(low, causal=causal, chunk_size=LARGE_SCORE_OPTIONS["chunk_size"],
                             quad_scale=LARGE_SCORE_OPTIONS["quad_scale"])
     assert weight > 2 * FP16_MAX, f"premise: the largest relu^2 weight {weight:.3g} overflows fp16"

@@ -142,8 +142,8 @@ def _check_large_scores(dtype, causal):
     weight = largest_weight(low, causal=causal, chunk_size=LARGE_SCORE_OPTIONS["chunk_size"],
                             quad_scale=LARGE_SCORE_OPTIONS["quad_scale"])
     assert weight > 2 * FP16_MAX, f"premise: the largest relu^2 weight {weight:.3g} overflows fp16"
-    check_against_reference(problem, dtype=dtype, grad_out=grad_out, causal=causal,
-                            **LARGE_SCORE_OPTIONS)
+    check_against_reference(problem, dtype=dtype, grad_out=grad_out.to(DEVICE, dtype),
+                            causal=causal, **LARGE_SCORE_OPTIONS)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
