@@ -7,10 +7,9 @@ mixed_chunk_attention and flash_attention, and checks the exception type and tha
 names the offending argument. Also here:
 - test_validation.py's own table on the Triton backend (the checks must not depend on it);
 - huge chunk sizes: they must work or raise a clear error, and never hang or crash;
-- NaN/Inf inputs: they propagate to the output like in any matmul. Every output row that
-  depends on a non-finite input must be non-finite (rows that do not may be either: the dense
-  reference multiplies masked zeros by NaN, the chunked paths do not); nothing hangs or crashes,
-  the backward included;
+- NaN/Inf inputs: every output row that depends on a non-finite input must be non-finite, and
+  every output row and gradient row that cannot see it must stay finite (a masked position is
+  removed, not multiplied by 0); nothing hangs or crashes, the backward included;
 - S > 256: backend="triton" refuses it (ValueError naming S), "auto" takes the PyTorch path;
 - valid extremes: empty batch dims, T = 0, non-contiguous rel_bias.
 """
@@ -355,11 +354,13 @@ def test_huge_chunk_size_quadratic_only(op, backend):
 
 
 # ---------------------------------------------------------------------------------------------
-# NaN / Inf inputs propagate like in a matmul.
+# NaN / Inf inputs reach exactly the outputs (and gradients) that depend on them.
 
 TN, CN = 12, 4           # three chunks of 4 tokens
 TOKEN = 5                # in chunk 1: an earlier chunk (0) and a later one (2) exist
 NAN, INF = float("nan"), float("inf")
+EVERY_ROW = frozenset(range(TN))
+TOKEN_INPUTS = ("q_quad", "k_quad", "q_lin", "k_lin", "v", "z", "u")   # (1, TN, width) tensors
 
 
 def _same_chunk(j, causal):
@@ -371,22 +372,33 @@ def _later_chunks(j, causal):
     return {i for i in range(TN) if i // CN > j // CN or not causal}
 
 
+def _reach(name, j, causal, linear):
+    """Output rows that may depend on input `name` at token j (a superset in the corner cases
+    where a term is exactly zero, e.g. q_lin of the first chunk times its empty causal state).
+    Inputs without a token axis (rel_bias, gamma, beta) reach every row."""
+    if name not in TOKEN_INPUTS:
+        return set(EVERY_ROW)
+    quad_key = _same_chunk(j, causal)
+    lin_key = _later_chunks(j, causal) if linear else set()
+    return {"q_quad": {j}, "k_quad": quad_key, "q_lin": {j}, "k_lin": lin_key,
+            "v": quad_key | lin_key, "u": {j}, "z": {j} | quad_key | lin_key}[name]
+
+
 def _dependent_rows(name, causal, linear):
-    """Rows of the output that depend on input `name` at token TOKEN (or on the whole tensor
-    for rel_bias / gamma / beta), in exact arithmetic."""
+    """Rows of the output that must be non-finite when input `name` is NaN at token TOKEN (or
+    on one entry of rel_bias / gamma / beta), in exact arithmetic."""
     j = TOKEN
     quad_key = _same_chunk(j, causal)
     lin_key = _later_chunks(j, causal) if linear else set()
     lin_query = {j} if linear and (j // CN > 0 or not causal) else set()
-    every_row = set(range(TN))
     rows_with_earlier_chunk = {i for i in range(TN) if i // CN > 0 or not causal}
     return {
         "q_quad": {j}, "k_quad": quad_key, "q_lin": lin_query, "k_lin": lin_key,
         "v": quad_key | lin_key, "u": {j},
         "z": {j} | quad_key | lin_key | lin_query,
-        "rel_bias": every_row,                         # offset 0: every row attends itself
+        "rel_bias": set(EVERY_ROW),                    # offset 0: every row attends itself
         # (role, feature) entries of gamma / beta: the whole role is non-finite
-        "gamma0": every_row, "gamma1": every_row, "beta1": every_row,
+        "gamma0": set(EVERY_ROW), "gamma1": set(EVERY_ROW), "beta1": set(EVERY_ROW),
         "gamma2": rows_with_earlier_chunk if linear else set(),
         "beta3": rows_with_earlier_chunk if linear else set(),
     }[name]
@@ -411,17 +423,41 @@ def _nan_cases():
             yield "flash_attention", where, value, linear, True
 
 
+def _known_leak(where, linear, causal, backend):
+    """Why the case fails today (issue 10 item 6: masked positions are multiplied by 0 instead
+    of being removed, so 0 * NaN = NaN crosses the mask), or None."""
+    if backend == "reference":
+        # One masked T x T product forward and backward: every masked pair leaks, across chunks
+        # too (v: not when every row sees it, linear and non-causal).
+        leaks = (where in ("q_quad", "k_quad", "u") or (where in ("q_lin", "k_lin") and causal)
+                 or (where == "v" and (causal or not linear)) or (where == "z" and not linear))
+        detail = "the dense reference leaks through its masked T x T products"
+    else:
+        # The chunked paths and the kernels: the causal mask inside a chunk (forward for v, the
+        # score gradients of the backward for q_quad, k_quad and u).
+        leaks = causal and where in ("q_quad", "k_quad", "v", "u")
+        detail = f"the {backend} backend leaks through the causal mask inside a chunk"
+    return f"issue 10 item 6: {detail}" if leaks else None
+
+
 def _nan_params():
     for op, where, value, linear, causal in _nan_cases():
         for backend in BACKENDS:
+            leak = _known_leak(where, linear, causal, backend)
             yield pytest.param(op, where, value, linear, causal, backend,
                                id=f"{op.split('_')[0]}-{backend}-{where}={value}-"
-                                  f"{'lin' if linear else 'quad'}-{'causal' if causal else 'full'}")
+                                  f"{'lin' if linear else 'quad'}-{'causal' if causal else 'full'}",
+                               marks=[pytest.mark.xfail(strict=True, raises=AssertionError,
+                                                        reason=leak)] if leak else [])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")     # numpy, inside the Triton interpreter
 @pytest.mark.parametrize("op,where,value,linear,causal,backend", list(_nan_params()))
 def test_nan_and_inf_propagate_and_nothing_hangs(op, where, value, linear, causal, backend):
+    """A non-finite input makes every output row that depends on it non-finite, and leaves
+    finite every output row and every gradient row that cannot see it: the gradient of input
+    y at token r stays finite when no output row depends on both y_r and the bad value (each
+    term of dL/dy_r = sum_i (d out_i / d y_r)^T dO_i is then a function of finite inputs)."""
     gen = torch.Generator().manual_seed(3)
 
     def rand(*shape, shift=0.0):
@@ -444,8 +480,7 @@ def test_nan_and_inf_propagate_and_nothing_hangs(op, where, value, linear, causa
         inputs[where][0, TOKEN, 1] = value
     leaves = {n: x.requires_grad_() if x is not None else None for n, x in inputs.items()}
     out = call_op(op, leaves, chunk_size=CN, causal=causal, backend=backend)
-    # The backward runs too (nothing hangs or crashes; its values are not checked).
-    out.sum().backward()
+    out.sum().backward()            # nothing hangs or crashes in the backward either
     assert all(x.grad is not None for x in leaves.values() if x is not None)
 
     non_finite = set((~torch.isfinite(out[0])).any(dim=-1).nonzero().flatten().tolist())
@@ -455,6 +490,20 @@ def test_nan_and_inf_propagate_and_nothing_hangs(op, where, value, linear, causa
     missing = sorted(expected - non_finite)
     assert not missing, (f"rows {missing} depend on the non-finite {where} but are finite "
                          f"(non-finite rows: {sorted(non_finite)})")
+
+    bad_reach = _reach(where, TOKEN, causal, linear)
+    leaked = sorted(non_finite - bad_reach)
+    assert not leaked, (f"output rows {leaked} cannot see the non-finite {where} at token "
+                        f"{TOKEN} but are non-finite")
+    for name in TOKEN_INPUTS:
+        if leaves.get(name) is None:
+            continue
+        bad_grad_rows = set((~torch.isfinite(leaves[name].grad[0])).any(dim=-1).nonzero()
+                            .flatten().tolist())
+        leaked = sorted(r for r in bad_grad_rows
+                        if not _reach(name, r, causal, linear) & bad_reach)
+        assert not leaked, (f"d{name} rows {leaked} are non-finite, but no output row depends "
+                            f"on both {name} there and the non-finite {where}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,11 +11,13 @@ import torch
 from csrc_ref import (cpp_toolchain_available, load, mixed_chunk_attention_cpp,
                       mixed_chunk_attention_cpp_backward)
 from flash_kernels.reference import dense_reference
+from helpers import DEFAULT_SCALE_CASES, assert_close, call_op, cpp_oracle, scale_case_id
 
 _AVAILABLE, _REASON = cpp_toolchain_available()
 pytestmark = pytest.mark.skipif(not _AVAILABLE,
                                 reason=f"C++ oracle cannot be built: {_REASON}")
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Odd sizes on purpose: nothing may assume powers of two.
 S, E = 5, 6
 CHUNK = 8
@@ -87,10 +89,20 @@ def check_against_dense(batch, T, chunk_size, *, causal, linear, bias, seed=0):
         torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("T", [1, 7, 16, 37], ids=lambda t: f"T{t}")  # 1 token, < C, k*C, partial
-@pytest.mark.parametrize("linear", [True, False], ids=["lin", "nolin"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def _dense_cases():
+    for T in (1, 7, 16, 37):                    # 1 token, < C, k*C, partial
+        for linear in (True, False):
+            for bias in (True, False):
+                for causal in (True, False):
+                    if T == 1 and not linear and not causal:
+                        continue        # one token, quadratic only: the same as causal
+                    yield pytest.param(causal, bias, linear, T,
+                                       id=f"{'causal' if causal else 'noncausal'}-"
+                                          f"{'bias' if bias else 'nobias'}-"
+                                          f"{'lin' if linear else 'nolin'}-T{T}")
+
+
+@pytest.mark.parametrize("causal,bias,linear,T", list(_dense_cases()))
 def test_matches_dense_reference(causal, bias, linear, T):
     check_against_dense((3,), T, CHUNK, causal=causal, linear=linear, bias=bias)
 
@@ -168,3 +180,43 @@ def test_rejects_inconsistent_inputs():
     with pytest.raises(RuntimeError, match="chunk_size"):
         mixed_chunk_attention_cpp(*(inputs[k] for k in NAMES[:5]), chunk_size=0, rel_bias=None,
                                   **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("op", ["mixed_chunk_attention", "flash_attention"])
+@pytest.mark.parametrize("case", DEFAULT_SCALE_CASES, ids=scale_case_id)
+def test_default_scales_match_the_oracle(case, op, backend):
+    """The public op with scales left None (or one of them) against the oracle given the scales
+    resolved by hand: 1 / C, C = chunk_size even beyond T, or T for chunk_size=None. Non-causal,
+    so that the linear part matters even within a single chunk. Output and gradients."""
+    T, chunk_size, quad_scale, lin_scale, resolved_quad, resolved_lin = case
+    gen = torch.Generator().manual_seed(T)
+
+    def randn(*shape, shift=0.0):
+        return shift + torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    if op == "mixed_chunk_attention":
+        values = dict(q_quad=randn(2, T, S), k_quad=randn(2, T, S), q_lin=randn(2, T, S),
+                      k_lin=randn(2, T, S), v=randn(2, T, E), rel_bias=None)
+    else:
+        values = dict(z=randn(2, T, S), gamma=randn(4, S, shift=1.0), beta=randn(4, S),
+                      v=randn(2, T, E), u=randn(2, T, E), rel_bias=None)
+    # float32 on the kernels (float64 would take the PyTorch path), rounded alike for the oracle
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    device = DEVICE if backend == "triton" else "cpu"
+    tested = {n: None if x is None else x.to(device, dtype).requires_grad_()
+              for n, x in values.items()}
+    exact = {n: None if x is None else x.to(dtype).double().requires_grad_()
+             for n, x in values.items()}
+    out = call_op(op, tested, chunk_size=chunk_size, causal=False, quad_scale=quad_scale,
+                  lin_scale=lin_scale, backend=backend)
+    truth = cpp_oracle(op, exact, chunk_size=chunk_size or T, causal=False,
+                       quad_scale=resolved_quad, lin_scale=resolved_lin)
+    grad_out = randn(*truth.shape)
+    names = [n for n, x in tested.items() if x is not None]
+    grads = torch.autograd.grad(out, [tested[n] for n in names], grad_out.to(out))
+    truth_grads = torch.autograd.grad(truth, [exact[n] for n in names], grad_out)
+    ratio = 2e-5 if dtype == torch.float32 else 1e-10
+    assert_close("out", out.cpu(), truth, ratio)
+    for name, grad, truth_grad in zip(names, grads, truth_grads):
+        assert_close(f"d{name}", grad.cpu(), truth_grad, ratio)

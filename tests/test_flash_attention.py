@@ -9,8 +9,8 @@ import torch
 
 from flash_kernels import flash_attention
 from flash_kernels.triton_mixed_chunk import tile_override
-from flash_kernels.utils import nan_filled_buffers
-from helpers import assert_close
+from flash_kernels.utils import nan_filled_buffers, record_launches
+from helpers import assert_close, assert_launched, triton_kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("z", "gamma", "beta", "v", "u", "rel_bias")
@@ -35,7 +35,10 @@ def make_flash_problem(batch, T, S, E, *, roles=4, gate=True, bias_chunk=None, s
                 rel_bias=rand(2 * bias_chunk - 1, scale=0.5) if bias_chunk else None)
 
 
-def run(problem, dtype, device, backend, grad_out=None, requires=NAMES, **options):
+def run(problem, dtype, device, backend, grad_out=None, requires=NAMES, launches=None, **options):
+    """Output, gradients (by name) and grad_out; the kernels launched go to `launches` (a dict:
+    "forward" and "backward" record lists) if given."""
+    launches = {} if launches is None else launches
     inputs = {}
     for name, x in problem.items():
         if x is None:
@@ -44,12 +47,15 @@ def run(problem, dtype, device, backend, grad_out=None, requires=NAMES, **option
         keep_fp32 = name in ("gamma", "beta", "rel_bias") and dtype != torch.float64
         y = x.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
         inputs[name] = y.clone().requires_grad_(name in requires)
-    out = flash_attention(inputs["z"], inputs["gamma"], inputs["beta"], inputs["v"], u=inputs["u"],
-                          rel_bias=inputs["rel_bias"], backend=backend, **options)
+    with record_launches() as launches["forward"]:
+        out = flash_attention(inputs["z"], inputs["gamma"], inputs["beta"], inputs["v"],
+                              u=inputs["u"], rel_bias=inputs["rel_bias"], backend=backend, **options)
     if grad_out is None:
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     wanted = [n for n in NAMES if inputs[n] is not None and inputs[n].requires_grad]
-    grads = torch.autograd.grad(out, [inputs[n] for n in wanted], grad_out.to(out), allow_unused=True)
+    with record_launches() as launches["backward"]:
+        grads = torch.autograd.grad(out, [inputs[n] for n in wanted], grad_out.to(out),
+                                    allow_unused=True)
     return out, dict(zip(wanted, grads)), grad_out
 
 
@@ -58,7 +64,19 @@ def check(problem, dtype=torch.float32, requires=NAMES, **options):
     rounded = {n: (x if x is None else
                    x.to(torch.float32 if n in ("gamma", "beta", "rel_bias") else dtype).double())
                for n, x in problem.items()}
-    out, grads, grad_out = run(problem, dtype, DEVICE, "triton", requires=requires, **options)
+    launches = {}
+    out, grads, grad_out = run(problem, dtype, DEVICE, "triton", requires=requires,
+                               launches=launches, **options)
+    linear = problem["gamma"].shape[0] == 4
+    assert_launched("triton", "forward", launches["forward"], triton_kernels("forward", linear),
+                    from_z=True)
+    every_backward_kernel = triton_kernels("backward", linear)
+    if set(requires) >= set(NAMES):
+        assert_launched("triton", "backward", launches["backward"], every_backward_kernel,
+                        from_z=True)
+    else:       # fewer gradients, fewer kernels (none when only the gate's is needed)
+        launched = {r.kernel_name for r in launches["backward"]}
+        assert launched <= every_backward_kernel, launched
     ref, ref_grads, _ = run(rounded, torch.float64, "cpu", "reference", grad_out, requires=requires,
                             **options)
     assert out.dtype == dtype
@@ -68,10 +86,19 @@ def check(problem, dtype=torch.float32, requires=NAMES, **options):
         assert_close(f"d{name}", grads[name].cpu(), ref_grads[name], RATIO[dtype])
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("roles", [4, 2])
-@pytest.mark.parametrize("gate", [True, False], ids=["gate", "nogate"])
-@pytest.mark.parametrize("T,chunk", [(1, 8), (37, 8), (13, None)])
+def _composed_cases():
+    for T, chunk in ((1, 8), (37, 8), (13, None)):
+        for gate in (True, False):
+            for roles in (4, 2):
+                for causal in (True, False):
+                    if T == 1 and roles == 2 and not causal:
+                        continue        # one token, quadratic only: the same as causal
+                    yield pytest.param(causal, roles, gate, T, chunk,
+                                       id=f"T{T}-C{chunk}-{'gate' if gate else 'nogate'}-"
+                                          f"roles{roles}-{'causal' if causal else 'full'}")
+
+
+@pytest.mark.parametrize("causal,roles,gate,T,chunk", list(_composed_cases()))
 def test_matches_composed_reference(causal, roles, gate, T, chunk):
     problem = make_flash_problem((2,), T, 5, 6, roles=roles, gate=gate, bias_chunk=chunk or T)
     check(problem, chunk_size=chunk, causal=causal, quad_scale=0.7, lin_scale=0.3)
@@ -90,6 +117,7 @@ def test_float16_with_float32_parameters():
     check(problem, dtype=torch.float16, chunk_size=16)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="bfloat16 needs a GPU: the Triton interpreter "
                     "multiplies raw bf16 bit patterns (triton issue #11584)")
 def test_bfloat16():

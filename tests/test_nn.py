@@ -300,10 +300,38 @@ def test_example_runs(tmp_path):
     help_text = subprocess.run([sys.executable, EXAMPLE, "--help"], capture_output=True,
                                text=True, timeout=60, env=env, cwd=tmp_path).stdout
     assert "(default: None)" not in help_text and "training steps (default: 300)" in help_text
-    assert help_text.count("(default:") == 23, help_text     # every option but the 4 flags
+    assert help_text.count("(default:") == 24, help_text     # all but --help and the 5 flags
     written = sorted(os.listdir(tmp_path))
     if importlib.util.find_spec("matplotlib") is None:
         assert written == [], written
     else:
         assert written == ["examples_out"] and \
             os.listdir(tmp_path / "examples_out") == ["train_lm_compare.png"]
+
+
+@pytest.mark.parametrize("rope", [False, True], ids=["fused", "rope"])
+def test_layer_on_triton_with_unequal_scales(rope):
+    """A FLASH layer with quad_scale != lin_scale on the Triton backend (float32; the interpreter
+    without a GPU) against the same layer on "torch": output and every parameter's gradient.
+    Without RoPE the layer calls flash_attention (roles formed in the kernels), with RoPE
+    mixed_chunk_attention. The scales swapped change the output far beyond the tolerance."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 13, D, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def run(backend, quad_scale, lin_scale):
+        torch.manual_seed(0)
+        layer = FLASH(D, s=S, chunk_size=C, rope=rope, rel_pos="t5", quad_scale=quad_scale,
+                      lin_scale=lin_scale, backend=backend)
+        layer = strengthen(layer).to(device)
+        out = layer(x)
+        grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
+        return out, dict(zip([name for name, _ in layer.named_parameters()], grads))
+
+    out, grads = run("triton", 0.4, 0.05)
+    expected, expected_grads = run("torch", 0.4, 0.05)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"{name}: {m}")
+    swapped, _ = run("torch", 0.05, 0.4)
+    assert (swapped - expected).abs().max() > 100 * 1e-5 * (1 + expected.abs().max())

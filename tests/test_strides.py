@@ -1,9 +1,14 @@
 """Non-contiguous inputs: views with unit feature stride go to the kernels without a copy (they
 take batch and token strides); other layouts are copied. Results must not depend on layout.
 
-Also the int64 offsets: a view whose batch stride exceeds 2^31 elements, carved from a large
-*virtual* allocation of which only the touched pages become resident (no 8 GB on the CPU).
+Also the int64 offsets: views whose batch stride exceeds 2^31 elements, or is an int32 whose
+product with the batch index is not, carved from a large *virtual* allocation of which only the
+touched pages become resident (no 8 GB on the CPU).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -81,6 +86,64 @@ def test_batch_stride_beyond_int32():
     torch.testing.assert_close(big, small, rtol=0, atol=0)
 
 
+def _views_with_batch_stride(stride_b, batch, seed):
+    """q_quad, k_quad, q_lin, k_lin (S features), v and u (E) as (batch, T, width) views of one
+    storage, batch entry b starting b * stride_b elements in, with random entries."""
+    storage = torch.empty((batch - 1) * stride_b + 64 * T, device=DEVICE)
+    gen = torch.Generator().manual_seed(seed)
+    views = []
+    for i, width in enumerate([S, S, S, S, E, E]):
+        view = storage.as_strided((batch, T, width), (stride_b, 64, 1), storage_offset=8 * i)
+        view.copy_(torch.randn(batch, T, width, generator=gen))
+        views.append(view)
+    return views
+
+
+def _forward_and_backward(op, views, gamma, beta, grad_out):
+    """Output and input gradients of `op` on the six views (flash_attention: z, v, u)."""
+    leaves = [x.detach().requires_grad_() for x in views]      # detach keeps the strides
+    print(op, "forward, batch stride", leaves[0].stride(0), flush=True)
+    if op == "mixed_chunk_attention":
+        inputs = leaves[:5]
+        out = _mixed(*inputs, None)
+    else:
+        inputs = [leaves[0], leaves[4], leaves[5]]
+        out = flash_attention(leaves[0], gamma, beta, leaves[4], u=leaves[5], chunk_size=C,
+                              backend="triton")
+    print(op, "backward", flush=True)
+    return out, torch.autograd.grad(out, inputs, grad_out)
+
+
+def int32_batch_stride_case():
+    """Forward and backward of both ops on views whose batch stride 2^30 + 64 fits an int32
+    (the kernels receive it as i32) while batch 2 starts past 2^31 elements: batch index times
+    stride must be computed in int64. Compared bit for bit with contiguous copies. Module-level
+    so that a subprocess runs it: a 32-bit offset reads far outside the tensor and crashes."""
+    stride_b = 2**30 + 64
+    assert stride_b < 2**31 <= 2 * stride_b
+    strided = _views_with_batch_stride(stride_b, 3, seed=4)
+    contiguous = [x.contiguous() for x in strided]
+    grad_out = torch.randn(3, T, E, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    gamma, beta = torch.randn(4, S, device=DEVICE), torch.randn(4, S, device=DEVICE)
+    for op in ("mixed_chunk_attention", "flash_attention"):
+        big, big_grads = _forward_and_backward(op, strided, gamma, beta, grad_out)
+        small, small_grads = _forward_and_backward(op, contiguous, gamma, beta, grad_out)
+        torch.testing.assert_close(big, small, rtol=0, atol=0)
+        for got, want in zip(big_grads, small_grads):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_int32_batch_stride_whose_offsets_overflow():
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path[:0] = [{tests!r}, {os.path.dirname(tests)!r}]\n"
+            f"import test_strides; test_strides.int32_batch_stride_case()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, (f"exit status {done.returncode}\n{done.stdout[-2000:]}\n"
+                                  f"{done.stderr[-3000:]}")
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs ~15 GB of GPU memory: a real tensor of more "
                     "than 2^31 elements")
 def test_tensors_over_2_31_elements():

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from flash_kernels import mixed_chunk_attention
-from helpers import assert_close, make_problem, run_with_grads
+from helpers import (DEFAULT_SCALE_CASES, FP16_MAX, LARGE_SCORE_OPTIONS, assert_close,
+                     large_score_problem, largest_weight, make_problem, run_with_grads,
+                     scale_case_id)
 
 S, E = 5, 6          # not powers of two on purpose
 
@@ -13,6 +15,8 @@ def _cases():
         for T, chunk in ((1, 8), (7, 8), (16, 8), (37, 8), (13, None)):
             for linear in (True, False):
                 for bias in (True, False):
+                    if T == 1 and not linear and not causal:
+                        continue        # one token, quadratic only: the same as causal
                     yield causal, T, chunk, linear, bias
 
 
@@ -55,13 +59,44 @@ def test_gradcheck_torch_backend(causal, linear):
     assert torch.autograd.gradcheck(fn, [problem[n] for n in names])
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_float16_large_scores(causal):
+    """fp16 inputs whose relu^2 weights (~1e5) exceed fp16's range while the output (~1e3) and
+    the gradients do not (tests/helpers.py large_score_problem): forward and backward against
+    the float64 reference on the same rounded inputs."""
+    problem, grad_out = large_score_problem()
+    grad_out = grad_out.half()                  # as the fp16 backward sees it, for both sides
+    low = {n: None if x is None else
+           x.detach().to(torch.float32 if n == "rel_bias" else torch.float16).requires_grad_()
+           for n, x in problem.items()}
+    exact = {n: None if x is None else x.detach().double().requires_grad_()
+             for n, x in low.items()}
+    weight = largest_weight(low, causal=causal, chunk_size=LARGE_SCORE_OPTIONS["chunk_size"],
+                            quad_scale=LARGE_SCORE_OPTIONS["quad_scale"])
+    assert weight > 2 * FP16_MAX, f"premise: the largest relu^2 weight {weight:.3g} overflows fp16"
+    out, grads, _ = run_with_grads(low, grad_out, backend="torch", causal=causal,
+                                   **LARGE_SCORE_OPTIONS)
+    ref, ref_grads, _ = run_with_grads(exact, grad_out, backend="reference", causal=causal,
+                                       **LARGE_SCORE_OPTIONS)
+    assert out.dtype == torch.float16
+    assert_close("out", out, ref, 4e-3)       # fp16 rounding of the output and the gradients
+    for name in grads:
+        assert grads[name].dtype == low[name].dtype
+        assert_close(f"d{name}", grads[name], ref_grads[name], 4e-3)
+
+
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_default_scales_are_one_over_chunk(backend):
-    problem = make_problem((1,), 10, S, E, requires_grad=False)
-    explicit = mixed_chunk_attention(*(problem[n] for n in ("q_quad", "k_quad", "q_lin", "k_lin", "v")),
-                                     chunk_size=4, quad_scale=0.25, lin_scale=0.25, backend=backend)
-    default = mixed_chunk_attention(*(problem[n] for n in ("q_quad", "k_quad", "q_lin", "k_lin", "v")),
-                                    chunk_size=4, backend=backend)
+@pytest.mark.parametrize("case", DEFAULT_SCALE_CASES, ids=scale_case_id)
+def test_default_scales_are_one_over_chunk(case, backend):
+    """Non-causal, so that the linear part matters even within a single chunk."""
+    T, chunk_size, quad_scale, lin_scale, resolved_quad, resolved_lin = case
+    problem = make_problem((1,), T, S, E, requires_grad=False)
+    args = [problem[n] for n in ("q_quad", "k_quad", "q_lin", "k_lin", "v")]
+    default = mixed_chunk_attention(*args, chunk_size=chunk_size, causal=False,
+                                    quad_scale=quad_scale, lin_scale=lin_scale, backend=backend)
+    explicit = mixed_chunk_attention(*args, chunk_size=chunk_size, causal=False,
+                                     quad_scale=resolved_quad, lin_scale=resolved_lin,
+                                     backend=backend)
     torch.testing.assert_close(default, explicit, rtol=0, atol=0)
 
 

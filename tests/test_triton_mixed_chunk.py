@@ -12,7 +12,9 @@ import torch
 from flash_kernels import mixed_chunk_attention
 from flash_kernels.triton_mixed_chunk import tile_override
 from flash_kernels.utils import nan_filled_buffers
-from helpers import GRAD_NAMES, assert_close, make_problem, run_with_grads
+from helpers import (FP16_MAX, GRAD_NAMES, LARGE_SCORE_OPTIONS, assert_close, assert_launched,
+                     large_score_problem, largest_weight, make_problem, run_with_grads,
+                     triton_kernels)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 S, E = 5, 6         # not powers of two on purpose
@@ -40,9 +42,18 @@ def as_dtype(problem, dtype, device=DEVICE):
     return low, exact
 
 
-def check_against_reference(problem, dtype=torch.float32, **options):
+def check_against_reference(problem, dtype=torch.float32, grad_out=None, **options):
     low, exact = as_dtype(problem, dtype)
-    out, grads, grad_out = run_with_grads(low, backend="triton", **options)
+    launches = {}
+    out, grads, grad_out = run_with_grads(low, grad_out, launches, backend="triton", **options)
+    linear = problem["q_lin"] is not None
+    assert_launched("triton", "forward", launches["forward"], triton_kernels("forward", linear))
+    every_backward_kernel = triton_kernels("backward", linear)
+    if all(x.requires_grad for x in problem.values() if x is not None):
+        assert_launched("triton", "backward", launches["backward"], every_backward_kernel)
+    else:       # fewer gradients, fewer kernels
+        launched = {r.kernel_name for r in launches["backward"]}
+        assert launched <= every_backward_kernel, launched
     ref, ref_grads, _ = run_with_grads(exact, grad_out.double().cpu(), backend="reference", **options)
     assert out.dtype == dtype
     ratio = RATIO[dtype]
@@ -58,6 +69,8 @@ def _cases():
         for T, chunk in ((1, 8), (7, 8), (16, 8), (37, 8), (13, None)):
             for linear in (True, False):
                 for bias in (True, False):
+                    if T == 1 and not linear and not causal:
+                        continue        # one token, quadratic only: the same as causal
                     yield pytest.param(causal, T, chunk, linear, bias,
                                        id=f"{'causal' if causal else 'full'}-T{T}-C{chunk}"
                                           f"{'-lin' if linear else ''}{'-bias' if bias else ''}")
@@ -110,12 +123,42 @@ def test_float16(causal):
     check_against_reference(problem, dtype=torch.float16, chunk_size=16, causal=causal)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="bfloat16 needs a GPU: the Triton interpreter "
-                    "multiplies raw bf16 bit patterns (triton issue #11584)")
+NEEDS_GPU_FOR_BF16 = pytest.mark.skipif(
+    DEVICE != "cuda", reason="bfloat16 needs a GPU: the Triton interpreter multiplies raw bf16 "
+    "bit patterns (triton issue #11584)")
+
+
+@pytest.mark.gpu
+@NEEDS_GPU_FOR_BF16
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_bfloat16(causal):
     problem = make_problem((2,), 300, 64, 96, bias_chunk=128, seed=6)
     check_against_reference(problem, dtype=torch.bfloat16, chunk_size=128, causal=causal)
+
+
+def _check_large_scores(dtype, causal):
+    problem, grad_out = large_score_problem()
+    low, _ = as_dtype(problem, dtype)
+    weight = largest_weight(low, causal=causal, chunk_size=LARGE_SCORE_OPTIONS["chunk_size"],
+                            quad_scale=LARGE_SCORE_OPTIONS["quad_scale"])
+    assert weight > 2 * FP16_MAX, f"premise: the largest relu^2 weight {weight:.3g} overflows fp16"
+    check_against_reference(problem, dtype=dtype, grad_out=grad_out.to(DEVICE, dtype),
+                            causal=causal, **LARGE_SCORE_OPTIONS)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_float16_large_scores(causal):
+    """fp16 inputs whose relu^2 weights (~1e5) exceed fp16's range while the output (~1e3) and
+    the gradients do not: weights and states must stay fp32, forward and backward."""
+    _check_large_scores(torch.float16, causal)
+
+
+@pytest.mark.gpu
+@NEEDS_GPU_FOR_BF16
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_bfloat16_large_scores(causal):
+    """The same in bf16, whose range holds the weights: an operand rounded to fp16 gets inf."""
+    _check_large_scores(torch.bfloat16, causal)
 
 
 @pytest.mark.parametrize("wanted", [("v",), ("q_lin",), ("k_lin",), ("rel_bias",), ("k_quad",),
