@@ -18,12 +18,13 @@ def _check_mode(mode):
 
 
 def flash_flops(T, S, E, chunk_size=256, *, causal=True, linear=True, mode="fwd", batch=1):
-    """Flop of FLASH mixed chunk attention (SPEC.md section 5) for `batch` sequences of T tokens.
+    """Flop of FLASH mixed chunk attention (docs/contract.md section 5) for `batch` sequences
+    of T tokens.
 
     Per token, forward, with C = min(chunk_size, T) (chunk_size=None: C = T, one chunk):
       quadratic part  2*C*(S + E)  non-causal: each query meets the C keys of its chunk,
                                    <q, k> costs 2S flop and a_ij * v_j costs 2E flop;
-                      C*(S + E)    causal: half the pairs are masked (SPEC's approximation;
+                      C*(S + E)    causal: half the pairs are masked (the contract's approximation;
                                    exactly (C + 1) / 2 keys on average);
       linear part     4*S*E        2SE to add k_j v_j^T to its chunk state H_g and 2SE for
                                    q_lin^T P; zero when linear=False (FLASH-Quad).

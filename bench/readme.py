@@ -56,8 +56,8 @@ def section(records, results_path, readme_path):
              + (f"Measured matmul peak in the same run: {peak:.3g} TFLOP/s "
                 f"({r0.get('peak_what', 'matmul')}). " if peak else "")
              + SPREAD_NOTE + " TFLOP/s count the flops of `bench/flops.py` "
-             "(SPEC section 5: ~2C(s+e) per token inside chunks, half causal, plus 4se across "
-             "them; backward 2x forward), from the median; `x NAME` is the speedup of "
+             "(docs/contract.md section 5: ~2C(s+e) per token inside chunks, half causal, plus "
+             "4se across them; backward 2x forward), from the median; `x NAME` is the speedup of "
              f"`{primary}` over NAME (above 1: faster); `mem`: skipped for memory, `time`: "
              "skipped for the time budget, `err`/`OOM`: failed (see the results file).", ""]
     if r0.get("machine_warnings"):

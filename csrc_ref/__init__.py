@@ -1,6 +1,7 @@
 """Independent C++ oracle of mixed chunk attention (forward and hand-written backward).
 
-`mixed_chunk_attention_ref.cpp` computes SPEC.md sections 2 and 3 with plain float64 loops: per
+`mixed_chunk_attention_ref.cpp` computes docs/contract.md sections 2 and 3 with plain float64
+loops: per
 chunk i, j with c(i) == c(j),
 
     s_ij = quad_scale * <q_quad_i, k_quad_j> + rel_bias[i - j + C - 1]     (bias only if given)
@@ -113,7 +114,7 @@ def mixed_chunk_attention_cpp(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, ca
 
 def mixed_chunk_attention_cpp_backward(grad_out, q_quad, k_quad, q_lin, k_lin, v, *, chunk_size,
                                        causal, rel_bias, quad_scale, lin_scale):
-    """Hand-written backward (SPEC.md section 3) by the C++ loop oracle.
+    """Hand-written backward (docs/contract.md section 3) by the C++ loop oracle.
 
     Returns {"q_quad", "k_quad", "q_lin", "k_lin", "v", "rel_bias"} -> float64 gradients shaped like
     the inputs (None for absent optional inputs). rel_bias's gradient sums over all chunks and batch

@@ -1,8 +1,9 @@
-// Independent C++ oracle of FLASH mixed chunk attention (SPEC.md sections 2 and 3).
+// Independent C++ oracle of FLASH mixed chunk attention (docs/contract.md sections 2 and 3).
 //
 // Plain loops in double precision over raw pointers: no ATen math beyond allocating the outputs,
 // so this shares no code with the PyTorch or Triton implementations it is used to check.
-// The backward is written by hand from the SPEC section 3 formulas, in the same chunked form a
+// The backward is written by hand from the docs/contract.md section 3 formulas, in the same
+// chunked form a
 // kernel uses (per-chunk S, A, dA, dS tiles; prefix states P_g and reverse suffix sums D_g of the
 // linear part), never as a dense T x T matrix, so it checks those exact formulas.
 //
@@ -165,7 +166,8 @@ torch::Tensor forward(torch::Tensor q_quad, torch::Tensor k_quad, OptTensor q_li
   return out;
 }
 
-// Hand-written backward, SPEC.md section 3, per chunk g (rows i, columns j of the chunk's tile):
+// Hand-written backward, docs/contract.md section 3, per chunk g (rows i, columns j of the
+// chunk's tile):
 //   quadratic:  dA = dO V^T, dS = dA * 2 relu(S) * M, dV_quad = A^T dO,
 //               dq_quad = quad_scale dS k_quad, dk_quad = quad_scale dS^T q_quad,
 //               drel_bias[o + C - 1] = sum_{i - j = o} dS_ij (all chunks, all batch entries)

@@ -8,7 +8,7 @@ pipeline down to PTX and cubin runs on the CPU) and reads the resources of the r
 cuobjdump bundled in the Triton wheel: registers, stack (spills), shared memory, and whether the
 Hopper wgmma instructions (SASS `HGMMA`) are used.
 
-Typical use, without a GPU (SPEC.md section 6):
+Typical use, without a GPU (docs/contract.md section 6):
 
     records = record_in_interpreter("import ...; run the op once")   # TRITON_INTERPRET=1 child
     rows = measure_launches(records, capabilities=(80, 90))          # compiles, no interpreter

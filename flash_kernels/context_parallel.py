@@ -1,5 +1,5 @@
 """Context parallelism: one sequence split across the ranks of a torch.distributed group
-(`cp_group=` of mixed_chunk_attention and flash_attention; SPEC.md section 8).
+(`cp_group=` of mixed_chunk_attention and flash_attention; docs/contract.md section 8).
 
 Rank r of the group holds the contiguous slice [start_r, start_r + T_r) of the sequence, with
 the same leading dims on every rank; every slice but the last rank's is a whole number of

@@ -1,4 +1,5 @@
-"""The fused FLASH op `flash_attention` (SPEC.md sections 4 and 7): roles from z, attention, gate.
+"""The fused FLASH op `flash_attention` (docs/contract.md sections 4 and 7): roles from z,
+attention, gate.
 
     q_quad = z * gamma[0] + beta[0]      k_quad = z * gamma[1] + beta[1]
     q_lin  = z * gamma[2] + beta[2]      k_lin  = z * gamma[3] + beta[3]     (rows 2, 3 optional)

@@ -1,4 +1,5 @@
-"""The public op `mixed_chunk_attention` (SPEC.md sections 2 and 7): checks, defaults, packed
+"""The public op `mixed_chunk_attention` (docs/contract.md sections 2 and 7): checks, defaults,
+packed
 documents and state, backend choice."""
 import math
 
@@ -28,7 +29,8 @@ def pick_backend(backend, device, dtype, s):
 
     "auto" takes "torch" where the kernels cannot give the right answer: S > 256, float64,
     CPU tensors without the interpreter, bfloat16 under the interpreter (it cannot compute in
-    bfloat16: SPEC section 6) and inside torch.func transforms. An explicit "triton" in the
+    bfloat16: docs/contract.md section 6) and inside torch.func transforms. An explicit
+    "triton" in the
     last two cases raises instead (check_triton_inputs).
     """
     if backend == "auto":

@@ -67,7 +67,8 @@ def check_chunk_size(chunk_size):
 
 
 def check_feature_sizes(qk_name, qk, v_name, v):
-    """S and E are positive (SPEC section 2); T = 0 and empty batch dims are fine. With S = 0
+    """S and E are positive (docs/contract.md section 2); T = 0 and empty batch dims are fine.
+    With S = 0
     every score would be the bias alone, whatever the tokens: surely a caller's bug."""
     if qk.shape[-1] == 0:
         raise ValueError(f"{qk_name} has S = 0 features (its last dim): queries and keys need "
@@ -90,7 +91,7 @@ def check_same_dtype_and_device(named, group):
 
 
 def check_tensors_of_mixed_chunk(q_quad, k_quad, q_lin, k_lin, v):
-    """Validate the tensors of mixed_chunk_attention (SPEC.md section 2)."""
+    """Validate the tensors of mixed_chunk_attention (docs/contract.md section 2)."""
     check_tensor("q_quad", q_quad, min_dim=2)
     check_tensor("k_quad", k_quad, min_dim=2)
     check_tensor("v", v, min_dim=2)
@@ -127,18 +128,23 @@ def check_options(chunk_size, causal, quad_scale, lin_scale, backend):
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def check_floating_tensor(name, x, device, device_owner):
+    """x is a floating torch.Tensor on `device` (the inputs', named by device_owner)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but {device_owner} on {device}: "
+                         f"{name} must be on the inputs' device")
+
+
 def check_rel_bias(rel_bias, *, C, chunk_size, packed, device, device_owner):
     """rel_bias is None or a (2C - 1,) floating tensor on the inputs' device; C is the resolved
     chunk size (chunk_size=None: T, or max_seqlen with cu_seqlens)."""
     if rel_bias is None:
         return
-    if not isinstance(rel_bias, torch.Tensor):
-        raise TypeError(f"rel_bias must be a torch.Tensor or None, got {type(rel_bias).__name__}")
-    if rel_bias.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"rel_bias must be a floating tensor, got {rel_bias.dtype}")
-    if rel_bias.device != device:
-        raise ValueError(f"rel_bias is on {rel_bias.device} but {device_owner} is on {device}: "
-                         f"rel_bias must be on the inputs' device")
+    check_floating_tensor("rel_bias", rel_bias, device, device_owner)
     if C > 0 and tuple(rel_bias.shape) != (2 * C - 1,):
         what = f"chunk_size={chunk_size}" if chunk_size is not None else \
             f"chunk_size=None (C = {'max_seqlen' if packed else 'T'} = {C})"
@@ -147,7 +153,7 @@ def check_rel_bias(rel_bias, *, C, chunk_size, packed, device, device_owner):
 
 
 def check_flash_inputs(z, gamma, beta, v, u):
-    """Validate the tensors of flash_attention (SPEC.md section 4)."""
+    """Validate the tensors of flash_attention (docs/contract.md section 4)."""
     check_tensor("z", z, min_dim=2)
     check_tensor("v", v, min_dim=2)
     check_feature_sizes("z", z, "v", v)
@@ -237,15 +243,9 @@ def check_state_arguments(initial_state, output_final_state, *, batch, num_docs,
                          f"so there is no state to carry in or out)")
     if initial_state is None:
         return
-    if not isinstance(initial_state, torch.Tensor):
-        raise TypeError(f"initial_state must be a torch.Tensor, got {type(initial_state).__name__}")
-    if initial_state.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"initial_state must be a floating tensor, got {initial_state.dtype}")
+    check_floating_tensor("initial_state", initial_state, device, "the inputs")
     expected = tuple(batch) + ((num_docs,) if packed else ()) + (S, E)
     if tuple(initial_state.shape) != expected:
         layout = "(*batch, N, S, E) with cu_seqlens" if packed else "(*batch, S, E)"
         raise ValueError(f"initial_state must have shape {layout} = {expected}, got "
                          f"{tuple(initial_state.shape)}")
-    if initial_state.device != device:
-        raise ValueError(f"initial_state is on {initial_state.device} but the inputs are on "
-                         f"{device}")

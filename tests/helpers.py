@@ -143,7 +143,7 @@ def scale_case_id(case):
 
 def default_scale(T, chunk_size):
     """The default quad_scale and lin_scale, 1 / C, with C = chunk_size (even when longer than
-    the sequence) or T for chunk_size=None (SPEC.md section 2). Worked out here, not by the
+    the sequence) or T for chunk_size=None (docs/contract.md section 2). Worked out here, not by the
     package, so that a test comparing against it can see a wrong default."""
     return 1.0 / (T if chunk_size is None else chunk_size)
 
@@ -172,7 +172,8 @@ def assert_launched(what, phase, records, expected, *, from_z=False):
 
 
 class _CppOracle(torch.autograd.Function):
-    """The C++ loop oracle with its hand-written backward (SPEC.md section 3), for autograd.
+    """The C++ loop oracle with its hand-written backward (docs/contract.md section 3), for
+    autograd.
     `options` are resolved: an int chunk_size and float scales."""
 
     @staticmethod

@@ -34,7 +34,7 @@ def _version(text):
 
 
 # The launches are recorded under the interpreter, and Triton < 3.7's interpreter fails on
-# loops with a run-time bound when numpy >= 2.4 is installed (SPEC.md section 6).
+# loops with a run-time bound when numpy >= 2.4 is installed (docs/contract.md section 6).
 pytestmark = pytest.mark.skipif(
     _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4),
     reason=f"Triton {triton.__version__}'s interpreter cannot run loops with a run-time bound "

@@ -1,7 +1,8 @@
 """The C++ loop oracle (csrc_ref) against autograd of the dense PyTorch reference, in float64.
 
 Two implementations that share no code: `dense_reference` builds one masked T x T matrix and lets
-autograd differentiate it; the C++ oracle loops over chunks and implements the SPEC.md section 3
+autograd differentiate it; the C++ oracle loops over chunks and implements the
+docs/contract.md section 3
 backward formulas by hand (prefix states P_g, reverse suffix sums D_g). Agreement to ~1e-10 checks
 both the forward semantics and the exact gradient formulas the kernels implement.
 """

@@ -231,7 +231,8 @@ def with_zero_features(op, which):
 @pytest.mark.parametrize("which", ["S", "E"])
 @pytest.mark.parametrize("op", OPS)
 def test_zero_features_are_refused(op, which, backend):
-    """S and E are positive sizes (SPEC section 2; T = 0 is the one empty size allowed). With
+    """S and E are positive sizes (docs/contract.md section 2; T = 0 is the one empty size
+    allowed). With
     S = 0 the ops returned the bias-only attention (zeros without a bias) without a word."""
     named = {"S": "q_quad" if op == "mixed_chunk_attention" else "z", "E": "v"}[which]
     check_raises(lambda: call_op(op, with_zero_features(op, which), chunk_size=C, backend=backend),

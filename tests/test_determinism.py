@@ -1,6 +1,7 @@
 """Same inputs, same bits: outputs and every gradient, on every backend that runs here.
 
-SPEC.md section 3: gradients must be deterministic (no float atomics). The reductions most at
+docs/contract.md section 3: gradients must be deterministic (no float atomics). The
+reductions most at
 risk are the ones over tokens and batch entries: drel_bias (a sum of dS along diagonals over all
 chunks, blocks and batch entries), dgamma/dbeta (sums over all tokens), and dk_lin/dv (through
 the reverse state scan). So the problems have a bias, several batch entries, several chunks and,

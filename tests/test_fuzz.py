@@ -149,7 +149,7 @@ def _options(case):
 
 
 def _resolved(case):
-    """The options with chunk_size and the scales resolved by hand (SPEC.md section 2)."""
+    """The options with chunk_size and the scales resolved by hand (docs/contract.md section 2)."""
     default = default_scale(case["T"], case["chunk_size"])
     return dict(chunk_size=case["chunk_size"] or case["T"], causal=case["causal"],
                 quad_scale=default if case["quad_scale"] is None else case["quad_scale"],

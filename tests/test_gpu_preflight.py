@@ -91,7 +91,7 @@ def test_runbook_dry_run(tmp_path):
     env.update(PYTHON=sys.executable, INSTALL="0", BUDGET_S="200", TEST_TIMEOUT_S="120",
                WORKERS="0", TEST_PATHS="tests/test_gpu_preflight.py",
                BENCH_ARGS="--seq-lens 512 --noncausal-seq-lens --modes fwd --impls torch "
-                        "--no-memory")
+                        "--no-memory --varlen-tokens 0")
     proc = subprocess.run(["bash", "bench/gpu_runbook.sh", str(out)], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

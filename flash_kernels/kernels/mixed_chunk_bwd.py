@@ -1,4 +1,4 @@
-"""Backward kernels of mixed chunk attention (SPEC.md section 3).
+"""Backward kernels of mixed chunk attention (docs/contract.md section 3).
 
 Per chunk, with relu_s = relu(S) masked (causal, chunk end), A = relu_s^2 and dO the incoming
 gradient:
