@@ -12,11 +12,17 @@ many documents much shorter than a chunk waste most of their slots.
 
 Masked positions are removed by selection (torch.where), never by multiplying by zero, so a
 non-finite value in a token that a query may not attend cannot reach that query's output or
-gradient. An output entry that attends a non-finite value is NaN.
+gradient. An output entry that attends a non-finite value is NaN. Those guards select nothing
+when q_quad, k_quad and v are finite, and on the CPU (where asking costs no device
+synchronisation) they are skipped then: they doubled the forward time at T = 4096.
 """
+import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
+
+from .utils import functorch_transform_active
 
 
 def toeplitz_bias(rel_bias, chunk_size, length):
@@ -78,6 +84,20 @@ def _nonfinite_rows(x):
     return ~torch.isfinite(x).all(dim=-1)
 
 
+def needs_nonfinite_guards(*tensors):
+    """False when the guards against non-finite inputs provably select nothing: on the CPU
+    with every tensor finite. Elsewhere the answer would cost a device synchronisation (and
+    break CUDA graph capture), and under torch.compile a data-dependent branch, so the guards
+    always run there, as under torch.func transforms (no .item() inside vmap)."""
+    if (torch.compiler.is_compiling() or functorch_transform_active()
+            or any(t.device.type != "cpu" for t in tensors)):
+        return True
+    # A non-finite entry makes the sum non-finite; a finite sum proves them all finite (one
+    # pass; a sum that overflows only costs the guarded path). isfinite().all() takes five.
+    return not all(math.isfinite(t.detach().sum(dtype=torch.promote_types(t.dtype, torch.float32)))
+                   for t in tensors)
+
+
 def _segmented_scan(states, doc, *, exclusive):
     """Sum of states[:, h] over the slots h of g's document with h < g (exclusive) or h <= g.
 
@@ -121,6 +141,7 @@ class ChunkedAttention:
         self.chunk_size, self.causal, self.rel_bias = chunk_size, causal, rel_bias
         self.quad_scale, self.lin_scale = quad_scale, lin_scale
         self.q_quad, self.k_quad, self.v = q_quad, k_quad, v
+        self.guarded = needs_nonfinite_guards(q_quad, k_quad, v)
         self.vc = self.chunked(v)
         self.total = self.ql = self.prefix = None
         if q_lin is not None:
@@ -145,6 +166,10 @@ class ChunkedAttention:
     def chunked(self, x):
         """x (B, T, W) as (B, slots, C, W) in the compute dtype, rows outside chunks zero."""
         B, num_slots, C, layout = x.shape[0], self.num_slots, self.C, self.layout
+        if layout.position is None:    # dense: consecutive rows, the last chunk zero-padded
+            x = x.to(self.compute_dtype)
+            pad = num_slots * C - x.shape[1]
+            return (F.pad(x, (0, 0, 0, pad)) if pad else x).reshape(B, num_slots, C, x.shape[-1])
         rows = x.to(self.compute_dtype)[:, layout.token.reshape(-1)].reshape(B, num_slots, C,
                                                                             x.shape[-1])
         return torch.where(layout.valid[None, :, :, None], rows, self.zero)
@@ -157,31 +182,10 @@ class ChunkedAttention:
         valid_row = layout.valid
         qq, kq, vc = self.chunked(self.q_quad), self.chunked(self.k_quad), self.vc
 
-        # Scores from finite rows; a pair with a non-finite query or key row is NaN, and only
-        # pairs a query may attend survive the selection, so no gradient reaches the others.
-        bad_q, bad_k = _nonfinite_rows(qq), _nonfinite_rows(kq)
-        qq = torch.where(bad_q[..., None], zero, qq)
-        kq = torch.where(bad_k[..., None], zero, kq)
-        scores = self.quad_scale * (qq @ kq.transpose(-1, -2))             # (B, G, C, C)
-        scores = scores + nan_where(bad_q[..., :, None] | bad_k[..., None, :])
-        if self.rel_bias is not None:
-            scores = scores + toeplitz_bias(self.rel_bias.to(self.compute_dtype),
-                                            self.chunk_size, C)
         valid = valid_row[:, :, None] & valid_row[:, None, :]               # (G, C, C)
         if self.causal:
             valid = valid & torch.ones(C, C, dtype=torch.bool, device=device).tril()
-        attn = torch.relu(torch.where(valid, scores, zero)).square()       # 0 where masked
-
-        # Values: a non-finite v[j, e] reaches exactly the queries that attend j, as NaN.
-        bad_v = ~torch.isfinite(vc)                                         # (B, G, C, E)
-        out = attn @ torch.where(bad_v, zero, vc)
-        if self.causal:  # query i attends rows j <= i of its chunk: the first bad row poisons the rest
-            row = torch.arange(C, device=device).view(1, 1, C, 1)
-            first_bad = torch.where(bad_v, row, C).amin(dim=2, keepdim=True)
-            poisoned = row >= first_bad
-        else:
-            poisoned = bad_v.any(dim=2, keepdim=True)
-        out = out + nan_where(poisoned)                                     # (B, G, C, E)
+        out = self.quadratic_output(qq, kq, vc, valid)
 
         if self.ql is not None:
             prefix = self.prefix
@@ -192,6 +196,37 @@ class ChunkedAttention:
         out = out.reshape(B, self.num_slots * C, E)
         out = out[:, :T] if layout.position is None else out[:, layout.position]
         return out.to(self.out_dtype)
+
+    def quadratic_output(self, qq, kq, vc, valid):
+        """The intra-chunk output (B, G, C, E): relu^2 scores of the pairs in valid, times v."""
+        C, zero, device, guarded = self.C, self.zero, self.v.device, self.guarded
+        if guarded:
+            # Scores from finite rows; a pair with a non-finite query or key row is NaN, and
+            # only pairs a query may attend survive the selection, so no gradient reaches the
+            # others.
+            bad_q, bad_k = _nonfinite_rows(qq), _nonfinite_rows(kq)
+            qq = torch.where(bad_q[..., None], zero, qq)
+            kq = torch.where(bad_k[..., None], zero, kq)
+        scores = self.quad_scale * (qq @ kq.transpose(-1, -2))             # (B, G, C, C)
+        if guarded:
+            scores = scores + nan_where(bad_q[..., :, None] | bad_k[..., None, :])
+        if self.rel_bias is not None:
+            scores = scores + toeplitz_bias(self.rel_bias.to(self.compute_dtype),
+                                            self.chunk_size, C)
+        attn = torch.relu(torch.where(valid, scores, zero)).square()       # 0 where masked
+        if not guarded:
+            return attn @ vc
+
+        # Values: a non-finite v[j, e] reaches exactly the queries that attend j, as NaN.
+        bad_v = ~torch.isfinite(vc)                                         # (B, G, C, E)
+        out = attn @ torch.where(bad_v, zero, vc)
+        if self.causal:  # query i attends rows j <= i of its chunk: the first bad row poisons the rest
+            row = torch.arange(C, device=device).view(1, 1, C, 1)
+            first_bad = torch.where(bad_v, row, C).amin(dim=2, keepdim=True)
+            poisoned = row >= first_bad
+        else:
+            poisoned = bad_v.any(dim=2, keepdim=True)
+        return out + nan_where(poisoned)
 
 
 def mixed_chunk_attention_torch(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,

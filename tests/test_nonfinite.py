@@ -152,3 +152,28 @@ def test_several_blocks_per_chunk(where):
                 "mixed_chunk_attention", where, True, "triton")
     finally:
         T, C, TOKEN = saved
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_torch_path_skips_its_guards_only_when_they_select_nothing(monkeypatch, causal, packed):
+    """The torch path drops its non-finite guards when the inputs are finite (on the CPU): with
+    finite inputs the guarded computation must give the same output and gradients."""
+    import flash_kernels.torch_chunked as torch_chunked
+
+    inputs = _inputs("mixed_chunk_attention", linear=True)
+    if packed:   # documents of 7, 9 and 4 tokens: chunks restart inside the row
+        cu_seqlens = torch.tensor([0, 7, 16, T], dtype=torch.int32, device=DEVICE)
+
+    def gradients(guarded):
+        monkeypatch.setattr(torch_chunked, "needs_nonfinite_guards", lambda *tensors: guarded)
+        leaves = {n: x.clone().requires_grad_() for n, x in inputs.items()}
+        extra = dict(cu_seqlens=cu_seqlens, max_seqlen=9) if packed else {}
+        out = mixed_chunk_attention(*(leaves[n] for n in ("q_quad", "k_quad", "q_lin", "k_lin", "v")),
+                                    rel_bias=leaves["rel_bias"], chunk_size=C, causal=causal,
+                                    backend="torch", **extra)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out)
+        return [out.detach(), *torch.autograd.grad((out * weights).sum(), list(leaves.values()))]
+
+    for name, fast, guarded in zip(["out", *inputs], gradients(False), gradients(True)):
+        torch.testing.assert_close(fast, guarded, rtol=1e-6, atol=1e-6, msg=f"{name} differs")
