@@ -4,7 +4,7 @@
 - Without a GPU, Triton kernels run on the CPU under the interpreter: TRITON_INTERPRET=1 must be
   set before triton is first imported, so it is set here, before any test module loads.
 - Triton < 3.7's interpreter breaks under numpy >= 2.4; a test-time shim repairs it
-  (`_patch_old_interpreter_for_new_numpy`).
+  (tests/interpreter_shim.py, also imported by helpers.py for the processes tests start).
 - Test selections (markers registered in pyproject.toml):
     gpu   every test that touches CUDA when a GPU is present: the GPU run is `-m gpu`;
     slow  left out of the quick selection `-m "not slow"` (which still launches every kernel);
@@ -36,33 +36,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _version(text):
-    return tuple(int(part) for part in text.split("+")[0].split(".")[:2])
-
-
-def _patch_old_interpreter_for_new_numpy():
-    """Triton < 3.7's interpreter gives `tl.tensor` an `__index__` of `int(handle.data)` while a
-    kernel runs, so `range(n)` over a run-time scalar `n` (a 1-element array) converts an array
-    of ndim 1; numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python
-    scalars") and every kernel loop with a run-time bound fails. `.item()` first is what numpy
-    did implicitly before. Test-time only: the package itself does not depend on the interpreter.
-    """
-    import numpy
-    import triton
-    if _version(triton.__version__) >= (3, 7) or _version(numpy.__version__) < (2, 4):
-        return
-    from triton.runtime import interpreter
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patch_tensor_with_scalar_index(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = patch_tensor_with_scalar_index
-
-
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    _patch_old_interpreter_for_new_numpy()
+import interpreter_shim  # noqa: E402,F401  (after TRITON_INTERPRET is set; see its docstring)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +152,7 @@ def pytest_sessionfinish(session):
     path = os.environ.get("FLASH_KERNELS_RECORD_LAUNCHES")
     if not path or not _recorded:
         return
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    worker = _xdist_worker(session.config)
     with open(f"{path}.{worker}" if worker else path, "w") as f:
         json.dump(_recorded, f, default=str)
 
@@ -209,9 +183,25 @@ def _outcome(report):
     return outcome, ""
 
 
+def _xdist_worker(config):
+    """This process's xdist worker id ("gw0", ...), or None. Asked of pytest, not read from
+    PYTEST_XDIST_WORKER: a pytest that a test starts (the runbook's dry run) inherits that
+    variable from the worker it runs in without being a worker itself."""
+    workerinput = getattr(config, "workerinput", None)
+    return workerinput["workerid"] if workerinput else None
+
+
+def pytest_configure(config):
+    global _IS_XDIST_WORKER
+    _IS_XDIST_WORKER = _xdist_worker(config) is not None
+
+
+_IS_XDIST_WORKER = False
+
+
 def pytest_runtest_logreport(report):
     path = os.environ.get("FLASH_KERNELS_TEST_REPORT")
-    if not path or os.environ.get("PYTEST_XDIST_WORKER"):     # under xdist the controller writes
+    if not path or _IS_XDIST_WORKER:                          # under xdist the controller writes
         return
     result = _outcome(report)
     if result is None:

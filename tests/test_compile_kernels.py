@@ -15,6 +15,7 @@ import triton
 
 from bench.compile_report import CONFIGS, record_config
 from flash_kernels.aot_compile import error_details, markdown_table, measure_launches, row_failed
+from interpreter_shim import version_tuple
 
 ALL_KERNELS = {"chunk_state_scan_kernel", "mixed_chunk_fwd_kernel", "mixed_chunk_bwd_query_kernel",
                "mixed_chunk_bwd_key_kernel"}
@@ -29,14 +30,14 @@ CASES = {
     "paper bf16 decode: flash_attention_decode (roles from z, gate) + rel_bias":
         {"mixed_chunk_decode_kernel"},
 }
-def _version(text):
-    return tuple(int(part) for part in text.split(".")[:2])
 
 
-# The launches are recorded under the interpreter, and Triton < 3.7's interpreter fails on
-# loops with a run-time bound when numpy >= 2.4 is installed (docs/contract.md section 6).
+# The launches are recorded under the interpreter in a fresh process of the package's own
+# recorder (flash_kernels.aot_compile), which the test-time shim (tests/interpreter_shim.py)
+# does not reach: there Triton < 3.7's interpreter fails on loops with a run-time bound when
+# numpy >= 2.4 is installed (docs/contract.md section 6).
 pytestmark = pytest.mark.skipif(
-    _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4),
+    version_tuple(triton.__version__) < (3, 7) and version_tuple(numpy.__version__) >= (2, 4),
     reason=f"Triton {triton.__version__}'s interpreter cannot run loops with a run-time bound "
            f"under numpy {numpy.__version__}: the launches cannot be recorded")
 

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import interpreter_shim  # noqa: F401  (the subprocess below imports this module, not conftest)
 from flash_kernels import flash_attention, mixed_chunk_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
