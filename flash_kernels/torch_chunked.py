@@ -5,8 +5,8 @@ of C tokens it forms the C x C relu^2 scores (so memory is O(T * C), linear in T
 part keeps one S x E state per chunk, in float32 at least, combined by an exclusive cumulative sum.
 
 Packed documents (packing.ChunkTables) use the kernels' chunk slots: tokens are gathered into a
-(B, slots, C, W) layout (idle slots and rows past a chunk's end masked), and the states are
-summed by a segmented scan over the slots, so nothing crosses a document boundary and nothing
+(B, slots, C, W) layout (idle slots and rows past a chunk's end read a zero row), and the states
+are summed by a segmented scan over the slots, so nothing crosses a document boundary and nothing
 waits for the device (every shape comes from T, C and N). Memory is then O((T / C + N) C^2):
 many documents much shorter than a chunk waste most of their slots.
 
@@ -33,7 +33,7 @@ def toeplitz_bias(rel_bias, chunk_size, length):
 
 class ChunkLayout(NamedTuple):
     """Where every (chunk slot, row) of the (B, G, C, W) layout reads its token."""
-    token: torch.Tensor          # (G, C) token index (clamped into [0, T))
+    source: torch.Tensor         # (G, C) token index, or T (a zero row) outside the chunk
     valid: torch.Tensor          # (G, C) the row holds a token of the slot's chunk
     doc: torch.Tensor            # (G,) document of the slot (0 without packing; idle slots: 0)
     last_complete: torch.Tensor  # (N,) slot of the document's last complete chunk, or -1
@@ -49,7 +49,7 @@ def chunk_layout(T, chunk_size, C, tables, device):
         token = torch.arange(num_slots * C, device=device).reshape(num_slots, C)
         num_complete = T // chunk_size
         return ChunkLayout(
-            token.clamp(max=T - 1), token < T, torch.zeros(num_slots, dtype=torch.long, device=device),
+            token.clamp(max=T), token < T, torch.zeros(num_slots, dtype=torch.long, device=device),
             torch.tensor([num_complete - 1], device=device),
             torch.tensor([num_slots - 1], device=device), None)
     cu = tables.cu_seqlens.long()
@@ -69,8 +69,8 @@ def chunk_layout(T, chunk_size, C, tables, device):
     token_doc = torch.searchsorted(cu[1:], t, right=True).clamp(max=max(tables.num_docs - 1, 0))
     local = t - cu[token_doc]
     position = (offsets[token_doc] + local // chunk_size) * C + local % chunk_size
-    return ChunkLayout(token.clamp(0, max(T - 1, 0)), owned[:, None] & (token < end[:, None]), doc,
-                       last_complete, last, position)
+    valid = owned[:, None] & (token < end[:, None])
+    return ChunkLayout(torch.where(valid, token, T), valid, doc, last_complete, last, position)
 
 
 def nan_where(mask):
@@ -98,27 +98,34 @@ def needs_nonfinite_guards(*tensors):
                    for t in tensors)
 
 
-def _segmented_scan(states, doc, *, exclusive):
-    """Sum of states[:, h] over the slots h of g's document with h < g (exclusive) or h <= g.
+def _shift_within_documents(running, doc, step):
+    """running[:, g - step] where slot g - step belongs to g's document, else 0 (slots >= step)."""
+    same_doc = (doc[step:] == doc[:-step]).view(1, -1, 1, 1)
+    return torch.where(same_doc, running[:, :-step], torch.zeros((), dtype=running.dtype,
+                                                                  device=running.device))
+
+
+def _segmented_scan(states, doc):
+    """Inclusive sums of states (B, G, ...) over the slots of each slot's document up to it.
 
     A Hillis-Steele scan: log2(G) steps of additions over the slots (a document's slots are
     contiguous). It only ever adds states of one document: never a difference of running sums
     across documents, which would cancel catastrophically."""
-    G = states.shape[1]
-    zero = torch.zeros((), dtype=states.dtype, device=states.device)
-
-    def shifted(total, step):
-        same_doc = (doc[step:] == doc[:-step]).view(1, -1, 1, 1)
-        return torch.where(same_doc, total[:, :-step], zero)
-
     total, step = states, 1
-    while step < G:
-        total = torch.cat([total[:, :step], total[:, step:] + shifted(total, step)], dim=1)
+    while step < states.shape[1]:
+        total = torch.cat([total[:, :step],
+                           total[:, step:] + _shift_within_documents(total, doc, step)], dim=1)
         step *= 2
-    if not exclusive:
-        return total
-    return torch.cat([torch.zeros_like(total[:, :1]), shifted(total, 1)], dim=1) if G > 1 \
-        else torch.zeros_like(total)
+    return total
+
+
+def _exclusive_within_documents(inclusive, doc):
+    """The exclusive scan from the inclusive one: slot g gets slot g - 1's sum if the same
+    document owns both, else 0."""
+    if inclusive.shape[1] == 1:
+        return torch.zeros_like(inclusive)
+    return torch.cat([torch.zeros_like(inclusive[:, :1]),
+                      _shift_within_documents(inclusive, doc, 1)], dim=1)
 
 
 class ChunkedAttention:
@@ -137,7 +144,7 @@ class ChunkedAttention:
         self.compute_dtype = compute_dtype = torch.promote_types(v.dtype, torch.float32)
         self.zero = torch.zeros((), dtype=compute_dtype, device=v.device)
         self.layout = layout = chunk_layout(T, chunk_size, C, tables, v.device)
-        self.num_slots, self.C = layout.token.shape[0], C
+        self.num_slots, self.C = layout.source.shape[0], C
         self.chunk_size, self.causal, self.rel_bias = chunk_size, causal, rel_bias
         self.quad_scale, self.lin_scale = quad_scale, lin_scale
         self.q_quad, self.k_quad, self.v = q_quad, k_quad, v
@@ -150,7 +157,7 @@ class ChunkedAttention:
             if tables is None:
                 inclusive = torch.cumsum(states, dim=1)
             else:
-                inclusive = _segmented_scan(states, layout.doc, exclusive=False)
+                inclusive = _segmented_scan(states, layout.doc)
             last = layout.last_complete if causal else layout.last
             self.total = torch.where((last >= 0).view(1, -1, 1, 1),
                                      inclusive[:, last.clamp(min=0)], self.zero)
@@ -159,7 +166,7 @@ class ChunkedAttention:
                     self.prefix = torch.cat([torch.zeros_like(inclusive[:, :1]),
                                              inclusive[:, :-1]], dim=1)
                 else:
-                    self.prefix = _segmented_scan(states, layout.doc, exclusive=True)
+                    self.prefix = _exclusive_within_documents(inclusive, layout.doc)
             else:
                 self.prefix = self.total[:, layout.doc]
 
@@ -170,9 +177,9 @@ class ChunkedAttention:
             x = x.to(self.compute_dtype)
             pad = num_slots * C - x.shape[1]
             return (F.pad(x, (0, 0, 0, pad)) if pad else x).reshape(B, num_slots, C, x.shape[-1])
-        rows = x.to(self.compute_dtype)[:, layout.token.reshape(-1)].reshape(B, num_slots, C,
-                                                                            x.shape[-1])
-        return torch.where(layout.valid[None, :, :, None], rows, self.zero)
+        # one gather from x with a zero row appended (index T): rows outside chunks read it
+        rows = F.pad(x.to(self.compute_dtype), (0, 0, 0, 1))[:, layout.source.reshape(-1)]
+        return rows.reshape(B, num_slots, C, x.shape[-1])
 
     def output(self, state_offset=None):
         """The (B, T, E) output, every chunk of document n also reading the unscaled
