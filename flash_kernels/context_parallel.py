@@ -505,6 +505,27 @@ def _pick_backend(backend, v, S):
     return pick_backend(backend, v.device, v.dtype, S)
 
 
+def _check_and_describe(op, first_name, first, v, *, linear, gate, grad_inputs, chunk_size,
+                        causal, rel_bias, quad_scale, lin_scale, cu_seqlens, max_seqlen,
+                        initial_state, output_final_state, backend):
+    """The checks both ops share after their own input checks (first: the (*batch, T, S)
+    input, q_quad or z), and the call's description with the resolved backend."""
+    check_options(chunk_size, causal, quad_scale, lin_scale, backend)
+    check_cp_options(chunk_size, cu_seqlens, max_seqlen, initial_state, output_final_state,
+                     backend)
+    check_rel_bias(rel_bias, C=chunk_size, chunk_size=chunk_size, packed=False,
+                   device=first.device, device_owner=first_name)
+    *batch, T, S = first.shape
+    resolved = _pick_backend(backend, v, S)
+    if resolved == "triton":
+        check_triton_inputs(first, v)
+    quad, lin = resolve_scales(quad_scale, lin_scale, chunk_size)
+    fields = describe(op=op, batch=batch, T=T, S=S, E=v.shape[-1], chunk_size=chunk_size,
+                      causal=causal, linear=linear, rel_bias=rel_bias is not None, gate=gate,
+                      grad_inputs=grad_inputs, dtype=v.dtype, quad_scale=quad, lin_scale=lin)
+    return fields, resolved
+
+
 @torch.compiler.disable
 def mixed_chunk_attention_cp(q_quad, k_quad, q_lin, k_lin, v, *, cp_group, chunk_size, causal,
                              rel_bias, quad_scale, lin_scale, cu_seqlens, max_seqlen,
@@ -513,22 +534,12 @@ def mixed_chunk_attention_cp(q_quad, k_quad, q_lin, k_lin, v, *, cp_group, chunk
 
     def local_checks():
         check_tensors_of_mixed_chunk(q_quad, k_quad, q_lin, k_lin, v)
-        check_options(chunk_size, causal, quad_scale, lin_scale, backend)
-        check_cp_options(chunk_size, cu_seqlens, max_seqlen, initial_state, output_final_state,
-                         backend)
-        check_rel_bias(rel_bias, C=chunk_size, chunk_size=chunk_size, packed=False,
-                       device=q_quad.device, device_owner="q_quad")
-        *batch, T, S = q_quad.shape
-        resolved = _pick_backend(backend, v, S)
-        if resolved == "triton":
-            check_triton_inputs(q_quad, v)
-        quad, lin = resolve_scales(quad_scale, lin_scale, chunk_size)
-        fields = describe(op="mixed_chunk_attention", batch=batch, T=T, S=S, E=v.shape[-1],
-                          chunk_size=chunk_size, causal=causal, linear=q_lin is not None,
-                          rel_bias=rel_bias is not None, gate=False,
-                          grad_inputs=_grad_needed(q_quad, k_quad, q_lin, k_lin, v, rel_bias),
-                          dtype=v.dtype, quad_scale=quad, lin_scale=lin)
-        return fields, resolved
+        return _check_and_describe(
+            "mixed_chunk_attention", "q_quad", q_quad, v, linear=q_lin is not None, gate=False,
+            grad_inputs=_grad_needed(q_quad, k_quad, q_lin, k_lin, v, rel_bias),
+            chunk_size=chunk_size, causal=causal, rel_bias=rel_bias, quad_scale=quad_scale,
+            lin_scale=lin_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+            initial_state=initial_state, output_final_state=output_final_state, backend=backend)
 
     call, resolved = agree_on_call(cp_group, local_checks)
     *batch, T, S = q_quad.shape
@@ -556,22 +567,12 @@ def flash_attention_cp(z, gamma, beta, v, *, u, cp_group, chunk_size, causal, re
 
     def local_checks():
         check_flash_inputs(z, gamma, beta, v, u)
-        check_options(chunk_size, causal, quad_scale, lin_scale, backend)
-        check_cp_options(chunk_size, cu_seqlens, max_seqlen, initial_state, output_final_state,
-                         backend)
-        check_rel_bias(rel_bias, C=chunk_size, chunk_size=chunk_size, packed=False,
-                       device=z.device, device_owner="z")
-        *batch, T, S = z.shape
-        resolved = _pick_backend(backend, v, S)
-        if resolved == "triton":
-            check_triton_inputs(z, v)
-        quad, lin = resolve_scales(quad_scale, lin_scale, chunk_size)
-        fields = describe(op="flash_attention", batch=batch, T=T, S=S, E=v.shape[-1],
-                          chunk_size=chunk_size, causal=causal, linear=gamma.shape[0] == 4,
-                          rel_bias=rel_bias is not None, gate=u is not None,
-                          grad_inputs=_grad_needed(z, gamma, beta, v, u, rel_bias),
-                          dtype=v.dtype, quad_scale=quad, lin_scale=lin)
-        return fields, resolved
+        return _check_and_describe(
+            "flash_attention", "z", z, v, linear=gamma.shape[0] == 4, gate=u is not None,
+            grad_inputs=_grad_needed(z, gamma, beta, v, u, rel_bias),
+            chunk_size=chunk_size, causal=causal, rel_bias=rel_bias, quad_scale=quad_scale,
+            lin_scale=lin_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+            initial_state=initial_state, output_final_state=output_final_state, backend=backend)
 
     call, resolved = agree_on_call(cp_group, local_checks)
     *batch, T, S = z.shape
