@@ -92,9 +92,17 @@ def _flat_bias(rel_bias):
     return rel_bias.detach().to(device="cpu", dtype=torch.float64).contiguous()
 
 
-def _check_optional_pair(q_lin, k_lin):
+def _check_arguments(q_lin, k_lin, rel_bias, chunk_size):
+    """The argument checks, in Python. The C++ code checks them too, but on the GPU machines'
+    image (torch 2.11) a C++ exception raised inside the extension killed the pytest worker
+    instead of reaching Python as a RuntimeError, so the extension never sees bad arguments."""
     if (q_lin is None) != (k_lin is None):
         raise ValueError("q_lin and k_lin must be both tensors or both None")
+    if int(chunk_size) < 1:
+        raise RuntimeError(f"chunk_size must be >= 1, got {chunk_size}")
+    if rel_bias is not None and tuple(rel_bias.shape) != (2 * int(chunk_size) - 1,):
+        raise RuntimeError(f"rel_bias must have shape (2 * chunk_size - 1,) = "
+                           f"({2 * int(chunk_size) - 1},), got {tuple(rel_bias.shape)}")
 
 
 def mixed_chunk_attention_cpp(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
@@ -103,7 +111,7 @@ def mixed_chunk_attention_cpp(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, ca
 
     `chunk_size` (int >= 1), `quad_scale` and `lin_scale` (floats) must already be resolved.
     """
-    _check_optional_pair(q_lin, k_lin)
+    _check_arguments(q_lin, k_lin, rel_bias, chunk_size)
     batch, B, T = _resolve_shapes(q_quad, v)
     out = load().forward(
         _flat(q_quad, B, T), _flat(k_quad, B, T), _flat(q_lin, B, T), _flat(k_lin, B, T),
@@ -120,7 +128,7 @@ def mixed_chunk_attention_cpp_backward(grad_out, q_quad, k_quad, q_lin, k_lin, v
     the inputs (None for absent optional inputs). rel_bias's gradient sums over all chunks and batch
     entries; with T == 0 it is all zeros.
     """
-    _check_optional_pair(q_lin, k_lin)
+    _check_arguments(q_lin, k_lin, rel_bias, chunk_size)
     batch, B, T = _resolve_shapes(q_quad, v)
     grads = load().backward(
         _flat(grad_out, B, T), _flat(q_quad, B, T), _flat(k_quad, B, T), _flat(q_lin, B, T),

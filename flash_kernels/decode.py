@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .mixed_chunk_attention import pick_backend
-from .utils import launch, next_power_of_2, resolve_scales
+from .utils import cuda_graph_capturing, launch, next_power_of_2, resolve_scales
 from .validation import BACKENDS, check_int, check_scale, check_tensor, type_name
 
 try:    # the kernel needs triton; the torch path does not
@@ -196,10 +196,6 @@ def _check_decode_options(cache, rel_bias, quad_scale, lin_scale, backend, devic
 
 # -- the torch path --------------------------------------------------------------------------
 
-def _capturing():
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 def _select(mask, x, other):
     """torch.where(mask, x, other) with the mask expanded to x's shape first: on the CPU (torch
     2.13) a mask broadcast along the last dim takes a slow path, ~40x slower."""
@@ -244,7 +240,7 @@ def decode_torch(q_quad, k_quad, q_lin, k_lin, v, cache, *, rel_bias, quad_scale
         out = out + lin_scale * (q_lin.to(compute)[:, None, :] @ cache.state)[:, 0]
     out = _select(fits[:, None], out, torch.full_like(out, float("nan")))
 
-    if completes is not None and (torch.compiler.is_compiling() or _capturing()
+    if completes is not None and (torch.compiler.is_compiling() or cuda_graph_capturing()
                                   or bool(completes.any())):
         restart = completes.view(B, 1, 1)
         if cache.state is not None:

@@ -32,6 +32,14 @@ def autocast_cast(x, dtype):
     return x
 
 
+def cuda_graph_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (host reads are then not allowed).
+    False under torch.compile, which cannot trace the query (it returns a bool); the callers
+    skip their host reads while compiling anyway."""
+    return (not torch.compiler.is_compiling() and torch.cuda.is_available()
+            and torch.cuda.is_current_stream_capturing())
+
+
 def triton_interpret_enabled() -> bool:
     """Whether TRITON_INTERPRET is set now (read when an op runs). It only takes effect if it
     was already set when flash_kernels was imported: see INTERPRETED_KERNELS."""

@@ -5,6 +5,9 @@
   set before triton is first imported, so it is set here, before any test module loads.
 - Triton < 3.7's interpreter breaks under numpy >= 2.4; a test-time shim repairs it
   (tests/interpreter_shim.py, also imported by helpers.py for the processes tests start).
+- Under the interpreter every load and store a kernel makes must stay inside its tensor
+  arguments (tests/interpreter_memcheck.py; FLASH_KERNELS_MEMCHECK=0 turns it off): the CPU
+  run sees the out-of-bounds accesses that fault on a GPU.
 - Test selections (markers registered in pyproject.toml):
     gpu   every test that touches CUDA when a GPU is present: the GPU run is `-m gpu`;
     slow  left out of the quick selection `-m "not slow"` (which still launches every kernel);
@@ -37,6 +40,7 @@ if not torch.cuda.is_available():
 
 
 import interpreter_shim  # noqa: E402,F401  (after TRITON_INTERPRET is set; see its docstring)
+import interpreter_memcheck  # noqa: E402,F401  (out-of-bounds accesses fail under the interpreter)
 
 
 # ---------------------------------------------------------------------------------------------

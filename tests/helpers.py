@@ -3,6 +3,7 @@ the kernels a Triton call must launch, and the C++ loop oracle (csrc_ref) as an 
 import torch
 
 import interpreter_shim  # noqa: F401  (spawned ranks and subprocesses import helpers, not conftest)
+import interpreter_memcheck  # noqa: F401  (the same, for out-of-bounds checks)
 from csrc_ref import mixed_chunk_attention_cpp, mixed_chunk_attention_cpp_backward
 from flash_kernels import flash_attention, mixed_chunk_attention
 from flash_kernels.utils import record_launches

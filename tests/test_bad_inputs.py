@@ -347,7 +347,9 @@ def test_huge_chunk_size_quadratic_only(op, backend):
         changes = dict(gamma=torch.randn(2, S), beta=torch.randn(2, S))
     changes.update(quad_scale=0.3, causal=True)
     args = mixed_inputs() if op == "mixed_chunk_attention" else flash_inputs()
-    changes = {**args, **changes}
+    # On the device the Triton backend runs on (a GPU when there is one).
+    changes = {key: value.to(DEVICE) if isinstance(value, torch.Tensor) else value
+               for key, value in {**args, **changes}.items()}
     out = call(op, dict(changes, chunk_size=10**12), backend)
     expected = call(op, dict(changes, chunk_size=None), "torch")
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -48,7 +48,7 @@ def test_opcheck_mixed_chunk_op(packed):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed-state"])
 def test_opcheck_flash_op(packed):
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
     z = torch.randn(B, T, S, generator=gen, device=DEVICE).requires_grad_()
     affine = torch.randn(2, 4, S, generator=gen, device=DEVICE).requires_grad_()
     v, u = (torch.randn(B, T, E, generator=gen, device=DEVICE).requires_grad_() for _ in range(2))

@@ -2,6 +2,7 @@
 import torch
 
 from ..decode import DecodeCache
+from ..utils import cuda_graph_capturing
 from ..validation import type_name
 
 
@@ -77,8 +78,7 @@ def check_lengths(lengths, batch, T, device, *, minimum=0):
         raise ValueError(f"lengths must have shape ({batch},) (one length per row), got "
                          f"{tuple(lengths.shape)}")
     lengths = lengths.to(device=device, dtype=torch.int64)
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if batch and not torch.compiler.is_compiling() and not capturing:
+    if batch and not torch.compiler.is_compiling() and not cuda_graph_capturing():
         low, high = int(lengths.min()), int(lengths.max())
         if low < minimum or high > T:
             raise ValueError(f"lengths must lie in [{minimum}, {T}] (T = the rows' length), got "

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils import cuda_graph_capturing
 from ..validation import BACKENDS, check_int, is_bool, type_name
 from .cache import check_lengths
 from .layers import FLASH, GAU
@@ -163,7 +164,7 @@ class FLASHLM(nn.Module):
         """
         if not self.causal:
             raise ValueError("decoding needs a causal model")
-        if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        if not cuda_graph_capturing():
             self._check_tokens("token", token, 1)
         h = self.embed(token)
         for layer, cache in zip(self.layers, caches):
