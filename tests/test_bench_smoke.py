@@ -102,7 +102,8 @@ def _committed_state():
     """Hashes of what the README's bench commands must not change: bench/results/ and README."""
     paths = [os.path.join(REPO, "README.md")]
     results = os.path.join(REPO, "bench", "results")
-    paths += sorted(os.path.join(results, name) for name in os.listdir(results))
+    paths += sorted(os.path.join(folder, name) for folder, _, names in os.walk(results)
+                    for name in names)
     state = {}
     for path in paths:
         with open(path, "rb") as f:

@@ -5,6 +5,19 @@ the float32 states are rounded to bf16 before a product when the inputs are bf16
 as FlashAttention rounds its probabilities), and stay float32 otherwise: relu(s)^2 overflows
 fp16 once s > 255, so for fp16 inputs those products run in tf32, whose 10-bit mantissa equals
 fp16's. Decided at compile time from the pointer type.
+
+Transposes (the rule every kernel here follows): no tensor computed in registers is transposed
+with `tl.trans` and fed to `tl.dot`, and a dot result is only ever the LEFT operand of the next
+dot. Triton 3.2 - 3.6 on sm_90 (Hopper) miscompile a register tensor that is transposed and then
+used as a dot operand: wrong numbers for some tile widths, silently (triton-lang/triton issue
+#6124 on Triton 3.2; flash-linear-attention issue #640 and PR #826, wrong dk of up to 14.65 at
+a 64-wide tile with Triton 3.4 - 3.6). Forward passes of such kernels were unaffected and their
+gradients wrong; the interpreter cannot see it. So a transposed operand is either read from
+memory with transposed addressing (`load_rows_t`, `load_role_t`, `state_tile(TRANSPOSED=True)`:
+the layout is chosen at the load, and any transpose Triton still needs stays on shared-memory
+descriptors), or computed in the orientation it is used: the key-side backward forms
+S^T = K Q^T (`relu_scores_tile(KEYS_ON_ROWS=True)`) and dA^T = V dO^T itself instead of
+transposing S and dA. tools/codegen_gate.py checks the compiled IR of every kernel for this.
 """
 import triton
 import triton.language as tl
@@ -47,27 +60,43 @@ def program_chunk_block(num_blocks, num_chunks, chunk_size, T, chunk_table_ptr, 
 
 
 @triton.jit
+def state_tile(base, S, E, offs_s, cols, TRANSPOSED: tl.constexpr):
+    """The (S, cols) tile of a float32 (S, E) state at `base` (zero outside S and E), or with
+    TRANSPOSED its transpose (cols, S) read with transposed addressing (see the module doc)."""
+    # One return: Triton type-checks every return statement of a function, constexpr
+    # branches included, and the two orientations differ in shape.
+    if TRANSPOSED:
+        tile = tl.load(base + offs_s[None, :] * E + cols[:, None],
+                       mask=(offs_s[None, :] < S) & (cols[:, None] < E), other=0.0)
+    else:
+        tile = tl.load(base + offs_s[:, None] * E + cols[None, :],
+                       mask=(offs_s[:, None] < S) & (cols[None, :] < E), other=0.0)
+    return tile
+
+
+@triton.jit
 def linear_state_tile(states_ptr, batch, chunk, doc, num_chunks, num_docs, S, E, offs_s, cols,
-                      CAUSAL: tl.constexpr):
-    """The (S, cols) tile of the float32 state P (lin_scale folded in) that the chunk's
-    queries read: states[batch, chunk] when causal, states[batch, doc] when not."""
+                      CAUSAL: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """The (S, cols) tile (TRANSPOSED: (cols, S)) of the float32 state P (lin_scale folded in)
+    that the chunk's queries read: states[batch, chunk] when causal, states[batch, doc] when
+    not."""
     if CAUSAL:
         index = batch * num_chunks + chunk
     else:
         index = batch * num_docs + doc
-    return tl.load(states_ptr + index * S * E + offs_s[:, None] * E + cols[None, :],
-                   mask=(offs_s[:, None] < S) & (cols[None, :] < E), other=0.0)
+    return state_tile(states_ptr + index * S * E, S, E, offs_s, cols, TRANSPOSED)
 
 
 @triton.jit
-def state_offset_tile(offset_ptr, batch, doc, num_docs, S, E, offs_s, cols):
-    """The (S, cols) tile of lin_scale * offset[batch, doc]: the state of the tokens before
-    this call's (a caller's initial_state, or the earlier ranks' total under context
-    parallelism), the one way state from elsewhere enters. The launcher stores it scaled and
-    already in the tensor-core operand dtype, so the kernels multiply it as it is loaded (a
-    second product beside the state's) instead of holding another float32 tile to add."""
-    return tl.load(offset_ptr + (batch * num_docs + doc) * S * E + offs_s[:, None] * E + cols[None, :],
-                   mask=(offs_s[:, None] < S) & (cols[None, :] < E), other=0.0)
+def state_offset_tile(offset_ptr, batch, doc, num_docs, S, E, offs_s, cols,
+                      TRANSPOSED: tl.constexpr):
+    """The (S, cols) tile (TRANSPOSED: (cols, S)) of lin_scale * offset[batch, doc]: the state
+    of the tokens before this call's (a caller's initial_state, or the earlier ranks' total
+    under context parallelism), the one way state from elsewhere enters. The launcher stores it
+    scaled and already in the tensor-core operand dtype, so the kernels multiply it as it is
+    loaded (a second product beside the state's) instead of holding another float32 tile."""
+    return state_tile(offset_ptr + (batch * num_docs + doc) * S * E, S, E, offs_s, cols,
+                      TRANSPOSED)
 
 
 @triton.jit
@@ -76,6 +105,15 @@ def load_rows(base, rows, row_end, width, row_stride, BLOCK_W: tl.constexpr):
     cols = tl.arange(0, BLOCK_W)
     return tl.load(base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
                    mask=(rows[:, None] < row_end) & (cols[None, :] < width), other=0.0)
+
+
+@triton.jit
+def load_rows_t(base, rows, row_end, width, row_stride, BLOCK_W: tl.constexpr):
+    """x[rows, :width] transposed, the (BLOCK_W, rows) tile, read with transposed addressing
+    (never a register transpose: see the module doc); zero for rows >= row_end."""
+    cols = tl.arange(0, BLOCK_W)
+    return tl.load(base + rows.to(tl.int64)[None, :] * row_stride + cols[:, None],
+                   mask=(rows[None, :] < row_end) & (cols[:, None] < width), other=0.0)
 
 
 @triton.jit
@@ -102,36 +140,60 @@ def load_role(base, rows, row_end, width, row_stride, affine_ptr, ROLE: tl.const
 
 
 @triton.jit
-def relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end, chunk_size,
-                     chunk_len, quad_scale, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr,
-                     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """relu(s) for one tile of queries `offs_i` (rows of `q`) and keys `offs_j` (rows of `k`):
+def load_role_t(base, rows, row_end, width, row_stride, affine_ptr, ROLE: tl.constexpr,
+                FROM_Z: tl.constexpr, BLOCK_W: tl.constexpr):
+    """`load_role` transposed, the (BLOCK_W, rows) tile, formed from a transposed read."""
+    x_t = load_rows_t(base, rows, row_end, width, row_stride, BLOCK_W)
+    if FROM_Z:
+        cols = tl.arange(0, BLOCK_W)
+        gamma = tl.load(affine_ptr + ROLE * width + cols, mask=cols < width, other=0.0)
+        beta = tl.load(affine_ptr + (4 + ROLE) * width + cols, mask=cols < width, other=0.0)
+        role = x_t.to(tl.float32) * gamma[:, None] + beta[:, None]
+        x_t = tl.where(rows[None, :] < row_end, role, 0.0).to(x_t.dtype)
+    return x_t
+
+
+@triton.jit
+def relu_scores_tile(a, b_t, rel_bias_ptr, offs_rows, offs_cols, chunk_start, chunk_end,
+                     chunk_size, chunk_len, quad_scale, HAS_BIAS: tl.constexpr,
+                     BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
+                     KEYS_ON_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """relu(s) for one tile of queries i and keys j of a chunk:
 
         s_ij = quad_scale * <q_i, k_j> + rel_bias[i - j + chunk_size - 1]
-        relu(s_ij), or 0 where j is past the chunk's end, i is past it, or (causal) j > i.
+        relu(s_ij), or 0 where i or j is past the chunk's end, or (causal) j > i.
 
-    Both index vectors are global token positions inside the chunk starting at chunk_start.
+    The tile is a @ b_t: queries x keys (a = queries `offs_rows`, b_t = keys `offs_cols`
+    transposed), or with KEYS_ON_ROWS its transpose keys x queries, computed as such
+    (S^T = K Q^T: a = keys `offs_rows`, b_t = queries `offs_cols` transposed), never by
+    transposing the other (see the module doc). Index vectors are global token positions
+    inside the chunk starting at chunk_start.
     The bias comes either from the (2 C - 1,) vector (a gather), or, with BIAS_MATRIX, from its
-    (chunk_len, chunk_len) Toeplitz matrix: a plain row-major tile load that the compiler
-    vectorises, where the gather's per-element 64-bit addresses cost registers (they made the
-    paper-shape kernels spill). The matrix is C^2 floats, so only short chunks use it.
+    (chunk_len, chunk_len) Toeplitz matrix: a plain tile load that the compiler vectorises,
+    where the gather's per-element 64-bit addresses cost registers (they made the paper-shape
+    kernels spill). The matrix is C^2 floats, so only short chunks use it.
     Returned in float32; the attention weight is its square, the score gradient is 2 * it.
     """
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * quad_scale
-    valid = (offs_i[:, None] < chunk_end) & (offs_j[None, :] < chunk_end)
+    scores = tl.dot(a, b_t, input_precision=DOT_PRECISION) * quad_scale
+    if KEYS_ON_ROWS:
+        offs_i = offs_cols[None, :]
+        offs_j = offs_rows[:, None]
+    else:
+        offs_i = offs_rows[:, None]
+        offs_j = offs_cols[None, :]
+    valid = (offs_i < chunk_end) & (offs_j < chunk_end)
     if CAUSAL:
-        valid = valid & (offs_j[None, :] <= offs_i[:, None])
+        valid = valid & (offs_j <= offs_i)
     if HAS_BIAS:
         local_i = offs_i - chunk_start
         local_j = offs_j - chunk_start
         if BIAS_MATRIX:
-            scores += tl.load(rel_bias_ptr + local_i[:, None] * chunk_len + local_j[None, :],
-                              mask=(local_i[:, None] < chunk_len) & (local_j[None, :] < chunk_len),
-                              other=0.0)
+            scores += tl.load(rel_bias_ptr + local_i * chunk_len + local_j,
+                              mask=(local_i < chunk_len) & (local_j < chunk_len), other=0.0)
         else:
             # i and j are in the same chunk, so the index lies in [0, 2 * chunk_size - 2].
-            bias_index = local_i[:, None] - local_j[None, :] + chunk_size - 1
-            scores += tl.load(rel_bias_ptr + bias_index, mask=valid, other=0.0)
+            scores += tl.load(rel_bias_ptr + (local_i - local_j + chunk_size - 1), mask=valid,
+                              other=0.0)
     # NaN in q, k or the bias must reach the output, as it does in the PyTorch paths.
     return tl.where(valid, tl.maximum(scores, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
 
@@ -149,11 +211,12 @@ def relu2_weights(q, k_base, k_row_stride, affine_ptr, rel_bias_ptr, offs_i, off
                   chunk_end, chunk_size, chunk_len, S, quad_scale, FROM_Z: tl.constexpr,
                   HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
                   BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The attention weights relu(s_ij)^2 (float32) of queries q (rows offs_i) and keys offs_j."""
-    k = load_role(k_base, offs_j, chunk_end, S, k_row_stride, affine_ptr, 1, FROM_Z, BLOCK_S)
-    relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
+    """The attention weights relu(s_ij)^2 (float32) of queries q (rows offs_i) and keys offs_j,
+    the keys read transposed."""
+    k_t = load_role_t(k_base, offs_j, chunk_end, S, k_row_stride, affine_ptr, 1, FROM_Z, BLOCK_S)
+    relu_s = relu_scores_tile(q, k_t, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
                               chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL,
-                              DOT_PRECISION)
+                              False, DOT_PRECISION)
     return relu_s * relu_s
 
 

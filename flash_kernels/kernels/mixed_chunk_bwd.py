@@ -15,6 +15,10 @@ of at most 256 tokens, dS itself (float32, O(T * C) memory) so that the key-side
 recompute dA = dO V^T (the costly E-wide product). `mixed_chunk_bwd_key_kernel`, one program per
 (chunk, key block), reduces over queries: dk_quad, dv and dk_lin. Neither needs atomics, so
 gradients are deterministic.
+
+The key kernel works with keys on the rows: it forms S^T = K Q^T, dA^T = V dO^T and reads dS^T,
+P^T and D^T from memory transposed, instead of transposing tiles in registers (Triton 3.2 - 3.6
+miscompile those on Hopper: see common.py).
 """
 import triton
 import triton.language as tl
@@ -30,38 +34,43 @@ from ..utils import triton_version
 # interpreter.
 DBIAS_ROW_SLABS: tl.constexpr = tl.constexpr(2 if triton_version() < (3, 7) else 1)
 
-from .common import (linear_state_tile, load_role, load_tile, nonfinite_in,
-                     program_chunk_block, relu_scores_tile, state_offset_tile)
+from .common import (linear_state_tile, load_role, load_role_t, load_tile, nonfinite_in,
+                     program_chunk_block, relu_scores_tile, state_offset_tile, state_tile)
 
 
 @triton.jit
-def _score_grad_tile(grad_out_base, v_base, v_row_stride, relu_s, offs_i, offs_j, chunk_end, E,
-                     BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dS = 2 relu_s * (dO V^T) for one (query block, key block) tile, dA summed over E tiles.
-    dO is contiguous (B, T, E); v rows are v_row_stride apart."""
+def _score_grad_tile(row_base, row_stride, col_base, col_stride, relu_s, offs_rows, offs_cols,
+                     chunk_end, E, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """dS = 2 relu_s * dA for one tile, dA = X Y^T summed over E tiles with X the rows
+    `offs_rows` of the (T, E) matrix at row_base and Y^T the rows `offs_cols` of the one at
+    col_base, read transposed. Queries x keys: X = dO, Y = V (dA = dO V^T); keys x queries:
+    X = V, Y = dO (dA^T = V dO^T), relu_s then being relu(S)^T."""
     offs_e = tl.arange(0, BLOCK_E)
     grad_scores = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for e0 in range(0, E, BLOCK_E):
         cols = e0 + offs_e
-        d_out = tl.load(grad_out_base + offs_i.to(tl.int64)[:, None] * E + cols[None, :],
-                        mask=(offs_i[:, None] < chunk_end) & (cols[None, :] < E), other=0.0)
-        v = tl.load(v_base + offs_j.to(tl.int64)[:, None] * v_row_stride + cols[None, :],
-                    mask=(offs_j[:, None] < chunk_end) & (cols[None, :] < E), other=0.0)
-        grad_scores = tl.dot(d_out, tl.trans(v), grad_scores, input_precision=DOT_PRECISION)
+        x = tl.load(row_base + offs_rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
+                    mask=(offs_rows[:, None] < chunk_end) & (cols[None, :] < E), other=0.0)
+        y_t = tl.load(col_base + offs_cols.to(tl.int64)[None, :] * col_stride + cols[:, None],
+                      mask=(offs_cols[None, :] < chunk_end) & (cols[:, None] < E), other=0.0)
+        grad_scores = tl.dot(x, y_t, grad_scores, input_precision=DOT_PRECISION)
     # Selected, not multiplied: a masked pair's dA may be NaN (a value its query never sees).
     return 2.0 * relu_s * tl.where(relu_s > 0, grad_scores, 0.0)
 
 
 @triton.jit
-def _query_key_weights(q_base, q_row_stride, k, affine_ptr, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
-                       chunk_size, chunk_len, S, quad_scale, FROM_Z: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
-                       BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """relu(s)^2 of the queries offs_i against the loaded keys k (queries x keys, float32)."""
-    q = load_role(q_base, offs_i, chunk_end, S, q_row_stride, affine_ptr, 0, FROM_Z, BLOCK_S)
-    relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
-                              chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL, DOT_PRECISION)
-    return relu_s * relu_s
+def _key_query_weights(k, q_base, q_row_stride, affine_ptr, rel_bias_ptr, offs_j, offs_i,
+                       chunk_start, chunk_end, chunk_size, chunk_len, S, quad_scale,
+                       FROM_Z: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr,
+                       CAUSAL: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """relu(S^T)^2 of the loaded keys k (rows offs_j) against the queries offs_i, keys x
+    queries (float32), formed as K Q^T with the queries read transposed."""
+    q_t = load_role_t(q_base, offs_i, chunk_end, S, q_row_stride, affine_ptr, 0, FROM_Z, BLOCK_S)
+    relu_s_t = relu_scores_tile(k, q_t, rel_bias_ptr, offs_j, offs_i, chunk_start, chunk_end,
+                                chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL,
+                                True, DOT_PRECISION)
+    return relu_s_t * relu_s_t
 
 
 @triton.jit(do_not_specialize=["T", "num_chunks", "num_docs"])
@@ -110,14 +119,14 @@ def mixed_chunk_bwd_query_kernel(
             cols = e0 + offs_e
             d_out = tl.load(grad_out_base + offs_i[:, None] * E + cols[None, :],
                             mask=row_ok[:, None] & (cols[None, :] < E), other=0.0)
-            state = linear_state_tile(states_ptr, batch, chunk, doc, num_chunks, num_docs, S, E,
-                                      offs_s, cols, CAUSAL)
-            dq_lin = tl.dot(d_out.to(mma_dtype), tl.trans(state.to(mma_dtype)), dq_lin,
+            state_t = linear_state_tile(states_ptr, batch, chunk, doc, num_chunks, num_docs, S,
+                                        E, offs_s, cols, CAUSAL, True)
+            dq_lin = tl.dot(d_out.to(mma_dtype), state_t.to(mma_dtype), dq_lin,
                             input_precision=DOT_PRECISION)
             if HAS_STATE_OFFSET:
-                offset = state_offset_tile(state_offset_ptr, batch, doc, num_docs, S, E, offs_s,
-                                           cols)
-                dq_lin = tl.dot(d_out.to(mma_dtype), tl.trans(offset.to(mma_dtype)), dq_lin,
+                offset_t = state_offset_tile(state_offset_ptr, batch, doc, num_docs, S, E, offs_s,
+                                             cols, True)
+                dq_lin = tl.dot(d_out.to(mma_dtype), offset_t.to(mma_dtype), dq_lin,
                                 input_precision=DOT_PRECISION)
         tl.store(dq_lin_ptr + batch * T * S + offs_i[:, None] * S + offs_s[None, :],
                  dq_lin.to(dq_lin_ptr.dtype.element_ty), mask=out_mask)
@@ -144,13 +153,17 @@ def mixed_chunk_bwd_query_kernel(
             pending = tl.zeros((BLOCK,), dtype=tl.float32)
         for key_block in range(0, num_key_blocks):
             offs_j = chunk_start + key_block * BLOCK + local
+            # The keys twice from memory: transposed for the scores, as rows for dq = dS K.
+            k_t = load_role_t(k_base, offs_j, chunk_end, S, stride_kt, affine_ptr, 1, FROM_Z,
+                              BLOCK_S)
+            relu_s = relu_scores_tile(q, k_t, rel_bias_ptr, offs_i, offs_j, chunk_start,
+                                      chunk_end, chunk_size, chunk_len, quad_scale, HAS_BIAS,
+                                      BIAS_MATRIX, CAUSAL, False, DOT_PRECISION)
+            ds = _score_grad_tile(grad_out_base, E, v_base, stride_vt, relu_s, offs_i, offs_j,
+                                  chunk_end, E, BLOCK, BLOCK_E, DOT_PRECISION)
             k = load_role(k_base, offs_j, chunk_end, S, stride_kt, affine_ptr, 1, FROM_Z, BLOCK_S)
             if CAUSAL:      # the diagonal block's later keys: see common.nonfinite_in
                 k = tl.where(nonfinite_in(k, offs_j >= row_start), 0.0, k).to(k.dtype)
-            relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
-                                      chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL, DOT_PRECISION)
-            ds = _score_grad_tile(grad_out_base, v_base, stride_vt, relu_s, offs_i, offs_j,
-                                  chunk_end, E, BLOCK, BLOCK_E, DOT_PRECISION)
             dq = tl.dot(ds.to(mma_dtype), k.to(mma_dtype), dq, input_precision=DOT_PRECISION)
             if STORE_DS or NEED_DBIAS:
                 if STORE_DS:
@@ -258,23 +271,23 @@ def mixed_chunk_bwd_key_kernel(
         dk = tl.zeros((BLOCK, BLOCK_S), dtype=tl.float32)
         for i0 in range(first_query, chunk_end, BLOCK):
             offs_i = i0 + local
-            q = load_role(q_base, offs_i, chunk_end, S, stride_qt, affine_ptr, 0, FROM_Z, BLOCK_S)
-            if DS_STORED:
-                ds_rows = offs_i - chunk_start
-                ds_cols = offs_j - chunk_start
+            if DS_STORED:   # dS^T: the query kernel's dS read back transposed
                 ds_base = ds_ptr + (batch * num_chunks + chunk) * chunk_len * chunk_len
-                ds = tl.load(ds_base + ds_rows[:, None] * chunk_len + ds_cols[None, :],
-                             mask=(offs_i[:, None] < chunk_end) & key_ok[None, :], other=0.0)
-            else:
-                relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start,
-                                          chunk_end, chunk_size, chunk_len, quad_scale, HAS_BIAS,
-                                          BIAS_MATRIX, CAUSAL, DOT_PRECISION)
-                ds = _score_grad_tile(grad_out_base, v_base, stride_vt, relu_s, offs_i, offs_j,
-                                      chunk_end, E, BLOCK, BLOCK_E, DOT_PRECISION)
+                ds_t = tl.load(ds_base + (offs_i - chunk_start)[None, :] * chunk_len
+                               + (offs_j - chunk_start)[:, None],
+                               mask=key_ok[:, None] & (offs_i[None, :] < chunk_end), other=0.0)
+            else:           # dS^T = 2 relu(S^T) dA^T with S^T = K Q^T and dA^T = V dO^T
+                q_t = load_role_t(q_base, offs_i, chunk_end, S, stride_qt, affine_ptr, 0, FROM_Z,
+                                  BLOCK_S)
+                relu_s_t = relu_scores_tile(k, q_t, rel_bias_ptr, offs_j, offs_i, chunk_start,
+                                            chunk_end, chunk_size, chunk_len, quad_scale,
+                                            HAS_BIAS, BIAS_MATRIX, CAUSAL, True, DOT_PRECISION)
+                ds_t = _score_grad_tile(v_base, stride_vt, grad_out_base, E, relu_s_t, offs_j,
+                                        offs_i, chunk_end, E, BLOCK, BLOCK_E, DOT_PRECISION)
+            q = load_role(q_base, offs_i, chunk_end, S, stride_qt, affine_ptr, 0, FROM_Z, BLOCK_S)
             if CAUSAL:      # queries before the block's last key: see common.nonfinite_in
                 q = tl.where(nonfinite_in(q, offs_i < key_start + BLOCK), 0.0, q).to(q.dtype)
-            dk = tl.dot(tl.trans(ds).to(mma_dtype), q.to(mma_dtype), dk,
-                        input_precision=DOT_PRECISION)
+            dk = tl.dot(ds_t.to(mma_dtype), q.to(mma_dtype), dk, input_precision=DOT_PRECISION)
         tl.store(dk_quad_ptr + batch * T * S + offs_j[:, None] * S + offs_s[None, :],
                  (dk * quad_scale).to(dk_quad_ptr.dtype.element_ty), mask=out_mask)
 
@@ -286,28 +299,30 @@ def mixed_chunk_bwd_key_kernel(
             else:
                 dstate_base = dstates_ptr + (batch * num_docs + doc) * S * E
                 offset_reaches_chunk = True
+            if HAS_DSTATE_OFFSET:
+                dstate_offset_base = dstate_offset_ptr + (batch * num_docs + doc) * S * E
             k_lin = load_role(k_lin_ptr + batch * stride_klb, offs_j, chunk_end, S, stride_klt,
                               affine_ptr, 3, FROM_Z, BLOCK_S).to(mma_dtype)
             dk_lin = tl.zeros((BLOCK, BLOCK_S), dtype=tl.float32)
         if NEED_DV and HOIST_SCORES:
-            # The chunk's queries as two tiles of BLOCK_QH, weights transposed (keys x queries);
+            # The chunk's queries as two tiles of BLOCK_QH, the weights formed keys x queries;
             # a causal key block past the first tile skips it, like the forward.
             offs_lo = chunk_start + tl.arange(0, BLOCK_QH)
             offs_hi = offs_lo + BLOCK_QH
             use_lo = first_query < chunk_start + BLOCK_QH
             use_hi = chunk_start + BLOCK_QH < chunk_end
             if use_lo:
-                weights_lo_t = tl.trans(_query_key_weights(
-                    q_base, stride_qt, k, affine_ptr, rel_bias_ptr, offs_lo, offs_j, chunk_start,
+                weights_lo_t = _key_query_weights(
+                    k, q_base, stride_qt, affine_ptr, rel_bias_ptr, offs_j, offs_lo, chunk_start,
                     chunk_end, chunk_size, chunk_len, S, quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX,
-                    CAUSAL, BLOCK_S, DOT_PRECISION)).to(mma_dtype)
+                    CAUSAL, BLOCK_S, DOT_PRECISION).to(mma_dtype)
             else:
                 weights_lo_t = tl.zeros((BLOCK, BLOCK_QH), dtype=mma_dtype)
             if use_hi:
-                weights_hi_t = tl.trans(_query_key_weights(
-                    q_base, stride_qt, k, affine_ptr, rel_bias_ptr, offs_hi, offs_j, chunk_start,
+                weights_hi_t = _key_query_weights(
+                    k, q_base, stride_qt, affine_ptr, rel_bias_ptr, offs_j, offs_hi, chunk_start,
                     chunk_end, chunk_size, chunk_len, S, quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX,
-                    CAUSAL, BLOCK_S, DOT_PRECISION)).to(mma_dtype)
+                    CAUSAL, BLOCK_S, DOT_PRECISION).to(mma_dtype)
             else:
                 weights_hi_t = tl.zeros((BLOCK, BLOCK_QH), dtype=mma_dtype)
         for e0 in range(0, E, BLOCK_E):
@@ -327,29 +342,29 @@ def mixed_chunk_bwd_key_kernel(
                 else:
                     for i0 in range(first_query, chunk_end, BLOCK):
                         offs_i = i0 + local
-                        q = load_role(q_base, offs_i, chunk_end, S, stride_qt, affine_ptr, 0,
-                                      FROM_Z, BLOCK_S)
-                        relu_s = relu_scores_tile(q, k, rel_bias_ptr, offs_i, offs_j, chunk_start,
-                                                  chunk_end, chunk_size, chunk_len, quad_scale,
-                                                  HAS_BIAS, BIAS_MATRIX, CAUSAL, DOT_PRECISION)
+                        weights_t = _key_query_weights(
+                            k, q_base, stride_qt, affine_ptr, rel_bias_ptr, offs_j, offs_i,
+                            chunk_start, chunk_end, chunk_size, chunk_len, S, quad_scale, FROM_Z,
+                            HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S, DOT_PRECISION)
                         d_out = load_tile(grad_out_base, offs_i, cols, chunk_end, E, E)
-                        dv = tl.dot(tl.trans(relu_s * relu_s).to(mma_dtype), d_out.to(mma_dtype),
-                                    dv, input_precision=DOT_PRECISION)
+                        dv = tl.dot(weights_t.to(mma_dtype), d_out.to(mma_dtype), dv,
+                                    input_precision=DOT_PRECISION)
             if HAS_LINEAR:
-                state_mask = (offs_s[:, None] < S) & col_ok[None, :]
-                dstate = tl.load(dstate_base + offs_s[:, None] * E + cols[None, :],
-                                 mask=state_mask, other=0.0)
-                if HAS_DSTATE_OFFSET:
-                    if offset_reaches_chunk:
-                        dstate += tl.load(dstate_offset_ptr + (batch * num_docs + doc) * S * E
-                                          + offs_s[:, None] * E + cols[None, :],
-                                          mask=state_mask, other=0.0)
-                dstate = dstate.to(mma_dtype)
+                # D as (S, cols) for dv = k_lin D, and D^T as (cols, S) for dk_lin = V D^T,
+                # each read from memory in its orientation.
                 if NEED_DV:
-                    dv = tl.dot(k_lin, dstate, dv, input_precision=DOT_PRECISION)
+                    dstate = state_tile(dstate_base, S, E, offs_s, cols, False)
+                    if HAS_DSTATE_OFFSET:
+                        if offset_reaches_chunk:
+                            dstate += state_tile(dstate_offset_base, S, E, offs_s, cols, False)
+                    dv = tl.dot(k_lin, dstate.to(mma_dtype), dv, input_precision=DOT_PRECISION)
                 if NEED_DK_LIN:
+                    dstate_t = state_tile(dstate_base, S, E, offs_s, cols, True)
+                    if HAS_DSTATE_OFFSET:
+                        if offset_reaches_chunk:
+                            dstate_t += state_tile(dstate_offset_base, S, E, offs_s, cols, True)
                     v = load_tile(v_base, offs_j, cols, chunk_end, E, stride_vt)
-                    dk_lin = tl.dot(v.to(mma_dtype), tl.trans(dstate), dk_lin,
+                    dk_lin = tl.dot(v.to(mma_dtype), dstate_t.to(mma_dtype), dk_lin,
                                     input_precision=DOT_PRECISION)
             if NEED_DV:
                 tl.store(dv_ptr + batch * T * E + offs_j[:, None] * E + cols[None, :],

@@ -151,11 +151,12 @@ def mixed_chunk_decode_kernel(
                 for j0 in range(0, rows_held, BLOCK_N):
                     rows = j0 + tl.arange(0, BLOCK_N)
                     row_ok = rows < rows_held
-                    keys = tl.load(kl_cache + rows[:, None] * S + offs[None, :],
-                                   mask=row_ok[:, None] & (offs[None, :] < S), other=0.0)
+                    # K^T read transposed (no register transpose into a dot: common.py)
+                    keys_t = tl.load(kl_cache + rows[None, :] * S + offs[:, None],
+                                     mask=row_ok[None, :] & (offs[:, None] < S), other=0.0)
                     values = tl.load(v_cache + rows[:, None] * E + cols[None, :],
                                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                    state = tl.dot(tl.trans(keys), values, state, input_precision=DOT_PRECISION)
+                    state = tl.dot(keys_t, values, state, input_precision=DOT_PRECISION)
                 tl.store(tile, state, mask=tile_mask)
         # This program's value columns are its own; the keys (read by every program of the
         # sequence) are cleared by the last one, below.

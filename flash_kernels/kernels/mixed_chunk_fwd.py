@@ -122,11 +122,11 @@ def mixed_chunk_fwd_kernel(
             acc = tl.where(offs_i[:, None] >= first_bad[None, :], float("nan"), acc)
         if HAS_LINEAR:
             state = linear_state_tile(states_ptr, batch, chunk, doc, num_chunks, num_docs, S, E,
-                                      offs_s, cols, CAUSAL)
+                                      offs_s, cols, CAUSAL, False)
             acc = tl.dot(q_lin, state.to(mma_dtype), acc, input_precision=DOT_PRECISION)
             if HAS_STATE_OFFSET:
                 offset = state_offset_tile(state_offset_ptr, batch, doc, num_docs, S, E, offs_s,
-                                           cols)
+                                           cols, False)
                 acc = tl.dot(q_lin, offset.to(mma_dtype), acc, input_precision=DOT_PRECISION)
         tile = batch * T * E + offs_i[:, None] * E + cols[None, :]
         tile_mask = row_ok[:, None] & col_ok[None, :]
