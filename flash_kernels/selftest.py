@@ -286,33 +286,40 @@ class DecodeProblem:
         if path.gate:
             values["u"] = _randn(gen, B, T, E)
         values["rel_bias"] = _randn(gen, 2 * C - 1, scale=0.5) if path.bias else None
-        low, exact = _leaves(values, dtype, device)
+        low, _ = _leaves(values, dtype, device)
         self.low = {name: None if x is None else x.detach() for name, x in low.items()}
-        self.expected = self._reference({name: None if x is None else x.detach()
-                                         for name, x in exact.items()})
+        self.expected = self._reference()
 
     def _roles(self, tensors):
-        """The four role tensors of the sequences (formed as flash_attention forms them)."""
+        """The four role tensors of the sequences: given (mixed), or formed from z as the ops
+        form them, in float32 rounded to z's dtype (flash)."""
         if self.path.op == "mixed":
             return [tensors[name] for name in ("q_quad", "k_quad", "q_lin", "k_lin")]
         return scale_offset_roles(tensors["z"], tensors["gamma"], tensors["beta"])
 
-    def _reference(self, exact):
+    def _reference(self):
+        """The full op in float64 (dense reference) on the roles the decoding step sees, at
+        each decoded token, and the float64 state of each sequence's completed chunks. The
+        roles are rounded to the dtype as the ops round them, so a half-precision row is not
+        charged for that rounding (the decode tolerance is the plain op's)."""
         path, C = self.path, self.path.chunk_size
-        options = {"chunk_size": C, "rel_bias": exact["rel_bias"], "backend": "reference"}
-        if path.op == "mixed":
-            full = mixed_chunk_attention(*self._roles(exact), exact["v"], **options)
-        else:
-            full = flash_attention(exact["z"], exact["gamma"], exact["beta"], exact["v"],
-                                   u=exact.get("u"), **options)
+
+        def exact(x):
+            return None if x is None else x.to("cpu", torch.float64)
+
+        roles = [exact(role) for role in self._roles(self.low)]
+        v = exact(self.low["v"])
+        full = mixed_chunk_attention(*roles, v, chunk_size=C, rel_bias=exact(self.low["rel_bias"]),
+                                     backend="reference")
+        if path.gate:
+            full = exact(self.low["u"]) * full
         rows = torch.arange(len(path.starts))
         starts = torch.tensor(path.starts)
         out = torch.stack([full[rows, starts + i] for i in range(path.steps)], dim=1)
-        k_lin, v = self._roles(exact)[3], exact["v"]
         states = []
         for b, start in enumerate(path.starts):
             complete = (start + path.steps) // C * C
-            states.append(k_lin[b, :complete].T @ v[b, :complete])
+            states.append(roles[3][b, :complete].T @ v[b, :complete])
         return {"out": out, "state": torch.stack(states)}
 
     def run(self):
@@ -450,9 +457,18 @@ class SelfTestReport:
     def failures(self):
         return [row for row in self.rows if not row.passed]
 
+    def verdict(self):
+        """PASSED, FAILED (a row failed), INTERRUPTED, or INCOMPLETE (rows still to run: a
+        report written while the run goes on, or by a run that was killed)."""
+        if self.failures:
+            return "FAILED"
+        if self.interrupted:
+            return "INTERRUPTED"
+        return "PASSED" if self.passed else "INCOMPLETE"
+
     def headline(self):
         planned = len(self.paths) * len(self.dtypes)
-        verdict = "PASSED" if self.passed else ("INTERRUPTED" if self.interrupted else "FAILED")
+        verdict = self.verdict()
         return (f"flash-kernels self-test: {verdict}: {sum(r.passed for r in self.rows)} of "
                 f"{planned} rows passed, {len(self.failures)} failed"
                 + (f", {planned - len(self.rows)} not run" if len(self.rows) < planned else "")
@@ -493,7 +509,8 @@ class SelfTestReport:
         return "\n".join(lines) + "\n"
 
     def to_dict(self):
-        return {"passed": self.passed, "interrupted": self.interrupted, "seed": self.seed,
+        return {"passed": self.passed, "verdict": self.verdict(),
+                "interrupted": self.interrupted, "seed": self.seed,
                 "device": self.device, "dtypes": self.dtypes, "paths": self.paths,
                 "wall_s": round(self.wall_s, 3), "headline": self.headline(),
                 "environment": self.environment,
