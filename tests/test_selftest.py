@@ -19,7 +19,7 @@ import flash_kernels
 from flash_kernels import selftest, triton_mixed_chunk
 from flash_kernels.tolerances import rms_ratio
 from flash_kernels.torch_chunked import mixed_chunk_attention_torch
-from flash_kernels.utils import resolve_scales
+from flash_kernels.utils import record_launches, resolve_scales
 
 # the module, not the function of the same name that flash_kernels exports
 mixed_chunk_module = importlib.import_module("flash_kernels.mixed_chunk_attention")
@@ -200,3 +200,14 @@ def test_without_cuda_or_the_interpreter_it_says_it_cannot_run(tmp_path):
 def test_bad_arguments_exit_2_with_a_reason(argv, words, capsys):
     assert selftest.main(argv + ["--quiet"]) == selftest.EXIT_UNAVAILABLE
     assert words in capsys.readouterr().err
+
+
+def test_the_self_test_records_launches_inside_a_recording_caller():
+    """It checks the kernels each path launched with record_launches; a caller recording too
+    (tests/conftest.py with FLASH_KERNELS_RECORD_LAUNCHES) must keep its own record, and the
+    inner block must not remove the caller's list when both hold the same launches."""
+    with record_launches() as outer:
+        report = flash_kernels.self_test(dtypes=["fp32"], seed=SEED, paths=["decode"])
+        assert report.passed and len(report.rows) == 2
+    assert [(r.kernel_name, r.constexprs["FROM_Z"]) for r in outer] == \
+        [("mixed_chunk_decode_kernel", False)] * 6 + [("mixed_chunk_decode_kernel", True)] * 6
