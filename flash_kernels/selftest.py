@@ -19,7 +19,7 @@ in 64-row tiles, a chunk of 272 or 300 on the long-chunk path, T not a multiple 
 S = 40 and E = 72 not powers of two, a leading batch dim), and the kernels launched are checked
 against the path's name (a path that silently fell back to PyTorch fails).
 
-Devices: CUDA (float32, float16, and bfloat16 where torch.cuda.is_bf16_supported()), or the
+Devices: CUDA (bfloat16 where torch.cuda.is_bf16_supported(), float16, float32), or the
 CPU under TRITON_INTERPRET=1 set before flash_kernels is imported (float32, float16: the
 interpreter has no bfloat16), which is how the test suite runs it.
 
@@ -690,14 +690,16 @@ def resolve_device(device):
 
 
 def resolve_dtypes(dtypes, device):
-    """The dtypes to test: the given ones (torch dtypes or names such as "fp32", "bf16"), or
-    every dtype the device supports."""
+    """The dtypes to test, in this order: the given ones (torch dtypes or names such as
+    "fp32", "bf16"), or every dtype the device supports."""
     interpreted = device.type == "cpu"
     if dtypes is None:
-        dtypes = [torch.float32, torch.float16]
-        if not interpreted and torch.cuda.is_bf16_supported():
-            dtypes.append(torch.bfloat16)
-        return dtypes
+        if interpreted:
+            return [torch.float32, torch.float16]
+        # bfloat16 first where there is one: the dtype only a GPU can check (and the paper's),
+        # so a run stopped early has tested it
+        bf16 = [torch.bfloat16] if torch.cuda.is_bf16_supported() else []
+        return bf16 + [torch.float16, torch.float32]
     resolved = []
     for dtype in dtypes:
         if isinstance(dtype, str):
