@@ -836,8 +836,9 @@ def self_test(device=None, dtypes=None, seed=None, verbose=False, paths=None, on
     report.wall_s = time.perf_counter() - started
     first = sum(row.first_run_s or 0 for row in report.rows)
     timed = sum(row.timed_s or 0 for row in report.rows)
-    report.environment["timing"] += (f"; totals: first {first:.1f} s, timed {timed:.2f} s, "
-                                     f"wall {report.wall_s:.1f} s")
+    report.environment["timing"] += (f"; totals: first {first:.1f} s"
+                                     + (f", timed {timed:.2f} s" if runs > 1 else "")
+                                     + f", wall {report.wall_s:.1f} s")
     return report
 
 
