@@ -15,9 +15,14 @@ which is what a bug report needs.
 Why it exists: a miscompiled kernel gives wrong numbers, not an error. Triton 3.2-3.6 on
 Hopper, for instance, miscompiles register tensors transposed into tl.dot, which shows up only
 as wrong gradients. The shapes here give each kernel several programs and tiles (chunks of 128
-in 64-row tiles, a chunk of 272 or 300 on the long-chunk path, T not a multiple of the chunk,
+in 64-row tiles, chunks of 260 and 264 on the long-chunk path, T not a multiple of the chunk,
 S = 40 and E = 72 not powers of two, a leading batch dim), and the kernels launched are checked
-against the path's name (a path that silently fell back to PyTorch fails).
+against the path's name (a path that silently fell back to PyTorch fails). Path names:
+"mixed" mixed_chunk_attention, "flash" flash_attention (roles from z), "decode" one decoding
+step; "hoist" chunks of at most 256 tokens (relu^2 weights formed once per query block),
+"long" longer chunks (scores recomputed per value tile); "full" non-causal; "+bias" rel_bias;
+"+gate" the gate u; "packed+state" cu_seqlens with documents of lengths 0 to 260, an initial
+state and the final state (causal, rel_bias).
 
 Devices: CUDA (bfloat16 where torch.cuda.is_bf16_supported(), float16, float32), or the
 CPU under TRITON_INTERPRET=1 set before flash_kernels is imported (float32, float16: the
@@ -148,6 +153,11 @@ PATHS = (
     DecodePath("decode flash C=64 +gate", "flash", gate=True),
 )
 PATH_NAMES = tuple(path.name for path in PATHS)
+LEGEND = (
+    "legend: hoist = chunks of <= 256 tokens, long = longer ones, full = non-causal, +bias =",
+    "rel_bias, packed+state = cu_seqlens with an initial and a final state; worst = the output",
+    "or gradient with the largest rms(kernel - float64 reference) / rms(reference)",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,7 +512,7 @@ class SelfTestReport:
         return [f"  {name:{width}}  {value}" for name, value in self.environment.items()]
 
     def __str__(self):
-        lines = [self.headline()] + self.table_lines()
+        lines = [self.headline()] + self.table_lines() + list(LEGEND)
         if self.failures:
             lines += ["failures:"] + self.failure_lines()
         lines += ["environment:"] + self.environment_lines()
