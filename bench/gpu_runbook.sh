@@ -10,18 +10,25 @@
 #      TRITON_CACHE_DIR inside OUTDIR (a fresh cache), versions recorded. A failed preflight
 #      says what is missing, skips the kernel tests and still runs the benchmark on the PyTorch
 #      paths;
-#   2. the GPU test selection, `pytest -m gpu` (tests/conftest.py: every test that touches CUDA,
+#   2. the self-test (`python -m flash_kernels.selftest --json`, at most SELFTEST_TIMEOUT_S,
+#      default 150 s): every kernel path (forward, both backward kernels, state scans, hoisted and
+#      long-chunk tiles, causal and not, rel_bias, packed documents with state, the fused op with
+#      its gate, decoding) in every dtype the GPU has, output and every gradient against the
+#      float64 reference: a verdict per path and dtype even when nothing after it runs. Its JSON
+#      report is rewritten after every row, so a run stopped at the cap keeps the rows it
+#      finished; it compiles into the same Triton cache the tests then reuse;
+#   3. the GPU test selection, `pytest -m gpu` (tests/conftest.py: every test that touches CUDA,
 #      the core correctness files first: the Triton op against the references with the bf16
 #      checks, flash_attention, strides, torch.compile, determinism; then the other GPU tests,
 #      fuzzing with FLASH_KERNELS_FUZZ_EXAMPLES=8, the 15 GB tensor last), on WORKERS=8
 #      pytest-xdist workers so that the kernels compile in parallel, each test capped at
 #      PER_TEST_TIMEOUT_S (pytest-timeout) and the stage at TEST_TIMEOUT_S (default 240 s);
-#   3. the benchmark (`python -m bench.run --full`) with the time left, its plots and README
+#   4. the benchmark (`python -m bench.run --full`) with the time left, its plots and README
 #      section;
-#   4. a one-screen summary, printed last (bench/gpu_summary.py): tests per file with the skip
-#      reasons, every bf16 test, the headline timings at the paper shape.
+#   5. a one-screen summary, printed last (bench/gpu_summary.py): the self-test's table, tests
+#      per file with the skip reasons, every bf16 test, the headline timings at the paper shape.
 #
-# Compile work of step 2, estimated on a CPU machine with the GPU's software (Triton 3.6) from
+# Compile work of step 3, estimated on a CPU machine with the GPU's software (Triton 3.6) from
 # the launches the selection records under the interpreter (bench/gpu_selection.py, 2026-11-23):
 #   367 distinct kernel specializations (435 with the default 35 fuzz examples) from the 195 GPU
 #   tests that launch kernels, and 133 launcher signatures. Cold compile for sm_90: 0.35-0.61 s
@@ -33,14 +40,17 @@
 # results.jsonl (benchmark records: copy them into bench/results/results.jsonl, then
 # `python -m bench.plots && python -m bench.readme`), bench_section.md, tests.jsonl (one line
 # per test outcome, written as the tests end) and logs.tar.gz (machine.txt, pip_list.txt,
-# preflight.txt, install.log, tests.log, bench.log,
+# preflight.txt, selftest.log, selftest.json, install.log, tests.log, bench.log,
 # plots, README.md with the regenerated benchmark section, elapsed.txt, triton_cache.txt).
 # The Triton cache (OUTDIR/work/triton_cache while it runs) is counted, then deleted.
 #
-# On a machine without CUDA this is a dry run of the same steps: the preflight kernel and the
-# tests run under TRITON_INTERPRET=1 (capped by TEST_TIMEOUT_S), the benchmark in quick mode.
+# On a machine without CUDA this is a dry run of the same steps: the preflight kernel, the
+# self-test and the tests run under TRITON_INTERPRET=1 (capped by SELFTEST_TIMEOUT_S and
+# TEST_TIMEOUT_S), the benchmark in quick mode.
 #
-# Environment knobs: PYTHON (default python3, else python), BUDGET_S, TEST_TIMEOUT_S,
+# Environment knobs: PYTHON (default python3, else python), BUDGET_S, SELFTEST_TIMEOUT_S,
+# SELFTEST_ARGS (extra arguments for flash_kernels.selftest, e.g. "--dtypes bf16"),
+# TEST_TIMEOUT_S,
 # PER_TEST_TIMEOUT_S (default 150), WORKERS (default 8; 0 = no xdist), TEST_SELECTION (default
 # "gpu"), TEST_PATHS (default tests), FLASH_KERNELS_FUZZ_EXAMPLES (default 8), BENCH_ARGS (extra
 # arguments for bench.run), BENCH_MODE (default --full on a GPU, --quick without), INSTALL=0
@@ -58,6 +68,7 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 BUDGET_S="${BUDGET_S:-510}"
+SELFTEST_TIMEOUT_S="${SELFTEST_TIMEOUT_S:-150}"
 TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-240}"
 PER_TEST_TIMEOUT_S="${PER_TEST_TIMEOUT_S:-150}"
 WORKERS="${WORKERS:-8}"
@@ -85,6 +96,7 @@ if [ -z "${FLASH_KERNELS_COMMIT:-}" ] && ! git -C "$REPO" rev-parse HEAD >/dev/n
     echo "note: no .git here; results record a hash of the sources (set FLASH_KERNELS_COMMIT)"
 fi
 TESTS_RC="not run"
+SELFTEST_RC="not run"
 
 finish() {
     # Always last, also after an error or Ctrl-C: bundle the logs, then the summary.
@@ -99,6 +111,7 @@ finish() {
     [ -f "$WORK/bench_section.md" ] && cp "$WORK/bench_section.md" "$OUT/bench_section.md"
     [ -f "$WORK/tests.jsonl" ] && cp "$WORK/tests.jsonl" "$OUT/tests.jsonl"
     "$PY" -m bench.gpu_summary --preflight "$WORK/preflight.txt" --tests "$WORK/tests.jsonl" \
+        --selftest "$WORK/selftest.json" --selftest-rc "$SELFTEST_RC" \
         --results "$WORK/results.jsonl" --tests-rc "$TESTS_RC" --elapsed "$(elapsed)" \
         --output "$OUT/summary.txt" > /dev/null 2>&1 \
         || echo "the summary failed; see logs.tar.gz" > "$OUT/summary.txt"
@@ -122,6 +135,22 @@ else
     "$PY" -m bench.gpu_preflight --out "$OUT" --report "$WORK/preflight.txt"
 fi
 PREFLIGHT_RC=$?
+
+stage "self-test (at most ${SELFTEST_TIMEOUT_S} s)"
+if [ "$PREFLIGHT_RC" != 0 ]; then
+    echo "preflight failed: self-test not run" | tee "$WORK/selftest.log"
+    SELFTEST_RC="skipped (preflight failed)"
+else
+    if [ "$DRY_RUN" = 1 ]; then export TRITON_INTERPRET=1; fi
+    # SIGINT first: the self-test then prints and writes the rows it finished (exit 130)
+    timeout -k 10 -s INT "$SELFTEST_TIMEOUT_S" "$PY" -m flash_kernels.selftest \
+        --json "$WORK/selftest.json" ${SELFTEST_ARGS:-} > "$WORK/selftest.log" 2>&1
+    SELFTEST_RC=$?
+    unset TRITON_INTERPRET
+    grep -m 1 "^flash-kernels self-test" "$WORK/selftest.log" || tail -n 2 "$WORK/selftest.log"
+    echo "self-test exit code $SELFTEST_RC (0 passed, 1 a row failed, 2 cannot run;" \
+         "124/130/137: stopped at the time cap, selftest.json has the rows it finished)"
+fi
 
 stage "install (no network)"
 {

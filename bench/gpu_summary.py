@@ -1,14 +1,16 @@
 """The one-screen summary of a GPU run (bench/gpu_runbook.sh prints it last).
 
-From the preflight report, the tests' live report (FLASH_KERNELS_TEST_REPORT, tests/conftest.py)
-and the benchmark's results.jsonl: the machine,
-the preflight verdict, tests passed / failed / skipped per file with the skip reasons and the
-first failures, every bf16 test's outcome, and the headline timings at the paper shape (the
-forward+backward table of the run's bf16 causal points and the performance targets). Each part
-says so when its input is missing, so the last screen holds the evidence of whatever ran.
+From the preflight report, the self-test's JSON report (`python -m flash_kernels.selftest
+--json`), the tests' live report (FLASH_KERNELS_TEST_REPORT, tests/conftest.py) and the
+benchmark's results.jsonl: the machine, the preflight verdict, the self-test's verdict and table
+(one row per kernel path and dtype, plus the ptxas and driver it ran with), tests passed /
+failed / skipped per file with the skip reasons and the first failures, every bf16 test's
+outcome, and the headline timings at the paper shape (the forward+backward table of the run's
+bf16 causal points and the performance targets). Each part says so when its input is missing,
+so the last screen holds the evidence of whatever ran.
 
-    python -m bench.gpu_summary --preflight F --tests F --results F [--tests-rc N]
-                                [--elapsed S] [--output F]
+    python -m bench.gpu_summary --preflight F --selftest F --tests F --results F
+                                [--selftest-rc N] [--tests-rc N] [--elapsed S] [--output F]
 """
 import argparse
 import collections
@@ -75,6 +77,30 @@ def tests_section(report_path, tests_rc):
     return lines
 
 
+def selftest_section(report_path, selftest_rc="?"):
+    """The self-test's verdict line, its table and failures, and the environment lines the
+    preflight does not record (compute capability, driver, ptxas), from its JSON report. The
+    report is rewritten after every row, so a run stopped at its time cap still shows the rows
+    it finished (verdict INCOMPLETE or INTERRUPTED)."""
+    if not report_path or not os.path.exists(report_path):
+        return [f"self-test: no report ({report_path}): not run (exit {selftest_rc})"]
+    try:
+        with open(report_path) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as exc:
+        return [f"self-test: unreadable report {report_path}: {exc} (exit {selftest_rc})"]
+    if "not_run" in report:
+        return [_clip(f"self-test: not run (exit {selftest_rc}): {report['not_run']}")]
+    text = report.get("text", "").splitlines()
+    body = text[:text.index("environment:")] if "environment:" in text else text
+    lines = [f"self-test (exit {selftest_rc}; python -m flash_kernels.selftest, selftest.log):"]
+    lines += [line if len(line) <= WIDTH else line[:WIDTH - 3] + "..." for line in body]
+    environment = report.get("environment", {})
+    lines += [_clip(f"  {name}: {environment[name]}")
+              for name in ("capability", "driver", "ptxas") if name in environment]
+    return lines
+
+
 def timings_section(results_path):
     if not results_path or not os.path.exists(results_path):
         return [f"timings: no results ({results_path})"]
@@ -95,7 +121,8 @@ def timings_section(results_path):
     return lines
 
 
-def summary(preflight_path, tests_path, results_path, tests_rc="?", elapsed=None):
+def summary(preflight_path, tests_path, results_path, tests_rc="?", elapsed=None,
+            selftest_path=None, selftest_rc="?"):
     lines = ["=" * 30 + " GPU run summary " + "=" * 30]
     if preflight_path and os.path.exists(preflight_path):
         with open(preflight_path) as f:
@@ -105,6 +132,7 @@ def summary(preflight_path, tests_path, results_path, tests_rc="?", elapsed=None
                                                                       "version numpy", "FAIL", "PREFLIGHT"))]
     else:
         lines.append(f"preflight: no report ({preflight_path})")
+    lines += selftest_section(selftest_path, selftest_rc)
     lines += tests_section(tests_path, tests_rc)
     try:
         lines += timings_section(results_path)
@@ -118,13 +146,16 @@ def summary(preflight_path, tests_path, results_path, tests_rc="?", elapsed=None
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preflight")
+    parser.add_argument("--selftest", help="the JSON report of python -m flash_kernels.selftest")
+    parser.add_argument("--selftest-rc", default="?")
     parser.add_argument("--tests", help="the FLASH_KERNELS_TEST_REPORT file of the test run")
     parser.add_argument("--results")
     parser.add_argument("--tests-rc", default="?")
     parser.add_argument("--elapsed")
     parser.add_argument("--output")
     args = parser.parse_args(argv)
-    text = summary(args.preflight, args.tests, args.results, args.tests_rc, args.elapsed)
+    text = summary(args.preflight, args.tests, args.results, args.tests_rc, args.elapsed,
+                   args.selftest, args.selftest_rc)
     if args.output:
         with open(args.output, "w") as f:
             f.write(text)

@@ -6,4 +6,14 @@ from . import nn  # noqa: E402  (layers built on the two ops)
 
 __version__ = "0.1.0"
 __all__ = ["flash_attention", "mixed_chunk_attention", "DecodeCache", "mixed_chunk_decode",
-           "flash_attention_decode", "nn"]
+           "flash_attention_decode", "nn", "self_test"]
+
+
+def __getattr__(name):
+    """`flash_kernels.self_test` (flash_kernels/selftest.py), imported on first use: importing
+    it here eagerly would make `python -m flash_kernels.selftest` find the module already
+    loaded (runpy warns) and would load the self-test into every program that uses the ops."""
+    if name == "self_test":
+        from .selftest import self_test
+        return self_test
+    raise AttributeError(f"module 'flash_kernels' has no attribute {name!r}")

@@ -101,13 +101,15 @@ _recorders: list = []
 
 @contextlib.contextmanager
 def record_launches():
-    """Collect a LaunchRecord for every `launch` inside the block (yields the list)."""
+    """Collect a LaunchRecord for every `launch` inside the block (yields the list). Blocks
+    may nest (the self-test records inside a recording caller): each removes its own list,
+    found by identity (list.remove compares by value, and nested lists can be equal)."""
     records: list = []
     _recorders.append(records)
     try:
         yield records
     finally:
-        _recorders.remove(records)
+        del _recorders[next(i for i, active in enumerate(_recorders) if active is records)]
 
 
 def _triton_type(value):

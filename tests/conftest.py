@@ -80,6 +80,10 @@ SLOW = {
     "test_nn_packing.py::test_prefill_in_pieces_equals_prefill_in_one",
     "test_varlen_state.py::test_torch_compile_fullgraph_with_packing",
     "test_nonfinite.py",                   # 48 planted NaN/inf cases, each run twice
+    # the whole self-test in a subprocess (~35 s of CPU), and a subprocess that cannot run it
+    "test_selftest.py::test_every_path_passes_in_every_dtype",
+    "test_selftest.py::test_the_printed_table_lists_every_row_and_the_environment",
+    "test_selftest.py::test_without_cuda_or_the_interpreter_it_says_it_cannot_run",
 }
 
 

@@ -81,6 +81,44 @@ def test_summary_counts_per_file_with_reasons_and_bf16(tmp_path):
 def test_summary_without_any_input():
     text = gpu_summary.summary(None, None, None)
     assert "preflight: no report" in text and "tests: no test report" in text
+    assert "self-test: no report (None): not run (exit ?)" in text
+
+
+def _selftest_report(rows):
+    from flash_kernels.selftest import SelfTestReport, SelfTestRow
+    report = SelfTestReport({"device": "GPU", "capability": "sm_90", "driver": "580.1",
+                             "ptxas": "release 12.8 (/x/ptxas, sm_90)"}, seed=5, dtypes=["bf16"],
+                            paths=[row[0] for row in rows], wall_s=9.5)
+    for path, verdict, quantity, error in rows:
+        report.rows.append(SelfTestRow(path, "bf16", quantity, error, 3e-2, verdict, 4.2, 0.01,
+                                       errors={quantity: error}))
+    return report
+
+
+def test_summary_shows_the_selftest_table(tmp_path):
+    """The self-test's verdict, its rows with their columns aligned (not whitespace-collapsed),
+    the failures and the ptxas/driver lines; a stopped run's rows; a run that could not start."""
+    path = tmp_path / "selftest.json"
+    report = _selftest_report([("mixed C=128 hoist causal +bias", "PASS", "dv", 1e-3),
+                               ("flash C=128 hoist causal +gate", "FAIL", "dz", 0.5)])
+    path.write_text(json.dumps(report.to_dict()))
+    text = gpu_summary.summary(None, None, None, selftest_path=str(path), selftest_rc="1")
+    assert "self-test (exit 1; python -m flash_kernels.selftest" in text
+    assert "flash-kernels self-test: FAILED: 1 of 2 rows passed, 1 failed (seed 5" in text
+    for line in report.table_lines():
+        assert line in text.splitlines()
+    assert "  FAIL flash C=128 hoist causal +gate [bf16]: over 3e-02: dz 5.0e-01" in text
+    assert "  ptxas: release 12.8 (/x/ptxas, sm_90)" in text and "  driver: 580.1" in text
+
+    stopped = _selftest_report([("mixed C=128 hoist causal +bias", "PASS", "dv", 1e-3)])
+    stopped.paths.append("flash C=128 hoist causal +gate")
+    path.write_text(json.dumps(stopped.to_dict()))
+    text = gpu_summary.summary(None, None, None, selftest_path=str(path), selftest_rc="137")
+    assert "self-test: INCOMPLETE: 1 of 2 rows passed, 0 failed, 1 not run" in text
+
+    path.write_text(json.dumps({"passed": False, "not_run": "no CUDA device"}))
+    text = gpu_summary.summary(None, None, None, selftest_path=str(path), selftest_rc="2")
+    assert "self-test: not run (exit 2): no CUDA device" in text
 
 
 def test_runbook_dry_run(tmp_path):
@@ -90,6 +128,7 @@ def test_runbook_dry_run(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHON=sys.executable, INSTALL="0", BUDGET_S="200", TEST_TIMEOUT_S="120",
                WORKERS="0", TEST_PATHS="tests/test_gpu_preflight.py",
+               SELFTEST_ARGS="--dtypes fp32 --paths decode --seed 3",
                BENCH_ARGS="--seq-lens 512 --noncausal-seq-lens --modes fwd --impls torch "
                         "--no-memory --varlen-tokens 0")
     proc = subprocess.run(["bash", "bench/gpu_runbook.sh", str(out)], cwd=REPO_ROOT, env=env,
@@ -100,6 +139,12 @@ def test_runbook_dry_run(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert proc.stdout.rstrip().endswith(summary.rstrip())      # the summary is the last screen
     assert "PREFLIGHT: OK" in summary
+    assert "self-test (exit 0; " in summary      # right after the preflight, its table shown
+    assert "flash-kernels self-test: PASSED: 2 of 2 rows passed, 0 failed (seed 3" in summary
+    assert summary.index("PREFLIGHT: OK") < summary.index("self-test (exit 0") \
+        < summary.index("tests: ")
+    assert sum(line.startswith("decode ") and " PASS " in line
+               for line in summary.splitlines()) == 2
     assert "tests: 1 passed, 0 failed, 0 errors, 0 skipped" in summary
     assert "test_gpu_preflight.py" in summary and "timings (fwd" in summary
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

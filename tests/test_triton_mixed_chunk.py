@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flash_kernels import mixed_chunk_attention
+from flash_kernels.tolerances import rms_ratio
 from flash_kernels.triton_mixed_chunk import tile_override
 from flash_kernels.utils import nan_filled_buffers
 from helpers import (FP16_MAX, GRAD_NAMES, LARGE_SCORE_OPTIONS, assert_close, assert_launched,
@@ -18,9 +19,6 @@ from helpers import (FP16_MAX, GRAD_NAMES, LARGE_SCORE_OPTIONS, assert_close, as
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 S, E = 5, 6         # not powers of two on purpose
-# rms error / rms value allowed against float64, by dtype: fp32 products (tf32 off) and the
-# rounding of fp16 inputs' intermediates (weights stay fp32 for fp16, so ~ a few fp16 ulps).
-RATIO = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +54,7 @@ def check_against_reference(problem, dtype=torch.float32, grad_out=None, **optio
         assert launched <= every_backward_kernel, launched
     ref, ref_grads, _ = run_with_grads(exact, grad_out.double().cpu(), backend="reference", **options)
     assert out.dtype == dtype
-    ratio = RATIO[dtype]
+    ratio = rms_ratio("mixed_chunk_attention", dtype)   # flash_kernels/tolerances.py
     assert_close("out", out.cpu(), ref, ratio)
     assert grads.keys() == ref_grads.keys()
     for name in grads:

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from flash_kernels import flash_attention, mixed_chunk_attention
+from flash_kernels.tolerances import rms_ratio
 from flash_kernels.triton_mixed_chunk import tile_override
 from flash_kernels.utils import nan_filled_buffers
 from helpers import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-RATIO = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3}
 S, E = 5, 6
 ROLE_NAMES = ("q_quad", "k_quad", "q_lin", "k_lin")
 
@@ -142,7 +142,7 @@ def check_packed(op, backend, dtype, *, batch=(), lengths, chunk_size, causal=Tr
     expected, expected_final = oracle(op, exact, cu, chunk_size=C_resolved, causal=causal,
                                       quad_scale=quad_scale, lin_scale=lin_scale,
                                       with_final=with_final)
-    ratio = RATIO[dtype]
+    ratio = rms_ratio(op, dtype)                  # flash_kernels/tolerances.py
     assert_close("out", out.cpu(), expected, ratio)
     if with_final:
         assert final.dtype == torch.promote_types(dtype, torch.float32)
