@@ -270,16 +270,17 @@ class FLASHForCausalLM(FLASHPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))
         output = CausalLMOutputWithPast(loss=loss, logits=logits,
-                                        **{CACHE_FIELD: outputs[CACHE_FIELD]
-                                           if CACHE_FIELD in outputs else None})
+                                        **{CACHE_FIELD: outputs.get(CACHE_FIELD)})
         return output if return_dict is not False else output.to_tuple()
 
 
 def causal_lm_loss(logits, labels, num_items_in_batch=None):
     """Cross-entropy of logits[:, t] against labels[:, t + 1], IGNORE_INDEX targets left out:
-    the mean over the counted targets, or their sum / num_items_in_batch (computed in float32)."""
+    the mean over the counted targets, or their sum / num_items_in_batch (computed in float32
+    at least: half-precision logits are promoted)."""
     targets = labels[:, 1:].to(logits.device).reshape(-1)
-    scores = logits[:, :-1].float().reshape(targets.numel(), -1)
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    scores = logits[:, :-1].to(compute).reshape(targets.numel(), -1)
     if num_items_in_batch is None:
         return F.cross_entropy(scores, targets, ignore_index=IGNORE_INDEX)
     total = F.cross_entropy(scores, targets, ignore_index=IGNORE_INDEX, reduction="sum")
