@@ -5,15 +5,16 @@ with AutoModelForCausalLM and generate.
     python examples/hf_train.py --tiny --steps 3     # smoke test
 
 The data is train_lm.py's: the standard library's Python sources read as bytes (vocabulary
-256), shuffled by file, 95% train / 5% validation; each example is a random window of
-seq_len + 1 bytes (input_ids = labels: the model shifts them, so T = seq_len predictions per
-window, as in train_lm.py). The model is train_lm.py's default FLASH LM (d = 128, 4 layers,
-s = 128, C = 64) as a `flash_kernels.hf.FLASHForCausalLM`; the optimisation is the Trainer's
-AdamW with linear warm-up and cosine decay. The validation loss is printed before training
-(about ln 256 = 5.55 nats/byte: an untrained model's guess is near uniform) and every
---eval-every steps. The model is saved to --out (default examples_out/hf_train, git-ignored),
-loaded back in this process with AutoModelForCausalLM.from_pretrained (any process can, after
-`import flash_kernels.hf`) and continues a validation prompt with `generate`.
+256), shuffled by file, 95% train / 5% validation; so are the batches, drawn in its order from
+the same seed (random windows of seq_len + 1 bytes, input_ids = labels: the model shifts them,
+so T = seq_len predictions per window); so are the model, its default FLASH LM (d = 128,
+4 layers, s = 128, C = 64) as a `flash_kernels.hf.FLASHForCausalLM`, and the optimisation
+(AdamW, warm-up, cosine decay), given to the Trainer: the two examples' curves coincide. The
+validation loss is printed before training (about ln 256 = 5.55 nats/byte: an untrained
+model's guess is near uniform) and every --eval-every steps. The model is saved to --out
+(default examples_out/hf_train, git-ignored), loaded back in this process with
+AutoModelForCausalLM.from_pretrained (any process can, after `import flash_kernels.hf`) and
+continues a validation prompt with `generate`.
 
 Needs the hf extra: pip install -e ".[hf]" (transformers, safetensors, accelerate).
 """
@@ -29,7 +30,7 @@ import torch
 if importlib.util.find_spec("flash_kernels") is None:   # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train_lm import VOCAB, load_corpus, pick_threads  # noqa: E402  (this folder's example)
+from train_lm import VOCAB, get_batch, load_corpus, lr_at, pick_threads  # noqa: E402
 
 try:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
@@ -75,22 +76,22 @@ def parse_args(argv=None):
     return args
 
 
-class ByteWindows(torch.utils.data.Dataset):
-    """`count` windows of seq_len + 1 bytes of `data` at starts drawn once from `seed`; each
-    example is {"input_ids": window, "labels": window} (the model shifts the labels)."""
+class ByteWindows(torch.utils.data.IterableDataset):
+    """train_lm.py's batches, in its order, as examples: `batches` draws of train_lm.get_batch
+    from a generator seeded with `seed`, each window of seq_len + 1 bytes yielded as
+    {"input_ids": window, "labels": window} (the model shifts the labels). Every iteration
+    starts again from the seed (the validation set is the same at every evaluation)."""
 
-    def __init__(self, data, count, seq_len, seed):
-        self.data, self.length = data, seq_len + 1
-        generator = torch.Generator().manual_seed(seed)
-        self.starts = torch.randint(len(data) - self.length, (count,), generator=generator)
+    def __init__(self, data, batches, batch_size, seq_len, seed):
+        self.data, self.batches, self.batch_size = data, batches, batch_size
+        self.seq_len, self.seed = seq_len, seed
 
-    def __len__(self):
-        return len(self.starts)
-
-    def __getitem__(self, i):
-        start = int(self.starts[i])
-        window = self.data[start:start + self.length].long()
-        return {"input_ids": window, "labels": window}
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.batches):
+            inputs, targets = get_batch(self.data, self.batch_size, self.seq_len, generator, "cpu")
+            for window in torch.cat([inputs, targets[:, -1:]], dim=1):
+                yield {"input_ids": window, "labels": window}
 
 
 def build_model(args):
@@ -104,11 +105,24 @@ def training_arguments(args, device):
     return TrainingArguments(
         output_dir=os.path.join(args.out, "trainer"), max_steps=args.steps,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=args.warmup,
-        weight_decay=0.01, adam_beta2=0.95, max_grad_norm=1.0, seed=args.seed,
-        eval_strategy="steps", eval_steps=args.eval_every, logging_steps=args.eval_every,
-        prediction_loss_only=True, save_strategy="no", report_to="none", disable_tqdm=True,
-        use_cpu=device == "cpu", dataloader_drop_last=True)
+        learning_rate=args.lr, max_grad_norm=1.0, seed=args.seed, eval_strategy="steps",
+        eval_steps=args.eval_every, logging_steps=args.eval_every, prediction_loss_only=True,
+        save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=device == "cpu",
+        dataloader_drop_last=True)
+
+
+def optimizer_and_schedule(model, args):
+    """train_lm.py's optimisation, so that the two examples' curves compare: AdamW (betas 0.9,
+    0.95) with weight decay 0.01 on the matrices only, linear warm-up then cosine decay to 10%
+    of the peak (train_lm.lr_at)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                 lambda step: lr_at(step, args) / args.lr)
+    return optimizer, schedule
 
 
 def print_curve(log_history, before):
@@ -146,8 +160,8 @@ def main(argv=None):
     if device == "cpu":
         torch.set_num_threads(pick_threads(args.threads))
     train_data, val_data = load_corpus(args.data_mb * 2**20, args.seed)
-    train_set = ByteWindows(train_data, args.steps * args.batch_size, args.seq_len, args.seed)
-    val_set = ByteWindows(val_data, args.eval_batches * args.batch_size, args.seq_len,
+    train_set = ByteWindows(train_data, args.steps, args.batch_size, args.seq_len, args.seed)
+    val_set = ByteWindows(val_data, args.eval_batches, args.batch_size, args.seq_len,
                           args.seed + 1)
     model = build_model(args)
     params = sum(p.numel() for p in model.parameters())
@@ -155,7 +169,8 @@ def main(argv=None):
           f"C={args.chunk_size} T={args.seq_len} batch={args.batch_size} steps={args.steps}, "
           f"{device}" + (f", {torch.get_num_threads()} CPU threads" if device == "cpu" else ""))
     trainer = Trainer(model=model, args=training_arguments(args, device),
-                      train_dataset=train_set, eval_dataset=val_set)
+                      train_dataset=train_set, eval_dataset=val_set,
+                      optimizers=optimizer_and_schedule(model, args))
     before = trainer.evaluate()["eval_loss"]
     start = time.perf_counter()
     trainer.train()
@@ -167,7 +182,7 @@ def main(argv=None):
     model.save_pretrained(args.out)
     reloaded = AutoModelForCausalLM.from_pretrained(args.out).to(device).eval()
     model.eval()
-    window = val_set[0]["input_ids"][None].to(device)
+    window = next(iter(val_set))["input_ids"][None].to(device)
     with torch.no_grad():
         difference = (reloaded(window).logits - model(window).logits).abs().max().item()
     print(f"\nsaved to {args.out} and reloaded with AutoModelForCausalLM.from_pretrained "

@@ -154,6 +154,14 @@ def test_left_padded_rows_give_each_prompt_alone():
                                        atol=1e-12)
         in_place = lm(left, key_padding_mask=mask == 0)      # row 2: 2 pads, chunks shifted
         assert not torch.allclose(in_place[2, T - 5:], lm(rows[2][None])[0], atol=1e-3)
+        bidirectional = lively_lm(causal=False)        # (padding after a token matters too)
+        encoder = FLASHModel(FLASHConfig(**bidirectional.init_kwargs)).double().eval()
+        encoder.lm.load_state_dict(bidirectional.state_dict())
+        hidden = encoder(left, attention_mask=mask).last_hidden_state
+        for b, row in enumerate(rows):
+            torch.testing.assert_close(hidden[b, T - len(row):],
+                                       encoder(row[None]).last_hidden_state[0], rtol=1e-12,
+                                       atol=1e-12)
 
 
 # -- generate ------------------------------------------------------------------------------------
@@ -174,8 +182,9 @@ def test_greedy_equals_flashlm_generate_and_argmax_of_the_full_forward():
     assert len(set(cached[:, 5:].flatten().tolist())) > 4        # not one repeated token
 
 
-def test_left_padded_batch_generates_what_each_prompt_generates_alone():
-    lm = lively_lm(seed=3)
+@pytest.mark.parametrize("layer", ["flash", "gau"])
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(layer):
+    lm = lively_lm(seed=3, layer=layer, max_len=16)
     model = hf_model(lm)
     rows, left, mask, right = prompts()
     T, n = left.shape[1], 10
@@ -390,6 +399,8 @@ def test_errors_name_what_to_fix():
         model(idx, past_key_values=DynamicCache())
     with pytest.raises(ValueError, match="attentions"):
         model(idx, output_attentions=True)
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(1, T\) with T >= 6"):
+        model(idx, attention_mask=torch.ones(1, 5))
     with pytest.raises(ValueError, match="packed documents"):
         model(idx, use_cache=True, cu_seqlens=torch.tensor([0, 2, 6]))
     with pytest.raises(ValueError, match="cannot be combined"):

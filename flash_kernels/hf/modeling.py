@@ -124,6 +124,10 @@ class FLASHModel(FLASHPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.lm.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = h.shape[:2]
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0]
+                                           != B or attention_mask.shape[1] < T):
+            raise ValueError(f"attention_mask must have shape ({B}, T) with T >= {T} (the "
+                             f"tokens so far), got {tuple(attention_mask.shape)}")
         cu_seqlens = cu_seqlens if cu_seqlens is not None else kwargs.get("cu_seq_lens_q")
         max_seqlen = max_seqlen if max_seqlen is not None else kwargs.get("max_length_q")
         packed_rows = False
@@ -170,7 +174,7 @@ class FLASHModel(FLASHPreTrainedModel):
         """Every layer over whole rows (training, scoring, generate without a cache)."""
         order = padding = None
         if attention_mask is not None:
-            order, lengths = real_tokens_first(attention_mask)
+            order, lengths = real_tokens_first(attention_mask[:, -h.shape[1]:])
             h = gather_rows(h, order)
             padding = torch.arange(h.shape[1], device=h.device) >= lengths[:, None]
         for layer in self.lm.layers:
