@@ -57,8 +57,8 @@ def lively_lm(seed=0, dtype=torch.float64, **options):
     next token depends on the context and on where the chunks start. (Freshly initialised, such
     a model repeats one token whatever precedes it, so a misaligned chunk would go unnoticed.)"""
     torch.manual_seed(seed)
-    options = dict(dict(depth=2, s=S, chunk_size=C, rope=True, backend="torch"), **options)
-    lm = FLASHLM(V, D, **options)
+    lm = FLASHLM(V, D, **{"depth": 2, "s": S, "chunk_size": C, "rope": True, "backend": "torch",
+                          **options})
     with torch.no_grad():
         for parameter in lm.parameters():
             parameter.normal_(0, 0.6)
