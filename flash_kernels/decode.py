@@ -101,6 +101,37 @@ class DecodeCache:
     def capacity(self):
         return 0 if self.k_quad is None else self.k_quad.shape[1]
 
+    def select_batch(self, indices):
+        """Keep the sequences `indices` ((B',) integer tensor or list), in that order: sequence i
+        becomes the old sequence indices[i]; repeats allowed. Beam search reorders its beams this
+        way after each step, and batch pruning or expansion keeps or repeats sequences.
+
+        With B' = B the tensors are rewritten in place and keep their addresses (a captured CUDA
+        graph still sees them); another B' gets new tensors. An unallocated cache (k_quad None)
+        is left as it is. The range check reads the indices (a device sync): skipped under
+        torch.compile and CUDA graph capture.
+        """
+        if self.k_quad is None:
+            return
+        indices = torch.as_tensor(indices, device=self.position.device)
+        if indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"indices must be a 1-D integer tensor of sequence indices, got "
+                             f"{indices.dtype} of shape {tuple(indices.shape)}")
+        batch = self.position.shape[0]
+        if indices.numel() and not torch.compiler.is_compiling() and not cuda_graph_capturing():
+            low, high = int(indices.min()), int(indices.max())
+            if low < 0 or high >= batch:
+                raise ValueError(f"indices must lie in [0, {batch}) (the cache's sequences), got "
+                                 f"values from {low} to {high}")
+        tensors = (self.k_quad, self.k_lin, self.v, self.state, self.position)
+        selected = [None if t is None else t.index_select(0, indices) for t in tensors]
+        if indices.numel() == batch:
+            for tensor, new in zip(tensors, selected):
+                if tensor is not None:
+                    tensor.copy_(new)
+        else:
+            self._assign(*selected, self.chunk_size)
+
     @property
     def length(self):
         """(B,) tokens of the current chunk held in the buffers."""

@@ -472,3 +472,32 @@ def test_decode_benchmark_runs(tmp_path):
     memory = {(r["impl"], r["context"]): r["cache_bytes_per_seq"] for r in records}
     assert memory["flash", 16] == memory["flash", 48]
     assert memory["kv_cache", 48] == 2 * 49 * 64 * 4 > memory["kv_cache", 16]
+
+
+def test_select_batch_reorders_repeats_and_drops_sequences():
+    """DecodeCache.select_batch (beam search's reorder): after selecting sequences of caches
+    prefilled at different lengths, every step equals the step of caches prefilled with the
+    selected prompts; a same-size selection keeps the tensors' addresses (CUDA graphs)."""
+    lm = make_lm("flash")
+    idx, lengths = _prompts([5, 2, 7], 7)
+    nxt = torch.randint(0, VOCAB, (4, 6), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    with torch.no_grad():
+        _, caches = lm.prefill(idx, lengths=lengths)
+        for selection in ([2, 0, 1], [1, 1, 0, 2], [2]):
+            chosen = torch.tensor(selection, device=DEVICE)
+            addresses = [c.k_quad.data_ptr() for c in caches]
+            for cache in caches:
+                cache.select_batch(chosen)
+            same_size = len(selection) == idx.shape[0]
+            assert ([c.k_quad.data_ptr() for c in caches] == addresses) == same_size
+            idx, lengths = idx[chosen], lengths[chosen]
+            _, expected = lm.prefill(idx, lengths=lengths)
+            step = nxt[:len(selection), 0]
+            torch.testing.assert_close(lm.step(step, caches), lm.step(step, expected),
+                                       rtol=1e-12, atol=1e-12)
+            idx = torch.cat([idx, step[:, None]], dim=1)
+            idx[torch.arange(len(selection)), lengths] = step      # each row's next token
+            lengths = lengths + 1
+            nxt = nxt[:, 1:]
+        with pytest.raises(ValueError, match=r"indices must lie in \[0, 1\)"):
+            caches[0].select_batch([1])

@@ -6,6 +6,7 @@ with the attention parameters re-drawn large (`strengthen`): at the paper's init
 bias offset would change the outputs by less than any sensible tolerance.
 """
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -335,3 +336,18 @@ def test_layer_on_triton_with_unequal_scales(rope):
                                    msg=lambda m: f"{name}: {m}")
     swapped, _ = run("torch", 0.05, 0.4)
     assert (swapped - expected).abs().max() > 100 * 1e-5 * (1 + expected.abs().max())
+
+
+@pytest.mark.parametrize("layer", ["flash", "gau"])
+def test_init_kwargs_rebuild_the_model(layer):
+    """FLASHLM.init_kwargs (what wrappers such as flash_kernels.hf store as a configuration):
+    every constructor argument by name; FLASHLM(**init_kwargs) with the weights loaded gives
+    the same logits."""
+    lm = make_lm(layer, rope=True, rel_pos="t5")
+    assert list(lm.init_kwargs) == list(inspect.signature(FLASHLM).parameters)
+    assert lm.init_kwargs["layer"] == layer and lm.init_kwargs["rel_pos"] == "t5"
+    rebuilt = FLASHLM(**lm.init_kwargs).to(torch.float64)
+    rebuilt.load_state_dict(lm.state_dict())
+    idx = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(idx), lm(idx))

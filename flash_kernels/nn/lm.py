@@ -29,6 +29,8 @@ class FLASHLM(nn.Module):
 
     `forward(idx)` gives logits for every position; `prefill`, `step` and `generate` decode
     incrementally with per-layer `AttentionCache`s and agree with the forward.
+    `init_kwargs`: the arguments the model was built with, by name (FLASHLM(**lm.init_kwargs)
+    builds a model of the same shape), for wrappers that store a model's configuration.
     """
 
     def __init__(self, vocab_size, d=512, depth=8, *, layer="flash", s=128, expansion=2,
@@ -39,6 +41,11 @@ class FLASHLM(nn.Module):
         check_int("vocab_size", vocab_size, minimum=1)
         check_int("d", d, minimum=1)
         check_int("depth", depth, minimum=0)
+        self.init_kwargs = dict(vocab_size=vocab_size, d=d, depth=depth, layer=layer, s=s,
+                                expansion=expansion, chunk_size=chunk_size, linear=linear,
+                                causal=causal, rel_pos=rel_pos, rope=rope, norm=norm,
+                                max_len=max_len, quad_scale=quad_scale, lin_scale=lin_scale,
+                                backend=backend, init_std=init_std)
         self.vocab_size, self.d, self.causal = vocab_size, d, causal
         self.embed = nn.Embedding(vocab_size, d)
         nn.init.normal_(self.embed.weight, std=init_std)
