@@ -8,7 +8,9 @@ of LDS on AMD Instinct. A tile choice that fits an H100 fails to launch on an RT
 On a GPU the target is read from the device. Under TRITON_INTERPRET=1 (no GPU) the kernels
 run on the CPU and any target works; FLASH_KERNELS_TARGET names the one to plan for
 (`cuda:90`, `cuda:86`, `hip:gfx942`, ...; default `cuda:90`), so that launches recorded under
-the interpreter (tools/aot_compile.py) are those a GPU of that architecture would make.
+the interpreter (tools/aot_compile.py) are those a GPU of that architecture would make. Tiles
+also depend on the dtype, and the interpreter cannot run bfloat16 dots: launches recorded in
+float16 for a bfloat16 compile set FLASH_KERNELS_PLAN_DTYPE=bfloat16 to get bfloat16's tiles.
 """
 import functools
 import os
@@ -24,6 +26,7 @@ CUDA_SHARED_MEMORY_BYTES = {
 #: LDS per workgroup on AMD Instinct (CDNA 2 and 3).
 HIP_SHARED_MEMORY_BYTES = 65_536
 TARGET_VARIABLE = "FLASH_KERNELS_TARGET"
+PLAN_DTYPE_VARIABLE = "FLASH_KERNELS_PLAN_DTYPE"
 DEFAULT_INTERPRETER_TARGET = "cuda:90"
 
 
@@ -81,3 +84,16 @@ def current_target(device):
         index = device.index if device.index is not None else torch.cuda.current_device()
         return _device_target(index)
     return parse_target(os.environ.get(TARGET_VARIABLE, DEFAULT_INTERPRETER_TARGET))
+
+
+def planned_dtype(dtype, device):
+    """The dtype tiles are chosen for: the inputs', or under the interpreter (CPU tensors)
+    FLASH_KERNELS_PLAN_DTYPE's when set (see the module doc)."""
+    name = os.environ.get(PLAN_DTYPE_VARIABLE)
+    if not name or torch.device(device).type == "cuda":
+        return dtype
+    planned = getattr(torch, name, None)
+    if not isinstance(planned, torch.dtype) or not planned.is_floating_point:
+        raise ValueError(f"{PLAN_DTYPE_VARIABLE} must name a torch floating dtype such as "
+                         f"'bfloat16', got {name!r}")
+    return planned

@@ -61,6 +61,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .gpu_target import current_target, planned_dtype
 from .kernels.chunk_state import chunk_state_scan_kernel
 from .kernels.mixed_chunk_bwd import mixed_chunk_bwd_key_kernel, mixed_chunk_bwd_query_kernel
 from .kernels.mixed_chunk_fwd import mixed_chunk_fwd_kernel
@@ -74,18 +75,23 @@ MAX_HOIST_KEYS = 256  # longest chunk whose relu^2 weights are formed once per q
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes of one problem. `block` rows of queries (and keys) per program."""
-    block: int
-    block_n: int             # key tile of the forward; hoisted: two of them span the chunk
-    block_s: int
-    block_e: int
-    narrow_fwd_block_e: int  # the forward's value tile when causal or fused (roles from z, gate)
-    bwd_query_block_e: int   # the query backward's dA = dO V^T reduces over E in these steps
-    hoist: bool              # relu^2 weights formed once per program (chunk <= MAX_HOIST_KEYS)
-    num_warps: int           # of the three per-chunk kernels
+    """Tile sizes of one problem on one target. Each per-chunk kernel has its own row block
+    (queries for the forward and the query backward, keys for the key backward), warps and
+    value-tile width; the chunk is held as two key (or query) tiles of `block_n` when hoisted."""
+    fwd_block: int
+    fwd_warps: int
     fwd_stages: int
-    bwd_query_stages: int
-    bwd_key_stages: int
+    fwd_block_e: int          # the forward's value tile, dense and unfused
+    narrow_fwd_block_e: int   # ... when causal or fused (roles from z, gate)
+    query_block: int          # the query backward (also the drel_bias segment length)
+    query_warps: int
+    query_block_e: int        # its dA = dO V^T reduces over E in these steps
+    key_block: int            # the key backward
+    key_warps: int
+    key_block_e: int
+    block_n: int              # key tile of the forward, query tile of the key backward
+    block_s: int
+    hoist: bool               # relu^2 weights formed once per program (chunk <= MAX_HOIST_KEYS)
     state_block_s: int
     state_block_e: int
     state_block_t: int
@@ -96,9 +102,9 @@ _config_override: dict = {}
 
 @contextlib.contextmanager
 def tile_override(**fields):
-    """Force tile sizes inside the block (tests): `block`, `max_hoist_keys`, `block_e`,
-    `state_block_t`. Small tiles give short test sequences several blocks per chunk, and
-    `max_hoist_keys` forces the long-chunk path."""
+    """Force tile sizes inside the block (tests): `block` (every kernel's row block),
+    `max_hoist_keys`, `block_e` (every value tile), `state_block_t`. Small tiles give short test
+    sequences several blocks per chunk, and `max_hoist_keys` forces the long-chunk path."""
     saved = dict(_config_override)
     _config_override.update(fields)
     try:
@@ -108,27 +114,56 @@ def tile_override(**fields):
         _config_override.update(saved)
 
 
-def kernel_config(chunk_len, S, E):
-    """Tile sizes for a chunk of `chunk_len` tokens (tests may override fields: `tile_override`)."""
+#: Targets with less shared memory per block than this (A10, L4, L40S, RTX 30/40/50: 99 KB;
+#: AMD Instinct: 64 KB) get the smaller tiles below.
+LARGE_SHARED_MEMORY_BYTES = 160 * 1024
+
+
+def kernel_config(chunk_len, S, E, dtype=torch.bfloat16, target=None):
+    """Tile sizes for chunks of `chunk_len` tokens of `dtype` inputs on `target`
+    (gpu_target.GpuTarget; default: an H100). The one place tiles are chosen per architecture.
+
+    Measured ahead of time (tools/aot_compile.py; bench/results/compile_report.md) at the paper
+    shape (S = 128, E = 1536, C = 256):
+    - bf16 on sm_90: 64-row blocks at 8 warps (4 warps spill), the forward's value tile 64
+      dense and 32 causal or fused (the non-finite guard, roles from z and the gate made 64
+      spill), the query backward's dA in 16-column steps (32 spilled with Triton 3.6);
+    - fp16 and fp32 inputs use float32 tensor-core operands for the relu^2 weights (and fp32
+      everywhere), twice the bytes: the forward at one pipeline stage with 32-column value tiles
+      (two stages asked 121-225 KB and spilled), the query backward in 32-row blocks at 4 warps
+      (64 rows spilled 136-224 bytes);
+    - targets with less than LARGE_SHARED_MEMORY_BYTES per block: the forward's value tile is
+      32 for every dtype (64 asked 112 KB in bf16, over the 99 KB of sm_86/89/120), and fp16 /
+      fp32 run the forward and the key backward in 32-row blocks at 4 warps (64 rows asked
+      112-128 KB).
+    Tests may override fields (`tile_override`)."""
     chunk_pow2 = max(16, next_power_of_2(chunk_len))
-    block = _config_override.get("block", min(64, chunk_pow2))
+    small_shared = target is not None and target.shared_memory_bytes < LARGE_SHARED_MEMORY_BYTES
+    wide_operands = dtype != torch.bfloat16           # float32 weights at the tensor cores
+    block = min(64, chunk_pow2)
+    narrow_block = min(32, chunk_pow2)
+    fwd_block = key_block = narrow_block if (wide_operands and small_shared) else block
+    query_block = narrow_block if wide_operands else block
+    if "block" in _config_override:
+        fwd_block = key_block = query_block = _config_override["block"]
     max_hoist = _config_override.get("max_hoist_keys", MAX_HOIST_KEYS)
     hoist = chunk_pow2 <= max_hoist
-    block_n = max(16, chunk_pow2 // 2) if hoist else block
     block_s = max(16, next_power_of_2(S))
     block_e = _config_override.get("block_e", min(64, max(16, next_power_of_2(E))))
+    narrow_e = min(32, block_e)
+
+    def warps(rows):
+        return 8 if rows >= 64 else 4
+
     return KernelConfig(
-        block=block, block_n=block_n, block_s=block_s, block_e=block_e,
-        # The non-finite value guard of causal tiles, the roles from z and the gate need 64 x 32
-        # value tiles to stay spill-free on sm_90 at the paper shape (64 x 64 spills 8 bytes
-        # causal, 96 fused, 168 with packed documents and a state offset; Triton 3.9 and 3.6).
-        narrow_fwd_block_e=min(32, block_e),
-        # 64 makes the fused (roles from z) query backward spill 64 bytes on sm_90; 32 does not.
-        bwd_query_block_e=min(32, block_e) if block >= 64 else block_e,
-        hoist=hoist,
-        # Measured ahead of time (bench/results/compile_report.md): with 64-row tiles, 4 warps
-        # spill on sm_90 at the paper shape, 8 warps do not; the backward kernels spill at 2 stages.
-        num_warps=8 if block >= 64 else 4, fwd_stages=2, bwd_query_stages=1, bwd_key_stages=1,
+        fwd_block=fwd_block, fwd_warps=warps(fwd_block), fwd_stages=1 if wide_operands else 2,
+        fwd_block_e=narrow_e if (wide_operands or small_shared) else block_e,
+        narrow_fwd_block_e=narrow_e,
+        query_block=query_block, query_warps=warps(query_block),
+        query_block_e=min(16, block_e) if query_block >= 64 else block_e,
+        key_block=key_block, key_warps=warps(key_block), key_block_e=block_e,
+        block_n=max(16, chunk_pow2 // 2) if hoist else block,
+        block_s=block_s, hoist=hoist,
         state_block_s=min(64, block_s), state_block_e=min(64, max(16, next_power_of_2(E))),
         state_block_t=_config_override.get("state_block_t", 64))
 
@@ -215,9 +250,16 @@ class Problem:
         self.tables = tables
         self.num_chunks = tables.num_slots if tables else triton_cdiv(self.T, chunk_size)
         self.num_docs = tables.num_docs if tables else 1
-        self.config = kernel_config(self.chunk_len, self.S, self.E)
-        self.num_blocks = triton_cdiv(self.chunk_len, self.config.block)
-        self.grid = (self.B * self.num_chunks * self.num_blocks,)
+        self.config = kernel_config(self.chunk_len, self.S, self.E,
+                                    planned_dtype(v.dtype, v.device), current_target(v.device))
+
+    def num_blocks(self, block):
+        """Row blocks of `block` rows per chunk."""
+        return triton_cdiv(self.chunk_len, block)
+
+    def grid(self, block):
+        """One program per (batch, chunk slot, row block of `block` rows)."""
+        return (self.B * self.num_chunks * self.num_blocks(block),)
 
     def chunk_args(self):
         """The kernels' chunk-geometry arguments (common.program_chunk_block)."""
@@ -273,21 +315,22 @@ def forward_output(roles, v, rel_bias, p, *, causal, quad_scale, lin_scale, stat
     bias = _bias_operand(rel_bias, p)
     out = new_buffer((p.B, p.T, p.E), v.dtype, v.device)
     attn = new_buffer((p.B, p.T, p.E), v.dtype, v.device) if store_attn else None
-    launch(mixed_chunk_fwd_kernel, p.grid,
+    launch(mixed_chunk_fwd_kernel, p.grid(cfg.fwd_block),
            dict(q_quad_ptr=roles.q_quad, k_quad_ptr=roles.k_quad, q_lin_ptr=roles.q_lin,
                 affine_ptr=roles.affine, states_ptr=states,
                 state_offset_ptr=_offset_operand(state_offset, lin_scale, v.dtype), v_ptr=v, rel_bias_ptr=bias, gate_ptr=gate, out_ptr=out, attn_ptr=attn,
                 **_strides(q=roles.q_quad, k=roles.k_quad, ql=roles.q_lin, v=v, g=gate),
-                **p.chunk_args(), num_query_blocks=p.num_blocks, quad_scale=quad_scale),
+                **p.chunk_args(), num_query_blocks=p.num_blocks(cfg.fwd_block),
+                quad_scale=quad_scale),
            dict(FROM_Z=roles.from_z, HAS_GATE=gate is not None, STORE_ATTN=store_attn,
                 HAS_LINEAR=roles.has_linear,
                 HAS_STATE_OFFSET=roles.has_linear and state_offset is not None,
                 HAS_BIAS=bias is not None, BIAS_MATRIX=cfg.hoist, CAUSAL=causal,
-                HOIST_SCORES=cfg.hoist, IS_VARLEN=p.tables is not None, BLOCK_M=cfg.block,
+                HOIST_SCORES=cfg.hoist, IS_VARLEN=p.tables is not None, BLOCK_M=cfg.fwd_block,
                 BLOCK_N=cfg.block_n, BLOCK_S=cfg.block_s,
-                BLOCK_E=cfg.narrow_fwd_block_e if causal or roles.from_z else cfg.block_e,
+                BLOCK_E=cfg.narrow_fwd_block_e if causal or roles.from_z else cfg.fwd_block_e,
                 DOT_PRECISION=_dot_precision(v.dtype)),
-           num_warps=cfg.num_warps, num_stages=cfg.fwd_stages)
+           num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
     return out, attn
 
 
@@ -382,16 +425,16 @@ class BackwardLaunches:
         if self.store_ds:
             self.ds = new_buffer((p.B, p.num_chunks, p.chunk_len, p.chunk_len), torch.float32,
                                  device)
-        elif self.need_dbias:
-            self.ds = new_buffer((p.grid[0], cfg.block, cfg.block), torch.float32, device)
+        block, num_blocks = cfg.query_block, p.num_blocks(cfg.query_block)
+        if not self.store_ds and self.need_dbias:
+            self.ds = new_buffer((p.grid(block)[0], block, block), torch.float32, device)
         if self.need_dbias:
             self.dbias_partial = new_buffer(
-                (p.B, p.num_chunks, p.num_blocks, 2 * p.num_blocks, cfg.block), torch.float32,
-                device)
+                (p.B, p.num_chunks, num_blocks, 2 * num_blocks, block), torch.float32, device)
         if not (self.need_ds or self.need_dq_lin):
             return
         need_dq_lin = self.need_dq_lin
-        launch(mixed_chunk_bwd_query_kernel, p.grid,
+        launch(mixed_chunk_bwd_query_kernel, p.grid(block),
                dict(q_quad_ptr=roles.q_quad, k_quad_ptr=roles.k_quad, affine_ptr=roles.affine,
                     v_ptr=v, grad_out_ptr=self.grad_out,
                     states_ptr=states if need_dq_lin else None,
@@ -400,16 +443,16 @@ class BackwardLaunches:
                     rel_bias_ptr=self.bias, dq_quad_ptr=self.dq_quad, dq_lin_ptr=self.dq_lin,
                     ds_ptr=self.ds, dbias_partial_ptr=self.dbias_partial,
                     **_strides(q=roles.q_quad, k=roles.k_quad, v=v), **p.chunk_args(),
-                    num_blocks=p.num_blocks, quad_scale=self.quad_scale),
+                    num_blocks=num_blocks, quad_scale=self.quad_scale),
                dict(FROM_Z=roles.from_z, HAS_BIAS=self.bias is not None, BIAS_MATRIX=cfg.hoist,
                     CAUSAL=self.causal,
                     HAS_STATE_OFFSET=need_dq_lin and state_offset is not None,
                     IS_VARLEN=p.tables is not None, NEED_DS=self.need_ds,
                     NEED_DQ_QUAD=self.need_dq_quad, NEED_DQ_LIN=need_dq_lin,
                     STORE_DS=self.store_ds, NEED_DBIAS=self.need_dbias,
-                    BLOCK=cfg.block, BLOCK_S=cfg.block_s, BLOCK_E=cfg.bwd_query_block_e,
+                    BLOCK=block, BLOCK_S=cfg.block_s, BLOCK_E=cfg.query_block_e,
                     DOT_PRECISION=self.dot_precision),
-               num_warps=cfg.num_warps, num_stages=cfg.bwd_query_stages)
+               num_warps=cfg.query_warps, num_stages=1)
 
     def reverse_scan(self, store_total):
         """(dstates, total or None): see chunk_state.py (REVERSE)."""
@@ -430,7 +473,7 @@ class BackwardLaunches:
         if not (need_dk_quad or need_dk_lin or need_dv):
             return
         has_linear = dstates is not None and (need_dk_lin or need_dv)
-        launch(mixed_chunk_bwd_key_kernel, p.grid,
+        launch(mixed_chunk_bwd_key_kernel, p.grid(cfg.key_block),
                dict(q_quad_ptr=roles.q_quad, k_quad_ptr=roles.k_quad,
                     k_lin_ptr=roles.k_lin if has_linear else None,
                     affine_ptr=roles.affine, v_ptr=v, grad_out_ptr=self.grad_out,
@@ -439,21 +482,24 @@ class BackwardLaunches:
                     rel_bias_ptr=self.bias, ds_ptr=self.ds if self.store_ds else None,
                     dk_quad_ptr=self.dk_quad, dk_lin_ptr=self.dk_lin, dv_ptr=self.dv,
                     **_strides(q=roles.q_quad, k=roles.k_quad, kl=roles.k_lin, v=v),
-                    **p.chunk_args(), num_blocks=p.num_blocks, quad_scale=self.quad_scale),
+                    **p.chunk_args(), num_blocks=p.num_blocks(cfg.key_block),
+                    quad_scale=self.quad_scale),
                dict(FROM_Z=roles.from_z, HAS_LINEAR=has_linear,
                     HAS_BIAS=self.bias is not None, BIAS_MATRIX=cfg.hoist, CAUSAL=self.causal,
                     HAS_DSTATE_OFFSET=has_linear and grad_total is not None,
                     IS_VARLEN=p.tables is not None, DS_STORED=self.store_ds,
                     HOIST_SCORES=cfg.hoist, NEED_DK_QUAD=need_dk_quad, NEED_DK_LIN=need_dk_lin,
-                    NEED_DV=need_dv, BLOCK=cfg.block, BLOCK_QH=cfg.block_n,
-                    BLOCK_S=cfg.block_s, BLOCK_E=cfg.block_e, DOT_PRECISION=self.dot_precision),
-               num_warps=cfg.num_warps, num_stages=cfg.bwd_key_stages)
+                    NEED_DV=need_dv, BLOCK=cfg.key_block, BLOCK_QH=cfg.block_n,
+                    BLOCK_S=cfg.block_s, BLOCK_E=cfg.key_block_e,
+                    DOT_PRECISION=self.dot_precision),
+               num_warps=cfg.key_warps, num_stages=1)
 
     def gradients(self, doffset=None):
         """(dq_quad, dk_quad, dq_lin, dk_lin, dv, drel_bias, doffset), None where not needed."""
         drel_bias = None
         if self.need_dbias:
-            drel_bias = _rel_bias_grad(self.dbias_partial, self.p.chunk_size, self.p.config.block)
+            drel_bias = _rel_bias_grad(self.dbias_partial, self.p.chunk_size,
+                                       self.p.config.query_block)
         return (self.dq_quad, self.dk_quad, self.dq_lin, self.dk_lin, self.dv, drel_bias,
                 doffset)
 

@@ -94,6 +94,19 @@ def test_several_blocks_per_chunk(causal, path, linear, bias):
         check_against_reference(problem, chunk_size=40, causal=causal, quad_scale=0.7, lin_scale=0.3)
 
 
+@pytest.mark.parametrize("target", ["cuda:90", "cuda:86", "hip:gfx942"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_tiles_of_each_target(monkeypatch, target, causal):
+    """The tiles kernel_config picks for each target and dtype, untouched by overrides: chunks of
+    64 tokens, where float32 runs the query backward in 32-row blocks beside 64-row forward and
+    key blocks on an H100 (so the key kernel reads a dS stored by narrower programs), and
+    everything in 32-row blocks with less shared memory. Under the interpreter the target is
+    FLASH_KERNELS_TARGET's (gpu_target.py)."""
+    monkeypatch.setenv("FLASH_KERNELS_TARGET", target)
+    problem = make_problem((2,), 150, S, E, bias_chunk=64, seed=7)
+    check_against_reference(problem, chunk_size=64, causal=causal, quad_scale=0.7, lin_scale=0.3)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_full_attention_long_sequence(causal):
     """chunk_size=None over a sequence longer than one key tile (the recomputing path)."""

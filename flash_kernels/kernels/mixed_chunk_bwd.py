@@ -273,9 +273,11 @@ def mixed_chunk_bwd_key_kernel(
             offs_i = i0 + local
             if DS_STORED:   # dS^T: the query kernel's dS read back transposed
                 ds_base = ds_ptr + (batch * num_chunks + chunk) * chunk_len * chunk_len
+                ds_mask = key_ok[:, None] & (offs_i[None, :] < chunk_end)
+                if CAUSAL:  # the query kernel's blocks may be narrower: pairs past the
+                    ds_mask = ds_mask & (offs_j[:, None] <= offs_i[None, :])   # diagonal unread
                 ds_t = tl.load(ds_base + (offs_i - chunk_start)[None, :] * chunk_len
-                               + (offs_j - chunk_start)[:, None],
-                               mask=key_ok[:, None] & (offs_i[None, :] < chunk_end), other=0.0)
+                               + (offs_j - chunk_start)[:, None], mask=ds_mask, other=0.0)
             else:           # dS^T = 2 relu(S^T) dA^T with S^T = K Q^T and dA^T = V dO^T
                 q_t = load_role_t(q_base, offs_i, chunk_end, S, stride_qt, affine_ptr, 0, FROM_Z,
                                   BLOCK_S)
