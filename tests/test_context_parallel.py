@@ -1,8 +1,9 @@
 """Context parallelism (cp_group) over gloo on the CPU, against the single-process op.
 
-One group of spawned processes per world size (process start-up dominates: each group runs
-every case of its size; a file:// rendezvous, no ports; a deadline, so a rank left waiting in
-a collective fails the test instead of hanging CI). Every rank builds the same global inputs
+One group of spawned processes per entry of GROUPS (process start-up dominates: the slow
+groups run every other case of their world size, two small groups of one case each are in the
+quick selection; a file:// rendezvous, no ports; a deadline, so a rank left waiting in a
+collective fails the test instead of hanging CI). Every rank builds the same global inputs
 from the case's seed and runs its own slice; the parent runs the single-process op on the whole
 sequence and compares: the concatenated outputs and input gradients, and the sum over the
 ranks of the parameter gradients (rel_bias, gamma, beta and the layers' weights), which are
@@ -54,9 +55,17 @@ def layer_case(name, backend, lengths, **options):
                 seed=3, **options)
 
 
-CASES = {
-    2: [
-        op_case("mixed-torch-causal", "mixed", "torch", [16, 11]),
+# One spawned group per entry: (world size, its cases). The "quick" groups hold one small case
+# each and are in the quick selection (-m "not slow": test_context_parallel_quick), so the
+# loop the README recommends runs the prefix sums of the states (2 ranks) and the suffix sums
+# (3 ranks, every slice non-empty: the middle rank's state must reach the first rank's
+# gradients); the other groups are slow (test_context_parallel).
+QUICK_GROUPS = {
+    "W2-quick": (2, [op_case("mixed-torch-causal", "mixed", "torch", [16, 11])]),
+    "W3-quick": (3, [op_case("mixed-torch-causal-3", "mixed", "torch", [8, 16, 5], seed=6)]),
+}
+GROUPS = {
+    "W2": (2, [
         op_case("mixed-torch-noncausal", "mixed", "torch", [8, 13], causal=False, batch=(2, 1)),
         op_case("mixed-triton-causal", "mixed", "triton", [16, 12], repeat=True,
                 bitwise=("rank0_out", "last_dk_lin_dv")),
@@ -86,8 +95,8 @@ CASES = {
         layer_case("flash-layer-triton", "triton", [8, 5], rope=False, causal=False),
         layer_case("lm-torch-rope", "torch", [8, 6], rope=True, causal=True, lm=True),
         dict(name="ddp-flash-layer", kind="ddp", seed=4),
-    ],
-    3: [
+    ]),
+    "W3": (3, [
         op_case("mixed-torch-empty-middle", "mixed", "torch", [8, 0, 13]),
         op_case("mixed-torch-noncausal-empty-first", "mixed", "torch", [0, 8, 5], causal=False),
         op_case("mixed-triton-empty-last", "mixed", "triton", [8, 16, 0]),
@@ -96,7 +105,8 @@ CASES = {
         op_case("flash-torch-causal", "flash", "torch", [8, 8, 3], gate=False),
         bad_case("middle-slice-partial", [8, 4, 8], ["rank 1 holds 4 tokens"]),
         layer_case("flash-layer-torch-rope-empty", "torch", [8, 0, 5], rope=True, causal=True),
-    ],
+    ]),
+    **QUICK_GROUPS,
 }
 
 
@@ -281,19 +291,20 @@ def run_group(world_size, cases, tmp_dir, dist_backend="gloo", device="cpu"):
 
 @pytest.fixture(scope="module")
 def group_results(tmp_path_factory):
-    """world size -> every rank's results (each group runs once per test session)."""
+    """group name -> every rank's results (each group runs once per test session)."""
     results = {}
 
-    def get(world_size):
-        if world_size not in results:
+    def get(group):
+        if group not in results:
+            world_size, cases = GROUPS[group]
             try:
-                results[world_size] = run_group(world_size, CASES[world_size],
-                                                str(tmp_path_factory.mktemp(f"cp{world_size}")))
+                results[group] = run_group(world_size, cases,
+                                           str(tmp_path_factory.mktemp(f"cp-{group}")))
             except BaseException as error:     # reported once per case, not rerun
-                results[world_size] = error
-        if isinstance(results[world_size], BaseException):
-            raise results[world_size]
-        return results[world_size]
+                results[group] = error
+        if isinstance(results[group], BaseException):
+            raise results[group]
+        return results[group]
     return get
 
 
@@ -377,13 +388,27 @@ def _check_ddp(case, ranks):
 CHECKS = {"op": _check_op, "bad": _check_bad, "layer": _check_layer, "ddp": _check_ddp}
 
 
-@pytest.mark.parametrize("world_size,index",
-                         [(w, i) for w in sorted(CASES) for i in range(len(CASES[w]))],
-                         ids=[f"W{w}-{c['name']}" for w in sorted(CASES) for c in CASES[w]])
-def test_context_parallel(group_results, world_size, index):
-    results = group_results(world_size)
-    case = CASES[world_size][index]
+def _group_cases(groups):
+    """pytest params (group, index in it), one per case of `groups`."""
+    return [pytest.param(group, index, id=f"{group}-{case['name']}")
+            for group in groups for index, case in enumerate(GROUPS[group][1])]
+
+
+def _check_case(group_results, group, index):
+    results = group_results(group)
+    case = GROUPS[group][1][index]
     CHECKS[case["kind"]](case, [r[case["name"]] for r in results])
+
+
+@pytest.mark.parametrize("group,index", _group_cases(g for g in GROUPS if g not in QUICK_GROUPS))
+def test_context_parallel(group_results, group, index):
+    _check_case(group_results, group, index)
+
+
+@pytest.mark.parametrize("group,index", _group_cases(QUICK_GROUPS))
+def test_context_parallel_quick(group_results, group, index):
+    """The quick selection's context-parallel cases (QUICK_GROUPS)."""
+    _check_case(group_results, group, index)
 
 
 # -- GPUs -------------------------------------------------------------------------------------------

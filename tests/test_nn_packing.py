@@ -1,7 +1,9 @@
 """The layers with packed documents, prefill through the op's final state, and padding.
 
 - A packed batch (cu_seqlens) gives each document's output of a run on that document alone
-  (RoPE positions restart per document), for FLASH and GAU layers and FLASHLM.
+  (RoPE positions restart per document), for FLASH and GAU layers and FLASHLM; and the
+  positions the layers pass to RoPE are checked directly (outputs cannot see them: RoPE
+  depends on distances only), as is the refusal of `start=` with cu_seqlens.
 - Prefill is one pass of the op (output_final_state), and a prompt prefilled in pieces gives
   the logits and the caches of one prefill; decoding continues from either identically.
 - Padded tokens are removed by selection: whatever they hold (inf included), real tokens'
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from flash_kernels.nn import FLASH, FLASHLM, GAU
+from flash_kernels.nn.position import RotaryEmbedding
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -43,6 +46,69 @@ def test_packed_layer_equals_each_document_alone(kind, rope, backend, dtype):
     (grad_packed,) = torch.autograd.grad((packed * weights).sum(), x)
     (grad_alone,) = torch.autograd.grad((alone * weights).sum(), x)
     torch.testing.assert_close(grad_packed, grad_alone, rtol=tol, atol=tol)
+
+
+def record_rope_positions(model):
+    """A list that receives the positions every RoPE module of `model` is called with (a
+    forward pre-hook: what the layer actually passes, not what a helper would compute)."""
+    seen = []
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.register_forward_pre_hook(
+                lambda module, args: seen.append(args[1].detach().cpu().tolist()))
+    return seen
+
+
+def positions_restarting_at(lengths):
+    """Every token's position inside its document, written out document by document."""
+    return [position for length in lengths for position in range(length)]
+
+
+ROLES_PER_LAYER = {"flash": 4, "gau": 2}     # every role is rotated
+
+
+@pytest.mark.parametrize("kind", ["flash", "gau"])
+def test_rope_positions_restart_at_each_document(kind):
+    """RoPE depends on distances only, so output comparisons cannot see absolute positions:
+    check the positions the layer passes to its RoPE module for a packed batch."""
+    layer = _layer(kind, rope=True)
+    seen = record_rope_positions(layer)
+    lengths = [5, 0, 9, 1, 6]
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    layer(torch.randn(2, sum(lengths), 16, dtype=torch.float64), cu_seqlens=cu)
+    assert seen == [positions_restarting_at(lengths)] * ROLES_PER_LAYER[kind]
+
+
+def test_rope_positions_of_a_packed_lm_restart_in_every_layer():
+    torch.manual_seed(1)
+    lm = FLASHLM(50, d=16, depth=2, s=8, chunk_size=4, rope=True, backend="torch").double()
+    seen = record_rope_positions(lm)
+    lengths = [7, 3, 10]
+    lm(torch.randint(0, 50, (1, sum(lengths))),
+       cu_seqlens=torch.tensor([0] + lengths).cumsum(0))
+    assert seen == [positions_restarting_at(lengths)] * (2 * ROLES_PER_LAYER["flash"])
+
+
+@pytest.mark.parametrize("start", [None, 0, 6])
+def test_rope_positions_without_packing_count_from_start(start):
+    layer = _layer("flash", rope=True)
+    seen = record_rope_positions(layer)
+    layer(torch.randn(2, 9, 16, dtype=torch.float64), start=start)
+    first = start or 0
+    assert seen == [list(range(first, first + 9))] * ROLES_PER_LAYER["flash"]
+
+
+@pytest.mark.parametrize("start", [0, 3])
+def test_start_with_packed_documents_is_an_error(start):
+    """Packed documents' positions restart at each document: a start would be ignored."""
+    lengths = [4, 5]
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    layer = _layer("flash", rope=True)
+    with pytest.raises(ValueError, match="start does not go with cu_seqlens"):
+        layer(torch.randn(1, 9, 16, dtype=torch.float64), cu_seqlens=cu, start=start)
+    lm = FLASHLM(50, d=16, depth=1, s=8, chunk_size=4, backend="torch").double()
+    with pytest.raises(ValueError, match="start does not go with cu_seqlens"):
+        lm(torch.randint(0, 50, (1, 9)), cu_seqlens=cu, start=start)
 
 
 def test_packed_lm_loss_equals_the_documents_losses():

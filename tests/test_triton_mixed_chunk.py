@@ -5,6 +5,8 @@ kernels are meant to write completely is NaN-filled first, so an unwritten eleme
 memory nobody wrote shows up as NaN. Small tiles (`block`) are forced in some cases so that short
 test sequences still have several query/key blocks per chunk, and `max_hoist_keys` forces the
 long-chunk path (scores recomputed per value tile) that chunk_size=None takes on long sequences.
+Packed documents (cu_seqlens) and state in/out (initial_state, output_final_state) run on every
+tile path too, against the reference given the same documents and state.
 """
 import pytest
 import torch
@@ -12,7 +14,7 @@ import torch
 from flash_kernels import mixed_chunk_attention
 from flash_kernels.tolerances import rms_ratio
 from flash_kernels.triton_mixed_chunk import tile_override
-from flash_kernels.utils import nan_filled_buffers
+from flash_kernels.utils import nan_filled_buffers, record_launches
 from helpers import (FP16_MAX, GRAD_NAMES, LARGE_SCORE_OPTIONS, assert_close, assert_launched,
                      large_score_problem, largest_weight, make_problem, run_with_grads,
                      triton_kernels)
@@ -132,6 +134,113 @@ def test_leading_batch_dims(batch):
 def test_float16(causal):
     problem = make_problem((2,), 37, 16, 24, bias_chunk=16, seed=5)
     check_against_reference(problem, dtype=torch.float16, chunk_size=16, causal=causal)
+
+
+def check_state_against_reference(problem, *, lengths=None, initial_state=True,
+                                  dtype=torch.float32, **options):
+    """Packed documents (`lengths`; None: one unpacked sequence) with an initial state and the
+    final state out: the output, the final state and the gradient of every input (the initial
+    state's included) against backend="reference" in float64, with a loss that weights the
+    final state too."""
+    T = problem["v"].shape[-2]
+    cu_seqlens = None if lengths is None else torch.tensor([0] + lengths).cumsum(0)
+    assert cu_seqlens is None or cu_seqlens[-1] == T
+    leading = tuple(problem["v"].shape[:-2])
+    S, E = problem["q_lin"].shape[-1], problem["v"].shape[-1]
+    gen = torch.Generator().manual_seed(21)
+    docs = () if lengths is None else (len(lengths),)
+    state = 0.3 * torch.randn(*leading, *docs, S, E, generator=gen, dtype=torch.float64)
+    low, exact = as_dtype(problem, dtype)
+    if initial_state:    # float32 beside half inputs, as a model keeps it
+        low["initial_state"] = state.to(DEVICE, torch.float32).requires_grad_()
+        exact["initial_state"] = state.float().double().requires_grad_()
+    else:
+        low["initial_state"] = exact["initial_state"] = None
+
+    def run(tensors, backend):
+        with record_launches() as forward:
+            out, final = mixed_chunk_attention(
+                tensors["q_quad"], tensors["k_quad"], tensors["q_lin"], tensors["k_lin"],
+                tensors["v"], rel_bias=tensors["rel_bias"], cu_seqlens=cu_seqlens,
+                initial_state=tensors["initial_state"], output_final_state=True,
+                backend=backend, **options)
+        weights = torch.Generator().manual_seed(22)
+        loss = (out.double().cpu() * torch.randn(out.shape, generator=weights,
+                                                 dtype=torch.float64)).sum()
+        loss = loss + (final.double().cpu() * torch.randn(final.shape, generator=weights,
+                                                          dtype=torch.float64)).sum()
+        names = [n for n, x in tensors.items() if x is not None and x.requires_grad]
+        with record_launches() as backward:
+            grads = torch.autograd.grad(loss, [tensors[n] for n in names])
+        return out, final, dict(zip(names, grads)), forward, backward
+
+    out, final, grads, forward, backward = run(low, "triton")
+    assert_launched("triton", "forward", forward, triton_kernels("forward", True))
+    assert_launched("triton", "backward", backward, triton_kernels("backward", True))
+    ref, ref_final, ref_grads, _, _ = run(exact, "reference")
+    ratio = rms_ratio("mixed_chunk_attention", dtype)   # flash_kernels/tolerances.py
+    assert out.dtype == dtype and final.dtype == torch.float32
+    assert_close("out", out.cpu(), ref, ratio)
+    assert_close("final_state", final.cpu(), ref_final, ratio)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert_close(f"d{name}", grads[name].cpu(), ref_grads[name], ratio)
+
+
+# Documents shorter than a chunk, ending inside one and at its end, zero-length ones, for
+# chunks of every tile path: one 16-row block per chunk (C = 4), three 16-row blocks per chunk
+# with the relu^2 weights hoisted (C = 40, chunks <= max_hoist_keys), the same recomputed
+# per value tile (max_hoist_keys below the chunk: the path of chunks over 256 tokens), and
+# one chunk per document (chunk_size=None: C is the longest document) on either path.
+PACKED_STATE_CASES = {
+    "C4": (dict(chunk_size=4), [6, 0, 11, 1, 8], {}),
+    "C40-hoisted": (dict(chunk_size=40), [41, 0, 17, 40, 3],
+                    dict(block=16, state_block_t=16)),
+    "C40-recomputed": (dict(chunk_size=40), [41, 0, 17, 40, 3],
+                       dict(block=16, max_hoist_keys=16)),
+    "one-chunk-per-document-hoisted": (dict(chunk_size=None), [13, 0, 33, 20],
+                                       dict(block=16)),
+    "one-chunk-per-document-recomputed": (dict(chunk_size=None), [13, 0, 33, 20],
+                                          dict(block=16, max_hoist_keys=16)),
+}
+
+
+@pytest.mark.parametrize("case", list(PACKED_STATE_CASES))
+def test_packed_documents_with_state(case):
+    options, lengths, tiles = PACKED_STATE_CASES[case]
+    C = options["chunk_size"] or max(lengths)
+    problem = make_problem((2,), sum(lengths), S, E, bias_chunk=C, seed=12)
+    with tile_override(**tiles):
+        check_state_against_reference(problem, lengths=lengths, quad_scale=0.7, lin_scale=0.3,
+                                      **options)
+
+
+@pytest.mark.parametrize("path", ["hoisted", "recomputed"])
+def test_packed_documents_not_causal(path):
+    """Non-causal packed documents (no state: each chunk sees its document's whole sum):
+    chunks of 40 tokens in 16-row blocks."""
+    overrides = dict(block=16, state_block_t=16)
+    if path == "recomputed":
+        overrides["max_hoist_keys"] = 16
+    lengths = [41, 0, 17, 40, 3]
+    problem = make_problem((1,), sum(lengths), S, E, bias_chunk=40, seed=13)
+    with tile_override(**overrides):
+        check_against_reference(problem, chunk_size=40, causal=False, quad_scale=0.7,
+                                lin_scale=0.3, cu_seqlens=torch.tensor([0] + lengths).cumsum(0))
+
+
+@pytest.mark.parametrize("T,chunk_size,tiles,initial_state", [
+    (37, 8, {}, True),                                     # a partial last chunk
+    (37, 8, {}, False),                                    # the same, the final state only
+    (32, 8, {}, True),                                     # complete chunks only
+    (90, 40, dict(block=16, state_block_t=16), True),      # three blocks per chunk, hoisted
+    (90, 40, dict(block=16, max_hoist_keys=16), True),     # the same, recomputed
+], ids=["T37-C8", "T37-C8-final-only", "T32-C8", "T90-C40-hoisted", "T90-C40-recomputed"])
+def test_state_in_and_out_of_one_sequence(T, chunk_size, tiles, initial_state):
+    problem = make_problem((2,), T, S, E, bias_chunk=chunk_size, seed=14)
+    with tile_override(**tiles):
+        check_state_against_reference(problem, initial_state=initial_state,
+                                      chunk_size=chunk_size, quad_scale=0.7, lin_scale=0.3)
 
 
 NEEDS_GPU_FOR_BF16 = pytest.mark.skipif(

@@ -130,6 +130,8 @@ def check_packed(op, backend, dtype, *, batch=(), lengths, chunk_size, causal=Tr
                  bias=True, state=True, with_final=True, quad_scale=0.7, lin_scale=0.3, seed=0,
                  max_seqlen=None, cu_device="cpu"):
     C_resolved = chunk_size if chunk_size is not None else (max_seqlen or max(lengths))
+    expected_scales = dict(quad_scale=1 / C_resolved if quad_scale is None else quad_scale,
+                           lin_scale=1 / C_resolved if lin_scale is None else lin_scale)
     inputs, cu = make_inputs(op, batch, lengths, linear=linear, bias_chunk=C_resolved if bias else 0,
                              state=state, seed=seed)
     device = DEVICE if backend == "triton" else "cpu"
@@ -140,8 +142,7 @@ def check_packed(op, backend, dtype, *, batch=(), lengths, chunk_size, causal=Tr
     out, final = result if with_final else (result, None)
     assert out.dtype == low["v"].dtype
     expected, expected_final = oracle(op, exact, cu, chunk_size=C_resolved, causal=causal,
-                                      quad_scale=quad_scale, lin_scale=lin_scale,
-                                      with_final=with_final)
+                                      with_final=with_final, **expected_scales)
     ratio = rms_ratio(op, dtype)                  # flash_kernels/tolerances.py
     assert_close("out", out.cpu(), expected, ratio)
     if with_final:
@@ -189,6 +190,23 @@ def test_packed_variants(case, backend, dtype):
     else:
         options.update(batch=(2, 3), lengths=[2, 5, 0, 4])
     check_packed("mixed_chunk_attention", backend, dtype, **options)
+
+
+@pytest.mark.parametrize("backend,dtype", [("reference", torch.float64), ("torch", torch.float64),
+                                           ("triton", torch.float32)],
+                         ids=["reference", "torch", "triton"])
+@pytest.mark.parametrize("chunking", ["chunk_size=4", "chunk_size=None",
+                                      "chunk_size=None+max_seqlen"])
+@pytest.mark.parametrize("op", ["mixed_chunk_attention", "flash_attention"])
+def test_packed_default_scales(op, chunking, backend, dtype):
+    """quad_scale = lin_scale = None: 1 / C with C the chunk size, or for chunk_size=None the
+    longest document or max_seqlen (docs/contract.md section 7), never the packed length T;
+    the oracle is given those scales worked out by hand."""
+    options = dict(chunk_size=4)
+    if chunking != "chunk_size=4":
+        options = dict(chunk_size=None, max_seqlen=12 if "max_seqlen" in chunking else None)
+    check_packed(op, backend, dtype, lengths=LENGTHS, quad_scale=None, lin_scale=None, seed=6,
+                 **options)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])

@@ -148,10 +148,16 @@ class GatedAttentionLayer(nn.Module):
             whole-sequence gradient. See mixed_chunk_attention. FLASH layers only (a GAU's
             one chunk spans the sequence).
         start: the position of x's first token in the sequence (RoPE), default 0; required
-            with cp_group when RoPE is on (the sum of the earlier ranks' slice lengths).
+            with cp_group when RoPE is on (the sum of the earlier ranks' slice lengths). Not
+            with cu_seqlens (a ValueError): positions restart at 0 at each document's first
+            token, so a start would have nothing to shift.
         """
         self._check_input(x, ("batch", "T", self.d))
         B, T, _ = x.shape
+        if start is not None and cu_seqlens is not None:
+            raise ValueError("start does not go with cu_seqlens: the positions of packed "
+                             "documents restart at 0 at each document's first token; leave "
+                             "start out")
         start = self._check_context_parallel(cp_group, start, cache)
         if cache is not None:
             if not self.causal:

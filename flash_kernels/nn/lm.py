@@ -110,7 +110,8 @@ class FLASHLM(nn.Module):
             `prefill`). cu_seqlens, max_seqlen: documents packed along T (training on packed
             sequences): no attention crosses a document boundary, positions restart at each.
         cp_group, start: context parallelism: idx is this rank's slice of the sequences,
-            starting at position `start` (see FLASH.forward; FLASH layers only). The logits
+            starting at position `start` (see FLASH.forward; FLASH layers only; start is
+            refused with cu_seqlens, whose positions restart at each document). The logits
             are the whole-sequence model's on the slice; parameter gradients are this rank's
             partials (all-reduce them with a sum, and normalise the loss by the number of
             tokens of all ranks).
