@@ -2,6 +2,8 @@
 
     python examples/train_lm.py                    # FLASH LM, a few minutes on a CPU
     python examples/train_lm.py --compare          # + a Transformer++ with as many parameters
+                                                   # (at one T; for T up to 16384 and
+                                                   # FLASH-Quad: compare_long_context.py)
     python examples/train_lm.py --check-backends   # same seed, backend "torch" vs "triton"
     python examples/train_lm.py --pack             # packed documents: one source file = one
     python examples/train_lm.py --tiny --steps 2   # smoke test
