@@ -83,6 +83,19 @@ def test_summary_without_any_input():
     text = gpu_summary.summary(None, None, None)
     assert "preflight: no report" in text and "tests: no test report" in text
     assert "self-test: no report (None): not run (exit ?)" in text
+    assert "long-context comparison: no table (None)" in text
+
+
+def test_summary_keeps_the_comparison_table_columns(tmp_path):
+    """The comparison's narrow table goes into the summary with its alignment (not
+    whitespace-collapsed as other lines are) and cut at the summary's width."""
+    table = tmp_path / "compare_long_context.txt"
+    rows = ["long-context comparison (ms/step, ...):",
+            "  T=1024   b=32   FLASH 41.2  T++ 35.0 (0.85x)  Quad 60.1 (1.46x)",
+            "  " + "x" * 120]
+    table.write_text("\n".join(rows) + "\n")
+    text = gpu_summary.summary(None, None, None, compare_path=str(table))
+    assert rows[1] in text.splitlines() and ("  " + "x" * 98) in text.splitlines()
 
 
 def _selftest_report(rows):
