@@ -89,30 +89,29 @@ MODELS = ("FLASH", "Transformer++", "FLASH-Quad")
 RESULTS_NAME = "compare_long_context.jsonl"
 
 #: Every setting of a run; a preset gives them all, command-line options override one by one.
+#: The CPU sweep's (see the module docstring for its arithmetic):
+CPU_SWEEP = {"device": "cpu", "dtype": "float32", "threads": 1, "d": 128, "depth": 4, "s": 128,
+             "chunk_size": 256, "seq_lens": [256, 1024, 4096, 8192, 16384],
+             "tokens_per_step": 16384, "steps": 60, "eval_every": 10, "eval_tokens": None,
+             "warmup": 10, "lr": 3e-3, "weight_decay": 0.01, "data_mb": 8.0, "seed": 0,
+             "time_cap": 2.0, "quad_max_len": 8192, "time_budget": 0.0, "backend": "auto",
+             "models": list(MODELS)}
+#: bf16 autocast on a GPU: d = 512, E = 2d = 1024, S = 128 (FLASHLM's defaults: the paper's
+#: shape), 8 layers (~13M parameters), T up to 8192; 110 s in all, compilation included.
+GPU = dict(CPU_SWEEP, device="cuda", dtype="bfloat16", threads=0, d=512, depth=8,
+           seq_lens=[1024, 4096, 8192], tokens_per_step=32768, steps=400, eval_every=25,
+           warmup=40, lr=1e-3, time_budget=110.0)
 PRESETS = {
-    "cpu": {"device": "cpu", "dtype": "float32", "threads": 1, "d": 128, "depth": 4, "s": 128, "chunk_size": 256,
-                "seq_lens": [256, 1024, 4096, 8192, 16384], "tokens_per_step": 16384, "steps": 60,
-                "eval_every": 10, "eval_tokens": None, "warmup": 10, "lr": 3e-3, "weight_decay": 0.01,
-                "data_mb": 8.0, "seed": 0, "time_cap": 2.0, "quad_max_len": 8192, "time_budget": 0.0,
-                "backend": "auto", "models": list(MODELS)},
-    # bf16 autocast on a GPU: d = 512, E = 2d = 1024, S = 128 (FLASHLM's defaults: the paper's
-    # shape), 8 layers (~13M parameters), T up to 8192; 110 s in all, compilation included.
-    "gpu": {"device": "cuda", "dtype": "bfloat16", "threads": 0, "d": 512, "depth": 8, "s": 128,
-                "chunk_size": 256, "seq_lens": [1024, 4096, 8192], "tokens_per_step": 32768, "steps": 400,
-                "eval_every": 25, "eval_tokens": None, "warmup": 40, "lr": 1e-3, "weight_decay": 0.01,
-                "data_mb": 8.0, "seed": 0, "time_cap": 2.0, "quad_max_len": 8192, "time_budget": 110.0,
-                "backend": "auto", "models": list(MODELS)},
+    "cpu": CPU_SWEEP,
+    "gpu": GPU,
     # the GPU preset's code path (bf16 autocast, a time budget) on a CPU at a tiny shape: what
     # bench/gpu_runbook.sh runs when there is no GPU (its dry run)
-    "gpu-dry-run": {"device": "cpu", "dtype": "bfloat16", "threads": 1, "d": 32, "depth": 2, "s": 16,
-                        "chunk_size": 16, "seq_lens": [32, 64], "tokens_per_step": 128, "steps": 6,
-                        "eval_every": 2, "eval_tokens": None, "warmup": 1, "lr": 3e-3, "weight_decay": 0.01,
-                        "data_mb": 0.1, "seed": 0, "time_cap": 2.0, "quad_max_len": 64, "time_budget": 60.0,
-                        "backend": "auto", "models": list(MODELS)},
-    "tiny": {"device": "cpu", "dtype": "float32", "threads": 1, "d": 16, "depth": 2, "s": 8, "chunk_size": 16,
-                 "seq_lens": [16, 32], "tokens_per_step": 64, "steps": 4, "eval_every": 2, "eval_tokens": None,
-                 "warmup": 1, "lr": 3e-3, "weight_decay": 0.01, "data_mb": 0.05, "seed": 0, "time_cap": 2.0,
-                 "quad_max_len": 32, "time_budget": 0.0, "backend": "auto", "models": list(MODELS)},
+    "gpu-dry-run": dict(GPU, device="cpu", threads=1, d=32, depth=2, s=16, chunk_size=16,
+                        seq_lens=[32, 64], tokens_per_step=128, steps=6, eval_every=2, warmup=1,
+                        lr=3e-3, data_mb=0.1, quad_max_len=64, time_budget=60.0),
+    "tiny": dict(CPU_SWEEP, d=16, depth=2, s=8, chunk_size=16, seq_lens=[16, 32],
+                 tokens_per_step=64, steps=4, eval_every=2, warmup=1, data_mb=0.05,
+                 quad_max_len=32),
 }
 
 SETTING_HELP = {
@@ -189,20 +188,21 @@ def build_models(args, T):
     chunk = min(args.chunk_size, T)
     torch.manual_seed(args.seed)
     flash = FLASHLM(VOCAB, args.d, args.depth, s=args.s, chunk_size=chunk, backend=args.backend)
-    built = {"FLASH": (flash, {"layer": "flash", "depth": args.depth, "s": args.s, "e": 2 * args.d,
-                                   "chunk_size": chunk})}
+    built = {"FLASH": (flash, {"layer": "flash", "depth": args.depth, "s": args.s,
+                               "e": 2 * args.d, "chunk_size": chunk})}
     if "Transformer++" in args.models:
         depth, hidden = matching_config(VOCAB, args.d, count_params(flash))
         torch.manual_seed(args.seed)
         baseline = TransformerPP(VOCAB, args.d, depth, ffn_hidden=hidden)
         built["Transformer++"] = (baseline, {"depth": depth, "heads": max(1, args.d // 64),
-                                                 "ffn_hidden": hidden})
+                                             "ffn_hidden": hidden})
     if "FLASH-Quad" in args.models and T <= args.quad_max_len:
         torch.manual_seed(args.seed)
         quad = FLASHLM(VOCAB, args.d, args.depth, layer="gau", s=args.s, max_len=chunk,
                        quad_scale=1.0 / T, backend=args.backend)
-        built["FLASH-Quad"] = (quad, {"layer": "gau", "depth": args.depth, "s": args.s, "e": 2 * args.d,
-                                          "quad_scale": 1.0 / T, "bias_offsets": chunk})
+        built["FLASH-Quad"] = (quad, {"layer": "gau", "depth": args.depth, "s": args.s,
+                                      "e": 2 * args.d, "quad_scale": 1.0 / T,
+                                      "bias_offsets": chunk})
     if "FLASH" not in args.models:
         del built["FLASH"]
     return {name: (model.to(args.device), shape) for name, (model, shape) in built.items()}

@@ -172,13 +172,13 @@ def speed_table(rows, names):
         cells = [f"{row['T']:,}", str(row["batch"])]
         for n in names:
             r = row["runs"].get(n)
-            cells.append(f"{fmt_ms(r['ms_per_step'])} ({fmt_ms(r['ms_min'])}–{fmt_ms(r['ms_max'])})"
+            cells.append(f"{fmt_ms(r['ms_per_step'])} ({fmt_ms(r['ms_min'])}-{fmt_ms(r['ms_max'])})"
                          if r else "not run")
         for n in others:
             value = ratio(row, n)
             cells.append("-" if value is None else f"{value:.2f}x")
         cells += [steps_cell(row["runs"][n]) if n in row["runs"] else "-" for n in names]
-        cells.append("-" if row["load"] is None else f"{row['load'][0]:.1f}–{row['load'][1]:.1f}")
+        cells.append("-" if row["load"] is None else f"{row['load'][0]:.1f}-{row['load'][1]:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -186,7 +186,7 @@ def speed_table(rows, names):
 def quality_table(rows, names):
     others = [n for n in names if n != "FLASH"]
     head = (["T", "equal wall-clock"] + [f"{n} loss" for n in names]
-            + [f"FLASH − {n}" for n in others])
+            + [f"FLASH - {n}" for n in others])
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for row in rows:
         at = row["at_equal"]
@@ -261,12 +261,12 @@ def markdown(records):
     loses, wins = verdicts(rows)
     before, after = crossover(rows)
     parts = [
-        ("**Speed**: ms per training step, median over the timed segments (minimum–maximum: "
+        ("**Speed**: ms per training step, median over the timed segments (minimum-maximum: "
         "the spread); `÷ FLASH`: the model's ms per step over FLASH's (above 1: FLASH's step "
         "is faster); steps run (and why a model stopped before N); the 1-minute load average "
         "over the segments."), "", speed_table(rows, names), "",
         ("**Quality at equal wall-clock**: the validation loss (nats/byte) each model reaches "
-        "in the training seconds of the shortest curve at that T; `FLASH − X` below 0: FLASH "
+        "in the training seconds of the shortest curve at that T; `FLASH - X` below 0: FLASH "
         "is better."), "", quality_table(rows, names), "",
         ("**Time to the other's best**: each model's best validation loss and when it reached "
         "it, and the training seconds the other needs to reach it (`sooner`: faster than the "
@@ -283,7 +283,7 @@ def markdown(records):
     skipped = [f"- {name} at T = {row['T']:,}: {note}" for row in rows
                for name, note in row["skipped"].items()]
     if skipped:
-        parts += ["", "Not run:"] + skipped
+        parts += ["", "Not run:", *skipped]
     return "\n".join(parts) + "\n"
 
 
@@ -343,7 +343,7 @@ def describe(records):
             + (f", time budget {s['time_budget']:g} s" if s["time_budget"] else "")
             + f". The run took {sum(walls.values()) / 60:.1f} min")
     if loads:
-        text += (f"; the 1-minute load average over its segments ranged {min(loads):.1f}–"
+        text += (f"; the 1-minute load average over its segments ranged {min(loads):.1f}-"
                  f"{max(loads):.1f} (median {statistics.median(loads):.1f}) on "
                  f"{first['cpu_count']} cores")
     return text + "."
@@ -362,7 +362,7 @@ def plot(records, path):
     ncols = min(3, len(rows))
     nrows = math.ceil(len(rows) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows), squeeze=False)
-    for ax, row in zip(axes.flat, rows):
+    for ax, row in zip(axes.flat, rows, strict=False):
         for name in ORDER:
             r = row["runs"].get(name)
             if r is None:
