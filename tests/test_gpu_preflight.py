@@ -141,7 +141,7 @@ def test_runbook_dry_run(tmp_path):
     run (bf16 autocast at a tiny shape), the summary last, few files."""
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHON=sys.executable, INSTALL="0", BUDGET_S="200", TEST_TIMEOUT_S="120",
+    env.update(PYTHON=sys.executable, INSTALL="0", BUDGET_S="300", TEST_TIMEOUT_S="120",
                WORKERS="0", TEST_PATHS="tests/test_gpu_preflight.py", COMPARE_S="60",
                SELFTEST_ARGS="--dtypes fp32 --paths decode --seed 3",
                BENCH_ARGS="--seq-lens 512 --noncausal-seq-lens --modes fwd --impls torch "
