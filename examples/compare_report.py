@@ -254,6 +254,31 @@ def crossover(rows):
     return None, None
 
 
+def init_noise(rows):
+    """Sentences on the T where FLASH has a single chunk (C >= T): its linear part is then
+    empty and it computes the same function as FLASH-Quad (tests/test_compare_long_context.py),
+    so the two curves differ only by their initial draws. The gap between their losses at the
+    last step both evaluated measures how far those draws alone move the loss."""
+    sentences = []
+    for row in rows:
+        flash, quad = row["runs"].get("FLASH"), row["runs"].get("FLASH-Quad")
+        if not flash or not quad or flash.get("shape", {}).get("chunk_size", 0) < row["T"]:
+            continue
+        common = {step: loss for step, _, loss in flash["curve"]}
+        shared = [(step, common[step], loss) for step, _, loss in quad["curve"]
+                  if step in common and step > 0]
+        if not shared:
+            continue
+        step, flash_loss, quad_loss = shared[-1]
+        sentences.append(
+            f"At T = {row['T']:,} FLASH has one chunk and no linear part: it is the same "
+            f"function as FLASH-Quad, and only the random initial weights differ (FLASH draws "
+            f"four roles, FLASH-Quad two). At step {step} their validation losses differ by "
+            f"{abs(flash_loss - quad_loss):.3f} nats/byte: differences between models of about "
+            "that size in this short training can come from the initial draws alone.")
+    return sentences
+
+
 def markdown(records):
     """The tables and the sentences of one run, markdown."""
     rows = analyse(records)
@@ -280,6 +305,9 @@ def markdown(records):
     parts += [f"- {s}" for s in loses]
     parts += ["", "**Where FLASH wins**" + (":" if wins else ": nowhere in this run.")]
     parts += [f"- {s}" for s in wins]
+    noise = init_noise(rows)
+    if noise:
+        parts += ["", "**Noise of the initial draws**: " + " ".join(noise)]
     skipped = [f"- {name} at T = {row['T']:,}: {note}" for row in rows
                for name, note in row["skipped"].items()]
     if skipped:

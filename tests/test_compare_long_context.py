@@ -81,6 +81,32 @@ def test_tiny_sweep_records_aligned_curves_on_the_same_batches(tiny_run):
     for T in tiny["seq_lens"]:
         assert markdown.count(f"| {T} |") == 3                   # a row in each table
     assert "Where FLASH loses" in markdown and "Where FLASH wins" in markdown
+    assert "**Noise of the initial draws**: At T = 16 FLASH has one chunk" in markdown
+    assert "At T = 32 FLASH has one chunk" not in markdown          # C = 16: two chunks
+
+
+def test_flash_with_one_chunk_is_flash_quad():
+    """What the report's noise sentence rests on: at T = C, FLASH (mixed chunk attention, its
+    linear part empty) given FLASH-Quad's weights (its two quadratic roles) computes FLASH-Quad's
+    logits; at T = 2C it does not (the linear part and the chunk boundary count)."""
+    from flash_kernels.nn import FLASHLM
+    torch.manual_seed(0)
+    C = 16
+    flash = FLASHLM(256, 32, 2, s=16, chunk_size=C, backend="torch")
+    quad = FLASHLM(256, 32, 2, layer="gau", s=16, max_len=C, quad_scale=1.0 / C,
+                   backend="torch")
+    with torch.no_grad():
+        for layer in flash.layers:          # O(1) role scales, so that attention matters
+            layer.scale_offset.gamma.normal_()
+            layer.rel_pos.weight.normal_()
+        weights = flash.state_dict()
+        quad.load_state_dict({name: weights[name] if weights[name].shape == value.shape
+                              else weights[name][:value.shape[0]]    # roles quad_q, quad_k
+                              for name, value in quad.state_dict().items()})
+        one_chunk = torch.randint(0, 256, (2, C))
+        two_chunks = torch.randint(0, 256, (2, 2 * C))
+        assert torch.allclose(flash(one_chunk), quad(one_chunk), atol=1e-5)
+        assert not torch.allclose(flash(two_chunks), quad(two_chunks), atol=1e-3)
 
 
 def test_reading_curves_at_equal_wall_clock():
