@@ -51,17 +51,22 @@ examples/results/ and the README.
 The CPU preset and its arithmetic. d = 128, depth 4, S = 128 (E = 2d): 499,717 parameters (the
 model of examples/train_lm.py); 16,384 tokens per step (the least that holds one T = 16384
 sequence); N = 60 steps, k = 10; one CPU thread (on a shared 2-core machine at load ~6 a second
-thread mostly waits for a core: see train_lm.pick_threads). Measured there (forward + backward,
-load ~6): FLASH 3.4-4.0 s per step at every T; Transformer++ 1.9 s at T = 256, 2.3 s at 1024,
-3.8 s at 4096, 5.6 s at 8192 (about 10 s at 16384); FLASH-Quad 2.6, 6.3, 38 and 87 s. With the
-time cap F = 2, the seconds of training per T are about
-    T = 256:   FLASH 2 x 117 (capped: 58 steps) + Transformer++ 60 x 1.95 + Quad 60 x 2.6 = 505
-    T = 1024:  60 x 3.4 + 60 x 2.3 + FLASH-Quad 2 x 138 (44 steps)                       = 618
-    T = 4096:  60 x 3.5 + 60 x 3.8 + FLASH-Quad 2 x 210 (11 steps)                       = 858
-    T = 8192:  60 x 3.4 + 60 x 5.6 + FLASH-Quad 2 x 204 (5 steps)                        = 948
-    T = 16384: 60 x 3.5 + Transformer++ 2 x 210 (about 40 steps); no FLASH-Quad          = 630
-3,560 s, plus evaluation (a forward pass, about a third of a step, 7 to 12 times per model):
-about an hour. On a quieter machine it is shorter; --steps trades length for time linearly.
+thread mostly waits for a core: see train_lm.pick_threads). Seconds per step measured in the
+published run (examples/results/, load 3.6-10.2, median 6.3):
+    T          256    1024   4096   8192   16384
+    FLASH      4.0    2.5    2.8    2.7    2.6
+    T++        2.6    1.9    2.9    4.2    7.0
+    FLASH-Quad 4.6    6.7    20.3   52.7   (not run)
+With the time cap F = 2 a model stops at twice the fastest model's N-step time, so a T costs
+about (its two fastest models' N steps) + (the slowest's min(N steps, 2 x the fastest's)):
+    T = 256:   60 x 4.0 + 60 x 2.6 + 60 x 4.6          = 672 s
+    T = 1024:  60 x 2.5 + 60 x 1.9 + 2 x 114 (37 steps) = 492 s
+    T = 4096:  60 x 2.8 + 60 x 2.9 + 2 x 176 (18 steps) = 694 s
+    T = 8192:  60 x 2.7 + 60 x 4.2 + 2 x 161 (7 steps)  = 736 s
+    T = 16384: 60 x 2.6 + 2 x 145 (43 steps)           = 446 s
+3,040 s of training, plus evaluation (a forward pass, about a third of a step, 7 times per model
+and more for slow ones): the published run took 3,487 s (58 min). --steps trades length for
+time linearly.
 """
 import argparse
 import gc
@@ -445,7 +450,7 @@ def sweep(args):
         if "FLASH-Quad" in args.models and T > args.quad_max_len:
             block.append(skipped_record(
                 "FLASH-Quad", T, meta, args,
-                f"not run: T > quad_max_len = {args.quad_max_len} (its T x T attention scores)"))
+                f"T > quad_max_len = {args.quad_max_len} (its T x T attention scores)"))
         append_records(results, block)
         records += block
         del runs, built

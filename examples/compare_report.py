@@ -22,6 +22,8 @@ ORDER = ("FLASH", "Transformer++", "FLASH-Quad")
 COLORS = {"FLASH": "C3", "Transformer++": "C0", "FLASH-Quad": "C2"}
 #: Losses closer than this (nats/byte) count as level in the sentences on who wins.
 LEVEL = 0.01
+#: Step times within this fraction of each other count as level there.
+SPEED_LEVEL = 0.05
 FILES = ("compare_long_context.md", "compare_long_context.txt", "compare_long_context.png")
 
 
@@ -183,10 +185,22 @@ def speed_table(rows, names):
     return "\n".join(lines)
 
 
+def at_equal_steps(row, other):
+    """(step, FLASH's loss, other's loss) at the last step (> 0) both evaluated, or None."""
+    flash, them = row["runs"].get("FLASH"), row["runs"].get(other)
+    if not flash or not them:
+        return None
+    mine = {step: loss for step, _, loss in flash["curve"]}
+    common = [(step, mine[step], loss) for step, _, loss in them["curve"]
+              if step in mine and step > 0]
+    return common[-1] if common else None
+
+
 def quality_table(rows, names):
     others = [n for n in names if n != "FLASH"]
     head = (["T", "equal wall-clock"] + [f"{n} loss" for n in names]
-            + [f"FLASH - {n}" for n in others])
+            + [f"FLASH - {n}" for n in others]
+            + [f"FLASH / {n} at equal steps" for n in others])
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for row in rows:
         at = row["at_equal"]
@@ -197,6 +211,9 @@ def quality_table(rows, names):
                 cells.append("-")
             else:
                 cells.append(f"{at['FLASH'] - at[n]:+.3f}")
+        for n in others:
+            same = at_equal_steps(row, n)
+            cells.append("-" if same is None else f"{same[1]:.3f} / {same[2]:.3f} (step {same[0]})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -222,7 +239,8 @@ def reach_table(rows, names):
 
 def verdicts(rows):
     """(loses, wins): one sentence per T and competitor where FLASH is slower per step or
-    worse at equal wall-clock (loses), or faster and not worse (wins)."""
+    worse at equal wall-clock (loses), or else (wins: not slower, not worse). Step times
+    within SPEED_LEVEL and losses within LEVEL of each other count as level."""
     loses, wins = [], []
     for row in rows:
         at = row["at_equal"]
@@ -231,15 +249,16 @@ def verdicts(rows):
             if speed is None or at.get("FLASH") is None or at.get(n) is None:
                 continue
             gap = at["FLASH"] - at[n]
-            where = f"T = {row['T']:,} against {n}"
-            speed_text = (f"FLASH's step takes {1 / speed:.2f}x as long" if speed < 1 else
-                          f"FLASH's step is {speed:.2f}x faster")
-            quality = (f"{gap:.3f} nats/byte worse" if gap > LEVEL else
-                       f"{-gap:.3f} nats/byte better" if gap < -LEVEL else "level (within "
-                       f"{LEVEL})")
-            sentence = (f"{where}: {speed_text}; at equal wall-clock "
-                        f"({fmt_s(row['equal_seconds'])}) FLASH is {quality}.")
-            (loses if speed < 1 or gap > LEVEL else wins).append(sentence)
+            speed_text = (f"level per step ({speed:.2f}x, within {SPEED_LEVEL:.0%})"
+                          if abs(speed - 1) < SPEED_LEVEL else
+                          f"slower per step (its step takes {1 / speed:.2f}x as long)"
+                          if speed < 1 else f"faster per step ({speed:.2f}x)")
+            when = f"at {fmt_s(row['equal_seconds'])}"
+            quality = (f"worse at equal wall-clock ({gap:.3f} nats/byte {when})" if gap > LEVEL
+                       else f"better at equal wall-clock ({-gap:.3f} nats/byte {when})"
+                       if gap < -LEVEL else f"level at equal wall-clock (within {LEVEL} {when})")
+            sentence = f"T = {row['T']:,} against {n}: FLASH is {speed_text} and {quality}."
+            (loses if speed <= 1 - SPEED_LEVEL or gap > LEVEL else wins).append(sentence)
     return loses, wins
 
 
@@ -308,8 +327,8 @@ def markdown(records):
     noise = init_noise(rows)
     if noise:
         parts += ["", "**Noise of the initial draws**: " + " ".join(noise)]
-    skipped = [f"- {name} at T = {row['T']:,}: {note}" for row in rows
-               for name, note in row["skipped"].items()]
+    skipped = [f"- {name} at T = {row['T']:,}: {note.removeprefix('not run: ')}"
+               for row in rows for name, note in row["skipped"].items()]
     if skipped:
         parts += ["", "Not run:", *skipped]
     return "\n".join(parts) + "\n"
@@ -456,7 +475,11 @@ def readme_section(runs, figure_for, results_path):
         "reversed every round), so the load of a shared machine reaches all alike; wall-clock "
         "is training seconds (steps only, evaluation excluded), and losses at equal "
         "wall-clock are read off the validation curves (linear between points). A model stops "
-        "early only at the time cap (a multiple of the fastest model's time for N steps)."),
+        "early only at the time cap (a multiple of the fastest model's time for N steps). "
+        "Read the numbers as what they are: one seed, short training (a preset's N steps) of "
+        "small models, the beginning of the curves the paper reports for long runs of large "
+        "models; the noise of the initial draws is estimated under each run's tables, and a "
+        "CPU weighs the operations differently from a GPU or a TPU."),
         ""]
     for records in order:
         first = records[0]

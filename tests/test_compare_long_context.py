@@ -147,7 +147,8 @@ def test_where_flash_loses_and_wins_follows_the_numbers():
     assert rows[1]["reach"][("FLASH", "Transformer++")] == pytest.approx(0.1 + 0.1 * 0.4)
     loses, wins = report.verdicts(rows)
     assert len(loses) == 1 and loses[0].startswith("T = 256 against Transformer++")
-    assert "2.00x as long" in loses[0] and "1.500 nats/byte worse" in loses[0]
+    assert loses[0].endswith("FLASH is slower per step (its step takes 2.00x as long) and worse "
+                             "at equal wall-clock (1.500 nats/byte at 0.200 s).")
     assert len(wins) == 1 and wins[0].startswith("T = 8,192 against Transformer++")
     assert report.crossover(rows) == (256, 8192)
     markdown = report.markdown(records)
@@ -155,6 +156,7 @@ def test_where_flash_loses_and_wins_follows_the_numbers():
     assert "not in 0.400 s" in markdown                     # FLASH never reaches 2.5 at 256
     assert "0.150 s (2.67x sooner)" in markdown             # Transformer++ reaches 3.0 at 256
     assert "0.140 s (4.29x sooner)" in markdown             # FLASH reaches 2.6 at 8192
+    assert "| 3.000 / 2.500 (step 2) |" in markdown and "| 2.000 / 2.600 (step 2) |" in markdown
 
 
 def test_publish_copies_the_run_and_regenerates_the_readme_section(tiny_run, tmp_path):
