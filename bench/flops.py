@@ -27,7 +27,7 @@ def flash_flops(T, S, E, chunk_size=256, *, causal=True, linear=True, mode="fwd"
                       C*(S + E)    causal: half the pairs are masked (the contract's approximation;
                                    exactly (C + 1) / 2 keys on average);
       linear part     4*S*E        2SE to add k_j v_j^T to its chunk state H_g and 2SE for
-                                   q_lin^T P; zero when linear=False (FLASH-Quad).
+                                   q_lin^T P; zero when linear=False (chunk-local only).
     Backward = 2 x forward; forward+backward ("fwd+bwd") = 3 x forward.
 
     Example: T=512, S=128, E=1536, C=256, causal, forward:

@@ -25,8 +25,16 @@
 #      PER_TEST_TIMEOUT_S (pytest-timeout) and the stage at TEST_TIMEOUT_S (default 240 s);
 #   4. the benchmark (`python -m bench.run --full`) with the time left, its plots and README
 #      section;
-#   5. a one-screen summary, printed last (bench/gpu_summary.py): the self-test's table, tests
-#      per file with the skip reasons, every bf16 test, the headline timings at the paper shape.
+#   5. the long-context training comparison, last of the measurements and capped at COMPARE_S
+#      (default 120 s; the benchmark's budget leaves that much): examples/compare_long_context.py
+#      --preset gpu (bf16, d = 512, 8 layers, S = 128, E = 2d, T = 1024, 4096 and 8192): FLASH,
+#      Transformer++ (SDPA) and FLASH-Quad trained alternately on the same batches, validation
+#      loss against wall-clock; its results go into logs.tar.gz (compare/), its table into the
+#      summary. Publish on a development machine: extract compare/compare_long_context.jsonl
+#      and run `python examples/publish_compare.py --results PATH`;
+#   6. a one-screen summary, printed last (bench/gpu_summary.py): the self-test's table, tests
+#      per file with the skip reasons, every bf16 test, the headline timings at the paper shape,
+#      the long-context comparison's table.
 #
 # Compile work of step 3, estimated on a CPU machine with the GPU's software (Triton 3.6) from
 # the launches the selection records under the interpreter (bench/gpu_selection.py, 2026-11-23):
@@ -41,16 +49,18 @@
 # `python -m bench.plots && python -m bench.readme`), bench_section.md, tests.jsonl (one line
 # per test outcome, written as the tests end) and logs.tar.gz (machine.txt, pip_list.txt,
 # preflight.txt, selftest.log, selftest.json, install.log, tests.log, bench.log,
-# plots, README.md with the regenerated benchmark section, elapsed.txt, triton_cache.txt).
+# plots, README.md with the regenerated benchmark section, elapsed.txt, triton_cache.txt,
+# compare.log and compare/: the comparison's records, tables and figure).
 # The Triton cache (OUTDIR/work/triton_cache while it runs) is counted, then deleted.
 #
 # On a machine without CUDA this is a dry run of the same steps: the preflight kernel, the
 # self-test and the tests run under TRITON_INTERPRET=1 (capped by SELFTEST_TIMEOUT_S and
-# TEST_TIMEOUT_S), the benchmark in quick mode.
+# TEST_TIMEOUT_S), the benchmark in quick mode, the comparison as --preset gpu-dry-run (the GPU
+# preset's code path, bf16 autocast and time budget, at a tiny shape on the CPU).
 #
 # Environment knobs: PYTHON (default python3, else python), BUDGET_S, SELFTEST_TIMEOUT_S,
 # SELFTEST_ARGS (extra arguments for flash_kernels.selftest, e.g. "--dtypes bf16"),
-# TEST_TIMEOUT_S,
+# TEST_TIMEOUT_S, COMPARE_S (default 120; 0 = no comparison),
 # PER_TEST_TIMEOUT_S (default 150), WORKERS (default 8; 0 = no xdist), TEST_SELECTION (default
 # "gpu"), TEST_PATHS (default tests), FLASH_KERNELS_FUZZ_EXAMPLES (default 8), BENCH_ARGS (extra
 # arguments for bench.run), BENCH_MODE (default --full on a GPU, --quick without), INSTALL=0
@@ -72,6 +82,7 @@ SELFTEST_TIMEOUT_S="${SELFTEST_TIMEOUT_S:-150}"
 TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-240}"
 PER_TEST_TIMEOUT_S="${PER_TEST_TIMEOUT_S:-150}"
 WORKERS="${WORKERS:-8}"
+COMPARE_S="${COMPARE_S:-120}"
 export FLASH_KERNELS_FUZZ_EXAMPLES="${FLASH_KERNELS_FUZZ_EXAMPLES:-8}"
 START=$(date +%s)
 WORK="$OUT/work"
@@ -113,6 +124,7 @@ finish() {
     "$PY" -m bench.gpu_summary --preflight "$WORK/preflight.txt" --tests "$WORK/tests.jsonl" \
         --selftest "$WORK/selftest.json" --selftest-rc "$SELFTEST_RC" \
         --results "$WORK/results.jsonl" --tests-rc "$TESTS_RC" --elapsed "$(elapsed)" \
+        --compare "$WORK/compare/compare_long_context.txt" \
         --output "$OUT/summary.txt" > /dev/null 2>&1 \
         || echo "the summary failed; see logs.tar.gz" > "$OUT/summary.txt"
     tar -czf "$OUT/logs.tar.gz" -C "$WORK" . && rm -rf "$WORK"
@@ -201,7 +213,8 @@ else
 fi
 
 LEFT=$(( BUDGET_S - $(elapsed) ))
-BENCH_BUDGET=$(( LEFT - 60 ))     # the last point, the peak, report, plots and summary after it
+# the last point, the peak, report, plots and summary after it; the comparison after them
+BENCH_BUDGET=$(( LEFT - 60 - COMPARE_S ))
 if [ "$BENCH_BUDGET" -lt 30 ]; then BENCH_BUDGET=30; fi
 IMPL_ARGS=()
 if [ "$PREFLIGHT_RC" != 0 ]; then
@@ -224,3 +237,22 @@ stage "plots and README section"
 } >> "$WORK/bench.log" 2>&1
 "$PY" -m bench.readme --results "$WORK/results.jsonl" --readme "$WORK/README.md" --stdout \
     > "$WORK/bench_section.md" 2>> "$WORK/bench.log"
+
+# Last: the long-context comparison, in what is left of the budget (at most COMPARE_S). Its
+# driver stops training COMPARE_BUDGET - 20 s after it starts (each T a share; records are
+# appended after every T), the timeout is the backstop.
+LEFT=$(( BUDGET_S - $(elapsed) - 10 ))     # the summary after it
+COMPARE_BUDGET=$(( LEFT < COMPARE_S ? LEFT : COMPARE_S ))
+if [ "$COMPARE_S" -le 0 ]; then
+    echo "COMPARE_S=$COMPARE_S: long-context comparison not run" | tee "$WORK/compare.log"
+elif [ "$COMPARE_BUDGET" -lt 40 ]; then
+    echo "long-context comparison not run: ${LEFT} s left of BUDGET_S" | tee "$WORK/compare.log"
+else
+    stage "long-context comparison (at most ${COMPARE_BUDGET} s)"
+    if [ "$DRY_RUN" = 1 ]; then COMPARE_PRESET=gpu-dry-run; else COMPARE_PRESET=gpu; fi
+    timeout -k 10 -s INT "$COMPARE_BUDGET" "$PY" examples/compare_long_context.py \
+        --preset "$COMPARE_PRESET" --time-budget $(( COMPARE_BUDGET - 20 )) \
+        --output-dir "$WORK/compare" > "$WORK/compare.log" 2>&1
+    echo "comparison exit code $? ($(grep -c . "$WORK/compare/compare_long_context.jsonl" \
+        2>/dev/null || echo 0) records)"
+fi

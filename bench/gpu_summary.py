@@ -5,12 +5,14 @@ From the preflight report, the self-test's JSON report (`python -m flash_kernels
 benchmark's results.jsonl: the machine, the preflight verdict, the self-test's verdict and table
 (one row per kernel path and dtype, plus the ptxas and driver it ran with), tests passed /
 failed / skipped per file with the skip reasons and the first failures, every bf16 test's
-outcome, and the headline timings at the paper shape (the forward+backward table of the run's
-bf16 causal points and the performance targets). Each part says so when its input is missing,
-so the last screen holds the evidence of whatever ran.
+outcome, the headline timings at the paper shape (the forward+backward table of the run's
+bf16 causal points and the performance targets), and the long-context training comparison's
+table (examples/compare_long_context.py writes it as compare_long_context.txt). Each part says
+so when its input is missing, so the last screen holds the evidence of whatever ran.
 
     python -m bench.gpu_summary --preflight F --selftest F --tests F --results F
-                                [--selftest-rc N] [--tests-rc N] [--elapsed S] [--output F]
+                                [--selftest-rc N] [--tests-rc N] [--elapsed S] [--compare F]
+                                [--output F]
 """
 import argparse
 import collections
@@ -121,8 +123,18 @@ def timings_section(results_path):
     return lines
 
 
+def compare_section(path):
+    """The long-context comparison's narrow table (its compare_long_context.txt), or a line
+    saying that there is none."""
+    if not path or not os.path.exists(path):
+        return [f"long-context comparison: no table ({path})"]
+    with open(path) as f:
+        lines = [line.rstrip("\n")[:WIDTH] for line in f if line.strip()]   # columns kept
+    return lines or [f"long-context comparison: the table is empty ({path})"]
+
+
 def summary(preflight_path, tests_path, results_path, tests_rc="?", elapsed=None,
-            selftest_path=None, selftest_rc="?"):
+            selftest_path=None, selftest_rc="?", compare_path=None):
     lines = ["=" * 30 + " GPU run summary " + "=" * 30]
     if preflight_path and os.path.exists(preflight_path):
         with open(preflight_path) as f:
@@ -138,6 +150,7 @@ def summary(preflight_path, tests_path, results_path, tests_rc="?", elapsed=None
         lines += timings_section(results_path)
     except Exception as exc:  # noqa: BLE001 - the summary must still print
         lines.append(f"timings: could not be read: {type(exc).__name__}: {exc}")
+    lines += compare_section(compare_path)
     if elapsed is not None:
         lines.append(f"elapsed: {elapsed} s")
     return "\n".join(lines) + "\n"
@@ -152,10 +165,11 @@ def main(argv=None) -> int:
     parser.add_argument("--results")
     parser.add_argument("--tests-rc", default="?")
     parser.add_argument("--elapsed")
+    parser.add_argument("--compare", help="compare_long_context.txt of the comparison")
     parser.add_argument("--output")
     args = parser.parse_args(argv)
     text = summary(args.preflight, args.tests, args.results, args.tests_rc, args.elapsed,
-                   args.selftest, args.selftest_rc)
+                   args.selftest, args.selftest_rc, args.compare)
     if args.output:
         with open(args.output, "w") as f:
             f.write(text)

@@ -2,6 +2,8 @@
 
     python examples/train_lm.py                    # FLASH LM, a few minutes on a CPU
     python examples/train_lm.py --compare          # + a Transformer++ with as many parameters
+                                                   # (at one T; for T up to 16384 and
+                                                   # FLASH-Quad: compare_long_context.py)
     python examples/train_lm.py --check-backends   # same seed, backend "torch" vs "triton"
     python examples/train_lm.py --pack             # packed documents: one source file = one
     python examples/train_lm.py --tiny --steps 2   # smoke test
@@ -224,6 +226,18 @@ def lr_at(step, args):
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def make_optimizer(model, args):
+    """AdamW (betas 0.9, 0.95; weight decay args.weight_decay on the matrices only) or, with
+    args.optimizer == "sgd", SGD; at args.lr (the schedule sets it per step: lr_at)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if getattr(args, "optimizer", "adamw") == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+
+
 @torch.no_grad()
 def evaluate(model, val, args):
     gen = torch.Generator().manual_seed(args.seed + 1)          # the same batches every time
@@ -239,14 +253,7 @@ def train(model, train_data, val_data, args, label, quiet=False):
     seconds after each step], "val": [(step, seconds, loss)], "tok_s"}; the validation loss is
     taken before the first step too (step 0). Seconds count the training steps only (not
     batch sampling nor evaluation)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    if args.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, lr=args.lr)
-    else:
-        opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    opt = make_optimizer(model, args)
     gen = torch.Generator().manual_seed(args.seed)              # same data order for every model
     history = {"train": [], "seconds": [], "val": [], "tok_s": 0.0}
     tokens, elapsed = 0, 0.0

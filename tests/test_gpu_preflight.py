@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -82,6 +83,19 @@ def test_summary_without_any_input():
     text = gpu_summary.summary(None, None, None)
     assert "preflight: no report" in text and "tests: no test report" in text
     assert "self-test: no report (None): not run (exit ?)" in text
+    assert "long-context comparison: no table (None)" in text
+
+
+def test_summary_keeps_the_comparison_table_columns(tmp_path):
+    """The comparison's narrow table goes into the summary with its alignment (not
+    whitespace-collapsed as other lines are) and cut at the summary's width."""
+    table = tmp_path / "compare_long_context.txt"
+    rows = ["long-context comparison (ms/step, ...):",
+            "  T=1024   b=32   FLASH 41.2  T++ 35.0 (0.85x)  Quad 60.1 (1.46x)",
+            "  " + "x" * 120]
+    table.write_text("\n".join(rows) + "\n")
+    text = gpu_summary.summary(None, None, None, compare_path=str(table))
+    assert rows[1] in text.splitlines() and ("  " + "x" * 98) in text.splitlines()
 
 
 def _selftest_report(rows):
@@ -123,11 +137,12 @@ def test_summary_shows_the_selftest_table(tmp_path):
 
 def test_runbook_dry_run(tmp_path):
     """bench/gpu_runbook.sh end to end on this machine: preflight, the GPU selection of one test
-    file, a one-point quick benchmark, plots, README section, the summary last, few files."""
+    file, a one-point quick benchmark, plots, README section, the long-context comparison's dry
+    run (bf16 autocast at a tiny shape), the summary last, few files."""
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHON=sys.executable, INSTALL="0", BUDGET_S="200", TEST_TIMEOUT_S="120",
-               WORKERS="0", TEST_PATHS="tests/test_gpu_preflight.py",
+    env.update(PYTHON=sys.executable, INSTALL="0", BUDGET_S="300", TEST_TIMEOUT_S="120",
+               WORKERS="0", TEST_PATHS="tests/test_gpu_preflight.py", COMPARE_S="60",
                SELFTEST_ARGS="--dtypes fp32 --paths decode --seed 3",
                BENCH_ARGS="--seq-lens 512 --noncausal-seq-lens --modes fwd --impls torch "
                         "--no-memory --varlen-tokens 0")
@@ -149,3 +164,14 @@ def test_runbook_dry_run(tmp_path):
     assert "test_gpu_preflight.py" in summary and "timings (fwd" in summary
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["impl"] for r in records} == {"torch"} and {r["T"] for r in records} == {512}
+    # the comparison ran last, into logs.tar.gz (the file count above is unchanged), its table
+    # in the summary
+    assert summary.index("timings (fwd") < summary.index("long-context comparison (ms/step")
+    assert "T=32" in summary and "T=64" in summary
+    with tarfile.open(out / "logs.tar.gz") as logs:
+        compare_file = logs.extractfile("./compare/compare_long_context.jsonl")
+        compared = [json.loads(line) for line in compare_file.read().decode().splitlines()]
+    assert {(r["T"], r["model"]) for r in compared} == {
+        (T, model) for T in (32, 64) for model in ("FLASH", "Transformer++", "FLASH-Quad")}
+    assert {(r["preset"], r["dtype"], r["status"]) for r in compared} == {
+        ("gpu-dry-run", "bfloat16", "ok")}

@@ -412,7 +412,8 @@ class GatedAttentionLayer(nn.Module):
 
 
 class GAU(GatedAttentionLayer):
-    """Gated Attention Unit with full quadratic attention (FLASH paper, section 2).
+    """Gated Attention Unit with full quadratic attention (FLASH paper, section 2); the paper's
+    FLASH-Quad is a stack of these (FLASHLM(layer="gau")).
 
     One chunk as long as the sequence (chunk_size=None), roles (quad_q, quad_k):
         a_ij = relu(quad_scale <q_i, k_j> + b(i - j))^2   (j <= i when causal),  out_i = sum_j a_ij v_j
@@ -448,9 +449,10 @@ class FLASH(GatedAttentionLayer):
         lin_i  = lin_scale ql_i^T sum_{chunks g before chunk(i)} sum_{j in g} kl_j v_j^T
                  (all chunks when not causal)
         out_i  = u_i * (quad_i + lin_i)
-    quad_scale = lin_scale = 1 / C by default (the paper's code). linear=False gives FLASH-Quad
-    (quadratic attention inside chunks only, no linear part). The learned relative bias has
-    one weight per offset within a chunk.
+    quad_scale = lin_scale = 1 / C by default (the paper's code). linear=False keeps only the
+    chunk-local quadratic part (no linear part; this is not the paper's FLASH-Quad, which is a
+    stack of GAU layers: full quadratic attention). The learned relative bias has one weight
+    per offset within a chunk.
 
     Decoding (step) keeps the float32 S x E state of the completed chunks and the current chunk's
     keys and values: work per token is bounded by C and S x E.

@@ -21,7 +21,8 @@ class FLASHLM(nn.Module):
 
     Args:
         vocab_size, d, depth: vocabulary, model width, number of layers.
-        layer: "flash" (mixed chunk attention, chunk_size C) or "gau" (full quadratic attention).
+        layer: "flash" (mixed chunk attention, chunk_size C) or "gau" (full quadratic attention:
+            the paper's FLASH-Quad).
         s, expansion, causal, rel_pos, rope, norm, quad_scale, lin_scale, backend: passed to
             every layer (see FLASH and GAU); chunk_size and linear to FLASH layers, max_len to
             GAU layers (their constant quad_scale 1/max_len and learned bias range).
