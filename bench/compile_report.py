@@ -4,7 +4,7 @@ For every config below, runs `mixed_chunk_attention(..., backend="triton")` forw
 under TRITON_INTERPRET=1 in a child process, recording each kernel launch (kernel, argument types,
 constexprs, num_warps/num_stages); then compiles every distinct launch for sm_80 and sm_90 with
 `triton.compile` and reads registers, spills, shared memory and wgmma use from the cubin
-(`flash_kernels.aot_compile`). Writes bench/results/compile_report.md; exits non-zero when a launch
+(`tools.aot_compile`). Writes bench/results/compile_report.md; exits non-zero when a launch
 cannot be recorded, does not compile, or exceeds a hardware limit.
 
 The interpreter cannot run bf16 dots, so bf16 configs are recorded in fp16 and their fp16 types
@@ -28,7 +28,7 @@ import os
 import sys
 import time
 
-from flash_kernels.aot_compile import (REPORT_PREAMBLE, error_details, markdown_table,
+from tools.aot_compile import (REPORT_PREAMBLE, error_details, markdown_table,
                                        measure_launches, record_from_dict, record_in_interpreter,
                                        record_key, retype_record, row_failed, summary_line)
 

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile machinery (flash_kernels.aot_compile) on a toy tl.dot kernel.
+"""Ahead-of-time compile machinery (tools.aot_compile) on a toy tl.dot kernel.
 
 The launch is recorded under TRITON_INTERPRET=1 in a child process (no GPU needed), then compiled
 for sm_80 and sm_90 without the interpreter (in this process, or in a child process when this one
@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from flash_kernels.aot_compile import (SHARED_MEMORY_LIMIT_BYTES, compile_record,
+from tools.aot_compile import (SHARED_MEMORY_LIMIT_BYTES, compile_record,
                                        dedupe_records, load_records, measure_launches,
                                        record_in_interpreter, render_markdown, retype_record,
                                        row_failed, save_records)
@@ -121,7 +121,7 @@ def test_cli_reports_compile_errors(toy_records, tmp_path):
     md = tmp_path / "report.md"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, TESTS_DIR, env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "flash_kernels.aot_compile", str(records_path),
+    proc = subprocess.run([sys.executable, "-m", "tools.aot_compile", str(records_path),
                            "--capabilities", "90", "--markdown", str(md)],
                           env=env, cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr
@@ -138,7 +138,7 @@ import torch
 import aot_toy_kernels as toy
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
-from flash_kernels.aot_compile import compile_record
+from tools.aot_compile import compile_record
 from flash_kernels.utils import make_launch_record
 
 # What the JIT specialises: a pointer 2 bytes past a multiple of 16, ints that are not multiples

@@ -1,7 +1,7 @@
 """Ahead-of-time compile of every kernel the op launches, for sm_80 and sm_90, without a GPU.
 
 The launches are recorded while the op runs forward + backward under TRITON_INTERPRET=1 (in a
-child process), then compiled to cubin with `triton.compile` (see flash_kernels/aot_compile.py
+child process), then compiled to cubin with `triton.compile` (see tools/aot_compile.py
 and bench/compile_report.py, which writes the full table to bench/results/compile_report.md).
 This catches what the interpreter lets through: compile errors, shared memory over the
 hardware limit, more than 255 registers, and spills at the paper shape on sm_90.
@@ -14,7 +14,7 @@ import pytest
 import triton
 
 from bench.compile_report import CONFIGS, record_config
-from flash_kernels.aot_compile import error_details, markdown_table, measure_launches, row_failed
+from tools.aot_compile import error_details, markdown_table, measure_launches, row_failed
 from interpreter_shim import version_tuple
 
 ALL_KERNELS = {"chunk_state_scan_kernel", "mixed_chunk_fwd_kernel", "mixed_chunk_bwd_query_kernel",
@@ -33,7 +33,7 @@ CASES = {
 
 
 # The launches are recorded under the interpreter in a fresh process of the package's own
-# recorder (flash_kernels.aot_compile), which the test-time shim (tests/interpreter_shim.py)
+# recorder (tools.aot_compile), which the test-time shim (tests/interpreter_shim.py)
 # does not reach: there Triton < 3.7's interpreter fails on loops with a run-time bound when
 # numpy >= 2.4 is installed (docs/contract.md section 6).
 pytestmark = pytest.mark.skipif(

@@ -16,7 +16,7 @@ Typical use, without a GPU (docs/contract.md section 6):
 
 or from the shell:
 
-    python -m flash_kernels.aot_compile records.json --capabilities 80 90 --markdown out.md
+    python -m tools.aot_compile records.json --capabilities 80 90 --markdown out.md
 
 Compiling needs Triton's real JIT, so it refuses to run with TRITON_INTERPRET=1 set (under the
 interpreter `triton.jit` makes interpreter objects that cannot be compiled); recording needs the
@@ -33,7 +33,7 @@ import sys
 import tempfile
 import warnings
 
-from .utils import LaunchRecord, triton_interpret_enabled
+from flash_kernels.utils import LaunchRecord, triton_interpret_enabled
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,7 +136,7 @@ _RECORDER_TEMPLATE = """\
 import sys
 sys.path[:0] = {sys_path!r}
 from flash_kernels.utils import record_launches
-from flash_kernels.aot_compile import save_records
+from tools.aot_compile import save_records
 with open({snippet_path!r}) as _f:
     _code = compile(_f.read(), "<recorded snippet>", "exec")
 with record_launches() as _records:
@@ -188,10 +188,10 @@ def record_in_interpreter(snippet: str, sys_path=(), timeout: float = 1800) -> l
 def _require_compile_mode():
     if triton_interpret_enabled():
         raise RuntimeError(
-            "flash_kernels.aot_compile cannot compile with TRITON_INTERPRET=1 set: under the "
+            "tools.aot_compile cannot compile with TRITON_INTERPRET=1 set: under the "
             "interpreter triton.jit returns interpreter objects. Compile in a process without it "
             "(measure_launches does this for you, or run `env -u TRITON_INTERPRET python -m "
-            "flash_kernels.aot_compile ...`).")
+            "tools.aot_compile ...`).")
 
 
 def load_kernel(record: LaunchRecord):
@@ -248,7 +248,7 @@ def _stand_in_value(record: LaunchRecord, name: str):
 class _RecordingDriver:
     """The minimum of a Triton driver the JIT asks for before it compiles: a device, a stream
     and the target (no GPU behind it)."""
-    device = "flash_kernels.aot_compile"       # a device key no real launch uses
+    device = "tools.aot_compile"       # a device key no real launch uses
 
     def __init__(self, capability: int):
         from triton.backends.compiler import GPUTarget
@@ -466,7 +466,7 @@ def measure_records_in_subprocess(records, capabilities=(80, 90), sys_path=(),
         records_path = os.path.join(tmp, "records.json")
         rows_path = os.path.join(tmp, "rows.json")
         save_records(records, records_path)
-        cmd = [python or sys.executable, "-m", "flash_kernels.aot_compile", records_path,
+        cmd = [python or sys.executable, "-m", "tools.aot_compile", records_path,
                "--capabilities", *map(str, capabilities), "--json", rows_path]
         for p in sys_path:
             cmd += ["--sys-path", p]
@@ -598,10 +598,10 @@ def render_markdown(rows, title: str = "Ahead-of-time compile report", notes: st
 # --------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    """`python -m flash_kernels.aot_compile records.json [...] --capabilities 80 90
+    """`python -m tools.aot_compile records.json [...] --capabilities 80 90
     --markdown out.md [--json rows.json] [--sys-path DIR]`; exit status 1 if any compile fails or
     exceeds a hardware limit."""
-    parser = argparse.ArgumentParser(prog="python -m flash_kernels.aot_compile",
+    parser = argparse.ArgumentParser(prog="python -m tools.aot_compile",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("records", nargs="+", help="JSON files written by save_records")
     parser.add_argument("--capabilities", nargs="+", type=int, default=[80, 90])
