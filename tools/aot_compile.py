@@ -1,26 +1,40 @@
-"""Ahead-of-time compile of recorded kernel launches for sm_80 / sm_90, on a machine with no GPU.
+"""Ahead-of-time compile of recorded kernel launches for every GPU architecture, on a machine
+with no GPU.
 
 Every kernel launch of the ops goes through `flash_kernels.utils.launch`, which (inside
 `record_launches()`) writes a `LaunchRecord`: the kernel, its argument types, constexpr values,
 16-divisibility specialisations and num_warps/num_stages, as Triton's JIT would specialise it.
-This module compiles those records with `triton.compile` for a chosen GPU target (the whole
-pipeline down to PTX and cubin runs on the CPU) and reads the resources of the result with the
-cuobjdump bundled in the Triton wheel: registers, stack (spills), shared memory, and whether the
-Hopper wgmma instructions (SASS `HGMMA`) are used.
+This module records them under the interpreter (a child process with TRITON_INTERPRET=1, and
+FLASH_KERNELS_TARGET naming the architecture the runtime should choose its tiles for), compiles
+them with `triton.compile` for a target (the whole pipeline down to the cubin or the AMD code
+object runs on the CPU) and reads the resources of the result:
+
+- NVIDIA (`cuda:<capability>`): registers, stack (spills) and static shared memory from the
+  cuobjdump bundled in the Triton wheel, tensor-core instructions (HMMA, HGMMA, tcgen05
+  UTC*MMA, ...) counted in the SASS;
+- AMD (`hip:<gfx arch>`): VGPRs / AGPRs / SGPRs, scratch (spills) and static LDS from the
+  code object's metadata in the `amdgcn` assembly, MFMA instructions counted in it.
+
+Dynamic shared memory (LDS) is Triton's `metadata.shared`. Each architecture's limits are in
+`ARCHITECTURES` (the one table of them). On the targets in `codegen_gate.GATE_TARGETS` each row
+also carries the code-generation gate's findings (tools/codegen_gate.py), computed in the
+process that compiled, i.e. with that process's Triton.
 
 Typical use, without a GPU (docs/contract.md section 6):
 
-    records = record_in_interpreter("import ...; run the op once")   # TRITON_INTERPRET=1 child
-    rows = measure_launches(records, capabilities=(80, 90))          # compiles, no interpreter
+    records = record_in_interpreter("import ...; run the op once", target="cuda:90")
+    rows = measure_launches(records, targets=("cuda:80", "cuda:90"))   # no interpreter
     print(render_markdown(rows))
 
 or from the shell:
 
-    python -m tools.aot_compile records.json --capabilities 80 90 --markdown out.md
+    python -m tools.aot_compile records.json --targets cuda:80 cuda:90 hip:gfx942 --markdown out.md
 
 Compiling needs Triton's real JIT, so it refuses to run with TRITON_INTERPRET=1 set (under the
 interpreter `triton.jit` makes interpreter objects that cannot be compiled); recording needs the
-interpreter (no GPU here), hence the two processes.
+interpreter (no GPU here), hence the two processes. `measure_launches(..., python=OTHER)`
+compiles in a child process run by another Python, e.g. a virtual environment with the Triton
+version of the GPU machines; `jobs=N` spreads the compiles over N child processes.
 """
 import argparse
 import dataclasses
@@ -31,17 +45,96 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 from flash_kernels.utils import LaunchRecord, triton_interpret_enabled
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: Largest shared memory one block may use (opt-in maximum), in bytes: A100 163 KB, H100 227 KB.
-SHARED_MEMORY_LIMIT_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+#: The environment variable that tells the runtime, under the interpreter, which architecture to
+#: choose its tiles for ("cuda:90", "hip:gfx942"; on a GPU it asks the device).
+TARGET_VARIABLE = "FLASH_KERNELS_TARGET"
 
-#: The register file allows at most 255 registers per thread.
-MAX_REGISTERS = 255
+
+# --------------------------------------------------------------------------------------------
+# Architectures: the one table of their limits
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A compile target and the hardware limits a launch must fit."""
+    target: str                 # "cuda:90", "hip:gfx942": also the value of FLASH_KERNELS_TARGET
+    label: str                  # "sm_90", "gfx942"
+    gpus: str                   # who runs it
+    shared_memory_bytes: int    # largest shared memory (LDS) one block may use (opt-in maximum)
+    max_registers: int          # per thread (NVIDIA) / per lane, VGPRs + AGPRs (AMD CDNA)
+    tensor_core: str            # the tensor-core instructions counted for it
+
+    @property
+    def backend(self) -> str:
+        return self.target.split(":", 1)[0]
+
+    @property
+    def arch(self):
+        """GPUTarget's arch: the capability as an int (cuda) or the gfx name (hip)."""
+        value = self.target.split(":", 1)[1]
+        return int(value) if self.backend == "cuda" else value
+
+    @property
+    def warp_size(self) -> int:
+        return 32 if self.backend == "cuda" else 64
+
+
+_NVIDIA_REGISTERS = 255     # the register file allows at most 255 registers per thread
+_CDNA_REGISTERS = 512       # 256 architectural VGPRs + 256 AGPRs per lane (CDNA2/3)
+
+#: Every architecture the report covers, by target name.
+ARCHITECTURES = {a.target: a for a in [
+    Architecture("cuda:80", "sm_80", "A100", 166_912, _NVIDIA_REGISTERS, "HMMA"),
+    Architecture("cuda:86", "sm_86", "A10, RTX 3090", 101_376, _NVIDIA_REGISTERS, "HMMA"),
+    Architecture("cuda:89", "sm_89", "RTX 4090, L4, L40S", 101_376, _NVIDIA_REGISTERS, "HMMA"),
+    Architecture("cuda:90", "sm_90", "H100, H200", 232_448, _NVIDIA_REGISTERS, "HGMMA (wgmma)"),
+    Architecture("cuda:100", "sm_100", "B200", 232_448, _NVIDIA_REGISTERS, "UTC*MMA (tcgen05)"),
+    Architecture("cuda:120", "sm_120", "RTX 50xx", 101_376, _NVIDIA_REGISTERS, "HMMA"),
+    Architecture("hip:gfx942", "gfx942", "MI300", 65_536, _CDNA_REGISTERS, "MFMA"),
+    Architecture("hip:gfx90a", "gfx90a", "MI250", 65_536, _CDNA_REGISTERS, "MFMA (no tf32)"),
+]}
+NVIDIA_TARGETS = tuple(t for t in ARCHITECTURES if t.startswith("cuda:"))
+AMD_TARGETS = tuple(t for t in ARCHITECTURES if t.startswith("hip:"))
+
+
+def target_name(target) -> str:
+    """The canonical name of a target: 90, "90", "sm_90" and "cuda:90" are "cuda:90";
+    "gfx942" and "hip:gfx942" are "hip:gfx942"."""
+    text = str(target).strip()
+    if text.startswith(("cuda:", "hip:")):
+        return text
+    text = text.removeprefix("sm_")
+    if text.isdigit():
+        return f"cuda:{int(text)}"
+    if text.startswith("gfx"):
+        return f"hip:{text}"
+    raise ValueError(f"unknown target {target!r}: use cuda:<capability> or hip:<gfx arch>")
+
+
+def architecture(target) -> Architecture:
+    """The `Architecture` of a target; one with unknown limits (0) if it is not in the table."""
+    name = target_name(target)
+    if name in ARCHITECTURES:
+        return ARCHITECTURES[name]
+    backend, arch = name.split(":", 1)
+    label = f"sm_{arch}" if backend == "cuda" else arch
+    return Architecture(name, label, "?", 0, _NVIDIA_REGISTERS if backend == "cuda"
+                        else _CDNA_REGISTERS, "?")
+
+
+def gpu_target(target):
+    """Triton's `GPUTarget` for a target name."""
+    from triton.backends.compiler import GPUTarget
+    arch = architecture(target)
+    return GPUTarget(arch.backend, arch.arch, arch.warp_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,57 +221,91 @@ def dedupe_records(records) -> list:
     return out
 
 
+
 # --------------------------------------------------------------------------------------------
 # Recording launches under the interpreter (in a child process)
 # --------------------------------------------------------------------------------------------
 
 _RECORDER_TEMPLATE = """\
-import sys
+import json, sys, traceback
 sys.path[:0] = {sys_path!r}
 from flash_kernels.utils import record_launches
-from tools.aot_compile import save_records
-with open({snippet_path!r}) as _f:
-    _code = compile(_f.read(), "<recorded snippet>", "exec")
-with record_launches() as _records:
-    exec(_code, {{"__name__": "__recorded_snippet__"}})
-save_records(_records, {out_path!r})
+from tools.aot_compile import record_to_dict
+with open({snippets_path!r}) as _f:
+    _snippets = json.load(_f)
+_out = {{}}
+for _name, _code in _snippets.items():
+    try:
+        with record_launches() as _records:
+            exec(compile(_code, "<recorded snippet " + _name + ">", "exec"),
+                 {{"__name__": "__recorded_snippet__"}})
+        _out[_name] = {{"records": [record_to_dict(r) for r in _records]}}
+    except Exception:
+        _out[_name] = {{"error": traceback.format_exc()}}
+    with open({out_path!r}, "w") as _f:       # after each snippet: a crash keeps the others
+        json.dump(_out, _f)
 """
 
 
-def _child_env(interpret: bool, sys_path=()) -> dict:
+def _child_env(interpret: bool, sys_path=(), target=None) -> dict:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
+    if target is not None:
+        env[TARGET_VARIABLE] = target_name(target)
     paths = [_REPO_ROOT, *sys_path] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 
 
-def record_in_interpreter(snippet: str, sys_path=(), timeout: float = 1800) -> list:
-    """Run the Python `snippet` in a child process with TRITON_INTERPRET=1 and return the
-    `LaunchRecord`s of every `flash_kernels.utils.launch` it makes.
+def record_snippets_in_interpreter(snippets: dict, sys_path=(), target=None,
+                                   timeout: float = 3600) -> tuple:
+    """Run each Python snippet of `snippets` ({name: code}) in one child process with
+    TRITON_INTERPRET=1 (and FLASH_KERNELS_TARGET=`target` when given, so that the runtime picks
+    that architecture's tiles) and record the launches of each.
 
-    `sys_path`: extra directories the child needs to import the snippet's modules (the repository
-    root is always added). The kernels must live in importable modules (not in the snippet), so
-    that `compile_record` can import them again by name. Raises RuntimeError with the child's
-    output if the snippet fails.
+    Returns ({name: [LaunchRecord]}, {name: error text}): a snippet that raises is listed with
+    its traceback and the others still record. `sys_path`: extra directories the child needs to
+    import the snippets' modules (the repository root is always added). The kernels must live
+    in importable modules (not in a snippet), so that `compile_record` can import them again by
+    name. Raises RuntimeError with the child's output if the child itself fails.
     """
     sys_path = [os.path.abspath(p) for p in sys_path]
     with tempfile.TemporaryDirectory() as tmp:
-        snippet_path = os.path.join(tmp, "snippet.py")
+        snippets_path = os.path.join(tmp, "snippets.json")
         out_path = os.path.join(tmp, "records.json")
-        with open(snippet_path, "w") as f:
-            f.write(snippet)
+        with open(snippets_path, "w") as f:
+            json.dump(dict(snippets), f)
         script = _RECORDER_TEMPLATE.format(sys_path=[_REPO_ROOT, *sys_path],
-                                           snippet_path=snippet_path, out_path=out_path)
-        proc = subprocess.run([sys.executable, "-c", script], env=_child_env(True, sys_path),
-                              cwd=_REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0 or not os.path.exists(out_path):
-            raise RuntimeError(f"recording under TRITON_INTERPRET=1 failed (exit {proc.returncode})"
-                               f"\n--- snippet ---\n{snippet}\n--- output ---\n"
-                               f"{proc.stdout[-4000:]}{proc.stderr[-8000:]}")
-        return load_records(out_path)
+                                           snippets_path=snippets_path, out_path=out_path)
+        proc = subprocess.run([sys.executable, "-c", script],
+                              env=_child_env(True, sys_path, target), cwd=_REPO_ROOT,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+        done = {}
+        if os.path.exists(out_path):
+            with open(out_path) as f:
+                done = json.load(f)
+    if proc.returncode != 0 or set(done) != set(snippets):
+        raise RuntimeError(f"recording under TRITON_INTERPRET=1 failed (exit {proc.returncode}, "
+                           f"{len(done)} of {len(snippets)} snippets done)\n--- output ---\n"
+                           f"{proc.stdout[-4000:]}{proc.stderr[-8000:]}")
+    records = {name: [record_from_dict(d) for d in result["records"]]
+               for name, result in done.items() if "records" in result}
+    errors = {name: result["error"] for name, result in done.items() if "error" in result}
+    return records, errors
+
+
+def record_in_interpreter(snippet: str, sys_path=(), timeout: float = 1800, target=None) -> list:
+    """The `LaunchRecord`s of every `flash_kernels.utils.launch` the Python `snippet` makes,
+    run in a child process with TRITON_INTERPRET=1 (see `record_snippets_in_interpreter`).
+    Raises RuntimeError with the traceback if the snippet fails."""
+    records, errors = record_snippets_in_interpreter({"snippet": snippet}, sys_path, target,
+                                                     timeout)
+    if errors:
+        raise RuntimeError(f"recording under TRITON_INTERPRET=1 failed\n--- snippet ---\n"
+                           f"{snippet}\n--- output ---\n{errors['snippet'][-8000:]}")
+    return records["snippet"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,14 +372,14 @@ def _stand_in_value(record: LaunchRecord, name: str):
     raise ValueError(f"{record.kernel_name}: cannot stand in for argument {name} of type {ty!r}")
 
 
+
 class _RecordingDriver:
     """The minimum of a Triton driver the JIT asks for before it compiles: a device, a stream
     and the target (no GPU behind it)."""
     device = "tools.aot_compile"       # a device key no real launch uses
 
-    def __init__(self, capability: int):
-        from triton.backends.compiler import GPUTarget
-        self.target = GPUTarget("cuda", capability, 32)
+    def __init__(self, target):
+        self.target = gpu_target(target)
 
     def get_current_device(self):
         return self.device
@@ -264,9 +391,9 @@ class _RecordingDriver:
         return self.target
 
 
-def jit_compile_inputs(record: LaunchRecord, capability: int = 90):
-    """(ASTSource, options dict) exactly as Triton's JIT builds them for this launch on an
-    sm_`capability` GPU, with the installed Triton.
+def jit_compile_inputs(record: LaunchRecord, target="cuda:90"):
+    """(ASTSource, options dict) exactly as Triton's JIT builds them for this launch on a
+    `target` GPU ("cuda:90", "hip:gfx942"; see `target_name`), with the installed Triton.
 
     Runs the kernel's own `JITFunction.run(..., warmup=True)` on stand-in arguments that the JIT
     specialises as recorded (`_stand_in_value`), against a driver that only names the target,
@@ -279,7 +406,8 @@ def jit_compile_inputs(record: LaunchRecord, capability: int = 90):
     from triton.runtime.driver import driver
     fn = load_kernel(record)
     names = list(fn.arg_names)
-    unknown = (set(record.signature) | set(record.constexprs) | set(record.divisible_by_16)) - set(names)
+    unknown = ((set(record.signature) | set(record.constexprs) | set(record.divisible_by_16))
+               - set(names))
     if unknown:
         raise ValueError(f"{record.kernel_name}: recorded arguments {sorted(unknown)} are not "
                          f"parameters of the kernel ({names}); record again")
@@ -293,7 +421,7 @@ def jit_compile_inputs(record: LaunchRecord, capability: int = 90):
         caught.update(src=src, options=dict(options))
         return object()                   # the JIT keeps it as the "kernel"; it is never run
 
-    recording_driver = _RecordingDriver(capability)
+    recording_driver = _RecordingDriver(target)
     previous_driver = driver._active
     previous_compile = fn.__dict__.get("compile")    # set by the binder of a real launch
     driver.set_active(recording_driver)
@@ -317,41 +445,42 @@ def jit_compile_inputs(record: LaunchRecord, capability: int = 90):
     return src, caught["options"]
 
 
-def ast_source(record: LaunchRecord, capability: int = 90):
-    """The `triton.compiler.ASTSource` the JIT builds for this launch (see `jit_compile_inputs`):
-    signature {arg name: type, "constexpr" for the constant ones}, constexprs {(index,): value},
-    attrs {(index,): [["tt.divisibility", 16]] for multiples of 16, [] for the other
-    specialisable ints and pointers}."""
-    return jit_compile_inputs(record, capability)[0]
+def compile_record(record: LaunchRecord, target):
+    """Compile one recorded launch for `target` ("cuda:90", "hip:gfx942"; an int is an NVIDIA
+    compute capability).
 
-
-def compile_record(record: LaunchRecord, capability: int):
-    """Compile one recorded launch for NVIDIA compute capability `capability` (80, 90, ...).
-
-    Returns Triton's `CompiledKernel` (`.asm["ptx"]`, `.asm["cubin"]`, `.metadata.shared`,
-    `.hash`: the JIT's cache key for the same launch). Runs on a machine without a GPU. Raises if
-    TRITON_INTERPRET is set, and whatever Triton raises when the kernel does not compile.
+    Returns Triton's `CompiledKernel` (`.asm["ttgir"]`, `.asm["cubin"]` or `.asm["amdgcn"]`,
+    `.metadata.shared`, `.hash`: the JIT's cache key for the same launch). Runs on a machine
+    without a GPU. Raises if TRITON_INTERPRET is set, and whatever Triton raises when the
+    kernel does not compile.
     """
     _require_compile_mode()
     import triton
-    from triton.backends.compiler import GPUTarget
-    src, options = jit_compile_inputs(record, capability)
+    src, options = jit_compile_inputs(record, target)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
-        return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+        return triton.compile(src, target=gpu_target(target), options=options)
 
 
 def _cuobjdump_path() -> str:
     import triton
     try:
         return triton.knobs.nvidia.cuobjdump.path
-    except Exception:
+    except AttributeError:                      # Triton before knobs
         return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                             "cuobjdump")
 
 
 _RESOURCE_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 _SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+#: SASS opcodes (before the first ".") of tensor-core instructions: warp-level mma (HMMA, IMMA,
+#: DMMA, fp8 QMMA/OMMA), Hopper warpgroup mma (HGMMA, IGMMA, QGMMA, BGMMA) and Blackwell
+#: tcgen05 mma (UTCHMMA, UTCIMMA, UTCQMMA, UTCOMMA, ...).
+_TENSOR_CORE_OPCODE = re.compile(r"^(?:[HIDQO]MMA|[HIQB]GMMA|UTC[A-Z]*MMA)$")
+#: AMD matrix-core instructions: dense MFMA and sparse SMFMAC.
+_AMD_TENSOR_CORE = re.compile(r"^\s+(v_mfma\w*|v_smfmac\w*)\b")
+_AMD_INSTRUCTION = re.compile(r"^\s+(?:s|v|ds|buffer|global|flat|scratch|exp)_\w+")
+_AMD_METADATA_FIELD = re.compile(r"^\s*\.(\w+):\s+(\d+)\s*$")
 
 
 def _parse_resource_usage(text: str, kernel_name: str) -> dict:
@@ -376,25 +505,14 @@ def _parse_resource_usage(text: str, kernel_name: str) -> dict:
     return found
 
 
-def resource_usage(compiled) -> dict:
-    """Resources of a compiled kernel, read from its cubin with the wheel's cuobjdump.
+def _count_opcodes(opcodes) -> dict:
+    counts = {}
+    for opcode in opcodes:
+        counts[opcode] = counts.get(opcode, 0) + 1
+    return dict(sorted(counts.items()))
 
-    Returns a dict:
-      registers            registers per thread (REG)
-      stack_bytes          per-thread stack frame (STACK): register spills (0 = no spills)
-      local_bytes          other local memory (LOCAL)
-      shared_bytes         shared memory per block: Triton's dynamic allocation
-                           (compiled.metadata.shared) + static shared memory in the cubin;
-                           Triton's launcher allows dynamic <= opt-in limit - static, so this
-                           total is what must fit SHARED_MEMORY_LIMIT_BYTES
-      dynamic_shared_bytes compiled.metadata.shared
-      static_shared_bytes  SHARED from cuobjdump (e.g. barriers)
-      uses_wgmma           Hopper warpgroup MMA in the SASS (HGMMA) (or `wgmma` in the PTX
-                           if the SASS cannot be read)
-      mma_instructions     number of HMMA/HGMMA/IMMA instructions in the SASS
-      n_instructions       SASS instruction count
-      ptx_lines            lines of PTX
-    """
+
+def _nvidia_resource_usage(compiled) -> dict:
     cuobjdump = _cuobjdump_path()
     name = compiled.metadata.name
     with tempfile.TemporaryDirectory() as tmp:
@@ -403,7 +521,8 @@ def resource_usage(compiled) -> dict:
             f.write(compiled.asm["cubin"])
         res = subprocess.run([cuobjdump, "--dump-resource-usage", cubin_path],
                              capture_output=True, text=True, check=True)
-        sass = subprocess.run([cuobjdump, "-sass", cubin_path], capture_output=True, text=True)
+        sass = subprocess.run([cuobjdump, "-sass", cubin_path], capture_output=True, text=True,
+                              check=False)
     usage = _parse_resource_usage(res.stdout, name)
     opcodes = [m.group(1) for line in sass.stdout.splitlines()
                if (m := _SASS_INSTRUCTION.match(line))]
@@ -412,66 +531,143 @@ def resource_usage(compiled) -> dict:
         uses_wgmma = any(op.startswith("HGMMA") for op in opcodes)
     else:
         uses_wgmma = "wgmma.mma_async" in ptx
+    tensor_core = _count_opcodes(base for op in opcodes
+                                 if _TENSOR_CORE_OPCODE.match(base := op.split(".")[0]))
     dynamic_shared = int(compiled.metadata.shared)
     usage.update(
+        spill_bytes=usage["stack_bytes"],
         dynamic_shared_bytes=dynamic_shared,
         shared_bytes=dynamic_shared + usage["static_shared_bytes"],
         uses_wgmma=uses_wgmma,
-        mma_instructions=sum(op.split(".")[0] in ("HMMA", "HGMMA", "IMMA", "IGMMA")
-                             for op in opcodes),
+        tensor_core_instructions=sum(tensor_core.values()),
+        tensor_core_opcodes=tensor_core,
         n_instructions=len(opcodes),
         ptx_lines=ptx.count("\n"),
     )
     return usage
 
 
+def _amd_resource_usage(compiled) -> dict:
+    amdgcn = compiled.asm["amdgcn"]
+    fields = {}
+    for line in amdgcn.splitlines():            # the code object's metadata (one kernel)
+        if m := _AMD_METADATA_FIELD.match(line):
+            fields.setdefault(m.group(1), int(m.group(2)))
+    lines = amdgcn.splitlines()
+    tensor_core = _count_opcodes(m.group(1) for line in lines
+                                 if (m := _AMD_TENSOR_CORE.match(line)))
+    dynamic_shared = int(compiled.metadata.shared)
+    static_shared = fields.get("group_segment_fixed_size", 0)
+    return dict(
+        registers=fields.get("vgpr_count", 0),
+        agprs=fields.get("agpr_count", 0),
+        sgprs=fields.get("sgpr_count", 0),
+        vgpr_spills=fields.get("vgpr_spill_count", 0),
+        sgpr_spills=fields.get("sgpr_spill_count", 0),
+        spill_bytes=fields.get("private_segment_fixed_size", 0),   # scratch per lane
+        static_shared_bytes=static_shared,
+        dynamic_shared_bytes=dynamic_shared,
+        shared_bytes=dynamic_shared + static_shared,
+        uses_wgmma=False,
+        tensor_core_instructions=sum(tensor_core.values()),
+        tensor_core_opcodes=tensor_core,
+        n_instructions=sum(bool(_AMD_INSTRUCTION.match(line)) for line in lines),
+    )
+
+
+def resource_usage(compiled) -> dict:
+    """Resources of a compiled kernel.
+
+    Returns a dict; on every target:
+      registers            registers per thread (NVIDIA REG) / VGPRs per lane incl. AGPRs (AMD)
+      spill_bytes          NVIDIA: per-thread stack frame (STACK), i.e. register spills;
+                           AMD: scratch per lane (private segment), spills included (0 = none)
+      shared_bytes         shared memory (LDS) per block: Triton's dynamic allocation
+                           (compiled.metadata.shared) + static shared memory in the binary;
+                           this total is what must fit the architecture's limit
+      dynamic_shared_bytes, static_shared_bytes   the two parts
+      tensor_core_instructions   tensor-core instructions in the binary (static count):
+                           HMMA / HGMMA / UTC*MMA / ... in the SASS, MFMA in the AMD assembly
+      tensor_core_opcodes  {opcode: count} of those
+      uses_wgmma           Hopper warpgroup MMA in the SASS (HGMMA) (or `wgmma` in the PTX if
+                           the SASS cannot be read); False on AMD
+      n_instructions       instruction count
+    NVIDIA only: stack_bytes (= spill_bytes), local_bytes, ptx_lines; AMD only: agprs, sgprs,
+    vgpr_spills, sgpr_spills.
+    """
+    if "amdgcn" in compiled.asm:
+        return _amd_resource_usage(compiled)
+    return _nvidia_resource_usage(compiled)
+
+
 # --------------------------------------------------------------------------------------------
-# Many records x capabilities -> rows -> markdown
+# Many records x targets -> rows -> markdown
 # --------------------------------------------------------------------------------------------
 
-def measure_record(record: LaunchRecord, capability: int) -> dict:
-    """Compile one record for one capability; a row dict with the record, the Triton version,
-    the resource usage (None on error), the error text (None if it compiled) and the limit
-    checks."""
+def measure_record(record: LaunchRecord, target, check_codegen: bool = True) -> dict:
+    """Compile one record for one target. A row dict:
+      record, target ("cuda:90"), arch ("sm_90"), triton (version), usage (`resource_usage`,
+      None on error), error (None if it compiled), over_shared_limit, over_register_limit,
+      codegen_findings (the gate's findings as dicts on codegen_gate.GATE_TARGETS, else None),
+      compile_seconds (compile + resource reading).
+    """
     import triton
-    row = dict(record=record_to_dict(record), capability=capability, triton=triton.__version__,
-               usage=None, error=None, over_shared_limit=False, over_register_limit=False)
+
+    from tools import codegen_gate
+    arch = architecture(target)
+    row = dict(record=record_to_dict(record), target=arch.target, arch=arch.label,
+               triton=triton.__version__, usage=None, error=None, over_shared_limit=False,
+               over_register_limit=False, codegen_findings=None, compile_seconds=None)
+    start = time.perf_counter()
     try:
-        usage = resource_usage(compile_record(record, capability))
+        compiled = compile_record(record, arch.target)
+        usage = resource_usage(compiled)
+        if check_codegen and arch.target in codegen_gate.GATE_TARGETS:
+            row["codegen_findings"] = codegen_gate.check_compiled(compiled)
     except Exception as e:  # noqa: BLE001 - the report lists every failure
         row["error"] = f"{type(e).__name__}: {e}"
         return row
+    finally:
+        row["compile_seconds"] = round(time.perf_counter() - start, 2)
     row["usage"] = usage
-    limit = SHARED_MEMORY_LIMIT_BYTES.get(capability)
-    row["over_shared_limit"] = limit is not None and usage["shared_bytes"] > limit
-    row["over_register_limit"] = usage["registers"] > MAX_REGISTERS
+    row["over_shared_limit"] = bool(arch.shared_memory_bytes
+                                    and usage["shared_bytes"] > arch.shared_memory_bytes)
+    row["over_register_limit"] = usage["registers"] > arch.max_registers
     return row
 
 
-def measure_records(records, capabilities=(80, 90)) -> list:
-    """Compile every distinct record for every capability in this process (no interpreter)."""
+def _work(records, targets) -> list:
+    """(record, target) pairs: every distinct record for every target."""
+    return [(record, target_name(t)) for record in dedupe_records(records) for t in targets]
+
+
+def measure_work(work, check_codegen: bool = True) -> list:
+    """`measure_record` of every (record, target) pair of `work`, in this process."""
     _require_compile_mode()
-    return [measure_record(r, cap) for r in dedupe_records(records) for cap in capabilities]
+    return [measure_record(record, target, check_codegen) for record, target in work]
 
 
-def measure_records_in_subprocess(records, capabilities=(80, 90), sys_path=(),
-                                  timeout: float = 3600, python: str = None) -> list:
-    """`measure_records` in a child process without TRITON_INTERPRET (use it from a process that
-    has the interpreter on). `sys_path`: directories needed to import the kernels' modules.
-    `python`: the interpreter of the child (default this one), e.g. a virtual environment with
-    another Triton version: the records are compiled by that Triton (the repository root is put
-    on its path, so it needs torch and triton, not this package installed)."""
+def measure_records(records, targets=("cuda:80", "cuda:90")) -> list:
+    """Compile every distinct record for every target in this process (no interpreter)."""
+    return measure_work(_work(records, targets))
+
+
+def _measure_work_in_subprocess(work, sys_path=(), timeout: float = 3600, python: str | None = None,
+                                check_codegen: bool = True) -> list:
     sys_path = [os.path.abspath(p) for p in sys_path]
     with tempfile.TemporaryDirectory() as tmp:
-        records_path = os.path.join(tmp, "records.json")
+        work_path = os.path.join(tmp, "work.json")
         rows_path = os.path.join(tmp, "rows.json")
-        save_records(records, records_path)
-        cmd = [python or sys.executable, "-m", "tools.aot_compile", records_path,
-               "--capabilities", *map(str, capabilities), "--json", rows_path]
+        with open(work_path, "w") as f:
+            json.dump([dict(record=record_to_dict(r), target=t) for r, t in work], f)
+        cmd = [python or sys.executable, "-m", "tools.aot_compile", "--work", work_path,
+               "--json", rows_path, "--quiet"]
+        if not check_codegen:
+            cmd.append("--no-codegen-gate")
         for p in sys_path:
             cmd += ["--sys-path", p]
         proc = subprocess.run(cmd, env=_child_env(False, sys_path), cwd=_REPO_ROOT,
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, check=False)
         if not os.path.exists(rows_path):
             raise RuntimeError(f"ahead-of-time compile process failed (exit {proc.returncode}):\n"
                                f"{proc.stdout[-4000:]}{proc.stderr[-8000:]}")
@@ -479,16 +675,63 @@ def measure_records_in_subprocess(records, capabilities=(80, 90), sys_path=(),
             return json.load(f)
 
 
-def measure_launches(records, capabilities=(80, 90), sys_path=(), python: str = None) -> list:
-    """Compile and measure `records` for `capabilities`: in this process when TRITON_INTERPRET is
-    off, else in a child process without it; with `python` given, always in a child process run
-    by that interpreter (another Triton version). Returns the rows (see `measure_record`)."""
-    if python or triton_interpret_enabled():
-        return measure_records_in_subprocess(records, capabilities, sys_path, python=python)
+def measure_records_in_subprocess(records, targets=("cuda:80", "cuda:90"), sys_path=(),
+                                  timeout: float = 3600, python: str | None = None) -> list:
+    """`measure_records` in a child process without TRITON_INTERPRET (use it from a process that
+    has the interpreter on). `sys_path`: directories needed to import the kernels' modules.
+    `python`: the interpreter of the child (default this one), e.g. a virtual environment with
+    another Triton version: the records are compiled, and the codegen gate run, by that Triton
+    (the repository root is put on its path, so it needs torch and triton, not this package
+    installed)."""
+    return _measure_work_in_subprocess(_work(records, targets), sys_path, timeout, python)
+
+
+def measure_concurrently(tasks, jobs: int = 2, timeout: float = 3600) -> list:
+    """Run several compile tasks at once on `jobs` child processes; returns each task's rows.
+
+    A task is a dict with `records` and `targets`, and optionally `python` (another Triton's
+    Python, see `measure_records_in_subprocess`) and `sys_path`. Each task's (record, target)
+    pairs are dealt round-robin into `jobs` shares, each share compiled by one child process,
+    at most `jobs` children running at a time; rows come back in the task's order (distinct
+    records, each for every target)."""
+    jobs = max(1, int(jobs))
+    shares = []                                   # (task index, [pair positions], pairs)
+    works = []
+    for index, task in enumerate(tasks):
+        work = _work(task["records"], task["targets"])
+        works.append(work)
+        for share in range(min(jobs, len(work))):
+            positions = list(range(share, len(work), jobs))
+            shares.append((index, positions, [work[p] for p in positions]))
+    results = [[None] * len(work) for work in works]
+
+    def run(share):
+        index, positions, work = share
+        task = tasks[index]
+        rows = _measure_work_in_subprocess(work, task.get("sys_path", ()), timeout,
+                                           task.get("python"))
+        for position, row in zip(positions, rows):
+            results[index][position] = row
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(run, share) for share in shares]:
+            future.result()
+    return results
+
+
+def measure_launches(records, targets=("cuda:80", "cuda:90"), sys_path=(),
+                     python: str | None = None, jobs: int = 1) -> list:
+    """Compile and measure `records` for `targets`: in this process when TRITON_INTERPRET is off
+    and jobs == 1, else in child processes without it (`jobs` of them at once); with `python`
+    given, always in child processes run by that interpreter (another Triton version). Returns
+    the rows (see `measure_record`)."""
+    if python or jobs > 1 or triton_interpret_enabled():
+        return measure_concurrently([dict(records=records, targets=targets, python=python,
+                                          sys_path=sys_path)], jobs)[0]
     for p in sys_path:
         if os.path.abspath(p) not in sys.path:
             sys.path.insert(0, os.path.abspath(p))
-    return measure_records(records, capabilities)
+    return measure_records(records, targets)
 
 
 def row_failed(row: dict) -> bool:
@@ -500,13 +743,14 @@ def _dtype_label(signature: dict) -> str:
     """The floating-point element types of the pointer arguments, e.g. "bf16,fp32"."""
     seen = []
     for ty in signature.values():
-        if ty.startswith("*") and ty[1:] in ("fp16", "bf16", "fp32", "fp64", "fp8e4nv", "fp8e5"):
-            if ty[1:] not in seen:
-                seen.append(ty[1:])
+        element = ty[1:] if ty.startswith("*") else None
+        if element in ("fp16", "bf16", "fp32", "fp64", "fp8e4nv", "fp8e5") and element not in seen:
+            seen.append(element)
     return ",".join(seen) or "-"
 
 
-def _constexpr_label(constexprs: dict) -> str:
+def constexpr_label(constexprs: dict) -> str:
+    """"NAME=value ..." of a record's (JSON form) constexprs."""
     def fmt(v):
         if isinstance(v, dict) and "tl_dtype" in v:
             return v["tl_dtype"]
@@ -514,53 +758,83 @@ def _constexpr_label(constexprs: dict) -> str:
     return " ".join(f"{k}={fmt(v)}" for k, v in constexprs.items())
 
 
+def tensor_core_label(usage) -> str:
+    """"56 HGMMA", "40 UTCHMMA", "128 MFMA", "0" (none), "-" (not compiled)."""
+    if usage is None:
+        return "-"
+    opcodes = usage.get("tensor_core_opcodes") or {}
+    if not opcodes:
+        return "0"
+    kinds = {}
+    for opcode, count in opcodes.items():
+        kind = "MFMA" if opcode.startswith(("v_mfma", "v_smfmac")) else opcode
+        kinds[kind] = kinds.get(kind, 0) + count
+    return ", ".join(f"{count} {kind}" for kind, count in kinds.items())
+
+
+def limits_table() -> list:
+    """Markdown lines: every architecture of ARCHITECTURES with its shared memory limit."""
+    lines = [("| target | GPUs | shared memory / LDS per block | registers per thread (lane) "
+              "| tensor-core instructions counted |"), "|---|---|---|---|---|"]
+    for arch in ARCHITECTURES.values():
+        lines.append(f"| {arch.label} (`{arch.target}`) | {arch.gpus} | "
+                     f"{arch.shared_memory_bytes:,} B ({arch.shared_memory_bytes / 1024:.0f} KB) | "
+                     f"{arch.max_registers} | {arch.tensor_core} |")
+    return lines
+
+
 REPORT_PREAMBLE = (
-    "Compiled with `triton.compile(ASTSource(...), target=GPUTarget(\"cuda\", cap, 32))` on a "
-    "CPU-only machine from launches recorded under TRITON_INTERPRET=1. Registers, spills (stack "
-    "bytes) and static shared memory from the wheel's `cuobjdump --dump-resource-usage`; shared KB "
-    "= Triton's dynamic shared memory + static; wgmma = Hopper HGMMA instructions in the SASS. "
-    "Shared memory limits per block: sm_80 163 KB, sm_90 227 KB.")
+    "Compiled with `triton.compile(ASTSource(...), target=GPUTarget(...))` on a CPU-only machine "
+    "from launches recorded under TRITON_INTERPRET=1 (tools/aot_compile.py). NVIDIA: registers, "
+    "spills (stack bytes) and static shared memory from the wheel's `cuobjdump "
+    "--dump-resource-usage`, tensor-core instructions (static count) from its SASS; AMD: VGPRs, "
+    "scratch bytes per lane (spills) and static LDS from the code object's metadata, MFMA "
+    "instructions from the assembly. Shared KB = Triton's dynamic shared memory (LDS) + static.")
+
+
+def _status(row) -> str:
+    if row["error"]:
+        return "**compile error**: " + row["error"].strip().splitlines()[0][:120]
+    problems = []
+    if row["over_shared_limit"]:
+        problems.append("**over shared limit**")
+    if row["over_register_limit"]:
+        problems.append("**over the register limit**")
+    if row["usage"]["spill_bytes"]:
+        problems.append("spills")
+    if row.get("codegen_findings"):
+        problems.append(f"**codegen gate: {len(row['codegen_findings'])} register transpose(s)**")
+    return ", ".join(problems) or "ok"
 
 
 def markdown_table(rows) -> list:
     """Markdown table lines, one per row: kernel, constexprs, dtype, warps, stages, target,
-    registers, spill bytes, shared KB, wgmma (sm_90 and later), status."""
-    lines = ["| kernel | constexprs | dtype | warps | stages | target | regs | spill B | "
-             "shared KB | wgmma | status |",
+    registers, spill bytes, shared KB, tensor-core instructions, status."""
+    lines = [("| kernel | constexprs | dtype | warps | stages | target | regs | spill B | "
+              "shared KB | tensor-core instrs | status |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         rec = row["record"]
         u = row["usage"]
-        cap = row["capability"]
         if row["error"]:
-            status = "**compile error**: " + row["error"].strip().splitlines()[0][:120]
             cells = ["-"] * 4
         else:
-            problems = []
-            if row["over_shared_limit"]:
-                problems.append("**over shared limit**")
-            if row["over_register_limit"]:
-                problems.append("**over 255 registers**")
-            if u["stack_bytes"]:
-                problems.append("spills")
-            status = ", ".join(problems) or "ok"
-            cells = [str(u["registers"]), str(u["stack_bytes"]),
-                     f"{u['shared_bytes'] / 1024:.1f}",
-                     ("yes" if u["uses_wgmma"] else "no") if cap >= 90 else "-"]
+            cells = [str(u["registers"]), str(u["spill_bytes"]), f"{u['shared_bytes'] / 1024:.1f}",
+                     tensor_core_label(u)]
         lines.append("| " + " | ".join([
-            f"`{rec['kernel_name']}`", _constexpr_label(rec["constexprs"]),
+            f"`{rec['kernel_name']}`", constexpr_label(rec["constexprs"]),
             _dtype_label(rec["signature"]), str(rec["num_warps"]), str(rec["num_stages"]),
-            f"sm_{cap}", *cells, status.replace("|", "\\|")]) + " |")
+            row["arch"], *cells, _status(row).replace("|", "\\|")]) + " |")
     return lines
 
 
 def summary_line(rows, extra_failures: int = 0) -> str:
     """"**PASS**: ..." or "**FAIL**: ..." for `rows` (plus `extra_failures` found elsewhere,
-    e.g. launches that could not be recorded)."""
+    e.g. launches that could not be recorded): compile errors and hardware limits."""
     n_errors = sum(bool(r["error"]) for r in rows)
     n_limits = sum(bool(not r["error"] and (r["over_shared_limit"] or r["over_register_limit"]))
                    for r in rows)
-    n_spill = sum(bool(r["usage"] and r["usage"]["stack_bytes"]) for r in rows)
+    n_spill = sum(bool(r["usage"] and r["usage"]["spill_bytes"]) for r in rows)
     if n_errors or n_limits or extra_failures:
         extra = f", {extra_failures} other failure(s)" if extra_failures else ""
         return (f"**FAIL**: {n_errors} compile error(s), {n_limits} over a hardware limit{extra}, "
@@ -576,20 +850,25 @@ def error_details(rows) -> list:
         return []
     lines = ["## Compile errors", ""]
     for r in errors:
-        lines += [f"### `{r['record']['kernel_name']}` sm_{r['capability']} "
-                  f"({_constexpr_label(r['record']['constexprs'])})", "", "```",
+        lines += [(f"### `{r['record']['kernel_name']}` {r['arch']}, Triton {r['triton']} "
+                   f"({constexpr_label(r['record']['constexprs'])})"), "", "```",
                   r["error"].strip()[-6000:], "```", ""]
     return lines
 
 
 def render_markdown(rows, title: str = "Ahead-of-time compile report", notes: str = "") -> str:
-    """A markdown report of `rows`: the table, a PASS/FAIL line, and every compile error."""
+    """A markdown report of `rows`: the table, a PASS/FAIL line, the codegen gate's findings and
+    every compile error."""
     import triton
+
+    from tools import codegen_gate
     lines = [f"# {title}", ""]
     if notes:
         lines += [notes, ""]
     lines += [f"Triton {triton.__version__}. " + REPORT_PREAMBLE, ""]
-    lines += markdown_table(rows) + ["", summary_line(rows), ""] + error_details(rows)
+    lines += markdown_table(rows) + ["", summary_line(rows), "",
+                                     codegen_gate.summary_line(rows), ""]
+    lines += codegen_gate.findings_table(rows) + error_details(rows)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -598,36 +877,50 @@ def render_markdown(rows, title: str = "Ahead-of-time compile report", notes: st
 # --------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    """`python -m tools.aot_compile records.json [...] --capabilities 80 90
-    --markdown out.md [--json rows.json] [--sys-path DIR]`; exit status 1 if any compile fails or
-    exceeds a hardware limit."""
+    """`python -m tools.aot_compile records.json [...] --targets cuda:80 cuda:90 hip:gfx942
+    --markdown out.md [--json rows.json] [--sys-path DIR]`; exit status 1 if any compile fails,
+    exceeds a hardware limit or fails the codegen gate."""
     parser = argparse.ArgumentParser(prog="python -m tools.aot_compile",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("records", nargs="+", help="JSON files written by save_records")
-    parser.add_argument("--capabilities", nargs="+", type=int, default=[80, 90])
+    parser.add_argument("records", nargs="*", help="JSON files written by save_records")
+    parser.add_argument("--targets", nargs="+", default=["cuda:80", "cuda:90"],
+                        help="cuda:<capability> or hip:<gfx arch> (a bare number is cuda)")
+    parser.add_argument("--work", help="instead of records x targets: a JSON list of "
+                        "{record, target} pairs (what measure_concurrently hands its children)")
     parser.add_argument("--markdown", help="write the markdown report here (default: stdout)")
     parser.add_argument("--json", help="also write the result rows as JSON here")
     parser.add_argument("--sys-path", action="append", default=[],
                         help="directory to put on sys.path to import the kernels' modules")
     parser.add_argument("--title", default="Ahead-of-time compile report")
+    parser.add_argument("--no-codegen-gate", action="store_true",
+                        help="do not run the codegen gate (tools/codegen_gate.py)")
+    parser.add_argument("--quiet", action="store_true", help="no markdown report on stdout")
     args = parser.parse_args(argv)
     if triton_interpret_enabled():
         parser.error("TRITON_INTERPRET is set: unset it to compile (env -u TRITON_INTERPRET ...)")
+    if not args.records and not args.work:
+        parser.error("give records files or --work")
     for p in args.sys_path:
         sys.path.insert(0, os.path.abspath(p))
-    records = [r for path in args.records for r in load_records(path)]
-    rows = measure_records(records, args.capabilities)
+    if args.work:
+        with open(args.work) as f:
+            work = [(record_from_dict(d["record"]), target_name(d["target"])) for d in json.load(f)]
+    else:
+        records = [r for path in args.records for r in load_records(path)]
+        work = _work(records, args.targets)
+    rows = measure_work(work, check_codegen=not args.no_codegen_gate)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1, default=str)
-    report = render_markdown(rows, title=args.title)
-    if args.markdown:
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w") as f:
-            f.write(report)
-    else:
-        print(report)
-    failed = [r for r in rows if row_failed(r)]
+    if args.markdown or not args.quiet:
+        report = render_markdown(rows, title=args.title)
+        if args.markdown:
+            os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+            with open(args.markdown, "w") as f:
+                f.write(report)
+        else:
+            print(report)
+    failed = [r for r in rows if row_failed(r) or r.get("codegen_findings")]
     print(f"{len(rows) - len(failed)}/{len(rows)} compiles ok", file=sys.stderr)
     return 1 if failed else 0
 
