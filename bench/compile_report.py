@@ -48,13 +48,12 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from tools import codegen_gate
 from tools.aot_compile import (ARCHITECTURES, REPORT_PREAMBLE, architecture, constexpr_label,
                                error_details, limits_table, measure_concurrently,
-                               record_from_dict, record_in_interpreter, record_key,
-                               record_snippets_in_interpreter, record_to_dict, retype_record,
+                               record_concurrently, record_from_dict, record_in_interpreter,
+                               record_key, record_to_dict, retype_record,
                                row_failed, summary_line, target_name, tensor_core_label)
 
 # ---------------------------------------------------------------------------------------------
@@ -299,36 +298,40 @@ def record_config(cfg, target=None) -> list:
     return _finish_records(cfg, record_in_interpreter(config_snippet(cfg), target=target))
 
 
+def recording_items(configs, targets, jobs: int = 2) -> list:
+    """The child processes that record `configs` for `targets` (`aot_compile.record_concurrently`
+    items): one per target, each target's snippets split in `jobs` shares when there are fewer
+    targets than jobs. Each distinct snippet runs once per target (a bf16 config reuses its fp16
+    twin's run); an item's snippet keys are indices into the list of distinct snippets."""
+    snippets = list(dict.fromkeys(config_snippet(cfg) for cfg in configs))
+    shares = max(1, -(-jobs // max(1, len(targets))))
+    return [dict(target=target, snippets={str(i): snippets[i]
+                                          for i in range(share, len(snippets), shares)})
+            for target in targets for share in range(shares) if share < len(snippets)]
+
+
+def collect_recordings(configs, items, results) -> tuple:
+    """({(name, target): [LaunchRecord]}, {(name, target): error text}) from the recording
+    items of `recording_items(configs, ...)` and their results."""
+    snippets = list(dict.fromkeys(config_snippet(cfg) for cfg in configs))
+    index = {text: str(i) for i, text in enumerate(snippets)}
+    records, errors = {}, {}
+    for item, (recorded, failed) in zip(items, results):
+        for cfg in configs:
+            key, target = index[config_snippet(cfg)], item["target"]
+            if key in failed:
+                errors[(cfg["name"], target)] = failed[key]
+            elif key in recorded:
+                records[(cfg["name"], target)] = _finish_records(cfg, recorded[key])
+    return records, errors
+
+
 def record_configs(configs, targets, jobs: int = 2) -> tuple:
     """Record every config for every target: ({(name, target): [LaunchRecord]},
-    {(name, target): error text}).
-
-    Each distinct snippet is run once per target (a bf16 config reuses its fp16 twin's run),
-    in child processes with FLASH_KERNELS_TARGET set to the target, at most `jobs` at a time
-    (each target's snippets dealt into `jobs` shares)."""
-    by_snippet = {}
-    for cfg in configs:
-        by_snippet.setdefault(config_snippet(cfg), []).append(cfg)
-    snippets = list(by_snippet)
-    shares = [(target, snippets[i::jobs]) for target in targets for i in range(jobs)
-              if snippets[i::jobs]]
-
-    def run(share):
-        target, texts = share
-        return target, record_snippets_in_interpreter(
-            {str(i): text for i, text in enumerate(texts)}, target=target), texts
-
-    records, errors = {}, {}
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for target, (recorded, failed), texts in pool.map(run, shares):
-            for i, text in enumerate(texts):
-                for cfg in by_snippet[text]:
-                    key = (cfg["name"], target)
-                    if str(i) in failed:
-                        errors[key] = failed[str(i)]
-                    else:
-                        records[key] = _finish_records(cfg, recorded[str(i)])
-    return records, errors
+    {(name, target): error text}), in child processes with FLASH_KERNELS_TARGET set to the
+    target, at most `jobs` at a time."""
+    items = recording_items(configs, targets, jobs)
+    return collect_recordings(configs, items, record_concurrently(items, jobs))
 
 
 def compile_configs(records, pythons=(None,), jobs: int = 2) -> dict:

@@ -296,6 +296,17 @@ def record_snippets_in_interpreter(snippets: dict, sys_path=(), target=None,
     return records, errors
 
 
+def record_concurrently(items, jobs: int = 2, timeout: float = 3600) -> list:
+    """`record_snippets_in_interpreter` for each item (a dict with `snippets`, and optionally
+    `target` and `sys_path`), at most `jobs` child processes at a time; returns each item's
+    (records, errors) in order."""
+    def run(item):
+        return record_snippets_in_interpreter(item["snippets"], item.get("sys_path", ()),
+                                              item.get("target"), timeout)
+    with ThreadPoolExecutor(max_workers=max(1, int(jobs))) as pool:
+        return list(pool.map(run, items))
+
+
 def record_in_interpreter(snippet: str, sys_path=(), timeout: float = 1800, target=None) -> list:
     """The `LaunchRecord`s of every `flash_kernels.utils.launch` the Python `snippet` makes,
     run in a child process with TRITON_INTERPRET=1 (see `record_snippets_in_interpreter`).
@@ -609,6 +620,7 @@ def measure_record(record: LaunchRecord, target, check_codegen: bool = True) -> 
       record, target ("cuda:90"), arch ("sm_90"), triton (version), usage (`resource_usage`,
       None on error), error (None if it compiled), over_shared_limit, over_register_limit,
       codegen_findings (the gate's findings as dicts on codegen_gate.GATE_TARGETS, else None),
+      codegen_transposes (the 2-D register transposes the gate looked at, rejected or not),
       compile_seconds (compile + resource reading).
     """
     import triton
@@ -617,13 +629,15 @@ def measure_record(record: LaunchRecord, target, check_codegen: bool = True) -> 
     arch = architecture(target)
     row = dict(record=record_to_dict(record), target=arch.target, arch=arch.label,
                triton=triton.__version__, usage=None, error=None, over_shared_limit=False,
-               over_register_limit=False, codegen_findings=None, compile_seconds=None)
+               over_register_limit=False, codegen_findings=None, codegen_transposes=None,
+               compile_seconds=None)
     start = time.perf_counter()
     try:
         compiled = compile_record(record, arch.target)
         usage = resource_usage(compiled)
         if check_codegen and arch.target in codegen_gate.GATE_TARGETS:
-            row["codegen_findings"] = codegen_gate.check_compiled(compiled)
+            row["codegen_findings"], row["codegen_transposes"] = \
+                codegen_gate.check_compiled(compiled)
     except Exception as e:  # noqa: BLE001 - the report lists every failure
         row["error"] = f"{type(e).__name__}: {e}"
         return row
@@ -686,31 +700,39 @@ def measure_records_in_subprocess(records, targets=("cuda:80", "cuda:90"), sys_p
     return _measure_work_in_subprocess(_work(records, targets), sys_path, timeout, python)
 
 
+#: Fewest (record, target) pairs worth a child process of their own (each child spends a few
+#: seconds importing torch and Triton).
+MIN_PAIRS_PER_CHILD = 6
+
+
 def measure_concurrently(tasks, jobs: int = 2, timeout: float = 3600) -> list:
-    """Run several compile tasks at once on `jobs` child processes; returns each task's rows.
+    """Run several compile tasks at once on child processes; returns each task's rows.
 
     A task is a dict with `records` and `targets`, and optionally `python` (another Triton's
-    Python, see `measure_records_in_subprocess`) and `sys_path`. Each task's (record, target)
-    pairs are dealt round-robin into `jobs` shares, each share compiled by one child process,
-    at most `jobs` children running at a time; rows come back in the task's order (distinct
-    records, each for every target)."""
+    Python, see `measure_records_in_subprocess`) and `sys_path`. The (record, target) pairs of
+    the tasks that share a Python and sys_path are pooled and dealt round-robin into up to
+    `jobs` shares of at least MIN_PAIRS_PER_CHILD pairs, each share compiled by one child
+    process, at most `jobs` children running at a time; rows come back in each task's order
+    (distinct records, each for every target)."""
     jobs = max(1, int(jobs))
-    shares = []                                   # (task index, [pair positions], pairs)
+    groups = {}                                   # (python, sys_path) -> [(task, position, pair)]
     works = []
     for index, task in enumerate(tasks):
         work = _work(task["records"], task["targets"])
         works.append(work)
-        for share in range(min(jobs, len(work))):
-            positions = list(range(share, len(work), jobs))
-            shares.append((index, positions, [work[p] for p in positions]))
+        group = groups.setdefault((task.get("python"), tuple(task.get("sys_path", ()))), [])
+        group += [(index, position, pair) for position, pair in enumerate(work)]
+    shares = []
+    for (python, sys_path), entries in groups.items():
+        count = max(1, min(jobs, len(entries) // MIN_PAIRS_PER_CHILD))
+        shares += [(python, sys_path, entries[i::count]) for i in range(count)]
     results = [[None] * len(work) for work in works]
 
     def run(share):
-        index, positions, work = share
-        task = tasks[index]
-        rows = _measure_work_in_subprocess(work, task.get("sys_path", ()), timeout,
-                                           task.get("python"))
-        for position, row in zip(positions, rows):
+        python, sys_path, entries = share
+        rows = _measure_work_in_subprocess([pair for _, _, pair in entries], sys_path, timeout,
+                                           python)
+        for (index, position, _), row in zip(entries, rows):
             results[index][position] = row
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:

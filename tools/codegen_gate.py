@@ -9,9 +9,10 @@ the gate when it holds a 2-D `tt.trans` (a transpose of a tensor in registers) s
   `ttng.warp_group_dot`, `ttng.tc_gen5_mma`), directly or through any chain of layout
   conversions (`ttg.convert_layout`), casts (`arith.truncf` / `extf` / `bitcast`,
   `tt.fp_to_fp`, `tt.bitcast`), elementwise arithmetic (`arith.*`, `math.*`, the data operands
-  of `arith.select`), a trip through shared memory (`ttg.local_alloc` / `ttg.local_store`, any
-  `ttg.memdesc_*` view, `ttg.local_load`), or the values carried by `scf.if` / `scf.for`
-  results and loop arguments and by branches between blocks.
+  of `arith.select`), ops that only move values (`tt.reshape`, `tt.broadcast`, `tt.join`, ...),
+  a trip through shared memory (`ttg.local_alloc` / `ttg.local_store`, any `ttg.memdesc_*`
+  view, `ttg.local_load`; tensor memory likewise), or the values carried by `scf.if` /
+  `scf.for` results and loop arguments and by branches between blocks.
 
 A transpose that stays on a shared-memory descriptor (`ttg.memdesc_trans`, what Triton makes of
 `tl.trans` of a tile loaded from memory when it can) is fine, and so is a blocked-layout
@@ -52,11 +53,17 @@ GATE_TARGETS = ("cuda:90",)
 DOT_OPERANDS = {"tt.dot": (0, 1), "ttng.warp_group_dot": (0, 1), "ttng.tc_gen5_mma": (0, 1),
                 "tt.dot_scaled": None}
 
-#: Operations (besides arith.* and math.*) whose results carry their operands' values.
+#: Operations (besides arith.*, math.* and the ttg.memdesc_* views) whose results carry their
+#: operands' values: layout conversions, casts, elementwise ops, ops that only move the values
+#: (reshape, broadcast, join, ...), and the trips through shared or tensor memory.
 _VALUE_PRESERVING = {
     "ttg.convert_layout", "tt.fp_to_fp", "tt.bitcast", "tt.clampf", "tt.precise_sqrt",
     "tt.precise_divf", "tt.mulhiui", "tt.extern_elementwise", "tt.elementwise_inline_asm",
-    "tt.trans", "ttg.local_alloc", "ttg.local_load"}
+    "tt.trans", "tt.reshape", "tt.broadcast", "tt.expand_dims", "tt.join", "tt.split", "tt.cat",
+    "ttg.local_alloc", "ttg.local_load", "ttng.tmem_alloc", "ttng.tmem_load"}
+
+#: Operations that write their first operand into the buffer (view) given as their second.
+_STORES = {"ttg.local_store", "ttng.tmem_store"}
 
 #: Comparisons make masks, not data: their results do not carry a transposed operand's values.
 _MASK_MAKING = {"arith.cmpf", "arith.cmpi"}
@@ -226,8 +233,10 @@ class _Module:
             elif stripped.endswith("{"):
                 region_owners.append(op)
                 scopes.append({})
-                if op is not None and op.name == "scf.for":
+                if op is not None and op.name == "scf.for":     # region arguments
                     op.iter_args = [self._define(scopes, n) for n in op.iter_args]
+                    for init, arg in zip(op.operands, op.iter_args):
+                        self.flows[init].add(arg)
         for values, block in branches:
             for value, arg in zip(values, self.block_args.get(block, [])):
                 self.flows[value].add(arg)
@@ -277,12 +286,9 @@ class _Module:
                     if index < len(owner.iter_args):
                         targets.append(owner.iter_args[index])
                     self.flows[value].update(targets)
-        elif name == "scf.for":
-            for init, arg in zip(op.operands, op.iter_args):
-                self.flows[init].add(arg)
         elif name in ("cf.br", "cf.cond_br"):
             branches += [(values, block) for block, values in op.successors]
-        elif name == "ttg.local_store" and len(op.operands) >= 2:
+        elif name in _STORES and len(op.operands) >= 2:
             self.flows[op.operands[0]].add(op.operands[1])
             self._stores.append(op.operands[1])
         elif name == "arith.select":
@@ -372,10 +378,11 @@ def _relative(path: str) -> str:
 _OPERAND_NAMES = {0: "A", 1: "B"}
 
 
-def find_register_transposes(ttgir: str) -> list:
-    """The `RegisterTranspose`s of a TTGIR module (see the module docstring for the rule)."""
+def analyse(ttgir: str) -> tuple:
+    """(the `RegisterTranspose`s of a TTGIR module, the number of 2-D register `tt.trans` it
+    holds, rejected or not); see the module docstring for the rule."""
     module = _Module(ttgir)
-    findings = []
+    findings, examined = [], 0
     for op in module.ops:
         if op.name != "tt.trans" or not op.operands or not op.results:
             continue
@@ -386,6 +393,7 @@ def find_register_transposes(ttgir: str) -> list:
         shape, encoding = operand
         if len(shape) != 2:
             continue
+        examined += 1
         result = _tensor_type(result_types[0]) if result_types else None
         operand_kind = module.layout_kind(encoding)
         result_kind = module.layout_kind(result[1]) if result else "unknown"
@@ -409,12 +417,19 @@ def find_register_transposes(ttgir: str) -> list:
             source=frames[0], called_from=frames[1:], operand_layout=operand_kind,
             result_layout=result_kind, shape=shape, reasons=reasons,
             dots=sorted(set(dots)), ttgir_line=op.line))
-    return findings
+    return findings, examined
 
 
-def check_compiled(compiled) -> list:
-    """The gate's findings (as dicts, JSON-ready) for a Triton `CompiledKernel`."""
-    return [asdict(f) for f in find_register_transposes(compiled.asm["ttgir"])]
+def find_register_transposes(ttgir: str) -> list:
+    """The `RegisterTranspose`s of a TTGIR module: what the gate rejects."""
+    return analyse(ttgir)[0]
+
+
+def check_compiled(compiled) -> tuple:
+    """(the gate's findings as JSON-ready dicts, the number of 2-D register transposes looked
+    at) for a Triton `CompiledKernel`."""
+    findings, examined = analyse(compiled.asm["ttgir"])
+    return [asdict(f) for f in findings], examined
 
 
 # --------------------------------------------------------------------------------------------
