@@ -111,20 +111,37 @@ DTYPES = {"fp32": dict(dtype="float32", compile_dtype=None),
           "fp16": dict(dtype="float16", compile_dtype=None),
           "bf16": dict(dtype="float16", compile_dtype="bf16")}
 
-#: The two shapes of the architecture report: the paper's, and S = 256 (the kernels' largest S).
-SHAPES = {"paper": dict(S=128, E=1536, chunk_size=256, T=320),
-          "S=256": dict(S=256, E=1536, chunk_size=256, T=320)}
+#: E of the recordings. The kernels' value tiles are min(64, E) wide (32 where narrowed) and
+#: nothing else in a launch depends on E's value (E is a run-time int, a multiple of 16 in both
+#: cases), so E = 256 records the launches of the paper's E = 1536 in a sixth of the interpreter
+#: time; tests/test_compile_kernels.py checks that the two record the same launches.
+RECORDED_E = 256
+
+#: The two shapes of the architecture report: the paper's (S = 128, E = 1536, C = 256) and
+#: S = 256 (the kernels' largest S), each with the option sets it is compiled with (S = 256: the
+#: largest tiles of each kernel; its other options are in the gate matrix).
+SHAPES = {
+    "paper": (dict(S=128, chunk_size=256, T=320), [name for name, _ in OPTION_SETS]),
+    "S=256": (dict(S=256, chunk_size=256, T=320), [
+        "causal + rel_bias", "flash_attention packed documents + state, causal + rel_bias",
+        "full attention (chunk_size=None, T=320), causal + rel_bias",
+        "decode: flash_attention_decode (roles from z, gate) + rel_bias",
+        "decode: mixed_chunk_decode (RoPE roles) + rel_bias"]),
+}
 
 
 def shape_configs(shapes=SHAPES, dtypes=DTYPES, option_sets=OPTION_SETS) -> list:
-    """Every shape x dtype x option set, named "<shape> <dtype> <options>"."""
+    """Every shape x dtype x its option sets, named "<shape> <dtype> <options>", recorded at
+    E = RECORDED_E."""
     configs = []
-    for (shape, shape_fields), (dtype, dtype_fields), (options, option_fields) in \
-            itertools.product(shapes.items(), dtypes.items(), option_sets):
-        cfg = dict(PAPER, **shape_fields)
-        cfg.update(option_fields)
-        cfg.update(S=shape_fields["S"], E=shape_fields["E"], **dtype_fields)
-        configs.append(dict(cfg, name=f"{shape} {dtype} {options}"))
+    option_fields = dict(option_sets)
+    for (shape, (shape_fields, options)), (dtype, dtype_fields) in \
+            itertools.product(shapes.items(), dtypes.items()):
+        for option in options:
+            cfg = dict(PAPER, **shape_fields)
+            cfg.update(option_fields[option])
+            cfg.update(S=shape_fields["S"], E=RECORDED_E, **dtype_fields)
+            configs.append(dict(cfg, name=f"{shape} {dtype} {option}"))
     return configs
 
 
@@ -132,11 +149,15 @@ def shape_configs(shapes=SHAPES, dtypes=DTYPES, option_sets=OPTION_SETS) -> list
 ARCHITECTURE_CONFIGS = SMALL_CONFIGS + shape_configs()
 
 
-def gate_matrix(S_values=(128, 256), chunk_sizes=(16, 64, 256, None), E=256) -> list:
+#: Inputs that require grad in the gate matrix's frozen-input configs (the others: all).
+GRADIENT_SUBSETS = [("v",), ("q_quad", "k_quad"), ("q_lin", "k_lin")]
+
+
+def gate_matrix(S_values=(128, 256), chunk_sizes=(16, 64, 256, None), E=RECORDED_E) -> list:
     """The codegen gate's configs: every op x dtype x causal x rel_bias x packing x chunk size
-    x S of the forward + backward, the decoding steps, and the quadratic-only path (see the
-    module docstring). Packed documents carry a state in and out when causal (a state needs
-    causal=True)."""
+    x S of the forward + backward, the decoding steps, the quadratic-only path, and backwards
+    with some inputs frozen (GRADIENT_SUBSETS; see the module docstring). Packed documents carry
+    a state in and out when causal (a state needs causal=True)."""
     configs = []
     for S, chunk, (dtype, dtype_fields) in itertools.product(S_values, chunk_sizes,
                                                               DTYPES.items()):
@@ -156,6 +177,10 @@ def gate_matrix(S_values=(128, 256), chunk_sizes=(16, 64, 256, None), E=256) -> 
             configs.append(dict(base, causal=causal, rel_bias=True, linear=False,
                                 name=f"{shape} quadratic only, "
                                      f"{'causal' if causal else 'non-causal'}, rel_bias"))
+        for grads in GRADIENT_SUBSETS:            # some inputs frozen: the NEED_* flags off
+            configs.append(dict(base, causal=True, rel_bias=True, grads=list(grads),
+                                name=f"{shape} mixed_chunk_attention, causal, rel_bias, "
+                                     f"grads {'+'.join(grads)}"))
         for op, rel_bias in itertools.product(("mixed_chunk_decode", "flash_attention_decode"),
                                               (True, False)):
             configs.append(dict(base, op=op, batch=(2,), T=1, causal=True, rel_bias=rel_bias,
@@ -334,10 +359,11 @@ def record_configs(configs, targets, jobs: int = 2) -> tuple:
     return collect_recordings(configs, items, record_concurrently(items, jobs))
 
 
-def compile_configs(records, pythons=(None,), jobs: int = 2) -> dict:
+def compile_configs(records, pythons=(None,), jobs: int = 2, ttgir_only: bool = False) -> dict:
     """Compile every distinct recorded launch for its target with each Python of `pythons`
-    (None: this one). Returns {(python, record key, target): row}; each row also lists the
-    configs that launch it (row["configs"])."""
+    (None: this one), to the binary or (`ttgir_only`, for the codegen gate) to TTGIR. Returns
+    {(python, record key, target): row}; each row also lists the configs that launch it
+    (row["configs"])."""
     by_target = {}                                    # target -> {record key: record}
     configs_of = {}                                   # (record key, target) -> [config names]
     for (name, target), recs in records.items():
@@ -345,7 +371,8 @@ def compile_configs(records, pythons=(None,), jobs: int = 2) -> dict:
             key = record_key(record)
             by_target.setdefault(target, {}).setdefault(key, record)
             configs_of.setdefault((key, target), []).append(name)
-    tasks = [dict(records=list(recs.values()), targets=[target], python=python)
+    tasks = [dict(records=list(recs.values()), targets=[target], python=python,
+                  ttgir_only=ttgir_only)
              for python in pythons for target, recs in by_target.items()]
     rows = {}
     for task, task_rows in zip(tasks, measure_concurrently(tasks, jobs)):
@@ -519,9 +546,9 @@ def collect(arch_configs, gate_configs, targets, pythons, jobs: int = 2) -> dict
     arch_rows = compile_configs(records, jobs=jobs)
     print(f"compiled {len(arch_rows)} architecture launches, {time.perf_counter() - start:.0f} s",
           file=sys.stderr)
-    gate_rows = compile_configs(gate_records, [None, *pythons], jobs)
+    gate_rows = compile_configs(gate_records, [None, *pythons], jobs, ttgir_only=True)
     paper = {k: v for k, v in records.items()
-             if k[1] in codegen_gate.GATE_TARGETS and k[0].startswith("paper")}
+             if k[1] in codegen_gate.GATE_TARGETS and k[0].startswith("paper bf16")}
     other_rows = compile_configs(paper, pythons, jobs) if pythons else {}
     print(f"compiled {len(gate_rows) + len(other_rows)} gate / other-Triton launches, "
           f"{time.perf_counter() - start:.0f} s", file=sys.stderr)

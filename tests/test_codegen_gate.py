@@ -250,7 +250,7 @@ WORST_CASE_CONFIGS = [
                  "decode flash_attention_decode, rel_bias")]
 
 #: Together with WORST_CASE_CONFIGS, every value of every kernel flag and every tile choice of
-#: the gate matrix (tile choices: chunk sizes 16 / 64 / 256 / None, S = 128 / 256; see
+#: the gate matrix (chunk sizes 16 / 64 / 256 / None, S = 128 / 256; see
 #: test_ci_selection_covers_every_flag_and_tile): the other options off, the unfused op, the
 #: quadratic-only path, the one-chunk decoding step.
 COVERAGE_CONFIGS = [
@@ -260,67 +260,79 @@ COVERAGE_CONFIGS = [
     "S=128 C=None bf16 quadratic only, causal, rel_bias",
     "S=256 C=None fp16 mixed_chunk_attention, causal",
     "S=128 C=None fp32 decode mixed_chunk_decode",
+    "S=128 C=256 fp16 mixed_chunk_attention, causal, rel_bias, grads v",
+    "S=128 C=64 fp32 mixed_chunk_attention, causal, rel_bias, grads q_quad+k_quad",
+    "S=128 C=16 bf16 mixed_chunk_attention, causal, rel_bias, grads q_lin+k_lin",
 ]
 
 CI_CONFIGS = WORST_CASE_CONFIGS + COVERAGE_CONFIGS
 
-#: The launches of these configs are also compiled for every NVIDIA architecture (shared
-#: memory fits): the largest ones, fp32 (the widest tiles in shared memory) and bf16.
-ARCHITECTURE_CHECK_CONFIGS = ["S=256 C=256 fp32 flash_attention, causal, rel_bias, packed + state",
-                              "S=256 C=256 bf16 flash_attention, causal, rel_bias, packed + state"]
+#: Recorded at this E: the launches equal the gate matrix's (value tiles are min(64, E) wide),
+#: at a quarter of the interpreter time.
+CI_RECORDED_E = 64
+
+#: Compiled to the binary for every NVIDIA architecture of the report, each recorded for its
+#: target: the paper shape (S = 128, C = 256) in bf16 with every option on. Shared memory must
+#: fit; the full matrix of shapes and dtypes per architecture is in bench/results/compile_report.md.
+ARCHITECTURE_CHECK_CONFIG = "S=128 C=256 bf16 flash_attention, causal, rel_bias, packed + state"
 
 GATE_TARGET = "cuda:90"
 
 
 class CiCompiles:
     """Everything the tests below compile, recorded and compiled together so that two child
-    processes run at a time (2-core CI): the toy kernels and the CI configs for sm_90, the
-    architecture check's configs for the other NVIDIA targets (recorded there: the runtime picks
-    its tiles per target, FLASH_KERNELS_TARGET); then every compile, with this Triton and the
-    GPU machines' (when FLASH_KERNELS_OTHER_TRITON_PYTHON is set)."""
+    processes run at a time (2-core CI).
+
+    Recorded (FLASH_KERNELS_TARGET set: the runtime may pick its tiles per target): the toy
+    kernels and CI_CONFIGS for sm_90, ARCHITECTURE_CHECK_CONFIG for every NVIDIA target.
+    Compiled with this Triton and, when FLASH_KERNELS_OTHER_TRITON_PYTHON is set, the GPU
+    machines': the toys to the binary and to TTGIR only (the same TTGIR either way), the CI
+    configs' launches to TTGIR (all the gate reads; a compile of the largest fp32 tiles to the
+    binary takes a minute), and with this Triton the architecture check's launches to the
+    binary for every NVIDIA target."""
 
     def __init__(self):
         start = time.perf_counter()
-        others = [t for t in NVIDIA_TARGETS if t != GATE_TARGET]
-        ci_configs = [_gate_config(name) for name in CI_CONFIGS]
-        arch_configs = [_gate_config(name) for name in ARCHITECTURE_CHECK_CONFIGS]
-        ci_items = recording_items(ci_configs, [GATE_TARGET], jobs=2)
-        arch_items = recording_items(arch_configs, others, jobs=2)
         toy_item = dict(snippets={"toys": TOY_SNIPPET}, target=GATE_TARGET, sys_path=[TESTS_DIR])
+        ci_configs = [dict(_gate_config(name), E=CI_RECORDED_E) for name in CI_CONFIGS]
+        arch_configs = [dict(_gate_config(ARCHITECTURE_CHECK_CONFIG), E=CI_RECORDED_E)]
+        ci_items = recording_items(ci_configs, [GATE_TARGET], jobs=2)
+        arch_items = recording_items(arch_configs, NVIDIA_TARGETS, jobs=2)
         results = record_concurrently([toy_item] + ci_items + arch_items, jobs=2)
         toy_records, toy_errors = results[0]
         assert not toy_errors, toy_errors["toys"]
         self.toy_records = toy_records["toys"]
-        self.records, ci_errors = collect_recordings(ci_configs, ci_items,
-                                                     results[1:1 + len(ci_items)])
+        self.records, errors = collect_recordings(ci_configs, ci_items,
+                                                  results[1:1 + len(ci_items)])
         arch_records, arch_errors = collect_recordings(arch_configs, arch_items,
                                                        results[1 + len(ci_items):])
-        errors = {**ci_errors, **arch_errors}
+        errors.update(arch_errors)
         assert not errors, "\n".join(f"{n} ({t}): {text}" for (n, t), text in errors.items())
-        arch_records.update({(n, GATE_TARGET): self.records[(n, GATE_TARGET)]
-                             for n in ARCHITECTURE_CHECK_CONFIGS})
         self.recording_seconds = time.perf_counter() - start
 
         launches = [r for name in CI_CONFIGS for r in self.records[(name, GATE_TARGET)]]
-        tasks = [dict(records=self.toy_records, targets=[GATE_TARGET], sys_path=[TESTS_DIR]),
-                 dict(records=launches, targets=[GATE_TARGET])]
-        tasks += [dict(records=[r for n in ARCHITECTURE_CHECK_CONFIGS
-                                for r in arch_records[(n, t)]], targets=[t]) for t in others]
+        gate_tasks = [
+            dict(records=self.toy_records, targets=[GATE_TARGET], sys_path=[TESTS_DIR]),
+            dict(records=self.toy_records, targets=[GATE_TARGET], sys_path=[TESTS_DIR],
+                 ttgir_only=True),
+            dict(records=launches, targets=[GATE_TARGET], ttgir_only=True)]
+        tasks = gate_tasks + [dict(records=arch_records[(ARCHITECTURE_CHECK_CONFIG, t)],
+                                   targets=[t]) for t in NVIDIA_TARGETS]
         if OTHER_TRITON_PYTHON:
-            tasks += [dict(task, python=OTHER_TRITON_PYTHON) for task in tasks[:2]]
+            tasks += [dict(task, python=OTHER_TRITON_PYTHON) for task in gate_tasks]
         rows = measure_concurrently(tasks, jobs=2)
-        self.toy_rows, self.kernel_rows = rows[0], rows[1]
-        self.other_toy_rows, self.other_kernel_rows = rows[-2:] if OTHER_TRITON_PYTHON else [None] * 2
-        arch_keys = {record_key(r) for n in ARCHITECTURE_CHECK_CONFIGS
-                     for r in arch_records[(n, GATE_TARGET)]}
-        self.architecture_rows = [row for task_rows in rows[2:2 + len(others)] for row in task_rows]
-        self.architecture_rows += [row for row in self.kernel_rows if _row_key(row) in arch_keys]
+        self.toy_rows, self.toy_ttgir_rows, self.kernel_rows = rows[:3]
+        self.architecture_rows = [row for task_rows in rows[3:3 + len(NVIDIA_TARGETS)]
+                                  for row in task_rows]
+        self.other_toy_rows, self.other_toy_ttgir_rows, self.other_kernel_rows = (
+            rows[-3:] if OTHER_TRITON_PYTHON else (None, None, None))
         for row in self.kernel_rows + (self.other_kernel_rows or []):
             row["configs"] = [name for name in CI_CONFIGS if any(
                 record_key(r) == _row_key(row) for r in self.records[(name, GATE_TARGET)])]
+        self.compiles = sum(map(len, rows))
         self.seconds = time.perf_counter() - start
         print(f"\ncodegen gate CI: {self.recording_seconds:.0f} s recording, {self.seconds:.0f} s "
-              f"in all, {sum(map(len, rows))} compiles")
+              f"in all, {self.compiles} compiles")
 
 
 def _row_key(row) -> str:
@@ -344,10 +356,14 @@ def _toy_source_line(name: str) -> str:
     return f"tests/aot_toy_kernels.py:{first + offset}"
 
 
-def _check_toys(rows):
+def _check_toys(rows, ttgir_rows):
     assert len(rows) == 2 * len(aot_toy_kernels.TRANSPOSE_KERNELS)
-    for row in rows:
+    for row, ttgir_row in zip(rows, ttgir_rows):
         assert row["error"] is None, row["error"]
+        assert row["stage"] == "binary" and ttgir_row["stage"] == "ttgir"
+        # compiling only to TTGIR (what the gate runs on the kernels) gives the same TTGIR
+        assert ttgir_row["ttgir_sha256"] == row["ttgir_sha256"]
+        assert ttgir_row["codegen_findings"] == row["codegen_findings"]
         name = row["record"]["kernel_name"].removesuffix("_kernel")
         _, bad = aot_toy_kernels.TRANSPOSE_KERNELS[name]
         findings = row["codegen_findings"]
@@ -363,14 +379,16 @@ def _check_toys(rows):
 
 
 def test_toy_kernels_installed_triton():
-    _check_toys(ci_compiles().toy_rows)
+    compiles = ci_compiles()
+    _check_toys(compiles.toy_rows, compiles.toy_ttgir_rows)
 
 
 @needs_other_triton
 def test_toy_kernels_gpu_machines_triton():
-    rows = ci_compiles().other_toy_rows
-    assert rows[0]["triton"] != triton.__version__, "the other Python runs this Triton"
-    _check_toys(rows)
+    compiles = ci_compiles()
+    assert compiles.other_toy_rows[0]["triton"] != triton.__version__, \
+        "the other Python runs this Triton"
+    _check_toys(compiles.other_toy_rows, compiles.other_toy_ttgir_rows)
 
 
 def test_ci_selection_covers_every_flag_and_tile():
@@ -399,7 +417,7 @@ def test_ci_selection_covers_every_flag_and_tile():
             (kernel, flag)))
 
 
-#: Flags the ops only ever launch one way (in the whole gate matrix).
+#: Flags the ops only ever launch one way (in the whole gate matrix): none today.
 ONE_SIDED_FLAGS = set()
 
 #: Tile sizes the gate matrix launches (S = 128 / 256; chunks of 16, 64, 256 and None).
@@ -441,13 +459,18 @@ def test_kernels_pass_the_gate_gpu_machines_triton():
     _assert_gate_passes(rows)
 
 
-def test_largest_launches_compile_and_fit_every_nvidia_architecture():
+def test_paper_shape_compiles_and_fits_every_nvidia_architecture():
     rows = ci_compiles().architecture_rows
     assert {row["target"] for row in rows} == set(NVIDIA_TARGETS)
+    assert {row["record"]["kernel_name"] for row in rows} == {
+        "chunk_state_scan_kernel", "mixed_chunk_fwd_kernel", "mixed_chunk_bwd_query_kernel",
+        "mixed_chunk_bwd_key_kernel"}
     failed = [row for row in rows if row_failed(row)]
     assert not failed, "\n".join(markdown_table(failed) + error_details(failed))
     for row in rows:
-        assert row["usage"]["shared_bytes"] <= architecture(row["target"]).shared_memory_bytes
+        assert row["stage"] == "binary"
+        assert 0 < row["usage"]["shared_bytes"] <= architecture(row["target"]).shared_memory_bytes
+        assert row["usage"]["tensor_core_instructions"] > 0
 
 
 def test_the_gate_finds_the_same_source_lines_with_both_tritons():
@@ -463,4 +486,4 @@ def test_the_gate_finds_the_same_source_lines_with_both_tritons():
 def test_config_names_are_in_the_gate_matrix():
     names = {c["name"] for c in GATE_MATRIX}
     assert set(CI_CONFIGS) <= names, set(CI_CONFIGS) - names
-    assert set(ARCHITECTURE_CHECK_CONFIGS) <= set(CI_CONFIGS)
+    assert ARCHITECTURE_CHECK_CONFIG in names

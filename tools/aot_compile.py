@@ -38,6 +38,7 @@ version of the GPU machines; `jobs=N` spreads the compiles over N child processe
 """
 import argparse
 import dataclasses
+import hashlib
 import importlib
 import json
 import os
@@ -473,6 +474,37 @@ def compile_record(record: LaunchRecord, target):
         return triton.compile(src, target=gpu_target(target), options=options)
 
 
+def compile_to_ttgir(record: LaunchRecord, target) -> str:
+    """The TTGIR text of one recorded launch for `target`, exactly as `compile_record(...)
+    .asm["ttgir"]` has it, without the later stages (LLVM, ptxas: most of a compile's time, a
+    minute for the largest fp32 tiles) and without touching Triton's cache.
+
+    Runs the first two stages of `triton.compile`'s pipeline the way it does (the backend's
+    options, dialects, code generator and stage functions; Triton 3.6 and 3.9 agree on these
+    calls), which is all the codegen gate reads (tests/test_codegen_gate.py checks the text
+    equals the full compile's)."""
+    _require_compile_mode()
+    from triton._C.libtriton import ir
+    from triton.compiler.compiler import make_backend
+    src, options = jit_compile_inputs(record, target)
+    gpu = gpu_target(target)
+    backend = make_backend(gpu)
+    options = backend.parse_options(dict(options or {}, **src.parse_options()))
+    stages = {}
+    backend.add_stages(stages, options, src.language)
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+        module = src.make_ir(gpu, options, backend.get_codegen_implementation(options),
+                             backend.get_module_map(), context)
+        metadata = {"hash": "ttgir-only", "target": gpu, **options.__dict__}
+        for stage in ("ttir", "ttgir"):
+            module = stages[stage](module, metadata)
+    return str(module)
+
+
 def _cuobjdump_path() -> str:
     import triton
     try:
@@ -615,12 +647,16 @@ def resource_usage(compiled) -> dict:
 # Many records x targets -> rows -> markdown
 # --------------------------------------------------------------------------------------------
 
-def measure_record(record: LaunchRecord, target, check_codegen: bool = True) -> dict:
-    """Compile one record for one target. A row dict:
+def measure_record(record: LaunchRecord, target, check_codegen: bool = True,
+                   ttgir_only: bool = False) -> dict:
+    """Compile one record for one target (`ttgir_only`: only to TTGIR, for the codegen gate:
+    no usage then). A row dict:
       record, target ("cuda:90"), arch ("sm_90"), triton (version), usage (`resource_usage`,
-      None on error), error (None if it compiled), over_shared_limit, over_register_limit,
+      None on error or ttgir_only), error (None if it compiled), stage ("binary" or "ttgir":
+      how far it was compiled), over_shared_limit, over_register_limit,
       codegen_findings (the gate's findings as dicts on codegen_gate.GATE_TARGETS, else None),
       codegen_transposes (the 2-D register transposes the gate looked at, rejected or not),
+      ttgir_sha256 (of the TTGIR text: equal TTGIR, equal hash),
       compile_seconds (compile + resource reading).
     """
     import triton
@@ -628,22 +664,28 @@ def measure_record(record: LaunchRecord, target, check_codegen: bool = True) -> 
     from tools import codegen_gate
     arch = architecture(target)
     row = dict(record=record_to_dict(record), target=arch.target, arch=arch.label,
-               triton=triton.__version__, usage=None, error=None, over_shared_limit=False,
+               triton=triton.__version__, usage=None, error=None,
+               stage="ttgir" if ttgir_only else "binary", over_shared_limit=False,
                over_register_limit=False, codegen_findings=None, codegen_transposes=None,
-               compile_seconds=None)
+               ttgir_sha256=None, compile_seconds=None)
     start = time.perf_counter()
     try:
-        compiled = compile_record(record, arch.target)
-        usage = resource_usage(compiled)
+        if ttgir_only:
+            ttgir, usage = compile_to_ttgir(record, arch.target), None
+        else:
+            compiled = compile_record(record, arch.target)
+            ttgir, usage = compiled.asm["ttgir"], resource_usage(compiled)
+        row["ttgir_sha256"] = hashlib.sha256(ttgir.encode()).hexdigest()
         if check_codegen and arch.target in codegen_gate.GATE_TARGETS:
-            row["codegen_findings"], row["codegen_transposes"] = \
-                codegen_gate.check_compiled(compiled)
+            row["codegen_findings"], row["codegen_transposes"] = codegen_gate.check_ttgir(ttgir)
     except Exception as e:  # noqa: BLE001 - the report lists every failure
         row["error"] = f"{type(e).__name__}: {e}"
         return row
     finally:
         row["compile_seconds"] = round(time.perf_counter() - start, 2)
     row["usage"] = usage
+    if usage is None:
+        return row
     row["over_shared_limit"] = bool(arch.shared_memory_bytes
                                     and usage["shared_bytes"] > arch.shared_memory_bytes)
     row["over_register_limit"] = usage["registers"] > arch.max_registers
@@ -655,10 +697,12 @@ def _work(records, targets) -> list:
     return [(record, target_name(t)) for record in dedupe_records(records) for t in targets]
 
 
-def measure_work(work, check_codegen: bool = True) -> list:
-    """`measure_record` of every (record, target) pair of `work`, in this process."""
+def measure_work(work, check_codegen: bool = True, ttgir_only: bool = False) -> list:
+    """`measure_record` of every (record, target) or (record, target, ttgir_only) item of `work`
+    (`ttgir_only` where an item does not say), in this process."""
     _require_compile_mode()
-    return [measure_record(record, target, check_codegen) for record, target in work]
+    return [measure_record(item[0], item[1], check_codegen,
+                           item[2] if len(item) > 2 else ttgir_only) for item in work]
 
 
 def measure_records(records, targets=("cuda:80", "cuda:90")) -> list:
@@ -667,13 +711,15 @@ def measure_records(records, targets=("cuda:80", "cuda:90")) -> list:
 
 
 def _measure_work_in_subprocess(work, sys_path=(), timeout: float = 3600, python: str | None = None,
-                                check_codegen: bool = True) -> list:
+                                check_codegen: bool = True, ttgir_only: bool = False) -> list:
     sys_path = [os.path.abspath(p) for p in sys_path]
     with tempfile.TemporaryDirectory() as tmp:
         work_path = os.path.join(tmp, "work.json")
         rows_path = os.path.join(tmp, "rows.json")
         with open(work_path, "w") as f:
-            json.dump([dict(record=record_to_dict(r), target=t) for r, t in work], f)
+            json.dump([dict(record=record_to_dict(item[0]), target=item[1],
+                            ttgir_only=item[2] if len(item) > 2 else ttgir_only)
+                       for item in work], f)
         cmd = [python or sys.executable, "-m", "tools.aot_compile", "--work", work_path,
                "--json", rows_path, "--quiet"]
         if not check_codegen:
@@ -709,28 +755,31 @@ def measure_concurrently(tasks, jobs: int = 2, timeout: float = 3600) -> list:
     """Run several compile tasks at once on child processes; returns each task's rows.
 
     A task is a dict with `records` and `targets`, and optionally `python` (another Triton's
-    Python, see `measure_records_in_subprocess`) and `sys_path`. The (record, target) pairs of
-    the tasks that share a Python and sys_path are pooled and dealt round-robin into up to
-    `jobs` shares of at least MIN_PAIRS_PER_CHILD pairs, each share compiled by one child
-    process, at most `jobs` children running at a time; rows come back in each task's order
-    (distinct records, each for every target)."""
+    Python, see `measure_records_in_subprocess`), `sys_path` and `ttgir_only` (compile only to
+    TTGIR, for the codegen gate). The (record, target) pairs of the tasks that share a Python
+    are pooled (with the union of their sys_paths) and dealt round-robin into up to `jobs` shares
+    of at least MIN_PAIRS_PER_CHILD pairs, each share compiled by one child process, at most
+    `jobs` children running at a time; rows come back in each task's order (distinct records,
+    each for every target)."""
     jobs = max(1, int(jobs))
-    groups = {}                                   # (python, sys_path) -> [(task, position, pair)]
+    groups = {}                         # python -> ([(task, position, item)], sys_path)
     works = []
     for index, task in enumerate(tasks):
         work = _work(task["records"], task["targets"])
         works.append(work)
-        group = groups.setdefault((task.get("python"), tuple(task.get("sys_path", ()))), [])
-        group += [(index, position, pair) for position, pair in enumerate(work)]
+        entries, sys_path = groups.setdefault(task.get("python"), ([], []))
+        entries += [(index, position, (record, target, bool(task.get("ttgir_only"))))
+                    for position, (record, target) in enumerate(work)]
+        sys_path += [p for p in task.get("sys_path", ()) if p not in sys_path]
     shares = []
-    for (python, sys_path), entries in groups.items():
+    for python, (entries, sys_path) in groups.items():
         count = max(1, min(jobs, len(entries) // MIN_PAIRS_PER_CHILD))
         shares += [(python, sys_path, entries[i::count]) for i in range(count)]
     results = [[None] * len(work) for work in works]
 
     def run(share):
         python, sys_path, entries = share
-        rows = _measure_work_in_subprocess([pair for _, _, pair in entries], sys_path, timeout,
+        rows = _measure_work_in_subprocess([item for _, _, item in entries], sys_path, timeout,
                                            python)
         for (index, position, _), row in zip(entries, rows):
             results[index][position] = row
@@ -822,7 +871,9 @@ def _status(row) -> str:
         problems.append("**over shared limit**")
     if row["over_register_limit"]:
         problems.append("**over the register limit**")
-    if row["usage"]["spill_bytes"]:
+    if row["usage"] is None:
+        problems.append("compiled to TTGIR only")
+    elif row["usage"]["spill_bytes"]:
         problems.append("spills")
     if row.get("codegen_findings"):
         problems.append(f"**codegen gate: {len(row['codegen_findings'])} register transpose(s)**")
@@ -838,7 +889,7 @@ def markdown_table(rows) -> list:
     for row in rows:
         rec = row["record"]
         u = row["usage"]
-        if row["error"]:
+        if row["error"] or u is None:
             cells = ["-"] * 4
         else:
             cells = [str(u["registers"]), str(u["spill_bytes"]), f"{u['shared_bytes'] / 1024:.1f}",
@@ -908,7 +959,8 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", nargs="+", default=["cuda:80", "cuda:90"],
                         help="cuda:<capability> or hip:<gfx arch> (a bare number is cuda)")
     parser.add_argument("--work", help="instead of records x targets: a JSON list of "
-                        "{record, target} pairs (what measure_concurrently hands its children)")
+                        "{record, target, ttgir_only} items (what measure_concurrently hands "
+                        "its children)")
     parser.add_argument("--markdown", help="write the markdown report here (default: stdout)")
     parser.add_argument("--json", help="also write the result rows as JSON here")
     parser.add_argument("--sys-path", action="append", default=[],
@@ -916,6 +968,8 @@ def main(argv=None) -> int:
     parser.add_argument("--title", default="Ahead-of-time compile report")
     parser.add_argument("--no-codegen-gate", action="store_true",
                         help="do not run the codegen gate (tools/codegen_gate.py)")
+    parser.add_argument("--ttgir-only", action="store_true",
+                        help="compile only to TTGIR (the codegen gate's input; no resources)")
     parser.add_argument("--quiet", action="store_true", help="no markdown report on stdout")
     args = parser.parse_args(argv)
     if triton_interpret_enabled():
@@ -926,11 +980,12 @@ def main(argv=None) -> int:
         sys.path.insert(0, os.path.abspath(p))
     if args.work:
         with open(args.work) as f:
-            work = [(record_from_dict(d["record"]), target_name(d["target"])) for d in json.load(f)]
+            work = [(record_from_dict(d["record"]), target_name(d["target"]),
+                     d.get("ttgir_only", args.ttgir_only)) for d in json.load(f)]
     else:
         records = [r for path in args.records for r in load_records(path)]
         work = _work(records, args.targets)
-    rows = measure_work(work, check_codegen=not args.no_codegen_gate)
+    rows = measure_work(work, check_codegen=not args.no_codegen_gate, ttgir_only=args.ttgir_only)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1, default=str)

@@ -425,10 +425,10 @@ def find_register_transposes(ttgir: str) -> list:
     return analyse(ttgir)[0]
 
 
-def check_compiled(compiled) -> tuple:
+def check_ttgir(ttgir: str) -> tuple:
     """(the gate's findings as JSON-ready dicts, the number of 2-D register transposes looked
-    at) for a Triton `CompiledKernel`."""
-    findings, examined = analyse(compiled.asm["ttgir"])
+    at) for the TTGIR of a compile (`compiled.asm["ttgir"]`, aot_compile.compile_to_ttgir)."""
+    findings, examined = analyse(ttgir)
     return [asdict(f) for f in findings], examined
 
 
