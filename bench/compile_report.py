@@ -9,11 +9,12 @@ Two sets of configs:
   with the options that change the kernels' resources, plus a few small odd-sized configs. The
   report checks that each launch compiles and fits the architecture's shared memory (LDS) and
   lists registers, spills and the tensor-core instruction count per kernel.
-- GATE_MATRIX, compiled for the codegen gate's targets (sm_90) with this process's Triton and
-  with every `--other-triton` Python's (the GPU machines' Triton 3.6): every kernel, dtype
-  (fp32, fp16, bf16), causal or not, rel_bias or not, dense or packed documents (+ state in and
-  out when causal), mixed_chunk_attention or flash_attention (roles from z, gate), the decoding
-  step, chunk sizes 16, 64, 256 and None (small and large tiles), S = 128 and 256
+- GATE_MATRIX, compiled to TTGIR (all the gate reads) for the codegen gate's targets (sm_90)
+  with this process's Triton and with every `--other-triton` Python's (the GPU machines'
+  Triton 3.6): every kernel, dtype (fp32, fp16, bf16), causal or not, rel_bias or not, dense or
+  packed documents (+ state in and out when causal), mixed_chunk_attention or flash_attention
+  (roles from z, gate), the decoding step, chunk sizes 16, 64, 256 and None (small and large
+  tiles), S = 128 and 256, the quadratic-only path and backwards with frozen inputs
   (tools/codegen_gate.py: no register transpose may feed a tensor-core product on Hopper).
 
 For every config, the op runs forward + backward (or one decoding step) under TRITON_INTERPRET=1
@@ -27,20 +28,23 @@ cannot be recorded, does not compile, exceeds a hardware limit or fails the code
 The interpreter cannot run bf16 dots, so bf16 configs are recorded in fp16 and their fp16 types
 rewritten to bf16 before compiling (`compile_dtype`): this assumes the op picks the same
 constexprs / warps for fp16 and bf16. T only needs to be large enough to reach the code paths
-(several chunks); the compiled kernels do not depend on it (T is not specialised). The gate
-matrix records at E = 256 to keep the interpreter quick (the value tile is min(64, E) wide, the
-same as at E = 1536); the architecture configs use the real E = 1536.
+(several chunks); the compiled kernels do not depend on it (T is not specialised). E is
+recorded as RECORDED_E = 256: the launches are those of the paper's E = 1536 (the value tiles
+are at most 64 wide; tests/test_compile_kernels.py checks it), in about a third of the
+interpreter's time.
 
     python -m bench.compile_report [--targets cuda:80 ... hip:gfx90a] [--only WORD ...]
         [--jobs 2] [--other-triton PYTHON ...] [--no-gate | --gate-only] [--output PATH]
+        [--save-data JSON | --from-data JSON]
 
 --other-triton (default: $FLASH_KERNELS_OTHER_TRITON_PYTHON): a Python whose environment holds
 another Triton version (e.g. the GPU machine's 3.6: `python3 -m venv V && V/bin/pip install
 torch==2.13.0 triton==3.6.0 "numpy<2.4"`, as .ci/run builds it) compiles the gate matrix, and
-the paper-shape architecture configs for sm_90, with that version too. The launches are
-recorded once, with this process's Triton: the tile choice does not depend on the Triton
-version, and the JIT of every version specialises arguments alike
-(aot_compile.jit_compile_inputs checks it).
+the paper-shape bf16 configs for sm_90 (registers and spills per version), with that version
+too. The launches are recorded once, with this process's Triton: the tile choice does not
+depend on the Triton version, and the JIT of every version specialises arguments alike
+(aot_compile.jit_compile_inputs checks it). --save-data keeps everything recorded and compiled
+in a JSON file; --from-data renders the report from it again.
 """
 import argparse
 import itertools
@@ -113,8 +117,8 @@ DTYPES = {"fp32": dict(dtype="float32", compile_dtype=None),
 
 #: E of the recordings. The kernels' value tiles are min(64, E) wide (32 where narrowed) and
 #: nothing else in a launch depends on E's value (E is a run-time int, a multiple of 16 in both
-#: cases), so E = 256 records the launches of the paper's E = 1536 in a sixth of the interpreter
-#: time; tests/test_compile_kernels.py checks that the two record the same launches.
+#: cases), so E = 256 records the launches of the paper's E = 1536 in about a third of the
+#: interpreter's time; tests/test_compile_kernels.py checks that the two record the same launches.
 RECORDED_E = 256
 
 #: The two shapes of the architecture report: the paper's (S = 128, E = 1536, C = 256) and
@@ -407,8 +411,8 @@ def _cell(row) -> str:
 def architecture_summary(rows, targets) -> list:
     """Markdown lines: per target, launches compiled, compile errors, launches over the shared
     memory limit, launches that spill (largest spill), largest registers and shared memory."""
-    lines = ["| target | launches | compile errors | over shared memory | spilling (max B) | "
-             "max regs | max shared KB (limit) |", "|---|---|---|---|---|---|---|"]
+    lines = [("| target | launches | compile errors | over shared memory | spilling (max B) | "
+              "max regs | max shared KB (limit) |"), "|---|---|---|---|---|---|---|"]
     for target in targets:
         arch = architecture(target)
         mine = [r for r in rows if r["target"] == arch.target]
@@ -454,9 +458,9 @@ def config_sections(configs, records, errors, rows, targets) -> list:
     """Per config: its description and one row per distinct launch, one column per target."""
     labels = [architecture(t).label for t in targets]
     lines = ["## Per config", "",
-             "Each cell: registers / spill bytes / shared memory KB / tensor-core instructions "
-             "(static count in the binary); **bold** marks a problem, **gate** a codegen gate "
-             "finding.", ""]
+             ("Each cell: registers / spill bytes / shared memory KB / tensor-core instructions "
+              "(static count in the binary); **bold** marks a problem, **gate** a codegen gate "
+              "finding."), ""]
     for cfg in configs:
         name = cfg["name"]
         lines += [f"### {name}", "", config_label(cfg), ""]
@@ -501,9 +505,9 @@ def other_triton_section(arch_rows, other_rows) -> list:
     import triton
     versions = sorted({r["triton"] for r in other_rows.values()})
     lines = ["## Registers / spill bytes on sm_90 per Triton version", "",
-             f"The launches of the paper-shape architecture configs, compiled by Triton "
-             f"{triton.__version__} (this environment) and {', '.join(versions)} "
-             f"(`--other-triton`).", "",
+             (f"The launches of the paper-shape bf16 configs, compiled by Triton "
+              f"{triton.__version__} (this environment) and {', '.join(versions)} "
+              f"(`--other-triton`)."), "",
              "| kernel | constexprs | " + " | ".join(
                  [f"Triton {triton.__version__}"] + [f"Triton {v}" for v in versions]) + " |",
              "|---|---|" + "---|" * (1 + len(versions))]

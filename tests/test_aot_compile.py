@@ -268,8 +268,9 @@ def test_bench_compile_report_assembles(toy_recording, tmp_path, monkeypatch):
     assert "Architecture report: **PASS**: all 2 compiles succeeded" in report
     assert "| sm_80 | 1 | 0 | 0 | 0 (0) |" in report and "| sm_90 | 1 | 0 | 0 | 0 (0) |" in report
     assert "### paper bf16 causal + rel_bias" in report and "| `matmul_tile_kernel` | 4 |" in report
-    source_line = next(i for i, line in enumerate(
-        open(aot_toy_kernels.__file__).read().splitlines(), 1) if "tl.trans(scores)" in line)
+    with open(aot_toy_kernels.__file__) as f:
+        source_line = next(i for i, line in enumerate(f.read().splitlines(), 1)
+                           if "tl.trans(scores)" in line)
     assert "**Codegen gate FAIL**: 1 of 1 launches compiled for sm_90" in report, report
     assert (f"| `tests/aot_toy_kernels.py:{source_line}` | `dot_result_transposed_kernel` |"
             in report)

@@ -15,9 +15,10 @@ import numpy
 import pytest
 import triton
 
-from bench.compile_report import ARCHITECTURE_CONFIGS, record_config
+from bench.compile_report import ARCHITECTURE_CONFIGS, RECORDED_E, record_config
 from interpreter_shim import version_tuple
-from tools.aot_compile import error_details, markdown_table, measure_launches, row_failed
+from tools.aot_compile import (error_details, markdown_table, measure_launches, record_key,
+                               row_failed)
 
 ALL_KERNELS = {"chunk_state_scan_kernel", "mixed_chunk_fwd_kernel", "mixed_chunk_bwd_query_kernel",
                "mixed_chunk_bwd_key_kernel"}
@@ -93,3 +94,15 @@ def test_paper_launches_compile_with_the_gpu_machines_triton(name):
     if spilling:
         print(f"\nTriton {rows[0]['triton']} spills at the paper shape on sm_90:\n"
               + "\n".join(markdown_table(spilling)))
+
+
+def test_the_paper_E_records_the_launches_of_the_recorded_E():
+    """bench/compile_report.py records the paper shape at E = RECORDED_E instead of 1536 (the
+    interpreter's time grows with E): both must launch the same kernels with the same types,
+    constexprs, specialisations, warps and stages."""
+    name = "paper bf16 flash_attention packed documents + state, causal + rel_bias"
+    cfg = next(c for c in ARCHITECTURE_CONFIGS if c["name"] == name)
+    assert cfg["E"] == RECORDED_E != 1536
+    at_paper_E = record_config(dict(cfg, E=1536), target="cuda:90")
+    assert ([record_key(r) for r in at_paper_E]
+            == [record_key(r) for r in _records(name, "cuda:90")])

@@ -735,32 +735,25 @@ def _measure_work_in_subprocess(work, sys_path=(), timeout: float = 3600, python
             return json.load(f)
 
 
-def measure_records_in_subprocess(records, targets=("cuda:80", "cuda:90"), sys_path=(),
-                                  timeout: float = 3600, python: str | None = None) -> list:
-    """`measure_records` in a child process without TRITON_INTERPRET (use it from a process that
-    has the interpreter on). `sys_path`: directories needed to import the kernels' modules.
-    `python`: the interpreter of the child (default this one), e.g. a virtual environment with
-    another Triton version: the records are compiled, and the codegen gate run, by that Triton
-    (the repository root is put on its path, so it needs torch and triton, not this package
-    installed)."""
-    return _measure_work_in_subprocess(_work(records, targets), sys_path, timeout, python)
-
-
 #: Fewest (record, target) pairs worth a child process of their own (each child spends a few
 #: seconds importing torch and Triton).
 MIN_PAIRS_PER_CHILD = 6
 
 
 def measure_concurrently(tasks, jobs: int = 2, timeout: float = 3600) -> list:
-    """Run several compile tasks at once on child processes; returns each task's rows.
+    """Run several compile tasks at once on child processes without TRITON_INTERPRET; returns
+    each task's rows.
 
-    A task is a dict with `records` and `targets`, and optionally `python` (another Triton's
-    Python, see `measure_records_in_subprocess`), `sys_path` and `ttgir_only` (compile only to
-    TTGIR, for the codegen gate). The (record, target) pairs of the tasks that share a Python
-    are pooled (with the union of their sys_paths) and dealt round-robin into up to `jobs` shares
-    of at least MIN_PAIRS_PER_CHILD pairs, each share compiled by one child process, at most
-    `jobs` children running at a time; rows come back in each task's order (distinct records,
-    each for every target)."""
+    A task is a dict with `records` and `targets`, and optionally `python` (the interpreter of
+    the children, e.g. a virtual environment with another Triton version: the records are
+    compiled, and the codegen gate run, by that Triton; the repository root is put on its path,
+    so it needs torch and triton, not this package installed), `sys_path` (directories needed
+    to import the kernels' modules) and `ttgir_only` (compile only to TTGIR, for the gate).
+    The (record, target) pairs of the tasks that share a Python are pooled (with the union of
+    their sys_paths) and dealt round-robin into up to `jobs` shares of at least
+    MIN_PAIRS_PER_CHILD pairs, each share compiled by one child process, at most `jobs` children
+    running at a time; rows come back in each task's order (distinct records, each for every
+    target)."""
     jobs = max(1, int(jobs))
     groups = {}                         # python -> ([(task, position, item)], sys_path)
     works = []

@@ -517,8 +517,8 @@ def findings_table(rows) -> list:
             entry["dots"].update(d.split(" (TTGIR")[0] for d in f["dots"])
             entry["rows"][id(r)] = r
             entry["configs"].update(r.get("configs", []))
-    lines = ["| source line (tl.trans) | kernel | layouts | reaches | launches (dtypes) | "
-             "configs |", "|---|---|---|---|---|---|"]
+    lines = [("| source line (tl.trans) | kernel | layouts | reaches | launches (dtypes) | "
+              "configs |"), "|---|---|---|---|---|---|"]
     for source in source_lines(flagged):
         e = by_source[source]
         dtypes = sorted({_element_type(r) for r in e["rows"].values()})
