@@ -428,6 +428,40 @@ def architecture_summary(rows, targets) -> list:
     return lines
 
 
+def _shape_dtype(config_name: str) -> str:
+    """"paper bf16", "S=256 fp32", "small fp16": the first two words of a config's name."""
+    return " ".join(config_name.split()[:2])
+
+
+def shape_dtype_summary(rows, targets) -> list:
+    """Markdown lines: per shape and dtype (rows) and target (columns), how many distinct
+    launches exceed the shared memory limit, spill, or do not compile."""
+    groups = {}
+    for row in rows:
+        for name in row.get("configs", []):
+            groups.setdefault(_shape_dtype(name), {}).setdefault(row["target"], {})[
+                id(row)] = row
+    labels = [architecture(t).label for t in targets]
+    lines = ["Distinct launches per shape and dtype that exceed the shared memory limit (over), "
+             "spill, or fail to compile (error); ok when none.", "",
+             "| shape, dtype | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for group in sorted(groups, key=lambda g: (g.split()[0] != "paper", g)):
+        cells = []
+        for target in targets:
+            mine = list(groups[group].get(target, {}).values())
+            if not mine:
+                cells.append("-")
+                continue
+            errors = sum(bool(r["error"]) for r in mine)
+            over = sum(bool(r["over_shared_limit"]) for r in mine)
+            spill = sum(bool(r["usage"] and r["usage"]["spill_bytes"]) for r in mine)
+            parts = [f"{n} {what}" for n, what in ((over, "over"), (spill, "spill"),
+                                                   (errors, "error")) if n]
+            cells.append(f"**{', '.join(parts)}** of {len(mine)}" if parts else f"ok ({len(mine)})")
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def problem_lists(rows) -> list:
     """Markdown lines listing every launch over a shared memory limit and every launch that
     spills, per architecture, with the configs that make it."""
@@ -597,6 +631,7 @@ def render(data) -> str:
     report += ["## Architectures and their limits", ""] + limits_table() + [""]
     if unique_arch:
         report += ["## Per architecture", ""] + architecture_summary(unique_arch, targets) + [""]
+        report += ["## Per shape and dtype", ""] + shape_dtype_summary(unique_arch, targets)
     if data["gate_configs"]:
         report += gate_section(by_version, len(data["gate_configs"]))
         if data["gate_errors"]:
