@@ -68,6 +68,7 @@ _HEADER = """\
 #linear = #ttg.linear<{register = [[1, 0], [0, 8]], lane = [[2, 0], [4, 0]], warp = [[0, 16]], block = []}>
 #loc = loc("/repo/flash_kernels/kernels/toy.py":10:0)
 #mma = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [4, 1], instrShape = [16, 64, 16]}>
+#mma1 = #ttg.nvidia_mma<{versionMajor = 2, versionMinor = 0, warpsPerCTA = [4, 1], instrShape = [16, 8]}>
 #shared = #ttg.nvmma_shared<{swizzlingByteWidth = 128, transposed = false, elementBitWidth = 16}>
 #shared1 = #ttg.nvmma_shared<{swizzlingByteWidth = 128, transposed = true, elementBitWidth = 16}>
 #smem = #ttg.shared_memory
@@ -129,8 +130,8 @@ def test_blocked_transpose_reaching_a_dot_through_casts_and_layout_conversions()
     """)
     (finding,) = findings
     assert finding.operand_layout == "blocked"
-    assert finding.reasons == ["result reaches a tensor-core product operand"]
-    assert _dots(finding) == ["tt.dot operand A at /repo/flash_kernels/kernels/toy.py:40"]
+    assert finding.reasons == ["result reaches a dot operand"]
+    assert _dots(finding) == ["tt.dot (wgmma) operand A at /repo/flash_kernels/kernels/toy.py:40"]
 
 
 def test_transpose_reaching_a_dot_through_a_branch_and_shared_memory():
@@ -152,7 +153,7 @@ def test_transpose_reaching_a_dot_through_a_branch_and_shared_memory():
         }} loc(#loc4)
     """)
     (finding,) = findings
-    assert _dots(finding) == ["ttng.warp_group_dot operand A at /repo/flash_kernels/kernels/toy.py:40"]
+    assert _dots(finding) == ["ttng.warp_group_dot (wgmma) operand A at /repo/flash_kernels/kernels/toy.py:40"]
 
 
 def test_transpose_carried_by_a_loop_and_stored_into_a_shared_buffer():
@@ -170,7 +171,7 @@ def test_transpose_carried_by_a_loop_and_stored_into_a_shared_buffer():
         }} loc(#loc4)
     """)
     (finding,) = findings
-    assert finding.dots and finding.dots[0].startswith("ttng.warp_group_dot operand B")
+    assert finding.dots and finding.dots[0].startswith("ttng.warp_group_dot (wgmma) operand B")
 
 
 def test_harmless_transposes_pass():
@@ -210,7 +211,23 @@ def test_sibling_regions_may_reuse_value_names():
         }} loc(#loc1)
     """)
     (finding,) = findings
-    assert _dots(finding) == ["tt.dot operand A at /repo/flash_kernels/kernels/toy.py:20"]
+    assert _dots(finding) == ["tt.dot (wgmma) operand A at /repo/flash_kernels/kernels/toy.py:20"]
+
+
+def test_each_finding_names_the_kind_of_dot():
+    """A warp-level MMA (mma v2 accumulator), an FMA dot (blocked accumulator: fp32 at ieee
+    precision) and a Hopper wgmma, all reached by one transpose."""
+    findings = _findings(f"""
+        %t = tt.trans %x {{order = array<i32: 1, 0>}} : {H64} -> tensor<64x64xf16, #blocked1> loc(#loc2)
+        %a = ttg.convert_layout %t : tensor<64x64xf16, #blocked1> -> {DOT_A} loc(#loc1)
+        %d1 = tt.dot %a, %b, %c1 : {DOT_A} * {DOT_B} -> tensor<64x64xf32, #mma1> loc(#loc1)
+        %d2 = tt.dot %a, %b, %c2, inputPrecision = ieee : {DOT_A} * {DOT_B} -> {T64} loc(#loc1)
+        %m = ttg.local_alloc %t : (tensor<64x64xf16, #blocked1>) -> {MEM} loc(#loc1)
+        %d3 = ttng.warp_group_dot %m, %mb, %c3 {{inputPrecision = 0 : i32}} : {MEM} * {MEM} -> {ACC} loc(#loc1)
+    """)
+    (finding,) = findings
+    kinds = sorted(dot.split(" operand")[0] for dot in finding.dots)
+    assert kinds == ["tt.dot (FMA)", "tt.dot (mma v2)", "ttng.warp_group_dot (wgmma)"]
 
 
 def test_locations_resolve_through_inlined_call_sites():

@@ -5,8 +5,10 @@ the gate when it holds a 2-D `tt.trans` (a transpose of a tensor in registers) s
 
 - its operand sits in a register layout other than `#ttg.blocked`: an MMA accumulator layout
   (`#ttg.nvidia_mma`), a `#ttg.linear` layout, a dot-operand or slice layout; or
-- its result reaches an operand A or B of a tensor-core product (`tt.dot`,
-  `ttng.warp_group_dot`, `ttng.tc_gen5_mma`), directly or through any chain of layout
+- its result reaches an operand A or B of a dot (`tt.dot`, `ttng.warp_group_dot`,
+  `ttng.tc_gen5_mma`; a `tt.dot` that Triton lowers to FMA, fp32 with ieee precision, counts
+  too: the register shuffling into its operand layout is the same kind of conversion, and each
+  finding says which kind of dot it reaches), directly or through any chain of layout
   conversions (`ttg.convert_layout`), casts (`arith.truncf` / `extf` / `bitcast`,
   `tt.fp_to_fp`, `tt.bitcast`), elementwise arithmetic (`arith.*`, `math.*`, the data operands
   of `arith.select`), ops that only move values (`tt.reshape`, `tt.broadcast`, `tt.join`, ...),
@@ -178,6 +180,7 @@ class _Module:
 
     def __init__(self, ttgir: str):
         self.layouts = {}           # alias ("mma2") -> kind ("nvidia_mma")
+        self.layout_text = {}       # alias -> its definition line
         self.locations = {}         # "#loc12" -> loc body
         self.ops = []
         self.flows = defaultdict(set)       # value -> values that carry it
@@ -214,6 +217,7 @@ class _Module:
                 continue
             if m := _ALIAS.match(stripped):
                 self.layouts[m.group("alias")] = m.group("kind").split(".", 1)[1]
+                self.layout_text[m.group("alias")] = stripped
                 continue
             op = None
             closes = stripped.startswith("}")
@@ -307,6 +311,23 @@ class _Module:
         if m := re.match(r"^#(\w+)\.(\w+)<", encoding):
             return m.group(2)
         return self.layouts.get(encoding.lstrip("#"), encoding.lstrip("#"))
+
+    def dot_kind(self, op: _Op) -> str:
+        """What runs a dot: "wgmma" (Hopper warpgroup MMA), "mma v2" (warp-level MMA), "MFMA",
+        "tcgen05" (Blackwell), or "FMA" (no tensor cores: fp32 with ieee precision)."""
+        if op.name == "ttng.warp_group_dot":
+            return "wgmma"
+        if op.name == "ttng.tc_gen5_mma":
+            return "tcgen05"
+        _, results = _types_of(op.rest)
+        result = _tensor_type(results[0]) if results else None
+        encoding = result[1] if result else ""
+        kind = self.layout_kind(encoding)
+        if kind == "nvidia_mma":
+            text = self.layout_text.get(encoding.lstrip("#"), encoding)
+            version = re.search(r"versionMajor = (\d+)", text)
+            return "wgmma" if version and version.group(1) == "3" else "mma v2"
+        return {"amd_mfma": "MFMA", "amd_wmma": "WMMA", "blocked": "FMA"}.get(kind, kind)
 
     def frames(self, location: str, depth: int = 0) -> list:
         """The file:line frames of a loc body, innermost first (inlined call sites after)."""
@@ -406,10 +427,10 @@ def analyse(ttgir: str) -> tuple:
         for dot, index in module.dots_reached(op.results[0]):
             frames = module.where(dot)
             at = f" at {frames[0]}" if frames else ""
-            dots.append(f"{dot.name} operand {_OPERAND_NAMES.get(index, index)}{at} "
-                        f"(TTGIR line {dot.line})")
+            dots.append(f"{dot.name} ({module.dot_kind(dot)}) operand "
+                        f"{_OPERAND_NAMES.get(index, index)}{at} (TTGIR line {dot.line})")
         if dots:
-            reasons.append("result reaches a tensor-core product operand")
+            reasons.append("result reaches a dot operand")
         if not reasons:
             continue
         frames = module.where(op) or [f"<unknown location> (TTGIR line {op.line})"]
@@ -442,7 +463,8 @@ RULE_SUMMARY = (
     "to `tl.dot` (wrong wgmma operands, silently wrong gradients: flash-linear-attention #640 / "
     "PR #826, triton #6124). The gate (tools/codegen_gate.py) rejects every launch whose sm_90 "
     "TTGIR holds a 2-D `tt.trans` whose operand is in a non-blocked register layout (MMA, "
-    "linear, ...) or whose result reaches operand A or B of a tensor-core product through "
+    "linear, ...) or whose result reaches operand A or B of a dot (wgmma, mma v2, or FMA for "
+    "fp32 at ieee precision: each finding says which) through "
     "layout conversions, casts, elementwise ops, shared memory or control flow; "
     "`ttg.memdesc_trans` (a transposed shared-memory descriptor) is fine.")
 
