@@ -10,12 +10,14 @@ on sm_90 (Triton 3.2-3.6 miscompile it: flash-linear-attention #640, triton #612
    a tile straight from memory) must not.
 3. The package's kernels: a CI selection of the gate matrix (bench/compile_report.py
    GATE_MATRIX; the full matrix runs in `python -m bench.compile_report`), recorded for sm_90
-   and compiled with both Triton versions: every kernel's flag values and tile choices, and the
-   largest launch of every kernel in every dtype. The selection's launches also compile for
-   every NVIDIA architecture of the report and must fit its shared memory.
+   and compiled to TTGIR with both Triton versions: every kernel's flag values and tile
+   choices, and the largest launch of every kernel in every dtype. The kernels on this branch
+   still fail the gate (issue 19): those two tests are strict xfails until the fix.
+4. The paper shape (ARCHITECTURE_CHECK_CONFIGS), recorded for each NVIDIA architecture of the
+   report, compiles to a binary for it and fits its shared memory.
 
-The recording and the compiles of 2. and 3. start once per session (`ci_compiles`), in child
-processes, two at a time (the 2-core CI machine).
+The recording and the compiles of 2.-4. start once per session (`ci_compiles`), in child
+processes, two at a time (the 2-core CI machine): about 170 CPU-seconds in all.
 """
 # The hand-written TTGIR below keeps MLIR's one-operation-per-line form, longer than 100 columns:
 # ruff: noqa: E501
@@ -34,7 +36,7 @@ from bench.compile_report import GATE_MATRIX, collect_recordings, recording_item
 from interpreter_shim import version_tuple
 from tools.aot_compile import (NVIDIA_TARGETS, architecture, error_details, markdown_table,
                                measure_concurrently, record_concurrently, record_from_dict,
-                               record_key, row_failed)
+                               record_key)
 from tools.codegen_gate import (describe_findings, find_register_transposes, flagged_rows,
                                 source_lines, summary_line)
 
@@ -298,9 +300,17 @@ CI_CONFIGS = WORST_CASE_CONFIGS + COVERAGE_CONFIGS
 CI_RECORDED_E = 64
 
 #: Compiled to the binary for every NVIDIA architecture of the report, each recorded for its
-#: target: the paper shape (S = 128, C = 256) in bf16 with every option on. Shared memory must
-#: fit; the full matrix of shapes and dtypes per architecture is in bench/results/compile_report.md.
-ARCHITECTURE_CHECK_CONFIG = "S=128 C=256 bf16 flash_attention, causal, rel_bias, packed + state"
+#: target: the paper shape (S = 128, C = 256) in bf16, the fused op with every option on and
+#: the unfused op non-causal (the forward's widest value tile). Shared memory must fit; the full
+#: matrix of shapes and dtypes per architecture is in bench/results/compile_report.md.
+ARCHITECTURE_CHECK_CONFIGS = ["S=128 C=256 bf16 flash_attention, causal, rel_bias, packed + state",
+                              "S=128 C=256 bf16 mixed_chunk_attention, non-causal"]
+
+#: Where today's tiles overflow shared memory at the paper shape: the non-causal forward's
+#: 64 x 64 value tile needs 112 KB, the 99 KB of sm_86 / sm_89 / sm_120 do not hold it. Tiles
+#: chosen per target (FLASH_KERNELS_TARGET) fix it; the marks below then fail (strict): remove
+#: these targets from the set.
+SHARED_MEMORY_OVERFLOW_TODAY = {"cuda:86", "cuda:89", "cuda:120"}
 
 GATE_TARGET = "cuda:90"
 
@@ -310,7 +320,7 @@ class CiCompiles:
     processes run at a time (2-core CI).
 
     Recorded (FLASH_KERNELS_TARGET set: the runtime may pick its tiles per target): the toy
-    kernels and CI_CONFIGS for sm_90, ARCHITECTURE_CHECK_CONFIG for every NVIDIA target.
+    kernels and CI_CONFIGS for sm_90, ARCHITECTURE_CHECK_CONFIGS for every NVIDIA target.
     Compiled with this Triton and, when FLASH_KERNELS_OTHER_TRITON_PYTHON is set, the GPU
     machines': the toys to the binary and to TTGIR only (the same TTGIR either way), the CI
     configs' launches to TTGIR (all the gate reads; a compile of the largest fp32 tiles to the
@@ -321,7 +331,8 @@ class CiCompiles:
         start = time.perf_counter()
         toy_item = dict(snippets={"toys": TOY_SNIPPET}, target=GATE_TARGET, sys_path=[TESTS_DIR])
         ci_configs = [dict(_gate_config(name), E=CI_RECORDED_E) for name in CI_CONFIGS]
-        arch_configs = [dict(_gate_config(ARCHITECTURE_CHECK_CONFIG), E=CI_RECORDED_E)]
+        arch_configs = [dict(_gate_config(name), E=CI_RECORDED_E)
+                        for name in ARCHITECTURE_CHECK_CONFIGS]
         ci_items = recording_items(ci_configs, [GATE_TARGET], jobs=2)
         arch_items = recording_items(arch_configs, NVIDIA_TARGETS, jobs=2)
         results = record_concurrently([toy_item] + ci_items + arch_items, jobs=2)
@@ -342,8 +353,9 @@ class CiCompiles:
             dict(records=self.toy_records, targets=[GATE_TARGET], sys_path=[TESTS_DIR],
                  ttgir_only=True),
             dict(records=launches, targets=[GATE_TARGET], ttgir_only=True)]
-        tasks = gate_tasks + [dict(records=arch_records[(ARCHITECTURE_CHECK_CONFIG, t)],
-                                   targets=[t]) for t in NVIDIA_TARGETS]
+        tasks = gate_tasks + [dict(records=[r for name in ARCHITECTURE_CHECK_CONFIGS
+                                            for r in arch_records[(name, t)]], targets=[t])
+                              for t in NVIDIA_TARGETS]
         if OTHER_TRITON_PYTHON:
             tasks += [dict(task, python=OTHER_TRITON_PYTHON) for task in gate_tasks]
         rows = measure_concurrently(tasks, jobs=2)
@@ -491,19 +503,33 @@ def test_kernels_pass_the_gate_gpu_machines_triton():
     _assert_gate_passes(rows)
 
 
+class SharedMemoryOverflow(AssertionError):
+    """A launch needs more shared memory than its architecture has."""
+
+
 @needs_recording
-def test_paper_shape_compiles_and_fits_every_nvidia_architecture():
-    rows = ci_compiles().architecture_rows
-    assert {row["target"] for row in rows} == set(NVIDIA_TARGETS)
+@pytest.mark.parametrize("target", [
+    pytest.param(target, marks=pytest.mark.xfail(
+        strict=True, raises=SharedMemoryOverflow,
+        reason="today's tiles need 112 KB of shared memory at the paper shape (non-causal "
+               "forward); this target has 99 KB"))
+    if target in SHARED_MEMORY_OVERFLOW_TODAY else target for target in NVIDIA_TARGETS])
+def test_paper_shape_compiles_and_fits(target):
+    """Every launch of ARCHITECTURE_CHECK_CONFIGS, recorded for `target`, compiles to a binary
+    for it, with tensor-core instructions, within its register and shared memory limits."""
+    rows = [row for row in ci_compiles().architecture_rows if row["target"] == target]
     assert {row["record"]["kernel_name"] for row in rows} == {
         "chunk_state_scan_kernel", "mixed_chunk_fwd_kernel", "mixed_chunk_bwd_query_kernel",
         "mixed_chunk_bwd_key_kernel"}
-    failed = [row for row in rows if row_failed(row)]
+    failed = [row for row in rows if row["error"] or row["over_register_limit"]]
     assert not failed, "\n".join(markdown_table(failed) + error_details(failed))
     for row in rows:
-        assert row["stage"] == "binary"
-        assert 0 < row["usage"]["shared_bytes"] <= architecture(row["target"]).shared_memory_bytes
-        assert row["usage"]["tensor_core_instructions"] > 0
+        assert row["stage"] == "binary" and row["usage"]["tensor_core_instructions"] > 0
+    over = [row for row in rows if row["over_shared_limit"]]
+    if over:
+        raise SharedMemoryOverflow(
+            f"over {architecture(target).shared_memory_bytes:,} B of shared memory:\n"
+            + "\n".join(markdown_table(over)))
 
 
 @needs_recording
@@ -520,4 +546,4 @@ def test_the_gate_finds_the_same_source_lines_with_both_tritons():
 def test_config_names_are_in_the_gate_matrix():
     names = {c["name"] for c in GATE_MATRIX}
     assert set(CI_CONFIGS) <= names, set(CI_CONFIGS) - names
-    assert ARCHITECTURE_CHECK_CONFIG in names
+    assert set(ARCHITECTURE_CHECK_CONFIGS) <= names
