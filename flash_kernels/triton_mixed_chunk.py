@@ -168,10 +168,12 @@ def kernel_config(chunk_len, S, E, dtype=torch.bfloat16, target=None):
         state_block_t=_config_override.get("state_block_t", 64))
 
 
-def _dot_precision(dtype):
+def _dot_precision(dtype, device):
+    """How the float32 dots run: tf32 unless fp32 inputs ask otherwise
+    (torch.backends.cuda.matmul.allow_tf32 False) or the target has no tf32 (CDNA 2: gfx90a)."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
-    return "tf32"
+    return "tf32" if current_target(device).has_tf32 else "ieee"
 
 
 def triton_cdiv(a, b):
@@ -233,7 +235,7 @@ def _state_scan(x, y, affine, x_role, p, *, causal, reverse, lin_scale, store_to
            dict(X_ROLE=x_role, FROM_Z=affine is not None, REVERSE=reverse, CAUSAL=causal,
                 IS_VARLEN=p.tables is not None, STORE_TOTAL=store_total,
                 BLOCK_T=cfg.state_block_t, BLOCK_S=cfg.state_block_s,
-                BLOCK_E=cfg.state_block_e, DOT_PRECISION=_dot_precision(x.dtype)),
+                BLOCK_E=cfg.state_block_e, DOT_PRECISION=_dot_precision(x.dtype, x.device)),
            num_warps=4, num_stages=2)
     return states, total
 
@@ -329,7 +331,7 @@ def forward_output(roles, v, rel_bias, p, *, causal, quad_scale, lin_scale, stat
                 HOIST_SCORES=cfg.hoist, IS_VARLEN=p.tables is not None, BLOCK_M=cfg.fwd_block,
                 BLOCK_N=cfg.block_n, BLOCK_S=cfg.block_s,
                 BLOCK_E=cfg.narrow_fwd_block_e if causal or roles.from_z else cfg.fwd_block_e,
-                DOT_PRECISION=_dot_precision(v.dtype)),
+                DOT_PRECISION=_dot_precision(v.dtype, v.device)),
            num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
     return out, attn
 
@@ -405,7 +407,7 @@ class BackwardLaunches:
         self.store_ds = p.config.hoist and self.need_dk_quad
         self.need_ds = self.need_dq_quad or self.need_dbias or self.store_ds
         self.role_grad_dtype = role_grad_dtype or v.dtype
-        self.dot_precision = _dot_precision(v.dtype)
+        self.dot_precision = _dot_precision(v.dtype, v.device)
         self.dq_quad = self.dq_lin = self.dk_quad = self.dk_lin = self.dv = None
         self.ds = self.dbias_partial = None
 
