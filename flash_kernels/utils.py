@@ -1,66 +1,16 @@
-"""Helpers shared by the ops: Triton availability, dtype maps, and the one place kernels launch.
-
-Every kernel launch goes through `launch`, so that tests and the ahead-of-time compile report can
-record exactly which kernels, argument dtypes, constexprs and warp counts the ops really use, and
-so that launches under the Triton interpreter can be serialised (see `launch`).
-"""
+"""The launch recorder: a LaunchRecord of every kernel launch (through the launch hook of
+flash_kernels/backends/triton/launch.py), with the argument types, constexprs and 16-divisibility
+specialisations Triton 3.9's JIT would compile it with, so that the ahead-of-time compile
+(aot_compile.py) can compile it again in another process. Developer tooling, to move out of the
+package."""
 import contextlib
 import inspect
-import os
-import threading
 from dataclasses import dataclass, field
 
 import torch
 
-
-TRITON_MAX_S = 256   # the Triton kernels hold a row of q/k (S features) in one tile
-
-
-def autocast_dtype(x):
-    """The dtype autocast casts x's device's matmul inputs to, or None outside autocast."""
-    device_type = x.device.type if isinstance(x, torch.Tensor) else None
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def autocast_cast(x, dtype):
-    """x in the autocast dtype, as autocast casts a matmul's inputs (float64 and non-floating
-    tensors, and None, are left alone)."""
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64:
-        return x.to(dtype)
-    return x
-
-
-def cuda_graph_capturing() -> bool:
-    """Whether the current CUDA stream is capturing a graph (host reads are then not allowed).
-    False under torch.compile, which cannot trace the query (it returns a bool); the callers
-    skip their host reads while compiling anyway."""
-    return (not torch.compiler.is_compiling() and torch.cuda.is_available()
-            and torch.cuda.is_current_stream_capturing())
-
-
-def triton_interpret_enabled() -> bool:
-    """Whether TRITON_INTERPRET is set now (read when an op runs). It only takes effect if it
-    was already set when flash_kernels was imported: see INTERPRETED_KERNELS."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-# Whether the package's kernels run under the Triton interpreter. triton.jit reads
-# TRITON_INTERPRET once, when it defines a kernel, and the kernels are defined while
-# flash_kernels is imported: importing any part of the package runs flash_kernels/__init__.py,
-# which imports this module and then, in the same import, the kernel modules. Setting or unsetting
-# the variable later changes nothing for them (check_triton_inputs says so instead of letting
-# Triton fail with "0 active drivers").
-INTERPRETED_KERNELS = triton_interpret_enabled()
-
-
-def functorch_transform_active() -> bool:
-    """Whether a torch.func transform (grad, vmap, jacrev, jvp, ...) is running. The Triton
-    custom ops have no functorch rules, so the public ops must not reach them there. Skipped
-    under torch.compile, where Dynamo answers with its own functorch state, not the caller's."""
-    return (not torch.compiler.is_compiling()
-            and torch._C._functorch.peek_interpreter_stack() is not None)
+from .backends.triton.launch import launch_callback
+from .core.environment import triton_interpret_enabled  # noqa: F401  (aot_compile imports it)
 
 
 @dataclass
@@ -96,20 +46,18 @@ _TORCH_TO_TRITON = {    # as Triton 3.9 names pointer element types (torch.bool 
     torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5",
 }
 
-_recorders: list = []
-
-
 @contextlib.contextmanager
 def record_launches():
-    """Collect a LaunchRecord for every `launch` inside the block (yields the list). Blocks
-    may nest (the self-test records inside a recording caller): each removes its own list,
-    found by identity (list.remove compares by value, and nested lists can be equal)."""
+    """Collect a LaunchRecord for every kernel launch inside the block (yields the list).
+    Blocks may nest (the self-test watches launches inside a recording caller)."""
     records: list = []
-    _recorders.append(records)
-    try:
+
+    def record(kernel, grid, args, constexprs, num_warps, num_stages):
+        records.append(make_launch_record(kernel, grid, args, constexprs, num_warps,
+                                          num_stages))
+
+    with launch_callback(record):
         yield records
-    finally:
-        del _recorders[next(i for i, active in enumerate(_recorders) if active is records)]
 
 
 def _triton_type(value):
@@ -241,70 +189,3 @@ def make_launch_record(kernel, grid, args: dict, constexprs: dict, num_warps: in
         kernel_module=fn.__module__, kernel_name=fn.__name__, signature=signature,
         constexprs=constants, divisible_by_16=divisible, num_warps=num_warps,
         num_stages=num_stages, grid=() if callable(grid) else tuple(grid))
-
-
-# The Triton interpreter is not thread-safe: a launch sets the program id in one module-level
-# builder and patches triton.language's functions for its duration, so two launches running at
-# once read each other's program ids and restore each other's patches (wrong outputs, or
-# "z >= grid_dim[2]" crashes). Locking each launch is enough; an op need not hold the lock
-# between its launches: an interpreted launch copies its arguments in, runs every program, copies
-# them back and undoes its patches before it returns, so nothing of it outlives the launch, and
-# the buffers one op passes from a launch to the next are its own (allocated per call), which
-# another thread's launches never touch. Locking whole ops would buy nothing more and would
-# also serialise their PyTorch work between launches. Compiled (GPU) launches need no lock.
-_interpreter_lock = threading.Lock()
-
-
-def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int, num_stages: int):
-    """Launch `kernel[grid](**args, **constexprs)`; record it when a recorder is active.
-
-    `args` are the run-time arguments (tensors, ints, floats; None for an absent optional
-    pointer, which Triton treats as a constexpr), `constexprs` the compile-time ones.
-    Under the interpreter, one launch runs at a time (threads wait for each other).
-    """
-    if _recorders:
-        record = make_launch_record(kernel, grid, args, constexprs, num_warps, num_stages)
-        for records in _recorders:
-            records.append(record)
-    with _interpreter_lock if INTERPRETED_KERNELS else contextlib.nullcontext():
-        kernel[grid](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-
-
-_nan_fill_depth = 0
-
-
-@contextlib.contextmanager
-def nan_filled_buffers():
-    """Inside the block, `new_buffer` fills with NaN, so a kernel that reads memory nobody
-    wrote (or leaves part of an output unwritten) produces NaN that a test catches."""
-    global _nan_fill_depth
-    _nan_fill_depth += 1
-    try:
-        yield
-    finally:
-        _nan_fill_depth -= 1
-
-
-def new_buffer(shape, dtype, device):
-    """An output or scratch buffer every element of which a kernel is expected to write."""
-    if _nan_fill_depth:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def resolve_scales(quad_scale, lin_scale, chunk_size):
-    """The scales as numbers, None meaning the default 1 / chunk_size. The Triton path passes
-    None through to here, inside its custom ops, so that torch.compile never sees 1 / T as a
-    constant (chunk_size=None makes C = T: a guard on it would recompile for every length)."""
-    return (quad_scale if quad_scale is not None else 1.0 / chunk_size,
-            lin_scale if lin_scale is not None else 1.0 / chunk_size)
-
-
-def triton_version():
-    """The installed Triton's (major, minor), e.g. (3, 9)."""
-    import triton
-    return tuple(int(part) for part in triton.__version__.split(".")[:2])

@@ -1,9 +1,9 @@
 """The decoding cache of one GAU / FLASH layer."""
 import torch
 
-from ..decode import DecodeCache
-from ..utils import cuda_graph_capturing
-from ..validation import type_name
+from ..decoding import DecodeCache
+from ..core.environment import cuda_graph_capturing
+from ..core.validation import type_name
 
 
 class AttentionCache(DecodeCache):

@@ -3,10 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..decode import flash_attention_decode, mixed_chunk_decode
-from ..flash_attention import flash_attention
-from ..mixed_chunk_attention import mixed_chunk_attention
-from ..validation import BACKENDS, check_bool, check_int, check_scale, type_name
+from ..attention import flash_attention, mixed_chunk_attention
+from ..core.validation import BACKENDS, check_bool, check_int, check_scale, type_name
+from ..decoding import flash_attention_decode, mixed_chunk_decode, prefill_attention
 from .cache import AttentionCache, check_lengths
 from .norms import make_norm
 from .position import RotaryEmbedding, make_rel_pos
@@ -226,108 +225,21 @@ class GatedAttentionLayer(nn.Module):
 
     def _attend_after_cache(self, u, v, z, cache, lengths=None):
         """Prefill: u * the attention of the new tokens after those the cache holds, and the
-        cache moved past them, in one call of the op (its final state is the cache's state).
-
-        Row b continues its sequence by its first lengths[b] tokens (all T without lengths;
-        the rest of the row is padding, its outputs meaningless). Each row becomes one packed
-        document that starts at its current chunk's first token: the chunk's buffered keys and
-        values (queries zero, outputs dropped), then the new tokens; padding forms a document
-        of its own. The op starts each document from the cache's state and its final state
-        (the completed chunks) and the new partial chunk become the cache. Shapes come from
-        T and the buffers' capacity; nothing is read back from the device. A fresh cache and
-        equal lengths take the op on the (B, T) rows directly.
-        """
-        B, T, E = v.shape
+        cache moved past them, in one call of the op (decoding.prefill_attention: row b
+        continues its sequence by its first lengths[b] tokens, all T without lengths)."""
+        B, T, _ = v.shape
         held_rows = cache.capacity if cache.initialized else 0
         self._prepare_cache(cache, B, T, v.dtype, v.device)
-        new_tokens = lengths if lengths is not None else torch.full(
-            (B,), T, dtype=torch.long, device=v.device)
-        held = cache.length if held_rows else torch.zeros_like(new_tokens)
         positions = cache.position[:, None] + torch.arange(T, device=v.device)
         roles = [r.reshape(B, T, self.s) for r in self._roles(z.reshape(B * T, self.s),
                                                               positions.reshape(-1))]
-        C = self.chunk_size
-        if not held_rows and lengths is None:                  # fresh cache, whole rows
-            layout = dict(q_quad=roles[0], k_quad=roles[1], v=v)
-            if self.linear:
-                layout.update(q_lin=roles[2], k_lin=roles[3])
-            packing = dict(chunk_size=C, rel_bias=self._rel_bias(self._chunk_len(T)))
-            L = T
-        else:
-            L = held_rows + T
-            layout = self._continuation_layout(cache, roles, v, held, held_rows)
-            ends = torch.arange(B, device=v.device) * L
-            cu = torch.stack([ends, ends + held + new_tokens], dim=1).reshape(-1)
-            packing = dict(chunk_size=C, rel_bias=self._rel_bias(C if C is not None else L),
-                           cu_seqlens=torch.cat([cu, cu.new_full((1,), B * L)]), max_seqlen=L)
-            layout = {name: x.reshape(1, B * L, x.shape[-1]) for name, x in layout.items()}
-            if self.linear:           # document 2b is row b's sequence, 2b + 1 its padding
-                initial = cache.state.new_zeros(1, 2 * B, self.s, E)
-                initial[0, 0::2] = cache.state
-                packing["initial_state"] = initial
-        result = mixed_chunk_attention(
-            layout["q_quad"], layout["k_quad"], layout.get("q_lin"), layout.get("k_lin"),
-            layout["v"], causal=True, quad_scale=self.quad_scale, lin_scale=self.lin_scale,
-            output_final_state=self.linear, backend=self.backend, **packing)
-        out, final = result if self.linear else (result, None)
-        out = out.reshape(B, L, E)
-        if final is not None and final.dim() == 4:
-            final = final[0, 0::2]
-        with torch.no_grad():
-            self._fill_cache(cache, {k: x.reshape(B, L, -1) for k, x in layout.items()},
-                             final, held + new_tokens)
-            cache.position += new_tokens
-            cache.max_tokens += T
-        if L != T:                                    # the new tokens' rows of each document
-            rows = (held[:, None] + torch.arange(T, device=v.device)).clamp(max=L - 1)
-            out = out.gather(1, rows[..., None].expand(B, T, E))
+        q_lin, k_lin = roles[2:] if self.linear else (None, None)
+        out = prefill_attention(cache, roles[0], roles[1], q_lin, k_lin, v, held_rows=held_rows,
+                                lengths=lengths, rel_bias_for=self._rel_bias,
+                                quad_scale=self.quad_scale, lin_scale=self.lin_scale,
+                                backend=self.backend)
+        cache.max_tokens += T
         return u * out
-
-    def _continuation_layout(self, cache, roles, v, held, held_rows):
-        """(B, held_rows + T, W) rows of every op input: row b's `held[b]` buffered keys and
-        values (zero queries), its T new tokens, then zeros. A static-shape gather."""
-        B, T, _ = v.shape
-        r = torch.arange(held_rows + T, device=v.device)
-        source = torch.where(r < held[:, None], r,
-                             torch.where(r < held[:, None] + T, held_rows + r - held[:, None],
-                                         held_rows + T))                    # (B, L)
-
-        def arrange(buffer, new):
-            parts = [buffer[:, :held_rows].to(new.dtype) if buffer is not None
-                     else new.new_zeros(B, held_rows, new.shape[-1]),
-                     new, new.new_zeros(B, 1, new.shape[-1])]
-            rows = torch.cat(parts, dim=1)
-            return rows.gather(1, source[..., None].expand(-1, -1, new.shape[-1]))
-
-        layout = dict(q_quad=arrange(None, roles[0]), k_quad=arrange(cache.k_quad, roles[1]),
-                      v=arrange(cache.v, v))
-        if self.linear:
-            layout.update(q_lin=arrange(None, roles[2]), k_lin=arrange(cache.k_lin, roles[3]))
-        return layout
-
-    def _fill_cache(self, cache, layout, final_state, tokens):
-        """The cache after a prefill. layout: the op's (B, L, W) inputs by name, row b holding
-        its sequence's current chunk from the chunk's first token on, tokens[b] rows of it;
-        final_state: the op's (B, S, E) state of the completed chunks. The rows after the last
-        completed chunk (all of them for a GAU layer, whose chunk never completes) become the
-        buffers, written in place."""
-        C = self.chunk_size
-        L = layout["v"].shape[1]
-        done = (tokens // C) * C if C is not None else torch.zeros_like(tokens)
-        rows = torch.arange(cache.capacity, device=tokens.device)
-        source = (done[:, None] + rows).clamp(max=L - 1)
-        keep = rows[None, :] < (tokens - done)[:, None]
-        for name in ("k_quad", "k_lin", "v"):
-            buffer = getattr(cache, name)
-            if buffer is None:
-                continue
-            x = layout[name]
-            gathered = x.gather(1, source[..., None].expand(-1, -1, x.shape[-1]))
-            # (the mask expanded: a broadcast one takes a slow CPU path in torch 2.13)
-            buffer.copy_(torch.where(keep[..., None].expand_as(gathered), gathered,
-                                     torch.zeros_like(gathered)))
-        if final_state is not None:
-            cache.state.copy_(final_state.detach())
 
     # -- incremental decoding -------------------------------------------------------------------
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils import cuda_graph_capturing
-from ..validation import BACKENDS, check_int, is_bool, type_name
+from ..core.environment import cuda_graph_capturing
+from ..core.validation import BACKENDS, check_int, is_bool, type_name
 from .cache import check_lengths
 from .layers import FLASH, GAU
 from .norms import make_norm

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from ..flash_attention import scale_offset_roles
+from ..core.roles import scale_offset_roles
 
 
 class ScaleOffset(nn.Module):

@@ -5,7 +5,10 @@ import numbers
 import numpy as np
 import torch
 
+from .environment import INTERPRETED_KERNELS, functorch_transform_active, triton_interpret_enabled
+
 BACKENDS = ("auto", "triton", "torch", "reference")
+TRITON_MAX_S = 256  # the Triton kernels hold a row of q/k (S features) in one tile
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -68,8 +71,7 @@ def check_chunk_size(chunk_size):
 
 def check_feature_sizes(qk_name, qk, v_name, v):
     """S and E are positive (docs/contract.md section 2); T = 0 and empty batch dims are fine.
-    With S = 0
-    every score would be the bias alone, whatever the tokens: surely a caller's bug."""
+    With S = 0 every score would be the bias alone, whatever the tokens: surely a caller's bug."""
     if qk.shape[-1] == 0:
         raise ValueError(f"{qk_name} has S = 0 features (its last dim): queries and keys need "
                          f"S >= 1, got shape {tuple(qk.shape)}")
@@ -249,3 +251,48 @@ def check_state_arguments(initial_state, output_final_state, *, batch, num_docs,
         layout = "(*batch, N, S, E) with cu_seqlens" if packed else "(*batch, S, E)"
         raise ValueError(f"initial_state must have shape {layout} = {expected}, got "
                          f"{tuple(initial_state.shape)}")
+
+
+def check_context_parallel_options(chunk_size, cu_seqlens, max_seqlen, initial_state,
+                                   output_final_state, backend):
+    """The options context parallelism (cp_group) does not take: a clear error, not a guess."""
+    if chunk_size is None:
+        raise ValueError("chunk_size=None (one chunk as long as the sequence) cannot be split "
+                         "across the ranks of cp_group: context parallelism needs a chunk_size")
+    for name, value in (("cu_seqlens", cu_seqlens), ("max_seqlen", max_seqlen),
+                        ("initial_state", initial_state)):
+        if value is not None:
+            raise ValueError(f"{name} is not supported with cp_group (packed documents and state "
+                             f"in/out are single-process features)")
+    if output_final_state is not False:
+        raise ValueError("output_final_state is not supported with cp_group")
+    if backend == "reference":
+        raise ValueError("backend='reference' (the dense ground truth) has no context parallel "
+                         "path: use 'torch', 'triton' or 'auto' with cp_group")
+
+
+def check_triton_inputs(q, v):
+    """What the Triton backend cannot take, with the way out (an explicit backend='triton';
+    "auto" never picks it for these: core/plan.py, pick_backend)."""
+    if q.shape[-1] > TRITON_MAX_S:
+        raise ValueError(f"backend='triton' holds q/k in one tile: S (their last dim) must be at "
+                         f"most {TRITON_MAX_S}, got {q.shape[-1]}; use backend='torch'")
+    if triton_interpret_enabled() and not INTERPRETED_KERNELS:
+        raise RuntimeError("TRITON_INTERPRET=1 was set after flash_kernels was imported: Triton "
+                           "reads it when it defines the kernels, at import, so they are not "
+                           "interpreted. TRITON_INTERPRET must be set before flash_kernels (and "
+                           "triton) is imported; or use backend='torch'")
+    if v.device.type != "cuda" and not triton_interpret_enabled():
+        raise ValueError(f"backend='triton' needs CUDA tensors (got {v.device}) or "
+                         f"TRITON_INTERPRET=1 set before flash_kernels is imported; use "
+                         f"backend='torch' on the CPU")
+    if INTERPRETED_KERNELS and v.dtype == torch.bfloat16:
+        raise TypeError("backend='triton' cannot take torch.bfloat16 inputs under the Triton "
+                        "interpreter (TRITON_INTERPRET=1): it has no bfloat16 arithmetic and would "
+                        "return wrong values. Use backend='torch' (backend='auto' does), or "
+                        "float16/float32 inputs, or a GPU without TRITON_INTERPRET")
+    if functorch_transform_active():
+        raise RuntimeError("backend='triton' does not work inside torch.func transforms (grad, "
+                           "vmap, jacrev, jvp, ...): its custom ops have no functorch rules. Use "
+                           "backend='torch' (backend='auto' does inside torch.func), or "
+                           "torch.autograd.grad / .backward()")

@@ -23,7 +23,10 @@ miscompile those on Hopper: see common.py).
 import triton
 import triton.language as tl
 
-from ..utils import triton_version
+from .common import (linear_state_tile, load_role, load_role_t, load_tile, nonfinite_in,
+                     program_chunk_block, relu_scores_tile, state_offset_tile, state_tile)
+
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 # The query backward reads each dS tile back skewed to sum its diagonals (d rel_bias). Triton
 # before 3.7 keeps the whole 64 x 64 gather live and spills 160-232 bytes on sm_90 at the paper
@@ -32,10 +35,7 @@ from ..utils import triton_version
 # ahead-of-time compile under another Triton version takes that version's value
 # (bench/results/compile_report.md); tests/test_kernel_variants.py runs both under the
 # interpreter.
-DBIAS_ROW_SLABS: tl.constexpr = tl.constexpr(2 if triton_version() < (3, 7) else 1)
-
-from .common import (linear_state_tile, load_role, load_role_t, load_tile, nonfinite_in,
-                     program_chunk_block, relu_scores_tile, state_offset_tile, state_tile)
+DBIAS_ROW_SLABS: tl.constexpr = tl.constexpr(2 if TRITON_VERSION < (3, 7) else 1)
 
 
 @triton.jit

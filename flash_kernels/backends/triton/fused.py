@@ -1,4 +1,5 @@
-"""Triton backend of `flash_attention`: the mixed chunk kernels reading z instead of role tensors.
+"""Triton backend of `flash_attention` (the fused op): the mixed chunk kernels reading z instead
+of role tensors, registered as the custom ops flash_kernels::flash_fwd / _bwd.
 
 Forward: the kernels form each role tile as z * gamma[r] + beta[r] when they load it (z is read
 where a role would be, the four (T, S) role tensors never exist) and multiply the output tile by
@@ -14,14 +15,13 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .triton_mixed_chunk import (Roles, check_triton_inputs, feature_contiguous, mixed_chunk_backward,
-                                 mixed_chunk_forward, packed_arguments, state_shapes, tables_from)
-
-
-def roles_from_z(z, affine, num_roles):
-    linear = z if num_roles == 4 else None
-    return Roles(z, z, linear, linear, affine)
-
+from ...core.roles import affine_stack
+from ...core.validation import check_triton_inputs
+from .backward import BackwardNeeds, mixed_chunk_backward
+from .forward import mixed_chunk_forward
+from .launch import feature_contiguous
+from .mixed_chunk import packed_arguments, state_shapes, tables_from
+from .problem import Roles
 
 @torch.library.custom_op("flash_kernels::flash_fwd", mutates_args=())
 def flash_fwd_op(z: torch.Tensor, affine: torch.Tensor, num_roles: int, v: torch.Tensor,
@@ -35,7 +35,7 @@ def flash_fwd_op(z: torch.Tensor, affine: torch.Tensor, num_roles: int, v: torch
     states the float32 forward states (empty without a linear part), total the per-document
     totals when store_total (see mixed_chunk_fwd_op)."""
     out, attn, states, total = mixed_chunk_forward(
-        roles_from_z(z, affine, num_roles), v, rel_bias, chunk_size, causal, quad_scale,
+        Roles.from_z(z, affine, num_roles), v, rel_bias, chunk_size, causal, quad_scale,
         lin_scale, tables=tables_from(cu_seqlens, chunk_offsets, chunk_table),
         state_offset=state_offset, store_total=store_total, gate=u, store_attn=store_attn)
     empty = v.new_empty(0, dtype=torch.float32)
@@ -72,16 +72,22 @@ def flash_bwd_op(grad_out: torch.Tensor, grad_total: Optional[torch.Tensor], z: 
     need_roles = need_z or need_gamma or need_beta
     linear = need_roles and num_roles == 4
     grads = mixed_chunk_backward(
-        grad_attn, roles_from_z(z, affine, num_roles), v, rel_bias,
+        grad_attn, Roles.from_z(z, affine, num_roles), v, rel_bias,
         states if num_roles == 4 else None, chunk_size, causal, quad_scale, lin_scale,
-        (need_roles, need_roles, linear, linear, need_v, need_bias, need_offset),
+        BackwardNeeds(q_quad=need_roles, k_quad=need_roles, q_lin=linear, k_lin=linear,
+                      v=need_v, rel_bias=need_bias, state_offset=need_offset),
         tables=tables_from(cu_seqlens, chunk_offsets, chunk_table), state_offset=state_offset,
         grad_total=grad_total.contiguous() if grad_total is not None else None,
         role_grad_dtype=torch.float32)
-    role_grads, dv, drel_bias, doffset = grads[:num_roles], grads[4], grads[5], grads[6]
-    dz, dgamma, dbeta = reduce_role_grads(role_grads, z, affine, need_z, need_gamma, need_beta)
+    dz, dgamma, dbeta = reduce_role_grads(role_gradients(grads, num_roles), z, affine, need_z,
+                                          need_gamma, need_beta)
     return [g if g is not None else v.new_empty(0)
-            for g in (dz, dgamma, dbeta, dv, du, drel_bias, doffset)]
+            for g in (dz, dgamma, dbeta, grads.v, du, grads.rel_bias, grads.state_offset)]
+
+
+def role_gradients(grads, num_roles):
+    """The float32 gradients of the num_roles roles, in role order (core/roles.py)."""
+    return [grads.q_quad, grads.k_quad, grads.q_lin, grads.k_lin][:num_roles]
 
 
 def reduce_role_grads(role_grads, z, affine, need_z, need_gamma, need_beta):
@@ -124,35 +130,37 @@ def _flash_setup_context(ctx, inputs, output):
     ctx.store_total = store_total
 
 
+#: flash_fwd_op's inputs by name, in order: the autograd formula maps them to gradients.
+_FORWARD_INPUTS = ("z", "affine", "num_roles", "v", "u", "rel_bias", "cu_seqlens",
+                   "chunk_offsets", "chunk_table", "state_offset", "chunk_size", "causal",
+                   "quad_scale", "lin_scale", "store_attn", "store_total")
+
+
+def affine_gradient(affine, dgamma, dbeta, num_roles):
+    """The gradient of the (2, 4, S) affine stack from those of gamma and beta (its rows)."""
+    daffine = torch.zeros_like(affine)
+    daffine[0, :num_roles] = dgamma
+    daffine[1, :num_roles] = dbeta
+    return daffine
+
+
 def _flash_backward(ctx, grad_out, grad_attn, grad_states, grad_total):
     (z, affine, v, u, rel_bias, states, attn, cu_seqlens, chunk_offsets, chunk_table,
      state_offset) = ctx.saved_tensors
     num_roles = ctx.num_roles
-    need = ctx.needs_input_grad
+    need = {name: bool(n) for name, n in zip(_FORWARD_INPUTS, ctx.needs_input_grad)}
     # affine holds gamma (row 0) and beta (row 1): its gradient is assembled from both.
-    needs = [bool(need[0]), bool(need[1]), bool(need[1]), bool(need[3]), bool(need[4]),
-             bool(need[5]), bool(need[9])]
+    needs = [need["z"], need["affine"], need["affine"], need["v"], need["u"], need["rel_bias"],
+             need["state_offset"]]
     dz, dgamma, dbeta, dv, du, drel_bias, doffset = flash_bwd_op(
         grad_out, grad_total if ctx.store_total else None, z, affine, num_roles, v, u, rel_bias,
         states, attn, cu_seqlens, chunk_offsets, chunk_table, state_offset, *ctx.options, needs)
-    daffine = None
-    if need[1]:
-        daffine = torch.zeros_like(affine)
-        daffine[0, :num_roles] = dgamma
-        daffine[1, :num_roles] = dbeta
-    grads = [dz if need[0] else None, daffine, None, dv if need[3] else None,
-             du if need[4] else None, drel_bias if need[5] else None, None, None, None,
-             doffset if need[9] else None]
-    return (*grads, None, None, None, None, None, None)
+    daffine = affine_gradient(affine, dgamma, dbeta, num_roles) if need["affine"] else None
+    grads = dict(z=dz, affine=daffine, v=dv, u=du, rel_bias=drel_bias, state_offset=doffset)
+    return tuple(grads.get(name) if need[name] else None for name in _FORWARD_INPUTS)
 
 
 flash_fwd_op.register_autograd(_flash_backward, setup_context=_flash_setup_context)
-
-
-def affine_stack(gamma, beta):
-    """The kernels' float32 (2, 4, S) [gamma; beta] (rows past R zero), differentiable."""
-    pad = gamma.new_zeros((4 - gamma.shape[0], gamma.shape[1]), dtype=torch.float32)
-    return torch.stack([torch.cat([gamma.float(), pad]), torch.cat([beta.float(), pad])])
 
 
 def flash_attention_triton(z, gamma, beta, v, u, *, chunk_size, causal, rel_bias, quad_scale,

@@ -75,46 +75,46 @@ def dense_reference(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_
     return out.to(out_dtype)
 
 
-def reference_with_state(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
-                         quad_scale, lin_scale, cu_seqlens=None, initial_state=None,
-                         output_final_state=False):
+def reference_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
+                        quad_scale, lin_scale, cu_seqlens=None, initial_state=None,
+                        store_total=False):
     """The contract's section 7 as a loop over the packed documents (cu_seqlens; without it the
     sequence is one document), each run through `dense_reference` alone:
 
-        out[bos:eos]   = dense_reference(document n) + lin_scale * q_lin[bos:eos] @ initial_state[n]
-        final_state[n] = initial_state[n] + sum over the document's complete chunks g of H_g
+        out[bos:eos] = dense_reference(document n) + lin_scale * q_lin[bos:eos] @ initial_state[n]
+        total[n]     = sum over the document's complete chunks g of H_g
 
-    initial_state: (*batch, N, S, E) with cu_seqlens, else (*batch, S, E). Returns out, or
-    (out, final_state) with output_final_state (float32; float64 for float64 inputs).
+    (the final state is initial_state + total: core/plan.py, Documents.finish).
+    initial_state: (*batch, N, S, E) with cu_seqlens, else (*batch, S, E). Returns (out, total)
+    with total (*batch, N, S, E) with cu_seqlens, else (*batch, S, E), in float32 (float64 for
+    float64 inputs) when store_total, else None.
     """
     packed = cu_seqlens is not None
     bounds = cu_seqlens.tolist() if packed else [0, v.shape[-2]]
     compute_dtype = torch.promote_types(v.dtype, torch.float32)
-    outs, finals = [], []
+    outs, totals = [], []
     for n, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:])):
         def doc(x):
             return None if x is None else x[..., bos:eos, :]
         out = dense_reference(doc(q_quad), doc(k_quad), doc(q_lin), doc(k_lin), doc(v),
                               chunk_size=chunk_size, causal=causal, rel_bias=rel_bias,
                               quad_scale=quad_scale, lin_scale=lin_scale)
-        start = None
         if initial_state is not None:
             start = (initial_state[..., n, :, :] if packed else initial_state).to(compute_dtype)
-            out = (out.to(compute_dtype) + lin_scale * (doc(q_lin).to(compute_dtype) @ start)).to(v.dtype)
+            out = (out.to(compute_dtype)
+                   + lin_scale * (doc(q_lin).to(compute_dtype) @ start)).to(v.dtype)
         outs.append(out)
-        if output_final_state:
+        if store_total:
             complete = (eos - bos) // chunk_size * chunk_size
             k_done = doc(k_lin)[..., :complete, :].to(compute_dtype)
             v_done = doc(v)[..., :complete, :].to(compute_dtype)
-            final = k_done.transpose(-1, -2) @ v_done
-            finals.append(final if start is None else start + final)
+            totals.append(k_done.transpose(-1, -2) @ v_done)
     out = torch.cat(outs, dim=-2) if outs else v[..., :0, :].clone()
-    if not output_final_state:
-        return out
-    if packed:
-        S, E = q_lin.shape[-1], v.shape[-1]
-        final = torch.stack(finals, dim=-3) if finals else \
-            v.new_zeros(*v.shape[:-2], 0, S, E, dtype=compute_dtype)
-    else:
-        final = finals[0]
-    return out, final
+    if not store_total:
+        return out, None
+    if not packed:
+        return out, totals[0]
+    S, E = q_lin.shape[-1], v.shape[-1]
+    total = torch.stack(totals, dim=-3) if totals else \
+        v.new_zeros(*v.shape[:-2], 0, S, E, dtype=compute_dtype)
+    return out, total

@@ -6,8 +6,8 @@ documents with an initial and a final state, the fused op with its gate, and the
 step -- on small random inputs of every dtype the device supports, and compares the output
 and EVERY gradient with the float64 reference (`backend="reference"`, computed on the CPU from
 the same rounded inputs). Each row of its table is one path in one dtype: the quantity with
-the worst rms error ratio, that ratio against its tolerance (flash_kernels/tolerances.py, the
-table the test suite uses), the verdict, and the seconds of the first run (compile included
+the worst rms error ratio, that ratio against its tolerance (flash_kernels/core/tolerances.py,
+the table the test suite uses), the verdict, and the seconds of the first run (compile included
 on a GPU) and of a second, timed run. An environment block follows (device, compute
 capability, driver, CUDA runtime, torch, Triton, the ptxas Triton compiles with, Python),
 which is what a bug report needs.
@@ -47,19 +47,17 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 
-from .decode import DecodeCache, flash_attention_decode, mixed_chunk_decode
-from .flash_attention import flash_attention, scale_offset_roles
-from .mixed_chunk_attention import mixed_chunk_attention
-from .tolerances import rms_ratio
-from .utils import (
-    INTERPRETED_KERNELS,
-    nan_filled_buffers,
-    record_launches,
-    triton_interpret_enabled,
-)
+from .. import _version
+from ..attention import flash_attention, mixed_chunk_attention
+from ..backends.triton import launch as triton_launch
+from ..core.environment import INTERPRETED_KERNELS, triton_interpret_enabled
+from ..core.roles import scale_offset_roles
+from ..core.tolerances import rms_ratio
+from ..decoding import DecodeCache, flash_attention_decode, mixed_chunk_decode
 
 S_FEATURES = 40          # not a power of two: the 64-wide feature tile is partly masked
 E_FEATURES = 72          # not a power of two, over two 64-wide value tiles (three of 32)
@@ -601,7 +599,7 @@ def _driver():
 def _commit():
     """The git commit of the package's checkout (with '+modified' when flash_kernels/ has
     uncommitted changes), or why not."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if not os.path.exists(os.path.join(root, ".git")) or shutil.which("git") is None:
         return "not a git checkout"
     commit = _command_output(["git", "-C", root, "rev-parse", "--short=12", "HEAD"])
@@ -614,7 +612,6 @@ def _commit():
 
 def environment_info(device):
     """name -> text of everything a bug report about the kernels needs."""
-    from . import __version__
     info = {}
     capability = None
     if device.type == "cuda":
@@ -645,7 +642,7 @@ def environment_info(device):
     except Exception:  # noqa: BLE001
         info["numpy"] = "missing"
     info["python"] = f"{sys.version.split()[0]} ({platform.platform()})"
-    info["flash_kernels"] = f"{__version__} ({_commit()})"
+    info["flash_kernels"] = f"{_version.__version__} ({_commit()})"
     info["backend"] = ("compiled Triton kernels; fp32 products IEEE (allow_tf32 off here)"
                        if not INTERPRETED_KERNELS else
                        "Triton interpreter (TRITON_INTERPRET=1), float32 dots exact")
@@ -755,6 +752,40 @@ def _synchronize(device):
         torch.cuda.synchronize(device)
 
 
+class LaunchSeen(NamedTuple):
+    """A kernel launch as the self-test checks it: the kernel's name and its constexprs."""
+    kernel_name: str
+    constexprs: dict
+
+
+@contextlib.contextmanager
+def _watch_launches():
+    """The LaunchSeen of every kernel launch inside the block (the launch hook: nests with
+    any other watcher, such as a recording caller's)."""
+    seen = []
+
+    def watch(kernel, grid, args, constexprs, num_warps, num_stages):
+        function = kernel
+        while hasattr(function, "fn"):          # triton.jit objects wrap the Python function
+            function = function.fn
+        seen.append(LaunchSeen(function.__name__, dict(constexprs)))
+
+    with triton_launch.launch_callback(watch):
+        yield seen
+
+
+@contextlib.contextmanager
+def _nan_filled_buffers():
+    """Kernel output and scratch buffers filled with NaN inside the block (launch.py's
+    override point), so that an output a kernel leaves unwritten shows as NaN."""
+    saved = triton_launch._buffer_fill
+    triton_launch._buffer_fill = float("nan")
+    try:
+        yield
+    finally:
+        triton_launch._buffer_fill = saved
+
+
 def run_row(path, dtype, device, seed, runs):
     """Check one path in one dtype: the problem, `runs` runs of the kernels (the first one
     compiles them on a GPU), each compared with the reference. Returns a SelfTestRow."""
@@ -766,7 +797,7 @@ def run_row(path, dtype, device, seed, runs):
         names, constexprs = problem.expected_launches()
         errors, problems = {}, []
         for run_index in range(runs):
-            with nan_filled_buffers(), record_launches() as records:
+            with _nan_filled_buffers(), _watch_launches() as records:
                 _synchronize(device)
                 start = time.perf_counter()
                 actual = problem.run()
@@ -896,7 +927,3 @@ def main(argv=None):
     if report.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_PASSED if report.passed else EXIT_FAILED
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Packed documents (`cu_seqlens`): the index tables every backend shares.
+"""Packed documents (`cu_seqlens`): the index tables every backend shares; and the Toeplitz
+matrix of the relative bias.
 
 Documents n = 0 .. N-1 are tokens [cu_seqlens[n], cu_seqlens[n + 1]) of the packed sequence.
 Chunks restart at each document's first token, so document n has cdiv(len_n, C) chunks. The
@@ -58,3 +59,9 @@ def chunk_tables(cu_seqlens, T, chunk_size, device):
                         torch.full_like(slot, -1)[:, None])
     return ChunkTables(cu, chunk_offsets.to(torch.int32), table.to(torch.int32),
                        num_docs, num_slots)
+
+
+def toeplitz_bias(rel_bias, chunk_size, length):
+    """(length, length) matrix whose (i, j) entry is rel_bias[i - j + chunk_size - 1]."""
+    pos = torch.arange(length, device=rel_bias.device)
+    return rel_bias[pos[:, None] - pos[None, :] + chunk_size - 1]

@@ -4,10 +4,10 @@ This is the default CPU path and the baseline the Triton kernels are measured ag
 of C tokens it forms the C x C relu^2 scores (so memory is O(T * C), linear in T); the linear
 part keeps one S x E state per chunk, in float32 at least, combined by an exclusive cumulative sum.
 
-Packed documents (packing.ChunkTables) use the kernels' chunk slots: tokens are gathered into a
-(B, slots, C, W) layout (idle slots and rows past a chunk's end read a zero row), and the states
-are summed by a segmented scan over the slots, so nothing crosses a document boundary and nothing
-waits for the device (every shape comes from T, C and N). Memory is then O((T / C + N) C^2):
+Packed documents (core/packing.py, ChunkTables) use the kernels' chunk slots: tokens are
+gathered into a (B, slots, C, W) layout (idle slots and rows past a chunk's end read a zero
+row), and the states are summed by a segmented scan over the slots, so nothing crosses a
+document boundary and nothing waits for the device (every shape comes from T, C and N). Memory is then O((T / C + N) C^2):
 many documents much shorter than a chunk waste most of their slots.
 
 Masked positions are removed by selection (torch.where), never by multiplying by zero, so a
@@ -22,13 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .utils import functorch_transform_active
-
-
-def toeplitz_bias(rel_bias, chunk_size, length):
-    """(length, length) matrix whose (i, j) entry is rel_bias[i - j + chunk_size - 1]."""
-    pos = torch.arange(length, device=rel_bias.device)
-    return rel_bias[pos[:, None] - pos[None, :] + chunk_size - 1]
+from ...core.environment import functorch_transform_active
+from ...core.packing import toeplitz_bias
 
 
 class ChunkLayout(NamedTuple):
@@ -241,7 +236,7 @@ def mixed_chunk_attention_torch(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, 
                                 store_total=False):
     """Inputs (B, T, S) and (B, T, E) with one flattened batch dim; resolved chunk_size and scales.
 
-    tables: packed documents (packing.ChunkTables); state_offset: optional (B, N, S, E)
+    tables: packed documents (core.packing.ChunkTables); state_offset: optional (B, N, S, E)
     unscaled state every chunk of document n starts from (N = 1 without packing). Returns
     (out, total): total is None unless store_total, else the (B, N, S, E) per-document sums of
     k_lin^T v over complete chunks (causal) or over all chunks (non-causal), in the compute
