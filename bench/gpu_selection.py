@@ -30,8 +30,7 @@ import sysconfig
 import tempfile
 from collections import defaultdict
 
-from flash_kernels.aot_compile import (compile_record, jit_compile_inputs, record_from_dict,
-                                       record_key)
+from tools.aot_compile import compile_record, jit_compile_inputs, record_from_dict, record_key
 
 
 def load_recorded(paths) -> dict:

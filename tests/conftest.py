@@ -154,7 +154,7 @@ def pytest_runtest_protocol(item, nextitem):
     with record_launches() as records:
         yield
     if records:
-        from flash_kernels.aot_compile import record_to_dict
+        from tools.aot_compile import record_to_dict
         _recorded[item.nodeid] = dict(gpu=item.get_closest_marker("gpu") is not None,
                                       slow=item.get_closest_marker("slow") is not None,
                                       launches=[record_to_dict(r) for r in records])

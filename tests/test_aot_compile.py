@@ -1,8 +1,9 @@
-"""Ahead-of-time compile machinery (flash_kernels.aot_compile) on a toy tl.dot kernel.
+"""Ahead-of-time compile machinery (tools/aot_compile.py) on a toy tl.dot kernel.
 
 The launch is recorded under TRITON_INTERPRET=1 in a child process (no GPU needed), then compiled
-for sm_80 and sm_90 without the interpreter (in this process, or in a child process when this one
-runs with TRITON_INTERPRET=1), and the cubin's resources are read with the wheel's cuobjdump.
+for every architecture of the report (NVIDIA sm_80 ... sm_120, AMD gfx942 / gfx90a) without the
+interpreter (in child processes when this one runs with TRITON_INTERPRET=1), and the resources
+are read from the binary: cuobjdump's for a cubin, the code object metadata for AMD.
 """
 import json
 import os
@@ -12,11 +13,11 @@ import sys
 import pytest
 import torch
 
-from flash_kernels.aot_compile import (SHARED_MEMORY_LIMIT_BYTES, compile_record,
-                                       dedupe_records, load_records, measure_launches,
-                                       record_in_interpreter, render_markdown, retype_record,
-                                       row_failed, save_records)
 from flash_kernels.utils import specialize_argument
+from tools.aot_compile import (AMD_TARGETS, ARCHITECTURES, NVIDIA_TARGETS, TARGET_VARIABLE,
+                               architecture, compile_record, dedupe_records, load_records,
+                               measure_launches, record_snippets_in_interpreter, render_markdown,
+                               retype_record, row_failed, save_records, target_name)
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
@@ -24,8 +25,10 @@ if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
 TOY_SNIPPET = """
+import os
 import torch
 import aot_toy_kernels as toy
+assert os.environ["FLASH_KERNELS_TARGET"] == "cuda:86", os.environ.get("FLASH_KERNELS_TARGET")
 torch.manual_seed(0)
 a = torch.randn(50, 64, dtype=torch.float16)   # 50 valid rows: T is do_not_specialize
 b = torch.randn(64, 64, dtype=torch.float16)
@@ -36,9 +39,49 @@ toy.matmul_tile(a, b, block=64, num_warps=4)   # same launch again: deduplicated
 """
 
 
+FAILING_SNIPPET = "raise ValueError('this snippet fails on purpose')"
+TRANSPOSES_SNIPPET = """
+import torch
+import aot_toy_kernels as toy
+q, k, v = (torch.randn(64, 32, dtype=torch.float16) for _ in range(3))
+toy.transposed_product("dot_result_transposed", q, k, v)
+"""
+
+
 @pytest.fixture(scope="module")
-def toy_records():
-    return record_in_interpreter(TOY_SNIPPET, sys_path=[TESTS_DIR])
+def toy_recording():
+    """The toy snippets and a failing one, recorded in one child for sm_86."""
+    return record_snippets_in_interpreter(
+        {"toy": TOY_SNIPPET, "failing": FAILING_SNIPPET, "transposes": TRANSPOSES_SNIPPET},
+        sys_path=[TESTS_DIR], target="sm_86")
+
+
+@pytest.fixture(scope="module")
+def toy_records(toy_recording):
+    records, _ = toy_recording
+    return records["toy"]
+
+
+def test_recording_names_the_target_and_reports_failing_snippets(toy_recording):
+    """The child runs with FLASH_KERNELS_TARGET set (TOY_SNIPPET asserts it), and a snippet that
+    raises is reported with its traceback while the others still record."""
+    records, errors = toy_recording
+    assert TARGET_VARIABLE == "FLASH_KERNELS_TARGET"
+    assert set(records) == {"toy", "transposes"} and set(errors) == {"failing"}
+    assert "this snippet fails on purpose" in errors["failing"]
+
+
+def test_target_names():
+    assert [target_name(t) for t in (90, "90", "sm_90", "cuda:90")] == ["cuda:90"] * 4
+    assert target_name("gfx942") == target_name("hip:gfx942") == "hip:gfx942"
+    with pytest.raises(ValueError, match="unknown target"):
+        target_name("tpu")
+    assert NVIDIA_TARGETS == ("cuda:80", "cuda:86", "cuda:89", "cuda:90", "cuda:100", "cuda:120")
+    assert AMD_TARGETS == ("hip:gfx942", "hip:gfx90a")
+    limits = {t: a.shared_memory_bytes for t, a in ARCHITECTURES.items()}
+    assert limits == {"cuda:80": 166_912, "cuda:86": 101_376, "cuda:89": 101_376,
+                      "cuda:90": 232_448, "cuda:100": 232_448, "cuda:120": 101_376,
+                      "hip:gfx942": 65_536, "hip:gfx90a": 65_536}
 
 
 def test_records_reproduce_jit_specialisation(toy_records):
@@ -92,22 +135,37 @@ def test_compile_refuses_interpreter(toy_records, monkeypatch):
         compile_record(toy_records[0], 90)
 
 
-def test_toy_kernel_resources_sm80_sm90(toy_records):
-    records = dedupe_records(toy_records) + [retype_record(toy_records[0], "fp16", "bf16")]
-    rows = measure_launches(records, capabilities=(80, 90), sys_path=[TESTS_DIR])
-    assert len(rows) == 4
+#: The tensor-core instructions each architecture's binary must hold for a 16-bit tl.dot.
+TENSOR_CORE_OPCODES = {"cuda:80": "HMMA", "cuda:86": "HMMA", "cuda:89": "HMMA",
+                       "cuda:90": "HGMMA", "cuda:100": "UTCHMMA", "cuda:120": "HMMA",
+                       "hip:gfx942": "v_mfma", "hip:gfx90a": "v_mfma"}
+
+
+def test_toy_kernel_resources_on_every_architecture(toy_records):
+    """fp16 on every architecture of the report, bf16 on sm_80 and sm_90."""
+    fp16 = dedupe_records(toy_records)
+    bf16 = [retype_record(toy_records[0], "fp16", "bf16")]
+    rows = (measure_launches(fp16, targets=list(ARCHITECTURES), sys_path=[TESTS_DIR], jobs=2)
+            + measure_launches(bf16, targets=("cuda:80", "cuda:90"), sys_path=[TESTS_DIR]))
+    assert len(rows) == len(ARCHITECTURES) + 2
     print("\n" + render_markdown(rows, title="toy kernel"))
     for row in rows:
         assert row["error"] is None, row["error"]
         assert not row_failed(row)
+        arch = architecture(row["target"])
         usage = row["usage"]
-        assert 0 < usage["registers"] <= 255
-        assert usage["stack_bytes"] == 0                      # no spills in a 64x64 tile
-        # two 64x64 16-bit tiles staged in shared memory for the dot
-        assert 0 < usage["shared_bytes"] <= SHARED_MEMORY_LIMIT_BYTES[row["capability"]]
-        assert usage["mma_instructions"] > 0
+        assert 0 < usage["registers"] <= arch.max_registers
+        assert usage["spill_bytes"] == 0                      # no spills in a 64x64 tile
+        # two 64x64 16-bit tiles staged in shared memory (LDS) for the dot
+        assert 0 < usage["shared_bytes"] <= arch.shared_memory_bytes
+        opcodes = usage["tensor_core_opcodes"]
+        assert opcodes and all(op.startswith(TENSOR_CORE_OPCODES[row["target"]])
+                               for op in opcodes), opcodes
+        assert usage["tensor_core_instructions"] == sum(opcodes.values())
         # wgmma (HGMMA) on Hopper only, for fp16 and bf16 alike
-        assert usage["uses_wgmma"] == (row["capability"] == 90)
+        assert usage["uses_wgmma"] == (row["target"] == "cuda:90")
+        # the codegen gate looks at sm_90 only; this kernel transposes nothing
+        assert row["codegen_findings"] == ([] if row["target"] == "cuda:90" else None)
 
 
 def test_cli_reports_compile_errors(toy_records, tmp_path):
@@ -121,14 +179,14 @@ def test_cli_reports_compile_errors(toy_records, tmp_path):
     md = tmp_path / "report.md"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, TESTS_DIR, env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "flash_kernels.aot_compile", str(records_path),
-                           "--capabilities", "90", "--markdown", str(md)],
+    proc = subprocess.run([sys.executable, "-m", "tools.aot_compile", str(records_path),
+                           "--targets", "90", "--markdown", str(md)],
                           env=env, cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr
     report = md.read_text()
     assert "**FAIL**: 1 compile error(s)" in report
     assert report.count("| `matmul_tile_kernel` |") == 2
-    assert "| sm_90 |" in report and "| yes | ok |" in report
+    assert "| sm_90 |" in report and " HGMMA | ok |" in report
 
 
 # Runs without the interpreter (a child process: this one may have TRITON_INTERPRET=1).
@@ -138,8 +196,8 @@ import torch
 import aot_toy_kernels as toy
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
-from flash_kernels.aot_compile import compile_record
 from flash_kernels.utils import make_launch_record
+from tools.aot_compile import compile_record
 
 # What the JIT specialises: a pointer 2 bytes past a multiple of 16, ints that are not multiples
 # of 16 (stride_a) or not 1 (n_tiles), a do_not_specialize int, a float, constexprs.
@@ -148,7 +206,8 @@ b = torch.zeros(64, 64, dtype=torch.float16)
 c = torch.zeros(64, 64)
 args = dict(a_ptr=a, b_ptr=b, c_ptr=c, T=50, n_tiles=3, stride_a=72, scale=1.0)
 constexprs = dict(HAS_SCALE=True, BLOCK=64)
-record = make_launch_record(toy.matmul_tile_kernel, (1,), args, constexprs, num_warps=4, num_stages=2)
+record = make_launch_record(toy.matmul_tile_kernel, (1,), args, constexprs, num_warps=4,
+                            num_stages=2)
 ahead = compile_record(record, 90)
 entries = sorted(os.listdir(os.environ["TRITON_CACHE_DIR"]))
 
@@ -180,21 +239,38 @@ def test_ahead_of_time_compile_warms_the_jit_cache(tmp_path):
     assert len(result["entries_after_ahead"]) == 1
 
 
-def test_bench_compile_report_assembles(toy_records, tmp_path, monkeypatch):
-    """bench/compile_report.py end to end, with the op's recording replaced by the toy launch
-    (the real configs need the Triton backend of the op)."""
+def test_bench_compile_report_assembles(toy_recording, tmp_path, monkeypatch):
+    """bench/compile_report.py end to end, with the op's recording replaced by toy launches
+    (the real configs take minutes): the toy tl.dot launch for an architecture config, and a
+    launch that transposes a dot result in registers for a gate config, which the codegen gate
+    must report (by source line) and fail."""
     compile_report = pytest.importorskip("bench.compile_report")
-    monkeypatch.setattr(compile_report, "record_config",
-                        lambda cfg: dedupe_records(
-                            [retype_record(r, "fp16", cfg["compile_dtype"])
-                             if cfg.get("compile_dtype") else r for r in toy_records]))
-    monkeypatch.setattr(sys, "path", sys.path + [TESTS_DIR])      # compile here, or in a child
+    import aot_toy_kernels
+    records, _ = toy_recording
+    gate_configs = [id(cfg) for cfg in compile_report.GATE_MATRIX]
+
+    def recorded(configs, targets, jobs=2):
+        launches = {}
+        for cfg in configs:
+            source = records["transposes"] if id(cfg) in gate_configs else records["toy"]
+            launches.update({(cfg["name"], target): dedupe_records(source) for target in targets})
+        return launches, {}
+
+    monkeypatch.setattr(compile_report, "record_configs", recorded)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.delenv("FLASH_KERNELS_OTHER_TRITON_PYTHON", raising=False)
     out = tmp_path / "compile_report.md"
-    rc = compile_report.main(["--only", "small fp16 causal", "paper bf16 causal + rel_bias",
-                              "--output", str(out)])
+    rc = compile_report.main(["--only", "paper bf16 causal + rel_bias",
+                              "S=128 C=256 bf16 mixed_chunk_attention, causal, rel_bias",
+                              "--targets", "cuda:80", "cuda:90", "--output", str(out)])
     report = out.read_text()
-    assert rc == 0, report
-    assert "**PASS**: all 4 compiles succeeded" in report
-    assert "## paper bf16 causal + rel_bias" in report and "| bf16,fp32 |" in report
-    assert "| fp16,fp32 |" in report
+    assert rc == 1, report                                     # the gate fails
+    assert "Architecture report: **PASS**: all 2 compiles succeeded" in report
+    assert "| sm_80 | 1 | 0 | 0 | 0 (0) |" in report and "| sm_90 | 1 | 0 | 0 | 0 (0) |" in report
+    assert "### paper bf16 causal + rel_bias" in report and "| `matmul_tile_kernel` | 4 |" in report
+    with open(aot_toy_kernels.__file__) as f:
+        source_line = next(i for i, line in enumerate(f.read().splitlines(), 1)
+                           if "tl.trans(scores)" in line)
+    assert "**Codegen gate FAIL**: 1 of 1 launches compiled for sm_90" in report, report
+    assert (f"| `tests/aot_toy_kernels.py:{source_line}` | `dot_result_transposed_kernel` |"
+            in report)
