@@ -91,7 +91,8 @@ def _timed(step, group, device, repeats):
 
 
 def _rank_main(rank, world_size, init_file, args, out_dir):
-    from flash_kernels import context_parallel, mixed_chunk_attention
+    from flash_kernels import mixed_chunk_attention
+    from flash_kernels.distributed import collectives
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -121,16 +122,16 @@ def _rank_main(rank, world_size, init_file, args, out_dir):
         out.backward(grad_out)
 
     sent = []
-    gather = context_parallel._all_gather_flat_op
+    gather = collectives._all_gather_flat_op
 
     def counting(output, tensor, group=None, async_op=False):
         sent.append(tensor.numel() * tensor.element_size())
         return gather(output, tensor, group=group, async_op=async_op)
 
-    context_parallel._all_gather_flat_op = counting
+    collectives._all_gather_flat_op = counting
     step(group)
     bytes_per_step = sum(sent)
-    context_parallel._all_gather_flat_op = gather
+    collectives._all_gather_flat_op = gather
     with_cp = _timed(lambda: step(group), group, device, args.repeats)
     without_cp = _timed(lambda: step(None), group, device, args.repeats)
     state = torch.randn(args.batch * args.S * args.E, device=device)

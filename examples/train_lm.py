@@ -439,7 +439,7 @@ def run_check_backends(args):
 
 class ContextParallelLM(torch.nn.Module):
     """`model` seen by `train` as if it ran on whole sequences, while this rank runs only its
-    slice [start, end) of every sequence, with cp_group (flash_kernels.context_parallel).
+    slice [start, end) of every sequence, with cp_group (flash_kernels/distributed/).
 
     loss(x, y): this rank's share sum of its tokens' cross-entropy / all tokens of the batch,
     carrying the whole batch's mean as its value (all-reduced), so `train` records the loss

@@ -2,7 +2,7 @@
 
 `matmul_tile_kernel` multiplies one BLOCK x BLOCK tile pair with `tl.dot` (fp32 accumulation), the
 smallest kernel that uses the tensor cores (HMMA on sm_80, Hopper wgmma / HGMMA on sm_90 for
-16-bit inputs at num_warps=4). Its launcher goes through `flash_kernels.utils.launch`, like the
+16-bit inputs at num_warps=4). Its launcher goes through `flash_kernels.backends.triton.launch.launch`, like the
 ops, so that `record_launches` sees it; it also passes an int equal to 1 (`n_tiles`), which
 Triton 3.9 specialises to the constexpr 1, and a `do_not_specialize` length (`T`).
 """
@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flash_kernels.utils import launch
+from flash_kernels.backends.triton.launch import launch
 
 
 @triton.jit(do_not_specialize=["T"])

@@ -20,7 +20,7 @@
 - FLASH_KERNELS_TEST_REPORT=PATH: one JSON line per test outcome, appended as each test ends
   (so a run stopped by a time cap or a kill still leaves what ran): bench/gpu_summary.py.
 - FLASH_KERNELS_RECORD_LAUNCHES=PATH: record every kernel launch of every test (its
-  `flash_kernels.utils.LaunchRecord`s) into PATH (JSON; one file per xdist worker, PATH.gwN);
+  `tools.launch_recording.LaunchRecord`s) into PATH (JSON; one file per xdist worker, PATH.gwN);
   bench/gpu_selection.py estimates the GPU run's compile work from it.
 """
 import json
@@ -150,7 +150,7 @@ def pytest_runtest_protocol(item, nextitem):
     if not os.environ.get("FLASH_KERNELS_RECORD_LAUNCHES"):
         yield
         return
-    from flash_kernels.utils import record_launches
+    from tools.launch_recording import record_launches
     with record_launches() as records:
         yield
     if records:

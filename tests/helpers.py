@@ -1,14 +1,48 @@
 """Shared test helpers: random problems, an rms-ratio assert_close that says where it failed,
-the kernels a Triton call must launch, and the C++ loop oracle (csrc_ref) as an autograd op."""
+the kernels a Triton call must launch, the C++ loop oracle (csrc_ref) as an autograd op, and
+the context managers that force tile sizes (`tile_override`) or NaN-fill the kernels' buffers
+(`nan_filled_buffers`) through the runtime's private override points."""
+import contextlib
+
 import torch
 
 import interpreter_shim  # noqa: F401  (spawned ranks and subprocesses import helpers, not conftest)
 import interpreter_memcheck  # noqa: F401  (the same, for out-of-bounds checks)
 from csrc_ref import mixed_chunk_attention_cpp, mixed_chunk_attention_cpp_backward
 from flash_kernels import flash_attention, mixed_chunk_attention
-from flash_kernels.utils import record_launches
+from flash_kernels.backends.triton import kernel_config as triton_kernel_config
+from flash_kernels.backends.triton import launch as triton_launch
+from tools.launch_recording import record_launches
 
 GRAD_NAMES = ("q_quad", "k_quad", "q_lin", "k_lin", "v", "rel_bias")
+
+
+@contextlib.contextmanager
+def tile_override(**fields):
+    """Force tile sizes inside the block: `block` (every kernel's row block), `max_hoist_keys`,
+    `block_e` (every value tile), `state_block_t`. Small tiles give short test sequences several
+    blocks per chunk, and `max_hoist_keys` forces the long-chunk path. Blocks nest."""
+    overrides = triton_kernel_config._tile_overrides
+    saved = dict(overrides)
+    overrides.update(fields)
+    try:
+        yield
+    finally:
+        overrides.clear()
+        overrides.update(saved)
+
+
+@contextlib.contextmanager
+def nan_filled_buffers():
+    """Inside the block the kernels' output and scratch buffers start as NaN, so a kernel that
+    reads memory nobody wrote (or leaves part of an output unwritten) produces NaN that a test
+    catches. Blocks nest."""
+    saved = triton_launch._buffer_fill
+    triton_launch._buffer_fill = float("nan")
+    try:
+        yield
+    finally:
+        triton_launch._buffer_fill = saved
 
 
 def assert_close(name, actual, expected, ratio):
@@ -159,8 +193,8 @@ def triton_kernels(phase, linear):
 
 
 def assert_launched(what, phase, records, expected, *, from_z=False):
-    """The kernels recorded in one `phase` ("forward" or "backward"; flash_kernels.utils.
-    record_launches) are exactly `expected` (a set of names; empty for the PyTorch paths);
+    """The kernels recorded in one `phase` ("forward" or "backward";
+    tools.launch_recording.record_launches) are exactly `expected` (a set of names; empty for the PyTorch paths);
     flash_attention's (from_z) form the roles from z, and the state scan runs forward in a
     forward and in reverse in a backward."""
     launched = {r.kernel_name for r in records}

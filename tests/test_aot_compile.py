@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from flash_kernels.utils import specialize_argument
+from tools.launch_recording import specialize_argument
 from tools.aot_compile import (AMD_TARGETS, ARCHITECTURES, NVIDIA_TARGETS, TARGET_VARIABLE,
                                architecture, compile_record, dedupe_records, load_records,
                                measure_launches, record_snippets_in_interpreter, render_markdown,
@@ -196,7 +196,7 @@ import torch
 import aot_toy_kernels as toy
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
-from flash_kernels.utils import make_launch_record
+from tools.launch_recording import make_launch_record
 from tools.aot_compile import compile_record
 
 # What the JIT specialises: a pointer 2 bytes past a multiple of 16, ints that are not multiples

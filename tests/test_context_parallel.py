@@ -8,7 +8,7 @@ from the case's seed and runs its own slice; the parent runs the single-process 
 sequence and compares: the concatenated outputs and input gradients, and the sum over the
 ranks of the parameter gradients (rel_bias, gamma, beta and the layers' weights), which are
 per-rank partials. Backend "torch" in float64 at 1e-10, "triton" (interpreted) in float32.
-Bitwise, where the design says so (flash_kernels/context_parallel.py): quadratic-only calls,
+Bitwise, where the design says so (flash_kernels/distributed/context_parallel.py): quadratic-only calls,
 rank 0's output, the last rank's dk_lin and dv, the non-causal cross-rank state on every
 rank, and run to run. Bad groupings raise the same error on every rank, and the group still
 works afterwards.
@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from flash_kernels import flash_attention, mixed_chunk_attention
-from flash_kernels.context_parallel import CPCall
+from flash_kernels.distributed.collectives import CPCall
 from flash_kernels.nn import FLASH, FLASHLM
 from helpers import assert_close
 

@@ -11,8 +11,8 @@ import torch
 
 from csrc_ref import (cpp_toolchain_available, load, mixed_chunk_attention_cpp,
                       mixed_chunk_attention_cpp_backward)
-from flash_kernels.reference import dense_reference
-from flash_kernels.tolerances import rms_ratio
+from flash_kernels.backends.torch.reference import dense_reference
+from flash_kernels.core.tolerances import rms_ratio
 from helpers import DEFAULT_SCALE_CASES, assert_close, call_op, cpp_oracle, scale_case_id
 
 _AVAILABLE, _REASON = cpp_toolchain_available()
@@ -218,7 +218,7 @@ def test_default_scales_match_the_oracle(case, op, backend):
     names = [n for n, x in tested.items() if x is not None]
     grads = torch.autograd.grad(out, [tested[n] for n in names], grad_out.to(out))
     truth_grads = torch.autograd.grad(truth, [exact[n] for n in names], grad_out)
-    ratio = rms_ratio(op, dtype)                  # flash_kernels/tolerances.py
+    ratio = rms_ratio(op, dtype)                  # flash_kernels/core/tolerances.py
     assert_close("out", out.cpu(), truth, ratio)
     for name, grad, truth_grad in zip(names, grads, truth_grads):
         assert_close(f"d{name}", grad.cpu(), truth_grad, ratio)

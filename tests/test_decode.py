@@ -3,7 +3,7 @@ FLASHLM's decoding on top of them, and the properties a CUDA graph needs.
 
 - Every decoded output equals the full op's output at that token: float64 on the torch path
   (1e-12), the Triton kernel in float32 and float16 under the interpreter (and bfloat16 on a
-  GPU) to the rms ratios of flash_kernels/tolerances.py ("decode"), sequences of one batch at
+  GPU) to the rms ratios of flash_kernels/core/tolerances.py ("decode"), sequences of one batch at
   different positions of their chunks, chunk boundaries crossed at different steps, rel_bias,
   the linear part on and off, one growing chunk (chunk_size=None), and flash_attention's fused
   roles (held against the roles as the op rounds them to the dtype) and gate. The cache
@@ -20,13 +20,14 @@ import torch
 
 import torch._dynamo.testing
 
-import flash_kernels.decode as decode_module
+import flash_kernels.backends.triton.decode as decode_module
 from flash_kernels import (DecodeCache, flash_attention_decode, mixed_chunk_attention,
                            mixed_chunk_decode)
-from flash_kernels.flash_attention import scale_offset_roles
+from flash_kernels.core.roles import scale_offset_roles
 from flash_kernels.nn import FLASHLM, ScaleOffset
-from flash_kernels.tolerances import rms_ratio
-from flash_kernels.utils import INTERPRETED_KERNELS, record_launches
+from flash_kernels.core.tolerances import rms_ratio
+from flash_kernels.core.environment import INTERPRETED_KERNELS
+from tools.launch_recording import record_launches
 from helpers import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from flash_kernels.nn import FLASH, FLASHLM, GAU, sample_next
-from flash_kernels.utils import INTERPRETED_KERNELS
+from flash_kernels.core.environment import INTERPRETED_KERNELS
 from helpers import call_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from flash_kernels import mixed_chunk_attention
-from flash_kernels.triton_mixed_chunk import tile_override
-from flash_kernels.utils import nan_filled_buffers
+from helpers import tile_override
+from helpers import nan_filled_buffers
 from helpers import call_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from flash_kernels import flash_attention
-from flash_kernels.tolerances import rms_ratio
-from flash_kernels.triton_mixed_chunk import tile_override
-from flash_kernels.utils import nan_filled_buffers, record_launches
+from flash_kernels.core.tolerances import rms_ratio
+from helpers import tile_override
+from helpers import nan_filled_buffers
+from tools.launch_recording import record_launches
 from helpers import assert_close, assert_launched, triton_kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,7 +81,7 @@ def check(problem, dtype=torch.float32, requires=NAMES, **options):
     ref, ref_grads, _ = run(rounded, torch.float64, "cpu", "reference", grad_out, requires=requires,
                             **options)
     assert out.dtype == dtype
-    ratio = rms_ratio("flash_attention", dtype)          # flash_kernels/tolerances.py
+    ratio = rms_ratio("flash_attention", dtype)          # flash_kernels/core/tolerances.py
     assert_close("out", out.cpu(), ref, ratio)
     assert grads.keys() == ref_grads.keys()
     for name in grads:

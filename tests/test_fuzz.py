@@ -29,7 +29,7 @@ query blocks per chunk (tiles forced with tile_override), causal and linear (thr
 each); chunk_size=None in about one example in six.
 
 Tolerance: rms(error) <= ratio * rms(expected) (tests/helpers.py assert_close), the op's and
-dtype's value in flash_kernels/tolerances.py (where each value is explained): float32 2e-5;
+dtype's value in flash_kernels/core/tolerances.py (where each value is explained): float32 2e-5;
 float16 4e-3 for mixed_chunk_attention and 5e-3 for flash_attention; float64 (the reference
 against the C++ oracle) 1e-10.
 
@@ -59,9 +59,10 @@ from hypothesis import HealthCheck, Phase, example, given, note, settings  # noq
 from hypothesis import strategies as st  # noqa: E402
 
 from csrc_ref import cpp_toolchain_available
-from flash_kernels.tolerances import rms_ratio
-from flash_kernels.triton_mixed_chunk import tile_override
-from flash_kernels.utils import nan_filled_buffers, record_launches
+from flash_kernels.core.tolerances import rms_ratio
+from helpers import tile_override
+from helpers import nan_filled_buffers
+from tools.launch_recording import record_launches
 from helpers import (GRAD_NAMES, assert_close, assert_launched, call_op,
                      composed_flash_attention, cpp_oracle, triton_kernels)
 
@@ -87,8 +88,8 @@ FUZZ_SETTINGS = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=T
 
 def _work(B, T, chunk_size, tiles, num_docs=1):
     """The interpreter's work for one example: the per-chunk programs the Triton backend
-    launches (as triton_mixed_chunk.kernel_config; packed documents get cdiv(T, C) + N - 1
-    chunk slots, flash_kernels/packing.py), each counted once per key tile it walks on the
+    launches (as backends/triton/kernel_config.py; packed documents get cdiv(T, C) + N - 1
+    chunk slots, flash_kernels/core/packing.py), each counted once per key tile it walks on the
     long-chunk path (chunks longer than max_hoist_keys)."""
     C = chunk_size or T
     chunk_len = min(C, T)

@@ -42,7 +42,8 @@ from flash_kernels.hf import FLASHCache, FLASHConfig, FLASHForCausalLM, FLASHMod
 from flash_kernels.hf.configuration import FLASHLM_OPTIONS  # noqa: E402
 from flash_kernels.hf.modeling import CACHE_FIELD  # noqa: E402
 from flash_kernels.nn import FLASHLM  # noqa: E402
-from flash_kernels.utils import INTERPRETED_KERNELS, record_launches  # noqa: E402
+from flash_kernels.core.environment import INTERPRETED_KERNELS
+from tools.launch_recording import record_launches  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBPROCESS_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(

@@ -8,9 +8,10 @@ import pytest
 import torch
 import triton.language as tl
 
-import flash_kernels.kernels.mixed_chunk_bwd as bwd
-from flash_kernels.tolerances import rms_ratio
-from flash_kernels.triton_mixed_chunk import INTERPRETED_KERNELS, tile_override
+import flash_kernels.backends.triton.kernels.mixed_chunk_bwd as bwd
+from flash_kernels.core.tolerances import rms_ratio
+from flash_kernels.core.environment import INTERPRETED_KERNELS
+from helpers import tile_override
 from helpers import assert_close, make_problem, run_with_grads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,8 +7,9 @@ on a GPU the op runs for real on such a batch.
 import pytest
 import torch
 
-import flash_kernels.triton_mixed_chunk as triton_mixed_chunk
 from flash_kernels import flash_attention, mixed_chunk_attention
+from flash_kernels.backends.triton import backward, forward, problem
+from flash_kernels.core.environment import INTERPRETED_KERNELS
 
 CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
 KERNELS = {"chunk_state_scan_kernel", "mixed_chunk_fwd_kernel", "mixed_chunk_bwd_query_kernel",
@@ -43,9 +44,10 @@ def test_grids_respect_cuda_limits_for_a_huge_batch(op, packed, monkeypatch):
     def record_grid(kernel, grid, args, constexprs, num_warps, num_stages):
         grids.setdefault(kernel.__name__, []).append(tuple(grid))
 
-    monkeypatch.setattr(triton_mixed_chunk, "launch", record_grid)
+    for module in (forward, backward, problem):          # every module that launches a kernel
+        monkeypatch.setattr(module, "launch", record_grid)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not triton_mixed_chunk.INTERPRETED_KERNELS:
+    if device == "cpu" and not INTERPRETED_KERNELS:
         pytest.skip("the Triton backend needs CUDA or the interpreter")
     _run(op, device, "triton", packed)
     assert set(grids) == KERNELS

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from flash_kernels import flash_attention, mixed_chunk_attention
-from flash_kernels.triton_mixed_chunk import tile_override
-from flash_kernels.utils import nan_filled_buffers
+from helpers import tile_override
+from helpers import nan_filled_buffers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 T, C, S, E, TOKEN = 20, 8, 5, 6, 11
@@ -159,7 +159,7 @@ def test_several_blocks_per_chunk(where):
 def test_torch_path_skips_its_guards_only_when_they_select_nothing(monkeypatch, causal, packed):
     """The torch path drops its non-finite guards when the inputs are finite (on the CPU): with
     finite inputs the guarded computation must give the same output and gradients."""
-    import flash_kernels.torch_chunked as torch_chunked
+    import flash_kernels.backends.torch.chunked as torch_chunked
 
     inputs = _inputs("mixed_chunk_attention", linear=True)
     if packed:   # documents of 7, 9 and 4 tokens: chunks restart inside the row

@@ -1,4 +1,4 @@
-"""The self-test a user runs on their device (flash_kernels/selftest.py): it passes here, its
+"""The self-test a user runs on their device (flash_kernels/selftest/): it passes here, its
 table lists every path in every dtype with every gradient checked, its exit status is right, and
 it FAILS, naming the row, when a kernel is broken (a self-test that cannot fail is worthless).
 
@@ -7,7 +7,6 @@ One full run, `python -m flash_kernels.selftest` in a subprocess (about 35 s of 
 first two tests (marked slow in conftest.py); the broken-kernel tests run one or two paths
 in-process, before and after a fault is planted by monkeypatch.
 """
-import importlib
 import json
 import os
 import subprocess
@@ -17,13 +16,13 @@ import pytest
 import torch
 
 import flash_kernels
-from flash_kernels import selftest, triton_mixed_chunk
-from flash_kernels.tolerances import rms_ratio
-from flash_kernels.torch_chunked import mixed_chunk_attention_torch
-from flash_kernels.utils import record_launches, resolve_scales
+from flash_kernels import selftest
+from flash_kernels.backends.triton import mixed_chunk as triton_mixed_chunk
+from flash_kernels.core.tolerances import rms_ratio
+from flash_kernels.backends.torch.chunked import mixed_chunk_attention_torch
+from flash_kernels.core.plan import resolve_scales
+from tools.launch_recording import record_launches
 
-# the module, not the function of the same name that flash_kernels exports
-mixed_chunk_module = importlib.import_module("flash_kernels.mixed_chunk_attention")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 7
@@ -82,7 +81,7 @@ def test_every_path_passes_in_every_dtype(full_run):
             row = rows[path.name, dtype]
             assert row["verdict"] == "PASS", row
             assert set(row["errors"]) == expected_quantities(path), (path.name, row["errors"])
-            # the tolerance is the test suite's (flash_kernels/tolerances.py), not its own
+            # the tolerance is the test suite's (flash_kernels/core/tolerances.py), not its own
             assert row["tolerance"] == rms_ratio(path.check, dtypes[dtype])
             assert max(row["errors"].values()) == row["error"] <= row["tolerance"]
             assert row["errors"][row["quantity"]] == row["error"]
@@ -115,7 +114,7 @@ def test_the_printed_table_lists_every_row_and_the_environment(full_run):
 def _planted_dk_quad_fault(monkeypatch):
     """Make the Triton backward of mixed_chunk_attention return dk_quad 0.1% off on one
     64-row tile of keys -- the size of fault a miscompiled tile gives. The fused op has its own
-    backward entry (triton_flash_attention imports mixed_chunk_backward by name): untouched."""
+    backward entry (backends/triton/fused.py imports mixed_chunk_backward by name): untouched."""
     original = triton_mixed_chunk.mixed_chunk_backward
 
     def with_fault(*args, **kwargs):
@@ -158,7 +157,7 @@ def test_a_path_that_silently_falls_back_to_pytorch_fails(monkeypatch):
         return mixed_chunk_attention_torch(*args, chunk_size=chunk_size, quad_scale=quad,
                                            lin_scale=lin, **options)
 
-    monkeypatch.setattr(mixed_chunk_module, "mixed_chunk_attention_triton", pytorch_instead)
+    monkeypatch.setattr(triton_mixed_chunk, "mixed_chunk_attention_triton", pytorch_instead)
     report = flash_kernels.self_test(dtypes=["fp32"], seed=SEED, paths=[HOISTED])
     (row,) = report.rows
     assert row.error <= row.tolerance                  # the numbers alone would pass

@@ -10,7 +10,7 @@ import torch
 import torch._dynamo.testing
 
 from flash_kernels import flash_attention, mixed_chunk_attention
-from flash_kernels.packing import chunk_tables
+from flash_kernels.core.packing import chunk_tables
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, T, S, E, C = 2, 19, 5, 6, 8

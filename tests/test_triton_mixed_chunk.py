@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from flash_kernels import mixed_chunk_attention
-from flash_kernels.tolerances import rms_ratio
-from flash_kernels.triton_mixed_chunk import tile_override
-from flash_kernels.utils import nan_filled_buffers, record_launches
+from flash_kernels.core.tolerances import rms_ratio
+from helpers import tile_override
+from helpers import nan_filled_buffers
+from tools.launch_recording import record_launches
 from helpers import (FP16_MAX, GRAD_NAMES, LARGE_SCORE_OPTIONS, assert_close, assert_launched,
                      large_score_problem, largest_weight, make_problem, run_with_grads,
                      triton_kernels)
@@ -56,7 +57,7 @@ def check_against_reference(problem, dtype=torch.float32, grad_out=None, **optio
         assert launched <= every_backward_kernel, launched
     ref, ref_grads, _ = run_with_grads(exact, grad_out.double().cpu(), backend="reference", **options)
     assert out.dtype == dtype
-    ratio = rms_ratio("mixed_chunk_attention", dtype)   # flash_kernels/tolerances.py
+    ratio = rms_ratio("mixed_chunk_attention", dtype)   # flash_kernels/core/tolerances.py
     assert_close("out", out.cpu(), ref, ratio)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
@@ -178,7 +179,7 @@ def check_state_against_reference(problem, *, lengths=None, initial_state=True,
     assert_launched("triton", "forward", forward, triton_kernels("forward", True))
     assert_launched("triton", "backward", backward, triton_kernels("backward", True))
     ref, ref_final, ref_grads, _, _ = run(exact, "reference")
-    ratio = rms_ratio("mixed_chunk_attention", dtype)   # flash_kernels/tolerances.py
+    ratio = rms_ratio("mixed_chunk_attention", dtype)   # flash_kernels/core/tolerances.py
     assert out.dtype == dtype and final.dtype == torch.float32
     assert_close("out", out.cpu(), ref, ratio)
     assert_close("final_state", final.cpu(), ref_final, ratio)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from flash_kernels import flash_attention, mixed_chunk_attention
-from flash_kernels.tolerances import rms_ratio
-from flash_kernels.triton_mixed_chunk import tile_override
-from flash_kernels.utils import nan_filled_buffers
+from flash_kernels.core.tolerances import rms_ratio
+from helpers import tile_override
+from helpers import nan_filled_buffers
 from helpers import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -143,7 +143,7 @@ def check_packed(op, backend, dtype, *, batch=(), lengths, chunk_size, causal=Tr
     assert out.dtype == low["v"].dtype
     expected, expected_final = oracle(op, exact, cu, chunk_size=C_resolved, causal=causal,
                                       with_final=with_final, **expected_scales)
-    ratio = rms_ratio(op, dtype)                  # flash_kernels/tolerances.py
+    ratio = rms_ratio(op, dtype)                  # flash_kernels/core/tolerances.py
     assert_close("out", out.cpu(), expected, ratio)
     if with_final:
         assert final.dtype == torch.promote_types(dtype, torch.float32)

@@ -1,9 +1,10 @@
 """Ahead-of-time compile of recorded kernel launches for every GPU architecture, on a machine
 with no GPU.
 
-Every kernel launch of the ops goes through `flash_kernels.utils.launch`, which (inside
-`record_launches()`) writes a `LaunchRecord`: the kernel, its argument types, constexpr values,
-16-divisibility specialisations and num_warps/num_stages, as Triton's JIT would specialise it.
+Every kernel launch of the ops goes through `flash_kernels.backends.triton.launch.launch`, whose
+callback hook the recorder installs (tools/launch_recording.py: inside `record_launches()` each
+launch writes a `LaunchRecord`: the kernel, its argument types, constexpr values,
+16-divisibility specialisations and num_warps/num_stages, as Triton's JIT would specialise it).
 This module records them under the interpreter (a child process with TRITON_INTERPRET=1, and
 FLASH_KERNELS_TARGET naming the architecture the runtime should choose its tiles for), compiles
 them with `triton.compile` for a target (the whole pipeline down to the cubin or the AMD code
@@ -50,7 +51,8 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-from flash_kernels.utils import LaunchRecord, triton_interpret_enabled
+from flash_kernels.core.environment import triton_interpret_enabled
+from tools.launch_recording import LaunchRecord
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -230,7 +232,7 @@ def dedupe_records(records) -> list:
 _RECORDER_TEMPLATE = """\
 import json, sys, traceback
 sys.path[:0] = {sys_path!r}
-from flash_kernels.utils import record_launches
+from tools.launch_recording import record_launches
 from tools.aot_compile import record_to_dict
 with open({snippets_path!r}) as _f:
     _snippets = json.load(_f)
@@ -309,7 +311,7 @@ def record_concurrently(items, jobs: int = 2, timeout: float = 3600) -> list:
 
 
 def record_in_interpreter(snippet: str, sys_path=(), timeout: float = 1800, target=None) -> list:
-    """The `LaunchRecord`s of every `flash_kernels.utils.launch` the Python `snippet` makes,
+    """The `LaunchRecord`s of every kernel launch (`flash_kernels.backends.triton.launch.launch`) the Python `snippet` makes,
     run in a child process with TRITON_INTERPRET=1 (see `record_snippets_in_interpreter`).
     Raises RuntimeError with the traceback if the snippet fails."""
     records, errors = record_snippets_in_interpreter({"snippet": snippet}, sys_path, target,

@@ -199,8 +199,8 @@ class _ExchangeTotals(torch.autograd.Function):
 
 def _torch_forward(call, q_quad, k_quad, q_lin, k_lin, v, rel_bias):
     """This rank's slice on the chunked PyTorch path, differentiated by autograd: the slice's
-    total (torch_chunked.ChunkedAttention sums it before forming any output) goes through
-    _ExchangeTotals and comes back as the state offset of the output."""
+    total (ChunkedAttention, backends/torch/chunked.py, sums it before forming any output)
+    goes through _ExchangeTotals and comes back as the state offset of the output."""
     B, T, S = q_quad.shape
     if not T:
         # Empty, but connected to every input as the Triton path's is (each gets an empty or

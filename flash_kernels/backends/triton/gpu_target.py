@@ -1,6 +1,6 @@
 """The GPU the Triton kernels are planned for: architecture and shared memory per block.
 
-Tile sizes are chosen per target (`triton_mixed_chunk.kernel_config`), because the shared
+Tile sizes are chosen per target (`kernel_config.kernel_config`), because the shared
 memory a block may use differs by a factor of 3.6 across the GPUs people run: 227 KB on
 H100/H200 and B200, 163 KB on A100, 99 KB on A10, L4, L40S and the RTX 30/40/50 series, 64 KB
 of LDS on AMD Instinct. A tile choice that fits an H100 fails to launch on an RTX 4090.

@@ -1,16 +1,17 @@
-"""The launch recorder: a LaunchRecord of every kernel launch (through the launch hook of
-flash_kernels/backends/triton/launch.py), with the argument types, constexprs and 16-divisibility
-specialisations Triton 3.9's JIT would compile it with, so that the ahead-of-time compile
-(aot_compile.py) can compile it again in another process. Developer tooling, to move out of the
-package."""
+"""The launch recorder: a LaunchRecord of every kernel launch (installed as the one callback
+hook of flash_kernels/backends/triton/launch.py, `launch_callback`), with the argument types,
+constexprs and 16-divisibility specialisations Triton 3.9's JIT would compile it with, so that
+the ahead-of-time compile (tools/aot_compile.py) can compile it again in another process.
+
+Developer tooling, not installed with the package: it mirrors Triton's JIT specialisation rules,
+which change between Triton versions (tests/test_aot_compile.py checks the mirror)."""
 import contextlib
 import inspect
 from dataclasses import dataclass, field
 
 import torch
 
-from .backends.triton.launch import launch_callback
-from .core.environment import triton_interpret_enabled  # noqa: F401  (aot_compile imports it)
+from flash_kernels.backends.triton.launch import launch_callback
 
 
 @dataclass
@@ -120,7 +121,7 @@ def _param_kind(param):
     if ann is inspect.Parameter.empty or not ann:
         return "plain", None
     try:
-        from triton.runtime.jit import KernelParam
+        from triton.runtime.jit import KernelParam  # a Triton internal: probed, may move
         kp = KernelParam(0, param, False, False)
         if kp.is_constexpr:
             return "constexpr", None
