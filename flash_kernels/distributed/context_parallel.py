@@ -113,6 +113,10 @@ def _triton_backward(call, grad_out, roles, v, rel_bias, states, offset, needs,
     return launches.gradients()
 
 
+#: _MixedChunkCP.forward's inputs by name: its backward maps them to BackwardNeeds.
+_MIXED_CHUNK_CP_INPUTS = ("call", "q_quad", "k_quad", "q_lin", "k_lin", "v", "rel_bias")
+
+
 class _MixedChunkCP(torch.autograd.Function):
     """mixed_chunk_attention's Triton path under context parallelism (flattened (B, T, W))."""
 
@@ -127,7 +131,9 @@ class _MixedChunkCP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, offset = ctx.saved_tensors
-        needs = triton_backend.backward.BackwardNeeds(*(bool(n) for n in ctx.needs_input_grad[1:7]))
+        need = dict(zip(_MIXED_CHUNK_CP_INPUTS, ctx.needs_input_grad))
+        needs = triton_backend.backward.BackwardNeeds(
+            **{name: bool(need[name]) for name in _MIXED_CHUNK_CP_INPUTS[1:]})
         grads = _triton_backward(ctx.call, grad_out.contiguous(),
                                  triton_backend.problem.Roles(q_quad, k_quad, q_lin, k_lin), v,
                                  rel_bias, states, offset, needs)
@@ -154,15 +160,9 @@ class _FlashCP(torch.autograd.Function):
         num_roles = ctx.num_roles
         fused = triton_backend.fused
         _, _, _, need_z, need_affine, need_v, need_u, need_bias = ctx.needs_input_grad
-        grad_out = grad_out.contiguous()
-        du = (grad_out.float() * attn.float()).to(u.dtype) if u is not None and need_u else None
-        grad_attn = grad_out if u is None else (grad_out.float() * u.float()).to(v.dtype)
-        need_roles = need_z or need_affine
-        linear = need_roles and num_roles == 4
-        needs = triton_backend.backward.BackwardNeeds(
-            q_quad=need_roles, k_quad=need_roles, q_lin=linear, k_lin=linear, v=need_v,
-            rel_bias=need_bias)
-        grads = _triton_backward(ctx.call, grad_attn.contiguous(),
+        grad_attn, du = fused.gate_gradients(grad_out, u, attn, v, need_u)
+        needs = fused.attention_needs(need_z or need_affine, num_roles, need_v, need_bias)
+        grads = _triton_backward(ctx.call, grad_attn,
                                  triton_backend.problem.Roles.from_z(z, affine, num_roles), v,
                                  rel_bias, states, offset, needs, role_grad_dtype=torch.float32)
         dz, dgamma, dbeta = fused.reduce_role_grads(fused.role_gradients(grads, num_roles), z,

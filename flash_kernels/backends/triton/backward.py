@@ -102,8 +102,7 @@ class BackwardLaunches:
         if needs.rel_bias:
             self.dbias_partial = new_buffer(
                 (p.B, p.num_chunks, num_blocks, 2 * num_blocks, block), torch.float32, device)
-        need_ds = needs.q_quad or needs.rel_bias or self.store_ds
-        if not (need_ds or needs.q_lin):
+        if not (needs.q_quad or needs.rel_bias or self.store_ds or needs.q_lin):
             return
         launch(mixed_chunk_bwd_query_kernel, p.grid(block),
                dict(q_quad_ptr=roles.q_quad, k_quad_ptr=roles.k_quad, affine_ptr=roles.affine,
@@ -115,12 +114,11 @@ class BackwardLaunches:
                     ds_ptr=self.ds, dbias_partial_ptr=self.dbias_partial,
                     **stride_arguments(q=roles.q_quad, k=roles.k_quad, v=v), **p.chunk_args(),
                     num_blocks=num_blocks, quad_scale=self.quad_scale),
-               dict(FROM_Z=roles.fused, HAS_BIAS=self.bias is not None, BIAS_MATRIX=cfg.hoist,
-                    CAUSAL=self.causal,
+               dict(FROM_Z=roles.fused, HAS_BIAS=self.bias is not None, CAUSAL=self.causal,
+                    HOIST_SCORES=cfg.hoist,
                     HAS_STATE_OFFSET=needs.q_lin and state_offset is not None,
-                    IS_VARLEN=p.tables is not None, NEED_DS=need_ds,
-                    NEED_DQ_QUAD=needs.q_quad, NEED_DQ_LIN=needs.q_lin,
-                    STORE_DS=self.store_ds, NEED_DBIAS=needs.rel_bias,
+                    IS_VARLEN=p.tables is not None, NEED_DQ_QUAD=needs.q_quad,
+                    NEED_DQ_LIN=needs.q_lin, STORE_DS=self.store_ds, NEED_DBIAS=needs.rel_bias,
                     BLOCK=block, BLOCK_S=cfg.block_s, BLOCK_E=cfg.query_block_e,
                     DOT_PRECISION=p.dot_precision),
                num_warps=cfg.query_warps, num_stages=1)
@@ -152,11 +150,11 @@ class BackwardLaunches:
                     **p.chunk_args(), num_blocks=p.num_blocks(cfg.key_block),
                     quad_scale=self.quad_scale),
                dict(FROM_Z=roles.fused, HAS_LINEAR=has_linear,
-                    HAS_BIAS=self.bias is not None, BIAS_MATRIX=cfg.hoist, CAUSAL=self.causal,
+                    HAS_BIAS=self.bias is not None, CAUSAL=self.causal,
                     HAS_DSTATE_OFFSET=has_linear and grad_total is not None,
-                    IS_VARLEN=p.tables is not None, DS_STORED=self.store_ds,
+                    IS_VARLEN=p.tables is not None, STORE_DS=self.store_ds,
                     HOIST_SCORES=cfg.hoist, NEED_DK_QUAD=needs.k_quad, NEED_DK_LIN=needs.k_lin,
-                    NEED_DV=needs.v, BLOCK=cfg.key_block, BLOCK_QH=cfg.block_n,
+                    NEED_DV=needs.v, BLOCK=cfg.key_block, BLOCK_N=cfg.block_n,
                     BLOCK_S=cfg.block_s, BLOCK_E=cfg.key_block_e,
                     DOT_PRECISION=p.dot_precision),
                num_warps=cfg.key_warps, num_stages=1)

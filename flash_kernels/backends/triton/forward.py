@@ -3,8 +3,6 @@
 `mixed_chunk_forward` runs both; context parallelism (flash_kernels/distributed) runs them
 apart and exchanges the scan's totals between the ranks in between.
 """
-import torch
-
 from ...core.plan import resolve_scales
 from .kernels.mixed_chunk_fwd import mixed_chunk_fwd_kernel
 from .launch import launch, new_buffer, stride_arguments
@@ -39,8 +37,7 @@ def forward_output(roles, v, rel_bias, p, *, causal, quad_scale, lin_scale, stat
            dict(FROM_Z=roles.fused, HAS_GATE=gate is not None, STORE_ATTN=store_attn,
                 HAS_LINEAR=roles.has_linear,
                 HAS_STATE_OFFSET=roles.has_linear and state_offset is not None,
-                HAS_BIAS=bias is not None, BIAS_MATRIX=cfg.hoist, CAUSAL=causal,
-                HOIST_SCORES=cfg.hoist,
+                HAS_BIAS=bias is not None, CAUSAL=causal, HOIST_SCORES=cfg.hoist,
                 IS_VARLEN=p.tables is not None, BLOCK_M=cfg.fwd_block, BLOCK_N=cfg.block_n,
                 BLOCK_S=cfg.block_s,
                 BLOCK_E=cfg.narrow_fwd_block_e if causal or roles.fused else cfg.fwd_block_e,

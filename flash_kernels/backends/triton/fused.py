@@ -65,17 +65,12 @@ def flash_bwd_op(grad_out: torch.Tensor, grad_total: Optional[torch.Tensor], z: 
     (R, S)); an empty tensor where `needs` is False or the input is absent. See the module
     docstring."""
     need_z, need_gamma, need_beta, need_v, need_u, need_bias, need_offset = needs
-    grad_out = grad_out.contiguous()
-    du = (grad_out.float() * attn.float()).to(u.dtype) if u is not None and need_u else None
-    grad_attn = grad_out if u is None else (grad_out.float() * u.float()).to(v.dtype)
-
-    need_roles = need_z or need_gamma or need_beta
-    linear = need_roles and num_roles == 4
+    grad_attn, du = gate_gradients(grad_out, u, attn, v, need_u)
     grads = mixed_chunk_backward(
         grad_attn, Roles.from_z(z, affine, num_roles), v, rel_bias,
         states if num_roles == 4 else None, chunk_size, causal, quad_scale, lin_scale,
-        BackwardNeeds(q_quad=need_roles, k_quad=need_roles, q_lin=linear, k_lin=linear,
-                      v=need_v, rel_bias=need_bias, state_offset=need_offset),
+        attention_needs(need_z or need_gamma or need_beta, num_roles, need_v, need_bias,
+                        need_offset),
         tables=tables_from(cu_seqlens, chunk_offsets, chunk_table), state_offset=state_offset,
         grad_total=grad_total.contiguous() if grad_total is not None else None,
         role_grad_dtype=torch.float32)
@@ -83,6 +78,23 @@ def flash_bwd_op(grad_out: torch.Tensor, grad_total: Optional[torch.Tensor], z: 
                                           need_gamma, need_beta)
     return [g if g is not None else v.new_empty(0)
             for g in (dz, dgamma, dbeta, grads.v, du, grads.rel_bias, grads.state_offset)]
+
+
+def gate_gradients(grad_out, u, attn, v, need_u):
+    """(grad_attn, du): the gradient reaching the attention, dO * u (dO without a gate), and
+    the gate's, dO * attention (None unless need_u), both formed in float32."""
+    grad_out = grad_out.contiguous()
+    du = (grad_out.float() * attn.float()).to(u.dtype) if u is not None and need_u else None
+    grad_attn = grad_out if u is None else (grad_out.float() * u.float()).to(v.dtype)
+    return grad_attn.contiguous(), du
+
+
+def attention_needs(need_roles, num_roles, need_v, need_bias, need_offset=False):
+    """The BackwardNeeds of the attention inside the fused op: every role when z, gamma or
+    beta needs a gradient (the linear ones only if there are four)."""
+    linear = need_roles and num_roles == 4
+    return BackwardNeeds(q_quad=need_roles, k_quad=need_roles, q_lin=linear, k_lin=linear,
+                         v=need_v, rel_bias=need_bias, state_offset=need_offset)
 
 
 def role_gradients(grads, num_roles):

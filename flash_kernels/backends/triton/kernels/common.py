@@ -22,6 +22,14 @@ transposing S and dA. tools/codegen_gate.py checks the compiled IR of every kern
 import triton
 import triton.language as tl
 
+from ....core import roles
+
+# The four roles of z as the kernels' constexprs (core/roles.py; rows of gamma and beta).
+QUAD_Q: tl.constexpr = tl.constexpr(roles.QUAD_Q)
+QUAD_K: tl.constexpr = tl.constexpr(roles.QUAD_K)
+LIN_Q: tl.constexpr = tl.constexpr(roles.LIN_Q)
+LIN_K: tl.constexpr = tl.constexpr(roles.LIN_K)
+
 
 @triton.jit
 def program_chunk_block(num_blocks, num_chunks, chunk_size, T, chunk_table_ptr, cu_seqlens_ptr,
@@ -119,7 +127,7 @@ def load_rows_t(base, rows, row_end, width, row_stride, BLOCK_W: tl.constexpr):
 @triton.jit
 def load_role(base, rows, row_end, width, row_stride, affine_ptr, ROLE: tl.constexpr,
               FROM_Z: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Rows of one role tensor (quad_q = 0, quad_k = 1, lin_q = 2, lin_k = 3).
+    """Rows of one role tensor (ROLE: QUAD_Q, QUAD_K, LIN_Q or LIN_K).
 
     Without FROM_Z, `base` is the role tensor itself. With FROM_Z it is z, and the role is
     formed on the fly (flash_attention: z is read once instead of four role tensors):
@@ -213,11 +221,56 @@ def relu2_weights(q, k_base, k_row_stride, affine_ptr, rel_bias_ptr, offs_i, off
                   BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The attention weights relu(s_ij)^2 (float32) of queries q (rows offs_i) and keys offs_j,
     the keys read transposed."""
-    k_t = load_role_t(k_base, offs_j, chunk_end, S, k_row_stride, affine_ptr, 1, FROM_Z, BLOCK_S)
+    k_t = load_role_t(k_base, offs_j, chunk_end, S, k_row_stride, affine_ptr, QUAD_K, FROM_Z,
+                      BLOCK_S)
     relu_s = relu_scores_tile(q, k_t, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
                               chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL,
                               False, DOT_PRECISION)
     return relu_s * relu_s
+
+
+@triton.jit
+def key_query_weights(k, q_base, q_row_stride, affine_ptr, rel_bias_ptr, offs_j, offs_i,
+                      chunk_start, chunk_end, chunk_size, chunk_len, S, quad_scale,
+                      FROM_Z: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr,
+                      CAUSAL: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """`relu2_weights` with keys on the rows: relu(S^T)^2 of the loaded keys k (rows offs_j)
+    against the queries offs_i (float32), formed as K Q^T with the queries read transposed."""
+    q_t = load_role_t(q_base, offs_i, chunk_end, S, q_row_stride, affine_ptr, QUAD_Q, FROM_Z,
+                      BLOCK_S)
+    relu_s_t = relu_scores_tile(k, q_t, rel_bias_ptr, offs_j, offs_i, chunk_start, chunk_end,
+                                chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL,
+                                True, DOT_PRECISION)
+    return relu_s_t * relu_s_t
+
+
+@triton.jit
+def hoisted_weights_tile(use, rows, base, row_stride, affine_ptr, rel_bias_ptr, offs_rows,
+                         offs_cols, chunk_start, chunk_end, chunk_size, chunk_len, S, quad_scale,
+                         MMA_DTYPE: tl.constexpr, KEYS_ON_ROWS: tl.constexpr,
+                         FROM_Z: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+                         BLOCK_S: tl.constexpr, COLS: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    """One of the two tiles a chunk's hoisted weights are held in (HOIST_SCORES: the chunk is
+    at most two tiles of COLS, and the bias is read as its Toeplitz matrix): the weights of the
+    loaded rows (`rows`, at offs_rows) against the tile's columns offs_cols, in MMA_DTYPE, or
+    zeros when the tile is not `use`d (causal: it lies past the rows' diagonal). Queries x keys
+    (`relu2_weights`, keys read from `base`), or with KEYS_ON_ROWS keys x queries
+    (`key_query_weights`, queries read from `base`)."""
+    if use:
+        if KEYS_ON_ROWS:
+            weights = key_query_weights(rows, base, row_stride, affine_ptr, rel_bias_ptr,
+                                        offs_rows, offs_cols, chunk_start, chunk_end, chunk_size,
+                                        chunk_len, S, quad_scale, FROM_Z, HAS_BIAS, True, CAUSAL,
+                                        BLOCK_S, DOT_PRECISION).to(MMA_DTYPE)
+        else:
+            weights = relu2_weights(rows, base, row_stride, affine_ptr, rel_bias_ptr, offs_rows,
+                                    offs_cols, chunk_start, chunk_end, chunk_size, chunk_len, S,
+                                    quad_scale, FROM_Z, HAS_BIAS, True, CAUSAL, BLOCK_S,
+                                    DOT_PRECISION).to(MMA_DTYPE)
+    else:
+        weights = tl.zeros((rows.shape[0], COLS), dtype=MMA_DTYPE)
+    return weights
 
 
 @triton.jit

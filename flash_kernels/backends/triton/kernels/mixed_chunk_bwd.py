@@ -23,7 +23,8 @@ miscompile those on Hopper: see common.py).
 import triton
 import triton.language as tl
 
-from .common import (linear_state_tile, load_role, load_role_t, load_tile, nonfinite_in,
+from .common import (LIN_K, QUAD_K, QUAD_Q, hoisted_weights_tile, key_query_weights,
+                     linear_state_tile, load_role, load_role_t, load_tile, nonfinite_in,
                      program_chunk_block, relu_scores_tile, state_offset_tile, state_tile)
 
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
@@ -60,17 +61,48 @@ def _score_grad_tile(row_base, row_stride, col_base, col_stride, relu_s, offs_ro
 
 
 @triton.jit
-def _key_query_weights(k, q_base, q_row_stride, affine_ptr, rel_bias_ptr, offs_j, offs_i,
-                       chunk_start, chunk_end, chunk_size, chunk_len, S, quad_scale,
-                       FROM_Z: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr,
-                       CAUSAL: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """relu(S^T)^2 of the loaded keys k (rows offs_j) against the queries offs_i, keys x
-    queries (float32), formed as K Q^T with the queries read transposed."""
-    q_t = load_role_t(q_base, offs_i, chunk_end, S, q_row_stride, affine_ptr, 0, FROM_Z, BLOCK_S)
-    relu_s_t = relu_scores_tile(k, q_t, rel_bias_ptr, offs_j, offs_i, chunk_start, chunk_end,
-                                chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL,
-                                True, DOT_PRECISION)
-    return relu_s_t * relu_s_t
+def _diagonal_sums(tile_base, row_stride, row_limit, col_limit, BLOCK: tl.constexpr):
+    """(low, high): the sums of a stored (BLOCK, BLOCK) dS tile over its diagonals, read back
+    skewed: entry kk of `low` is the sum over offset i - j = kk - (BLOCK - 1), of `high` over
+    offset kk + 1. Rows past row_limit and columns past col_limit are left out. The rows are
+    read in DBIAS_ROW_SLABS slabs (see there); the barriers order the reads after the tile's
+    store and before the next tile's."""
+    local = tl.arange(0, BLOCK)
+    tl.debug_barrier()
+    low = tl.zeros((BLOCK,), dtype=tl.float32)
+    high = tl.zeros((BLOCK,), dtype=tl.float32)
+    for slab in tl.static_range(DBIAS_ROW_SLABS):
+        rows = slab * (BLOCK // DBIAS_ROW_SLABS) + tl.arange(0, BLOCK // DBIAS_ROW_SLABS)
+        rows_ok = rows < row_limit
+        j_low = rows[:, None] + (BLOCK - 1) - local[None, :]
+        j_high = rows[:, None] - 1 - local[None, :]
+        low_ok = rows_ok[:, None] & (j_low < BLOCK) & (j_low < col_limit)
+        high_ok = rows_ok[:, None] & (j_high >= 0) & (j_high < col_limit)
+        low += tl.sum(tl.load(tile_base + rows[:, None] * row_stride + j_low, mask=low_ok,
+                              other=0.0), axis=0)
+        high += tl.sum(tl.load(tile_base + rows[:, None] * row_stride + j_high, mask=high_ok,
+                               other=0.0), axis=0)
+    tl.debug_barrier()
+    return low, high
+
+
+@triton.jit
+def _zero_untouched_segments(segments_base, block, num_blocks, num_key_blocks, pending,
+                             BLOCK: tl.constexpr):
+    """After the last key tile of a query block: store `pending` (its low half completes
+    segment block - (num_key_blocks - 1)) and zero the segments no tile of the block reached,
+    so that the host sums every program's 2 * num_blocks segments."""
+    local = tl.arange(0, BLOCK)
+    first_written = block - num_key_blocks + num_blocks
+    if num_key_blocks > 0:
+        tl.store(segments_base + first_written * BLOCK + local, pending)
+    last_written = block + 1 + num_blocks - 1
+    for segment in range(0, 2 * num_blocks):
+        slot = tl.full((BLOCK,), segment, tl.int32)
+        untouched = ((slot < first_written) | (slot > last_written)
+                     | (slot * 0 + num_key_blocks == 0))
+        tl.store(segments_base + segment * BLOCK + local, tl.zeros((BLOCK,), dtype=tl.float32),
+                 mask=untouched)
 
 
 @triton.jit(do_not_specialize=["T", "num_chunks", "num_docs"])
@@ -80,10 +112,10 @@ def mixed_chunk_bwd_query_kernel(
     cu_seqlens_ptr,
     stride_qb, stride_qt, stride_kb, stride_kt, stride_vb, stride_vt,
     T, S, E, chunk_size, chunk_len, num_chunks, num_docs, num_blocks, quad_scale,
-    FROM_Z: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_STATE_OFFSET: tl.constexpr, IS_VARLEN: tl.constexpr,
-    NEED_DS: tl.constexpr, NEED_DQ_QUAD: tl.constexpr, NEED_DQ_LIN: tl.constexpr,
-    STORE_DS: tl.constexpr, NEED_DBIAS: tl.constexpr,
+    FROM_Z: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+    HOIST_SCORES: tl.constexpr, HAS_STATE_OFFSET: tl.constexpr, IS_VARLEN: tl.constexpr,
+    NEED_DQ_QUAD: tl.constexpr, NEED_DQ_LIN: tl.constexpr, STORE_DS: tl.constexpr,
+    NEED_DBIAS: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -91,6 +123,9 @@ def mixed_chunk_bwd_query_kernel(
     are both BLOCK rows. Inputs are strided views (unit feature stride), grad_out and the
     outputs contiguous. dq_lin = dO P^T with P the forward states plus the state offset
     (common.state_offset_tile).
+
+    rel_bias: float32, the (2 * chunk_size - 1,) vector or, with HOIST_SCORES, its
+    (chunk_len, chunk_len) Toeplitz matrix (common.relu_scores_tile).
 
     Writes dq_quad (B, T, S), dq_lin (B, T, S) and, when asked:
     - STORE_DS: ds (B, num_chunks, chunk_len, chunk_len) float32, every tile at or below the
@@ -131,9 +166,9 @@ def mixed_chunk_bwd_query_kernel(
         tl.store(dq_lin_ptr + batch * T * S + offs_i[:, None] * S + offs_s[None, :],
                  dq_lin.to(dq_lin_ptr.dtype.element_ty), mask=out_mask)
 
-    if NEED_DS:
+    if (NEED_DQ_QUAD or NEED_DBIAS) or STORE_DS:       # dS is needed
         q = load_role(q_quad_ptr + batch * stride_qb, offs_i, chunk_end, S, stride_qt, affine_ptr,
-                      0, FROM_Z, BLOCK_S)
+                      QUAD_Q, FROM_Z, BLOCK_S)
         k_base = k_quad_ptr + batch * stride_kb
         v_base = v_ptr + batch * stride_vb
         if CAUSAL:
@@ -154,14 +189,15 @@ def mixed_chunk_bwd_query_kernel(
         for key_block in range(0, num_key_blocks):
             offs_j = chunk_start + key_block * BLOCK + local
             # The keys twice from memory: transposed for the scores, as rows for dq = dS K.
-            k_t = load_role_t(k_base, offs_j, chunk_end, S, stride_kt, affine_ptr, 1, FROM_Z,
-                              BLOCK_S)
+            k_t = load_role_t(k_base, offs_j, chunk_end, S, stride_kt, affine_ptr, QUAD_K,
+                              FROM_Z, BLOCK_S)
             relu_s = relu_scores_tile(q, k_t, rel_bias_ptr, offs_i, offs_j, chunk_start,
                                       chunk_end, chunk_size, chunk_len, quad_scale, HAS_BIAS,
-                                      BIAS_MATRIX, CAUSAL, False, DOT_PRECISION)
+                                      HOIST_SCORES, CAUSAL, False, DOT_PRECISION)
             ds = _score_grad_tile(grad_out_base, E, v_base, stride_vt, relu_s, offs_i, offs_j,
                                   chunk_end, E, BLOCK, BLOCK_E, DOT_PRECISION)
-            k = load_role(k_base, offs_j, chunk_end, S, stride_kt, affine_ptr, 1, FROM_Z, BLOCK_S)
+            k = load_role(k_base, offs_j, chunk_end, S, stride_kt, affine_ptr, QUAD_K, FROM_Z,
+                          BLOCK_S)
             if CAUSAL:      # the diagonal block's later keys: see common.nonfinite_in
                 k = tl.where(nonfinite_in(k, offs_j >= row_start), 0.0, k).to(k.dtype)
             dq = tl.dot(ds.to(mma_dtype), k.to(mma_dtype), dq, input_precision=DOT_PRECISION)
@@ -178,23 +214,8 @@ def mixed_chunk_bwd_query_kernel(
                 tl.store(tile_base + local[:, None] * ds_row_stride + local[None, :], ds,
                          mask=rows_in[:, None] & (local[None, :] < col_limit))
             if NEED_DBIAS:
-                # Diagonal sums of the tile, read back skewed: column kk of the low half holds
-                # offset i - j = kk - (BLOCK - 1), of the high half offset kk + 1.
-                tl.debug_barrier()
-                diag_low = tl.zeros((BLOCK,), dtype=tl.float32)
-                diag_high = tl.zeros((BLOCK,), dtype=tl.float32)
-                for slab in tl.static_range(DBIAS_ROW_SLABS):
-                    rows = slab * (BLOCK // DBIAS_ROW_SLABS) + tl.arange(0, BLOCK // DBIAS_ROW_SLABS)
-                    rows_ok = rows < row_limit
-                    j_low = rows[:, None] + (BLOCK - 1) - local[None, :]
-                    j_high = rows[:, None] - 1 - local[None, :]
-                    low_ok = rows_ok[:, None] & (j_low < BLOCK) & (j_low < col_limit)
-                    high_ok = rows_ok[:, None] & (j_high >= 0) & (j_high < col_limit)
-                    diag_low += tl.sum(tl.load(tile_base + rows[:, None] * ds_row_stride + j_low,
-                                               mask=low_ok, other=0.0), axis=0)
-                    diag_high += tl.sum(tl.load(tile_base + rows[:, None] * ds_row_stride + j_high,
-                                                mask=high_ok, other=0.0), axis=0)
-                tl.debug_barrier()
+                diag_low, diag_high = _diagonal_sums(tile_base, ds_row_stride, row_limit,
+                                                     col_limit, BLOCK)
                 # Tile (block, key_block) covers segments block - key_block (low half) and
                 # block - key_block + 1 (high half); the latter also got the previous tile's
                 # low half, so it is complete now.
@@ -202,16 +223,8 @@ def mixed_chunk_bwd_query_kernel(
                 tl.store(segments_base + segment * BLOCK + local, pending + diag_high)
                 pending = diag_low
         if NEED_DBIAS:
-            # The last tile's low half completes segment block - (num_key_blocks - 1).
-            first_written = block - num_key_blocks + num_blocks
-            if num_key_blocks > 0:
-                tl.store(segments_base + first_written * BLOCK + local, pending)
-            last_written = block + 1 + num_blocks - 1
-            for segment in range(0, 2 * num_blocks):
-                slot = tl.full((BLOCK,), segment, tl.int32)
-                untouched = (slot < first_written) | (slot > last_written) | (slot * 0 + num_key_blocks == 0)
-                tl.store(segments_base + segment * BLOCK + local, tl.zeros((BLOCK,), dtype=tl.float32),
-                         mask=untouched)
+            _zero_untouched_segments(segments_base, block, num_blocks, num_key_blocks, pending,
+                                     BLOCK)
         if NEED_DQ_QUAD:
             tl.store(dq_quad_ptr + batch * T * S + offs_i[:, None] * S + offs_s[None, :],
                      (dq * quad_scale).to(dq_quad_ptr.dtype.element_ty), mask=out_mask)
@@ -225,19 +238,21 @@ def mixed_chunk_bwd_key_kernel(
     stride_qb, stride_qt, stride_kb, stride_kt, stride_klb, stride_klt, stride_vb, stride_vt,
     T, S, E, chunk_size, chunk_len, num_chunks, num_docs, num_blocks, quad_scale,
     FROM_Z: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_DSTATE_OFFSET: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DS_STORED: tl.constexpr, HOIST_SCORES: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_DSTATE_OFFSET: tl.constexpr, IS_VARLEN: tl.constexpr,
+    STORE_DS: tl.constexpr, HOIST_SCORES: tl.constexpr,
     NEED_DK_QUAD: tl.constexpr, NEED_DK_LIN: tl.constexpr, NEED_DV: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Grid: (B * num_chunks * num_blocks,), one program per block of BLOCK keys
     (common.program_chunk_block). Inputs are strided views (unit feature stride), grad_out and
     the outputs contiguous.
 
-    dk_quad = quad_scale * sum_i dS_ij q_i (dS read back when DS_STORED, else recomputed);
+    dk_quad = quad_scale * sum_i dS_ij q_i (dS read back when the query kernel stored it,
+    STORE_DS, else recomputed);
     dv = sum_i relu_s_ij^2 dO_i + k_lin_j D, the weights formed once against the whole chunk
-    when HOIST_SCORES (chunk <= 2 * BLOCK_QH), else recomputed per value tile;
+    when HOIST_SCORES (chunk <= 2 * BLOCK_N, the bias then read as its Toeplitz matrix), else
+    recomputed per value tile;
     dk_lin = V_j D^T.
     D is the reverse state dstates[b, chunk] (non-causal: dstates[b, doc]) plus, with
     HAS_DSTATE_OFFSET, the gradient dstate_offset[b, doc] that reaches the state from after this
@@ -259,8 +274,8 @@ def mixed_chunk_bwd_key_kernel(
     q_base = q_quad_ptr + batch * stride_qb
     v_base = v_ptr + batch * stride_vb
     grad_out_base = grad_out_ptr + batch * T * E
-    k = load_role(k_quad_ptr + batch * stride_kb, offs_j, chunk_end, S, stride_kt, affine_ptr, 1,
-                  FROM_Z, BLOCK_S)
+    k = load_role(k_quad_ptr + batch * stride_kb, offs_j, chunk_end, S, stride_kt, affine_ptr,
+                  QUAD_K, FROM_Z, BLOCK_S)
     if CAUSAL:
         first_query = key_start         # query and key blocks are aligned: earlier ones are masked
     else:
@@ -271,7 +286,7 @@ def mixed_chunk_bwd_key_kernel(
         dk = tl.zeros((BLOCK, BLOCK_S), dtype=tl.float32)
         for i0 in range(first_query, chunk_end, BLOCK):
             offs_i = i0 + local
-            if DS_STORED:   # dS^T: the query kernel's dS read back transposed
+            if STORE_DS:    # dS^T: the query kernel's dS read back transposed
                 ds_base = ds_ptr + (batch * num_chunks + chunk) * chunk_len * chunk_len
                 ds_mask = key_ok[:, None] & (offs_i[None, :] < chunk_end)
                 if CAUSAL:  # the query kernel's blocks may be narrower: pairs past the
@@ -279,14 +294,15 @@ def mixed_chunk_bwd_key_kernel(
                 ds_t = tl.load(ds_base + (offs_i - chunk_start)[None, :] * chunk_len
                                + (offs_j - chunk_start)[:, None], mask=ds_mask, other=0.0)
             else:           # dS^T = 2 relu(S^T) dA^T with S^T = K Q^T and dA^T = V dO^T
-                q_t = load_role_t(q_base, offs_i, chunk_end, S, stride_qt, affine_ptr, 0, FROM_Z,
-                                  BLOCK_S)
+                q_t = load_role_t(q_base, offs_i, chunk_end, S, stride_qt, affine_ptr, QUAD_Q,
+                                  FROM_Z, BLOCK_S)
                 relu_s_t = relu_scores_tile(k, q_t, rel_bias_ptr, offs_j, offs_i, chunk_start,
                                             chunk_end, chunk_size, chunk_len, quad_scale,
-                                            HAS_BIAS, BIAS_MATRIX, CAUSAL, True, DOT_PRECISION)
+                                            HAS_BIAS, HOIST_SCORES, CAUSAL, True, DOT_PRECISION)
                 ds_t = _score_grad_tile(v_base, stride_vt, grad_out_base, E, relu_s_t, offs_j,
                                         offs_i, chunk_end, E, BLOCK, BLOCK_E, DOT_PRECISION)
-            q = load_role(q_base, offs_i, chunk_end, S, stride_qt, affine_ptr, 0, FROM_Z, BLOCK_S)
+            q = load_role(q_base, offs_i, chunk_end, S, stride_qt, affine_ptr, QUAD_Q, FROM_Z,
+                          BLOCK_S)
             if CAUSAL:      # queries before the block's last key: see common.nonfinite_in
                 q = tl.where(nonfinite_in(q, offs_i < key_start + BLOCK), 0.0, q).to(q.dtype)
             dk = tl.dot(ds_t.to(mma_dtype), q.to(mma_dtype), dk, input_precision=DOT_PRECISION)
@@ -304,29 +320,23 @@ def mixed_chunk_bwd_key_kernel(
             if HAS_DSTATE_OFFSET:
                 dstate_offset_base = dstate_offset_ptr + (batch * num_docs + doc) * S * E
             k_lin = load_role(k_lin_ptr + batch * stride_klb, offs_j, chunk_end, S, stride_klt,
-                              affine_ptr, 3, FROM_Z, BLOCK_S).to(mma_dtype)
+                              affine_ptr, LIN_K, FROM_Z, BLOCK_S).to(mma_dtype)
             dk_lin = tl.zeros((BLOCK, BLOCK_S), dtype=tl.float32)
         if NEED_DV and HOIST_SCORES:
-            # The chunk's queries as two tiles of BLOCK_QH, the weights formed keys x queries;
+            # The chunk's queries as two tiles of BLOCK_N, the weights formed keys x queries;
             # a causal key block past the first tile skips it, like the forward.
-            offs_lo = chunk_start + tl.arange(0, BLOCK_QH)
-            offs_hi = offs_lo + BLOCK_QH
-            use_lo = first_query < chunk_start + BLOCK_QH
-            use_hi = chunk_start + BLOCK_QH < chunk_end
-            if use_lo:
-                weights_lo_t = _key_query_weights(
-                    k, q_base, stride_qt, affine_ptr, rel_bias_ptr, offs_j, offs_lo, chunk_start,
-                    chunk_end, chunk_size, chunk_len, S, quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX,
-                    CAUSAL, BLOCK_S, DOT_PRECISION).to(mma_dtype)
-            else:
-                weights_lo_t = tl.zeros((BLOCK, BLOCK_QH), dtype=mma_dtype)
-            if use_hi:
-                weights_hi_t = _key_query_weights(
-                    k, q_base, stride_qt, affine_ptr, rel_bias_ptr, offs_j, offs_hi, chunk_start,
-                    chunk_end, chunk_size, chunk_len, S, quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX,
-                    CAUSAL, BLOCK_S, DOT_PRECISION).to(mma_dtype)
-            else:
-                weights_hi_t = tl.zeros((BLOCK, BLOCK_QH), dtype=mma_dtype)
+            offs_lo = chunk_start + tl.arange(0, BLOCK_N)
+            offs_hi = offs_lo + BLOCK_N
+            use_lo = first_query < chunk_start + BLOCK_N
+            use_hi = chunk_start + BLOCK_N < chunk_end
+            weights_lo_t = hoisted_weights_tile(
+                use_lo, k, q_base, stride_qt, affine_ptr, rel_bias_ptr, offs_j, offs_lo,
+                chunk_start, chunk_end, chunk_size, chunk_len, S, quad_scale, mma_dtype, True,
+                FROM_Z, HAS_BIAS, CAUSAL, BLOCK_S, BLOCK_N, DOT_PRECISION)
+            weights_hi_t = hoisted_weights_tile(
+                use_hi, k, q_base, stride_qt, affine_ptr, rel_bias_ptr, offs_j, offs_hi,
+                chunk_start, chunk_end, chunk_size, chunk_len, S, quad_scale, mma_dtype, True,
+                FROM_Z, HAS_BIAS, CAUSAL, BLOCK_S, BLOCK_N, DOT_PRECISION)
         for e0 in range(0, E, BLOCK_E):
             cols = e0 + offs_e
             col_ok = cols < E
@@ -344,10 +354,10 @@ def mixed_chunk_bwd_key_kernel(
                 else:
                     for i0 in range(first_query, chunk_end, BLOCK):
                         offs_i = i0 + local
-                        weights_t = _key_query_weights(
+                        weights_t = key_query_weights(
                             k, q_base, stride_qt, affine_ptr, rel_bias_ptr, offs_j, offs_i,
                             chunk_start, chunk_end, chunk_size, chunk_len, S, quad_scale, FROM_Z,
-                            HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S, DOT_PRECISION)
+                            HAS_BIAS, HOIST_SCORES, CAUSAL, BLOCK_S, DOT_PRECISION)
                         d_out = load_tile(grad_out_base, offs_i, cols, chunk_end, E, E)
                         dv = tl.dot(weights_t.to(mma_dtype), d_out.to(mma_dtype), dv,
                                     input_precision=DOT_PRECISION)

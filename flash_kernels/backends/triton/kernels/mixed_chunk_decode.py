@@ -36,6 +36,8 @@ new position and resets the counter to 0. Integer atomics: the result is determi
 import triton
 import triton.language as tl
 
+from .common import LIN_K, LIN_Q, QUAD_K, QUAD_Q
+
 
 @triton.jit
 def _token_role(base, offs_s, S, affine_ptr, ROLE: tl.constexpr, FROM_Z: tl.constexpr):
@@ -84,8 +86,9 @@ def mixed_chunk_decode_kernel(
     s_ok = offs_s < S
     cols = e_tile * BLOCK_E + tl.arange(0, BLOCK_E)
     col_ok = cols < E
-    q = _token_role(q_quad_ptr + batch * stride_qb, offs_s, S, affine_ptr, 0, FROM_Z).to(tl.float32)
-    k_new = _token_role(k_quad_ptr + batch * stride_kb, offs_s, S, affine_ptr, 1, FROM_Z)
+    q = _token_role(q_quad_ptr + batch * stride_qb, offs_s, S, affine_ptr, QUAD_Q,
+                    FROM_Z).to(tl.float32)
+    k_new = _token_role(k_quad_ptr + batch * stride_kb, offs_s, S, affine_ptr, QUAD_K, FROM_Z)
     v_new = tl.load(v_ptr + batch * stride_vb + cols, mask=col_ok, other=0.0)
 
     # Buffered rows j < n, then the token's own row n (offset 0).
@@ -113,7 +116,7 @@ def mixed_chunk_decode_kernel(
     if HAS_LINEAR:          # the state in row blocks: a short-lived (BLOCK_SL, BLOCK_E) tile
         for s0 in range(0, S, BLOCK_SL):
             offs = s0 + tl.arange(0, BLOCK_SL)
-            q_lin = _token_role(q_lin_ptr + batch * stride_qlb, offs, S, affine_ptr, 2,
+            q_lin = _token_role(q_lin_ptr + batch * stride_qlb, offs, S, affine_ptr, LIN_Q,
                                 FROM_Z).to(tl.float32)
             state = tl.load(state_ptr + batch * S * E + offs[:, None] * E + cols[None, :],
                             mask=(offs[:, None] < S) & col_ok[None, :], other=0.0)
@@ -132,8 +135,8 @@ def mixed_chunk_decode_kernel(
         if e_tile == 0:
             tl.store(k_cache + n * S + offs_s, k_new, mask=s_ok)
             if HAS_LINEAR:
-                k_lin_new = _token_role(k_lin_ptr + batch * stride_klb, offs_s, S, affine_ptr, 3,
-                                        FROM_Z)
+                k_lin_new = _token_role(k_lin_ptr + batch * stride_klb, offs_s, S, affine_ptr,
+                                        LIN_K, FROM_Z)
                 tl.store(k_lin_cache_ptr + batch * capacity * S + n * S + offs_s, k_lin_new,
                          mask=s_ok)
         tl.store(v_cache + n * E + cols, v_new, mask=col_ok)
@@ -145,7 +148,7 @@ def mixed_chunk_decode_kernel(
                 tile = state_ptr + batch * S * E + offs[:, None] * E + cols[None, :]
                 tile_mask = (offs[:, None] < S) & col_ok[None, :]
                 k_lin_new = _token_role(k_lin_ptr + batch * stride_klb, offs, S, affine_ptr,
-                                        3, FROM_Z)
+                                        LIN_K, FROM_Z)
                 state = tl.load(tile, mask=tile_mask, other=0.0)
                 state += k_lin_new.to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
                 for j0 in range(0, rows_held, BLOCK_N):

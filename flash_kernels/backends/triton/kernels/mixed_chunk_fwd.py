@@ -15,8 +15,9 @@ Two loop orders, chosen at compile time by HOIST_SCORES:
 import triton
 import triton.language as tl
 
-from .common import (linear_state_tile, load_role, load_tile, program_chunk_block,
-                     relu2_weights, state_offset_tile, zero_unattended_nonfinite)
+from .common import (LIN_Q, QUAD_Q, hoisted_weights_tile, linear_state_tile, load_role,
+                     load_tile, program_chunk_block, relu2_weights, state_offset_tile,
+                     zero_unattended_nonfinite)
 
 
 @triton.jit(do_not_specialize=["T", "num_chunks", "num_docs"])
@@ -28,8 +29,7 @@ def mixed_chunk_fwd_kernel(
     T, S, E, chunk_size, chunk_len, num_chunks, num_docs, num_query_blocks, quad_scale,
     FROM_Z: tl.constexpr, HAS_GATE: tl.constexpr, STORE_ATTN: tl.constexpr,
     HAS_LINEAR: tl.constexpr, HAS_STATE_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr, HOIST_SCORES: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    CAUSAL: tl.constexpr, HOIST_SCORES: tl.constexpr, IS_VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -42,7 +42,8 @@ def mixed_chunk_fwd_kernel(
     HAS_GATE: out = gate * attention; STORE_ATTN also writes the ungated attention to attn.
     states: (B, num_chunks, S, E) float32 (non-causal: (B, num_docs, S, E)); HAS_STATE_OFFSET
     adds the (B, num_docs, S, E) lin_scale * state_offset[b, doc] (common.state_offset_tile).
-    rel_bias: float32, the (2 * chunk_size - 1,) vector or, with BIAS_MATRIX, its (chunk_len, chunk_len) Toeplitz matrix (common.py).
+    rel_bias: float32, the (2 * chunk_size - 1,) vector or, with HOIST_SCORES, its
+    (chunk_len, chunk_len) Toeplitz matrix (common.relu_scores_tile).
     The weights relu^2(S) and the states enter the tensor cores as bf16 for bf16 inputs, else
     as float32 (common.py).
     """
@@ -57,8 +58,8 @@ def mixed_chunk_fwd_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = offs_i < chunk_end
-    q = load_role(q_quad_ptr + batch * stride_qb, offs_i, chunk_end, S, stride_qt, affine_ptr, 0,
-                  FROM_Z, BLOCK_S)
+    q = load_role(q_quad_ptr + batch * stride_qb, offs_i, chunk_end, S, stride_qt, affine_ptr,
+                  QUAD_Q, FROM_Z, BLOCK_S)
     k_base = k_quad_ptr + batch * stride_kb
     v_base = v_ptr + batch * stride_vb
     if CAUSAL:
@@ -67,7 +68,7 @@ def mixed_chunk_fwd_kernel(
         keys_end = chunk_end
     if HAS_LINEAR:
         q_lin = load_role(q_lin_ptr + batch * stride_qlb, offs_i, chunk_end, S, stride_qlt,
-                          affine_ptr, 2, FROM_Z, BLOCK_S).to(mma_dtype)
+                          affine_ptr, LIN_Q, FROM_Z, BLOCK_S).to(mma_dtype)
 
     if HOIST_SCORES:
         # The chunk's keys as two tiles of BLOCK_N: each tile's scores are formed on their own
@@ -75,18 +76,15 @@ def mixed_chunk_fwd_kernel(
         # skips it (2 + 2 + 4 + 4 tiles of 64 keys for C = 256 instead of 4 x 4).
         offs_lo = chunk_start + tl.arange(0, BLOCK_N)
         offs_hi = offs_lo + BLOCK_N
-        weights_lo = relu2_weights(q, k_base, stride_kt, affine_ptr, rel_bias_ptr, offs_i, offs_lo,
-                                   chunk_start, chunk_end, chunk_size, chunk_len, S, quad_scale,
-                                   FROM_Z, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
-                                   DOT_PRECISION).to(mma_dtype)
         use_hi = chunk_start + BLOCK_N < keys_end
-        if use_hi:
-            weights_hi = relu2_weights(q, k_base, stride_kt, affine_ptr, rel_bias_ptr, offs_i,
-                                       offs_hi, chunk_start, chunk_end, chunk_size, chunk_len, S,
-                                       quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
-                                       DOT_PRECISION).to(mma_dtype)
-        else:
-            weights_hi = tl.zeros((BLOCK_M, BLOCK_N), dtype=mma_dtype)
+        weights_lo = hoisted_weights_tile(
+            True, q, k_base, stride_kt, affine_ptr, rel_bias_ptr, offs_i, offs_lo, chunk_start,
+            chunk_end, chunk_size, chunk_len, S, quad_scale, mma_dtype, False, FROM_Z, HAS_BIAS,
+            CAUSAL, BLOCK_S, BLOCK_N, DOT_PRECISION)
+        weights_hi = hoisted_weights_tile(
+            use_hi, q, k_base, stride_kt, affine_ptr, rel_bias_ptr, offs_i, offs_hi, chunk_start,
+            chunk_end, chunk_size, chunk_len, S, quad_scale, mma_dtype, False, FROM_Z, HAS_BIAS,
+            CAUSAL, BLOCK_S, BLOCK_N, DOT_PRECISION)
 
     for e0 in range(0, E, BLOCK_E):
         cols = e0 + offs_e
@@ -111,7 +109,7 @@ def mixed_chunk_fwd_kernel(
                 offs_j = j0 + tl.arange(0, BLOCK_N)
                 weights = relu2_weights(q, k_base, stride_kt, affine_ptr, rel_bias_ptr, offs_i,
                                         offs_j, chunk_start, chunk_end, chunk_size, chunk_len, S,
-                                        quad_scale, FROM_Z, HAS_BIAS, BIAS_MATRIX, CAUSAL, BLOCK_S,
+                                        quad_scale, FROM_Z, HAS_BIAS, HOIST_SCORES, CAUSAL, BLOCK_S,
                                         DOT_PRECISION)
                 v = load_tile(v_base, offs_j, cols, keys_end, E, stride_vt)
                 if CAUSAL:
