@@ -19,6 +19,8 @@ from tools.aot_compile import (AMD_TARGETS, ARCHITECTURES, NVIDIA_TARGETS, TARGE
                                measure_launches, record_snippets_in_interpreter, render_markdown,
                                retype_record, row_failed, save_records, target_name)
 
+pytestmark = pytest.mark.slow  # the ahead-of-time compile machinery on a toy kernel
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
 if TESTS_DIR not in sys.path:

@@ -111,6 +111,7 @@ def _committed_state():
     return state
 
 
+@pytest.mark.slow
 def test_quick_mode_runs_on_cpu_and_leaves_the_checkout_alone(tmp_path):
     """`python -m bench` (the README's main job) on a CPU, then `python -m bench.plots` and
     `python -m bench.readme`, all with their defaults from another directory: quick mode, each

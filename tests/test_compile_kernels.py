@@ -39,10 +39,11 @@ CASES = {
 # recorder (tools.aot_compile), which the test-time shim (tests/interpreter_shim.py)
 # does not reach: there Triton < 3.7's interpreter fails on loops with a run-time bound when
 # numpy >= 2.4 is installed (docs/contract.md section 6).
-pytestmark = pytest.mark.skipif(
+# slow: records under the interpreter, compiles to cubin
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     version_tuple(triton.__version__) < (3, 7) and version_tuple(numpy.__version__) >= (2, 4),
     reason=f"Triton {triton.__version__}'s interpreter cannot run loops with a run-time bound "
-           f"under numpy {numpy.__version__}: the launches cannot be recorded")
+           f"under numpy {numpy.__version__}: the launches cannot be recorded")]
 
 # Spill-free at the paper shape was established with this Triton; other versions allocate
 # registers differently, so elsewhere only compiling (and the limits) is checked.

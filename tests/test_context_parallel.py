@@ -400,6 +400,7 @@ def _check_case(group_results, group, index):
     CHECKS[case["kind"]](case, [r[case["name"]] for r in results])
 
 
+@pytest.mark.slow  # spawns process groups (gloo), ~1 min
 @pytest.mark.parametrize("group,index", _group_cases(g for g in GROUPS if g not in QUICK_GROUPS))
 def test_context_parallel(group_results, group, index):
     _check_case(group_results, group, index)
@@ -434,6 +435,7 @@ def _check_gpu_group(world_size, dist_backend, device, tmp_path):
         _check_op(case, [r[case["name"]] for r in results], device="cuda")
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -442,6 +444,7 @@ def test_cuda_tensors_over_gloo(world_size, tmp_path):
     _check_gpu_group(world_size, "gloo", "cuda:0", tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_nccl(world_size, tmp_path):

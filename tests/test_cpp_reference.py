@@ -16,8 +16,9 @@ from flash_kernels.core.tolerances import rms_ratio
 from helpers import DEFAULT_SCALE_CASES, assert_close, call_op, cpp_oracle, scale_case_id
 
 _AVAILABLE, _REASON = cpp_toolchain_available()
-pytestmark = pytest.mark.skipif(not _AVAILABLE,
-                                reason=f"C++ oracle cannot be built: {_REASON}")
+# slow: builds the C++ oracle (ninja, ~1 min)
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not _AVAILABLE, reason=f"C++ oracle cannot be built: {_REASON}")]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Odd sizes on purpose: nothing may assume powers of two.

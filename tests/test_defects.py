@@ -191,6 +191,7 @@ for backend in ("triton", "auto"):
 """
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.skipif(DEVICE == "cuda", reason="CPU tensors without a GPU")
 def test_interpreter_set_after_import_says_so():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

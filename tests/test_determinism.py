@@ -79,6 +79,7 @@ def _cases():
                                    id=f"{backend}-{str(dtype).split('.')[-1]}-{path}")
 
 
+@pytest.mark.slow  # every path 3 times
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("op", ["mixed_chunk_attention", "flash_attention"])
 @pytest.mark.parametrize("backend,dtype,path", list(_cases()))

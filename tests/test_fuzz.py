@@ -66,6 +66,8 @@ from tools.launch_recording import record_launches
 from helpers import (GRAD_NAMES, assert_close, assert_launched, call_op,
                      composed_flash_attention, cpp_oracle, triton_kernels)
 
+pytestmark = pytest.mark.slow  # hundreds of random problems
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ("triton", "torch", "reference")
 DTYPES = (torch.float32, torch.float16)     # of "triton" and "torch"; "reference" runs float64

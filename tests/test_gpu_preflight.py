@@ -135,6 +135,7 @@ def test_summary_shows_the_selftest_table(tmp_path):
     assert "self-test: not run (exit 2): no CUDA device" in text
 
 
+@pytest.mark.slow
 def test_runbook_dry_run(tmp_path):
     """bench/gpu_runbook.sh end to end on this machine: preflight, the GPU selection of one test
     file, a one-point quick benchmark, plots, README section, the long-context comparison's dry

@@ -14,6 +14,8 @@ from flash_kernels.core.environment import INTERPRETED_KERNELS
 from helpers import tile_override
 from helpers import assert_close, make_problem, run_with_grads
 
+pytestmark = pytest.mark.slow  # the other Triton version's code path, twice
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

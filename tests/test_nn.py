@@ -196,6 +196,7 @@ DECODE_CASES = [(layer, rel_pos, rope) for layer in ("flash", "gau")
                 for rel_pos in (None, "learned", "t5") for rope in (False, True)]
 
 
+@pytest.mark.slow  # 12 layers x 19 steps
 @pytest.mark.parametrize("layer,rel_pos,rope", DECODE_CASES)
 def test_decoding_matches_forward(layer, rel_pos, rope):
     """T = 19 with C = 4: four chunk boundaries crossed by stepping, and prefills ending before,
@@ -267,6 +268,8 @@ def _load_example():
     return module
 
 
+@pytest.mark.gpu  # uses CUDA when it is there without a module-level DEVICE
+@pytest.mark.slow
 def test_training_curve_torch_vs_triton():
     """The example's --check-backends, 3 steps: backend "triton" (the interpreter on a CPU, set by
     conftest) and "torch" give the same losses from one seed, fp32."""
@@ -279,6 +282,7 @@ def test_training_curve_torch_vs_triton():
         assert abs(a - b) <= 1e-4 * abs(a), (torch_losses, triton_losses)
 
 
+@pytest.mark.slow
 def test_example_runs(tmp_path):
     """The example's main, 2 steps of the tiny FLASH model and of the Transformer++ baseline:
     the loss before training is printed, the baseline's parameter count is within 2% of

@@ -27,6 +27,7 @@ def _layer(kind, rope, backend="torch", dtype=torch.float64, causal=True):
     return layer.to(DEVICE if backend == "triton" else "cpu", dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rope", [False, True], ids=["no-rope", "rope"])
 @pytest.mark.parametrize("kind", ["flash", "gau"])
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)],
@@ -123,6 +124,7 @@ def test_packed_lm_loss_equals_the_documents_losses():
     torch.testing.assert_close(logits, alone, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,rope", [("flash", False), ("flash", True), ("gau", True)])
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)],
                          ids=["torch", "triton"])
@@ -168,6 +170,7 @@ def test_padded_tokens_holding_inf_do_not_reach_real_tokens(kind, backend):
     torch.testing.assert_close(got[real], expected[real], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_example_trains_on_packed_documents():
     """examples/train_lm.py --pack: one source file per document; the loss goes down."""
     import os

@@ -18,6 +18,8 @@ from flash_kernels import flash_attention, mixed_chunk_attention
 from helpers import tile_override
 from helpers import nan_filled_buffers
 
+pytestmark = pytest.mark.slow  # 48 planted NaN/inf cases, each run twice
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 T, C, S, E, TOKEN = 20, 8, 5, 6, 11
 QUERY_SIDE = {"q_quad": "quad", "q_lin": "lin"}

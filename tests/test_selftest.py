@@ -67,6 +67,7 @@ def full_run(tmp_path_factory):
     return proc, json.loads(report_path.read_text())
 
 
+@pytest.mark.slow  # the whole self-test in a subprocess
 def test_every_path_passes_in_every_dtype(full_run):
     proc, report = full_run
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
@@ -89,6 +90,7 @@ def test_every_path_passes_in_every_dtype(full_run):
             assert (row["timed_s"] is not None) == (DEVICE == "cuda")
 
 
+@pytest.mark.slow
 def test_the_printed_table_lists_every_row_and_the_environment(full_run):
     proc, report = full_run
     lines = proc.stdout.splitlines()
@@ -176,6 +178,7 @@ def test_an_interrupted_run_keeps_its_rows():
     assert "INTERRUPTED: 1 of 2 rows passed, 0 failed, 1 not run" in str(report)
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.skipif(DEVICE == "cuda", reason="the Triton backend can run on this machine")
 def test_without_cuda_or_the_interpreter_it_says_it_cannot_run(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

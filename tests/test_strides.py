@@ -134,6 +134,7 @@ def int32_batch_stride_case():
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.slow  # a subprocess
 def test_int32_batch_stride_whose_offsets_overflow():
     tests = os.path.dirname(os.path.abspath(__file__))
     code = (f"import sys; sys.path[:0] = [{tests!r}, {os.path.dirname(tests)!r}]\n"
@@ -144,6 +145,7 @@ def test_int32_batch_stride_whose_offsets_overflow():
                                   f"{done.stderr[-3000:]}")
 
 
+@pytest.mark.big_memory  # ~15 GB of GPU memory: last in the GPU run
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs ~15 GB of GPU memory: a real tensor of more "
                     "than 2^31 elements")

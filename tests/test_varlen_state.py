@@ -308,6 +308,7 @@ def test_initial_state_shape_without_packing():
     assert final.shape == (2, S, E)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_torch_compile_fullgraph_with_packing(backend):
     inputs, cu = make_inputs("mixed_chunk_attention", (2,), [3, 0, 6, 5], linear=True,
