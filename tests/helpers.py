@@ -4,6 +4,7 @@ the context managers that force tile sizes (`tile_override`) or NaN-fill the ker
 (`nan_filled_buffers`) through the runtime's private override points."""
 import contextlib
 
+import pytest
 import torch
 
 import interpreter_shim  # noqa: F401  (spawned ranks and subprocesses import helpers, not conftest)
@@ -145,6 +146,33 @@ def run_with_grads(problem, grad_out=None, launches=None, **options):
         grads = torch.autograd.grad(out, [problem[n] for n in names], grad_out,
                                     allow_unused=True)
     return out, dict(zip(names, grads)), grad_out
+
+
+def op_inputs(op, dtype=torch.float32, seed=0, batch=2, T_=11, S=5, E=6, C=4, device=None):
+    """Named inputs of `op` ("mixed_chunk_attention" or "flash_attention"; call it with
+    `call_op`): O(1) scores, a (2C - 1,) relative bias, gamma near 1; on the GPU when there is
+    one."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, shift=0.0, dtype=dtype):
+        return (shift + torch.randn(*shape, generator=gen)).to(device, dtype)
+
+    rel_bias = rand(2 * C - 1, dtype=torch.float32)
+    if op == "mixed_chunk_attention":
+        return dict(q_quad=rand(batch, T_, S), k_quad=rand(batch, T_, S), q_lin=rand(batch, T_, S),
+                    k_lin=rand(batch, T_, S), v=rand(batch, T_, E), rel_bias=rel_bias)
+    return dict(z=rand(batch, T_, S), gamma=rand(4, S, shift=1.0, dtype=torch.float32),
+                beta=rand(4, S, dtype=torch.float32), v=rand(batch, T_, E), u=rand(batch, T_, E),
+                rel_bias=rel_bias)
+
+
+def check_raises(fn, exception, words):
+    """fn() raises `exception` whose message contains every one of `words`."""
+    with pytest.raises(exception) as info:
+        fn()
+    for word in words:
+        assert word in str(info.value), f"message {str(info.value)!r} does not mention {word!r}"
 
 
 def call_op(op, tensors, **options):

@@ -25,9 +25,9 @@ import pytest
 import torch
 
 from flash_kernels import flash_attention, mixed_chunk_attention
-from helpers import call_op
-from test_validation import BAD_INPUTS as VALIDATION_BAD_INPUTS
-from test_validation import call as validation_call
+from helpers import call_op, check_raises, op_inputs
+from validation_cases import BAD_INPUTS as VALIDATION_BAD_INPUTS
+from validation_cases import call as validation_call
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ("torch", "reference", "triton")
@@ -55,13 +55,6 @@ def call(op, changes, backend):
         return mixed_chunk_attention(args["q_quad"], args["k_quad"], args["q_lin"], args["k_lin"],
                                      args["v"], **options)
     return flash_attention(args["z"], args["gamma"], args["beta"], args["v"], u=args["u"], **options)
-
-
-def check_raises(fn, exception, words):
-    with pytest.raises(exception) as info:
-        fn()
-    for word in words:
-        assert word in str(info.value), f"message {str(info.value)!r} does not mention {word!r}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +234,8 @@ def test_bad_input_raises_a_clear_error(op, changes, exception, words, backend):
 @pytest.mark.parametrize("changes,exception,words", VALIDATION_BAD_INPUTS,
                          ids=[_row_id(c) for c, _, _ in VALIDATION_BAD_INPUTS])
 def test_validation_table_on_the_triton_backend(changes, exception, words):
-    """test_validation.py's rows, which it runs on "torch" and "reference", on "triton"."""
+    """validation_cases.py's rows, which test_validation.py runs on "torch" and "reference", on
+    "triton"."""
     changes = {"backend": "triton", **changes}      # a row may set its own (bad) backend
     check_raises(lambda: validation_call(**changes), exception, words)
 
@@ -605,3 +599,47 @@ def test_non_contiguous_rel_bias(op, T_, chunk_size):
     for backend in BACKENDS:
         torch.testing.assert_close(run(strided, backend), expected, rtol=1e-5, atol=1e-4,
                                    msg=lambda m: f"backend={backend}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and flags: zero features, numpy bools, causal of another type
+
+def with_zero_features(op, which):
+    """Inputs of `op` with S = 0 (queries and keys) or E = 0 (values and gate)."""
+    inputs = op_inputs(op)
+    for name, x in inputs.items():
+        feature = "E" if name in ("v", "u") else "S"
+        if feature == which and name != "rel_bias":
+            inputs[name] = x[..., :0]
+    return inputs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["S", "E"])
+@pytest.mark.parametrize("op", OPS)
+def test_zero_features_are_refused(op, which, backend):
+    """S and E are positive sizes (docs/contract.md section 2; T = 0 is the one empty size
+    allowed). With
+    S = 0 the ops returned the bias-only attention (zeros without a bias) without a word."""
+    named = {"S": "q_quad" if op == "mixed_chunk_attention" else "z", "E": "v"}[which]
+    check_raises(lambda: call_op(op, with_zero_features(op, which), chunk_size=C, backend=backend),
+                 ValueError, [named, f"{which} = 0"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_numpy_bools_are_bools(op, backend):
+    inputs = op_inputs(op)
+    for causal in (True, False):
+        out = call_op(op, inputs, chunk_size=C, causal=np.bool_(causal), backend=backend)
+        expected = call_op(op, inputs, chunk_size=C, causal=causal, backend=backend)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal,type_words", [
+    (1, "got int"), (np.int64(1), "got numpy.int64"), (torch.tensor(True), "got torch.Tensor"),
+    (None, "got NoneType"), ("True", "got str")])
+@pytest.mark.parametrize("op", OPS)
+def test_causal_of_another_type_is_refused_naming_the_type(op, causal, type_words):
+    check_raises(lambda: call_op(op, op_inputs(op), chunk_size=C, causal=causal, backend="torch"),
+                 TypeError, ["causal must be a bool", type_words])
