@@ -26,8 +26,9 @@ tiles. Then every distinct launch is compiled for its target with `triton.compil
 cannot be recorded, does not compile, exceeds a hardware limit or fails the codegen gate.
 
 The interpreter cannot run bf16 dots, so bf16 configs are recorded in fp16 and their fp16 types
-rewritten to bf16 before compiling (`compile_dtype`): this assumes the op picks the same
-constexprs / warps for fp16 and bf16. T only needs to be large enough to reach the code paths
+rewritten to bf16 before compiling (`compile_dtype`); the recording runs with
+FLASH_KERNELS_PLAN_DTYPE=bfloat16 so that the runtime picks bf16's tiles and warps (they differ
+from fp16's: flash_kernels/gpu_target.py). T only needs to be large enough to reach the code paths
 (several chunks); the compiled kernels do not depend on it (T is not specialised). E is
 recorded as RECORDED_E = 256: the launches are those of the paper's E = 1536 (the value tiles
 are at most 64 wide; tests/test_compile_kernels.py checks it), in about a third of the
@@ -53,6 +54,7 @@ import os
 import sys
 import time
 
+from flash_kernels.gpu_target import PLAN_DTYPE_VARIABLE
 from tools import codegen_gate
 from tools.aot_compile import (ARCHITECTURES, REPORT_PREAMBLE, architecture, constexpr_label,
                                error_details, limits_table, measure_concurrently,
@@ -286,12 +288,24 @@ assert out.shape == (B, E) and out.dtype == dtype
 #: Config fields that do not change what runs under the interpreter.
 _NOT_RECORDED = ("name", "compile_dtype")
 
+#: The torch dtype the runtime plans its tiles for, per compile dtype recorded in fp16.
+_PLAN_DTYPES = {"bf16": "bfloat16"}
+
+_PLAN_DTYPE_PREFIX = """import os
+os.environ[{variable!r}] = {dtype!r}
+"""
+
 
 def config_snippet(cfg) -> str:
     """The Python code that runs a config's op once under the interpreter (bf16 configs run
-    their fp16 twin: the snippet leaves out the name and compile_dtype)."""
+    their fp16 twin, planned as bf16: FLASH_KERNELS_PLAN_DTYPE set, which the recording child
+    restores after each snippet; the snippet leaves out the name and compile_dtype)."""
     snippet = _DECODE_SNIPPET if cfg.get("op", "").endswith("_decode") else _SNIPPET
-    return snippet.format(cfg={k: v for k, v in cfg.items() if k not in _NOT_RECORDED})
+    snippet = snippet.format(cfg={k: v for k, v in cfg.items() if k not in _NOT_RECORDED})
+    if cfg.get("compile_dtype"):
+        snippet = _PLAN_DTYPE_PREFIX.format(variable=PLAN_DTYPE_VARIABLE,
+                                            dtype=_PLAN_DTYPES[cfg["compile_dtype"]]) + snippet
+    return snippet
 
 
 def config_label(cfg) -> str:

@@ -11,8 +11,7 @@ on sm_90 (Triton 3.2-3.6 miscompile it: flash-linear-attention #640, triton #612
 3. The package's kernels: a CI selection of the gate matrix (bench/compile_report.py
    GATE_MATRIX; the full matrix runs in `python -m bench.compile_report`), recorded for sm_90
    and compiled to TTGIR with both Triton versions: every kernel's flag values and tile
-   choices, and the largest launch of every kernel in every dtype. The kernels on this branch
-   still fail the gate (issue 19): those two tests are strict xfails until the fix.
+   choices, and the largest launch of every kernel in every dtype.
 4. The paper shape (ARCHITECTURE_CHECK_CONFIGS), recorded for each NVIDIA architecture of the
    report, compiles to a binary for it and fits its shared memory.
 
@@ -83,7 +82,7 @@ _FOOTER = """\
 } loc(#loc)
 #loc1 = loc("/repo/flash_kernels/kernels/toy.py":20:5)
 #loc2 = loc("/repo/flash_kernels/kernels/toy.py":30:9)
-#loc3 = loc("/repo/flash_kernels/kernels/common.py":120:31)
+#loc3 = loc("/repo/flash_kernels/backends/triton/kernels/common.py":120:31)
 #loc4 = loc("/repo/flash_kernels/kernels/toy.py":40:13)
 #loc5 = loc(callsite(#loc3 at #loc4))
 #loc6 = loc("scores"(#loc5))
@@ -234,12 +233,14 @@ def test_each_finding_names_the_kind_of_dot():
 
 def test_locations_resolve_through_inlined_call_sites():
     """A named location around a call site: the tl.trans is in the callee (common.py), inlined
-    at the caller's line."""
+    at the caller's line. A file of another checkout (/repo/...) that exists here is named
+    relative to this one (Triton's cache may hold another worktree's compile); toy.py does not
+    exist, so its path stays."""
     findings = _findings(f"""
         %s = tt.trans %acc {{order = array<i32: 1, 0>}} : {ACC} -> {DOT_B} loc(#loc6)
     """)
     (finding,) = findings
-    assert finding.source == "/repo/flash_kernels/kernels/common.py:120"
+    assert finding.source == "flash_kernels/backends/triton/kernels/common.py:120"
     assert finding.called_from == ["/repo/flash_kernels/kernels/toy.py:40"]
     assert finding.result_layout == "dot_op"
     assert "inlined at /repo/flash_kernels/kernels/toy.py:40" in finding.describe()
@@ -305,12 +306,6 @@ CI_RECORDED_E = 64
 #: matrix of shapes and dtypes per architecture is in bench/results/compile_report.md.
 ARCHITECTURE_CHECK_CONFIGS = ["S=128 C=256 bf16 flash_attention, causal, rel_bias, packed + state",
                               "S=128 C=256 bf16 mixed_chunk_attention, non-causal"]
-
-#: Where today's tiles overflow shared memory at the paper shape: the non-causal forward's
-#: 64 x 64 value tile needs 112 KB, the 99 KB of sm_86 / sm_89 / sm_120 do not hold it. Tiles
-#: chosen per target (FLASH_KERNELS_TARGET) fix it; the marks below then fail (strict): remove
-#: these targets from the set.
-SHARED_MEMORY_OVERFLOW_TODAY = {"cuda:86", "cuda:89", "cuda:120"}
 
 GATE_TARGET = "cuda:90"
 
@@ -479,22 +474,11 @@ def _assert_gate_passes(rows):
         raise GateFailure(f"{summary_line(rows)}\n{describe_findings(rows)}")
 
 
-#: The kernels on this branch predate issue 19's fix: they transpose register tensors into dots
-#: at 8+ source lines (`python -m bench.compile_report` lists them). Remove this marker with the
-#: fix; it is strict, so the gate passing makes the test fail until then.
-OLD_KERNELS = pytest.mark.xfail(
-    strict=True, raises=GateFailure,
-    reason="issue 19: the kernels still hold register transposes into tl.dot (the fix removes "
-           "them; then delete this marker)")
-
-
-@OLD_KERNELS
 @needs_recording
 def test_kernels_pass_the_gate_installed_triton():
     _assert_gate_passes(ci_compiles().kernel_rows)
 
 
-@OLD_KERNELS
 @needs_other_triton
 @needs_recording
 def test_kernels_pass_the_gate_gpu_machines_triton():
@@ -508,12 +492,7 @@ class SharedMemoryOverflow(AssertionError):
 
 
 @needs_recording
-@pytest.mark.parametrize("target", [
-    pytest.param(target, marks=pytest.mark.xfail(
-        strict=True, raises=SharedMemoryOverflow,
-        reason="today's tiles need 112 KB of shared memory at the paper shape (non-causal "
-               "forward); this target has 99 KB"))
-    if target in SHARED_MEMORY_OVERFLOW_TODAY else target for target in NVIDIA_TARGETS])
+@pytest.mark.parametrize("target", NVIDIA_TARGETS)
 def test_paper_shape_compiles_and_fits(target):
     """Every launch of ARCHITECTURE_CHECK_CONFIGS, recorded for `target`, compiles to a binary
     for it, with tensor-core instructions, within its register and shared memory limits."""

@@ -1,4 +1,4 @@
-"""Batched decoding (flash_kernels.decode): the decode ops against the full ops, the layers' and
+"""Batched decoding (flash_kernels/decoding/): the decode ops against the full ops, the layers' and
 FLASHLM's decoding on top of them, and the properties a CUDA graph needs.
 
 - Every decoded output equals the full op's output at that token: float64 on the torch path

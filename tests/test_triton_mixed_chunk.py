@@ -97,7 +97,7 @@ def test_several_blocks_per_chunk(causal, path, linear, bias):
         check_against_reference(problem, chunk_size=40, causal=causal, quad_scale=0.7, lin_scale=0.3)
 
 
-@pytest.mark.parametrize("target", ["cuda:90", "cuda:86", "hip:gfx942"])
+@pytest.mark.parametrize("target", ["cuda:90", "cuda:86", "hip:gfx942", "hip:gfx90a"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_tiles_of_each_target(monkeypatch, target, causal):
     """The tiles kernel_config picks for each target and dtype, untouched by overrides: chunks of
@@ -108,6 +108,18 @@ def test_tiles_of_each_target(monkeypatch, target, causal):
     monkeypatch.setenv("FLASH_KERNELS_TARGET", target)
     problem = make_problem((2,), 150, S, E, bias_chunk=64, seed=7)
     check_against_reference(problem, chunk_size=64, causal=causal, quad_scale=0.7, lin_scale=0.3)
+
+
+@pytest.mark.parametrize("target", ["cuda:90", "hip:gfx942", "hip:gfx90a"])
+def test_float32_dots_of_half_inputs_per_target(monkeypatch, target):
+    """fp16 inputs' float32 products (relu^2 weights, state) run in tf32, except where the
+    target has none (gfx90a, CDNA 2): at ieee precision there."""
+    monkeypatch.setenv("FLASH_KERNELS_TARGET", target)
+    problem = make_problem((2,), 37, 16, 24, bias_chunk=16, seed=5)
+    with record_launches() as records:
+        check_against_reference(problem, torch.float16, chunk_size=16, causal=True)
+    precisions = {r.constexprs["DOT_PRECISION"] for r in records}
+    assert precisions == {"ieee" if target == "hip:gfx90a" else "tf32"}
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])

@@ -193,7 +193,8 @@ def load_records(path) -> list:
 def retype_record(record: LaunchRecord, old: str = "fp16", new: str = "bf16") -> LaunchRecord:
     """A copy of `record` with element type `old` replaced by `new` in pointer/scalar types and in
     dtype constexprs. Used to compile for bf16 what was recorded in fp16 under the interpreter
-    (which cannot run bf16 dots); the op must choose the same constexprs for both dtypes."""
+    (which cannot run bf16 dots); record with FLASH_KERNELS_PLAN_DTYPE=bfloat16 so that the runtime
+    chooses bf16's constexprs."""
     signature = {name: (ty[:-len(old)] + new if ty.lstrip("*") == old else ty)
                  for name, ty in record.signature.items()}
     constexprs = {}
@@ -230,14 +231,17 @@ def dedupe_records(records) -> list:
 # --------------------------------------------------------------------------------------------
 
 _RECORDER_TEMPLATE = """\
-import json, sys, traceback
+import json, os, sys, traceback
 sys.path[:0] = {sys_path!r}
 from tools.launch_recording import record_launches
 from tools.aot_compile import record_to_dict
 with open({snippets_path!r}) as _f:
     _snippets = json.load(_f)
 _out = {{}}
+_environ = dict(os.environ)
 for _name, _code in _snippets.items():
+    os.environ.clear()                     # a snippet's environment does not reach the next
+    os.environ.update(_environ)
     try:
         with record_launches() as _records:
             exec(compile(_code, "<recorded snippet " + _name + ">", "exec"),
@@ -516,6 +520,17 @@ def _cuobjdump_path() -> str:
                             "cuobjdump")
 
 
+_LOCATION_ALIAS = re.compile(r"^#loc\d*\s*=\s*loc\(.*\)\s*$")
+_LOCATION_SUFFIX = re.compile(r"\s+loc\([^()]*(?:\([^()]*\)[^()]*)*\)")
+
+
+def _without_locations(ir_text: str) -> str:
+    """MLIR text without its location aliases (`#loc3 = loc("file.py":51:26)`) and the
+    `loc(...)` references of its operations."""
+    lines = [line for line in ir_text.splitlines() if not _LOCATION_ALIAS.match(line)]
+    return "\n".join(_LOCATION_SUFFIX.sub("", line) for line in lines)
+
+
 _RESOURCE_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 _SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 #: SASS opcodes (before the first ".") of tensor-core instructions: warp-level mma (HMMA, IMMA,
@@ -658,7 +673,9 @@ def measure_record(record: LaunchRecord, target, check_codegen: bool = True,
       how far it was compiled), over_shared_limit, over_register_limit,
       codegen_findings (the gate's findings as dicts on codegen_gate.GATE_TARGETS, else None),
       codegen_transposes (the 2-D register transposes the gate looked at, rejected or not),
-      ttgir_sha256 (of the TTGIR text: equal TTGIR, equal hash),
+      ttgir_sha256 (of the TTGIR text without its source locations: equal code, equal hash,
+      wherever the kernel's file lies; Triton's cache may return a binary compiled from
+      another checkout's copy of the file),
       compile_seconds (compile + resource reading).
     """
     import triton
@@ -677,7 +694,7 @@ def measure_record(record: LaunchRecord, target, check_codegen: bool = True,
         else:
             compiled = compile_record(record, arch.target)
             ttgir, usage = compiled.asm["ttgir"], resource_usage(compiled)
-        row["ttgir_sha256"] = hashlib.sha256(ttgir.encode()).hexdigest()
+        row["ttgir_sha256"] = hashlib.sha256(_without_locations(ttgir).encode()).hexdigest()
         if check_codegen and arch.target in codegen_gate.GATE_TARGETS:
             row["codegen_findings"], row["codegen_transposes"] = codegen_gate.check_ttgir(ttgir)
     except Exception as e:  # noqa: BLE001 - the report lists every failure

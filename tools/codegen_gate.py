@@ -390,9 +390,17 @@ class _Module:
 
 
 def _relative(path: str) -> str:
+    """`path` relative to the repository root. A path under another checkout of the repository
+    (Triton's cache keys a kernel by its source text, not its file, so a cached compile may
+    name another worktree's copy) becomes the longest tail that names a file here."""
     absolute = os.path.abspath(path)
     if absolute.startswith(_REPO_ROOT + os.sep):
         return os.path.relpath(absolute, _REPO_ROOT)
+    parts = absolute.split(os.sep)
+    for start in range(1, len(parts)):
+        tail = os.path.join(*parts[start:])
+        if os.path.isfile(os.path.join(_REPO_ROOT, tail)):
+            return tail
     return path
 
 

@@ -61,7 +61,7 @@ def mixed_chunk_decode_op(q_quad: torch.Tensor, k_quad: torch.Tensor,
                 num_e_tiles=num_e_tiles, quad_scale=quad_scale, lin_scale=lin_scale),
            dict(FROM_Z=from_z, HAS_GATE=gate is not None, HAS_LINEAR=linear,
                 HAS_BIAS=rel_bias is not None, FOLDS=folds, **tiles,
-                DOT_PRECISION=dot_precision(v.dtype)),
+                DOT_PRECISION=dot_precision(v.dtype, v.device)),
            num_warps=num_warps, num_stages=1)
     return out
 

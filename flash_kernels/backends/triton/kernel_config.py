@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .gpu_target import current_target
+
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
@@ -97,9 +99,10 @@ def kernel_config(chunk_len, S, E, dtype=torch.bfloat16, target=None):
         state_block_t=_tile_overrides.get("state_block_t", 64))
 
 
-def dot_precision(dtype):
-    """The kernels' DOT_PRECISION for float32 products of `dtype` inputs: tf32, or "ieee" for
-    float32 inputs while torch.backends.cuda.matmul.allow_tf32 is False."""
+def dot_precision(dtype, device):
+    """The kernels' DOT_PRECISION for float32 products of `dtype` inputs on `device`: tf32,
+    unless fp32 inputs ask otherwise (torch.backends.cuda.matmul.allow_tf32 False) or the
+    target has no tf32 (CDNA 2: gfx90a): "ieee" then."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
-    return "tf32"
+    return "tf32" if current_target(device).has_tf32 else "ieee"

@@ -59,7 +59,7 @@ class Problem:
         self.num_docs = tables.num_docs if tables else 1
         self.config = kernel_config(self.chunk_len, self.S, self.E,
                                     planned_dtype(v.dtype, v.device), current_target(v.device))
-        self.dot_precision = dot_precision(v.dtype)
+        self.dot_precision = dot_precision(v.dtype, v.device)
 
     def num_blocks(self, block):
         """Row blocks of `block` rows per chunk."""
@@ -119,6 +119,6 @@ def state_scan(roles, y, p, *, reverse, causal, lin_scale, store_total=False):
            dict(X_ROLE=role, FROM_Z=roles.fused, REVERSE=reverse, CAUSAL=causal,
                 IS_VARLEN=p.tables is not None, STORE_TOTAL=store_total,
                 BLOCK_T=cfg.state_block_t, BLOCK_S=cfg.state_block_s,
-                BLOCK_E=cfg.state_block_e, DOT_PRECISION=dot_precision(x.dtype)),
+                BLOCK_E=cfg.state_block_e, DOT_PRECISION=dot_precision(x.dtype, x.device)),
            num_warps=4, num_stages=2)
     return states, total
