@@ -56,11 +56,25 @@ import time
 
 from flash_kernels.gpu_target import PLAN_DTYPE_VARIABLE
 from tools import codegen_gate
-from tools.aot_compile import (ARCHITECTURES, REPORT_PREAMBLE, architecture, constexpr_label,
-                               error_details, limits_table, measure_concurrently,
-                               record_concurrently, record_from_dict, record_in_interpreter,
-                               record_key, record_to_dict, retype_record,
-                               row_failed, summary_line, target_name, tensor_core_label)
+from tools.aot_compile import (
+    ARCHITECTURES,
+    REPORT_PREAMBLE,
+    architecture,
+    constexpr_label,
+    error_details,
+    limits_table,
+    measure_concurrently,
+    record_concurrently,
+    record_from_dict,
+    record_in_interpreter,
+    record_key,
+    record_to_dict,
+    retype_record,
+    row_failed,
+    summary_line,
+    target_name,
+    tensor_core_label,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Configs. Keys: name; op ("mixed_chunk_attention" by default; "flash_attention" for the fused

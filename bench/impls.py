@@ -382,7 +382,7 @@ def make_call(impl, p, mode, device, dtype, seed=0):
         def call():
             return torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
         return call
-    del out                                  # fwd+bwd builds its own graph every call
+    out = None                               # fwd+bwd builds its own graph every call
     if mode == "fwd+bwd":
         def call():
             return torch.autograd.grad(impl.forward(p, inputs), inputs, grad_out)

@@ -22,8 +22,7 @@ import os
 import sys
 
 from . import plots, readme
-from .results_io import (COMMITTED_DIR, DEFAULT_DIR, REPO, RESULTS_NAME, load_results,
-                         select_run)
+from .results_io import COMMITTED_DIR, DEFAULT_DIR, REPO, RESULTS_NAME, load_results, select_run
 
 
 def _kind(r):

@@ -23,9 +23,19 @@ import sys
 from .plots import MEMORY_NOTE, PLOT_NAMES
 from .results_io import DEFAULT_DIR, RESULTS_NAME, load_results, select_run
 from .stability import growth_conclusions, is_varlen, point_flags, point_key
-from .tables import (OURS, SPREAD_NOTE, evaluate_targets, memory_table, mode_title,
-                     modes_present, primary_impl, render_markdown, time_table)
-from .varlen import describe as describe_varlen, varlen_table
+from .tables import (
+    OURS,
+    SPREAD_NOTE,
+    evaluate_targets,
+    memory_table,
+    mode_title,
+    modes_present,
+    primary_impl,
+    render_markdown,
+    time_table,
+)
+from .varlen import describe as describe_varlen
+from .varlen import varlen_table
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 SECTION_NAME = "benchmark_section.md"

@@ -47,13 +47,34 @@ import torch
 from .flops import MODE_NAMES, MODES, matmul_flops
 from .impls import IMPLS, Problem, dense_bytes_estimate, make_call, run_once, varlen_problems
 from .memory import peak_memory_bytes
-from .results_io import (DEFAULT_DIR, RESULTS_NAME, append_results, load_committed_results,
-                         run_metadata)
-from .stability import (annotate, growth_conclusions, load_average, machine_warnings,
-                        peak_reference, unstable_summary)
-from .tables import (OURS, SPREAD_NOTE, evaluate_targets, memory_table, mode_title,
-                     primary_impl, render_targets, render_text, time_table)
-from .varlen import describe as describe_varlen, document_lengths, varlen_table
+from .results_io import (
+    DEFAULT_DIR,
+    RESULTS_NAME,
+    append_results,
+    load_committed_results,
+    run_metadata,
+)
+from .stability import (
+    annotate,
+    growth_conclusions,
+    load_average,
+    machine_warnings,
+    peak_reference,
+    unstable_summary,
+)
+from .tables import (
+    OURS,
+    SPREAD_NOTE,
+    evaluate_targets,
+    memory_table,
+    mode_title,
+    primary_impl,
+    render_targets,
+    render_text,
+    time_table,
+)
+from .varlen import describe as describe_varlen
+from .varlen import document_lengths, varlen_table
 
 FULL_SEQ_LENS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 QUICK_SEQ_LENS = [512, 1024, 2048, 4096]

@@ -40,8 +40,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# The shim first: it repairs the interpreter the memcheck then wraps.
+# isort: off
 import interpreter_shim  # noqa: E402,F401  (after TRITON_INTERPRET is set; see its docstring)
 import interpreter_memcheck  # noqa: E402,F401  (out-of-bounds accesses fail under the interpreter)
+# isort: on
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,8 +7,11 @@ import contextlib
 import pytest
 import torch
 
+# After torch, the shim before the memcheck, as conftest.py imports them.
+# isort: off
 import interpreter_shim  # noqa: F401  (spawned ranks and subprocesses import helpers, not conftest)
 import interpreter_memcheck  # noqa: F401  (the same, for out-of-bounds checks)
+# isort: on
 from csrc_ref import mixed_chunk_attention_cpp, mixed_chunk_attention_cpp_backward
 from flash_kernels import flash_attention, mixed_chunk_attention
 from flash_kernels.backends.triton import kernel_config as triton_kernel_config

@@ -13,11 +13,24 @@ import sys
 import pytest
 import torch
 
+from tools.aot_compile import (
+    AMD_TARGETS,
+    ARCHITECTURES,
+    NVIDIA_TARGETS,
+    TARGET_VARIABLE,
+    architecture,
+    compile_record,
+    dedupe_records,
+    load_records,
+    measure_launches,
+    record_snippets_in_interpreter,
+    render_markdown,
+    retype_record,
+    row_failed,
+    save_records,
+    target_name,
+)
 from tools.launch_recording import specialize_argument
-from tools.aot_compile import (AMD_TARGETS, ARCHITECTURES, NVIDIA_TARGETS, TARGET_VARIABLE,
-                               architecture, compile_record, dedupe_records, load_records,
-                               measure_launches, record_snippets_in_interpreter, render_markdown,
-                               retype_record, row_failed, save_records, target_name)
 
 pytestmark = pytest.mark.slow  # the ahead-of-time compile machinery on a toy kernel
 

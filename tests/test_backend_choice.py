@@ -12,10 +12,10 @@ import sys
 
 import pytest
 import torch
+from helpers import call_op, check_raises, op_inputs
 
 from flash_kernels.core.environment import INTERPRETED_KERNELS
 from flash_kernels.nn import FLASHLM
-from helpers import call_op, check_raises, op_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

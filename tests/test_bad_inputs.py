@@ -23,11 +23,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from flash_kernels import flash_attention, mixed_chunk_attention
 from helpers import call_op, check_raises, op_inputs
 from validation_cases import BAD_INPUTS as VALIDATION_BAD_INPUTS
 from validation_cases import call as validation_call
+
+from flash_kernels import flash_attention, mixed_chunk_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ("torch", "reference", "triton")

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 import torch
 
 from bench import plots, publish, readme, stability, varlen
@@ -337,7 +336,9 @@ def test_noise_is_flagged_and_kept_out_of_conclusions():
 
 def test_spread_uses_percentiles_when_there_are_enough_runs():
     import argparse
+
     import torch
+
     from bench.run import time_ms
     args = argparse.Namespace(device=torch.device("cpu"), repeats=12, max_point_seconds=3.0)
     timing = time_ms(lambda: sum(range(1000)), args)

@@ -30,14 +30,26 @@ import time
 import numpy
 import pytest
 import triton
+from interpreter_shim import version_tuple
 
 from bench.compile_report import GATE_MATRIX, collect_recordings, recording_items
-from interpreter_shim import version_tuple
-from tools.aot_compile import (NVIDIA_TARGETS, architecture, error_details, markdown_table,
-                               measure_concurrently, record_concurrently, record_from_dict,
-                               record_key)
-from tools.codegen_gate import (describe_findings, find_register_transposes, flagged_rows,
-                                source_lines, summary_line)
+from tools.aot_compile import (
+    NVIDIA_TARGETS,
+    architecture,
+    error_details,
+    markdown_table,
+    measure_concurrently,
+    record_concurrently,
+    record_from_dict,
+    record_key,
+)
+from tools.codegen_gate import (
+    describe_findings,
+    find_register_transposes,
+    flagged_rows,
+    source_lines,
+    summary_line,
+)
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if TESTS_DIR not in sys.path:

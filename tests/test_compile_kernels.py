@@ -14,11 +14,16 @@ import os
 import numpy
 import pytest
 import triton
+from interpreter_shim import version_tuple
 
 from bench.compile_report import ARCHITECTURE_CONFIGS, RECORDED_E, record_config
-from interpreter_shim import version_tuple
-from tools.aot_compile import (error_details, markdown_table, measure_launches, record_key,
-                               row_failed)
+from tools.aot_compile import (
+    error_details,
+    markdown_table,
+    measure_launches,
+    record_key,
+    row_failed,
+)
 
 ALL_KERNELS = {"chunk_state_scan_kernel", "mixed_chunk_fwd_kernel", "mixed_chunk_bwd_query_kernel",
                "mixed_chunk_bwd_key_kernel"}

@@ -20,11 +20,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import assert_close
 
 from flash_kernels import flash_attention, mixed_chunk_attention
 from flash_kernels.distributed.collectives import CPCall
 from flash_kernels.nn import FLASH, FLASHLM
-from helpers import assert_close
 
 GROUP_DEADLINE_S = 240     # the whole group of one world size, start-up included
 SEQUENCE_NAMES = {"mixed": ("q_quad", "k_quad", "q_lin", "k_lin", "v"), "flash": ("z", "v", "u")}

@@ -8,12 +8,16 @@ both the forward semantics and the exact gradient formulas the kernels implement
 """
 import pytest
 import torch
+from helpers import DEFAULT_SCALE_CASES, assert_close, call_op, cpp_oracle, scale_case_id
 
-from csrc_ref import (cpp_toolchain_available, load, mixed_chunk_attention_cpp,
-                      mixed_chunk_attention_cpp_backward)
+from csrc_ref import (
+    cpp_toolchain_available,
+    load,
+    mixed_chunk_attention_cpp,
+    mixed_chunk_attention_cpp_backward,
+)
 from flash_kernels.backends.torch.reference import dense_reference
 from flash_kernels.core.tolerances import rms_ratio
-from helpers import DEFAULT_SCALE_CASES, assert_close, call_op, cpp_oracle, scale_case_id
 
 _AVAILABLE, _REASON = cpp_toolchain_available()
 # slow: builds the C++ oracle (ninja, ~1 min)

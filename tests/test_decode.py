@@ -17,18 +17,21 @@ FLASHLM's decoding on top of them, and the properties a CUDA graph needs.
 """
 import pytest
 import torch
-
 import torch._dynamo.testing
+from helpers import assert_close
 
 import flash_kernels.backends.triton.decode as decode_module
-from flash_kernels import (DecodeCache, flash_attention_decode, mixed_chunk_attention,
-                           mixed_chunk_decode)
-from flash_kernels.core.roles import scale_offset_roles
-from flash_kernels.nn import FLASHLM, ScaleOffset
-from flash_kernels.core.tolerances import rms_ratio
+from flash_kernels import (
+    DecodeCache,
+    flash_attention_decode,
+    mixed_chunk_attention,
+    mixed_chunk_decode,
+)
 from flash_kernels.core.environment import INTERPRETED_KERNELS
+from flash_kernels.core.roles import scale_offset_roles
+from flash_kernels.core.tolerances import rms_ratio
+from flash_kernels.nn import FLASHLM, ScaleOffset
 from tools.launch_recording import record_launches
-from helpers import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_OK = DEVICE == "cuda" or INTERPRETED_KERNELS

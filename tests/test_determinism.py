@@ -15,11 +15,9 @@ with different shapes have run in between (tile caches, autotuning, allocator re
 
 import pytest
 import torch
+from helpers import call_op, nan_filled_buffers, tile_override
 
 from flash_kernels import mixed_chunk_attention
-from helpers import tile_override
-from helpers import nan_filled_buffers
-from helpers import call_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, T, S, E, C = 2, 70, 7, 10, 32      # 3 chunks, the last partial; S, E not powers of two

@@ -6,13 +6,11 @@ Buffers the kernels must fill are NaN-filled (see test_triton_mixed_chunk.py).
 """
 import pytest
 import torch
+from helpers import assert_close, assert_launched, nan_filled_buffers, tile_override, triton_kernels
 
 from flash_kernels import flash_attention
 from flash_kernels.core.tolerances import rms_ratio
-from helpers import tile_override
-from helpers import nan_filled_buffers
 from tools.launch_recording import record_launches
-from helpers import assert_close, assert_launched, triton_kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("z", "gamma", "beta", "v", "u", "rel_bias")

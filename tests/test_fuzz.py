@@ -55,16 +55,23 @@ import pytest
 import torch
 
 pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (the 'test' extra)")
+from helpers import (
+    GRAD_NAMES,
+    assert_close,
+    assert_launched,
+    call_op,
+    composed_flash_attention,
+    cpp_oracle,
+    nan_filled_buffers,
+    tile_override,
+    triton_kernels,
+)
 from hypothesis import HealthCheck, Phase, example, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from csrc_ref import cpp_toolchain_available
 from flash_kernels.core.tolerances import rms_ratio
-from helpers import tile_override
-from helpers import nan_filled_buffers
 from tools.launch_recording import record_launches
-from helpers import (GRAD_NAMES, assert_close, assert_launched, call_op,
-                     composed_flash_attention, cpp_oracle, triton_kernels)
 
 pytestmark = pytest.mark.slow  # hundreds of random problems
 

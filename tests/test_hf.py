@@ -38,11 +38,11 @@ from transformers import (  # noqa: E402
     DynamicCache,
 )
 
+from flash_kernels.core.environment import INTERPRETED_KERNELS  # noqa: E402
 from flash_kernels.hf import FLASHCache, FLASHConfig, FLASHForCausalLM, FLASHModel  # noqa: E402
 from flash_kernels.hf.configuration import FLASHLM_OPTIONS  # noqa: E402
 from flash_kernels.hf.modeling import CACHE_FIELD  # noqa: E402
 from flash_kernels.nn import FLASHLM  # noqa: E402
-from flash_kernels.core.environment import INTERPRETED_KERNELS
 from tools.launch_recording import record_launches  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

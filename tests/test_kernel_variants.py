@@ -7,12 +7,11 @@ spill-free (kernels/mixed_chunk_bwd.py). Every slab count must give the same rel
 import pytest
 import torch
 import triton.language as tl
+from helpers import assert_close, make_problem, run_with_grads, tile_override
 
 import flash_kernels.backends.triton.kernels.mixed_chunk_bwd as bwd
-from flash_kernels.core.tolerances import rms_ratio
 from flash_kernels.core.environment import INTERPRETED_KERNELS
-from helpers import tile_override
-from helpers import assert_close, make_problem, run_with_grads
+from flash_kernels.core.tolerances import rms_ratio
 
 pytestmark = pytest.mark.slow  # the other Triton version's code path, twice
 

@@ -14,9 +14,20 @@ import sys
 import pytest
 import torch
 
-from flash_kernels.nn import (FLASH, FLASHLM, GAU, AttentionCache, LearnedRelativePositionBias,
-                              RelativePositionBias, RotaryEmbedding, ScaleNorm, ScaleOffset,
-                              T5RelativePositionBias, sample_next, t5_bucket)
+from flash_kernels.nn import (
+    FLASH,
+    FLASHLM,
+    GAU,
+    AttentionCache,
+    LearnedRelativePositionBias,
+    RelativePositionBias,
+    RotaryEmbedding,
+    ScaleNorm,
+    ScaleOffset,
+    T5RelativePositionBias,
+    sample_next,
+    t5_bucket,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "train_lm.py")

@@ -3,10 +3,9 @@ inputs of the wrong kind and token ids out of range get a clear error naming the
 import numpy as np
 import pytest
 import torch
-
-from flash_kernels.nn import FLASH, FLASHLM, GAU, sample_next
 from helpers import check_raises
 
+from flash_kernels.nn import FLASH, FLASHLM, GAU, sample_next
 
 BAD_LAYERS = [
     # (make, exception, words)

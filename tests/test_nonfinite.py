@@ -13,10 +13,9 @@ query gradients of the tokens that attend t, and its own key/value gradients.
 """
 import pytest
 import torch
+from helpers import nan_filled_buffers, tile_override
 
 from flash_kernels import flash_attention, mixed_chunk_attention
-from helpers import tile_override
-from helpers import nan_filled_buffers
 
 pytestmark = pytest.mark.slow  # 48 planted NaN/inf cases, each run twice
 

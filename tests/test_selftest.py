@@ -17,10 +17,10 @@ import torch
 
 import flash_kernels
 from flash_kernels import selftest
-from flash_kernels.backends.triton import mixed_chunk as triton_mixed_chunk
-from flash_kernels.core.tolerances import rms_ratio
 from flash_kernels.backends.torch.chunked import mixed_chunk_attention_torch
+from flash_kernels.backends.triton import mixed_chunk as triton_mixed_chunk
 from flash_kernels.core.plan import resolve_scales
+from flash_kernels.core.tolerances import rms_ratio
 from tools.launch_recording import record_launches
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,10 +9,10 @@ import os
 import subprocess
 import sys
 
+import interpreter_shim  # noqa: F401  (the subprocess below imports this module, not conftest)
 import pytest
 import torch
 
-import interpreter_shim  # noqa: F401  (the subprocess below imports this module, not conftest)
 from flash_kernels import flash_attention, mixed_chunk_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

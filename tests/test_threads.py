@@ -6,9 +6,9 @@ import threading
 
 import pytest
 import torch
+from helpers import call_op, op_inputs
 
 from flash_kernels.core.environment import INTERPRETED_KERNELS
-from helpers import call_op, op_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = ("mixed_chunk_attention", "flash_attention")

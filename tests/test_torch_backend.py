@@ -1,11 +1,19 @@
 """The chunked PyTorch backend against the dense reference, gradcheck, and causal consistency."""
 import pytest
 import torch
+from helpers import (
+    DEFAULT_SCALE_CASES,
+    FP16_MAX,
+    LARGE_SCORE_OPTIONS,
+    assert_close,
+    large_score_problem,
+    largest_weight,
+    make_problem,
+    run_with_grads,
+    scale_case_id,
+)
 
 from flash_kernels import mixed_chunk_attention
-from helpers import (DEFAULT_SCALE_CASES, FP16_MAX, LARGE_SCORE_OPTIONS, assert_close,
-                     large_score_problem, largest_weight, make_problem, run_with_grads,
-                     scale_case_id)
 
 S, E = 5, 6          # not powers of two on purpose
 

@@ -6,7 +6,6 @@ paths are plain tensor code. So torch.compile(fullgraph=True) must trace every b
 """
 import pytest
 import torch
-
 import torch._dynamo.testing
 
 from flash_kernels import flash_attention, mixed_chunk_attention

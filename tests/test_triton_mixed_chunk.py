@@ -10,15 +10,24 @@ tile path too, against the reference given the same documents and state.
 """
 import pytest
 import torch
+from helpers import (
+    FP16_MAX,
+    GRAD_NAMES,
+    LARGE_SCORE_OPTIONS,
+    assert_close,
+    assert_launched,
+    large_score_problem,
+    largest_weight,
+    make_problem,
+    nan_filled_buffers,
+    run_with_grads,
+    tile_override,
+    triton_kernels,
+)
 
 from flash_kernels import mixed_chunk_attention
 from flash_kernels.core.tolerances import rms_ratio
-from helpers import tile_override
-from helpers import nan_filled_buffers
 from tools.launch_recording import record_launches
-from helpers import (FP16_MAX, GRAD_NAMES, LARGE_SCORE_OPTIONS, assert_close, assert_launched,
-                     large_score_problem, largest_weight, make_problem, run_with_grads,
-                     triton_kernels)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 S, E = 5, 6         # not powers of two on purpose

@@ -2,9 +2,9 @@
 (the table: tests/validation_cases.py)."""
 import pytest
 import torch
+from validation_cases import BAD_INPUTS, call, good
 
 from flash_kernels import mixed_chunk_attention
-from validation_cases import BAD_INPUTS, call, good
 
 
 @pytest.mark.parametrize("changes,exception,words", BAD_INPUTS,

@@ -12,12 +12,10 @@ document's end, shows up.
 """
 import pytest
 import torch
+from helpers import assert_close, nan_filled_buffers, tile_override
 
 from flash_kernels import flash_attention, mixed_chunk_attention
 from flash_kernels.core.tolerances import rms_ratio
-from helpers import tile_override
-from helpers import nan_filled_buffers
-from helpers import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 S, E = 5, 6

@@ -12,12 +12,23 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .environment import (INTERPRETED_KERNELS, autocast_cast, functorch_transform_active,
-                          triton_interpret_enabled)
+from .environment import (
+    INTERPRETED_KERNELS,
+    autocast_cast,
+    functorch_transform_active,
+    triton_interpret_enabled,
+)
 from .packing import chunk_tables
-from .validation import (TRITON_MAX_S, check_context_parallel_options, check_flash_inputs,
-                         check_options, check_packing, check_rel_bias, check_state_arguments,
-                         check_tensors_of_mixed_chunk)
+from .validation import (
+    TRITON_MAX_S,
+    check_context_parallel_options,
+    check_flash_inputs,
+    check_options,
+    check_packing,
+    check_rel_bias,
+    check_state_arguments,
+    check_tensors_of_mixed_chunk,
+)
 
 
 def resolve_scales(quad_scale, lin_scale, chunk_size):

@@ -50,7 +50,6 @@ from ..core.roles import affine_stack, scale_offset_roles
 from ..core.validation import check_triton_inputs
 from .agreement import agree_on_call, describe, grad_needed
 
-
 # -- the Triton path -----------------------------------------------------------------------------
 
 def _triton_forward(call, roles, v, rel_bias, gate=None, store_attn=False):

@@ -11,8 +11,14 @@ from .cache import AttentionCache
 from .layers import FLASH, GAU, GatedAttentionLayer
 from .lm import FLASHLM, sample_next
 from .norms import ScaleNorm, make_norm
-from .position import (LearnedRelativePositionBias, RelativePositionBias, RotaryEmbedding,
-                       T5RelativePositionBias, make_rel_pos, t5_bucket)
+from .position import (
+                       LearnedRelativePositionBias,
+                       RelativePositionBias,
+                       RotaryEmbedding,
+                       T5RelativePositionBias,
+                       make_rel_pos,
+                       t5_bucket,
+)
 from .scale_offset import ScaleOffset
 
 __all__ = ["AttentionCache", "FLASH", "FLASHLM", "GAU", "GatedAttentionLayer",

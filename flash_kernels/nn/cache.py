@@ -1,9 +1,9 @@
 """The decoding cache of one GAU / FLASH layer."""
 import torch
 
-from ..decoding import DecodeCache
 from ..core.environment import cuda_graph_capturing
 from ..core.validation import type_name
+from ..decoding import DecodeCache
 
 
 class AttentionCache(DecodeCache):

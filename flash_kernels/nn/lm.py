@@ -53,15 +53,14 @@ class FLASHLM(nn.Module):
         common = dict(s=s, expansion=expansion, causal=causal, rel_pos=rel_pos, rope=rope,
                       norm=norm, quad_scale=quad_scale, backend=backend)
         if layer == "flash":
-            make = lambda: FLASH(d, chunk_size=chunk_size, linear=linear, lin_scale=lin_scale,
-                                 **common)
+            make, options = FLASH, dict(chunk_size=chunk_size, linear=linear, lin_scale=lin_scale)
         elif layer == "gau":
             if lin_scale is not None:
                 raise ValueError("lin_scale applies to FLASH layers only (GAU has no linear part)")
-            make = lambda: GAU(d, max_len=max_len, **common)
+            make, options = GAU, dict(max_len=max_len)
         else:
             raise ValueError(f"layer must be 'flash' or 'gau', got {layer!r}")
-        self.layers = nn.ModuleList(make() for _ in range(depth))
+        self.layers = nn.ModuleList(make(d, **options, **common) for _ in range(depth))
         self.final_norm = make_norm(norm, d)
 
     @property

@@ -180,7 +180,7 @@ class ChunkedAttention:
         """The (B, T, E) output, every chunk of document n also reading the unscaled
         state_offset[:, n] (B, N, S, E) when given."""
         B, T, E = self.shape
-        C, zero, layout, device = self.C, self.zero, self.layout, self.v.device
+        C, layout, device = self.C, self.layout, self.v.device
         valid_row = layout.valid
         qq, kq, vc = self.chunked(self.q_quad), self.chunked(self.k_quad), self.vc
 

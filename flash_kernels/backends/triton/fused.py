@@ -23,6 +23,7 @@ from .launch import feature_contiguous
 from .mixed_chunk import packed_arguments, state_shapes, tables_from
 from .problem import Roles
 
+
 @torch.library.custom_op("flash_kernels::flash_fwd", mutates_args=())
 def flash_fwd_op(z: torch.Tensor, affine: torch.Tensor, num_roles: int, v: torch.Tensor,
                  u: Optional[torch.Tensor], rel_bias: Optional[torch.Tensor],

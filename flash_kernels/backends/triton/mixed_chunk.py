@@ -69,7 +69,6 @@ from .forward import mixed_chunk_forward
 from .launch import cdiv, feature_contiguous
 from .problem import Roles
 
-
 # The kernels are registered as PyTorch custom ops (forward and backward), with fake (meta)
 # implementations and an autograd formula, so torch.compile(fullgraph=True) traces through
 # them without a graph break and torch.library.opcheck can verify them. Packed documents enter

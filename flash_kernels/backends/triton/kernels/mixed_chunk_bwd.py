@@ -23,9 +23,22 @@ miscompile those on Hopper: see common.py).
 import triton
 import triton.language as tl
 
-from .common import (LIN_K, QUAD_K, QUAD_Q, hoisted_weights_tile, key_query_weights,
-                     linear_state_tile, load_role, load_role_t, load_tile, nonfinite_in,
-                     program_chunk_block, relu_scores_tile, state_offset_tile, state_tile)
+from .common import (
+    LIN_K,
+    QUAD_K,
+    QUAD_Q,
+    hoisted_weights_tile,
+    key_query_weights,
+    linear_state_tile,
+    load_role,
+    load_role_t,
+    load_tile,
+    nonfinite_in,
+    program_chunk_block,
+    relu_scores_tile,
+    state_offset_tile,
+    state_tile,
+)
 
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 

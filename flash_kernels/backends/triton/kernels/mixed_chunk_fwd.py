@@ -15,9 +15,18 @@ Two loop orders, chosen at compile time by HOIST_SCORES:
 import triton
 import triton.language as tl
 
-from .common import (LIN_Q, QUAD_Q, hoisted_weights_tile, linear_state_tile, load_role,
-                     load_tile, program_chunk_block, relu2_weights, state_offset_tile,
-                     zero_unattended_nonfinite)
+from .common import (
+    LIN_Q,
+    QUAD_Q,
+    hoisted_weights_tile,
+    linear_state_tile,
+    load_role,
+    load_tile,
+    program_chunk_block,
+    relu2_weights,
+    state_offset_tile,
+    zero_unattended_nonfinite,
+)
 
 
 @triton.jit(do_not_specialize=["T", "num_chunks", "num_docs"])
