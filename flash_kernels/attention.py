@@ -11,6 +11,7 @@ flash_attention is FLASH's attention from the shared z (roles, attention, gate):
 Each role is formed in float32 and rounded to z's dtype, in the Triton kernels (which read z
 instead of four role tensors, and multiply by u when they store) and in the composition below.
 """
+
 import torch
 
 from .backends import triton as triton_backend
@@ -22,10 +23,25 @@ from .core.roles import scale_offset_roles
 from .distributed import context_parallel_attention
 
 
-def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size=256, causal=True,
-                          rel_bias=None, quad_scale=None, lin_scale=None, cu_seqlens=None,
-                          max_seqlen=None, initial_state=None, output_final_state=False,
-                          backend="auto", cp_group=None):
+def mixed_chunk_attention(
+    q_quad,
+    k_quad,
+    q_lin,
+    k_lin,
+    v,
+    *,
+    chunk_size=256,
+    causal=True,
+    rel_bias=None,
+    quad_scale=None,
+    lin_scale=None,
+    cu_seqlens=None,
+    max_seqlen=None,
+    initial_state=None,
+    output_final_state=False,
+    backend="auto",
+    cp_group=None,
+):
     """FLASH mixed chunk attention: relu^2 attention inside chunks, linear attention across them.
 
     For tokens i, j in the same chunk of C tokens (c(i) = i // C):
@@ -95,17 +111,43 @@ def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size=256, ca
         matmul's inputs are; float64 is left alone), so the output has that dtype; rel_bias
         and initial_state keep their own.
     """
-    return _attend(MixedChunkInputs(q_quad, k_quad, q_lin, k_lin, v), CallOptions(
-        chunk_size=chunk_size, causal=causal, rel_bias=rel_bias, quad_scale=quad_scale,
-        lin_scale=lin_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-        initial_state=initial_state, output_final_state=output_final_state, backend=backend,
-        cp_group=cp_group))
+    return _attend(
+        MixedChunkInputs(q_quad, k_quad, q_lin, k_lin, v),
+        CallOptions(
+            chunk_size=chunk_size,
+            causal=causal,
+            rel_bias=rel_bias,
+            quad_scale=quad_scale,
+            lin_scale=lin_scale,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            backend=backend,
+            cp_group=cp_group,
+        ),
+    )
 
 
-def flash_attention(z, gamma, beta, v, *, u=None, chunk_size=256, causal=True, rel_bias=None,
-                    quad_scale=None, lin_scale=None, cu_seqlens=None, max_seqlen=None,
-                    initial_state=None, output_final_state=False, backend="auto",
-                    cp_group=None):
+def flash_attention(
+    z,
+    gamma,
+    beta,
+    v,
+    *,
+    u=None,
+    chunk_size=256,
+    causal=True,
+    rel_bias=None,
+    quad_scale=None,
+    lin_scale=None,
+    cu_seqlens=None,
+    max_seqlen=None,
+    initial_state=None,
+    output_final_state=False,
+    backend="auto",
+    cp_group=None,
+):
     """FLASH attention from the shared z: per-role scale-offsets, mixed chunk attention, gate.
 
     Args:
@@ -129,11 +171,22 @@ def flash_attention(z, gamma, beta, v, *, u=None, chunk_size=256, causal=True, r
         and u are cast to the autocast dtype first (so is the output); gamma, beta, rel_bias
         and initial_state keep theirs.
     """
-    return _attend(FlashInputs(z, gamma, beta, v, u), CallOptions(
-        chunk_size=chunk_size, causal=causal, rel_bias=rel_bias, quad_scale=quad_scale,
-        lin_scale=lin_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-        initial_state=initial_state, output_final_state=output_final_state, backend=backend,
-        cp_group=cp_group))
+    return _attend(
+        FlashInputs(z, gamma, beta, v, u),
+        CallOptions(
+            chunk_size=chunk_size,
+            causal=causal,
+            rel_bias=rel_bias,
+            quad_scale=quad_scale,
+            lin_scale=lin_scale,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            backend=backend,
+            cp_group=cp_group,
+        ),
+    )
 
 
 def _attend(inputs, options):
@@ -160,26 +213,47 @@ def _mixed_chunk_attention(inputs, plan):
     options = plan.options
     if plan.T == 0:
         return plan.finish(v[..., :0, :].clone(), None)
-    if plan.backend == "reference":     # the dense ground truth takes the leading dims as given
+    if plan.backend == "reference":  # the dense ground truth takes the leading dims as given
         quad_scale, lin_scale = plan.scales()
         out, total = reference_attention(
-            q_quad, k_quad, q_lin, k_lin, v, chunk_size=plan.chunk_size, causal=plan.causal,
-            rel_bias=options.rel_bias, quad_scale=quad_scale, lin_scale=lin_scale,
-            cu_seqlens=options.cu_seqlens, initial_state=options.initial_state,
-            store_total=options.output_final_state)
+            q_quad,
+            k_quad,
+            q_lin,
+            k_lin,
+            v,
+            chunk_size=plan.chunk_size,
+            causal=plan.causal,
+            rel_bias=options.rel_bias,
+            quad_scale=quad_scale,
+            lin_scale=lin_scale,
+            cu_seqlens=options.cu_seqlens,
+            initial_state=options.initial_state,
+            store_total=options.output_final_state,
+        )
         return plan.finish(out, total)
     flat = [plan.flat(x) for x in inputs]
     if plan.backend == "torch":
         quad_scale, lin_scale = plan.scales()
         out, total = mixed_chunk_attention_torch(
-            *flat, chunk_size=plan.chunk_size, causal=plan.causal, rel_bias=options.rel_bias,
-            quad_scale=quad_scale, lin_scale=lin_scale, **plan.state_arguments())
-    else:       # the scales go as given: the Triton path resolves them inside its custom op
+            *flat,
+            chunk_size=plan.chunk_size,
+            causal=plan.causal,
+            rel_bias=options.rel_bias,
+            quad_scale=quad_scale,
+            lin_scale=lin_scale,
+            **plan.state_arguments(),
+        )
+    else:  # the scales go as given: the Triton path resolves them inside its custom op
         triton_backend.require()
         out, total = triton_backend.mixed_chunk.mixed_chunk_attention_triton(
-            *flat, chunk_size=plan.chunk_size, causal=plan.causal, rel_bias=options.rel_bias,
-            quad_scale=options.quad_scale, lin_scale=options.lin_scale,
-            **plan.state_arguments())
+            *flat,
+            chunk_size=plan.chunk_size,
+            causal=plan.causal,
+            rel_bias=options.rel_bias,
+            quad_scale=options.quad_scale,
+            lin_scale=options.lin_scale,
+            **plan.state_arguments(),
+        )
     return plan.finish(out, total)
 
 
@@ -191,8 +265,7 @@ def _flash_attention(inputs, plan):
     if plan.backend != "triton" or plan.T == 0:
         roles = scale_offset_roles(z, gamma, beta)
         q_lin, k_lin = (roles[2], roles[3]) if len(roles) == 4 else (None, None)
-        result = _mixed_chunk_attention(MixedChunkInputs(roles[0], roles[1], q_lin, k_lin, v),
-                                        plan)
+        result = _mixed_chunk_attention(MixedChunkInputs(roles[0], roles[1], q_lin, k_lin, v), plan)
         if u is None:
             return result
         if options.output_final_state:
@@ -200,7 +273,16 @@ def _flash_attention(inputs, plan):
         return u * result
     triton_backend.require()
     out, total = triton_backend.fused.flash_attention_triton(
-        plan.flat(z), gamma, beta, plan.flat(v), plan.flat(u), chunk_size=plan.chunk_size,
-        causal=plan.causal, rel_bias=options.rel_bias, quad_scale=options.quad_scale,
-        lin_scale=options.lin_scale, **plan.state_arguments())
+        plan.flat(z),
+        gamma,
+        beta,
+        plan.flat(v),
+        plan.flat(u),
+        chunk_size=plan.chunk_size,
+        causal=plan.causal,
+        rel_bias=options.rel_bias,
+        quad_scale=options.quad_scale,
+        lin_scale=options.lin_scale,
+        **plan.state_arguments(),
+    )
     return plan.finish(out, total)

@@ -24,6 +24,7 @@
   `tools.launch_recording.LaunchRecord`s) into PATH (JSON; one file per xdist worker, PATH.gwN);
   bench/gpu_selection.py estimates the GPU run's compile work from it.
 """
+
 import json
 import os
 import sys
@@ -53,9 +54,13 @@ import interpreter_memcheck  # noqa: E402,F401  (out-of-bounds accesses fail und
 
 #: The kernels' core correctness files, first in the GPU run: the Triton op against the
 #: references (the bf16 checks included), the fused op, strides, torch.compile, determinism.
-CORE_FILES = ("test_triton_mixed_chunk.py", "test_flash_attention.py", "test_strides.py",
-              "test_torch_compile.py", "test_determinism.py")
-
+CORE_FILES = (
+    "test_triton_mixed_chunk.py",
+    "test_flash_attention.py",
+    "test_strides.py",
+    "test_torch_compile.py",
+    "test_determinism.py",
+)
 
 
 def is_gpu_test(item) -> bool:
@@ -64,8 +69,9 @@ def is_gpu_test(item) -> bool:
     - its module follows the device convention: a module-level `DEVICE` ("cuda" when there is
       a GPU), which every file testing the kernels defines.
     """
-    return (item.get_closest_marker("gpu") is not None
-            or hasattr(getattr(item, "module", None), "DEVICE"))
+    return item.get_closest_marker("gpu") is not None or hasattr(
+        getattr(item, "module", None), "DEVICE"
+    )
 
 
 def _gpu_order(item) -> tuple:
@@ -104,13 +110,17 @@ def pytest_runtest_protocol(item, nextitem):
         yield
         return
     from tools.launch_recording import record_launches
+
     with record_launches() as records:
         yield
     if records:
         from tools.aot_compile import record_to_dict
-        _recorded[item.nodeid] = dict(gpu=item.get_closest_marker("gpu") is not None,
-                                      slow=item.get_closest_marker("slow") is not None,
-                                      launches=[record_to_dict(r) for r in records])
+
+        _recorded[item.nodeid] = dict(
+            gpu=item.get_closest_marker("gpu") is not None,
+            slow=item.get_closest_marker("slow") is not None,
+            launches=[record_to_dict(r) for r in records],
+        )
 
 
 def pytest_sessionfinish(session):
@@ -125,6 +135,7 @@ def pytest_sessionfinish(session):
 # ---------------------------------------------------------------------------------------------
 # A live report of every test's outcome (opt-in)
 # ---------------------------------------------------------------------------------------------
+
 
 def _outcome(report):
     """("passed" | "failed" | "error" | "skipped", message) of a test phase's report, or None
@@ -166,11 +177,20 @@ _IS_XDIST_WORKER = False
 
 def pytest_runtest_logreport(report):
     path = os.environ.get("FLASH_KERNELS_TEST_REPORT")
-    if not path or _IS_XDIST_WORKER:                          # under xdist the controller writes
+    if not path or _IS_XDIST_WORKER:  # under xdist the controller writes
         return
     result = _outcome(report)
     if result is None:
         return
     with open(path, "a") as f:
-        f.write(json.dumps(dict(nodeid=report.nodeid, outcome=result[0], message=result[1],
-                                seconds=round(report.duration, 3))) + "\n")
+        f.write(
+            json.dumps(
+                dict(
+                    nodeid=report.nodeid,
+                    outcome=result[0],
+                    message=result[1],
+                    seconds=round(report.duration, 3),
+                )
+            )
+            + "\n"
+        )

@@ -7,6 +7,7 @@ tooling (tools/) or the tests, and no module is named after a function it export
 The graph is read from the source (ast), so the check needs no import order; a fresh process
 then imports every module and every tool, one after another, to show that each imports.
 """
+
 import ast
 import os
 import subprocess
@@ -83,8 +84,9 @@ def imports(module):
 
     def visit(node, in_function):
         for child in ast.iter_child_nodes(node):
-            inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
-                                                       ast.Lambda))
+            inside = in_function or isinstance(
+                child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+            )
             if isinstance(child, (ast.Import, ast.ImportFrom)):
                 found.extend((name, inside) for name in resolve(module, child))
             visit(child, inside)
@@ -95,27 +97,36 @@ def imports(module):
 
 def package_graph():
     """{module: set of package modules it imports at module level}."""
-    return {module: {name for name, _ in imports(module) if name in MODULES}
-            for module in MODULES}
+    return {module: {name for name, _ in imports(module) if name in MODULES} for module in MODULES}
 
 
 def test_no_package_import_inside_a_function():
-    inside = [f"{module} imports {name}" for module in MODULES
-              for name, in_function in imports(module)
-              if in_function and (name in MODULES or name.split(".")[0] in ("tools", "tests"))]
+    inside = [
+        f"{module} imports {name}"
+        for module in MODULES
+        for name, in_function in imports(module)
+        if in_function and (name in MODULES or name.split(".")[0] in ("tools", "tests"))
+    ]
     assert not inside, inside
 
 
 def test_the_runtime_never_imports_tools_or_tests():
-    found = [f"{module} imports {name}" for module in MODULES for name, _ in imports(module)
-             if name.split(".")[0] in ("tools", "tests", "bench", "helpers")]
+    found = [
+        f"{module} imports {name}"
+        for module in MODULES
+        for name, _ in imports(module)
+        if name.split(".")[0] in ("tools", "tests", "bench", "helpers")
+    ]
     assert not found, found
 
 
 def test_layers_import_only_downwards():
-    upward = [f"{module} ({LAYERS[layer(module)][0]}) imports {name} ({LAYERS[layer(name)][0]})"
-              for module, targets in package_graph().items() for name in targets
-              if layer(name) > layer(module)]
+    upward = [
+        f"{module} ({LAYERS[layer(module)][0]}) imports {name} ({LAYERS[layer(name)][0]})"
+        for module, targets in package_graph().items()
+        for name in targets
+        if layer(name) > layer(module)
+    ]
     assert not upward, upward
 
 
@@ -131,7 +142,7 @@ def test_no_import_cycle():
         stack.append(module)
         for target in sorted(graph[module]):
             if state.get(target) == "open":
-                cycles.append(stack[stack.index(target):] + [target])
+                cycles.append(stack[stack.index(target) :] + [target])
             elif target not in state:
                 visit(target)
         stack.pop()
@@ -144,20 +155,32 @@ def test_no_import_cycle():
 
 
 def test_no_module_is_named_after_a_function_it_exports():
-    shadowed = [name for name in flash_kernels.__all__
-                if callable(getattr(flash_kernels, name)) and f"flash_kernels.{name}" in MODULES]
+    shadowed = [
+        name
+        for name in flash_kernels.__all__
+        if callable(getattr(flash_kernels, name)) and f"flash_kernels.{name}" in MODULES
+    ]
     assert not shadowed, shadowed
     with mock.patch("flash_kernels.attention.mixed_chunk_attention") as patched:
         import flash_kernels.attention as attention
+
         assert attention.mixed_chunk_attention is patched
 
 
 def test_every_module_and_tool_imports_in_a_fresh_process():
-    tools = sorted(f"tools.{name[:-3]}" for name in os.listdir(os.path.join(REPO_ROOT, "tools"))
-                   if name.endswith(".py") and name != "__init__.py")
+    tools = sorted(
+        f"tools.{name[:-3]}"
+        for name in os.listdir(os.path.join(REPO_ROOT, "tools"))
+        if name.endswith(".py") and name != "__init__.py"
+    )
     names = sorted(m for m in MODULES if not m.endswith("__main__")) + tools
     code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
-    proc = subprocess.run([sys.executable, "-c", code, *names], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *names],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": REPO_ROOT},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]

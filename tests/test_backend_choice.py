@@ -6,6 +6,7 @@
 - TRITON_INTERPRET set after `import flash_kernels`: the package's own message, not Triton's
   "0 active drivers".
 """
+
 import os
 import subprocess
 import sys
@@ -22,20 +23,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ("mixed_chunk_attention", "flash_attention")
 C = 4
 
-needs_interpreter = pytest.mark.skipif(not INTERPRETED_KERNELS,
-                                       reason="the kernels are not interpreted in this process")
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETED_KERNELS, reason="the kernels are not interpreted in this process"
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # bfloat16 under the interpreter
+
 
 @needs_interpreter
 @pytest.mark.parametrize("op", OPS)
 def test_auto_runs_bfloat16_on_torch_under_the_interpreter(op):
     inputs = op_inputs(op, torch.bfloat16)
     out = call_op(op, inputs, chunk_size=C, backend="auto")
-    torch.testing.assert_close(out, call_op(op, inputs, chunk_size=C, backend="torch"),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        out, call_op(op, inputs, chunk_size=C, backend="torch"), rtol=0, atol=0
+    )
 
 
 @needs_interpreter
@@ -69,7 +73,7 @@ def test_bfloat16_model_under_the_interpreter(rope):
     """FLASHLM(...).bfloat16() with backend "auto" gives the "torch" backend's logits."""
     torch.manual_seed(0)
     model = FLASHLM(13, 16, 1, s=8, chunk_size=4, rope=rope).bfloat16().to(DEVICE)
-    with torch.no_grad():          # attention weights large enough that a wrong path shows
+    with torch.no_grad():  # attention weights large enough that a wrong path shows
         for layer in model.layers:
             layer.scale_offset.gamma.normal_()
     idx = torch.randint(0, 13, (2, 9), device=DEVICE)
@@ -83,6 +87,7 @@ def test_bfloat16_model_under_the_interpreter(rope):
 # ---------------------------------------------------------------------------------------------
 # torch.func transforms
 
+
 @pytest.mark.parametrize("op", OPS)
 def test_torch_func_transforms_take_the_torch_path_or_say_so(op):
     """torch.func.grad / vmap: "auto" takes "torch" (the gradients of torch.autograd there, the
@@ -92,22 +97,31 @@ def test_torch_func_transforms_take_the_torch_path_or_say_so(op):
     first = "q_quad" if op == "mixed_chunk_attention" else "z"
 
     def loss(backend):
-        return lambda x: call_op(op, {**inputs, first: x}, chunk_size=C,
-                                 backend=backend).square().sum()
+        return lambda x: (
+            call_op(op, {**inputs, first: x}, chunk_size=C, backend=backend).square().sum()
+        )
 
     x = inputs[first].clone().requires_grad_()
     loss("torch")(x).backward()
-    torch.testing.assert_close(torch.func.grad(loss("auto"))(inputs[first]), x.grad,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(torch.func.grad(loss("auto"))(inputs[first]), x.grad, rtol=0, atol=0)
     stacked = torch.stack([inputs[first], 2 * inputs[first]])
-    torch.testing.assert_close(torch.func.vmap(loss("auto"))(stacked),
-                               torch.stack([loss("torch")(x) for x in stacked]),
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        torch.func.vmap(loss("auto"))(stacked),
+        torch.stack([loss("torch")(x) for x in stacked]),
+        rtol=1e-6,
+        atol=0,
+    )
     if INTERPRETED_KERNELS or DEVICE == "cuda":
-        check_raises(lambda: torch.func.grad(loss("triton"))(inputs[first]), RuntimeError,
-                     ["torch.func", "backend='torch'"])
-        check_raises(lambda: torch.func.vmap(loss("triton"))(stacked), RuntimeError,
-                     ["torch.func", "backend='torch'"])
+        check_raises(
+            lambda: torch.func.grad(loss("triton"))(inputs[first]),
+            RuntimeError,
+            ["torch.func", "backend='torch'"],
+        )
+        check_raises(
+            lambda: torch.func.vmap(loss("triton"))(stacked),
+            RuntimeError,
+            ["torch.func", "backend='torch'"],
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,8 +145,14 @@ for backend in ("triton", "auto"):
 @pytest.mark.skipif(DEVICE == "cuda", reason="CPU tensors without a GPU")
 def test_interpreter_set_after_import_says_so():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", LATE_INTERPRETER], capture_output=True,
-                            text=True, timeout=120, env=env, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", LATE_INTERPRETER],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2, result.stdout

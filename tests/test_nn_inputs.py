@@ -1,5 +1,6 @@
 """The layers' and the language model's argument checks: nonsense options, sampling options,
 inputs of the wrong kind and token ids out of range get a clear error naming the argument."""
+
 import numpy as np
 import pytest
 import torch
@@ -32,15 +33,16 @@ BAD_LAYERS = [
 ]
 
 
-@pytest.mark.parametrize("make,exception,words", BAD_LAYERS,
-                         ids=[str(i) for i in range(len(BAD_LAYERS))])
+@pytest.mark.parametrize(
+    "make,exception,words", BAD_LAYERS, ids=[str(i) for i in range(len(BAD_LAYERS))]
+)
 def test_nonsense_layer_options_are_refused(make, exception, words):
     check_raises(make, exception, words)
 
 
 def test_sensible_layer_options_still_build():
     assert FLASH(16, s=4, chunk_size=np.int64(4), causal=np.bool_(False)).chunk_size == 4
-    assert FLASHLM(10, 16, 0, s=4).backend == "auto"          # no layers: embedding and head
+    assert FLASHLM(10, 16, 0, s=4).backend == "auto"  # no layers: embedding and head
 
 
 def tiny_lm():
@@ -60,8 +62,11 @@ BAD_SAMPLING = [
 ]
 
 
-@pytest.mark.parametrize("options,exception,words", BAD_SAMPLING,
-                         ids=[",".join(f"{k}={v!r}" for k, v in o.items()) for o, _, _ in BAD_SAMPLING])
+@pytest.mark.parametrize(
+    "options,exception,words",
+    BAD_SAMPLING,
+    ids=[",".join(f"{k}={v!r}" for k, v in o.items()) for o, _, _ in BAD_SAMPLING],
+)
 def test_bad_sampling_options_are_refused(options, exception, words):
     lm = tiny_lm()
     prompt = torch.zeros(1, 2, dtype=torch.long)
@@ -70,14 +75,19 @@ def test_bad_sampling_options_are_refused(options, exception, words):
     check_raises(lambda: sample_next(torch.zeros(1, 11), **options), exception, words)
 
 
-@pytest.mark.parametrize("max_new_tokens,exception,words", [
-    (-1, ValueError, ["max_new_tokens must be at least 0", "-1"]),
-    (1.5, TypeError, ["max_new_tokens must be an int", "float"]),
-    (None, TypeError, ["max_new_tokens must be an int", "NoneType"])])
+@pytest.mark.parametrize(
+    "max_new_tokens,exception,words",
+    [
+        (-1, ValueError, ["max_new_tokens must be at least 0", "-1"]),
+        (1.5, TypeError, ["max_new_tokens must be an int", "float"]),
+        (None, TypeError, ["max_new_tokens must be an int", "NoneType"]),
+    ],
+)
 def test_bad_max_new_tokens_is_refused(max_new_tokens, exception, words):
     lm = tiny_lm()
-    check_raises(lambda: lm.generate(torch.zeros(1, 2, dtype=torch.long), max_new_tokens),
-                 exception, words)
+    check_raises(
+        lambda: lm.generate(torch.zeros(1, 2, dtype=torch.long), max_new_tokens), exception, words
+    )
 
 
 def test_sensible_sampling_options_work():
@@ -86,12 +96,13 @@ def test_sensible_sampling_options_work():
     assert torch.equal(lm.generate(prompt, 0), prompt)
     out = lm.generate(prompt, np.int64(2), temperature=0.5, top_k=np.int64(1))
     assert out.shape == (2, 5)
-    with torch.no_grad():      # top_k=1 is greedy whatever the temperature
+    with torch.no_grad():  # top_k=1 is greedy whatever the temperature
         assert torch.equal(out, lm.generate(prompt, 2, temperature=0))
 
 
-@pytest.mark.parametrize("make", [lambda: FLASH(16, s=4, chunk_size=4), lambda: GAU(16, s=4)],
-                         ids=["FLASH", "GAU"])
+@pytest.mark.parametrize(
+    "make", [lambda: FLASH(16, s=4, chunk_size=4), lambda: GAU(16, s=4)], ids=["FLASH", "GAU"]
+)
 def test_layer_inputs_of_the_wrong_kind_are_named(make):
     layer = make()
     x = torch.randn(2, 5, 16)
@@ -102,8 +113,10 @@ def test_layer_inputs_of_the_wrong_kind_are_named(make):
     check_raises(lambda: layer(x[..., :8]), ValueError, ["x must have shape (batch, T, 16)"])
     cache = layer.new_cache()
     check_raises(lambda: layer.step(x[:, 0].double(), cache), TypeError, ["x has dtype"])
-    check_raises(lambda: layer.step(x[:, 0].numpy(), cache), TypeError, ["x must be a torch.Tensor"])
-    with torch.autocast("cpu", dtype=torch.bfloat16):    # autocast casts the matmul inputs
+    check_raises(
+        lambda: layer.step(x[:, 0].numpy(), cache), TypeError, ["x must be a torch.Tensor"]
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the matmul inputs
         assert layer(x.bfloat16()).shape == x.shape
 
 
@@ -119,4 +132,6 @@ def test_token_ids_out_of_range_are_named():
     _, caches = lm.prefill(idx)
     check_raises(lambda: lm.step(torch.tensor([3, 11]), caches), ValueError, ["token", "11"])
     check_raises(lambda: lm(idx.float()), TypeError, ["idx", "int64", "torch.float32"])
-    check_raises(lambda: lm(idx.numpy()), TypeError, ["idx must be a torch.Tensor", "numpy.ndarray"])
+    check_raises(
+        lambda: lm(idx.numpy()), TypeError, ["idx must be a torch.Tensor", "numpy.ndarray"]
+    )

@@ -1,6 +1,7 @@
 """Threads calling the Triton backend at once get the bits of sequential calls: the
 interpreter is not thread-safe, so interpreted launches are serialised
 (backends/triton/launch.py); on a GPU, two threads on two CUDA streams."""
+
 import contextlib
 import threading
 
@@ -14,8 +15,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = ("mixed_chunk_attention", "flash_attention")
 C = 4
 
-needs_interpreter = pytest.mark.skipif(not INTERPRETED_KERNELS,
-                                       reason="the kernels are not interpreted in this process")
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETED_KERNELS, reason="the kernels are not interpreted in this process"
+)
 
 
 def forward_and_grads(op, inputs, backend, stream=None):
@@ -36,7 +38,7 @@ def run_in_threads(work, num_threads):
         start.wait()
         try:
             results[i] = work(i)
-        except Exception as error:           # re-raised by the caller, with the thread's index
+        except Exception as error:  # re-raised by the caller, with the thread's index
             results[i] = error
 
     threads = [threading.Thread(target=body, args=(i,)) for i in range(num_threads)]
@@ -77,10 +79,12 @@ def test_threads_on_two_cuda_streams_get_the_bits_of_sequential_calls(op):
     streams = [torch.cuda.Stream() for _ in range(2)]
     torch.cuda.synchronize()
     for _ in range(5):
+
         def work(i):
             result = forward_and_grads(op, problems[i], "triton", stream=streams[i])
             streams[i].synchronize()
             return result
+
         results = run_in_threads(work, 2)
         for i in range(2):
             assert_same_bits(i, results[i], expected[i])

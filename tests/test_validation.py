@@ -1,5 +1,6 @@
 """Every bad input to mixed_chunk_attention gets a ValueError/TypeError that names the argument
 (the table: tests/validation_cases.py)."""
+
 import pytest
 import torch
 from validation_cases import BAD_INPUTS, call, good
@@ -7,8 +8,11 @@ from validation_cases import BAD_INPUTS, call, good
 from flash_kernels import mixed_chunk_attention
 
 
-@pytest.mark.parametrize("changes,exception,words", BAD_INPUTS,
-                         ids=[",".join(c) + "-" + str(i) for i, (c, _, _) in enumerate(BAD_INPUTS)])
+@pytest.mark.parametrize(
+    "changes,exception,words",
+    BAD_INPUTS,
+    ids=[",".join(c) + "-" + str(i) for i, (c, _, _) in enumerate(BAD_INPUTS)],
+)
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_bad_input_raises_a_clear_error(changes, exception, words, backend):
     changes = dict(changes)
@@ -21,7 +25,9 @@ def test_bad_input_raises_a_clear_error(changes, exception, words, backend):
 
 def test_rel_bias_may_be_float32_with_half_inputs():
     args = {k: v.half() for k, v in good().items()}
-    out = mixed_chunk_attention(*args.values(), chunk_size=4, rel_bias=torch.randn(7), backend="torch")
+    out = mixed_chunk_attention(
+        *args.values(), chunk_size=4, rel_bias=torch.randn(7), backend="torch"
+    )
     assert out.dtype == torch.float16
 
 

@@ -1,6 +1,7 @@
 """The table of bad inputs to mixed_chunk_attention, each with the exception and the words its
 message must contain, and the call it changes: shared by tests/test_validation.py (on "torch"
 and "reference") and tests/test_bad_inputs.py (on "triton")."""
+
 import torch
 
 from flash_kernels import mixed_chunk_attention
@@ -9,16 +10,22 @@ T, S, E = 10, 4, 6
 
 
 def good():
-    return dict(q_quad=torch.randn(2, T, S), k_quad=torch.randn(2, T, S), q_lin=torch.randn(2, T, S),
-                k_lin=torch.randn(2, T, S), v=torch.randn(2, T, E))
+    return dict(
+        q_quad=torch.randn(2, T, S),
+        k_quad=torch.randn(2, T, S),
+        q_lin=torch.randn(2, T, S),
+        k_lin=torch.randn(2, T, S),
+        v=torch.randn(2, T, E),
+    )
 
 
 def call(**changes):
     args = good()
     options = {k: changes.pop(k) for k in list(changes) if k not in args}
     args.update(changes)
-    return mixed_chunk_attention(args["q_quad"], args["k_quad"], args["q_lin"], args["k_lin"], args["v"],
-                                 **options)
+    return mixed_chunk_attention(
+        args["q_quad"], args["k_quad"], args["q_lin"], args["k_lin"], args["v"], **options
+    )
 
 
 BAD_INPUTS = [
@@ -51,5 +58,9 @@ BAD_INPUTS = [
     (dict(chunk_size=None, rel_bias=torch.randn(7)), ValueError, ["rel_bias", "chunk_size=None"]),
     (dict(chunk_size=4, rel_bias=torch.arange(7)), TypeError, ["rel_bias", "floating"]),
     (dict(chunk_size=4, rel_bias=[0.0] * 7), TypeError, ["rel_bias", "Tensor"]),
-    (dict(chunk_size=4, rel_bias=torch.randn(7, device="meta")), ValueError, ["rel_bias", "device"]),
+    (
+        dict(chunk_size=4, rel_bias=torch.randn(7, device="meta")),
+        ValueError,
+        ["rel_bias", "device"],
+    ),
 ]

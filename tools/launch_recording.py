@@ -5,6 +5,7 @@ the ahead-of-time compile (tools/aot_compile.py) can compile it again in another
 
 Developer tooling, not installed with the package: it mirrors Triton's JIT specialisation rules,
 which change between Triton versions (tests/test_aot_compile.py checks the mirror)."""
+
 import contextlib
 import inspect
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ class LaunchRecord:
     arguments the JIT would specialise as multiples of 16 ("tt.divisibility" = 16).
     `make_launch_record` builds one as Triton 3.9's JIT specialises a launch.
     """
+
     kernel_module: str
     kernel_name: str
     signature: dict
@@ -35,17 +37,32 @@ class LaunchRecord:
     grid: tuple = field(default=())
 
     def key(self):
-        return (self.kernel_module, self.kernel_name, tuple(sorted(self.signature.items())),
-                tuple(sorted(self.constexprs.items())), tuple(sorted(self.divisible_by_16)),
-                self.num_warps, self.num_stages)
+        return (
+            self.kernel_module,
+            self.kernel_name,
+            tuple(sorted(self.signature.items())),
+            tuple(sorted(self.constexprs.items())),
+            tuple(sorted(self.divisible_by_16)),
+            self.num_warps,
+            self.num_stages,
+        )
 
 
-_TORCH_TO_TRITON = {    # as Triton 3.9 names pointer element types (torch.bool -> "u1")
-    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-    torch.int32: "i32", torch.int64: "i64", torch.int16: "i16", torch.int8: "i8",
-    torch.uint8: "u8", torch.bool: "u1",
-    torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5",
+_TORCH_TO_TRITON = {  # as Triton 3.9 names pointer element types (torch.bool -> "u1")
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.int16: "i16",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "u1",
+    torch.float8_e4m3fn: "fp8e4nv",
+    torch.float8_e5m2: "fp8e5",
 }
+
 
 @contextlib.contextmanager
 def record_launches():
@@ -54,8 +71,7 @@ def record_launches():
     records: list = []
 
     def record(kernel, grid, args, constexprs, num_warps, num_stages):
-        records.append(make_launch_record(kernel, grid, args, constexprs, num_warps,
-                                          num_stages))
+        records.append(make_launch_record(kernel, grid, args, constexprs, num_warps, num_stages))
 
     with launch_callback(record):
         yield records
@@ -66,9 +82,9 @@ def _triton_type(value):
     if isinstance(value, torch.Tensor):
         return "*" + _TORCH_TO_TRITON[value.dtype]
     if isinstance(value, bool):
-        return "u1"                       # Triton 3.9: Python bools are "u1" (not "i1")
+        return "u1"  # Triton 3.9: Python bools are "u1" (not "i1")
     if isinstance(value, int):
-        if -2**31 <= value < 2**31:
+        if -(2**31) <= value < 2**31:
             return "i32"
         return "u64" if value >= 2**63 else "i64"
     if isinstance(value, float):
@@ -122,11 +138,12 @@ def _param_kind(param):
         return "plain", None
     try:
         from triton.runtime.jit import KernelParam  # a Triton internal: probed, may move
+
         kp = KernelParam(0, param, False, False)
         if kp.is_constexpr:
             return "constexpr", None
         return ("typed", kp.annotation_type) if kp.annotation_type else ("plain", None)
-    except Exception:                     # older/newer Triton: fall back on the annotation text
+    except Exception:  # older/newer Triton: fall back on the annotation text
         return ("constexpr", None) if "constexpr" in str(ann) else ("plain", None)
 
 
@@ -148,14 +165,15 @@ def specialize_argument(value, specialize=True, align=True, annotation_type=None
         ty = annotation_type
         if annotation_type == "u1" or annotation_type[:2] in ("fp", "bf"):
             return ty, False, False
-    elif (specialize and isinstance(value, int) and not isinstance(value, bool) and value == 1):
+    elif specialize and isinstance(value, int) and not isinstance(value, bool) and value == 1:
         return "constexpr", True, False
     div16 = specialize and align and _divisible_by_16(value)
     return ty, False, div16
 
 
-def make_launch_record(kernel, grid, args: dict, constexprs: dict, num_warps: int,
-                       num_stages: int) -> LaunchRecord:
+def make_launch_record(
+    kernel, grid, args: dict, constexprs: dict, num_warps: int, num_stages: int
+) -> LaunchRecord:
     """The LaunchRecord of `kernel[grid](**args, **constexprs)`: what Triton's JIT would compile.
 
     Arguments annotated `tl.constexpr` go to `constexprs` whichever dict they came in; parameters
@@ -175,18 +193,27 @@ def make_launch_record(kernel, grid, args: dict, constexprs: dict, num_warps: in
         else:
             raise TypeError(f"{fn.__name__}: missing kernel argument {name!r}")
         kind, annotation_type = _param_kind(param)
-        if kind == "constexpr":        # the JIT decides by the annotation, not by which dict
+        if kind == "constexpr":  # the JIT decides by the annotation, not by which dict
             constants[name] = value
             continue
         ty, is_constant, div16 = specialize_argument(
-            value, specialize=name not in no_specialize, align=name not in no_align,
-            annotation_type=annotation_type)
+            value,
+            specialize=name not in no_specialize,
+            align=name not in no_align,
+            annotation_type=annotation_type,
+        )
         signature[name] = ty
         if is_constant:
             constants[name] = value
         if div16:
             divisible.append(name)
     return LaunchRecord(
-        kernel_module=fn.__module__, kernel_name=fn.__name__, signature=signature,
-        constexprs=constants, divisible_by_16=divisible, num_warps=num_warps,
-        num_stages=num_stages, grid=() if callable(grid) else tuple(grid))
+        kernel_module=fn.__module__,
+        kernel_name=fn.__name__,
+        signature=signature,
+        constexprs=constants,
+        divisible_by_16=divisible,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        grid=() if callable(grid) else tuple(grid),
+    )

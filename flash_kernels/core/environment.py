@@ -1,6 +1,7 @@
 """What the process is doing when an op runs: the Triton interpreter, torch.func transforms,
 CUDA graph capture, torch.compile tracing and autocast. The backend choice and the checks read
 these; nothing here imports triton."""
+
 import os
 
 import torch
@@ -25,16 +26,21 @@ def functorch_transform_active() -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev, jvp, ...) is running. The Triton
     custom ops have no functorch rules, so the public ops must not reach them there. Skipped
     under torch.compile, where Dynamo answers with its own functorch state, not the caller's."""
-    return (not torch.compiler.is_compiling()
-            and torch._C._functorch.peek_interpreter_stack() is not None)
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._functorch.peek_interpreter_stack() is not None
+    )
 
 
 def cuda_graph_capturing() -> bool:
     """Whether the current CUDA stream is capturing a graph (host reads are then not allowed).
     False under torch.compile, which cannot trace the query (it returns a bool); the callers
     skip their host reads while compiling anyway."""
-    return (not torch.compiler.is_compiling() and torch.cuda.is_available()
-            and torch.cuda.is_current_stream_capturing())
+    return (
+        not torch.compiler.is_compiling()
+        and torch.cuda.is_available()
+        and torch.cuda.is_current_stream_capturing()
+    )
 
 
 def autocast_dtype(x):

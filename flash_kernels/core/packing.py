@@ -13,6 +13,7 @@ device: sum_n cdiv(len_n, C) <= cdiv(T, C) + N - 1 (write len_n = a_n C + b_n wi
 the documents with b_n > 0 add at most one chunk each beyond cdiv(T, C), and if any has b_n > 0,
 cdiv(T, C) already counts one of those). At most N - 1 slots stay idle.
 """
+
 from typing import NamedTuple
 
 import torch
@@ -20,9 +21,9 @@ import torch.nn.functional as F
 
 
 class ChunkTables(NamedTuple):
-    cu_seqlens: torch.Tensor      # (N + 1,) int64, on the inputs' device (sanitised, see below)
-    chunk_offsets: torch.Tensor   # (N + 1,) int32
-    chunk_table: torch.Tensor     # (num_slots, 2) int32
+    cu_seqlens: torch.Tensor  # (N + 1,) int64, on the inputs' device (sanitised, see below)
+    chunk_offsets: torch.Tensor  # (N + 1,) int32
+    chunk_table: torch.Tensor  # (num_slots, 2) int32
     num_docs: int
     num_slots: int
 
@@ -55,10 +56,12 @@ def chunk_tables(cu_seqlens, T, chunk_size, device):
     owned = doc < num_docs
     doc = doc.clamp(max=max(num_docs - 1, 0))
     chunk_of_doc = slot - chunk_offsets[doc] if num_docs else slot
-    table = torch.where(owned[:, None], torch.stack([doc, chunk_of_doc], dim=1),
-                        torch.full_like(slot, -1)[:, None])
-    return ChunkTables(cu, chunk_offsets.to(torch.int32), table.to(torch.int32),
-                       num_docs, num_slots)
+    table = torch.where(
+        owned[:, None], torch.stack([doc, chunk_of_doc], dim=1), torch.full_like(slot, -1)[:, None]
+    )
+    return ChunkTables(
+        cu, chunk_offsets.to(torch.int32), table.to(torch.int32), num_docs, num_slots
+    )
 
 
 def toeplitz_bias(rel_bias, chunk_size, length):

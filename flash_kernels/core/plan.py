@@ -6,6 +6,7 @@ Both public ops (flash_kernels/attention.py) and their context-parallel forms
 (flash_kernels/distributed/) go through `plan_call`; they differ in their inputs
 (`MixedChunkInputs`, `FlashInputs`) and in what they dispatch to.
 """
+
 import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -35,8 +36,10 @@ def resolve_scales(quad_scale, lin_scale, chunk_size):
     """The scales as numbers, None meaning the default 1 / chunk_size. The Triton path passes
     None through to here, inside its custom ops, so that torch.compile never sees 1 / T as a
     constant (chunk_size=None makes C = T: a guard on it would recompile for every length)."""
-    return (quad_scale if quad_scale is not None else 1.0 / chunk_size,
-            lin_scale if lin_scale is not None else 1.0 / chunk_size)
+    return (
+        quad_scale if quad_scale is not None else 1.0 / chunk_size,
+        lin_scale if lin_scale is not None else 1.0 / chunk_size,
+    )
 
 
 def pick_backend(backend, device, dtype, s):
@@ -48,11 +51,17 @@ def pick_backend(backend, device, dtype, s):
     "triton" in the last two cases raises instead (validation.check_triton_inputs).
     """
     if backend == "auto":
-        on_triton_device = device.type == "cuda" or (device.type == "cpu"
-                                                     and triton_interpret_enabled())
+        on_triton_device = device.type == "cuda" or (
+            device.type == "cpu" and triton_interpret_enabled()
+        )
         interpreter_bf16 = INTERPRETED_KERNELS and dtype == torch.bfloat16
-        usable = (on_triton_device and dtype != torch.float64 and s <= TRITON_MAX_S
-                  and not interpreter_bf16 and not functorch_transform_active())
+        usable = (
+            on_triton_device
+            and dtype != torch.float64
+            and s <= TRITON_MAX_S
+            and not interpreter_bf16
+            and not functorch_transform_active()
+        )
         return "triton" if usable else "torch"
     if backend == "triton" and dtype == torch.float64:
         return "torch"  # the kernels compute in fp32; float64 (gradcheck) takes the exact path
@@ -62,6 +71,7 @@ def pick_backend(backend, device, dtype, s):
 @dataclass(frozen=True)
 class CallOptions:
     """The keyword options both ops take, as the caller gave them."""
+
     chunk_size: Optional[int] = 256
     causal: bool = True
     rel_bias: Optional[torch.Tensor] = None
@@ -77,6 +87,7 @@ class CallOptions:
 
 class MixedChunkInputs(NamedTuple):
     """The tensors of mixed_chunk_attention."""
+
     q_quad: torch.Tensor
     k_quad: torch.Tensor
     q_lin: Optional[torch.Tensor]
@@ -84,7 +95,7 @@ class MixedChunkInputs(NamedTuple):
     v: torch.Tensor
 
     op_name = "mixed_chunk_attention"
-    first_name = "q_quad"          # the (*batch, T, S) input that names the device in messages
+    first_name = "q_quad"  # the (*batch, T, S) input that names the device in messages
 
     @property
     def first(self):
@@ -108,6 +119,7 @@ class MixedChunkInputs(NamedTuple):
 class FlashInputs(NamedTuple):
     """The tensors of flash_attention: z (the roles' shared base), the (R, S) gamma and beta
     of the R = 4 (or 2) roles, the values v and the optional gate u."""
+
     z: torch.Tensor
     gamma: torch.Tensor
     beta: torch.Tensor
@@ -135,8 +147,9 @@ class FlashInputs(NamedTuple):
     def autocast_to(self, dtype):
         """z, v and u cast; gamma and beta keep their dtype (parameters)."""
         z, gamma, beta, v, u = self
-        return FlashInputs(autocast_cast(z, dtype), gamma, beta, autocast_cast(v, dtype),
-                           autocast_cast(u, dtype))
+        return FlashInputs(
+            autocast_cast(z, dtype), gamma, beta, autocast_cast(v, dtype), autocast_cast(u, dtype)
+        )
 
 
 class Documents:
@@ -148,19 +161,45 @@ class Documents:
     the longest document: documents longer than a given max_seqlen are cut in chunks of it).
     """
 
-    def __init__(self, *, batch, T, S, E, chunk_size, cu_seqlens, max_seqlen, initial_state,
-                 output_final_state, has_linear, causal, device, dtype):
+    def __init__(
+        self,
+        *,
+        batch,
+        T,
+        S,
+        E,
+        chunk_size,
+        cu_seqlens,
+        max_seqlen,
+        initial_state,
+        output_final_state,
+        has_linear,
+        causal,
+        device,
+        dtype,
+    ):
         lengths = check_packing(cu_seqlens, max_seqlen, T, device)
         self.packed = cu_seqlens is not None
         self.num_docs = cu_seqlens.numel() - 1 if self.packed else 1
-        check_state_arguments(initial_state, output_final_state, batch=batch,
-                              num_docs=self.num_docs, S=S, E=E, packed=self.packed,
-                              has_linear=has_linear, causal=causal, device=device)
+        check_state_arguments(
+            initial_state,
+            output_final_state,
+            batch=batch,
+            num_docs=self.num_docs,
+            S=S,
+            E=E,
+            packed=self.packed,
+            has_linear=has_linear,
+            causal=causal,
+            device=device,
+        )
         if chunk_size is None and self.packed:
             if max_seqlen is None and lengths is None:
-                raise ValueError("chunk_size=None with cu_seqlens makes each document one chunk "
-                                 "as long as the longest: under torch.compile pass max_seqlen "
-                                 "(the values of cu_seqlens cannot be read while tracing)")
+                raise ValueError(
+                    "chunk_size=None with cu_seqlens makes each document one chunk "
+                    "as long as the longest: under torch.compile pass max_seqlen "
+                    "(the values of cu_seqlens cannot be read while tracing)"
+                )
             chunk_size = max_seqlen if max_seqlen is not None else max(max(lengths, default=1), 1)
         self.chunk_size = chunk_size if chunk_size is not None else T
         self.batch, self.T, self.S, self.E = tuple(batch), T, S, E
@@ -190,7 +229,7 @@ class Documents:
         if not self.output_final_state:
             return out
         state_shape = self.batch + ((self.num_docs,) if self.packed else ()) + (self.S, self.E)
-        if total is None:                      # no token: nothing was summed
+        if total is None:  # no token: nothing was summed
             final = torch.zeros(state_shape, dtype=self.state_dtype, device=self.device)
         else:
             final = total.to(self.state_dtype).reshape(state_shape)
@@ -220,8 +259,11 @@ class CallPlan:
 
     def state_arguments(self):
         """The packing and state arguments of the chunked backends (torch and Triton)."""
-        return dict(tables=self.docs.tables(), state_offset=self.docs.state_offset(self.B),
-                    store_total=self.docs.output_final_state)
+        return dict(
+            tables=self.docs.tables(),
+            state_offset=self.docs.state_offset(self.B),
+            store_total=self.docs.output_final_state,
+        )
 
     def finish(self, out, total):
         """The op's result: see Documents.finish."""
@@ -232,21 +274,42 @@ def plan_call(inputs, options):
     """Check a call of either op (its tensors, then its options) and plan it. Context
     parallelism (options.cp_group) refuses first the options it does not take."""
     inputs.validate()
-    check_options(options.chunk_size, options.causal, options.quad_scale, options.lin_scale,
-                  options.backend)
+    check_options(
+        options.chunk_size, options.causal, options.quad_scale, options.lin_scale, options.backend
+    )
     if options.cp_group is not None:
-        check_context_parallel_options(options.chunk_size, options.cu_seqlens,
-                                       options.max_seqlen, options.initial_state,
-                                       options.output_final_state, options.backend)
+        check_context_parallel_options(
+            options.chunk_size,
+            options.cu_seqlens,
+            options.max_seqlen,
+            options.initial_state,
+            options.output_final_state,
+            options.backend,
+        )
     first, v = inputs.first, inputs.v
     *batch, T, S = first.shape
-    docs = Documents(batch=batch, T=T, S=S, E=v.shape[-1], chunk_size=options.chunk_size,
-                     cu_seqlens=options.cu_seqlens, max_seqlen=options.max_seqlen,
-                     initial_state=options.initial_state,
-                     output_final_state=options.output_final_state,
-                     has_linear=inputs.has_linear, causal=options.causal, device=v.device,
-                     dtype=v.dtype)
-    check_rel_bias(options.rel_bias, C=docs.chunk_size, chunk_size=options.chunk_size,
-                   packed=docs.packed, device=first.device, device_owner=inputs.first_name)
+    docs = Documents(
+        batch=batch,
+        T=T,
+        S=S,
+        E=v.shape[-1],
+        chunk_size=options.chunk_size,
+        cu_seqlens=options.cu_seqlens,
+        max_seqlen=options.max_seqlen,
+        initial_state=options.initial_state,
+        output_final_state=options.output_final_state,
+        has_linear=inputs.has_linear,
+        causal=options.causal,
+        device=v.device,
+        dtype=v.dtype,
+    )
+    check_rel_bias(
+        options.rel_bias,
+        C=docs.chunk_size,
+        chunk_size=options.chunk_size,
+        packed=docs.packed,
+        device=first.device,
+        device_owner=inputs.first_name,
+    )
     backend = pick_backend(options.backend, v.device, v.dtype, S)
     return CallPlan(docs, options, backend, inputs.has_linear)

@@ -4,6 +4,7 @@ constexprs (backends/triton/kernels/common.py) and of `affine_stack`'s columns.
 
     role_r = z * gamma[r] + beta[r]     formed in float32, rounded to z's dtype
 """
+
 import torch
 
 QUAD_Q, QUAD_K, LIN_Q, LIN_K = 0, 1, 2, 3
@@ -14,8 +15,10 @@ def scale_offset_roles(z, gamma, beta):
     """The len(gamma) role tensors z * gamma[r] + beta[r], formed in float32, in z's dtype."""
     compute = torch.promote_types(z.dtype, torch.float32)
     z_wide = z.to(compute)
-    return [(z_wide * gamma[r].to(compute) + beta[r].to(compute)).to(z.dtype)
-            for r in range(gamma.shape[0])]
+    return [
+        (z_wide * gamma[r].to(compute) + beta[r].to(compute)).to(z.dtype)
+        for r in range(gamma.shape[0])
+    ]
 
 
 def affine_stack(gamma, beta):

@@ -17,6 +17,7 @@ fp32 accumulation rounded once to its dtype, and the tests have always held them
 The values are the ones the test suite used before this table existed, never loosened; where
 two test files disagreed, the tighter value that passes all of them was kept (noted below).
 """
+
 import torch
 
 #: check -> dtype -> the largest allowed rms(error) / rms(expected).
@@ -53,10 +54,18 @@ import torch
 #:   float16 4e-3, bfloat16 3e-2: the forward's arithmetic on one row, so the full op's values
 #:       (test_decode.py checks float16, and bfloat16 on a GPU, with them).
 RMS_RATIO = {
-    "mixed_chunk_attention": {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3,
-                              torch.bfloat16: 3e-2},
-    "flash_attention": {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3,
-                        torch.bfloat16: 3e-2},
+    "mixed_chunk_attention": {
+        torch.float64: 1e-10,
+        torch.float32: 2e-5,
+        torch.float16: 4e-3,
+        torch.bfloat16: 3e-2,
+    },
+    "flash_attention": {
+        torch.float64: 1e-10,
+        torch.float32: 2e-5,
+        torch.float16: 5e-3,
+        torch.bfloat16: 3e-2,
+    },
     "decode": {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2},
 }
 
@@ -67,6 +76,7 @@ def rms_ratio(check, dtype):
     try:
         return RMS_RATIO[check][dtype]
     except KeyError:
-        raise KeyError(f"no tolerance for check {check!r} in {dtype}: the table has "
-                       f"{ {name: sorted(map(str, row)) for name, row in RMS_RATIO.items()} }") \
-            from None
+        raise KeyError(
+            f"no tolerance for check {check!r} in {dtype}: the table has "
+            f"{ {name: sorted(map(str, row)) for name, row in RMS_RATIO.items()} }"
+        ) from None

@@ -1,6 +1,7 @@
 """The decoding cache: what mixed chunk attention keeps per sequence between decoding steps
 (the float32 S x E state of the completed chunks and the keys and values of the current chunk),
 and the check that a cache fits the tokens of a step."""
+
 import torch
 
 from ..core.environment import cuda_graph_capturing
@@ -47,8 +48,18 @@ class DecodeCache:
             _mark_static(tensor)
 
     @classmethod
-    def empty(cls, batch, S, E, *, chunk_size=256, capacity=None, linear=True,
-              dtype=torch.float32, device="cpu"):
+    def empty(
+        cls,
+        batch,
+        S,
+        E,
+        *,
+        chunk_size=256,
+        capacity=None,
+        linear=True,
+        dtype=torch.float32,
+        device="cpu",
+    ):
         """A cache of `batch` sequences at position 0. capacity: rows of the buffers, C by
         default; with chunk_size=None (one growing chunk) it is required: the longest
         sequence it can hold."""
@@ -57,21 +68,30 @@ class DecodeCache:
         check_int("E", E, minimum=1)
         if chunk_size is None:
             if capacity is None:
-                raise ValueError("chunk_size=None (one chunk that never completes) needs "
-                                 "capacity: the longest sequence the cache will hold")
+                raise ValueError(
+                    "chunk_size=None (one chunk that never completes) needs "
+                    "capacity: the longest sequence the cache will hold"
+                )
         else:
             check_int("chunk_size", chunk_size, minimum=1)
         capacity = chunk_size if capacity is None else capacity
         check_int("capacity", capacity, minimum=1)
         if chunk_size is not None and capacity != chunk_size:
-            raise ValueError(f"a chunked cache holds one chunk: capacity must equal chunk_size "
-                             f"({chunk_size}), got {capacity}")
+            raise ValueError(
+                f"a chunked cache holds one chunk: capacity must equal chunk_size "
+                f"({chunk_size}), got {capacity}"
+            )
         state_dtype = torch.promote_types(dtype, torch.float32)
         k_lin = torch.zeros(batch, capacity, S, dtype=dtype, device=device) if linear else None
         state = torch.zeros(batch, S, E, dtype=state_dtype, device=device) if linear else None
-        return cls(torch.zeros(batch, capacity, S, dtype=dtype, device=device), k_lin,
-                   torch.zeros(batch, capacity, E, dtype=dtype, device=device), state,
-                   torch.zeros(batch, dtype=torch.int64, device=device), chunk_size=chunk_size)
+        return cls(
+            torch.zeros(batch, capacity, S, dtype=dtype, device=device),
+            k_lin,
+            torch.zeros(batch, capacity, E, dtype=dtype, device=device),
+            state,
+            torch.zeros(batch, dtype=torch.int64, device=device),
+            chunk_size=chunk_size,
+        )
 
     @property
     def capacity(self):
@@ -91,14 +111,18 @@ class DecodeCache:
             return
         indices = torch.as_tensor(indices, device=self.position.device)
         if indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"indices must be a 1-D integer tensor of sequence indices, got "
-                             f"{indices.dtype} of shape {tuple(indices.shape)}")
+            raise ValueError(
+                f"indices must be a 1-D integer tensor of sequence indices, got "
+                f"{indices.dtype} of shape {tuple(indices.shape)}"
+            )
         batch = self.position.shape[0]
         if indices.numel() and not torch.compiler.is_compiling() and not cuda_graph_capturing():
             low, high = int(indices.min()), int(indices.max())
             if low < 0 or high >= batch:
-                raise ValueError(f"indices must lie in [0, {batch}) (the cache's sequences), got "
-                                 f"values from {low} to {high}")
+                raise ValueError(
+                    f"indices must lie in [0, {batch}) (the cache's sequences), got "
+                    f"values from {low} to {high}"
+                )
         tensors = (self.k_quad, self.k_lin, self.v, self.state, self.position)
         selected = [None if t is None else t.index_select(0, indices) for t in tensors]
         if indices.numel() == batch:
@@ -134,31 +158,46 @@ def check_cache(cache, *, batch, S, E, linear, dtype, device, names):
     expected = {"k_quad": (B, cap, S), "v": (B, cap, E)}
     if linear:
         if cache.k_lin is None or cache.state is None:
-            raise ValueError("the linear part needs a cache with k_lin and state "
-                             "(DecodeCache.empty(..., linear=True))")
+            raise ValueError(
+                "the linear part needs a cache with k_lin and state "
+                "(DecodeCache.empty(..., linear=True))"
+            )
         expected.update(k_lin=(B, cap, S), state=(B, S, E))
     elif cache.k_lin is not None:
-        raise ValueError("quadratic-only decoding (no q_lin/k_lin) got a cache with a linear "
-                         "part: use DecodeCache.empty(..., linear=False)")
+        raise ValueError(
+            "quadratic-only decoding (no q_lin/k_lin) got a cache with a linear "
+            "part: use DecodeCache.empty(..., linear=False)"
+        )
     for name, shape in expected.items():
         tensor = getattr(cache, name)
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"cache.{name} must have shape {shape} for {B} sequences with "
-                             f"S = {S} ({qk_name}) and E = {E} ({v_name}), got "
-                             f"{tuple(tensor.shape)}")
+            raise ValueError(
+                f"cache.{name} must have shape {shape} for {B} sequences with "
+                f"S = {S} ({qk_name}) and E = {E} ({v_name}), got "
+                f"{tuple(tensor.shape)}"
+            )
         if tensor.device != device:
             raise ValueError(f"cache.{name} is on {tensor.device} but {v_name} is on {device}")
         if not tensor.is_contiguous():
             raise ValueError(f"cache.{name} must be contiguous (it is updated in place)")
         want = torch.promote_types(dtype, torch.float32) if name == "state" else dtype
         if tensor.dtype != want:
-            raise TypeError(f"cache.{name} has dtype {tensor.dtype} but {v_name} is {dtype}: "
-                            f"expected {want}")
+            raise TypeError(
+                f"cache.{name} has dtype {tensor.dtype} but {v_name} is {dtype}: expected {want}"
+            )
     position = cache.position
-    if (not isinstance(position, torch.Tensor) or position.dtype != torch.int64
-            or tuple(position.shape) != (B,) or position.device != device):
-        raise ValueError(f"cache.position must be an int64 tensor of shape ({B},) on {device}, "
-                         f"got {type_name(position) if not isinstance(position, torch.Tensor) else f'{position.dtype} {tuple(position.shape)} on {position.device}'}")
+    if (
+        not isinstance(position, torch.Tensor)
+        or position.dtype != torch.int64
+        or tuple(position.shape) != (B,)
+        or position.device != device
+    ):
+        raise ValueError(
+            f"cache.position must be an int64 tensor of shape ({B},) on {device}, "
+            f"got {type_name(position) if not isinstance(position, torch.Tensor) else f'{position.dtype} {tuple(position.shape)} on {position.device}'}"
+        )
     if cache.chunk_size is not None and cap != cache.chunk_size:
-        raise ValueError(f"a chunked cache holds one chunk: capacity {cap} must equal "
-                         f"chunk_size {cache.chunk_size}")
+        raise ValueError(
+            f"a chunked cache holds one chunk: capacity {cap} must equal "
+            f"chunk_size {cache.chunk_size}"
+        )

@@ -17,6 +17,7 @@ kernels/mixed_chunk_decode.py); "torch" (and "reference") is plain tensor code
 (backends/torch/decode.py); "auto" picks as the full ops do (core.plan.pick_backend). The cache
 is decoding/cache.py's DecodeCache.
 """
+
 import torch
 
 from ..backends import triton as triton_backend
@@ -32,11 +33,15 @@ def _check_rows(named, B, device, dtype):
     for name, x, width in named:
         check_tensor(name, x, min_dim=2)
         if x.dim() != 2 or x.shape[0] != B or x.shape[1] != width:
-            raise ValueError(f"{name} must have shape ({B}, {width}) (one new token per "
-                             f"sequence), got {tuple(x.shape)}")
+            raise ValueError(
+                f"{name} must have shape ({B}, {width}) (one new token per "
+                f"sequence), got {tuple(x.shape)}"
+            )
         if x.dtype != dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but v has {dtype}: the new token's "
-                            f"tensors share one dtype")
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but v has {dtype}: the new token's "
+                f"tensors share one dtype"
+            )
         if x.device != device:
             raise ValueError(f"{name} is on {x.device} but v is on {device}")
 
@@ -47,19 +52,24 @@ def _check_decode_options(cache, rel_bias, quad_scale, lin_scale, backend, devic
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if cache.chunk_size is None and quad_scale is None:
-        raise ValueError("one growing chunk (chunk_size=None) needs an explicit quad_scale: the "
-                         "full op's default 1 / T depends on the whole sequence's length, which "
-                         "a decoder cannot know")
+        raise ValueError(
+            "one growing chunk (chunk_size=None) needs an explicit quad_scale: the "
+            "full op's default 1 / T depends on the whole sequence's length, which "
+            "a decoder cannot know"
+        )
     if rel_bias is None:
         return
     if not isinstance(rel_bias, torch.Tensor) or not rel_bias.is_floating_point():
-        raise TypeError(f"rel_bias must be a floating torch.Tensor or None, got "
-                        f"{type_name(rel_bias)}")
+        raise TypeError(
+            f"rel_bias must be a floating torch.Tensor or None, got {type_name(rel_bias)}"
+        )
     C = cache.bias_chunk
     if tuple(rel_bias.shape) != (2 * C - 1,):
         what = f"chunk_size={C}" if cache.chunk_size is not None else f"capacity={C}"
-        raise ValueError(f"rel_bias must have shape (2 * C - 1,) = ({2 * C - 1},) for the "
-                         f"cache's {what}, got {tuple(rel_bias.shape)}")
+        raise ValueError(
+            f"rel_bias must have shape (2 * C - 1,) = ({2 * C - 1},) for the "
+            f"cache's {what}, got {tuple(rel_bias.shape)}"
+        )
     if rel_bias.device != device:
         raise ValueError(f"rel_bias is on {rel_bias.device} but the inputs are on {device}")
 
@@ -68,8 +78,19 @@ def _scales(cache, quad_scale, lin_scale):
     return resolve_scales(quad_scale, lin_scale, cache.bias_chunk)
 
 
-def mixed_chunk_decode(q_quad, k_quad, q_lin, k_lin, v, cache, *, rel_bias=None,
-                       quad_scale=None, lin_scale=None, backend="auto"):
+def mixed_chunk_decode(
+    q_quad,
+    k_quad,
+    q_lin,
+    k_lin,
+    v,
+    cache,
+    *,
+    rel_bias=None,
+    quad_scale=None,
+    lin_scale=None,
+    backend="auto",
+):
     """One decoding step of mixed chunk attention for a batch of sequences.
 
     Sequence b has seen p_b = cache.position[b] tokens; its new token is row n = p_b mod C of
@@ -104,13 +125,36 @@ def mixed_chunk_decode(q_quad, k_quad, q_lin, k_lin, v, cache, *, rel_bias=None,
     Returns:
         (B, E) tensor in v's dtype. Inference only: no autograd through the cache updates.
     """
-    return _decode("mixed_chunk_decode", q_quad, k_quad, q_lin, k_lin, v, cache, gate=None,
-                   gamma_beta=None, rel_bias=rel_bias, quad_scale=quad_scale,
-                   lin_scale=lin_scale, backend=backend)
+    return _decode(
+        "mixed_chunk_decode",
+        q_quad,
+        k_quad,
+        q_lin,
+        k_lin,
+        v,
+        cache,
+        gate=None,
+        gamma_beta=None,
+        rel_bias=rel_bias,
+        quad_scale=quad_scale,
+        lin_scale=lin_scale,
+        backend=backend,
+    )
 
 
-def flash_attention_decode(z, gamma, beta, v, cache, *, u=None, rel_bias=None, quad_scale=None,
-                           lin_scale=None, backend="auto"):
+def flash_attention_decode(
+    z,
+    gamma,
+    beta,
+    v,
+    cache,
+    *,
+    u=None,
+    rel_bias=None,
+    quad_scale=None,
+    lin_scale=None,
+    backend="auto",
+):
     """One decoding step of `flash_attention` (roles from z, optional gate) for a batch.
 
         q_quad = z * gamma[0] + beta[0]    k_quad = z * gamma[1] + beta[1]
@@ -122,9 +166,21 @@ def flash_attention_decode(z, gamma, beta, v, cache, *, u=None, rel_bias=None, q
     op's kernels). z: (B, S); gamma, beta: (4, S) or (2, S); v, u: (B, E). Other arguments
     and the cache update as `mixed_chunk_decode`; returns (B, E) in v's dtype.
     """
-    return _decode("flash_attention_decode", z, None, None, None, v, cache, gate=u,
-                   gamma_beta=(gamma, beta), rel_bias=rel_bias, quad_scale=quad_scale,
-                   lin_scale=lin_scale, backend=backend)
+    return _decode(
+        "flash_attention_decode",
+        z,
+        None,
+        None,
+        None,
+        v,
+        cache,
+        gate=u,
+        gamma_beta=(gamma, beta),
+        rel_bias=rel_bias,
+        quad_scale=quad_scale,
+        lin_scale=lin_scale,
+        backend=backend,
+    )
 
 
 def _check_gamma_beta(gamma, beta, S, device):
@@ -132,38 +188,60 @@ def _check_gamma_beta(gamma, beta, S, device):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"{name} must be a floating torch.Tensor, got {type_name(x)}")
         if x.dim() != 2 or x.shape[0] not in (2, 4) or x.shape[1] != S:
-            raise ValueError(f"{name} must have shape (4, S) (rows quad_q, quad_k, lin_q, lin_k) "
-                             f"or (2, S) (quadratic only) with S = z.shape[-1] = {S}, got "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"{name} must have shape (4, S) (rows quad_q, quad_k, lin_q, lin_k) "
+                f"or (2, S) (quadratic only) with S = z.shape[-1] = {S}, got "
+                f"{tuple(x.shape)}"
+            )
         if x.device != device:
             raise ValueError(f"{name} is on {x.device} but z is on {device}")
     if gamma.shape != beta.shape:
-        raise ValueError(f"gamma and beta must have the same shape, got {tuple(gamma.shape)} "
-                         f"and {tuple(beta.shape)}")
+        raise ValueError(
+            f"gamma and beta must have the same shape, got {tuple(gamma.shape)} "
+            f"and {tuple(beta.shape)}"
+        )
 
 
-def _decode(op, q_quad, k_quad, q_lin, k_lin, v, cache, *, gate, gamma_beta, rel_bias,
-            quad_scale, lin_scale, backend):
+def _decode(
+    op,
+    q_quad,
+    k_quad,
+    q_lin,
+    k_lin,
+    v,
+    cache,
+    *,
+    gate,
+    gamma_beta,
+    rel_bias,
+    quad_scale,
+    lin_scale,
+    backend,
+):
     check_tensor("v", v, min_dim=2)
     if v.dim() != 2:
-        raise ValueError(f"v must have shape (B, E) (one new token per sequence), got "
-                         f"{tuple(v.shape)}")
+        raise ValueError(
+            f"v must have shape (B, E) (one new token per sequence), got {tuple(v.shape)}"
+        )
     B, E = v.shape
     device, dtype = v.device, v.dtype
     from_z = gamma_beta is not None
     if from_z:
         check_tensor("z", q_quad, min_dim=2)
         S = q_quad.shape[-1]
-        _check_rows([("z", q_quad, S)] + ([("u", gate, E)] if gate is not None else []),
-                    B, device, dtype)
+        _check_rows(
+            [("z", q_quad, S)] + ([("u", gate, E)] if gate is not None else []), B, device, dtype
+        )
         _check_gamma_beta(*gamma_beta, S, device)
         linear = gamma_beta[0].shape[0] == 4
         names = ("z", "v")
     else:
         if (q_lin is None) != (k_lin is None):
             given, missing = ("q_lin", "k_lin") if k_lin is None else ("k_lin", "q_lin")
-            raise ValueError(f"{given} was given without {missing}: pass both (linear part) or "
-                             f"neither (quadratic only)")
+            raise ValueError(
+                f"{given} was given without {missing}: pass both (linear part) or "
+                f"neither (quadratic only)"
+            )
         check_tensor("q_quad", q_quad, min_dim=2)
         S = q_quad.shape[-1]
         linear = q_lin is not None
@@ -174,8 +252,7 @@ def _decode(op, q_quad, k_quad, q_lin, k_lin, v, cache, *, gate, gamma_beta, rel
         names = ("q_quad", "v")
     if S == 0:
         raise ValueError(f"{names[0]} has S = 0 features: queries and keys need S >= 1")
-    check_cache(cache, batch=B, S=S, E=E, linear=linear, dtype=dtype, device=device,
-                names=names)
+    check_cache(cache, batch=B, S=S, E=E, linear=linear, dtype=dtype, device=device, names=names)
     _check_decode_options(cache, rel_bias, quad_scale, lin_scale, backend, device)
     quad, lin = _scales(cache, quad_scale, lin_scale)
 
@@ -184,13 +261,32 @@ def _decode(op, q_quad, k_quad, q_lin, k_lin, v, cache, *, gate, gamma_beta, rel
         affine = affine_stack(*gamma_beta) if from_z else None
         with torch.no_grad():
             return triton_backend.decode.decode_triton(
-                q_quad, k_quad, q_lin, k_lin, v, cache, gate=gate, affine=affine,
-                rel_bias=rel_bias, quad_scale=quad, lin_scale=lin)
+                q_quad,
+                k_quad,
+                q_lin,
+                k_lin,
+                v,
+                cache,
+                gate=gate,
+                affine=affine,
+                rel_bias=rel_bias,
+                quad_scale=quad,
+                lin_scale=lin,
+            )
     if from_z:
         roles = scale_offset_roles(q_quad, *gamma_beta)
         q_quad, k_quad = roles[0], roles[1]
         q_lin, k_lin = (roles[2], roles[3]) if linear else (None, None)
     with torch.no_grad():
-        out = decode_torch(q_quad, k_quad, q_lin, k_lin, v, cache, rel_bias=rel_bias,
-                           quad_scale=quad, lin_scale=lin).to(dtype)
+        out = decode_torch(
+            q_quad,
+            k_quad,
+            q_lin,
+            k_lin,
+            v,
+            cache,
+            rel_bias=rel_bias,
+            quad_scale=quad,
+            lin_scale=lin,
+        ).to(dtype)
     return out if gate is None else gate * out

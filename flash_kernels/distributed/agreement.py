@@ -2,6 +2,7 @@
 all-gathers a small int64 descriptor of its call (lengths, leading dims, sizes, options, which
 inputs need a gradient), so that a bad grouping, or a bad input on one rank, raises the same
 error on every rank instead of leaving the others waiting (context_parallel.py)."""
+
 import math
 import struct
 
@@ -12,21 +13,38 @@ from ..core.validation import type_name
 from .collectives import CPCall, _descriptor_device, all_gather_flat
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_BATCH_SLOTS = 6     # leading dims sent as they are; more are folded into the last slot
-_DESCRIPTOR_FIELDS = ("error", "T", "S", "E", "chunk_size", "op", "causal", "linear", "rel_bias",
-                      "gate", "grad", "dtype", "quad_scale", "lin_scale", "batch_dims") + \
-    tuple(f"batch{i}" for i in range(_BATCH_SLOTS))
+_BATCH_SLOTS = 6  # leading dims sent as they are; more are folded into the last slot
+_DESCRIPTOR_FIELDS = (
+    "error",
+    "T",
+    "S",
+    "E",
+    "chunk_size",
+    "op",
+    "causal",
+    "linear",
+    "rel_bias",
+    "gate",
+    "grad",
+    "dtype",
+    "quad_scale",
+    "lin_scale",
+    "batch_dims",
+) + tuple(f"batch{i}" for i in range(_BATCH_SLOTS))
 _OPS = ("mixed_chunk_attention", "flash_attention")
 
 
 def check_group(cp_group):
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("cp_group needs torch.distributed initialised "
-                           "(torch.distributed.init_process_group)")
+        raise RuntimeError(
+            "cp_group needs torch.distributed initialised (torch.distributed.init_process_group)"
+        )
     if not isinstance(cp_group, dist.ProcessGroup):
-        raise TypeError(f"cp_group must be a torch.distributed ProcessGroup (e.g. "
-                        f"torch.distributed.group.WORLD or one from new_group), got "
-                        f"{type_name(cp_group)}")
+        raise TypeError(
+            f"cp_group must be a torch.distributed ProcessGroup (e.g. "
+            f"torch.distributed.group.WORLD or one from new_group), got "
+            f"{type_name(cp_group)}"
+        )
 
 
 def _float_bits(x):
@@ -37,17 +55,44 @@ def _bits_float(n):
     return struct.unpack("<d", struct.pack("<q", int(n)))[0]
 
 
-def describe(*, op, batch, T, S, E, chunk_size, causal, linear, rel_bias, gate, grad_inputs,
-             dtype, quad_scale, lin_scale):
+def describe(
+    *,
+    op,
+    batch,
+    T,
+    S,
+    E,
+    chunk_size,
+    causal,
+    linear,
+    rel_bias,
+    gate,
+    grad_inputs,
+    dtype,
+    quad_scale,
+    lin_scale,
+):
     """This rank's call as the descriptor's fields (all ints)."""
     batch = tuple(batch)
     if len(batch) > _BATCH_SLOTS:
-        batch = batch[:_BATCH_SLOTS - 1] + (math.prod(batch[_BATCH_SLOTS - 1:]),)
-    fields = dict(error=0, T=T, S=S, E=E, chunk_size=chunk_size, op=_OPS.index(op),
-                  causal=int(causal), linear=int(linear), rel_bias=int(rel_bias), gate=int(gate),
-                  grad=sum(1 << i for i, need in enumerate(grad_inputs) if need),
-                  dtype=_DTYPES.index(dtype), quad_scale=_float_bits(quad_scale),
-                  lin_scale=_float_bits(lin_scale), batch_dims=len(tuple(batch)))
+        batch = batch[: _BATCH_SLOTS - 1] + (math.prod(batch[_BATCH_SLOTS - 1 :]),)
+    fields = dict(
+        error=0,
+        T=T,
+        S=S,
+        E=E,
+        chunk_size=chunk_size,
+        op=_OPS.index(op),
+        causal=int(causal),
+        linear=int(linear),
+        rel_bias=int(rel_bias),
+        gate=int(gate),
+        grad=sum(1 << i for i, need in enumerate(grad_inputs) if need),
+        dtype=_DTYPES.index(dtype),
+        quad_scale=_float_bits(quad_scale),
+        lin_scale=_float_bits(lin_scale),
+        batch_dims=len(tuple(batch)),
+    )
     for i in range(_BATCH_SLOTS):
         fields[f"batch{i}"] = batch[i] if i < len(batch) else -1
     return fields
@@ -55,7 +100,7 @@ def describe(*, op, batch, T, S, E, chunk_size, causal, linear, rel_bias, gate, 
 
 def _readable(name, fields, grad_names):
     """A descriptor field as a user would read it."""
-    if name == "batch":       # dims past the slots are folded into the last one (describe)
+    if name == "batch":  # dims past the slots are folded into the last one (describe)
         return tuple(fields[f"batch{i}"] for i in range(min(fields["batch_dims"], _BATCH_SLOTS)))
     value = fields[name]
     if name in ("quad_scale", "lin_scale"):
@@ -71,11 +116,13 @@ def _readable(name, fields, grad_names):
     return value
 
 
-_GRAD_NAMES = {0: ("q_quad", "k_quad", "q_lin", "k_lin", "v", "rel_bias"),
-               1: ("z", "gamma", "beta", "v", "u", "rel_bias")}
+_GRAD_NAMES = {
+    0: ("q_quad", "k_quad", "q_lin", "k_lin", "v", "rel_bias"),
+    1: ("z", "gamma", "beta", "v", "u", "rel_bias"),
+}
 _MISMATCH_HINTS = {
     "grad": "every rank must run the backward of every context-parallel call, so the same "
-            "inputs must need a gradient on every rank (and grad mode must agree)",
+    "inputs must need a gradient on every rank (and grad mode must agree)",
     "batch": "every rank holds a slice of the same sequences: the leading dims must agree",
 }
 
@@ -97,10 +144,12 @@ def _grouping_error(descriptors, chunk_size):
     lengths = [d["T"] for d in descriptors]
     for r, length in enumerate(lengths[:-1]):
         if length % chunk_size:
-            return (f"cp_group: rank {r} holds {length} tokens, not a multiple of "
-                    f"chunk_size={chunk_size}: every rank's slice but the last rank's "
-                    f"(rank {world_size - 1}) must be a whole number of chunks "
-                    f"(slice lengths by rank: {lengths})")
+            return (
+                f"cp_group: rank {r} holds {length} tokens, not a multiple of "
+                f"chunk_size={chunk_size}: every rank's slice but the last rank's "
+                f"(rank {world_size - 1}) must be a whole number of chunks "
+                f"(slice lengths by rank: {lengths})"
+            )
     return None
 
 
@@ -117,10 +166,12 @@ def agree_on_call(group, local_checks):
         error = caught
         fields = dict.fromkeys(_DESCRIPTOR_FIELDS, 0)
         fields["error"] = 1
-    descriptor = torch.tensor([fields[n] for n in _DESCRIPTOR_FIELDS], dtype=torch.int64,
-                              device=_descriptor_device(group))
-    gathered = torch.empty(world_size * descriptor.numel(), dtype=torch.int64,
-                           device=descriptor.device)
+    descriptor = torch.tensor(
+        [fields[n] for n in _DESCRIPTOR_FIELDS], dtype=torch.int64, device=_descriptor_device(group)
+    )
+    gathered = torch.empty(
+        world_size * descriptor.numel(), dtype=torch.int64, device=descriptor.device
+    )
     all_gather_flat(gathered, descriptor, group)
     rows = gathered.view(world_size, -1).tolist()
     descriptors = [dict(zip(_DESCRIPTOR_FIELDS, row)) for row in rows]
@@ -136,10 +187,16 @@ def agree_on_call(group, local_checks):
     message = _grouping_error(descriptors, fields["chunk_size"])
     if message is not None:
         raise ValueError(message)
-    call = CPCall(group=group, rank=rank, world_size=world_size,
-                  lengths=tuple(d["T"] for d in descriptors), chunk_size=fields["chunk_size"],
-                  causal=bool(fields["causal"]), quad_scale=_bits_float(fields["quad_scale"]),
-                  lin_scale=_bits_float(fields["lin_scale"]))
+    call = CPCall(
+        group=group,
+        rank=rank,
+        world_size=world_size,
+        lengths=tuple(d["T"] for d in descriptors),
+        chunk_size=fields["chunk_size"],
+        causal=bool(fields["causal"]),
+        quad_scale=_bits_float(fields["quad_scale"]),
+        lin_scale=_bits_float(fields["lin_scale"]),
+    )
     return call, value
 
 

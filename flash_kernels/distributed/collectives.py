@@ -1,6 +1,7 @@
 """The collectives of context parallelism: which device a group moves tensors on, an all-gather
 in flight, and `CPCall`, one call as every rank agreed on it with the sums over the ranks'
 gathered totals (docs/contract.md section 8; context_parallel.py says why an all-gather)."""
+
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,7 @@ class _Gathered:
         send = tensor.detach().reshape(-1).to(_collective_device(group, tensor.device)).contiguous()
         self._buffer = send.new_empty(world_size * send.numel())
         self._work = all_gather_flat(self._buffer, send, group, async_op=async_op)
-        self._send = send          # alive until the collective is done
+        self._send = send  # alive until the collective is done
 
     def wait(self):
         if self._work is not None:
@@ -62,6 +63,7 @@ class _Gathered:
 class CPCall:
     """One context-parallel call as every rank agreed on it: the group, this rank's place, the
     slice lengths of all ranks and the resolved options."""
+
     group: object
     rank: int
     world_size: int

@@ -41,6 +41,7 @@ never reduces them itself. Packed documents (cu_seqlens) and state in/out (initi
 output_final_state) are not supported with cp_group (a clear error). torch.compile graph-breaks
 around a context-parallel call (it runs eagerly).
 """
+
 import torch
 
 from ..backends import triton as triton_backend
@@ -52,6 +53,7 @@ from .agreement import agree_on_call, describe, grad_needed
 
 # -- the Triton path -----------------------------------------------------------------------------
 
+
 def _triton_forward(call, roles, v, rel_bias, gate=None, store_attn=False):
     """(out, attn, states, offset) of this rank's slice; see the module docstring."""
     B, T, S = roles.q_quad.shape
@@ -62,21 +64,33 @@ def _triton_forward(call, roles, v, rel_bias, gate=None, store_attn=False):
     if roles.has_linear:
         if T:
             states, total = triton_backend.forward.forward_state_scan(
-                roles, v, p, causal=causal, lin_scale=lin_scale, store_total=True)
-        else:           # no token, no state: the collective is joined all the same
+                roles, v, p, causal=causal, lin_scale=lin_scale, store_total=True
+            )
+        else:  # no token, no state: the collective is joined all the same
             total = torch.zeros((B, 1, S, E), dtype=torch.float32, device=v.device)
         offset, states = call.offset_and_states(call.all_gather(total).wait(), states)
     if not T:
         out = v.new_empty((B, 0, E))
         return out, (out.clone() if store_attn else None), states, offset
     out, attn = triton_backend.forward.forward_output(
-        roles, v, rel_bias, p, causal=causal, quad_scale=call.quad_scale, lin_scale=lin_scale,
-        states=states, state_offset=offset, gate=gate, store_attn=store_attn)
+        roles,
+        v,
+        rel_bias,
+        p,
+        causal=causal,
+        quad_scale=call.quad_scale,
+        lin_scale=lin_scale,
+        states=states,
+        state_offset=offset,
+        gate=gate,
+        store_attn=store_attn,
+    )
     return out, attn, states, offset
 
 
-def _triton_backward(call, grad_out, roles, v, rel_bias, states, offset, needs,
-                     role_grad_dtype=None):
+def _triton_backward(
+    call, grad_out, roles, v, rel_bias, states, offset, needs, role_grad_dtype=None
+):
     """The Gradients of this rank's slice (backward.Gradients; None where `needs`, a
     backward.BackwardNeeds, is False; no state offset's). The all-gather of the reverse totals
     runs while the query-side kernel does."""
@@ -87,19 +101,30 @@ def _triton_backward(call, grad_out, roles, v, rel_bias, states, offset, needs,
     exchange = roles.has_linear and (needs.k_lin or needs.v)
     if not T:
         if exchange:
-            call.all_gather(torch.zeros((B, 1, S, E), dtype=torch.float32,
-                                        device=v.device)).wait()
+            call.all_gather(torch.zeros((B, 1, S, E), dtype=torch.float32, device=v.device)).wait()
         empty_s = v.new_empty((B, 0, S), dtype=role_grad_dtype or v.dtype)
-        role_grads = {name: empty_s.clone() if getattr(needs, name) else None
-                      for name in ("q_quad", "k_quad", "q_lin", "k_lin")}
+        role_grads = {
+            name: empty_s.clone() if getattr(needs, name) else None
+            for name in ("q_quad", "k_quad", "q_lin", "k_lin")
+        }
         drel_bias = None
         if needs.rel_bias and rel_bias is not None:
             drel_bias = torch.zeros(2 * call.chunk_size - 1, dtype=torch.float32, device=v.device)
         return triton_backend.backward.Gradients(
-            **role_grads, v=v.new_empty((B, 0, E)) if needs.v else None, rel_bias=drel_bias)
+            **role_grads, v=v.new_empty((B, 0, E)) if needs.v else None, rel_bias=drel_bias
+        )
     launches = triton_backend.backward.BackwardLaunches(
-        grad_out, roles, v, rel_bias, call.chunk_size, causal, call.quad_scale, call.lin_scale,
-        needs, role_grad_dtype=role_grad_dtype)
+        grad_out,
+        roles,
+        v,
+        rel_bias,
+        call.chunk_size,
+        causal,
+        call.quad_scale,
+        call.lin_scale,
+        needs,
+        role_grad_dtype=role_grad_dtype,
+    )
     pending = dstates = None
     if exchange:
         dstates, dtotal = launches.reverse_scan(store_total=causal)
@@ -132,12 +157,19 @@ class _MixedChunkCP(torch.autograd.Function):
         q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, offset = ctx.saved_tensors
         need = dict(zip(_MIXED_CHUNK_CP_INPUTS, ctx.needs_input_grad))
         needs = triton_backend.backward.BackwardNeeds(
-            **{name: bool(need[name]) for name in _MIXED_CHUNK_CP_INPUTS[1:]})
-        grads = _triton_backward(ctx.call, grad_out.contiguous(),
-                                 triton_backend.problem.Roles(q_quad, k_quad, q_lin, k_lin), v,
-                                 rel_bias, states, offset, needs)
-        return (None, grads.q_quad, grads.k_quad, grads.q_lin, grads.k_lin, grads.v,
-                grads.rel_bias)
+            **{name: bool(need[name]) for name in _MIXED_CHUNK_CP_INPUTS[1:]}
+        )
+        grads = _triton_backward(
+            ctx.call,
+            grad_out.contiguous(),
+            triton_backend.problem.Roles(q_quad, k_quad, q_lin, k_lin),
+            v,
+            rel_bias,
+            states,
+            offset,
+            needs,
+        )
+        return (None, grads.q_quad, grads.k_quad, grads.q_lin, grads.k_lin, grads.v, grads.rel_bias)
 
 
 class _FlashCP(torch.autograd.Function):
@@ -147,8 +179,9 @@ class _FlashCP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call, num_roles, store_attn, z, affine, v, u, rel_bias):
         roles = triton_backend.problem.Roles.from_z(z, affine, num_roles)
-        out, attn, states, offset = _triton_forward(call, roles, v, rel_bias, gate=u,
-                                                    store_attn=store_attn)
+        out, attn, states, offset = _triton_forward(
+            call, roles, v, rel_bias, gate=u, store_attn=store_attn
+        )
         ctx.save_for_backward(z, affine, v, u, rel_bias, states, offset, attn)
         ctx.call, ctx.num_roles = call, num_roles
         return out
@@ -161,16 +194,26 @@ class _FlashCP(torch.autograd.Function):
         _, _, _, need_z, need_affine, need_v, need_u, need_bias = ctx.needs_input_grad
         grad_attn, du = fused.gate_gradients(grad_out, u, attn, v, need_u)
         needs = fused.attention_needs(need_z or need_affine, num_roles, need_v, need_bias)
-        grads = _triton_backward(ctx.call, grad_attn,
-                                 triton_backend.problem.Roles.from_z(z, affine, num_roles), v,
-                                 rel_bias, states, offset, needs, role_grad_dtype=torch.float32)
-        dz, dgamma, dbeta = fused.reduce_role_grads(fused.role_gradients(grads, num_roles), z,
-                                                    affine, need_z, need_affine, need_affine)
+        grads = _triton_backward(
+            ctx.call,
+            grad_attn,
+            triton_backend.problem.Roles.from_z(z, affine, num_roles),
+            v,
+            rel_bias,
+            states,
+            offset,
+            needs,
+            role_grad_dtype=torch.float32,
+        )
+        dz, dgamma, dbeta = fused.reduce_role_grads(
+            fused.role_gradients(grads, num_roles), z, affine, need_z, need_affine, need_affine
+        )
         daffine = fused.affine_gradient(affine, dgamma, dbeta, num_roles) if need_affine else None
         return None, None, None, dz, daffine, grads.v, du, grads.rel_bias
 
 
 # -- the PyTorch path ----------------------------------------------------------------------------
+
 
 class _ExchangeTotals(torch.autograd.Function):
     """offset_r from this rank's total (B, S, E): sum_{r' < r} Tot_r' (causal, zeros on rank 0)
@@ -212,13 +255,22 @@ def _torch_forward(call, q_quad, k_quad, q_lin, k_lin, v, rel_bias):
             out = out + rel_bias.sum().to(out.dtype)
         if q_lin is not None:
             compute = torch.promote_types(v.dtype, torch.float32)
-            total = k_lin.to(compute).transpose(1, 2) @ v.to(compute)          # zeros
+            total = k_lin.to(compute).transpose(1, 2) @ v.to(compute)  # zeros
             offset = _ExchangeTotals.apply(call, total)
             out = out + (call.lin_scale * (q_lin.to(compute) @ offset)).to(v.dtype)
         return out
-    run = ChunkedAttention(q_quad, k_quad, q_lin, k_lin, v, chunk_size=call.chunk_size,
-                           causal=call.causal, rel_bias=rel_bias, quad_scale=call.quad_scale,
-                           lin_scale=call.lin_scale)
+    run = ChunkedAttention(
+        q_quad,
+        k_quad,
+        q_lin,
+        k_lin,
+        v,
+        chunk_size=call.chunk_size,
+        causal=call.causal,
+        rel_bias=rel_bias,
+        quad_scale=call.quad_scale,
+        lin_scale=call.lin_scale,
+    )
     if q_lin is None:
         return run.output()
     offset = _ExchangeTotals.apply(call, run.total[:, 0])
@@ -226,6 +278,7 @@ def _torch_forward(call, q_quad, k_quad, q_lin, k_lin, v, rel_bias):
 
 
 # -- the entry of both ops ------------------------------------------------------------------------
+
 
 @torch.compiler.disable
 def context_parallel_attention(inputs, options):
@@ -240,12 +293,22 @@ def context_parallel_attention(inputs, options):
             triton_backend.require()
             check_triton_inputs(inputs.first, inputs.v)
         quad_scale, lin_scale = plan.scales()
-        fields = describe(op=inputs.op_name, batch=plan.batch, T=plan.T, S=plan.S, E=plan.E,
-                          chunk_size=plan.chunk_size, causal=options.causal,
-                          linear=inputs.has_linear, rel_bias=options.rel_bias is not None,
-                          gate=inputs.gate is not None,
-                          grad_inputs=grad_needed(*inputs, options.rel_bias),
-                          dtype=inputs.v.dtype, quad_scale=quad_scale, lin_scale=lin_scale)
+        fields = describe(
+            op=inputs.op_name,
+            batch=plan.batch,
+            T=plan.T,
+            S=plan.S,
+            E=plan.E,
+            chunk_size=plan.chunk_size,
+            causal=options.causal,
+            linear=inputs.has_linear,
+            rel_bias=options.rel_bias is not None,
+            gate=inputs.gate is not None,
+            grad_inputs=grad_needed(*inputs, options.rel_bias),
+            dtype=inputs.v.dtype,
+            quad_scale=quad_scale,
+            lin_scale=lin_scale,
+        )
         return fields, plan
 
     call, plan = agree_on_call(options.cp_group, local_checks)
@@ -266,8 +329,7 @@ def _mixed_chunk_attention(call, plan, inputs):
         out = _torch_forward(call, *tensors, rel_bias)
     else:
         contiguous = triton_backend.launch.feature_contiguous
-        out = _MixedChunkCP.apply(call, *(contiguous(x) for x in tensors),
-                                  _float32_bias(rel_bias))
+        out = _MixedChunkCP.apply(call, *(contiguous(x) for x in tensors), _float32_bias(rel_bias))
     return out.reshape(*plan.batch, plan.T, plan.E)
 
 
@@ -285,7 +347,14 @@ def _flash_attention(call, plan, inputs):
     contiguous = triton_backend.launch.feature_contiguous
     gate = None if u is None else contiguous(plan.flat(u))
     store_attn = u is not None and u.requires_grad and torch.is_grad_enabled()
-    out = _FlashCP.apply(call, gamma.shape[0], store_attn, contiguous(plan.flat(z)),
-                         affine_stack(gamma, beta), contiguous(plan.flat(v)), gate,
-                         _float32_bias(rel_bias))
+    out = _FlashCP.apply(
+        call,
+        gamma.shape[0],
+        store_attn,
+        contiguous(plan.flat(z)),
+        affine_stack(gamma, beta),
+        contiguous(plan.flat(v)),
+        gate,
+        _float32_bias(rel_bias),
+    )
     return out.reshape(*plan.batch, plan.T, plan.E)

@@ -1,4 +1,5 @@
 """GAU and FLASH layers: the Gated Attention Unit with full or mixed chunk attention."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,11 +68,36 @@ class GatedAttentionLayer(nn.Module):
     restart at each document.
     """
 
-    def __init__(self, d, *, s, expansion, chunk_size, linear, causal, rel_pos, rope, norm,
-                 quad_scale, lin_scale, max_distance, backend, t5_buckets=32, t5_max_distance=128):
+    def __init__(
+        self,
+        d,
+        *,
+        s,
+        expansion,
+        chunk_size,
+        linear,
+        causal,
+        rel_pos,
+        rope,
+        norm,
+        quad_scale,
+        lin_scale,
+        max_distance,
+        backend,
+        t5_buckets=32,
+        t5_max_distance=128,
+    ):
         super().__init__()
-        check_layer_options(d=d, s=s, expansion=expansion, linear=linear, causal=causal,
-                            rope=rope, quad_scale=quad_scale, lin_scale=lin_scale)
+        check_layer_options(
+            d=d,
+            s=s,
+            expansion=expansion,
+            linear=linear,
+            causal=causal,
+            rope=rope,
+            quad_scale=quad_scale,
+            lin_scale=lin_scale,
+        )
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.d, self.s, self.e = d, s, expansion * d
@@ -84,8 +110,13 @@ class GatedAttentionLayer(nn.Module):
         self.norm = make_norm(norm, d)
         self.to_uvz = nn.Linear(d, 2 * self.e + s)
         self.scale_offset = ScaleOffset(4 if linear else 2, s)
-        self.rel_pos = make_rel_pos(rel_pos, causal=causal, max_distance=max_distance,
-                                    t5_buckets=t5_buckets, t5_max_distance=t5_max_distance)
+        self.rel_pos = make_rel_pos(
+            rel_pos,
+            causal=causal,
+            max_distance=max_distance,
+            t5_buckets=t5_buckets,
+            t5_max_distance=t5_max_distance,
+        )
         self.rope = RotaryEmbedding(s) if rope else None
         self.to_out = nn.Linear(self.e, d)
 
@@ -104,8 +135,10 @@ class GatedAttentionLayer(nn.Module):
             raise ValueError(f"x is on {x.device} but the layer is on {weight.device}")
         autocast = x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)
         if x.dtype != weight.dtype and not (autocast and x.is_floating_point()):
-            raise TypeError(f"x has dtype {x.dtype} but the layer's parameters are {weight.dtype}: "
-                            f"convert x (x.to({weight.dtype})) or the layer (layer.to({x.dtype}))")
+            raise TypeError(
+                f"x has dtype {x.dtype} but the layer's parameters are {weight.dtype}: "
+                f"convert x (x.to({weight.dtype})) or the layer (layer.to({x.dtype}))"
+            )
 
     def _uvz(self, x):
         u, v, z = F.silu(self.to_uvz(self.norm(x))).split([self.e, self.e, self.s], dim=-1)
@@ -126,8 +159,17 @@ class GatedAttentionLayer(nn.Module):
 
     # -- full forward ---------------------------------------------------------------------------
 
-    def forward(self, x, key_padding_mask=None, cache=None, *, cu_seqlens=None, max_seqlen=None,
-                cp_group=None, start=None):
+    def forward(
+        self,
+        x,
+        key_padding_mask=None,
+        cache=None,
+        *,
+        cu_seqlens=None,
+        max_seqlen=None,
+        cp_group=None,
+        start=None,
+    ):
         """x: (batch, T, d) -> (batch, T, d).
 
         key_padding_mask: optional (batch, T) bool, True at padded tokens: they are removed by
@@ -154,9 +196,11 @@ class GatedAttentionLayer(nn.Module):
         self._check_input(x, ("batch", "T", self.d))
         B, T, _ = x.shape
         if start is not None and cu_seqlens is not None:
-            raise ValueError("start does not go with cu_seqlens: the positions of packed "
-                             "documents restart at 0 at each document's first token; leave "
-                             "start out")
+            raise ValueError(
+                "start does not go with cu_seqlens: the positions of packed "
+                "documents restart at 0 at each document's first token; leave "
+                "start out"
+            )
         start = self._check_context_parallel(cp_group, start, cache)
         if cache is not None:
             if not self.causal:
@@ -169,19 +213,24 @@ class GatedAttentionLayer(nn.Module):
         padded = None
         if key_padding_mask is not None:
             if key_padding_mask.shape != (B, T) or key_padding_mask.dtype != torch.bool:
-                raise ValueError(f"key_padding_mask must be a bool tensor of shape ({B}, {T}), "
-                                 f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+                raise ValueError(
+                    f"key_padding_mask must be a bool tensor of shape ({B}, {T}), "
+                    f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+                )
             padded = key_padding_mask.unsqueeze(-1)
-            u, v, z = (torch.where(padded, torch.zeros((), dtype=t.dtype, device=t.device), t)
-                       for t in (u, v, z))
+            u, v, z = (
+                torch.where(padded, torch.zeros((), dtype=t.dtype, device=t.device), t)
+                for t in (u, v, z)
+            )
         if cache is not None:
             y = self._attend_after_cache(u, v, z, cache)
         else:
             y = self._attend(u, v, z, cu_seqlens, max_seqlen, cp_group, start)
         update = self.to_out(y)
         if padded is not None:
-            update = torch.where(padded, torch.zeros((), dtype=update.dtype, device=update.device),
-                                 update)
+            update = torch.where(
+                padded, torch.zeros((), dtype=update.dtype, device=update.device), update
+            )
         return x + update
 
     def _check_context_parallel(self, cp_group, start, cache):
@@ -191,13 +240,17 @@ class GatedAttentionLayer(nn.Module):
         if cp_group is None:
             return start or 0
         if self.chunk_size is None:
-            raise ValueError("cp_group needs a chunked layer (FLASH): a GAU attends the whole "
-                             "sequence as one chunk, which cannot be split across ranks")
+            raise ValueError(
+                "cp_group needs a chunked layer (FLASH): a GAU attends the whole "
+                "sequence as one chunk, which cannot be split across ranks"
+            )
         if cache is not None:
             raise ValueError("cp_group does not take a decoding cache (prefill one process)")
         if self.rope is not None and start is None:
-            raise ValueError("with cp_group and RoPE, pass start: the position of this rank's "
-                             "first token (the sum of the earlier ranks' slice lengths)")
+            raise ValueError(
+                "with cp_group and RoPE, pass start: the position of this rank's "
+                "first token (the sum of the earlier ranks' slice lengths)"
+            )
         return start or 0
 
     def _attend(self, u, v, z, cu_seqlens, max_seqlen, cp_group=None, start=0):
@@ -208,12 +261,22 @@ class GatedAttentionLayer(nn.Module):
             C = self._chunk_len(T)
             positions = start + torch.arange(T, device=v.device)
         else:
-            C = self.chunk_size if self.chunk_size is not None else \
-                packed_chunk_len(cu_seqlens, max_seqlen)
+            C = (
+                self.chunk_size
+                if self.chunk_size is not None
+                else packed_chunk_len(cu_seqlens, max_seqlen)
+            )
             positions = positions_in_documents(cu_seqlens, T, v.device)
-        options = dict(chunk_size=self.chunk_size, causal=self.causal, rel_bias=self._rel_bias(C),
-                       quad_scale=self.quad_scale, lin_scale=self.lin_scale,
-                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=self.backend)
+        options = dict(
+            chunk_size=self.chunk_size,
+            causal=self.causal,
+            rel_bias=self._rel_bias(C),
+            quad_scale=self.quad_scale,
+            lin_scale=self.lin_scale,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            backend=self.backend,
+        )
         if cp_group is not None:
             options["cp_group"] = cp_group
         if self.rope is None:
@@ -231,13 +294,25 @@ class GatedAttentionLayer(nn.Module):
         held_rows = cache.capacity if cache.initialized else 0
         self._prepare_cache(cache, B, T, v.dtype, v.device)
         positions = cache.position[:, None] + torch.arange(T, device=v.device)
-        roles = [r.reshape(B, T, self.s) for r in self._roles(z.reshape(B * T, self.s),
-                                                              positions.reshape(-1))]
+        roles = [
+            r.reshape(B, T, self.s)
+            for r in self._roles(z.reshape(B * T, self.s), positions.reshape(-1))
+        ]
         q_lin, k_lin = roles[2:] if self.linear else (None, None)
-        out = prefill_attention(cache, roles[0], roles[1], q_lin, k_lin, v, held_rows=held_rows,
-                                lengths=lengths, rel_bias_for=self._rel_bias,
-                                quad_scale=self.quad_scale, lin_scale=self.lin_scale,
-                                backend=self.backend)
+        out = prefill_attention(
+            cache,
+            roles[0],
+            roles[1],
+            q_lin,
+            k_lin,
+            v,
+            held_rows=held_rows,
+            lengths=lengths,
+            rel_bias_for=self._rel_bias,
+            quad_scale=self.quad_scale,
+            lin_scale=self.lin_scale,
+            backend=self.backend,
+        )
         cache.max_tokens += T
         return u * out
 
@@ -256,14 +331,24 @@ class GatedAttentionLayer(nn.Module):
             while capacity < cache.max_tokens + new_tokens:
                 capacity *= 2
         if not cache.initialized:
-            cache.allocate(batch, self.s, self.e, capacity, chunk_size=self.chunk_size,
-                           linear=self.linear, dtype=dtype, device=device)
+            cache.allocate(
+                batch,
+                self.s,
+                self.e,
+                capacity,
+                chunk_size=self.chunk_size,
+                linear=self.linear,
+                dtype=dtype,
+                device=device,
+            )
             return
         if cache.v.shape[0] != batch:
             raise ValueError(f"the cache holds batch {cache.v.shape[0]}, x has batch {batch}")
         if cache.v.dtype != dtype:
-            raise TypeError(f"the cache holds {cache.v.dtype} keys and values but the layer now "
-                            f"computes in {dtype}: decode in the dtype of the prefill")
+            raise TypeError(
+                f"the cache holds {cache.v.dtype} keys and values but the layer now "
+                f"computes in {dtype}: decode in the dtype of the prefill"
+            )
         if capacity > cache.capacity:
             cache.grow(capacity)
 
@@ -306,10 +391,14 @@ class GatedAttentionLayer(nn.Module):
             raise ValueError("step() decodes causal layers only")
         self._check_input(x, ("batch", self.d))
         B = x.shape[0]
-        u, v, z = self._uvz(x)                                          # (B, e), (B, e), (B, s)
+        u, v, z = self._uvz(x)  # (B, e), (B, e), (B, s)
         self._prepare_cache(cache, B, 1, v.dtype, v.device)
-        options = dict(rel_bias=self._rel_bias(cache.bias_chunk), quad_scale=self.quad_scale,
-                       lin_scale=self.lin_scale, backend=self.backend)
+        options = dict(
+            rel_bias=self._rel_bias(cache.bias_chunk),
+            quad_scale=self.quad_scale,
+            lin_scale=self.lin_scale,
+            backend=self.backend,
+        )
         if self.rope is None:
             gamma, beta = self.scale_offset.gamma, self.scale_offset.beta
             y = flash_attention_decode(z, gamma, beta, v, cache, u=u, **options)
@@ -318,7 +407,7 @@ class GatedAttentionLayer(nn.Module):
             roles = self._roles(z, cache.position)
             q_lin, k_lin = roles[2:] if self.linear else (None, None)
             y = u * mixed_chunk_decode(roles[0], roles[1], q_lin, k_lin, v, cache, **options)
-        if self.chunk_size is None:      # the bound one-chunk buffers grow by (chunked: unused)
+        if self.chunk_size is None:  # the bound one-chunk buffers grow by (chunked: unused)
             cache.max_tokens += 1
         return x + self.to_out(y)
 
@@ -341,15 +430,40 @@ class GAU(GatedAttentionLayer):
     "layernorm"); backend of the attention op ("auto", "triton", "torch", "reference").
     """
 
-    def __init__(self, d, *, s=128, expansion=2, causal=True, max_len=512, rel_pos="learned",
-                 rope=False, norm="scalenorm", quad_scale=None, backend="auto", t5_buckets=32,
-                 t5_max_distance=128):
+    def __init__(
+        self,
+        d,
+        *,
+        s=128,
+        expansion=2,
+        causal=True,
+        max_len=512,
+        rel_pos="learned",
+        rope=False,
+        norm="scalenorm",
+        quad_scale=None,
+        backend="auto",
+        t5_buckets=32,
+        t5_max_distance=128,
+    ):
         check_int("max_len", max_len, minimum=1)
-        super().__init__(d, s=s, expansion=expansion, chunk_size=None, linear=False, causal=causal,
-                         rel_pos=rel_pos, rope=rope, norm=norm,
-                         quad_scale=quad_scale if quad_scale is not None else 1.0 / max_len,
-                         lin_scale=None, max_distance=max_len, backend=backend,
-                         t5_buckets=t5_buckets, t5_max_distance=t5_max_distance)
+        super().__init__(
+            d,
+            s=s,
+            expansion=expansion,
+            chunk_size=None,
+            linear=False,
+            causal=causal,
+            rel_pos=rel_pos,
+            rope=rope,
+            norm=norm,
+            quad_scale=quad_scale if quad_scale is not None else 1.0 / max_len,
+            lin_scale=None,
+            max_distance=max_len,
+            backend=backend,
+            t5_buckets=t5_buckets,
+            t5_max_distance=t5_max_distance,
+        )
         self.max_len = max_len
 
 
@@ -371,14 +485,43 @@ class FLASH(GatedAttentionLayer):
     Args as GAU, plus chunk_size (C), linear and lin_scale.
     """
 
-    def __init__(self, d, *, s=128, expansion=2, chunk_size=256, linear=True, causal=True,
-                 rel_pos="learned", rope=False, norm="scalenorm", quad_scale=None, lin_scale=None,
-                 backend="auto", t5_buckets=32, t5_max_distance=128):
+    def __init__(
+        self,
+        d,
+        *,
+        s=128,
+        expansion=2,
+        chunk_size=256,
+        linear=True,
+        causal=True,
+        rel_pos="learned",
+        rope=False,
+        norm="scalenorm",
+        quad_scale=None,
+        lin_scale=None,
+        backend="auto",
+        t5_buckets=32,
+        t5_max_distance=128,
+    ):
         if chunk_size is None:
-            raise ValueError("FLASH needs a positive chunk_size (use GAU for full attention), "
-                             "got None")
+            raise ValueError(
+                "FLASH needs a positive chunk_size (use GAU for full attention), got None"
+            )
         check_int("chunk_size", chunk_size, minimum=1)
-        super().__init__(d, s=s, expansion=expansion, chunk_size=chunk_size, linear=linear,
-                         causal=causal, rel_pos=rel_pos, rope=rope, norm=norm,
-                         quad_scale=quad_scale, lin_scale=lin_scale, max_distance=chunk_size,
-                         backend=backend, t5_buckets=t5_buckets, t5_max_distance=t5_max_distance)
+        super().__init__(
+            d,
+            s=s,
+            expansion=expansion,
+            chunk_size=chunk_size,
+            linear=linear,
+            causal=causal,
+            rel_pos=rel_pos,
+            rope=rope,
+            norm=norm,
+            quad_scale=quad_scale,
+            lin_scale=lin_scale,
+            max_distance=chunk_size,
+            backend=backend,
+            t5_buckets=t5_buckets,
+            t5_max_distance=t5_max_distance,
+        )

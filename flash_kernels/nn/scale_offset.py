@@ -1,4 +1,5 @@
 """Per-role scale and offset of the shared z: the cheap queries and keys of the GAU."""
+
 import torch
 from torch import nn
 

@@ -1,4 +1,5 @@
 """`python -m flash_kernels.selftest`: the self-test's command line (runner.main)."""
+
 import sys
 
 from .runner import main

@@ -36,6 +36,7 @@ here (no CUDA device and no TRITON_INTERPRET=1, no usable triton) or a bad argum
 interrupted (the rows so far are printed and written). From Python: `flash_kernels.self_test()`
 returns a `SelfTestReport` (`.passed`, `.rows`, `str(report)`).
 """
+
 import argparse
 import contextlib
 import json
@@ -59,13 +60,19 @@ from ..core.roles import scale_offset_roles
 from ..core.tolerances import rms_ratio
 from ..decoding import DecodeCache, flash_attention_decode, mixed_chunk_decode
 
-S_FEATURES = 40          # not a power of two: the 64-wide feature tile is partly masked
-E_FEATURES = 72          # not a power of two, over two 64-wide value tiles (three of 32)
-BATCH = 2                # a leading batch dim, folded into the launch grid
+S_FEATURES = 40  # not a power of two: the 64-wide feature tile is partly masked
+E_FEATURES = 72  # not a power of two, over two 64-wide value tiles (three of 32)
+BATCH = 2  # a leading batch dim, folded into the launch grid
 
-DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-               "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
-               "bfloat16": torch.bfloat16}
+DTYPE_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
 SHORT_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 EXIT_PASSED, EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -79,12 +86,14 @@ class SelfTestUnavailable(RuntimeError):
 # The paths
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class OpPath:
     """One configuration of mixed_chunk_attention ("mixed") or flash_attention ("flash"),
     forward and backward. `lengths`: packed documents (cu_seqlens) with an initial state and
     the final state (whose gradient flows back too); `hoisted`: the tile path the kernels must
     take (chunks of at most 256 tokens form their relu^2 weights once per query block)."""
+
     name: str
     op: str
     chunk_size: int | None
@@ -122,6 +131,7 @@ class DecodePath:
     """B = len(starts) sequences at different positions of their chunks decode `steps` tokens
     each through mixed_chunk_decode ("mixed") or flash_attention_decode ("flash"); one
     sequence completes a chunk on the way (the fold into the state)."""
+
     name: str
     op: str
     chunk_size: int = 64
@@ -138,15 +148,31 @@ PATHS = (
     OpPath("mixed C=128 hoist causal", "mixed", 128, True, bias=False),
     OpPath("mixed C=264 long causal +bias", "mixed", 264, False, T=300, batch=1),
     OpPath("mixed C=264 long full +bias", "mixed", 264, False, T=300, causal=False, batch=1),
-    OpPath("mixed C=None long causal quad-only", "mixed", None, False, T=260, linear=False,
-           batch=1),
+    OpPath(
+        "mixed C=None long causal quad-only", "mixed", None, False, T=260, linear=False, batch=1
+    ),
     OpPath("mixed C=128 hoist packed+state", "mixed", 128, True, lengths=(150, 0, 37, 90)),
     OpPath("mixed C=None long packed+state", "mixed", None, False, lengths=(260, 45), batch=1),
     OpPath("flash C=128 hoist causal +gate", "flash", 128, True, gate=True),
-    OpPath("flash C=128 hoist packed+state+gate", "flash", 128, True, gate=True,
-           lengths=(150, 0, 37, 90)),
-    OpPath("flash C=None long full +gate", "flash", None, False, T=260, causal=False,
-           bias=False, gate=True, batch=1),
+    OpPath(
+        "flash C=128 hoist packed+state+gate",
+        "flash",
+        128,
+        True,
+        gate=True,
+        lengths=(150, 0, 37, 90),
+    ),
+    OpPath(
+        "flash C=None long full +gate",
+        "flash",
+        None,
+        False,
+        T=260,
+        causal=False,
+        bias=False,
+        gate=True,
+        batch=1,
+    ),
     DecodePath("decode mixed C=64 +bias", "mixed"),
     DecodePath("decode flash C=64 +gate", "flash", gate=True),
 )
@@ -161,6 +187,7 @@ LEGEND = (
 # ---------------------------------------------------------------------------------------------
 # Inputs, the kernels' run and the reference
 # ---------------------------------------------------------------------------------------------
+
 
 def _randn(gen, *shape, scale=1.0, shift=0.0):
     return shift + scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
@@ -206,7 +233,7 @@ class OpProblem:
             values["k_quad"] = _randn(gen, B, T, S, scale=sigma)
             values["q_lin"] = _randn(gen, B, T, S) if path.linear else None
             values["k_lin"] = _randn(gen, B, T, S) if path.linear else None
-        else:        # roles z * gamma + beta of about the same sizes as the mixed op's
+        else:  # roles z * gamma + beta of about the same sizes as the mixed op's
             roles = 4 if path.linear else 2
             size = torch.tensor([1.0, 1.0, 1 / sigma, 1 / sigma][:roles], dtype=torch.float64)
             values["z"] = _randn(gen, B, T, S, scale=sigma)
@@ -220,8 +247,7 @@ class OpProblem:
         if path.packed:
             self.cu_seqlens = torch.tensor((0,) + path.lengths).cumsum(0)
             # the unscaled sum of k_lin^T v over earlier tokens: about sqrt(C) at C tokens
-            values["initial_state"] = _randn(gen, B, len(path.lengths), S, E,
-                                             scale=math.sqrt(C))
+            values["initial_state"] = _randn(gen, B, len(path.lengths), S, E, scale=math.sqrt(C))
         self.grad_out = _randn(gen, B, T, E)
         self.grad_final = _randn(gen, B, len(path.lengths), S, E) if path.packed else None
         self.low, exact = _leaves(values, dtype, device)
@@ -233,17 +259,31 @@ class OpProblem:
 
     def _forward_backward(self, leaves, backend, device):
         path = self.path
-        options = {"chunk_size": path.chunk_size, "causal": path.causal,
-                   "rel_bias": leaves["rel_bias"], "backend": backend}
+        options = {
+            "chunk_size": path.chunk_size,
+            "causal": path.causal,
+            "rel_bias": leaves["rel_bias"],
+            "backend": backend,
+        }
         if path.packed:
-            options.update(cu_seqlens=self.cu_seqlens.to(device),
-                           initial_state=leaves["initial_state"], output_final_state=True)
+            options.update(
+                cu_seqlens=self.cu_seqlens.to(device),
+                initial_state=leaves["initial_state"],
+                output_final_state=True,
+            )
         if path.op == "mixed":
-            result = mixed_chunk_attention(leaves["q_quad"], leaves["k_quad"], leaves["q_lin"],
-                                           leaves["k_lin"], leaves["v"], **options)
+            result = mixed_chunk_attention(
+                leaves["q_quad"],
+                leaves["k_quad"],
+                leaves["q_lin"],
+                leaves["k_lin"],
+                leaves["v"],
+                **options,
+            )
         else:
-            result = flash_attention(leaves["z"], leaves["gamma"], leaves["beta"], leaves["v"],
-                                     u=leaves["u"], **options)
+            result = flash_attention(
+                leaves["z"], leaves["gamma"], leaves["beta"], leaves["v"], u=leaves["u"], **options
+            )
         out, final = result if path.packed else (result, None)
         outputs, upstream = [out], [self.grad_out.to(device=device, dtype=out.dtype)]
         quantities = {"out": out}
@@ -259,13 +299,21 @@ class OpProblem:
     def expected_launches(self):
         """(kernel names, constexprs every launch that has them must show)."""
         path = self.path
-        names = {"mixed_chunk_fwd_kernel", "mixed_chunk_bwd_query_kernel",
-                 "mixed_chunk_bwd_key_kernel"}
+        names = {
+            "mixed_chunk_fwd_kernel",
+            "mixed_chunk_bwd_query_kernel",
+            "mixed_chunk_bwd_key_kernel",
+        }
         if path.linear:
             names.add("chunk_state_scan_kernel")
-        constexprs = {"FROM_Z": path.op == "flash", "HOIST_SCORES": path.hoisted,
-                      "CAUSAL": path.causal, "IS_VARLEN": path.packed, "HAS_BIAS": path.bias,
-                      "HAS_GATE": path.gate}
+        constexprs = {
+            "FROM_Z": path.op == "flash",
+            "HOIST_SCORES": path.hoisted,
+            "CAUSAL": path.causal,
+            "IS_VARLEN": path.packed,
+            "HAS_BIAS": path.bias,
+            "HAS_GATE": path.gate,
+        }
         return names, constexprs
 
 
@@ -282,14 +330,19 @@ class DecodeProblem:
         sigma = _query_key_scale(C)
         values = {}
         if path.op == "mixed":
-            values.update(q_quad=_randn(gen, B, T, S, scale=sigma),
-                          k_quad=_randn(gen, B, T, S, scale=sigma),
-                          q_lin=_randn(gen, B, T, S), k_lin=_randn(gen, B, T, S))
+            values.update(
+                q_quad=_randn(gen, B, T, S, scale=sigma),
+                k_quad=_randn(gen, B, T, S, scale=sigma),
+                q_lin=_randn(gen, B, T, S),
+                k_lin=_randn(gen, B, T, S),
+            )
         else:
             size = torch.tensor([1.0, 1.0, 1 / sigma, 1 / sigma], dtype=torch.float64)
-            values.update(z=_randn(gen, B, T, S, scale=sigma),
-                          gamma=_randn(gen, 4, S, scale=0.3, shift=1.0) * size[:, None],
-                          beta=_randn(gen, 4, S, scale=0.3 * sigma) * size[:, None])
+            values.update(
+                z=_randn(gen, B, T, S, scale=sigma),
+                gamma=_randn(gen, 4, S, scale=0.3, shift=1.0) * size[:, None],
+                beta=_randn(gen, 4, S, scale=0.3 * sigma) * size[:, None],
+            )
         values["v"] = _randn(gen, B, T, E)
         if path.gate:
             values["u"] = _randn(gen, B, T, E)
@@ -317,8 +370,9 @@ class DecodeProblem:
 
         roles = [exact(role) for role in self._roles(self.low)]
         v = exact(self.low["v"])
-        full = mixed_chunk_attention(*roles, v, chunk_size=C, rel_bias=exact(self.low["rel_bias"]),
-                                     backend="reference")
+        full = mixed_chunk_attention(
+            *roles, v, chunk_size=C, rel_bias=exact(self.low["rel_bias"]), backend="reference"
+        )
         if path.gate:
             full = exact(self.low["u"]) * full
         rows = torch.arange(len(path.starts))
@@ -333,14 +387,15 @@ class DecodeProblem:
     def run(self):
         path, low, C = self.path, self.low, self.path.chunk_size
         B = len(path.starts)
-        cache = DecodeCache.empty(B, S_FEATURES, E_FEATURES, chunk_size=C, dtype=self.dtype,
-                                  device=self.device)
+        cache = DecodeCache.empty(
+            B, S_FEATURES, E_FEATURES, chunk_size=C, dtype=self.dtype, device=self.device
+        )
         roles = self._roles(low)
-        for b, start in enumerate(path.starts):       # what a prefill leaves in the cache
+        for b, start in enumerate(path.starts):  # what a prefill leaves in the cache
             first = start // C * C
-            cache.k_quad[b, :start - first] = roles[1][b, first:start]
-            cache.k_lin[b, :start - first] = roles[3][b, first:start]
-            cache.v[b, :start - first] = low["v"][b, first:start]
+            cache.k_quad[b, : start - first] = roles[1][b, first:start]
+            cache.k_lin[b, : start - first] = roles[3][b, first:start]
+            cache.v[b, : start - first] = low["v"][b, first:start]
             done = roles[3][b, :first].double().T @ low["v"][b, :first].double()
             cache.state[b] = done.to(cache.state.dtype)
             cache.position[b] = start
@@ -350,21 +405,40 @@ class DecodeProblem:
         for i in range(path.steps):
             token = starts + i
             if path.op == "mixed":
-                outs.append(mixed_chunk_decode(
-                    *(role[rows, token] for role in roles), low["v"][rows, token], cache,
-                    rel_bias=low["rel_bias"], backend="triton"))
+                outs.append(
+                    mixed_chunk_decode(
+                        *(role[rows, token] for role in roles),
+                        low["v"][rows, token],
+                        cache,
+                        rel_bias=low["rel_bias"],
+                        backend="triton",
+                    )
+                )
             else:
                 gate = low["u"][rows, token] if path.gate else None
-                outs.append(flash_attention_decode(
-                    low["z"][rows, token], low["gamma"], low["beta"], low["v"][rows, token],
-                    cache, u=gate, rel_bias=low["rel_bias"], backend="triton"))
+                outs.append(
+                    flash_attention_decode(
+                        low["z"][rows, token],
+                        low["gamma"],
+                        low["beta"],
+                        low["v"][rows, token],
+                        cache,
+                        u=gate,
+                        rel_bias=low["rel_bias"],
+                        backend="triton",
+                    )
+                )
         return {"out": torch.stack(outs, dim=1), "state": cache.state}
 
     def expected_launches(self):
         path = self.path
-        return {"mixed_chunk_decode_kernel"}, {"FROM_Z": path.op == "flash",
-                                               "HAS_GATE": path.gate, "HAS_BIAS": path.bias,
-                                               "HAS_LINEAR": True, "FOLDS": True}
+        return {"mixed_chunk_decode_kernel"}, {
+            "FROM_Z": path.op == "flash",
+            "HAS_GATE": path.gate,
+            "HAS_BIAS": path.bias,
+            "HAS_LINEAR": True,
+            "FOLDS": True,
+        }
 
 
 def make_problem(path, dtype, device, seed):
@@ -399,20 +473,31 @@ def launch_problems(records, expected_names, expected_constexprs):
     launched = {record.kernel_name for record in records}
     if launched != expected_names:
         missing, extra = sorted(expected_names - launched), sorted(launched - expected_names)
-        problems.append("kernels: " + "; ".join(
-            part for part in (f"not launched {missing}" if missing else "",
-                              f"unexpected {extra}" if extra else "") if part))
+        problems.append(
+            "kernels: "
+            + "; ".join(
+                part
+                for part in (
+                    f"not launched {missing}" if missing else "",
+                    f"unexpected {extra}" if extra else "",
+                )
+                if part
+            )
+        )
     for record in records:
         for key, want in expected_constexprs.items():
             if key in record.constexprs and bool(record.constexprs[key]) != want:
-                problems.append(f"kernels: {record.kernel_name} ran with {key}="
-                                f"{record.constexprs[key]}, expected {want}")
+                problems.append(
+                    f"kernels: {record.kernel_name} ran with {key}="
+                    f"{record.constexprs[key]}, expected {want}"
+                )
     return sorted(set(problems))
 
 
 # ---------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class SelfTestRow:
@@ -423,6 +508,7 @@ class SelfTestRow:
     `problems` says which) or "ERROR" (the run raised: `problems` holds the exception).
     `first_run_s` includes the kernels' compile on a GPU; `timed_s` is a second run (None
     under the interpreter, which compiles nothing)."""
+
     path: str
     dtype: str
     quantity: str
@@ -445,6 +531,7 @@ class SelfTestReport:
     dtype, the `seed` that reproduces the inputs (`--seed`), and `interrupted` when the run
     stopped early. `str(report)` is the table and the environment block to paste into a bug
     report; `to_dict()` is the JSON form."""
+
     environment: dict[str, str]
     rows: list[SelfTestRow] = field(default_factory=list)
     seed: int = 0
@@ -458,8 +545,11 @@ class SelfTestReport:
     def passed(self):
         """Every row passed and every planned row ran."""
         expected_rows = len(self.paths) * len(self.dtypes)
-        return (not self.interrupted and len(self.rows) == expected_rows
-                and all(row.passed for row in self.rows))
+        return (
+            not self.interrupted
+            and len(self.rows) == expected_rows
+            and all(row.passed for row in self.rows)
+        )
 
     @property
     def failures(self):
@@ -477,31 +567,41 @@ class SelfTestReport:
     def headline(self):
         planned = len(self.paths) * len(self.dtypes)
         verdict = self.verdict()
-        return (f"flash-kernels self-test: {verdict}: {sum(r.passed for r in self.rows)} of "
-                f"{planned} rows passed, {len(self.failures)} failed"
-                + (f", {planned - len(self.rows)} not run" if len(self.rows) < planned else "")
-                + f" (seed {self.seed}, {self.wall_s:.1f} s)")
+        return (
+            f"flash-kernels self-test: {verdict}: {sum(r.passed for r in self.rows)} of "
+            f"{planned} rows passed, {len(self.failures)} failed"
+            + (f", {planned - len(self.rows)} not run" if len(self.rows) < planned else "")
+            + f" (seed {self.seed}, {self.wall_s:.1f} s)"
+        )
 
     def table_lines(self):
         """The table, one line per row (at most 100 characters)."""
-        header = (f"{'path':36} {'dtype':5} {'worst':14} {'error':>7} {'tol':>7} "
-                  f"{'verdict':7} {'first s':>7} {'timed s':>7}")
+        header = (
+            f"{'path':36} {'dtype':5} {'worst':14} {'error':>7} {'tol':>7} "
+            f"{'verdict':7} {'first s':>7} {'timed s':>7}"
+        )
         lines = [header, "-" * len(header)]
         for row in self.rows:
             timed = f"{row.timed_s:7.3f}" if row.timed_s is not None else f"{'-':>7}"
             first = f"{row.first_run_s:7.2f}" if row.first_run_s is not None else f"{'-':>7}"
-            lines.append(f"{row.path:36} {row.dtype:5} {row.quantity:14} "
-                         f"{_number(row.error):>7} {row.tolerance:7.1e} {row.verdict:7} "
-                         f"{first} {timed}")
+            lines.append(
+                f"{row.path:36} {row.dtype:5} {row.quantity:14} "
+                f"{_number(row.error):>7} {row.tolerance:7.1e} {row.verdict:7} "
+                f"{first} {timed}"
+            )
         return lines
 
     def failure_lines(self):
         lines = []
         for row in self.failures:
-            over = [f"{name} {_number(value)}" for name, value in row.errors.items()
-                    if not value <= row.tolerance]
-            detail = "; ".join(row.problems + ([f"over {row.tolerance:.0e}: " + ", ".join(over)]
-                                               if over else []))
+            over = [
+                f"{name} {_number(value)}"
+                for name, value in row.errors.items()
+                if not value <= row.tolerance
+            ]
+            detail = "; ".join(
+                row.problems + ([f"over {row.tolerance:.0e}: " + ", ".join(over)] if over else [])
+            )
             lines.append(f"  {row.verdict} {row.path} [{row.dtype}]: {detail}")
         return lines
 
@@ -517,12 +617,20 @@ class SelfTestReport:
         return "\n".join(lines) + "\n"
 
     def to_dict(self):
-        return {"passed": self.passed, "verdict": self.verdict(),
-                "interrupted": self.interrupted, "seed": self.seed,
-                "device": self.device, "dtypes": self.dtypes, "paths": self.paths,
-                "wall_s": round(self.wall_s, 3), "headline": self.headline(),
-                "environment": self.environment,
-                "rows": [_json_safe(asdict(row)) for row in self.rows], "text": str(self)}
+        return {
+            "passed": self.passed,
+            "verdict": self.verdict(),
+            "interrupted": self.interrupted,
+            "seed": self.seed,
+            "device": self.device,
+            "dtypes": self.dtypes,
+            "paths": self.paths,
+            "wall_s": round(self.wall_s, 3),
+            "headline": self.headline(),
+            "environment": self.environment,
+            "rows": [_json_safe(asdict(row)) for row in self.rows],
+            "text": str(self),
+        }
 
 
 def _number(value):
@@ -544,11 +652,11 @@ def _json_safe(value):
 # The environment block
 # ---------------------------------------------------------------------------------------------
 
+
 def _command_output(command, timeout=10):
     """The stripped stdout of a command, or None if it cannot run or fails."""
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              check=False)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None
@@ -559,12 +667,15 @@ def _ptxas_tool(arch):
     # Triton >= 3.4 picks a tool per architecture (get_ptxas); 3.2 and 3.3 had _path_to_binary.
     with contextlib.suppress(Exception):
         from triton.backends.nvidia.compiler import get_ptxas
+
         return get_ptxas(arch).path, "triton get_ptxas"
     with contextlib.suppress(Exception):
         from triton.backends.nvidia.compiler import _path_to_binary
+
         return _path_to_binary("ptxas")[0], "triton _path_to_binary"
     with contextlib.suppress(Exception):
         import triton.knobs
+
         return triton.knobs.nvidia.ptxas.path, "triton.knobs.nvidia.ptxas"
     return shutil.which("ptxas"), "PATH (not Triton's)"
 
@@ -587,8 +698,9 @@ def _driver():
     text = _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
     if text:
         return f"{text.splitlines()[0].strip()} (nvidia-smi)"
-    with contextlib.suppress(Exception):         # not Linux, or no libcuda: said below
+    with contextlib.suppress(Exception):  # not Linux, or no libcuda: said below
         import ctypes
+
         version = ctypes.c_int()
         if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) == 0:
             major, minor = version.value // 1000, version.value % 1000 // 10
@@ -605,8 +717,9 @@ def _commit():
     commit = _command_output(["git", "-C", root, "rev-parse", "--short=12", "HEAD"])
     if commit is None:
         return "unknown (git failed)"
-    changes = _command_output(["git", "-C", root, "status", "--porcelain",
-                               "--untracked-files=no", "--", "flash_kernels"])
+    changes = _command_output(
+        ["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", "flash_kernels"]
+    )
     return commit + ("+modified" if changes else "")
 
 
@@ -618,34 +731,47 @@ def environment_info(device):
         index = device.index if device.index is not None else torch.cuda.current_device()
         capability = torch.cuda.get_device_capability(index)
         props = torch.cuda.get_device_properties(index)
-        info["device"] = (f"{torch.cuda.get_device_name(index)} ({props.multi_processor_count}"
-                          f" SMs, {props.total_memory / 2**30:.0f} GiB), cuda:{index}")
+        info["device"] = (
+            f"{torch.cuda.get_device_name(index)} ({props.multi_processor_count}"
+            f" SMs, {props.total_memory / 2**30:.0f} GiB), cuda:{index}"
+        )
         info["capability"] = f"sm_{capability[0]}{capability[1]}"
         info["driver"] = _driver()
     else:
-        info["device"] = f"CPU ({platform.processor() or platform.machine()}), " \
-                         f"{os.cpu_count()} cores"
+        info["device"] = (
+            f"CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores"
+        )
         info["capability"] = "none (Triton interpreter)"
-    info["CUDA runtime"] = f"{torch.version.cuda} (torch's build)" if torch.version.cuda \
+    info["CUDA runtime"] = (
+        f"{torch.version.cuda} (torch's build)"
+        if torch.version.cuda
         else "none (CPU build of torch)"
+    )
     info["torch"] = torch.__version__
     try:
         import triton
+
         info["triton"] = triton.__version__
     except Exception as exc:  # noqa: BLE001
         info["triton"] = f"import failed: {exc}"
-    info["ptxas"] = _ptxas(capability) if device.type == "cuda" else \
-        f"not used by the interpreter (would be: {_ptxas(None)})"
+    info["ptxas"] = (
+        _ptxas(capability)
+        if device.type == "cuda"
+        else f"not used by the interpreter (would be: {_ptxas(None)})"
+    )
     try:
         import numpy
+
         info["numpy"] = numpy.__version__
     except Exception:  # noqa: BLE001
         info["numpy"] = "missing"
     info["python"] = f"{sys.version.split()[0]} ({platform.platform()})"
     info["flash_kernels"] = f"{_version.__version__} ({_commit()})"
-    info["backend"] = ("compiled Triton kernels; fp32 products IEEE (allow_tf32 off here)"
-                       if not INTERPRETED_KERNELS else
-                       "Triton interpreter (TRITON_INTERPRET=1), float32 dots exact")
+    info["backend"] = (
+        "compiled Triton kernels; fp32 products IEEE (allow_tf32 off here)"
+        if not INTERPRETED_KERNELS
+        else "Triton interpreter (TRITON_INTERPRET=1), float32 dots exact"
+    )
     return info
 
 
@@ -653,13 +779,15 @@ def environment_info(device):
 # Running it
 # ---------------------------------------------------------------------------------------------
 
+
 def resolve_device(device):
     """The torch.device the kernels can run on here, or SelfTestUnavailable saying why not."""
     try:
         import triton  # noqa: F401
     except Exception as exc:  # noqa: BLE001
-        raise SelfTestUnavailable(f"the Triton backend cannot run here: importing triton "
-                                  f"failed ({exc})") from None
+        raise SelfTestUnavailable(
+            f"the Triton backend cannot run here: importing triton failed ({exc})"
+        ) from None
     if device is None:
         if INTERPRETED_KERNELS:
             return torch.device("cpu")
@@ -669,31 +797,43 @@ def resolve_device(device):
             raise SelfTestUnavailable(
                 "the Triton backend cannot run here: TRITON_INTERPRET=1 was set after "
                 "flash_kernels was imported; set it before (e.g. TRITON_INTERPRET=1 python -m "
-                "flash_kernels.selftest)")
+                "flash_kernels.selftest)"
+            )
         raise SelfTestUnavailable(
             "the Triton backend cannot run here: no CUDA device (torch.cuda.is_available() "
             "is False) and TRITON_INTERPRET=1 was not set before flash_kernels was imported "
             "(the CPU interpreter is slow; for tests: TRITON_INTERPRET=1 python -m "
-            "flash_kernels.selftest). The PyTorch backends (backend='torch') still work.")
+            "flash_kernels.selftest). The PyTorch backends (backend='torch') still work."
+        )
     device = torch.device(device)
     if device.type == "cuda":
         if INTERPRETED_KERNELS:
-            raise SelfTestUnavailable("TRITON_INTERPRET=1 is set: the kernels run in the CPU "
-                                      "interpreter; unset it to test the GPU")
+            raise SelfTestUnavailable(
+                "TRITON_INTERPRET=1 is set: the kernels run in the CPU "
+                "interpreter; unset it to test the GPU"
+            )
         if not torch.cuda.is_available():
-            raise SelfTestUnavailable(f"the Triton backend cannot run on {device}: no CUDA "
-                                      f"device (torch.cuda.is_available() is False)")
-        return device if device.index is not None else \
-            torch.device("cuda", torch.cuda.current_device())
+            raise SelfTestUnavailable(
+                f"the Triton backend cannot run on {device}: no CUDA "
+                f"device (torch.cuda.is_available() is False)"
+            )
+        return (
+            device
+            if device.index is not None
+            else torch.device("cuda", torch.cuda.current_device())
+        )
     if device.type == "cpu":
         if not INTERPRETED_KERNELS:
             raise SelfTestUnavailable(
                 "the Triton backend cannot run on the CPU unless TRITON_INTERPRET=1 is set "
                 "before flash_kernels is imported (TRITON_INTERPRET=1 python -m "
-                "flash_kernels.selftest --device cpu)")
+                "flash_kernels.selftest --device cpu)"
+            )
         return device
-    raise SelfTestUnavailable(f"the Triton backend runs on CUDA devices (or the CPU under "
-                              f"TRITON_INTERPRET=1), not on {device}")
+    raise SelfTestUnavailable(
+        f"the Triton backend runs on CUDA devices (or the CPU under "
+        f"TRITON_INTERPRET=1), not on {device}"
+    )
 
 
 def resolve_dtypes(dtypes, device):
@@ -711,15 +851,18 @@ def resolve_dtypes(dtypes, device):
     for dtype in dtypes:
         if isinstance(dtype, str):
             if dtype.lower() not in DTYPE_NAMES:
-                raise ValueError(f"unknown dtype {dtype!r}: use one of "
-                                 f"{sorted(set(DTYPE_NAMES))}")
+                raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(set(DTYPE_NAMES))}")
             dtype = DTYPE_NAMES[dtype.lower()]
         if dtype not in SHORT_NAMES:
-            raise ValueError(f"the kernels take float32, float16 and bfloat16, not {dtype} "
-                             f"(float64 runs the exact PyTorch path)")
+            raise ValueError(
+                f"the kernels take float32, float16 and bfloat16, not {dtype} "
+                f"(float64 runs the exact PyTorch path)"
+            )
         if dtype == torch.bfloat16 and interpreted:
-            raise ValueError("bfloat16 cannot run under the Triton interpreter (it has no "
-                             "bfloat16 arithmetic): test it on a GPU")
+            raise ValueError(
+                "bfloat16 cannot run under the Triton interpreter (it has no "
+                "bfloat16 arithmetic): test it on a GPU"
+            )
         if dtype not in resolved:
             resolved.append(dtype)
     return resolved
@@ -754,6 +897,7 @@ def _synchronize(device):
 
 class LaunchSeen(NamedTuple):
     """A kernel launch as the self-test checks it: the kernel's name and its constexprs."""
+
     kernel_name: str
     constexprs: dict
 
@@ -766,7 +910,7 @@ def _watch_launches():
 
     def watch(kernel, grid, args, constexprs, num_warps, num_stages):
         function = kernel
-        while hasattr(function, "fn"):          # triton.jit objects wrap the Python function
+        while hasattr(function, "fn"):  # triton.jit objects wrap the Python function
             function = function.fn
         seen.append(LaunchSeen(function.__name__, dict(constexprs)))
 
@@ -790,8 +934,14 @@ def run_row(path, dtype, device, seed, runs):
     """Check one path in one dtype: the problem, `runs` runs of the kernels (the first one
     compiles them on a GPU), each compared with the reference. Returns a SelfTestRow."""
     tolerance = rms_ratio(path.check, dtype)
-    row = SelfTestRow(path=path.name, dtype=SHORT_NAMES[dtype], quantity="-", error=math.nan,
-                      tolerance=tolerance, verdict="ERROR")
+    row = SelfTestRow(
+        path=path.name,
+        dtype=SHORT_NAMES[dtype],
+        quantity="-",
+        error=math.nan,
+        tolerance=tolerance,
+        verdict="ERROR",
+    )
     try:
         problem = make_problem(path, dtype, device, seed)
         names, constexprs = problem.expected_launches()
@@ -809,8 +959,9 @@ def run_row(path, dtype, device, seed, runs):
                 row.timed_s = seconds
             problems += launch_problems(records, names, constexprs)
             if actual.keys() != problem.expected.keys():
-                problems.append(f"quantities {sorted(actual)} != expected "
-                                f"{sorted(problem.expected)}")
+                problems.append(
+                    f"quantities {sorted(actual)} != expected {sorted(problem.expected)}"
+                )
             for name, expected in problem.expected.items():
                 if name in actual:
                     ratio = rms_error_ratio(actual[name], expected)
@@ -851,12 +1002,18 @@ def self_test(device=None, dtypes=None, seed=None, verbose=False, paths=None, on
     chosen = resolve_paths(paths)
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") % 1_000_000
-    report = SelfTestReport(environment=environment_info(device), seed=seed, device=str(device),
-                            dtypes=[SHORT_NAMES[d] for d in dtypes],
-                            paths=[path.name for path in chosen])
-    report.environment["timing"] = ("first s = first run, compile included; timed s = a second "
-                                    "run" if device.type == "cuda" else
-                                    "first s = the one run (the interpreter compiles nothing)")
+    report = SelfTestReport(
+        environment=environment_info(device),
+        seed=seed,
+        device=str(device),
+        dtypes=[SHORT_NAMES[d] for d in dtypes],
+        paths=[path.name for path in chosen],
+    )
+    report.environment["timing"] = (
+        "first s = first run, compile included; timed s = a second run"
+        if device.type == "cuda"
+        else "first s = the one run (the interpreter compiles nothing)"
+    )
     runs = 2 if device.type == "cuda" else 1
     planned = len(chosen) * len(dtypes)
     try:
@@ -867,9 +1024,13 @@ def self_test(device=None, dtypes=None, seed=None, verbose=False, paths=None, on
                     report.rows.append(row)
                     report.wall_s = time.perf_counter() - started
                     if verbose:
-                        print(f"[{len(report.rows)}/{planned}] {row.path} {row.dtype}: "
-                              f"{row.verdict} ({row.quantity} {_number(row.error)}, "
-                              f"{row.first_run_s or 0:.2f} s)", file=sys.stderr, flush=True)
+                        print(
+                            f"[{len(report.rows)}/{planned}] {row.path} {row.dtype}: "
+                            f"{row.verdict} ({row.quantity} {_number(row.error)}, "
+                            f"{row.first_run_s or 0:.2f} s)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                     if on_row is not None:
                         on_row(report)
     except KeyboardInterrupt:
@@ -877,9 +1038,11 @@ def self_test(device=None, dtypes=None, seed=None, verbose=False, paths=None, on
     report.wall_s = time.perf_counter() - started
     first = sum(row.first_run_s or 0 for row in report.rows)
     timed = sum(row.timed_s or 0 for row in report.rows)
-    report.environment["timing"] += (f"; totals: first {first:.1f} s"
-                                     + (f", timed {timed:.2f} s" if runs > 1 else "")
-                                     + f", wall {report.wall_s:.1f} s")
+    report.environment["timing"] += (
+        f"; totals: first {first:.1f} s"
+        + (f", timed {timed:.2f} s" if runs > 1 else "")
+        + f", wall {report.wall_s:.1f} s"
+    )
     return report
 
 
@@ -895,17 +1058,31 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m flash_kernels.selftest",
         description="Check every Triton kernel path of flash_kernels on this device against "
-                    "the float64 reference; paste the output into a bug report.")
-    parser.add_argument("--device", help="cuda, cuda:N or cpu (cpu needs TRITON_INTERPRET=1 "
-                        "before the import); default: CUDA when present")
-    parser.add_argument("--dtypes", nargs="+", help="fp32 fp16 bf16 (default: every dtype the "
-                        "device supports)")
-    parser.add_argument("--seed", type=int, help="of the random inputs (default: a fresh one, "
-                        "printed)")
-    parser.add_argument("--paths", nargs="+", metavar="SUBSTRING",
-                        help=f"only the paths whose name contains one of these: {PATH_NAMES}")
-    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON (after "
-                        "every row, so a run that is stopped still leaves its rows)")
+        "the float64 reference; paste the output into a bug report.",
+    )
+    parser.add_argument(
+        "--device",
+        help="cuda, cuda:N or cpu (cpu needs TRITON_INTERPRET=1 "
+        "before the import); default: CUDA when present",
+    )
+    parser.add_argument(
+        "--dtypes", nargs="+", help="fp32 fp16 bf16 (default: every dtype the device supports)"
+    )
+    parser.add_argument(
+        "--seed", type=int, help="of the random inputs (default: a fresh one, printed)"
+    )
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        metavar="SUBSTRING",
+        help=f"only the paths whose name contains one of these: {PATH_NAMES}",
+    )
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write the report as JSON (after "
+        "every row, so a run that is stopped still leaves its rows)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
 
@@ -914,8 +1091,14 @@ def main(argv=None):
             _write_json(report, args.json)
 
     try:
-        report = self_test(args.device, args.dtypes, args.seed, verbose=not args.quiet,
-                           paths=args.paths, on_row=write)
+        report = self_test(
+            args.device,
+            args.dtypes,
+            args.seed,
+            verbose=not args.quiet,
+            paths=args.paths,
+            on_row=write,
+        )
     except (SelfTestUnavailable, ValueError) as exc:
         print(f"flash-kernels self-test: not run: {exc}", file=sys.stderr)
         if args.json:

@@ -16,6 +16,7 @@ gradient. An output entry that attends a non-finite value is NaN. Those guards s
 when q_quad, k_quad and v are finite, and on the CPU (where asking costs no device
 synchronisation) they are skipped then: they doubled the forward time at T = 4096.
 """
+
 import math
 from typing import NamedTuple
 
@@ -28,12 +29,13 @@ from ...core.packing import toeplitz_bias
 
 class ChunkLayout(NamedTuple):
     """Where every (chunk slot, row) of the (B, G, C, W) layout reads its token."""
-    source: torch.Tensor         # (G, C) token index, or T (a zero row) outside the chunk
-    valid: torch.Tensor          # (G, C) the row holds a token of the slot's chunk
-    doc: torch.Tensor            # (G,) document of the slot (0 without packing; idle slots: 0)
+
+    source: torch.Tensor  # (G, C) token index, or T (a zero row) outside the chunk
+    valid: torch.Tensor  # (G, C) the row holds a token of the slot's chunk
+    doc: torch.Tensor  # (G,) document of the slot (0 without packing; idle slots: 0)
     last_complete: torch.Tensor  # (N,) slot of the document's last complete chunk, or -1
-    last: torch.Tensor           # (N,) slot of the document's last chunk, or -1 (empty)
-    position: torch.Tensor       # (T,) flat index g * C + row of every token (None: the first T)
+    last: torch.Tensor  # (N,) slot of the document's last chunk, or -1 (empty)
+    position: torch.Tensor  # (T,) flat index g * C + row of every token (None: the first T)
 
 
 def chunk_layout(T, chunk_size, C, tables, device):
@@ -44,9 +46,13 @@ def chunk_layout(T, chunk_size, C, tables, device):
         token = torch.arange(num_slots * C, device=device).reshape(num_slots, C)
         num_complete = T // chunk_size
         return ChunkLayout(
-            token.clamp(max=T), token < T, torch.zeros(num_slots, dtype=torch.long, device=device),
+            token.clamp(max=T),
+            token < T,
+            torch.zeros(num_slots, dtype=torch.long, device=device),
             torch.tensor([num_complete - 1], device=device),
-            torch.tensor([num_slots - 1], device=device), None)
+            torch.tensor([num_slots - 1], device=device),
+            None,
+        )
     cu = tables.cu_seqlens.long()
     offsets = tables.chunk_offsets.long()
     doc = tables.chunk_table[:, 0].long()
@@ -84,20 +90,26 @@ def needs_nonfinite_guards(*tensors):
     with every tensor finite. Elsewhere the answer would cost a device synchronisation (and
     break CUDA graph capture), and under torch.compile a data-dependent branch, so the guards
     always run there, as under torch.func transforms (no .item() inside vmap)."""
-    if (torch.compiler.is_compiling() or functorch_transform_active()
-            or any(t.device.type != "cpu" for t in tensors)):
+    if (
+        torch.compiler.is_compiling()
+        or functorch_transform_active()
+        or any(t.device.type != "cpu" for t in tensors)
+    ):
         return True
     # A non-finite entry makes the sum non-finite; a finite sum proves them all finite (one
     # pass; a sum that overflows only costs the guarded path). isfinite().all() takes five.
-    return not all(math.isfinite(t.detach().sum(dtype=torch.promote_types(t.dtype, torch.float32)))
-                   for t in tensors)
+    return not all(
+        math.isfinite(t.detach().sum(dtype=torch.promote_types(t.dtype, torch.float32)))
+        for t in tensors
+    )
 
 
 def _shift_within_documents(running, doc, step):
     """running[:, g - step] where slot g - step belongs to g's document, else 0 (slots >= step)."""
     same_doc = (doc[step:] == doc[:-step]).view(1, -1, 1, 1)
-    return torch.where(same_doc, running[:, :-step], torch.zeros((), dtype=running.dtype,
-                                                                  device=running.device))
+    return torch.where(
+        same_doc, running[:, :-step], torch.zeros((), dtype=running.dtype, device=running.device)
+    )
 
 
 def _segmented_scan(states, doc):
@@ -108,8 +120,9 @@ def _segmented_scan(states, doc):
     across documents, which would cancel catastrophically."""
     total, step = states, 1
     while step < states.shape[1]:
-        total = torch.cat([total[:, :step],
-                           total[:, step:] + _shift_within_documents(total, doc, step)], dim=1)
+        total = torch.cat(
+            [total[:, :step], total[:, step:] + _shift_within_documents(total, doc, step)], dim=1
+        )
         step *= 2
     return total
 
@@ -119,8 +132,9 @@ def _exclusive_within_documents(inclusive, doc):
     document owns both, else 0."""
     if inclusive.shape[1] == 1:
         return torch.zeros_like(inclusive)
-    return torch.cat([torch.zeros_like(inclusive[:, :1]),
-                      _shift_within_documents(inclusive, doc, 1)], dim=1)
+    return torch.cat(
+        [torch.zeros_like(inclusive[:, :1]), _shift_within_documents(inclusive, doc, 1)], dim=1
+    )
 
 
 class ChunkedAttention:
@@ -129,11 +143,24 @@ class ChunkedAttention:
     forms the output. Context parallelism sends `total` to the other ranks in between and
     passes what comes back as the state offset (no second pass over the keys)."""
 
-    def __init__(self, q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
-                 quad_scale, lin_scale, tables=None):
+    def __init__(
+        self,
+        q_quad,
+        k_quad,
+        q_lin,
+        k_lin,
+        v,
+        *,
+        chunk_size,
+        causal,
+        rel_bias,
+        quad_scale,
+        lin_scale,
+        tables=None,
+    ):
         B, T, S = q_quad.shape
         E = v.shape[-1]
-        C = min(chunk_size, T)          # rows per slot: a chunk never holds more than T tokens
+        C = min(chunk_size, T)  # rows per slot: a chunk never holds more than T tokens
         self.shape = (B, T, E)
         self.out_dtype = v.dtype
         self.compute_dtype = compute_dtype = torch.promote_types(v.dtype, torch.float32)
@@ -148,18 +175,20 @@ class ChunkedAttention:
         self.total = self.ql = self.prefix = None
         if q_lin is not None:
             self.ql, kl = self.chunked(q_lin), self.chunked(k_lin)
-            states = kl.transpose(-1, -2) @ self.vc                      # (B, G, S, E): H_g
+            states = kl.transpose(-1, -2) @ self.vc  # (B, G, S, E): H_g
             if tables is None:
                 inclusive = torch.cumsum(states, dim=1)
             else:
                 inclusive = _segmented_scan(states, layout.doc)
             last = layout.last_complete if causal else layout.last
-            self.total = torch.where((last >= 0).view(1, -1, 1, 1),
-                                     inclusive[:, last.clamp(min=0)], self.zero)
-            if causal:   # exclusive prefix within the document: P_g = sum of its H_h, h < g
+            self.total = torch.where(
+                (last >= 0).view(1, -1, 1, 1), inclusive[:, last.clamp(min=0)], self.zero
+            )
+            if causal:  # exclusive prefix within the document: P_g = sum of its H_h, h < g
                 if tables is None:
-                    self.prefix = torch.cat([torch.zeros_like(inclusive[:, :1]),
-                                             inclusive[:, :-1]], dim=1)
+                    self.prefix = torch.cat(
+                        [torch.zeros_like(inclusive[:, :1]), inclusive[:, :-1]], dim=1
+                    )
                 else:
                     self.prefix = _exclusive_within_documents(inclusive, layout.doc)
             else:
@@ -168,7 +197,7 @@ class ChunkedAttention:
     def chunked(self, x):
         """x (B, T, W) as (B, slots, C, W) in the compute dtype, rows outside chunks zero."""
         B, num_slots, C, layout = x.shape[0], self.num_slots, self.C, self.layout
-        if layout.position is None:    # dense: consecutive rows, the last chunk zero-padded
+        if layout.position is None:  # dense: consecutive rows, the last chunk zero-padded
             x = x.to(self.compute_dtype)
             pad = num_slots * C - x.shape[1]
             return (F.pad(x, (0, 0, 0, pad)) if pad else x).reshape(B, num_slots, C, x.shape[-1])
@@ -184,7 +213,7 @@ class ChunkedAttention:
         valid_row = layout.valid
         qq, kq, vc = self.chunked(self.q_quad), self.chunked(self.k_quad), self.vc
 
-        valid = valid_row[:, :, None] & valid_row[:, None, :]               # (G, C, C)
+        valid = valid_row[:, :, None] & valid_row[:, None, :]  # (G, C, C)
         if self.causal:
             valid = valid & torch.ones(C, C, dtype=torch.bool, device=device).tril()
         out = self.quadratic_output(qq, kq, vc, valid)
@@ -209,20 +238,23 @@ class ChunkedAttention:
             bad_q, bad_k = _nonfinite_rows(qq), _nonfinite_rows(kq)
             qq = torch.where(bad_q[..., None], zero, qq)
             kq = torch.where(bad_k[..., None], zero, kq)
-        scores = self.quad_scale * (qq @ kq.transpose(-1, -2))             # (B, G, C, C)
+        scores = self.quad_scale * (qq @ kq.transpose(-1, -2))  # (B, G, C, C)
         if guarded:
             scores = scores + nan_where(bad_q[..., :, None] | bad_k[..., None, :])
         if self.rel_bias is not None:
-            scores = scores + toeplitz_bias(self.rel_bias.to(self.compute_dtype),
-                                            self.chunk_size, C)
-        attn = torch.relu(torch.where(valid, scores, zero)).square()       # 0 where masked
+            scores = scores + toeplitz_bias(
+                self.rel_bias.to(self.compute_dtype), self.chunk_size, C
+            )
+        attn = torch.relu(torch.where(valid, scores, zero)).square()  # 0 where masked
         if not guarded:
             return attn @ vc
 
         # Values: a non-finite v[j, e] reaches exactly the queries that attend j, as NaN.
-        bad_v = ~torch.isfinite(vc)                                         # (B, G, C, E)
+        bad_v = ~torch.isfinite(vc)  # (B, G, C, E)
         out = attn @ torch.where(bad_v, zero, vc)
-        if self.causal:  # query i attends rows j <= i of its chunk: the first bad row poisons the rest
+        if (
+            self.causal
+        ):  # query i attends rows j <= i of its chunk: the first bad row poisons the rest
             row = torch.arange(C, device=device).view(1, 1, C, 1)
             first_bad = torch.where(bad_v, row, C).amin(dim=2, keepdim=True)
             poisoned = row >= first_bad
@@ -231,9 +263,22 @@ class ChunkedAttention:
         return out + nan_where(poisoned)
 
 
-def mixed_chunk_attention_torch(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
-                                quad_scale, lin_scale, tables=None, state_offset=None,
-                                store_total=False):
+def mixed_chunk_attention_torch(
+    q_quad,
+    k_quad,
+    q_lin,
+    k_lin,
+    v,
+    *,
+    chunk_size,
+    causal,
+    rel_bias,
+    quad_scale,
+    lin_scale,
+    tables=None,
+    state_offset=None,
+    store_total=False,
+):
     """Inputs (B, T, S) and (B, T, E) with one flattened batch dim; resolved chunk_size and scales.
 
     tables: packed documents (core.packing.ChunkTables); state_offset: optional (B, N, S, E)
@@ -242,7 +287,17 @@ def mixed_chunk_attention_torch(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, 
     k_lin^T v over complete chunks (causal) or over all chunks (non-causal), in the compute
     dtype, as the kernels' state scan (kernels/chunk_state.py).
     """
-    run = ChunkedAttention(q_quad, k_quad, q_lin, k_lin, v, chunk_size=chunk_size, causal=causal,
-                           rel_bias=rel_bias, quad_scale=quad_scale, lin_scale=lin_scale,
-                           tables=tables)
+    run = ChunkedAttention(
+        q_quad,
+        k_quad,
+        q_lin,
+        k_lin,
+        v,
+        chunk_size=chunk_size,
+        causal=causal,
+        rel_bias=rel_bias,
+        quad_scale=quad_scale,
+        lin_scale=lin_scale,
+        tables=tables,
+    )
     return run.output(state_offset), (run.total if store_total else None)

@@ -1,6 +1,7 @@
 """One decoding step in tensor code: the "torch" (and "reference") backend of the decode ops
 (flash_kernels/decoding/step.py), the same arithmetic and cache update as the Triton kernel
 (backends/triton/kernels/mixed_chunk_decode.py)."""
+
 import torch
 
 from ...core.environment import cuda_graph_capturing
@@ -24,37 +25,39 @@ def decode_torch(q_quad, k_quad, q_lin, k_lin, v, cache, *, rel_bias, quad_scale
     cap = cache.capacity
     compute = torch.promote_types(v.dtype, torch.float32)
     zero = torch.zeros((), dtype=compute, device=v.device)
-    n = cache.length                                                    # (B,) row of the token
+    n = cache.length  # (B,) row of the token
     fits = n < cap
     row = n.clamp(max=cap - 1)
     rows = torch.arange(cap, device=v.device)
-    attended = (rows[None, :] <= n[:, None]) & fits[:, None]           # (B, cap)
+    attended = (rows[None, :] <= n[:, None]) & fits[:, None]  # (B, cap)
     completes = (n == cache.chunk_size - 1) if cache.chunk_size is not None else None
 
     for buffer, new in ((cache.k_quad, k_quad), (cache.k_lin, k_lin), (cache.v, v)):
-        if buffer is not None:                  # buffer[b, n_b] = new[b] where the row fits
+        if buffer is not None:  # buffer[b, n_b] = new[b] where the row fits
             index = row.view(B, 1, 1).expand(B, 1, buffer.shape[-1])
             old = buffer.gather(1, index)
-            buffer.scatter_(1, index, _select(fits.view(B, 1, 1), new[:, None].to(buffer.dtype),
-                                              old))
+            buffer.scatter_(
+                1, index, _select(fits.view(B, 1, 1), new[:, None].to(buffer.dtype), old)
+            )
 
     scores = quad_scale * (cache.k_quad.to(compute) @ q_quad.to(compute)[:, :, None])[..., 0]
     if rel_bias is not None:
         C = cache.bias_chunk
-        offsets = (n[:, None] - rows[None, :]).clamp(0, C - 1)          # masked rows: any index
+        offsets = (n[:, None] - rows[None, :]).clamp(0, C - 1)  # masked rows: any index
         scores = scores + rel_bias.to(compute)[offsets + C - 1]
     weights = torch.where(attended, torch.relu(scores).square(), zero)  # (B, cap)
     values = cache.v.to(compute)
-    out = (weights[:, None, :] @ values)[:, 0]                          # (B, E)
+    out = (weights[:, None, :] @ values)[:, 0]  # (B, E)
     if q_lin is not None:
         out = out + lin_scale * (q_lin.to(compute)[:, None, :] @ cache.state)[:, 0]
     out = _select(fits[:, None], out, torch.full_like(out, float("nan")))
 
-    if completes is not None and (torch.compiler.is_compiling() or cuda_graph_capturing()
-                                  or bool(completes.any())):
+    if completes is not None and (
+        torch.compiler.is_compiling() or cuda_graph_capturing() or bool(completes.any())
+    ):
         restart = completes.view(B, 1, 1)
         if cache.state is not None:
-            fold = cache.k_lin.to(compute).transpose(1, 2) @ values        # (B, S, E)
+            fold = cache.k_lin.to(compute).transpose(1, 2) @ values  # (B, S, E)
             cache.state.add_(_select(restart, fold, zero))
         for buffer in (cache.k_quad, cache.k_lin, cache.v):
             if buffer is not None:

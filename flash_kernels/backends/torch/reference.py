@@ -4,6 +4,7 @@ Everything is written as one T x T matrix product so that each term of the contr
 section 2) is visible in a single line, and packed documents (section 7) are literally a loop over
 the documents. Gradients come from autograd. Use float64 inputs for ground truth.
 """
+
 import torch
 
 
@@ -28,8 +29,9 @@ def _pair_products(q, k, scale):
     return products + nan_where(bad_q[..., :, None] | bad_k[..., None, :])
 
 
-def dense_reference(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
-                    quad_scale, lin_scale):
+def dense_reference(
+    q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias, quad_scale, lin_scale
+):
     """out = (A + L) @ v with, for tokens i, j and chunks c(i) = i // chunk_size:
 
     A_ij = relu(quad_scale * <q_quad_i, k_quad_j> + rel_bias[i - j + C - 1])^2
@@ -49,14 +51,14 @@ def dense_reference(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_
     zero = torch.zeros((), dtype=compute_dtype, device=v.device)
 
     pos = torch.arange(T, device=v.device)
-    offset = pos[:, None] - pos[None, :]                      # i - j
+    offset = pos[:, None] - pos[None, :]  # i - j
     chunk = pos // C
     same_chunk = chunk[:, None] == chunk[None, :]
     quad_pairs = same_chunk & (offset >= 0) if causal else same_chunk
 
     scores = _pair_products(q_quad.to(compute_dtype), k_quad.to(compute_dtype), quad_scale)
     if rel_bias is not None:
-        bias_index = (offset + C - 1).clamp(0, 2 * C - 2)      # clamped entries are masked below
+        bias_index = (offset + C - 1).clamp(0, 2 * C - 2)  # clamped entries are masked below
         scores = scores + rel_bias.to(compute_dtype)[bias_index]
     weights = torch.relu(torch.where(quad_pairs, scores, zero)) ** 2
     attended = quad_pairs
@@ -69,15 +71,28 @@ def dense_reference(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_
     v = v.to(compute_dtype)
     bad_v = ~torch.isfinite(v)
     out = weights @ torch.where(bad_v, zero, v)
-    if bad_v.any():        # which outputs attend a non-finite value (ground truth: a plain count)
+    if bad_v.any():  # which outputs attend a non-finite value (ground truth: a plain count)
         seen = (attended.to(compute_dtype) @ bad_v.to(compute_dtype)) > 0
         out = out + nan_where(seen)
     return out.to(out_dtype)
 
 
-def reference_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
-                        quad_scale, lin_scale, cu_seqlens=None, initial_state=None,
-                        store_total=False):
+def reference_attention(
+    q_quad,
+    k_quad,
+    q_lin,
+    k_lin,
+    v,
+    *,
+    chunk_size,
+    causal,
+    rel_bias,
+    quad_scale,
+    lin_scale,
+    cu_seqlens=None,
+    initial_state=None,
+    store_total=False,
+):
     """The contract's section 7 as a loop over the packed documents (cu_seqlens; without it the
     sequence is one document), each run through `dense_reference` alone:
 
@@ -94,15 +109,27 @@ def reference_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, 
     compute_dtype = torch.promote_types(v.dtype, torch.float32)
     outs, totals = [], []
     for n, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:])):
+
         def doc(x):
             return None if x is None else x[..., bos:eos, :]
-        out = dense_reference(doc(q_quad), doc(k_quad), doc(q_lin), doc(k_lin), doc(v),
-                              chunk_size=chunk_size, causal=causal, rel_bias=rel_bias,
-                              quad_scale=quad_scale, lin_scale=lin_scale)
+
+        out = dense_reference(
+            doc(q_quad),
+            doc(k_quad),
+            doc(q_lin),
+            doc(k_lin),
+            doc(v),
+            chunk_size=chunk_size,
+            causal=causal,
+            rel_bias=rel_bias,
+            quad_scale=quad_scale,
+            lin_scale=lin_scale,
+        )
         if initial_state is not None:
             start = (initial_state[..., n, :, :] if packed else initial_state).to(compute_dtype)
-            out = (out.to(compute_dtype)
-                   + lin_scale * (doc(q_lin).to(compute_dtype) @ start)).to(v.dtype)
+            out = (out.to(compute_dtype) + lin_scale * (doc(q_lin).to(compute_dtype) @ start)).to(
+                v.dtype
+            )
         outs.append(out)
         if store_total:
             complete = (eos - bos) // chunk_size * chunk_size
@@ -115,6 +142,9 @@ def reference_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, 
     if not packed:
         return out, totals[0]
     S, E = q_lin.shape[-1], v.shape[-1]
-    total = torch.stack(totals, dim=-3) if totals else \
-        v.new_zeros(*v.shape[:-2], 0, S, E, dtype=compute_dtype)
+    total = (
+        torch.stack(totals, dim=-3)
+        if totals
+        else v.new_zeros(*v.shape[:-2], 0, S, E, dtype=compute_dtype)
+    )
     return out, total

@@ -10,6 +10,7 @@ an explicit backend='triton' gets (the PyTorch backends still work). The layers 
 modules through this package (`triton_backend.mixed_chunk...`), after `require()`. Importing
 them here also registers the custom ops (torch.ops.flash_kernels.*) before anything is traced.
 """
+
 try:
     from . import backward, decode, forward, fused, launch, mixed_chunk, problem  # noqa: F401
 except ImportError as error:  # no usable triton
@@ -21,5 +22,7 @@ else:
 def require():
     """Raise, with the reason, if the Triton backend cannot be used (triton failed to import)."""
     if IMPORT_ERROR is not None:
-        raise RuntimeError(f"backend='triton' is unavailable: importing triton failed "
-                           f"({IMPORT_ERROR}); use backend='torch'")
+        raise RuntimeError(
+            f"backend='triton' is unavailable: importing triton failed "
+            f"({IMPORT_ERROR}); use backend='torch'"
+        )

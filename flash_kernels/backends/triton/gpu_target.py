@@ -12,6 +12,7 @@ the interpreter (tools/aot_compile.py) are those a GPU of that architecture woul
 also depend on the dtype, and the interpreter cannot run bfloat16 dots: launches recorded in
 float16 for a bfloat16 compile set FLASH_KERNELS_PLAN_DTYPE=bfloat16 to get bfloat16's tiles.
 """
+
 import functools
 import os
 from dataclasses import dataclass
@@ -20,8 +21,18 @@ import torch
 
 #: Opt-in maximum of shared memory per block (bytes), by NVIDIA compute capability.
 CUDA_SHARED_MEMORY_BYTES = {
-    70: 98_304, 75: 65_536, 80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376,
-    90: 232_448, 100: 232_448, 103: 232_448, 110: 232_448, 120: 101_376, 121: 101_376,
+    70: 98_304,
+    75: 65_536,
+    80: 166_912,
+    86: 101_376,
+    87: 166_912,
+    89: 101_376,
+    90: 232_448,
+    100: 232_448,
+    103: 232_448,
+    110: 232_448,
+    120: 101_376,
+    121: 101_376,
 }
 #: LDS per workgroup on AMD Instinct (CDNA 2 and 3).
 HIP_SHARED_MEMORY_BYTES = 65_536
@@ -34,6 +45,7 @@ DEFAULT_INTERPRETER_TARGET = "cuda:90"
 class GpuTarget:
     """What tile choices depend on. `arch`: the compute capability as an int (90) for CUDA,
     the gfx name ("gfx942") for HIP."""
+
     backend: str
     arch: object
     shared_memory_bytes: int
@@ -56,8 +68,10 @@ def parse_target(text):
     if backend == "cuda" and arch.isdigit():
         capability = int(arch)
         if capability not in CUDA_SHARED_MEMORY_BYTES:
-            raise ValueError(f"{TARGET_VARIABLE}={text!r}: unknown compute capability "
-                             f"{capability}; known: {sorted(CUDA_SHARED_MEMORY_BYTES)}")
+            raise ValueError(
+                f"{TARGET_VARIABLE}={text!r}: unknown compute capability "
+                f"{capability}; known: {sorted(CUDA_SHARED_MEMORY_BYTES)}"
+            )
         return GpuTarget("cuda", capability, CUDA_SHARED_MEMORY_BYTES[capability])
     if backend == "hip" and arch.startswith("gfx"):
         return GpuTarget("hip", arch, HIP_SHARED_MEMORY_BYTES)
@@ -72,8 +86,9 @@ def _device_target(index):
         arch = getattr(props, "gcnArchName", "gfx942").split(":")[0]
         return GpuTarget("hip", arch, shared or HIP_SHARED_MEMORY_BYTES)
     capability = props.major * 10 + props.minor
-    return GpuTarget("cuda", capability,
-                     shared or CUDA_SHARED_MEMORY_BYTES.get(capability, 101_376))
+    return GpuTarget(
+        "cuda", capability, shared or CUDA_SHARED_MEMORY_BYTES.get(capability, 101_376)
+    )
 
 
 def current_target(device):
@@ -94,6 +109,8 @@ def planned_dtype(dtype, device):
         return dtype
     planned = getattr(torch, name, None)
     if not isinstance(planned, torch.dtype) or not planned.is_floating_point:
-        raise ValueError(f"{PLAN_DTYPE_VARIABLE} must name a torch floating dtype such as "
-                         f"'bfloat16', got {name!r}")
+        raise ValueError(
+            f"{PLAN_DTYPE_VARIABLE} must name a torch floating dtype such as "
+            f"'bfloat16', got {name!r}"
+        )
     return planned

@@ -1,5 +1,6 @@
 """Tile sizes of the Triton kernels per problem, dtype and target: the one place they are
 chosen (numbers from the ahead-of-time compile report, bench/results/compile_report.md)."""
+
 from dataclasses import dataclass
 
 import torch
@@ -19,20 +20,21 @@ class KernelConfig:
     """Tile sizes of one problem on one target. Each per-chunk kernel has its own row block
     (queries for the forward and the query backward, keys for the key backward), warps and
     value-tile width; the chunk is held as two key (or query) tiles of `block_n` when hoisted."""
+
     fwd_block: int
     fwd_warps: int
     fwd_stages: int
-    fwd_block_e: int          # the forward's value tile, dense and unfused
-    narrow_fwd_block_e: int   # ... when causal or fused (roles from z, gate)
-    query_block: int          # the query backward (also the drel_bias segment length)
+    fwd_block_e: int  # the forward's value tile, dense and unfused
+    narrow_fwd_block_e: int  # ... when causal or fused (roles from z, gate)
+    query_block: int  # the query backward (also the drel_bias segment length)
     query_warps: int
-    query_block_e: int        # its dA = dO V^T reduces over E in these steps
-    key_block: int            # the key backward
+    query_block_e: int  # its dA = dO V^T reduces over E in these steps
+    key_block: int  # the key backward
     key_warps: int
     key_block_e: int
-    block_n: int              # key tile of the forward, query tile of the key backward
+    block_n: int  # key tile of the forward, query tile of the key backward
     block_s: int
-    hoist: bool               # relu^2 weights formed once per program (chunk <= MAX_HOIST_KEYS)
+    hoist: bool  # relu^2 weights formed once per program (chunk <= MAX_HOIST_KEYS)
     state_block_s: int
     state_block_e: int
     state_block_t: int
@@ -70,7 +72,7 @@ def kernel_config(chunk_len, S, E, dtype=torch.bfloat16, target=None):
     Tests may override fields (`_tile_overrides`)."""
     chunk_pow2 = max(16, next_power_of_2(chunk_len))
     small_shared = target is not None and target.shared_memory_bytes < LARGE_SHARED_MEMORY_BYTES
-    wide_operands = dtype != torch.bfloat16           # float32 weights at the tensor cores
+    wide_operands = dtype != torch.bfloat16  # float32 weights at the tensor cores
     block = min(64, chunk_pow2)
     narrow_block = min(32, chunk_pow2)
     fwd_block = key_block = narrow_block if (wide_operands and small_shared) else block
@@ -87,16 +89,24 @@ def kernel_config(chunk_len, S, E, dtype=torch.bfloat16, target=None):
         return 8 if rows >= 64 else 4
 
     return KernelConfig(
-        fwd_block=fwd_block, fwd_warps=warps(fwd_block), fwd_stages=1 if wide_operands else 2,
+        fwd_block=fwd_block,
+        fwd_warps=warps(fwd_block),
+        fwd_stages=1 if wide_operands else 2,
         fwd_block_e=narrow_e if (wide_operands or small_shared) else block_e,
         narrow_fwd_block_e=narrow_e,
-        query_block=query_block, query_warps=warps(query_block),
+        query_block=query_block,
+        query_warps=warps(query_block),
         query_block_e=min(16, block_e) if query_block >= 64 else block_e,
-        key_block=key_block, key_warps=warps(key_block), key_block_e=block_e,
+        key_block=key_block,
+        key_warps=warps(key_block),
+        key_block_e=block_e,
         block_n=max(16, chunk_pow2 // 2) if hoist else block,
-        block_s=block_s, hoist=hoist,
-        state_block_s=min(64, block_s), state_block_e=min(64, max(16, next_power_of_2(E))),
-        state_block_t=_tile_overrides.get("state_block_t", 64))
+        block_s=block_s,
+        hoist=hoist,
+        state_block_s=min(64, block_s),
+        state_block_e=min(64, max(16, next_power_of_2(E))),
+        state_block_t=_tile_overrides.get("state_block_t", 64),
+    )
 
 
 def dot_precision(dtype, device):

@@ -10,6 +10,7 @@ Override points for the test helpers and the self-test (tests/helpers.py, tile_o
 nan_filled_buffers; flash_kernels/selftest): `_buffer_fill` below and
 kernel_config._tile_overrides. Nothing else sets them.
 """
+
 import contextlib
 import threading
 
@@ -33,8 +34,9 @@ def launch_callback(callback):
     try:
         yield
     finally:
-        del _launch_callbacks[next(i for i, active in enumerate(_launch_callbacks)
-                                   if active is callback)]
+        del _launch_callbacks[
+            next(i for i, active in enumerate(_launch_callbacks) if active is callback)
+        ]
 
 
 # The Triton interpreter is not thread-safe: a launch sets the program id in one module-level

@@ -75,16 +75,17 @@ from .problem import Roles
 # as their three index tables (core.packing.chunk_tables, computed outside so that torch.compile
 # sees plain tensor code), the state offset as an optional (B, N, S, E) float32 tensor.
 
+
 def tables_from(cu_seqlens, chunk_offsets, chunk_table):
     """core.packing.ChunkTables from the custom ops' three table arguments (all None: dense)."""
     if cu_seqlens is None:
         return None
-    return ChunkTables(cu_seqlens, chunk_offsets, chunk_table, cu_seqlens.shape[0] - 1,
-                       chunk_table.shape[0])
+    return ChunkTables(
+        cu_seqlens, chunk_offsets, chunk_table, cu_seqlens.shape[0] - 1, chunk_table.shape[0]
+    )
 
 
-def state_shapes(B, T, S, E, chunk_size, causal, has_linear, store_total, cu_seqlens,
-                 chunk_table):
+def state_shapes(B, T, S, E, chunk_size, causal, has_linear, store_total, cu_seqlens, chunk_table):
     """Shapes of the forward's states and totals ((0,) when absent), from shapes alone."""
     if not has_linear:
         return (0,), (0,)
@@ -97,93 +98,252 @@ def state_shapes(B, T, S, E, chunk_size, causal, has_linear, store_total, cu_seq
 
 
 @torch.library.custom_op("flash_kernels::mixed_chunk_fwd", mutates_args=())
-def mixed_chunk_fwd_op(q_quad: torch.Tensor, k_quad: torch.Tensor, q_lin: Optional[torch.Tensor],
-                       k_lin: Optional[torch.Tensor], v: torch.Tensor,
-                       rel_bias: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-                       chunk_offsets: Optional[torch.Tensor], chunk_table: Optional[torch.Tensor],
-                       state_offset: Optional[torch.Tensor], chunk_size: int, causal: bool,
-                       quad_scale: Optional[float], lin_scale: Optional[float],
-                       store_total: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mixed_chunk_fwd_op(
+    q_quad: torch.Tensor,
+    k_quad: torch.Tensor,
+    q_lin: Optional[torch.Tensor],
+    k_lin: Optional[torch.Tensor],
+    v: torch.Tensor,
+    rel_bias: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor],
+    chunk_offsets: Optional[torch.Tensor],
+    chunk_table: Optional[torch.Tensor],
+    state_offset: Optional[torch.Tensor],
+    chunk_size: int,
+    causal: bool,
+    quad_scale: Optional[float],
+    lin_scale: Optional[float],
+    store_total: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, states, total): states are the float32 forward states (empty without a linear
     part), total the per-document totals when store_total (else empty). rel_bias is float32."""
     out, _, states, total = mixed_chunk_forward(
-        Roles(q_quad, k_quad, q_lin, k_lin), v, rel_bias, chunk_size, causal, quad_scale,
-        lin_scale, tables=tables_from(cu_seqlens, chunk_offsets, chunk_table),
-        state_offset=state_offset, store_total=store_total)
+        Roles(q_quad, k_quad, q_lin, k_lin),
+        v,
+        rel_bias,
+        chunk_size,
+        causal,
+        quad_scale,
+        lin_scale,
+        tables=tables_from(cu_seqlens, chunk_offsets, chunk_table),
+        state_offset=state_offset,
+        store_total=store_total,
+    )
     empty = v.new_empty(0, dtype=torch.float32)
-    return out, states if states is not None else empty, total if total is not None else empty.clone()
+    return (
+        out,
+        states if states is not None else empty,
+        total if total is not None else empty.clone(),
+    )
 
 
 @mixed_chunk_fwd_op.register_fake
-def _(q_quad, k_quad, q_lin, k_lin, v, rel_bias, cu_seqlens, chunk_offsets, chunk_table,
-      state_offset, chunk_size, causal, quad_scale, lin_scale, store_total):
+def _(
+    q_quad,
+    k_quad,
+    q_lin,
+    k_lin,
+    v,
+    rel_bias,
+    cu_seqlens,
+    chunk_offsets,
+    chunk_table,
+    state_offset,
+    chunk_size,
+    causal,
+    quad_scale,
+    lin_scale,
+    store_total,
+):
     B, T, S = q_quad.shape
-    states, total = state_shapes(B, T, S, v.shape[-1], chunk_size, causal, q_lin is not None,
-                                 store_total, cu_seqlens, chunk_table)
-    return (v.new_empty(v.shape), v.new_empty(states, dtype=torch.float32),
-            v.new_empty(total, dtype=torch.float32))
+    states, total = state_shapes(
+        B,
+        T,
+        S,
+        v.shape[-1],
+        chunk_size,
+        causal,
+        q_lin is not None,
+        store_total,
+        cu_seqlens,
+        chunk_table,
+    )
+    return (
+        v.new_empty(v.shape),
+        v.new_empty(states, dtype=torch.float32),
+        v.new_empty(total, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("flash_kernels::mixed_chunk_bwd", mutates_args=())
-def mixed_chunk_bwd_op(grad_out: torch.Tensor, grad_total: Optional[torch.Tensor],
-                       q_quad: torch.Tensor, k_quad: torch.Tensor, q_lin: Optional[torch.Tensor],
-                       k_lin: Optional[torch.Tensor], v: torch.Tensor,
-                       rel_bias: Optional[torch.Tensor], states: torch.Tensor,
-                       cu_seqlens: Optional[torch.Tensor], chunk_offsets: Optional[torch.Tensor],
-                       chunk_table: Optional[torch.Tensor], state_offset: Optional[torch.Tensor],
-                       chunk_size: int, causal: bool, quad_scale: Optional[float],
-                       lin_scale: Optional[float], needs: List[bool]) -> List[torch.Tensor]:
+def mixed_chunk_bwd_op(
+    grad_out: torch.Tensor,
+    grad_total: Optional[torch.Tensor],
+    q_quad: torch.Tensor,
+    k_quad: torch.Tensor,
+    q_lin: Optional[torch.Tensor],
+    k_lin: Optional[torch.Tensor],
+    v: torch.Tensor,
+    rel_bias: Optional[torch.Tensor],
+    states: torch.Tensor,
+    cu_seqlens: Optional[torch.Tensor],
+    chunk_offsets: Optional[torch.Tensor],
+    chunk_table: Optional[torch.Tensor],
+    state_offset: Optional[torch.Tensor],
+    chunk_size: int,
+    causal: bool,
+    quad_scale: Optional[float],
+    lin_scale: Optional[float],
+    needs: List[bool],
+) -> List[torch.Tensor]:
     """Gradients of (q_quad, k_quad, q_lin, k_lin, v, rel_bias, state_offset) (the fields of
     BackwardNeeds, whose values `needs` lists); an empty tensor where `needs` is False or the
     input is absent."""
     grads = mixed_chunk_backward(
-        grad_out.contiguous(), Roles(q_quad, k_quad, q_lin, k_lin), v, rel_bias,
-        states if q_lin is not None else None, chunk_size, causal, quad_scale, lin_scale,
-        BackwardNeeds(*needs), tables=tables_from(cu_seqlens, chunk_offsets, chunk_table),
+        grad_out.contiguous(),
+        Roles(q_quad, k_quad, q_lin, k_lin),
+        v,
+        rel_bias,
+        states if q_lin is not None else None,
+        chunk_size,
+        causal,
+        quad_scale,
+        lin_scale,
+        BackwardNeeds(*needs),
+        tables=tables_from(cu_seqlens, chunk_offsets, chunk_table),
         state_offset=state_offset,
-        grad_total=grad_total.contiguous() if grad_total is not None else None)
+        grad_total=grad_total.contiguous() if grad_total is not None else None,
+    )
     return [g if g is not None else v.new_empty(0) for g in grads]
 
 
 @mixed_chunk_bwd_op.register_fake
-def _(grad_out, grad_total, q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, cu_seqlens,
-      chunk_offsets, chunk_table, state_offset, chunk_size, causal, quad_scale, lin_scale, needs):
+def _(
+    grad_out,
+    grad_total,
+    q_quad,
+    k_quad,
+    q_lin,
+    k_lin,
+    v,
+    rel_bias,
+    states,
+    cu_seqlens,
+    chunk_offsets,
+    chunk_table,
+    state_offset,
+    chunk_size,
+    causal,
+    quad_scale,
+    lin_scale,
+    needs,
+):
     like = (q_quad, k_quad, q_lin, k_lin, v, rel_bias, state_offset)
-    return [x.new_empty(x.shape)
-            if need and x is not None else v.new_empty(0) for x, need in zip(like, needs)]
+    return [
+        x.new_empty(x.shape) if need and x is not None else v.new_empty(0)
+        for x, need in zip(like, needs)
+    ]
 
 
 #: mixed_chunk_fwd_op's inputs by name, in order: the autograd formula maps them to
 #: BackwardNeeds and back.
-_FORWARD_INPUTS = ("q_quad", "k_quad", "q_lin", "k_lin", "v", "rel_bias", "cu_seqlens",
-                   "chunk_offsets", "chunk_table", "state_offset", "chunk_size", "causal",
-                   "quad_scale", "lin_scale", "store_total")
+_FORWARD_INPUTS = (
+    "q_quad",
+    "k_quad",
+    "q_lin",
+    "k_lin",
+    "v",
+    "rel_bias",
+    "cu_seqlens",
+    "chunk_offsets",
+    "chunk_table",
+    "state_offset",
+    "chunk_size",
+    "causal",
+    "quad_scale",
+    "lin_scale",
+    "store_total",
+)
 
 
 def _mixed_chunk_setup_context(ctx, inputs, output):
-    (q_quad, k_quad, q_lin, k_lin, v, rel_bias, cu_seqlens, chunk_offsets, chunk_table,
-     state_offset, chunk_size, causal, quad_scale, lin_scale, store_total) = inputs
-    ctx.save_for_backward(q_quad, k_quad, q_lin, k_lin, v, rel_bias, output[1], cu_seqlens,
-                          chunk_offsets, chunk_table, state_offset)
+    (
+        q_quad,
+        k_quad,
+        q_lin,
+        k_lin,
+        v,
+        rel_bias,
+        cu_seqlens,
+        chunk_offsets,
+        chunk_table,
+        state_offset,
+        chunk_size,
+        causal,
+        quad_scale,
+        lin_scale,
+        store_total,
+    ) = inputs
+    ctx.save_for_backward(
+        q_quad,
+        k_quad,
+        q_lin,
+        k_lin,
+        v,
+        rel_bias,
+        output[1],
+        cu_seqlens,
+        chunk_offsets,
+        chunk_table,
+        state_offset,
+    )
     ctx.options = (chunk_size, causal, quad_scale, lin_scale)
     ctx.store_total = store_total
 
 
 def _mixed_chunk_backward(ctx, grad_out, grad_states, grad_total):
-    (q_quad, k_quad, q_lin, k_lin, v, rel_bias, states, cu_seqlens, chunk_offsets, chunk_table,
-     state_offset) = ctx.saved_tensors
+    (
+        q_quad,
+        k_quad,
+        q_lin,
+        k_lin,
+        v,
+        rel_bias,
+        states,
+        cu_seqlens,
+        chunk_offsets,
+        chunk_table,
+        state_offset,
+    ) = ctx.saved_tensors
     need = dict(zip(_FORWARD_INPUTS, ctx.needs_input_grad))
     needs = BackwardNeeds(*(bool(need[name]) for name in BackwardNeeds._fields))
-    grads = mixed_chunk_bwd_op(grad_out, grad_total if ctx.store_total else None, q_quad, k_quad,
-                               q_lin, k_lin, v, rel_bias, states, cu_seqlens, chunk_offsets,
-                               chunk_table, state_offset, *ctx.options, list(needs))
-    by_name = {name: grad if wanted else None
-               for name, grad, wanted in zip(BackwardNeeds._fields, grads, needs)}
+    grads = mixed_chunk_bwd_op(
+        grad_out,
+        grad_total if ctx.store_total else None,
+        q_quad,
+        k_quad,
+        q_lin,
+        k_lin,
+        v,
+        rel_bias,
+        states,
+        cu_seqlens,
+        chunk_offsets,
+        chunk_table,
+        state_offset,
+        *ctx.options,
+        list(needs),
+    )
+    by_name = {
+        name: grad if wanted else None
+        for name, grad, wanted in zip(BackwardNeeds._fields, grads, needs)
+    }
     return tuple(by_name.get(name) for name in _FORWARD_INPUTS)
 
 
-mixed_chunk_fwd_op.register_autograd(_mixed_chunk_backward,
-                                     setup_context=_mixed_chunk_setup_context)
+mixed_chunk_fwd_op.register_autograd(
+    _mixed_chunk_backward, setup_context=_mixed_chunk_setup_context
+)
 
 
 def packed_arguments(tables):
@@ -193,9 +353,22 @@ def packed_arguments(tables):
     return tables.cu_seqlens, tables.chunk_offsets, tables.chunk_table
 
 
-def mixed_chunk_attention_triton(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
-                                 quad_scale, lin_scale, tables=None, state_offset=None,
-                                 store_total=False):
+def mixed_chunk_attention_triton(
+    q_quad,
+    k_quad,
+    q_lin,
+    k_lin,
+    v,
+    *,
+    chunk_size,
+    causal,
+    rel_bias,
+    quad_scale,
+    lin_scale,
+    tables=None,
+    state_offset=None,
+    store_total=False,
+):
     """Inputs with one flattened batch dim (B, T, S) / (B, T, E); resolved chunk size, scales
     left None for the default 1 / chunk_size (resolve_scales). tables: packed documents;
     state_offset: (B, num_docs, S, E) unscaled initial state. Returns (out, total) with total
@@ -207,6 +380,15 @@ def mixed_chunk_attention_triton(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size,
     # conversion is differentiable, so its gradient comes back in rel_bias's dtype.
     bias32 = rel_bias.float().contiguous() if rel_bias is not None else None
     offset32 = state_offset.float().contiguous() if state_offset is not None else None
-    out, _, total = mixed_chunk_fwd_op(*views, bias32, *packed_arguments(tables), offset32,
-                                       chunk_size, causal, quad_scale, lin_scale, store_total)
+    out, _, total = mixed_chunk_fwd_op(
+        *views,
+        bias32,
+        *packed_arguments(tables),
+        offset32,
+        chunk_size,
+        causal,
+        quad_scale,
+        lin_scale,
+        store_total,
+    )
     return out, (total if store_total else None)

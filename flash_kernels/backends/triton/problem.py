@@ -2,6 +2,7 @@
 roles (`Roles`), the sizes and tiles of the call (`Problem`), the operands built for the kernels
 (the bias's Toeplitz matrix, the scaled state offset) and the state scan, which runs forward in
 the forward pass and in reverse in the backward."""
+
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ class Roles:
     `affine` the float32 (2, 4, S) stack [gamma; beta] (flash_attention forms the roles on the
     fly: core.roles.affine_stack). `q_lin is None` means quadratic attention only.
     """
+
     q_quad: torch.Tensor
     k_quad: torch.Tensor
     q_lin: torch.Tensor = None
@@ -53,12 +55,17 @@ class Problem:
         self.B, self.T, self.S = q_quad.shape
         self.E = v.shape[-1]
         self.chunk_size = chunk_size
-        self.chunk_len = min(chunk_size, self.T)       # no chunk is longer
+        self.chunk_len = min(chunk_size, self.T)  # no chunk is longer
         self.tables = tables
         self.num_chunks = tables.num_slots if tables else cdiv(self.T, chunk_size)
         self.num_docs = tables.num_docs if tables else 1
-        self.config = kernel_config(self.chunk_len, self.S, self.E,
-                                    planned_dtype(v.dtype, v.device), current_target(v.device))
+        self.config = kernel_config(
+            self.chunk_len,
+            self.S,
+            self.E,
+            planned_dtype(v.dtype, v.device),
+            current_target(v.device),
+        )
         self.dot_precision = dot_precision(v.dtype, v.device)
 
     def num_blocks(self, block):
@@ -72,10 +79,17 @@ class Problem:
     def chunk_args(self):
         """The kernels' chunk-geometry arguments (common.program_chunk_block)."""
         tables = self.tables
-        return dict(chunk_table_ptr=tables.chunk_table if tables else None,
-                    cu_seqlens_ptr=tables.cu_seqlens if tables else None,
-                    T=self.T, S=self.S, E=self.E, chunk_size=self.chunk_size,
-                    chunk_len=self.chunk_len, num_chunks=self.num_chunks, num_docs=self.num_docs)
+        return dict(
+            chunk_table_ptr=tables.chunk_table if tables else None,
+            cu_seqlens_ptr=tables.cu_seqlens if tables else None,
+            T=self.T,
+            S=self.S,
+            E=self.E,
+            chunk_size=self.chunk_size,
+            chunk_len=self.chunk_len,
+            num_chunks=self.num_chunks,
+            num_docs=self.num_docs,
+        )
 
     def bias_operand(self, rel_bias):
         """What the kernels read for the bias: the (chunk_len, chunk_len) Toeplitz matrix of
@@ -109,16 +123,42 @@ def state_scan(roles, y, p, *, reverse, causal, lin_scale, store_total=False):
     total = new_buffer((B, p.num_docs, S, E), torch.float32, x.device) if store_total else None
     grid = (B * p.num_docs * cdiv(S, cfg.state_block_s) * cdiv(E, cfg.state_block_e),)
     (stride_xb, stride_xt), (stride_yb, stride_yt) = row_strides(x), row_strides(y)
-    launch(chunk_state_scan_kernel, grid,
-           dict(x_ptr=x, affine_ptr=roles.affine, y_ptr=y, states_ptr=states, total_ptr=total,
-                cu_seqlens_ptr=p.tables.cu_seqlens if p.tables else None,
-                chunk_offsets_ptr=p.tables.chunk_offsets if p.tables else None,
-                stride_xb=stride_xb, stride_xt=stride_xt, stride_yb=stride_yb, stride_yt=stride_yt,
-                T=T, S=S, E=E, chunk_size=p.chunk_size, num_states=num_states,
-                num_docs=p.num_docs, lin_scale=lin_scale),
-           dict(X_ROLE=role, FROM_Z=roles.fused, REVERSE=reverse, CAUSAL=causal,
-                IS_VARLEN=p.tables is not None, STORE_TOTAL=store_total,
-                BLOCK_T=cfg.state_block_t, BLOCK_S=cfg.state_block_s,
-                BLOCK_E=cfg.state_block_e, DOT_PRECISION=dot_precision(x.dtype, x.device)),
-           num_warps=4, num_stages=2)
+    launch(
+        chunk_state_scan_kernel,
+        grid,
+        dict(
+            x_ptr=x,
+            affine_ptr=roles.affine,
+            y_ptr=y,
+            states_ptr=states,
+            total_ptr=total,
+            cu_seqlens_ptr=p.tables.cu_seqlens if p.tables else None,
+            chunk_offsets_ptr=p.tables.chunk_offsets if p.tables else None,
+            stride_xb=stride_xb,
+            stride_xt=stride_xt,
+            stride_yb=stride_yb,
+            stride_yt=stride_yt,
+            T=T,
+            S=S,
+            E=E,
+            chunk_size=p.chunk_size,
+            num_states=num_states,
+            num_docs=p.num_docs,
+            lin_scale=lin_scale,
+        ),
+        dict(
+            X_ROLE=role,
+            FROM_Z=roles.fused,
+            REVERSE=reverse,
+            CAUSAL=causal,
+            IS_VARLEN=p.tables is not None,
+            STORE_TOTAL=store_total,
+            BLOCK_T=cfg.state_block_t,
+            BLOCK_S=cfg.state_block_s,
+            BLOCK_E=cfg.state_block_e,
+            DOT_PRECISION=dot_precision(x.dtype, x.device),
+        ),
+        num_warps=4,
+        num_stages=2,
+    )
     return states, total

@@ -14,18 +14,40 @@ late additions). lin_scale is folded in here so the output kernels use the state
 Without packing the whole sequence is one document. With packed documents (IS_VARLEN), each
 program scans its own document from zero: nothing crosses a document boundary.
 """
+
 import triton
 import triton.language as tl
 
 
 @triton.jit(do_not_specialize=["T", "num_states", "num_docs"])
 def chunk_state_scan_kernel(
-    x_ptr, affine_ptr, y_ptr, states_ptr, total_ptr, cu_seqlens_ptr, chunk_offsets_ptr,
-    stride_xb, stride_xt, stride_yb, stride_yt,
-    T, S, E, chunk_size, num_states, num_docs, lin_scale,
-    X_ROLE: tl.constexpr, FROM_Z: tl.constexpr, REVERSE: tl.constexpr, CAUSAL: tl.constexpr,
-    IS_VARLEN: tl.constexpr, STORE_TOTAL: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+    x_ptr,
+    affine_ptr,
+    y_ptr,
+    states_ptr,
+    total_ptr,
+    cu_seqlens_ptr,
+    chunk_offsets_ptr,
+    stride_xb,
+    stride_xt,
+    stride_yb,
+    stride_yt,
+    T,
+    S,
+    E,
+    chunk_size,
+    num_states,
+    num_docs,
+    lin_scale,
+    X_ROLE: tl.constexpr,
+    FROM_Z: tl.constexpr,
+    REVERSE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    STORE_TOTAL: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """states[b, first + g] (causal) or states[b, doc] (non-causal), see the module docstring.
@@ -86,10 +108,13 @@ def chunk_state_scan_kernel(
         else:
             chunk = step
         if CAUSAL:
-            tl.store(states_ptr + ((batch * num_states + first_state + chunk) * S * E + state_offsets),
-                     state * lin_scale, mask=state_mask)
+            tl.store(
+                states_ptr + ((batch * num_states + first_state + chunk) * S * E + state_offsets),
+                state * lin_scale,
+                mask=state_mask,
+            )
             if STORE_TOTAL and not REVERSE:
-                if chunk == num_complete:      # the partial last chunk: the complete ones are in
+                if chunk == num_complete:  # the partial last chunk: the complete ones are in
                     tl.store(total_base + state_offsets, state, mask=state_mask)
         chunk_start = doc_start + chunk.to(tl.int64) * chunk_size
         chunk_end = tl.minimum(chunk_start + chunk_size, doc_end)
@@ -97,17 +122,26 @@ def chunk_state_scan_kernel(
         for t0 in range(0, chunk_end - chunk_start, BLOCK_T):
             rows = chunk_start + t0 + offs_t
             row_ok = rows < chunk_end
-            x_t = tl.load(x_base + rows[None, :] * stride_xt + offs_s[:, None],  # (BLOCK_S, BLOCK_T)
-                          mask=row_ok[None, :] & (offs_s[:, None] < S), other=0.0)
+            x_t = tl.load(
+                x_base + rows[None, :] * stride_xt + offs_s[:, None],  # (BLOCK_S, BLOCK_T)
+                mask=row_ok[None, :] & (offs_s[:, None] < S),
+                other=0.0,
+            )
             if FROM_Z:
                 role = x_t.to(tl.float32) * gamma[:, None] + beta[:, None]
                 x_t = tl.where(row_ok[None, :], role, 0.0).to(x_t.dtype)
-            y = tl.load(y_base + rows[:, None] * stride_yt + offs_e[None, :],    # (BLOCK_T, BLOCK_E)
-                        mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+            y = tl.load(
+                y_base + rows[:, None] * stride_yt + offs_e[None, :],  # (BLOCK_T, BLOCK_E)
+                mask=row_ok[:, None] & (offs_e[None, :] < E),
+                other=0.0,
+            )
             state = tl.dot(x_t, y, state, input_precision=DOT_PRECISION)
     if not CAUSAL:
-        tl.store(states_ptr + ((batch * num_states + doc) * S * E + state_offsets),
-                 state * lin_scale, mask=state_mask)
+        tl.store(
+            states_ptr + ((batch * num_states + doc) * S * E + state_offsets),
+            state * lin_scale,
+            mask=state_mask,
+        )
     if STORE_TOTAL:
         if REVERSE:
             tl.store(total_base + state_offsets, state * lin_scale, mask=state_mask)

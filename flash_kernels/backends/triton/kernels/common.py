@@ -19,6 +19,7 @@ descriptors), or computed in the orientation it is used: the key-side backward f
 S^T = K Q^T (`relu_scores_tile(KEYS_ON_ROWS=True)`) and dA^T = V dO^T itself instead of
 transposing S and dA. tools/codegen_gate.py checks the compiled IR of every kernel for this.
 """
+
 import triton
 import triton.language as tl
 
@@ -32,8 +33,9 @@ LIN_K: tl.constexpr = tl.constexpr(roles.LIN_K)
 
 
 @triton.jit
-def program_chunk_block(num_blocks, num_chunks, chunk_size, T, chunk_table_ptr, cu_seqlens_ptr,
-                        IS_VARLEN: tl.constexpr):
+def program_chunk_block(
+    num_blocks, num_chunks, chunk_size, T, chunk_table_ptr, cu_seqlens_ptr, IS_VARLEN: tl.constexpr
+):
     """This program's (batch, chunk, block, doc, chunk_start, chunk_end).
 
     The grid is one-dimensional, program (batch * num_chunks + chunk) * num_blocks + block: the
@@ -74,17 +76,35 @@ def state_tile(base, S, E, offs_s, cols, TRANSPOSED: tl.constexpr):
     # One return: Triton type-checks every return statement of a function, constexpr
     # branches included, and the two orientations differ in shape.
     if TRANSPOSED:
-        tile = tl.load(base + offs_s[None, :] * E + cols[:, None],
-                       mask=(offs_s[None, :] < S) & (cols[:, None] < E), other=0.0)
+        tile = tl.load(
+            base + offs_s[None, :] * E + cols[:, None],
+            mask=(offs_s[None, :] < S) & (cols[:, None] < E),
+            other=0.0,
+        )
     else:
-        tile = tl.load(base + offs_s[:, None] * E + cols[None, :],
-                       mask=(offs_s[:, None] < S) & (cols[None, :] < E), other=0.0)
+        tile = tl.load(
+            base + offs_s[:, None] * E + cols[None, :],
+            mask=(offs_s[:, None] < S) & (cols[None, :] < E),
+            other=0.0,
+        )
     return tile
 
 
 @triton.jit
-def linear_state_tile(states_ptr, batch, chunk, doc, num_chunks, num_docs, S, E, offs_s, cols,
-                      CAUSAL: tl.constexpr, TRANSPOSED: tl.constexpr):
+def linear_state_tile(
+    states_ptr,
+    batch,
+    chunk,
+    doc,
+    num_chunks,
+    num_docs,
+    S,
+    E,
+    offs_s,
+    cols,
+    CAUSAL: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+):
     """The (S, cols) tile (TRANSPOSED: (cols, S)) of the float32 state P (lin_scale folded in)
     that the chunk's queries read: states[batch, chunk] when causal, states[batch, doc] when
     not."""
@@ -96,23 +116,26 @@ def linear_state_tile(states_ptr, batch, chunk, doc, num_chunks, num_docs, S, E,
 
 
 @triton.jit
-def state_offset_tile(offset_ptr, batch, doc, num_docs, S, E, offs_s, cols,
-                      TRANSPOSED: tl.constexpr):
+def state_offset_tile(
+    offset_ptr, batch, doc, num_docs, S, E, offs_s, cols, TRANSPOSED: tl.constexpr
+):
     """The (S, cols) tile (TRANSPOSED: (cols, S)) of lin_scale * offset[batch, doc]: the state
     of the tokens before this call's (a caller's initial_state, or the earlier ranks' total
     under context parallelism), the one way state from elsewhere enters. The launcher stores it
     scaled and already in the tensor-core operand dtype, so the kernels multiply it as it is
     loaded (a second product beside the state's) instead of holding another float32 tile."""
-    return state_tile(offset_ptr + (batch * num_docs + doc) * S * E, S, E, offs_s, cols,
-                      TRANSPOSED)
+    return state_tile(offset_ptr + (batch * num_docs + doc) * S * E, S, E, offs_s, cols, TRANSPOSED)
 
 
 @triton.jit
 def load_rows(base, rows, row_end, width, row_stride, BLOCK_W: tl.constexpr):
     """x[rows, :width] of a (T, width) matrix with unit column stride, zero for rows >= row_end."""
     cols = tl.arange(0, BLOCK_W)
-    return tl.load(base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
-                   mask=(rows[:, None] < row_end) & (cols[None, :] < width), other=0.0)
+    return tl.load(
+        base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
+        mask=(rows[:, None] < row_end) & (cols[None, :] < width),
+        other=0.0,
+    )
 
 
 @triton.jit
@@ -120,13 +143,25 @@ def load_rows_t(base, rows, row_end, width, row_stride, BLOCK_W: tl.constexpr):
     """x[rows, :width] transposed, the (BLOCK_W, rows) tile, read with transposed addressing
     (never a register transpose: see the module doc); zero for rows >= row_end."""
     cols = tl.arange(0, BLOCK_W)
-    return tl.load(base + rows.to(tl.int64)[None, :] * row_stride + cols[:, None],
-                   mask=(rows[None, :] < row_end) & (cols[:, None] < width), other=0.0)
+    return tl.load(
+        base + rows.to(tl.int64)[None, :] * row_stride + cols[:, None],
+        mask=(rows[None, :] < row_end) & (cols[:, None] < width),
+        other=0.0,
+    )
 
 
 @triton.jit
-def load_role(base, rows, row_end, width, row_stride, affine_ptr, ROLE: tl.constexpr,
-              FROM_Z: tl.constexpr, BLOCK_W: tl.constexpr):
+def load_role(
+    base,
+    rows,
+    row_end,
+    width,
+    row_stride,
+    affine_ptr,
+    ROLE: tl.constexpr,
+    FROM_Z: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
     """Rows of one role tensor (ROLE: QUAD_Q, QUAD_K, LIN_Q or LIN_K).
 
     Without FROM_Z, `base` is the role tensor itself. With FROM_Z it is z, and the role is
@@ -148,8 +183,17 @@ def load_role(base, rows, row_end, width, row_stride, affine_ptr, ROLE: tl.const
 
 
 @triton.jit
-def load_role_t(base, rows, row_end, width, row_stride, affine_ptr, ROLE: tl.constexpr,
-                FROM_Z: tl.constexpr, BLOCK_W: tl.constexpr):
+def load_role_t(
+    base,
+    rows,
+    row_end,
+    width,
+    row_stride,
+    affine_ptr,
+    ROLE: tl.constexpr,
+    FROM_Z: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
     """`load_role` transposed, the (BLOCK_W, rows) tile, formed from a transposed read."""
     x_t = load_rows_t(base, rows, row_end, width, row_stride, BLOCK_W)
     if FROM_Z:
@@ -162,10 +206,23 @@ def load_role_t(base, rows, row_end, width, row_stride, affine_ptr, ROLE: tl.con
 
 
 @triton.jit
-def relu_scores_tile(a, b_t, rel_bias_ptr, offs_rows, offs_cols, chunk_start, chunk_end,
-                     chunk_size, chunk_len, quad_scale, HAS_BIAS: tl.constexpr,
-                     BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
-                     KEYS_ON_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def relu_scores_tile(
+    a,
+    b_t,
+    rel_bias_ptr,
+    offs_rows,
+    offs_cols,
+    chunk_start,
+    chunk_end,
+    chunk_size,
+    chunk_len,
+    quad_scale,
+    HAS_BIAS: tl.constexpr,
+    BIAS_MATRIX: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    KEYS_ON_ROWS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """relu(s) for one tile of queries i and keys j of a chunk:
 
         s_ij = quad_scale * <q_i, k_j> + rel_bias[i - j + chunk_size - 1]
@@ -196,12 +253,16 @@ def relu_scores_tile(a, b_t, rel_bias_ptr, offs_rows, offs_cols, chunk_start, ch
         local_i = offs_i - chunk_start
         local_j = offs_j - chunk_start
         if BIAS_MATRIX:
-            scores += tl.load(rel_bias_ptr + local_i * chunk_len + local_j,
-                              mask=(local_i < chunk_len) & (local_j < chunk_len), other=0.0)
+            scores += tl.load(
+                rel_bias_ptr + local_i * chunk_len + local_j,
+                mask=(local_i < chunk_len) & (local_j < chunk_len),
+                other=0.0,
+            )
         else:
             # i and j are in the same chunk, so the index lies in [0, 2 * chunk_size - 2].
-            scores += tl.load(rel_bias_ptr + (local_i - local_j + chunk_size - 1), mask=valid,
-                              other=0.0)
+            scores += tl.load(
+                rel_bias_ptr + (local_i - local_j + chunk_size - 1), mask=valid, other=0.0
+            )
     # NaN in q, k or the bias must reach the output, as it does in the PyTorch paths.
     return tl.where(valid, tl.maximum(scores, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
 
@@ -210,47 +271,132 @@ def relu_scores_tile(a, b_t, rel_bias_ptr, offs_rows, offs_cols, chunk_start, ch
 def load_tile(base, rows, cols, row_end, width, row_stride):
     """x[rows, cols] of a (T, width) matrix with unit column stride, zero outside rows < row_end,
     cols < width."""
-    return tl.load(base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
-                   mask=(rows[:, None] < row_end) & (cols[None, :] < width), other=0.0)
+    return tl.load(
+        base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
+        mask=(rows[:, None] < row_end) & (cols[None, :] < width),
+        other=0.0,
+    )
 
 
 @triton.jit
-def relu2_weights(q, k_base, k_row_stride, affine_ptr, rel_bias_ptr, offs_i, offs_j, chunk_start,
-                  chunk_end, chunk_size, chunk_len, S, quad_scale, FROM_Z: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr, CAUSAL: tl.constexpr,
-                  BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def relu2_weights(
+    q,
+    k_base,
+    k_row_stride,
+    affine_ptr,
+    rel_bias_ptr,
+    offs_i,
+    offs_j,
+    chunk_start,
+    chunk_end,
+    chunk_size,
+    chunk_len,
+    S,
+    quad_scale,
+    FROM_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BIAS_MATRIX: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """The attention weights relu(s_ij)^2 (float32) of queries q (rows offs_i) and keys offs_j,
     the keys read transposed."""
-    k_t = load_role_t(k_base, offs_j, chunk_end, S, k_row_stride, affine_ptr, QUAD_K, FROM_Z,
-                      BLOCK_S)
-    relu_s = relu_scores_tile(q, k_t, rel_bias_ptr, offs_i, offs_j, chunk_start, chunk_end,
-                              chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL,
-                              False, DOT_PRECISION)
+    k_t = load_role_t(
+        k_base, offs_j, chunk_end, S, k_row_stride, affine_ptr, QUAD_K, FROM_Z, BLOCK_S
+    )
+    relu_s = relu_scores_tile(
+        q,
+        k_t,
+        rel_bias_ptr,
+        offs_i,
+        offs_j,
+        chunk_start,
+        chunk_end,
+        chunk_size,
+        chunk_len,
+        quad_scale,
+        HAS_BIAS,
+        BIAS_MATRIX,
+        CAUSAL,
+        False,
+        DOT_PRECISION,
+    )
     return relu_s * relu_s
 
 
 @triton.jit
-def key_query_weights(k, q_base, q_row_stride, affine_ptr, rel_bias_ptr, offs_j, offs_i,
-                      chunk_start, chunk_end, chunk_size, chunk_len, S, quad_scale,
-                      FROM_Z: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MATRIX: tl.constexpr,
-                      CAUSAL: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def key_query_weights(
+    k,
+    q_base,
+    q_row_stride,
+    affine_ptr,
+    rel_bias_ptr,
+    offs_j,
+    offs_i,
+    chunk_start,
+    chunk_end,
+    chunk_size,
+    chunk_len,
+    S,
+    quad_scale,
+    FROM_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BIAS_MATRIX: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """`relu2_weights` with keys on the rows: relu(S^T)^2 of the loaded keys k (rows offs_j)
     against the queries offs_i (float32), formed as K Q^T with the queries read transposed."""
-    q_t = load_role_t(q_base, offs_i, chunk_end, S, q_row_stride, affine_ptr, QUAD_Q, FROM_Z,
-                      BLOCK_S)
-    relu_s_t = relu_scores_tile(k, q_t, rel_bias_ptr, offs_j, offs_i, chunk_start, chunk_end,
-                                chunk_size, chunk_len, quad_scale, HAS_BIAS, BIAS_MATRIX, CAUSAL,
-                                True, DOT_PRECISION)
+    q_t = load_role_t(
+        q_base, offs_i, chunk_end, S, q_row_stride, affine_ptr, QUAD_Q, FROM_Z, BLOCK_S
+    )
+    relu_s_t = relu_scores_tile(
+        k,
+        q_t,
+        rel_bias_ptr,
+        offs_j,
+        offs_i,
+        chunk_start,
+        chunk_end,
+        chunk_size,
+        chunk_len,
+        quad_scale,
+        HAS_BIAS,
+        BIAS_MATRIX,
+        CAUSAL,
+        True,
+        DOT_PRECISION,
+    )
     return relu_s_t * relu_s_t
 
 
 @triton.jit
-def hoisted_weights_tile(use, rows, base, row_stride, affine_ptr, rel_bias_ptr, offs_rows,
-                         offs_cols, chunk_start, chunk_end, chunk_size, chunk_len, S, quad_scale,
-                         MMA_DTYPE: tl.constexpr, KEYS_ON_ROWS: tl.constexpr,
-                         FROM_Z: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-                         BLOCK_S: tl.constexpr, COLS: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
+def hoisted_weights_tile(
+    use,
+    rows,
+    base,
+    row_stride,
+    affine_ptr,
+    rel_bias_ptr,
+    offs_rows,
+    offs_cols,
+    chunk_start,
+    chunk_end,
+    chunk_size,
+    chunk_len,
+    S,
+    quad_scale,
+    MMA_DTYPE: tl.constexpr,
+    KEYS_ON_ROWS: tl.constexpr,
+    FROM_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    COLS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """One of the two tiles a chunk's hoisted weights are held in (HOIST_SCORES: the chunk is
     at most two tiles of COLS, and the bias is read as its Toeplitz matrix): the weights of the
     loaded rows (`rows`, at offs_rows) against the tile's columns offs_cols, in MMA_DTYPE, or
@@ -259,15 +405,49 @@ def hoisted_weights_tile(use, rows, base, row_stride, affine_ptr, rel_bias_ptr, 
     (`key_query_weights`, queries read from `base`)."""
     if use:
         if KEYS_ON_ROWS:
-            weights = key_query_weights(rows, base, row_stride, affine_ptr, rel_bias_ptr,
-                                        offs_rows, offs_cols, chunk_start, chunk_end, chunk_size,
-                                        chunk_len, S, quad_scale, FROM_Z, HAS_BIAS, True, CAUSAL,
-                                        BLOCK_S, DOT_PRECISION).to(MMA_DTYPE)
+            weights = key_query_weights(
+                rows,
+                base,
+                row_stride,
+                affine_ptr,
+                rel_bias_ptr,
+                offs_rows,
+                offs_cols,
+                chunk_start,
+                chunk_end,
+                chunk_size,
+                chunk_len,
+                S,
+                quad_scale,
+                FROM_Z,
+                HAS_BIAS,
+                True,
+                CAUSAL,
+                BLOCK_S,
+                DOT_PRECISION,
+            ).to(MMA_DTYPE)
         else:
-            weights = relu2_weights(rows, base, row_stride, affine_ptr, rel_bias_ptr, offs_rows,
-                                    offs_cols, chunk_start, chunk_end, chunk_size, chunk_len, S,
-                                    quad_scale, FROM_Z, HAS_BIAS, True, CAUSAL, BLOCK_S,
-                                    DOT_PRECISION).to(MMA_DTYPE)
+            weights = relu2_weights(
+                rows,
+                base,
+                row_stride,
+                affine_ptr,
+                rel_bias_ptr,
+                offs_rows,
+                offs_cols,
+                chunk_start,
+                chunk_end,
+                chunk_size,
+                chunk_len,
+                S,
+                quad_scale,
+                FROM_Z,
+                HAS_BIAS,
+                True,
+                CAUSAL,
+                BLOCK_S,
+                DOT_PRECISION,
+            ).to(MMA_DTYPE)
     else:
         weights = tl.zeros((rows.shape[0], COLS), dtype=MMA_DTYPE)
     return weights
@@ -293,5 +473,7 @@ def zero_unattended_nonfinite(x, rows, partial_rows, first_bad):
     first row where that happened: the caller poisons the outputs at or after that row (a
     causal query attends every key up to itself), exactly those that do attend the value."""
     bad = nonfinite_in(x, partial_rows)
-    first_bad = tl.minimum(first_bad, tl.min(tl.where(bad, rows[:, None], first_bad[None, :]), axis=0))
+    first_bad = tl.minimum(
+        first_bad, tl.min(tl.where(bad, rows[:, None], first_bad[None, :]), axis=0)
+    )
     return tl.where(bad, 0.0, x).to(x.dtype), first_bad

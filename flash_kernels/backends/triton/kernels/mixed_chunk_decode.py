@@ -33,6 +33,7 @@ Programs run in no fixed order, so each takes a ticket (an integer atomic add on
 sequence's counter, acquire-release) when done; the one that draws the last ticket writes the
 new position and resets the counter to 0. Integer atomics: the result is deterministic.
 """
+
 import triton
 import triton.language as tl
 
@@ -54,15 +55,45 @@ def _token_role(base, offs_s, S, affine_ptr, ROLE: tl.constexpr, FROM_Z: tl.cons
 
 @triton.jit(do_not_specialize=["capacity", "chunk_size"])
 def mixed_chunk_decode_kernel(
-    q_quad_ptr, k_quad_ptr, q_lin_ptr, k_lin_ptr, v_ptr, gate_ptr, affine_ptr, rel_bias_ptr,
-    k_quad_cache_ptr, k_lin_cache_ptr, v_cache_ptr, state_ptr, position_ptr, tickets_ptr,
+    q_quad_ptr,
+    k_quad_ptr,
+    q_lin_ptr,
+    k_lin_ptr,
+    v_ptr,
+    gate_ptr,
+    affine_ptr,
+    rel_bias_ptr,
+    k_quad_cache_ptr,
+    k_lin_cache_ptr,
+    v_cache_ptr,
+    state_ptr,
+    position_ptr,
+    tickets_ptr,
     out_ptr,
-    stride_qb, stride_kb, stride_qlb, stride_klb, stride_vb, stride_gb,
-    S, E, capacity, chunk_size, num_e_tiles, quad_scale, lin_scale,
-    FROM_Z: tl.constexpr, HAS_GATE: tl.constexpr, HAS_LINEAR: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FOLDS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SL: tl.constexpr, BLOCK_SF: tl.constexpr,
-    BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_qb,
+    stride_kb,
+    stride_qlb,
+    stride_klb,
+    stride_vb,
+    stride_gb,
+    S,
+    E,
+    capacity,
+    chunk_size,
+    num_e_tiles,
+    quad_scale,
+    lin_scale,
+    FROM_Z: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_LINEAR: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FOLDS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_SL: tl.constexpr,
+    BLOCK_SF: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """New-token inputs are (B, S) / (B, E) rows with unit feature stride and the given batch
     strides; the caches are contiguous: k_quad/k_lin (B, capacity, S), v (B, capacity, E) in
@@ -80,14 +111,15 @@ def mixed_chunk_decode_kernel(
     else:
         n = position
     fits = n < capacity
-    rows_held = tl.where(fits, n, 0)            # buffered rows this token attends
+    rows_held = tl.where(fits, n, 0)  # buffered rows this token attends
 
     offs_s = tl.arange(0, BLOCK_S)
     s_ok = offs_s < S
     cols = e_tile * BLOCK_E + tl.arange(0, BLOCK_E)
     col_ok = cols < E
-    q = _token_role(q_quad_ptr + batch * stride_qb, offs_s, S, affine_ptr, QUAD_Q,
-                    FROM_Z).to(tl.float32)
+    q = _token_role(q_quad_ptr + batch * stride_qb, offs_s, S, affine_ptr, QUAD_Q, FROM_Z).to(
+        tl.float32
+    )
     k_new = _token_role(k_quad_ptr + batch * stride_kb, offs_s, S, affine_ptr, QUAD_K, FROM_Z)
     v_new = tl.load(v_ptr + batch * stride_vb + cols, mask=col_ok, other=0.0)
 
@@ -98,14 +130,20 @@ def mixed_chunk_decode_kernel(
     for j0 in range(0, rows_held, BLOCK_N):
         rows = j0 + tl.arange(0, BLOCK_N)
         row_ok = rows < rows_held
-        keys = tl.load(k_cache + rows[:, None] * S + offs_s[None, :],
-                       mask=row_ok[:, None] & s_ok[None, :], other=0.0)
+        keys = tl.load(
+            k_cache + rows[:, None] * S + offs_s[None, :],
+            mask=row_ok[:, None] & s_ok[None, :],
+            other=0.0,
+        )
         scores = quad_scale * tl.sum(keys.to(tl.float32) * q[None, :], axis=1)
         if HAS_BIAS:
             scores += tl.load(rel_bias_ptr + (n - rows) + chunk_size - 1, mask=row_ok, other=0.0)
         relu_s = tl.where(row_ok, tl.maximum(scores, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
-        values = tl.load(v_cache + rows[:, None] * E + cols[None, :],
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        values = tl.load(
+            v_cache + rows[:, None] * E + cols[None, :],
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
         acc += tl.sum((relu_s * relu_s)[:, None] * values.to(tl.float32), axis=0)
     own = quad_scale * tl.sum(q * k_new.to(tl.float32), axis=0)
     if HAS_BIAS:
@@ -113,61 +151,78 @@ def mixed_chunk_decode_kernel(
     own = tl.maximum(own, 0.0, propagate_nan=tl.PropagateNan.ALL)
     acc += (own * own) * v_new.to(tl.float32)
 
-    if HAS_LINEAR:          # the state in row blocks: a short-lived (BLOCK_SL, BLOCK_E) tile
+    if HAS_LINEAR:  # the state in row blocks: a short-lived (BLOCK_SL, BLOCK_E) tile
         for s0 in range(0, S, BLOCK_SL):
             offs = s0 + tl.arange(0, BLOCK_SL)
-            q_lin = _token_role(q_lin_ptr + batch * stride_qlb, offs, S, affine_ptr, LIN_Q,
-                                FROM_Z).to(tl.float32)
-            state = tl.load(state_ptr + batch * S * E + offs[:, None] * E + cols[None, :],
-                            mask=(offs[:, None] < S) & col_ok[None, :], other=0.0)
+            q_lin = _token_role(
+                q_lin_ptr + batch * stride_qlb, offs, S, affine_ptr, LIN_Q, FROM_Z
+            ).to(tl.float32)
+            state = tl.load(
+                state_ptr + batch * S * E + offs[:, None] * E + cols[None, :],
+                mask=(offs[:, None] < S) & col_ok[None, :],
+                other=0.0,
+            )
             acc += lin_scale * tl.sum(q_lin[:, None] * state, axis=0)
     acc = tl.where(fits, acc, float("nan"))
     if HAS_GATE:
-        acc = acc * tl.load(gate_ptr + batch * stride_gb + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc = acc * tl.load(gate_ptr + batch * stride_gb + cols, mask=col_ok, other=0.0).to(
+            tl.float32
+        )
     tl.store(out_ptr + batch * E + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
-    completes = False                       # one growing chunk never completes
+    completes = False  # one growing chunk never completes
     joins = fits
     if FOLDS:
         completes = fits & (n == chunk_size - 1)
         joins = fits & (n != chunk_size - 1)
-    if joins:                               # the token joins the buffers at row n
+    if joins:  # the token joins the buffers at row n
         if e_tile == 0:
             tl.store(k_cache + n * S + offs_s, k_new, mask=s_ok)
             if HAS_LINEAR:
-                k_lin_new = _token_role(k_lin_ptr + batch * stride_klb, offs_s, S, affine_ptr,
-                                        LIN_K, FROM_Z)
-                tl.store(k_lin_cache_ptr + batch * capacity * S + n * S + offs_s, k_lin_new,
-                         mask=s_ok)
+                k_lin_new = _token_role(
+                    k_lin_ptr + batch * stride_klb, offs_s, S, affine_ptr, LIN_K, FROM_Z
+                )
+                tl.store(
+                    k_lin_cache_ptr + batch * capacity * S + n * S + offs_s, k_lin_new, mask=s_ok
+                )
         tl.store(v_cache + n * E + cols, v_new, mask=col_ok)
-    if completes:                           # the chunk is complete: fold it, clear the buffers
+    if completes:  # the chunk is complete: fold it, clear the buffers
         if HAS_LINEAR:
             kl_cache = k_lin_cache_ptr + batch * capacity * S
             for s0 in range(0, S, BLOCK_SF):
                 offs = s0 + tl.arange(0, BLOCK_SF)
                 tile = state_ptr + batch * S * E + offs[:, None] * E + cols[None, :]
                 tile_mask = (offs[:, None] < S) & col_ok[None, :]
-                k_lin_new = _token_role(k_lin_ptr + batch * stride_klb, offs, S, affine_ptr,
-                                        LIN_K, FROM_Z)
+                k_lin_new = _token_role(
+                    k_lin_ptr + batch * stride_klb, offs, S, affine_ptr, LIN_K, FROM_Z
+                )
                 state = tl.load(tile, mask=tile_mask, other=0.0)
                 state += k_lin_new.to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
                 for j0 in range(0, rows_held, BLOCK_N):
                     rows = j0 + tl.arange(0, BLOCK_N)
                     row_ok = rows < rows_held
                     # K^T read transposed (no register transpose into a dot: common.py)
-                    keys_t = tl.load(kl_cache + rows[None, :] * S + offs[:, None],
-                                     mask=row_ok[None, :] & (offs[:, None] < S), other=0.0)
-                    values = tl.load(v_cache + rows[:, None] * E + cols[None, :],
-                                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                    keys_t = tl.load(
+                        kl_cache + rows[None, :] * S + offs[:, None],
+                        mask=row_ok[None, :] & (offs[:, None] < S),
+                        other=0.0,
+                    )
+                    values = tl.load(
+                        v_cache + rows[:, None] * E + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :],
+                        other=0.0,
+                    )
                     state = tl.dot(keys_t, values, state, input_precision=DOT_PRECISION)
                 tl.store(tile, state, mask=tile_mask)
         # This program's value columns are its own; the keys (read by every program of the
         # sequence) are cleared by the last one, below.
         for j0 in range(0, rows_held, BLOCK_N):
             rows = j0 + tl.arange(0, BLOCK_N)
-            tl.store(v_cache + rows[:, None] * E + cols[None, :],
-                     tl.zeros((BLOCK_N, BLOCK_E), dtype=v_new.dtype),
-                     mask=(rows[:, None] < rows_held) & col_ok[None, :])
+            tl.store(
+                v_cache + rows[:, None] * E + cols[None, :],
+                tl.zeros((BLOCK_N, BLOCK_E), dtype=v_new.dtype),
+                mask=(rows[:, None] < rows_held) & col_ok[None, :],
+            )
 
     # The last program of the sequence to finish advances its position (see the module doc).
     tl.debug_barrier()
@@ -177,11 +232,19 @@ def mixed_chunk_decode_kernel(
             for j0 in range(0, rows_held, BLOCK_N):
                 rows = j0 + tl.arange(0, BLOCK_N)
                 row_mask = (rows[:, None] < rows_held) & s_ok[None, :]
-                tl.store(k_cache + rows[:, None] * S + offs_s[None, :],
-                         tl.zeros((BLOCK_N, BLOCK_S), dtype=k_new.dtype), mask=row_mask)
+                tl.store(
+                    k_cache + rows[:, None] * S + offs_s[None, :],
+                    tl.zeros((BLOCK_N, BLOCK_S), dtype=k_new.dtype),
+                    mask=row_mask,
+                )
                 if HAS_LINEAR:
-                    tl.store(k_lin_cache_ptr + batch * capacity * S + rows[:, None] * S
-                             + offs_s[None, :], tl.zeros((BLOCK_N, BLOCK_S), dtype=k_new.dtype),
-                             mask=row_mask)
+                    tl.store(
+                        k_lin_cache_ptr
+                        + batch * capacity * S
+                        + rows[:, None] * S
+                        + offs_s[None, :],
+                        tl.zeros((BLOCK_N, BLOCK_S), dtype=k_new.dtype),
+                        mask=row_mask,
+                    )
         tl.store(tickets_ptr + batch, 0)
         tl.store(position_ptr + batch, tl.where(fits, position + 1, position))
