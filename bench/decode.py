@@ -4,9 +4,10 @@ with a KV cache (SDPA over the cached keys and values), at growing context lengt
 
 Both decode one token per sequence for a batch, at a given context length (tokens already in
 the cache), with the same model width d:
-- "flash": a FLASH layer (s = 128, e = 2d, chunk C = 256; 64 in the CPU run): norm, the u/v/z projection, the decode
-  op (the float32 S x E state of the completed chunks plus the current chunk's keys and
-  values), the gate and the output projection. Its cache does not grow with the context.
+- "flash": a FLASH layer (s = 128, e = 2d, chunk C = 256; 64 in the CPU run): norm, the u/v/z
+  projection, the decode op (the float32 S x E state of the completed chunks plus the current
+  chunk's keys and values), the gate and the output projection. Its cache does not grow with the
+  context.
 - "kv_cache": a pre-norm multi-head attention block with heads of 64: the qkv projection, the
   new key and value written into a preallocated (batch, heads, context + 1, 64) cache, SDPA of
   the new query over all cached keys, the output projection. Its cache grows linearly.

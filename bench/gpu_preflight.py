@@ -92,7 +92,8 @@ def check_compiler_and_headers():
         source = os.path.join(tmp, "probe.c")
         with open(source, "w") as f:
             f.write(
-                "#include <Python.h>\nint flash_kernels_probe(void) { return Py_IsInitialized(); }\n"
+                "#include <Python.h>\n"
+                "int flash_kernels_probe(void) { return Py_IsInitialized(); }\n"
             )
         command = [
             compiler,
@@ -160,7 +161,8 @@ def check_tiny_kernel():
     where = "under the interpreter" if device == "cpu" else "on the GPU"
     return (
         True,
-        f"tiny Triton kernel correct {where} ({time.perf_counter() - start:.1f} s with its compile)",
+        f"tiny Triton kernel correct {where} "
+        f"({time.perf_counter() - start:.1f} s with its compile)",
     )
 
 

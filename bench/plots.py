@@ -2,12 +2,13 @@
 over each baseline, and peak memory vs T; one panel per mode, causal rows.
 
 Error bars span each point's spread range (the fastest to the slowest timed run, or the 10th
-to 90th percentile with 10 runs or more: bench/stability.py; the line joins the medians); a ring marks a point flagged noisy or non-monotonic (bench/stability.py), and the
-title says when the run's machine was loaded. Dashed grey guides show how a linear cost
-(proportional to batch * T) and a quadratic one (batch * T^2) would grow from the primary
-implementation's first point. Axis ticks read 512, 1K, 2K, ... and 0.5, 1, 2, 5, 10, ...
-The varlen row (packed vs padded documents, bench/varlen.py) is no point of these T series and
-is left out: its table is in the report and the README section.
+to 90th percentile with 10 runs or more: bench/stability.py; the line joins the medians); a ring
+marks a point flagged noisy or non-monotonic (bench/stability.py), and the title says when the run's
+machine was loaded. Dashed grey guides show how a linear cost (proportional to batch * T) and a
+quadratic one (batch * T^2) would grow from the primary implementation's first point. Axis ticks
+read 512, 1K, 2K, ... and 0.5, 1, 2, 5, 10, ... The varlen row (packed vs padded documents,
+bench/varlen.py) is no point of these T series and is left out: its table is in the report and the
+README section.
 
 Reads OUTPUT_DIR/results.jsonl (default bench_out/results.jsonl in the current directory; the
 latest GPU run if there is one, else the latest run; or --run RUN) and writes time_vs_T.png,

@@ -15,8 +15,8 @@ point: impl, mode ("fwd", "bwd", "fwd+bwd"), T, batch, S, E, C, causal, rel_bias
 "skipped" or "error"), note, ms (median), ms_min, ms_max, ms_p10 and ms_p90 (10th and 90th
 percentiles, with 10 timed runs or more, else null), reps (timed runs), flops, tflops and
 frac_peak (from the median), mem_mb, varlen (null, or "packed"/"padded": the varlen row,
-bench/varlen.py), doc_lens (its document lengths), flags ("noisy", "non-monotonic": bench/stability.py),
-wall_s. Older lines may lack the newer fields; readers treat them as unknown.
+bench/varlen.py), doc_lens (its document lengths), flags ("noisy", "non-monotonic":
+bench/stability.py), wall_s. Older lines may lack the newer fields; readers treat them as unknown.
 """
 
 import datetime

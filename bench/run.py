@@ -16,19 +16,19 @@ Timing: GPU: triton.testing.do_bench (L2 flushed between runs, synchronised) aft
 CPU: time.perf_counter over several runs after one warm-up. Every point records the median
 (ms, the number every table and ratio uses), the fastest and slowest run (ms_min, ms_max),
 with 10 runs or more (a GPU) also the 10th and 90th percentiles (ms_p10, ms_p90), and the
-number of timed runs; bench/stability.py flags noisy points (spread above 20% of the median:
-the 10th-90th percentile range when there is one, else the min-max range) and non-monotonic ones (more work measured faster), warns on screen when the
-machine is loaded (load average, or a matmul peak far below this machine's usual one), and
-draws growth conclusions only from stable points. Every point gets fresh random inputs. TFLOP/s come from bench/flops.py; the peak is a large
-torch.matmul in the run's dtype timed in the same run. Peak memory: torch.cuda's allocator on
-a GPU, a child process's RSS on a CPU (bench/memory.py); inputs and gradients included; not
-for the backward alone (it needs its forward: that is the forward+backward figure).
-Results are appended to OUTPUT_DIR/results.jsonl, by default bench_out/results.jsonl under the
-current directory (git-ignored at the repository root): the committed bench/results/ is never
-touched by default. Then `python -m bench.plots` and `python -m bench.readme` draw the figures
-and the README section from them into the same folder, and `python -m bench.publish` is the
-explicit step that copies a run into bench/results/ and updates the committed figures and the
-README (see bench/publish.py).
+number of timed runs; bench/stability.py flags noisy points (spread above 20% of the median: the
+10th-90th percentile range when there is one, else the min-max range) and non-monotonic ones (more
+work measured faster), warns on screen when the machine is loaded (load average, or a matmul peak
+far below this machine's usual one), and draws growth conclusions only from stable points. Every
+point gets fresh random inputs. TFLOP/s come from bench/flops.py; the peak is a large torch.matmul
+in the run's dtype timed in the same run. Peak memory: torch.cuda's allocator on a GPU, a child
+process's RSS on a CPU (bench/memory.py); inputs and gradients included; not for the backward alone
+(it needs its forward: that is the forward+backward figure). Results are appended to
+OUTPUT_DIR/results.jsonl, by default bench_out/results.jsonl under the current directory
+(git-ignored at the repository root): the committed bench/results/ is never touched by default. Then
+`python -m bench.plots` and `python -m bench.readme` draw the figures and the README section from
+them into the same folder, and `python -m bench.publish` is the explicit step that copies a run into
+bench/results/ and updates the committed figures and the README (see bench/publish.py).
 
     python -m bench.run [--quick | --full] [--seq-lens T ...] [--impls NAME ...] [--modes ...]
                         [--varlen-tokens N] [--time-budget SECONDS] [--output-dir DIR]
@@ -480,7 +480,8 @@ def run_plan(args, meta):
             interrupted = True
             _stop_on_interrupt(write)
     write(
-        f"timed the points in {timed:.1f} s; memory in {time.perf_counter() - started - timed:.1f} s"
+        f"timed the points in {timed:.1f} s; "
+        f"memory in {time.perf_counter() - started - timed:.1f} s"
     )
     return records, skipped_impls, interrupted
 

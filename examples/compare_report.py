@@ -577,10 +577,10 @@ def readme_section(runs, figure_for, results_path):
             "`examples/compare_long_context.py` trains FLASH, a Transformer++ with as many "
             "parameters (softmax attention through SDPA) and FLASH-Quad (the same stack of GAU "
             'layers with full quadratic attention, `FLASHLM(layer="gau")`) on the byte corpus of '
-            "`examples/train_lm.py`, at each T with the same tokens per step, the same seed and the "
-            "same batches. The models of a T take turns in one process (a segment each, the order "
-            "reversed every round), so the load of a shared machine reaches all alike; wall-clock "
-            "is training seconds (steps only, evaluation excluded), and losses at equal "
+            "`examples/train_lm.py`, at each T with the same tokens per step, the same seed and "
+            "the same batches. The models of a T take turns in one process (a segment each, the "
+            "order reversed every round), so the load of a shared machine reaches all alike; "
+            "wall-clock is training seconds (steps only, evaluation excluded), and losses at equal "
             "wall-clock are read off the validation curves (linear between points). A model stops "
             "early only at the time cap (a multiple of the fastest model's time for N steps). "
             "Read the numbers as what they are: one seed, short training (a preset's N steps) of "
@@ -612,8 +612,9 @@ def readme_section(runs, figure_for, results_path):
             "Reproduce: `python examples/compare_long_context.py` (the CPU sweep; `--preset gpu` "
             "on a GPU: bf16, d = 512, 8 layers, T up to 8192, 110 s, also run last by "
             "`bench/gpu_runbook.sh`; `--steps`, `--seq-lens`, `--threads` and the rest override "
-            "the preset) writes `examples_out/` (git-ignored); `python examples/publish_compare.py` "
-            "copies its latest run into `examples/results/` and regenerates this section."
+            "the preset) writes `examples_out/` (git-ignored); "
+            "`python examples/publish_compare.py` copies its latest run into `examples/results/` "
+            "and regenerates this section."
         ),
         END,
     ]

@@ -467,7 +467,8 @@ def sample_text(model, val_data, args):
 
 
 def strengthen_init(model, seed):
-    """Redraw gamma ~ N(0, 1), beta and the relative biases ~ N(0, 0.5^2), the embedding ~ N(0, 0.3^2).
+    """Redraw gamma ~ N(0, 1), beta and the relative biases ~ N(0, 0.5^2), the embedding
+    ~ N(0, 0.3^2).
 
     At the paper's initialisation (gamma ~ N(0, 0.02^2), zero offsets and biases) the relu^2
     scores are ~1e-6, and with a 0.02-scaled tied embedding the logits start near uniform: the
@@ -612,10 +613,13 @@ def run_context_parallel(args):
     args.sample, args.compare = 0, False
     train_data, val_data = load_corpus(args.data_mb * 2**20, args.seed)
     if rank == 0:
+        slices = [
+            (min(r * per_rank, args.seq_len), min((r + 1) * per_rank, args.seq_len))
+            for r in range(world_size)
+        ]
         print(
             f"context parallel over {world_size} ranks ({dist.get_backend()}): bytes "
-            f"{[(min(r * per_rank, args.seq_len), min((r + 1) * per_rank, args.seq_len)) for r in range(world_size)]} "
-            f"of every {args.seq_len}-byte sequence"
+            f"{slices} of every {args.seq_len}-byte sequence"
         )
     model = ContextParallelLM(build_flash(args), dist.group.WORLD, start, end)
     parallel = train(model, train_data, val_data, args, f"CP rank {rank}", quiet=rank != 0)

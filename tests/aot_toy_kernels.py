@@ -2,9 +2,10 @@
 
 `matmul_tile_kernel` multiplies one BLOCK x BLOCK tile pair with `tl.dot` (fp32 accumulation), the
 smallest kernel that uses the tensor cores (HMMA on sm_80, Hopper wgmma / HGMMA on sm_90 for
-16-bit inputs at num_warps=4). Its launcher goes through `flash_kernels.backends.triton.launch.launch`, like the
-ops, so that `record_launches` sees it; it also passes an int equal to 1 (`n_tiles`), which
-Triton 3.9 specialises to the constexpr 1, and a `do_not_specialize` length (`T`).
+16-bit inputs at num_warps=4). Its launcher goes through
+`flash_kernels.backends.triton.launch.launch`, like the ops, so that `record_launches` sees it; it
+also passes an int equal to 1 (`n_tiles`), which Triton 3.9 specialises to the constexpr 1, and a
+`do_not_specialize` length (`T`).
 """
 
 import torch

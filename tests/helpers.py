@@ -72,7 +72,8 @@ def assert_close(name, actual, expected, ratio):
         index = tuple(int(i) for i in torch.unravel_index(worst, diff.shape))
         raise AssertionError(
             f"{name}: rms error {rms_diff:.3e} > {ratio:.1e} * rms(expected) {rms_ref:.3e}; "
-            f"worst at {index}: actual {actual[index].item():.6g}, expected {expected[index].item():.6g}"
+            f"worst at {index}: actual {actual[index].item():.6g}, "
+            f"expected {expected[index].item():.6g}"
         )
 
 
@@ -280,9 +281,9 @@ def triton_kernels(phase, linear):
 
 def assert_launched(what, phase, records, expected, *, from_z=False):
     """The kernels recorded in one `phase` ("forward" or "backward";
-    tools.launch_recording.record_launches) are exactly `expected` (a set of names; empty for the PyTorch paths);
-    flash_attention's (from_z) form the roles from z, and the state scan runs forward in a
-    forward and in reverse in a backward."""
+    tools.launch_recording.record_launches) are exactly `expected` (a set of names; empty for the
+    PyTorch paths); flash_attention's (from_z) form the roles from z, and the state scan runs
+    forward in a forward and in reverse in a backward."""
     launched = {r.kernel_name for r in records}
     assert launched == set(expected), (
         f"{what} {phase}: launched {sorted(launched)}, expected {sorted(expected)}"

@@ -8,8 +8,8 @@ from the case's seed and runs its own slice; the parent runs the single-process 
 sequence and compares: the concatenated outputs and input gradients, and the sum over the
 ranks of the parameter gradients (rel_bias, gamma, beta and the layers' weights), which are
 per-rank partials. Backend "torch" in float64 at 1e-10, "triton" (interpreted) in float32.
-Bitwise, where the design says so (flash_kernels/distributed/context_parallel.py): quadratic-only calls,
-rank 0's output, the last rank's dk_lin and dv, the non-causal cross-rank state on every
+Bitwise, where the design says so (flash_kernels/distributed/context_parallel.py): quadratic-only
+calls, rank 0's output, the last rank's dk_lin and dv, the non-causal cross-rank state on every
 rank, and run to run. Bad groupings raise the same error on every rank, and the group still
 works afterwards.
 """
@@ -337,7 +337,7 @@ def _run_ddp(case, group):
     return {n: p.grad.clone() for n, p in layer.named_parameters()}
 
 
-# -- one rank ---------------------------------------------------------------------------------------
+# -- one rank --------------------------------------------------------------------------------------
 
 
 def _rank_case(case, group, rank, device):
@@ -446,7 +446,7 @@ def group_results(tmp_path_factory):
     return get
 
 
-# -- the checks ---------------------------------------------------------------------------------------
+# -- the checks ------------------------------------------------------------------------------------
 
 
 def _check_op(case, ranks, device="cpu"):
@@ -563,7 +563,7 @@ def test_context_parallel_quick(group_results, group, index):
     _check_case(group_results, group, index)
 
 
-# -- GPUs -------------------------------------------------------------------------------------------
+# -- GPUs ------------------------------------------------------------------------------------------
 
 
 def gpu_cases():
@@ -636,7 +636,7 @@ def test_nccl(world_size, tmp_path):
     _check_gpu_group(world_size, "nccl", None, tmp_path)
 
 
-# -- errors raised before any collective (no group needed) ------------------------------------------
+# -- errors raised before any collective (no group needed) -----------------------------------------
 
 
 def test_layer_errors_before_any_collective():

@@ -343,9 +343,10 @@ def record_concurrently(items, jobs: int = 2, timeout: float = 3600) -> list:
 
 
 def record_in_interpreter(snippet: str, sys_path=(), timeout: float = 1800, target=None) -> list:
-    """The `LaunchRecord`s of every kernel launch (`flash_kernels.backends.triton.launch.launch`) the Python `snippet` makes,
-    run in a child process with TRITON_INTERPRET=1 (see `record_snippets_in_interpreter`).
-    Raises RuntimeError with the traceback if the snippet fails."""
+    """The `LaunchRecord`s of every kernel launch (`flash_kernels.backends.triton.launch.launch`)
+    the Python `snippet` makes, run in a child process with TRITON_INTERPRET=1 (see
+    `record_snippets_in_interpreter`). Raises RuntimeError with the traceback if the snippet
+    fails."""
     records, errors = record_snippets_in_interpreter(
         {"snippet": snippet}, sys_path, target, timeout
     )

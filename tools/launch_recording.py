@@ -132,7 +132,8 @@ def _no_specialize_names(jit_obj, option):
 
 
 def _param_kind(param):
-    """("constexpr", None), ("typed", type string) or ("plain", None) from a parameter annotation."""
+    """("constexpr", None), ("typed", type string) or ("plain", None) from a parameter
+    annotation."""
     ann = param.annotation
     if ann is inspect.Parameter.empty or not ann:
         return "plain", None

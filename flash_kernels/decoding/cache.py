@@ -192,9 +192,12 @@ def check_cache(cache, *, batch, S, E, linear, dtype, device, names):
         or tuple(position.shape) != (B,)
         or position.device != device
     ):
+        if isinstance(position, torch.Tensor):
+            got = f"{position.dtype} {tuple(position.shape)} on {position.device}"
+        else:
+            got = type_name(position)
         raise ValueError(
-            f"cache.position must be an int64 tensor of shape ({B},) on {device}, "
-            f"got {type_name(position) if not isinstance(position, torch.Tensor) else f'{position.dtype} {tuple(position.shape)} on {position.device}'}"
+            f"cache.position must be an int64 tensor of shape ({B},) on {device}, got {got}"
         )
     if cache.chunk_size is not None and cap != cache.chunk_size:
         raise ValueError(

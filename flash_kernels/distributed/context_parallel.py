@@ -10,7 +10,8 @@ sum over rank r's tokens of q_lin^T dO:
 
     causal forward:    P_g = P_local_g + lin_scale * offset_r,   offset_r = sum_{r' < r} Tot_r'
     causal backward:   D_g = D_local_g + dfinal_r,               dfinal_r = sum_{r' > r} dTot_r'
-    non-causal:        every chunk reads lin_scale * sum_{all r'} Tot_r', and D = sum_{all r'} dTot_r'
+    non-causal:        every chunk reads lin_scale * sum_{all r'} Tot_r',
+                       and D = sum_{all r'} dTot_r'
 
 offset_r is rank r's initial state and dfinal_r the gradient of its final state: the kernels'
 state hooks (common.state_offset_tile, HAS_DSTATE_OFFSET of the key backward) carry them
@@ -28,9 +29,9 @@ the forward states, not D); the key side waits for it. Quadratic-only calls exch
 Before that, every call's forward all-gathers a small int64 descriptor of each rank's call
 (lengths, leading dims, sizes, options, which inputs need a gradient) so that a bad grouping,
 or a bad input on one rank, raises the same error on every rank instead of leaving the others
-waiting in a collective (agreement.py). On an NCCL group the host reads the descriptors back, which waits for
-the GPU once per call; a group created with backend "cpu:gloo,cuda:nccl" does this check on the
-CPU instead.
+waiting in a collective (agreement.py). On an NCCL group the host reads the descriptors back, which
+waits for the GPU once per call; a group created with backend "cpu:gloo,cuda:nccl" does this check
+on the CPU instead.
 
 Rules every rank must follow (else a collective hangs until the group's timeout): call the op
 with the same sequence of calls, and run the backward of every call whose inputs need a

@@ -417,7 +417,8 @@ class GAU(GatedAttentionLayer):
     FLASH-Quad is a stack of these (FLASHLM(layer="gau")).
 
     One chunk as long as the sequence (chunk_size=None), roles (quad_q, quad_k):
-        a_ij = relu(quad_scale <q_i, k_j> + b(i - j))^2   (j <= i when causal),  out_i = sum_j a_ij v_j
+        a_ij = relu(quad_scale <q_i, k_j> + b(i - j))^2   (j <= i when causal)
+        out_i = sum_j a_ij v_j
 
     quad_scale defaults to 1 / max_len, a constant standing for the paper's 1 / n at the training
     length: dividing by the actual length would make causal outputs depend on later tokens and

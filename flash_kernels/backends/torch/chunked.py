@@ -7,8 +7,8 @@ part keeps one S x E state per chunk, in float32 at least, combined by an exclus
 Packed documents (core/packing.py, ChunkTables) use the kernels' chunk slots: tokens are
 gathered into a (B, slots, C, W) layout (idle slots and rows past a chunk's end read a zero
 row), and the states are summed by a segmented scan over the slots, so nothing crosses a
-document boundary and nothing waits for the device (every shape comes from T, C and N). Memory is then O((T / C + N) C^2):
-many documents much shorter than a chunk waste most of their slots.
+document boundary and nothing waits for the device (every shape comes from T, C and N). Memory is
+then O((T / C + N) C^2): many documents much shorter than a chunk waste most of their slots.
 
 Masked positions are removed by selection (torch.where), never by multiplying by zero, so a
 non-finite value in a token that a query may not attend cannot reach that query's output or

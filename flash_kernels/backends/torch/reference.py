@@ -1,8 +1,9 @@
 """Dense O(T^2) reference of mixed chunk attention: the simplest code that can be right.
 
-Everything is written as one T x T matrix product so that each term of the contract (docs/contract.md
-section 2) is visible in a single line, and packed documents (section 7) are literally a loop over
-the documents. Gradients come from autograd. Use float64 inputs for ground truth.
+Everything is written as one T x T matrix product so that each term of the contract
+(docs/contract.md section 2) is visible in a single line, and packed documents (section 7) are
+literally a loop over the documents. Gradients come from autograd. Use float64 inputs for ground
+truth.
 """
 
 import torch

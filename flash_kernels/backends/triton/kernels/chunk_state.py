@@ -2,7 +2,7 @@
 S tile, E tile).
 
 Forward (X = k_lin, Y = v):      P_g = lin_scale * sum_{h < g} X_h^T Y_h   (causal, exclusive)
-Backward (X = q_lin, Y = dO):    D_g = lin_scale * sum_{h > g} X_h^T Y_h   (causal, reverse exclusive)
+Backward (X = q_lin, Y = dO):    D_g = lin_scale * sum_{h > g} X_h^T Y_h   (causal, reverse)
 Non-causal, either direction:    one state per document, lin_scale * sum_h X_h^T Y_h, shared by
                                  every chunk of it.
 

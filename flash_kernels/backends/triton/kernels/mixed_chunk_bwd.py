@@ -3,7 +3,8 @@
 Per chunk, with relu_s = relu(S) masked (causal, chunk end), A = relu_s^2 and dO the incoming
 gradient:
 
-    dA = dO V^T        dS = 2 relu_s * dA        dq_quad = quad_scale dS K      dk_quad = quad_scale dS^T Q
+    dA = dO V^T        dS = 2 relu_s * dA
+    dq_quad = quad_scale dS K        dk_quad = quad_scale dS^T Q
     dV = A^T dO + k_lin D        dq_lin = dO P^T        dk_lin = V D^T
     drel_bias[o + C - 1] = sum of dS_ij over i - j = o
 
@@ -203,7 +204,8 @@ def mixed_chunk_bwd_query_kernel(
       causal diagonal (the key kernel reads exactly those); else, for NEED_DBIAS, ds is a
       (grid, BLOCK, BLOCK) scratch tile per program;
     - NEED_DBIAS: dbias_partial (B, num_chunks, num_blocks, 2 * num_blocks, BLOCK): segment s of
-      a program holds the sums of its dS over offsets i - j = s * BLOCK - (BLOCK - 1) + p, p < BLOCK.
+      a program holds the sums of its dS over offsets i - j = s * BLOCK - (BLOCK - 1) + p,
+      p < BLOCK.
     """
     batch, chunk, block, doc, chunk_start, chunk_end = program_chunk_block(
         num_blocks, num_chunks, chunk_size, T, chunk_table_ptr, cu_seqlens_ptr, IS_VARLEN

@@ -3,7 +3,8 @@
     out_i = sum_{j in chunk(i)} relu(s_ij)^2 v_j  +  q_lin_i^T P_{chunk(i)}
 
 with s_ij from `common.relu_scores_tile` and P the float32 states of `chunk_state.py` (lin_scale
-already folded in). See `flash_kernels/backends/triton/mixed_chunk.py` for the design and its numbers.
+already folded in). See `flash_kernels/backends/triton/mixed_chunk.py` for the design and its
+numbers.
 
 Two loop orders, chosen at compile time by HOIST_SCORES:
 - the chunk fits two key tiles (2 * BLOCK_N >= chunk length, at most 256): the program forms
