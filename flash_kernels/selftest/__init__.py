@@ -8,6 +8,8 @@ from .runner import (
     EXIT_UNAVAILABLE,
     PATH_NAMES,
     PATHS,
+    DecodePath,
+    OpPath,
     SelfTestReport,
     SelfTestRow,
     SelfTestUnavailable,
@@ -16,6 +18,8 @@ from .runner import (
 )
 
 __all__ = [
+    "DecodePath",
+    "OpPath",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_PASSED",
