@@ -4,6 +4,7 @@ Results go to bench_out/results.jsonl under the current directory (git-ignored);
 `python -m bench.plots` and `python -m bench.readme` draw figures and the README section there,
 and `python -m bench.publish` is the explicit step that updates the committed bench/results/
 and README.md. Arguments are those of `python -m bench.run` (see `python -m bench --help`)."""
+
 import sys
 
 from .run import main

@@ -47,6 +47,7 @@ depend on the Triton version, and the JIT of every version specialises arguments
 (aot_compile.jit_compile_inputs checks it). --save-data keeps everything recorded and compiled
 in a JSON file; --from-data renders the report from it again.
 """
+
 import argparse
 import itertools
 import json
@@ -56,11 +57,25 @@ import time
 
 from flash_kernels.gpu_target import PLAN_DTYPE_VARIABLE
 from tools import codegen_gate
-from tools.aot_compile import (ARCHITECTURES, REPORT_PREAMBLE, architecture, constexpr_label,
-                               error_details, limits_table, measure_concurrently,
-                               record_concurrently, record_from_dict, record_in_interpreter,
-                               record_key, record_to_dict, retype_record,
-                               row_failed, summary_line, target_name, tensor_core_label)
+from tools.aot_compile import (
+    ARCHITECTURES,
+    REPORT_PREAMBLE,
+    architecture,
+    constexpr_label,
+    error_details,
+    limits_table,
+    measure_concurrently,
+    record_concurrently,
+    record_from_dict,
+    record_in_interpreter,
+    record_key,
+    record_to_dict,
+    retype_record,
+    row_failed,
+    summary_line,
+    target_name,
+    tensor_core_label,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Configs. Keys: name; op ("mixed_chunk_attention" by default; "flash_attention" for the fused
@@ -73,24 +88,55 @@ from tools.aot_compile import (ARCHITECTURES, REPORT_PREAMBLE, architecture, con
 # lengths summing to T: cu_seqlens); state (an initial state in, the final state out, both in
 # the loss).
 # ---------------------------------------------------------------------------------------------
-SMALL = dict(batch=(2,), T=45, S=20, E=36, chunk_size=16, rel_bias=True, linear=True,
-             rel_bias_dtype="float32")
-PAPER = dict(batch=(1,), T=512, S=128, E=1536, chunk_size=256, linear=True, dtype="float16",
-             rel_bias_dtype="float32", compile_dtype="bf16")
+SMALL = dict(
+    batch=(2,),
+    T=45,
+    S=20,
+    E=36,
+    chunk_size=16,
+    rel_bias=True,
+    linear=True,
+    rel_bias_dtype="float32",
+)
+PAPER = dict(
+    batch=(1,),
+    T=512,
+    S=128,
+    E=1536,
+    chunk_size=256,
+    linear=True,
+    dtype="float16",
+    rel_bias_dtype="float32",
+    compile_dtype="bf16",
+)
 # The decode ops (one token per sequence; T = 1): run by _DECODE_SNIPPET, sequence 0 folds.
 DECODE = dict(PAPER, batch=(2,), T=1, causal=True, rel_bias=True)
 
 #: Small odd-sized problems (S = 20, E = 36: masked feature columns), every dtype path.
 SMALL_CONFIGS = [
     dict(SMALL, name="small fp32 causal", dtype="float32", causal=True),
-    dict(SMALL, name="small fp32 non-causal, no bias", dtype="float32", causal=False,
-         rel_bias=False),
+    dict(
+        SMALL, name="small fp32 non-causal, no bias", dtype="float32", causal=False, rel_bias=False
+    ),
     dict(SMALL, name="small fp16 causal", dtype="float16", causal=True),
     dict(SMALL, name="small fp16 quadratic only", dtype="float16", causal=True, linear=False),
-    dict(SMALL, name="small fp32 one chunk (chunk_size=None)", dtype="float32", causal=True,
-         chunk_size=None, batch=()),
-    dict(SMALL, name="small fp16 one long chunk (chunk_size=None, T > 256: scores recomputed)",
-         dtype="float16", causal=True, chunk_size=None, batch=(), T=300),
+    dict(
+        SMALL,
+        name="small fp32 one chunk (chunk_size=None)",
+        dtype="float32",
+        causal=True,
+        chunk_size=None,
+        batch=(),
+    ),
+    dict(
+        SMALL,
+        name="small fp16 one long chunk (chunk_size=None, T > 256: scores recomputed)",
+        dtype="float16",
+        causal=True,
+        chunk_size=None,
+        batch=(),
+        T=300,
+    ),
 ]
 
 #: The options that change what the kernels hold (the suffix of a config's name) and the fields
@@ -98,24 +144,40 @@ SMALL_CONFIGS = [
 OPTION_SETS = [
     ("causal + rel_bias", dict(causal=True, rel_bias=True)),
     ("non-causal", dict(causal=False, rel_bias=False)),
-    ("flash_attention (roles from z, gate), causal + rel_bias",
-     dict(op="flash_attention", causal=True, rel_bias=True)),
-    ("flash_attention packed documents + state, causal + rel_bias",
-     dict(op="flash_attention", T=456, packed=[120, 0, 300, 36], state=True, causal=True,
-          rel_bias=True)),
-    ("full attention (chunk_size=None, T=320), causal + rel_bias",
-     dict(chunk_size=None, T=320, causal=True, rel_bias=True, linear=False)),
+    (
+        "flash_attention (roles from z, gate), causal + rel_bias",
+        dict(op="flash_attention", causal=True, rel_bias=True),
+    ),
+    (
+        "flash_attention packed documents + state, causal + rel_bias",
+        dict(
+            op="flash_attention",
+            T=456,
+            packed=[120, 0, 300, 36],
+            state=True,
+            causal=True,
+            rel_bias=True,
+        ),
+    ),
+    (
+        "full attention (chunk_size=None, T=320), causal + rel_bias",
+        dict(chunk_size=None, T=320, causal=True, rel_bias=True, linear=False),
+    ),
     ("chunk_size=64, causal + rel_bias", dict(chunk_size=64, T=160, causal=True, rel_bias=True)),
     ("chunk_size=16, causal + rel_bias", dict(chunk_size=16, T=45, causal=True, rel_bias=True)),
-    ("decode: flash_attention_decode (roles from z, gate) + rel_bias",
-     dict(DECODE, op="flash_attention_decode")),
+    (
+        "decode: flash_attention_decode (roles from z, gate) + rel_bias",
+        dict(DECODE, op="flash_attention_decode"),
+    ),
     ("decode: mixed_chunk_decode (RoPE roles) + rel_bias", dict(DECODE, op="mixed_chunk_decode")),
 ]
 
 #: How each compiled dtype runs under the interpreter.
-DTYPES = {"fp32": dict(dtype="float32", compile_dtype=None),
-          "fp16": dict(dtype="float16", compile_dtype=None),
-          "bf16": dict(dtype="float16", compile_dtype="bf16")}
+DTYPES = {
+    "fp32": dict(dtype="float32", compile_dtype=None),
+    "fp16": dict(dtype="float16", compile_dtype=None),
+    "bf16": dict(dtype="float16", compile_dtype="bf16"),
+}
 
 #: E of the recordings. The kernels' value tiles are min(64, E) wide (32 where narrowed) and
 #: nothing else in a launch depends on E's value (E is a run-time int, a multiple of 16 in both
@@ -128,11 +190,16 @@ RECORDED_E = 256
 #: largest tiles of each kernel; its other options are in the gate matrix).
 SHAPES = {
     "paper": (dict(S=128, chunk_size=256, T=320), [name for name, _ in OPTION_SETS]),
-    "S=256": (dict(S=256, chunk_size=256, T=320), [
-        "causal + rel_bias", "flash_attention packed documents + state, causal + rel_bias",
-        "full attention (chunk_size=None, T=320), causal + rel_bias",
-        "decode: flash_attention_decode (roles from z, gate) + rel_bias",
-        "decode: mixed_chunk_decode (RoPE roles) + rel_bias"]),
+    "S=256": (
+        dict(S=256, chunk_size=256, T=320),
+        [
+            "causal + rel_bias",
+            "flash_attention packed documents + state, causal + rel_bias",
+            "full attention (chunk_size=None, T=320), causal + rel_bias",
+            "decode: flash_attention_decode (roles from z, gate) + rel_bias",
+            "decode: mixed_chunk_decode (RoPE roles) + rel_bias",
+        ],
+    ),
 }
 
 
@@ -141,8 +208,9 @@ def shape_configs(shapes=SHAPES, dtypes=DTYPES, option_sets=OPTION_SETS) -> list
     E = RECORDED_E."""
     configs = []
     option_fields = dict(option_sets)
-    for (shape, (shape_fields, options)), (dtype, dtype_fields) in \
-            itertools.product(shapes.items(), dtypes.items()):
+    for (shape, (shape_fields, options)), (dtype, dtype_fields) in itertools.product(
+        shapes.items(), dtypes.items()
+    ):
         for option in options:
             cfg = dict(PAPER, **shape_fields)
             cfg.update(option_fields[option])
@@ -165,41 +233,69 @@ def gate_matrix(S_values=(128, 256), chunk_sizes=(16, 64, 256, None), E=RECORDED
     with some inputs frozen (GRADIENT_SUBSETS; see the module docstring). Packed documents carry
     a state in and out when causal (a state needs causal=True)."""
     configs = []
-    for S, chunk, (dtype, dtype_fields) in itertools.product(S_values, chunk_sizes,
-                                                              DTYPES.items()):
+    for S, chunk, (dtype, dtype_fields) in itertools.product(S_values, chunk_sizes, DTYPES.items()):
         T = {16: 45, 64: 160}.get(chunk, 320)
         base = dict(PAPER, S=S, E=E, T=T, chunk_size=chunk, batch=(1,), **dtype_fields)
         shape = f"S={S} C={chunk} {dtype}"
         for op, causal, rel_bias, packed in itertools.product(
-                ("mixed_chunk_attention", "flash_attention"), (True, False), (True, False),
-                (False, True)):
+            ("mixed_chunk_attention", "flash_attention"),
+            (True, False),
+            (True, False),
+            (False, True),
+        ):
             cfg = dict(base, op=op, causal=causal, rel_bias=rel_bias)
             options = [op, "causal" if causal else "non-causal"] + ["rel_bias"] * rel_bias
             if packed:
                 cfg.update(packed=[T // 3, 0, T - T // 3 - T // 4, T // 4], state=causal)
                 options.append("packed + state" if causal else "packed")
             configs.append(dict(cfg, name=f"{shape} {', '.join(options)}"))
-        for causal in (True, False):              # the quadratic-only path (no q_lin, k_lin)
-            configs.append(dict(base, causal=causal, rel_bias=True, linear=False,
-                                name=f"{shape} quadratic only, "
-                                     f"{'causal' if causal else 'non-causal'}, rel_bias"))
-        for grads in GRADIENT_SUBSETS:            # some inputs frozen: the NEED_* flags off
-            configs.append(dict(base, causal=True, rel_bias=True, grads=list(grads),
-                                name=f"{shape} mixed_chunk_attention, causal, rel_bias, "
-                                     f"grads {'+'.join(grads)}"))
-        for op, rel_bias in itertools.product(("mixed_chunk_decode", "flash_attention_decode"),
-                                              (True, False)):
-            configs.append(dict(base, op=op, batch=(2,), T=1, causal=True, rel_bias=rel_bias,
-                                linear=chunk is not None, capacity=320,
-                                name=f"{shape} decode {op}{', rel_bias' * rel_bias}"))
+        for causal in (True, False):  # the quadratic-only path (no q_lin, k_lin)
+            configs.append(
+                dict(
+                    base,
+                    causal=causal,
+                    rel_bias=True,
+                    linear=False,
+                    name=f"{shape} quadratic only, "
+                    f"{'causal' if causal else 'non-causal'}, rel_bias",
+                )
+            )
+        for grads in GRADIENT_SUBSETS:  # some inputs frozen: the NEED_* flags off
+            configs.append(
+                dict(
+                    base,
+                    causal=True,
+                    rel_bias=True,
+                    grads=list(grads),
+                    name=f"{shape} mixed_chunk_attention, causal, rel_bias, "
+                    f"grads {'+'.join(grads)}",
+                )
+            )
+        for op, rel_bias in itertools.product(
+            ("mixed_chunk_decode", "flash_attention_decode"), (True, False)
+        ):
+            configs.append(
+                dict(
+                    base,
+                    op=op,
+                    batch=(2,),
+                    T=1,
+                    causal=True,
+                    rel_bias=rel_bias,
+                    linear=chunk is not None,
+                    capacity=320,
+                    name=f"{shape} decode {op}{', rel_bias' * rel_bias}",
+                )
+            )
     return configs
 
 
 #: The codegen gate's full configuration matrix (sm_90).
 GATE_MATRIX = gate_matrix()
 
-DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                              "compile_report.md")
+DEFAULT_OUTPUT = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "results", "compile_report.md"
+)
 
 # Runs in the TRITON_INTERPRET=1 child; `cfg` is substituted.
 _SNIPPET = """
@@ -303,19 +399,30 @@ def config_snippet(cfg) -> str:
     snippet = _DECODE_SNIPPET if cfg.get("op", "").endswith("_decode") else _SNIPPET
     snippet = snippet.format(cfg={k: v for k, v in cfg.items() if k not in _NOT_RECORDED})
     if cfg.get("compile_dtype"):
-        snippet = _PLAN_DTYPE_PREFIX.format(variable=PLAN_DTYPE_VARIABLE,
-                                            dtype=_PLAN_DTYPES[cfg["compile_dtype"]]) + snippet
+        snippet = (
+            _PLAN_DTYPE_PREFIX.format(
+                variable=PLAN_DTYPE_VARIABLE, dtype=_PLAN_DTYPES[cfg["compile_dtype"]]
+            )
+            + snippet
+        )
     return snippet
 
 
 def config_label(cfg) -> str:
     """One line describing a config's shape and options."""
     dtype = cfg.get("compile_dtype") or {"float32": "fp32", "float16": "fp16"}[cfg["dtype"]]
-    parts = [f"op={cfg.get('op', 'mixed_chunk_attention')}", f"batch={tuple(cfg['batch'])}",
-             f"T={cfg['T']}", f"S={cfg['S']}", f"E={cfg['E']}", f"chunk_size={cfg['chunk_size']}",
-             f"causal={cfg['causal']}",
-             f"rel_bias={'yes (' + cfg['rel_bias_dtype'] + ')' if cfg['rel_bias'] else 'no'}",
-             f"linear={cfg['linear']}", f"compiled as {dtype}"]
+    parts = [
+        f"op={cfg.get('op', 'mixed_chunk_attention')}",
+        f"batch={tuple(cfg['batch'])}",
+        f"T={cfg['T']}",
+        f"S={cfg['S']}",
+        f"E={cfg['E']}",
+        f"chunk_size={cfg['chunk_size']}",
+        f"causal={cfg['causal']}",
+        f"rel_bias={'yes (' + cfg['rel_bias_dtype'] + ')' if cfg['rel_bias'] else 'no'}",
+        f"linear={cfg['linear']}",
+        f"compiled as {dtype}",
+    ]
     if cfg.get("compile_dtype"):
         parts.append(f"recorded in {cfg['dtype']}")
     if cfg.get("packed"):
@@ -348,9 +455,15 @@ def recording_items(configs, targets, jobs: int = 2) -> list:
     twin's run); an item's snippet keys are indices into the list of distinct snippets."""
     snippets = list(dict.fromkeys(config_snippet(cfg) for cfg in configs))
     shares = max(1, -(-jobs // max(1, len(targets))))
-    return [dict(target=target, snippets={str(i): snippets[i]
-                                          for i in range(share, len(snippets), shares)})
-            for target in targets for share in range(shares) if share < len(snippets)]
+    return [
+        dict(
+            target=target,
+            snippets={str(i): snippets[i] for i in range(share, len(snippets), shares)},
+        )
+        for target in targets
+        for share in range(shares)
+        if share < len(snippets)
+    ]
 
 
 def collect_recordings(configs, items, results) -> tuple:
@@ -382,16 +495,18 @@ def compile_configs(records, pythons=(None,), jobs: int = 2, ttgir_only: bool = 
     (None: this one), to the binary or (`ttgir_only`, for the codegen gate) to TTGIR. Returns
     {(python, record key, target): row}; each row also lists the configs that launch it
     (row["configs"])."""
-    by_target = {}                                    # target -> {record key: record}
-    configs_of = {}                                   # (record key, target) -> [config names]
+    by_target = {}  # target -> {record key: record}
+    configs_of = {}  # (record key, target) -> [config names]
     for (name, target), recs in records.items():
         for record in recs:
             key = record_key(record)
             by_target.setdefault(target, {}).setdefault(key, record)
             configs_of.setdefault((key, target), []).append(name)
-    tasks = [dict(records=list(recs.values()), targets=[target], python=python,
-                  ttgir_only=ttgir_only)
-             for python in pythons for target, recs in by_target.items()]
+    tasks = [
+        dict(records=list(recs.values()), targets=[target], python=python, ttgir_only=ttgir_only)
+        for python in pythons
+        for target, recs in by_target.items()
+    ]
     rows = {}
     for task, task_rows in zip(tasks, measure_concurrently(tasks, jobs)):
         for row in task_rows:
@@ -405,8 +520,9 @@ def compile_configs(records, pythons=(None,), jobs: int = 2, ttgir_only: bool = 
 # The report
 # ---------------------------------------------------------------------------------------------
 
+
 def _cell(row) -> str:
-    """"regs / spill B / shared KB / tensor-core instructions" of one compile, problems bold."""
+    """ "regs / spill B / shared KB / tensor-core instructions" of one compile, problems bold."""
     if row is None:
         return "-"
     if row["error"]:
@@ -425,8 +541,13 @@ def _cell(row) -> str:
 def architecture_summary(rows, targets) -> list:
     """Markdown lines: per target, launches compiled, compile errors, launches over the shared
     memory limit, launches that spill (largest spill), largest registers and shared memory."""
-    lines = [("| target | launches | compile errors | over shared memory | spilling (max B) | "
-              "max regs | max shared KB (limit) |"), "|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| target | launches | compile errors | over shared memory | spilling (max B) | "
+            "max regs | max shared KB (limit) |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
     for target in targets:
         arch = architecture(target)
         mine = [r for r in rows if r["target"] == arch.target]
@@ -438,12 +559,13 @@ def architecture_summary(rows, targets) -> list:
             f"{len(spilling)} ({max(spilling, default=0)}) | "
             f"{max((r['usage']['registers'] for r in ok), default=0)} | "
             f"{max((r['usage']['shared_bytes'] for r in ok), default=0) / 1024:.0f} "
-            f"({arch.shared_memory_bytes / 1024:.0f}) |")
+            f"({arch.shared_memory_bytes / 1024:.0f}) |"
+        )
     return lines
 
 
 def _shape_dtype(config_name: str) -> str:
-    """"paper bf16", "S=256 fp32", "small fp16": the first two words of a config's name."""
+    """ "paper bf16", "S=256 fp32", "small fp16": the first two words of a config's name."""
     return " ".join(config_name.split()[:2])
 
 
@@ -453,12 +575,15 @@ def shape_dtype_summary(rows, targets) -> list:
     groups = {}
     for row in rows:
         for name in row.get("configs", []):
-            groups.setdefault(_shape_dtype(name), {}).setdefault(row["target"], {})[
-                id(row)] = row
+            groups.setdefault(_shape_dtype(name), {}).setdefault(row["target"], {})[id(row)] = row
     labels = [architecture(t).label for t in targets]
-    lines = ["Distinct launches per shape and dtype that exceed the shared memory limit (over), "
-             "spill, or fail to compile (error); ok when none.", "",
-             "| shape, dtype | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    lines = [
+        "Distinct launches per shape and dtype that exceed the shared memory limit (over), "
+        "spill, or fail to compile (error); ok when none.",
+        "",
+        "| shape, dtype | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
     for group in sorted(groups, key=lambda g: (g.split()[0] != "paper", g)):
         cells = []
         for target in targets:
@@ -469,8 +594,11 @@ def shape_dtype_summary(rows, targets) -> list:
             errors = sum(bool(r["error"]) for r in mine)
             over = sum(bool(r["over_shared_limit"]) for r in mine)
             spill = sum(bool(r["usage"] and r["usage"]["spill_bytes"]) for r in mine)
-            parts = [f"{n} {what}" for n, what in ((over, "over"), (spill, "spill"),
-                                                   (errors, "error")) if n]
+            parts = [
+                f"{n} {what}"
+                for n, what in ((over, "over"), (spill, "spill"), (errors, "error"))
+                if n
+            ]
             cells.append(f"**{', '.join(parts)}** of {len(mine)}" if parts else f"ok ({len(mine)})")
         lines.append(f"| {group} | " + " | ".join(cells) + " |")
     return lines + [""]
@@ -481,23 +609,38 @@ def problem_lists(rows) -> list:
     spills, per architecture, with the configs that make it."""
     lines = []
     for title, wanted, value in [
-            ("Launches over the shared memory limit", lambda r: r["over_shared_limit"],
-             lambda r: f"{r['usage']['shared_bytes']:,} B > "
-                       f"{architecture(r['target']).shared_memory_bytes:,} B"),
-            ("Launches that spill", lambda r: r["usage"]["spill_bytes"],
-             lambda r: f"{r['usage']['spill_bytes']} B")]:
+        (
+            "Launches over the shared memory limit",
+            lambda r: r["over_shared_limit"],
+            lambda r: (
+                f"{r['usage']['shared_bytes']:,} B > "
+                f"{architecture(r['target']).shared_memory_bytes:,} B"
+            ),
+        ),
+        (
+            "Launches that spill",
+            lambda r: r["usage"]["spill_bytes"],
+            lambda r: f"{r['usage']['spill_bytes']} B",
+        ),
+    ]:
         found = [r for r in rows if not r["error"] and wanted(r)]
         lines += [f"## {title} ({len(found)})", ""]
         if not found:
             lines += ["None.", ""]
             continue
         lines += ["| target | kernel | value | constexprs | configs |", "|---|---|---|---|---|"]
-        for r in sorted(found, key=lambda r: (list(ARCHITECTURES).index(r["target"])
-                                              if r["target"] in ARCHITECTURES else 99,
-                                              r["record"]["kernel_name"])):
-            lines.append(f"| {r['arch']} | `{r['record']['kernel_name']}` | {value(r)} | "
-                         f"{constexpr_label(r['record']['constexprs'])} | "
-                         f"{'; '.join(r.get('configs', []))} |")
+        for r in sorted(
+            found,
+            key=lambda r: (
+                list(ARCHITECTURES).index(r["target"]) if r["target"] in ARCHITECTURES else 99,
+                r["record"]["kernel_name"],
+            ),
+        ):
+            lines.append(
+                f"| {r['arch']} | `{r['record']['kernel_name']}` | {value(r)} | "
+                f"{constexpr_label(r['record']['constexprs'])} | "
+                f"{'; '.join(r.get('configs', []))} |"
+            )
         lines.append("")
     return lines
 
@@ -505,29 +648,46 @@ def problem_lists(rows) -> list:
 def config_sections(configs, records, errors, rows, targets) -> list:
     """Per config: its description and one row per distinct launch, one column per target."""
     labels = [architecture(t).label for t in targets]
-    lines = ["## Per config", "",
-             ("Each cell: registers / spill bytes / shared memory KB / tensor-core instructions "
-              "(static count in the binary); **bold** marks a problem, **gate** a codegen gate "
-              "finding."), ""]
+    lines = [
+        "## Per config",
+        "",
+        (
+            "Each cell: registers / spill bytes / shared memory KB / tensor-core instructions "
+            "(static count in the binary); **bold** marks a problem, **gate** a codegen gate "
+            "finding."
+        ),
+        "",
+    ]
     for cfg in configs:
         name = cfg["name"]
         lines += [f"### {name}", "", config_label(cfg), ""]
         failed = [t for t in targets if (name, t) in errors]
         for t in failed:
             message = errors[(name, t)].strip()[-2000:]
-            lines += [f"**Recording failed** for {architecture(t).label}:", "", "```", message,
-                      "```", ""]
+            lines += [
+                f"**Recording failed** for {architecture(t).label}:",
+                "",
+                "```",
+                message,
+                "```",
+                "",
+            ]
         # The launches, in recording order, merged over targets (tiles may differ per target).
         kernels = {}
         for t in targets:
             for record in records.get((name, t), []):
-                label = (record.kernel_name,
-                         constexpr_label(record_to_dict(record)["constexprs"]), record.num_warps)
+                label = (
+                    record.kernel_name,
+                    constexpr_label(record_to_dict(record)["constexprs"]),
+                    record.num_warps,
+                )
                 kernels.setdefault(label, {})[t] = record_key(record)
         if not kernels:
             continue
-        lines += ["| kernel | warps | " + " | ".join(labels) + " |",
-                  "|---|---|" + "---|" * len(labels)]
+        lines += [
+            "| kernel | warps | " + " | ".join(labels) + " |",
+            "|---|---|" + "---|" * len(labels),
+        ]
         for (kernel, _, warps), keys in kernels.items():
             cells = [_cell(rows.get((None, keys[t], t))) if t in keys else "-" for t in targets]
             lines.append(f"| `{kernel}` | {warps} | " + " | ".join(cells) + " |")
@@ -537,9 +697,14 @@ def config_sections(configs, records, errors, rows, targets) -> list:
 
 def gate_section(gate_rows_by_version, matrix_size) -> list:
     """The codegen gate's result per Triton version over the gate matrix."""
-    lines = ["## Codegen gate (sm_90): register transposes into tensor-core products", "",
-             codegen_gate.RULE_SUMMARY, "",
-             f"Gate matrix: {matrix_size} configs (bench/compile_report.py GATE_MATRIX).", ""]
+    lines = [
+        "## Codegen gate (sm_90): register transposes into tensor-core products",
+        "",
+        codegen_gate.RULE_SUMMARY,
+        "",
+        f"Gate matrix: {matrix_size} configs (bench/compile_report.py GATE_MATRIX).",
+        "",
+    ]
     for version, rows in gate_rows_by_version.items():
         lines += [f"### Triton {version}", "", codegen_gate.summary_line(rows), ""]
         lines += codegen_gate.findings_table(rows)
@@ -551,14 +716,22 @@ def other_triton_section(arch_rows, other_rows) -> list:
     if not other_rows:
         return []
     import triton
+
     versions = sorted({r["triton"] for r in other_rows.values()})
-    lines = ["## Registers / spill bytes on sm_90 per Triton version", "",
-             (f"The launches of the paper-shape bf16 configs, compiled by Triton "
-              f"{triton.__version__} (this environment) and {', '.join(versions)} "
-              f"(`--other-triton`)."), "",
-             "| kernel | constexprs | " + " | ".join(
-                 [f"Triton {triton.__version__}"] + [f"Triton {v}" for v in versions]) + " |",
-             "|---|---|" + "---|" * (1 + len(versions))]
+    lines = [
+        "## Registers / spill bytes on sm_90 per Triton version",
+        "",
+        (
+            f"The launches of the paper-shape bf16 configs, compiled by Triton "
+            f"{triton.__version__} (this environment) and {', '.join(versions)} "
+            f"(`--other-triton`)."
+        ),
+        "",
+        "| kernel | constexprs | "
+        + " | ".join([f"Triton {triton.__version__}"] + [f"Triton {v}" for v in versions])
+        + " |",
+        "|---|---|" + "---|" * (1 + len(versions)),
+    ]
 
     def regs_spill(row):
         if row is None:
@@ -569,10 +742,12 @@ def other_triton_section(arch_rows, other_rows) -> list:
 
     for (python, key, target), row in other_rows.items():
         mine = arch_rows.get((None, key, target))
-        lines.append(f"| `{row['record']['kernel_name']}` | "
-                     f"{constexpr_label(row['record']['constexprs'])} | {regs_spill(mine)} | "
-                     + " | ".join(regs_spill(row) if v == row["triton"] else "-" for v in versions)
-                     + " |")
+        lines.append(
+            f"| `{row['record']['kernel_name']}` | "
+            f"{constexpr_label(row['record']['constexprs'])} | {regs_spill(mine)} | "
+            + " | ".join(regs_spill(row) if v == row["triton"] else "-" for v in versions)
+            + " |"
+        )
     return lines + [""]
 
 
@@ -589,30 +764,45 @@ def collect(arch_configs, gate_configs, targets, pythons, jobs: int = 2) -> dict
     the architecture configs, of the gate matrix (one set per Triton version) and of the
     paper-shape configs on sm_90 with the other Tritons, and the elapsed seconds."""
     import triton
+
     start = time.perf_counter()
     records, errors = record_configs(arch_configs, targets, jobs)
     gate_records, gate_errors = record_configs(gate_configs, codegen_gate.GATE_TARGETS, jobs)
-    print(f"recorded {len(records) + len(gate_records)} (config, target) pairs, "
-          f"{len(errors) + len(gate_errors)} failed, {time.perf_counter() - start:.0f} s",
-          file=sys.stderr)
+    print(
+        f"recorded {len(records) + len(gate_records)} (config, target) pairs, "
+        f"{len(errors) + len(gate_errors)} failed, {time.perf_counter() - start:.0f} s",
+        file=sys.stderr,
+    )
     arch_rows = compile_configs(records, jobs=jobs)
-    print(f"compiled {len(arch_rows)} architecture launches, {time.perf_counter() - start:.0f} s",
-          file=sys.stderr)
+    print(
+        f"compiled {len(arch_rows)} architecture launches, {time.perf_counter() - start:.0f} s",
+        file=sys.stderr,
+    )
     gate_rows = compile_configs(gate_records, [None, *pythons], jobs, ttgir_only=True)
-    paper = {k: v for k, v in records.items()
-             if k[1] in codegen_gate.GATE_TARGETS and k[0].startswith("paper bf16")}
+    paper = {
+        k: v
+        for k, v in records.items()
+        if k[1] in codegen_gate.GATE_TARGETS and k[0].startswith("paper bf16")
+    }
     other_rows = compile_configs(paper, pythons, jobs) if pythons else {}
-    print(f"compiled {len(gate_rows) + len(other_rows)} gate / other-Triton launches, "
-          f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
+    print(
+        f"compiled {len(gate_rows) + len(other_rows)} gate / other-Triton launches, "
+        f"{time.perf_counter() - start:.0f} s",
+        file=sys.stderr,
+    )
     return dict(
-        triton=triton.__version__, targets=list(targets),
+        triton=triton.__version__,
+        targets=list(targets),
         arch_configs=[c["name"] for c in arch_configs],
         gate_configs=[c["name"] for c in gate_configs],
         records={f"{n}|{t}": [record_to_dict(r) for r in recs] for (n, t), recs in records.items()},
         errors={f"{n}|{t}": text for (n, t), text in errors.items()},
         gate_errors={f"{n}|{t}": text for (n, t), text in gate_errors.items()},
-        arch_rows=list(arch_rows.values()), gate_rows=list(gate_rows.values()),
-        other_rows=list(other_rows.values()), seconds=round(time.perf_counter() - start))
+        arch_rows=list(arch_rows.values()),
+        gate_rows=list(gate_rows.values()),
+        other_rows=list(other_rows.values()),
+        seconds=round(time.perf_counter() - start),
+    )
 
 
 def _split_key(key):
@@ -625,23 +815,28 @@ def render(data) -> str:
     targets = data["targets"]
     by_name = {c["name"]: c for c in ARCHITECTURE_CONFIGS}
     arch_configs = [by_name[n] for n in data["arch_configs"] if n in by_name]
-    records = {_split_key(k): [record_from_dict(d) for d in v]
-               for k, v in data["records"].items()}
+    records = {_split_key(k): [record_from_dict(d) for d in v] for k, v in data["records"].items()}
     errors = {_split_key(k): v for k, v in data["errors"].items()}
-    arch_rows = {(None, record_key(record_from_dict(r["record"])), r["target"]): r
-                 for r in data["arch_rows"]}
+    arch_rows = {
+        (None, record_key(record_from_dict(r["record"])), r["target"]): r for r in data["arch_rows"]
+    }
     unique_arch = data["arch_rows"]
     by_version = {}
     for row in data["gate_rows"]:
         by_version.setdefault(row["triton"], []).append(row)
     all_rows = unique_arch + data["gate_rows"] + data["other_rows"]
     versions = [data["triton"]] + sorted({r["triton"] for r in all_rows} - {data["triton"]})
-    report = ["# Ahead-of-time compile report: every kernel launch, every architecture", "",
-              f"Triton {', '.join(versions)}; forward + backward (or one decoding step) of each "
-              "config, recorded per target with FLASH_KERNELS_TARGET set. " + REPORT_PREAMBLE, "",
-              f"Generated by `python -m bench.compile_report` ({data['seconds']} s on 2 cores).",
-              "", "Architecture report: " + summary_line(unique_arch,
-                                                         extra_failures=len(errors)), ""]
+    report = [
+        "# Ahead-of-time compile report: every kernel launch, every architecture",
+        "",
+        f"Triton {', '.join(versions)}; forward + backward (or one decoding step) of each "
+        "config, recorded per target with FLASH_KERNELS_TARGET set. " + REPORT_PREAMBLE,
+        "",
+        f"Generated by `python -m bench.compile_report` ({data['seconds']} s on 2 cores).",
+        "",
+        "Architecture report: " + summary_line(unique_arch, extra_failures=len(errors)),
+        "",
+    ]
     report += ["## Architectures and their limits", ""] + limits_table() + [""]
     if unique_arch:
         report += ["## Per architecture", ""] + architecture_summary(unique_arch, targets) + [""]
@@ -649,12 +844,16 @@ def render(data) -> str:
     if data["gate_configs"]:
         report += gate_section(by_version, len(data["gate_configs"]))
         if data["gate_errors"]:
-            report += [f"Gate matrix: {len(data['gate_errors'])} config(s) could not be "
-                       "recorded: " + "; ".join(sorted(_split_key(k)[0]
-                                                       for k in data["gate_errors"])), ""]
+            report += [
+                f"Gate matrix: {len(data['gate_errors'])} config(s) could not be "
+                "recorded: " + "; ".join(sorted(_split_key(k)[0] for k in data["gate_errors"])),
+                "",
+            ]
     report += problem_lists(unique_arch)
-    other = {(None, record_key(record_from_dict(r["record"])), r["target"]): r
-             for r in data["other_rows"]}
+    other = {
+        (None, record_key(record_from_dict(r["record"])), r["target"]): r
+        for r in data["other_rows"]
+    }
     report += other_triton_section(arch_rows, other)
     report += config_sections(arch_configs, records, errors, arch_rows, targets)
     report += error_details(all_rows)
@@ -665,41 +864,67 @@ def failed(data) -> bool:
     """Whether the report found a problem: a recording error, a compile error, a launch over a
     hardware limit, or a codegen gate finding."""
     rows = data["arch_rows"] + data["gate_rows"] + data["other_rows"]
-    return bool(data["errors"] or data["gate_errors"] or any(map(row_failed, rows))
-                or any(r.get("codegen_findings") for r in rows))
+    return bool(
+        data["errors"]
+        or data["gate_errors"]
+        or any(map(row_failed, rows))
+        or any(r.get("codegen_findings") for r in rows)
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--targets", nargs="+", default=list(ARCHITECTURES),
-                        help="architecture report targets (cuda:<capability>, hip:<gfx arch>)")
-    parser.add_argument("--only", nargs="+", default=None,
-                        help="run only the configs whose name contains one of these words")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=list(ARCHITECTURES),
+        help="architecture report targets (cuda:<capability>, hip:<gfx arch>)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        help="run only the configs whose name contains one of these words",
+    )
     parser.add_argument("--output", default=DEFAULT_OUTPUT)
     parser.add_argument("--jobs", type=int, default=2, help="child processes at a time")
-    parser.add_argument("--other-triton", nargs="+", default=[], metavar="PYTHON",
-                        help="also compile the gate matrix (and the paper configs on sm_90) "
-                             "with these Pythons' Triton versions (default: "
-                             "$FLASH_KERNELS_OTHER_TRITON_PYTHON)")
+    parser.add_argument(
+        "--other-triton",
+        nargs="+",
+        default=[],
+        metavar="PYTHON",
+        help="also compile the gate matrix (and the paper configs on sm_90) "
+        "with these Pythons' Triton versions (default: "
+        "$FLASH_KERNELS_OTHER_TRITON_PYTHON)",
+    )
     parser.add_argument("--no-gate", action="store_true", help="skip the gate matrix")
     parser.add_argument("--gate-only", action="store_true", help="only the gate matrix")
-    parser.add_argument("--save-data", metavar="JSON",
-                        help="also write the recorded launches and rows here")
-    parser.add_argument("--from-data", metavar="JSON",
-                        help="render the report from a --save-data file (no recording or "
-                             "compiling)")
+    parser.add_argument(
+        "--save-data", metavar="JSON", help="also write the recorded launches and rows here"
+    )
+    parser.add_argument(
+        "--from-data",
+        metavar="JSON",
+        help="render the report from a --save-data file (no recording or compiling)",
+    )
     args = parser.parse_args(argv)
     if args.from_data:
         with open(args.from_data) as f:
             data = json.load(f)
     else:
+
         def chosen(configs):
-            return [c for c in configs
-                    if not args.only or any(word in c["name"] for word in args.only)]
-        data = collect([] if args.gate_only else chosen(ARCHITECTURE_CONFIGS),
-                       [] if args.no_gate else chosen(GATE_MATRIX),
-                       [target_name(t) for t in args.targets], _other_pythons(args.other_triton),
-                       args.jobs)
+            return [
+                c for c in configs if not args.only or any(word in c["name"] for word in args.only)
+            ]
+
+        data = collect(
+            [] if args.gate_only else chosen(ARCHITECTURE_CONFIGS),
+            [] if args.no_gate else chosen(GATE_MATRIX),
+            [target_name(t) for t in args.targets],
+            _other_pythons(args.other_triton),
+            args.jobs,
+        )
         if args.save_data:
             with open(args.save_data, "w") as f:
                 json.dump(data, f, default=str)

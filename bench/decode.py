@@ -4,9 +4,10 @@ with a KV cache (SDPA over the cached keys and values), at growing context lengt
 
 Both decode one token per sequence for a batch, at a given context length (tokens already in
 the cache), with the same model width d:
-- "flash": a FLASH layer (s = 128, e = 2d, chunk C = 256; 64 in the CPU run): norm, the u/v/z projection, the decode
-  op (the float32 S x E state of the completed chunks plus the current chunk's keys and
-  values), the gate and the output projection. Its cache does not grow with the context.
+- "flash": a FLASH layer (s = 128, e = 2d, chunk C = 256; 64 in the CPU run): norm, the u/v/z
+  projection, the decode op (the float32 S x E state of the completed chunks plus the current
+  chunk's keys and values), the gate and the output projection. Its cache does not grow with the
+  context.
 - "kv_cache": a pre-norm multi-head attention block with heads of 64: the qkv projection, the
   new key and value written into a preallocated (batch, heads, context + 1, 64) cache, SDPA of
   the new query over all cached keys, the output projection. Its cache grows linearly.
@@ -28,6 +29,7 @@ not fit in memory are skipped.
 Results are appended to bench/results/decode.jsonl (one JSON object per point, run metadata
 included) and the latest run of the device is plotted to bench/results/decode_<cpu|gpu>.png.
 """
+
 import argparse
 import gc
 import os
@@ -45,10 +47,16 @@ from .results_io import DEFAULT_DIR, append_results, run_metadata
 
 RESULTS_NAME = "decode.jsonl"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-FULL = dict(d=1024, chunk_size=256, batches=[1, 8, 64],
-            contexts=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 262144], dtype="bf16")
-QUICK = dict(d=256, chunk_size=64, batches=[1, 8, 64], contexts=[256, 1024, 4096, 16384],
-             dtype="fp32")
+FULL = dict(
+    d=1024,
+    chunk_size=256,
+    batches=[1, 8, 64],
+    contexts=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 262144],
+    dtype="bf16",
+)
+QUICK = dict(
+    d=256, chunk_size=64, batches=[1, 8, 64], contexts=[256, 1024, 4096, 16384], dtype="fp32"
+)
 HEAD_DIM = 64
 
 
@@ -65,8 +73,10 @@ class KVCacheAttention(nn.Module):
 
     def new_cache(self, batch, context, dtype, device):
         shape = (batch, self.heads, context + 1, HEAD_DIM)
-        return (torch.randn(shape, dtype=dtype, device=device),
-                torch.randn(shape, dtype=dtype, device=device))
+        return (
+            torch.randn(shape, dtype=dtype, device=device),
+            torch.randn(shape, dtype=dtype, device=device),
+        )
 
     def step(self, x, cache, context):
         B, d = x.shape
@@ -74,20 +84,31 @@ class KVCacheAttention(nn.Module):
         keys, values = cache
         keys[:, :, context] = k
         values[:, :, context] = v
-        att = F.scaled_dot_product_attention(q[:, :, None], keys, values)   # (B, H, 1, 64)
+        att = F.scaled_dot_product_attention(q[:, :, None], keys, values)  # (B, H, 1, 64)
         return x + self.out(att.reshape(B, d))
 
 
 def flash_layer(d, chunk_size, device, dtype, backend="auto"):
-    return FLASH(d, s=128, expansion=2, chunk_size=chunk_size,
-                 backend=backend).to(device, dtype).eval()
+    return (
+        FLASH(d, s=128, expansion=2, chunk_size=chunk_size, backend=backend)
+        .to(device, dtype)
+        .eval()
+    )
 
 
 def flash_cache(layer, batch, context, device, dtype):
     """A layer cache of `batch` sequences at position `context` holding random values."""
     cache = layer.new_cache()
-    cache.allocate(batch, layer.s, layer.e, layer.chunk_size, chunk_size=layer.chunk_size,
-                   linear=True, dtype=dtype, device=device)
+    cache.allocate(
+        batch,
+        layer.s,
+        layer.e,
+        layer.chunk_size,
+        chunk_size=layer.chunk_size,
+        linear=True,
+        dtype=dtype,
+        device=device,
+    )
     with torch.no_grad():
         for buffer in (cache.k_quad, cache.k_lin, cache.v):
             buffer.copy_(0.1 * torch.randn_like(buffer))
@@ -112,7 +133,7 @@ def time_steps(step, steps, device, graph):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            step()                            # compiles the kernels outside the capture
+            step()  # compiles the kernels outside the capture
         torch.cuda.current_stream().wait_stream(stream)
         cuda_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(cuda_graph):
@@ -143,26 +164,44 @@ def time_steps(step, steps, device, graph):
 def measure(impl, batch, context, args, device, dtype):
     """One point: a dict of the measurement (or a skip with the reason)."""
     d = args.d
-    point = dict(impl=impl, batch=batch, context=context, d=d, layers=args.layers,
-                 heads=d // HEAD_DIM, S=128, E=2 * d, C=args.chunk_size)
+    point = dict(
+        impl=impl,
+        batch=batch,
+        context=context,
+        d=d,
+        layers=args.layers,
+        heads=d // HEAD_DIM,
+        S=128,
+        E=2 * d,
+        C=args.chunk_size,
+    )
     torch.manual_seed(0)
     graph = device.type == "cuda" and not args.no_graph
     if impl == "flash":
-        layers = [flash_layer(d, args.chunk_size, device, dtype, args.backend)
-                  for _ in range(args.layers)]
+        layers = [
+            flash_layer(d, args.chunk_size, device, dtype, args.backend) for _ in range(args.layers)
+        ]
         caches = [flash_cache(layer, batch, context, device, dtype) for layer in layers]
         per_seq = sum(cache_bytes((c.k_quad, c.k_lin, c.v, c.state), batch) for c in caches)
-        steps = args.chunk_size                # one chunk cycle: includes one fold
+        steps = args.chunk_size  # one chunk cycle: includes one fold
     else:
         per_seq = args.layers * 2 * (context + 1) * d * dtype.itemsize
         if device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
             if per_seq * batch > 0.85 * free:
-                return dict(point, status="skipped", cache_bytes_per_seq=per_seq,
-                            note=f"KV cache {per_seq * batch / 2**30:.1f} GiB > 85% of free memory")
+                return dict(
+                    point,
+                    status="skipped",
+                    cache_bytes_per_seq=per_seq,
+                    note=f"KV cache {per_seq * batch / 2**30:.1f} GiB > 85% of free memory",
+                )
         elif per_seq * batch > args.cpu_memory_gib * 2**30:
-            return dict(point, status="skipped", cache_bytes_per_seq=per_seq,
-                        note=f"KV cache {per_seq * batch / 2**30:.1f} GiB > --cpu-memory-gib")
+            return dict(
+                point,
+                status="skipped",
+                cache_bytes_per_seq=per_seq,
+                note=f"KV cache {per_seq * batch / 2**30:.1f} GiB > --cpu-memory-gib",
+            )
         layers = [KVCacheAttention(d).to(device, dtype).eval() for _ in range(args.layers)]
         caches = [layer.new_cache(batch, context, dtype, device) for layer in layers]
         steps = 32 if device.type == "cpu" else 100
@@ -183,15 +222,25 @@ def measure(impl, batch, context, args, device, dtype):
     # A CPU shared with other work makes single steps slow at random: there the median step
     # is the figure (the mean, which weighs flash's fold in properly, is kept as ms_mean).
     seconds = mean if device.type == "cuda" else median
-    return dict(point, status="ok", ms_per_token=1000 * seconds, tokens_per_s=batch / seconds,
-                ms_mean=1000 * mean, ms_median=1000 * median, cache_bytes_per_seq=per_seq,
-                params_per_layer=params, cuda_graph=graph, steps=steps)
+    return dict(
+        point,
+        status="ok",
+        ms_per_token=1000 * seconds,
+        tokens_per_s=batch / seconds,
+        ms_mean=1000 * mean,
+        ms_median=1000 * median,
+        cache_bytes_per_seq=per_seq,
+        params_per_layer=params,
+        cuda_graph=graph,
+        steps=steps,
+    )
 
 
 def plot(records, path):
     """Per-token latency and cache memory per sequence against the context length."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -204,17 +253,30 @@ def plot(records, path):
     label = {"flash": "FLASH (decode op)", "kv_cache": "softmax + KV cache (SDPA)"}
     for i, batch in enumerate(batches):
         for impl in ("flash", "kv_cache"):
-            pts = sorted((r["context"], r["ms_per_token"]) for r in ok
-                         if r["impl"] == impl and r["batch"] == batch)
+            pts = sorted(
+                (r["context"], r["ms_per_token"])
+                for r in ok
+                if r["impl"] == impl and r["batch"] == batch
+            )
             if pts:
-                ax_time.plot(*zip(*pts), color=f"C{i}", label=f"{label[impl]}, batch {batch}",
-                             **style[impl])
+                ax_time.plot(
+                    *zip(*pts), color=f"C{i}", label=f"{label[impl]}, batch {batch}", **style[impl]
+                )
     for impl in ("flash", "kv_cache"):
-        pts = sorted({(r["context"], r["cache_bytes_per_seq"] / 2**20) for r in records
-                      if r["impl"] == impl and r.get("cache_bytes_per_seq")})
+        pts = sorted(
+            {
+                (r["context"], r["cache_bytes_per_seq"] / 2**20)
+                for r in records
+                if r["impl"] == impl and r.get("cache_bytes_per_seq")
+            }
+        )
         if pts:
-            ax_mem.plot(*zip(*pts), color="C3" if impl == "flash" else "C7", label=label[impl],
-                        **style[impl])
+            ax_mem.plot(
+                *zip(*pts),
+                color="C3" if impl == "flash" else "C7",
+                label=label[impl],
+                **style[impl],
+            )
     r = records[0]
     for ax in (ax_time, ax_mem):
         ax.set_xscale("log", base=2)
@@ -225,10 +287,12 @@ def plot(records, path):
     ax_time.set_ylabel("ms per decoding step (one token per sequence)")
     ax_mem.set_ylabel("cache per sequence (MiB)")
     graph = " (CUDA graphs)" if r.get("cuda_graph") else ""
-    ax_time.set_title(f"{r['layers']} layer(s), d={r['d']}, C={r['C']}, {r['dtype']}{graph}",
-                      fontsize=9)
-    ax_mem.set_title(f"cache per sequence, {r['layers']} layer(s) (FLASH: state + one chunk)",
-                     fontsize=9)
+    ax_time.set_title(
+        f"{r['layers']} layer(s), d={r['d']}, C={r['C']}, {r['dtype']}{graph}", fontsize=9
+    )
+    ax_mem.set_title(
+        f"cache per sequence, {r['layers']} layer(s) (FLASH: state + one chunk)", fontsize=9
+    )
     fig.suptitle(f"Decoding: FLASH against a KV cache, {r['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -239,29 +303,38 @@ def plot(records, path):
 def table(records):
     """Markdown table: per batch and context, ms/token and tokens/s of both, and the caches."""
     ok = {(r["impl"], r["batch"], r["context"]): r for r in records}
-    lines = ["| batch | context | FLASH ms/token | KV cache ms/token | FLASH tokens/s | "
-             "KV cache tokens/s | FLASH cache/seq | KV cache/seq |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| batch | context | FLASH ms/token | KV cache ms/token | FLASH tokens/s | "
+        "KV cache tokens/s | FLASH cache/seq | KV cache/seq |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def cell(r, field, fmt):
         return fmt.format(r[field]) if r and r["status"] == "ok" else (r or {}).get("status", "-")
 
     def mib(r):
-        return f"{r['cache_bytes_per_seq'] / 2**20:.2f} MiB" if r and r.get("cache_bytes_per_seq") else "-"
+        return (
+            f"{r['cache_bytes_per_seq'] / 2**20:.2f} MiB"
+            if r and r.get("cache_bytes_per_seq")
+            else "-"
+        )
 
     for batch in sorted({k[1] for k in ok}):
         for context in sorted({k[2] for k in ok if k[1] == batch}):
             f, kv = ok.get(("flash", batch, context)), ok.get(("kv_cache", batch, context))
-            lines.append(f"| {batch} | {context} | {cell(f, 'ms_per_token', '{:.3f}')} | "
-                         f"{cell(kv, 'ms_per_token', '{:.3f}')} | "
-                         f"{cell(f, 'tokens_per_s', '{:.0f}')} | "
-                         f"{cell(kv, 'tokens_per_s', '{:.0f}')} | {mib(f)} | {mib(kv)} |")
+            lines.append(
+                f"| {batch} | {context} | {cell(f, 'ms_per_token', '{:.3f}')} | "
+                f"{cell(kv, 'ms_per_token', '{:.3f}')} | "
+                f"{cell(f, 'tokens_per_s', '{:.0f}')} | "
+                f"{cell(kv, 'tokens_per_s', '{:.0f}')} | {mib(f)} | {mib(kv)} |"
+            )
     return "\n".join(lines)
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m bench.decode",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.decode", description=__doc__.split("\n\n")[0]
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the small grid (default on a CPU)")
     mode.add_argument("--full", action="store_true", help="the full grid (default on a GPU)")
@@ -273,12 +346,21 @@ def parse_args(argv):
     parser.add_argument("--dtype", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-graph", action="store_true", help="GPU: time eager steps")
-    parser.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
-                        help="the FLASH layer's attention backend")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU: torch threads (1: the least noise on a shared machine)")
-    parser.add_argument("--cpu-memory-gib", type=float, default=2.0,
-                        help="CPU: skip KV caches larger than this")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "triton", "torch"],
+        help="the FLASH layer's attention backend",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU: torch threads (1: the least noise on a shared machine)",
+    )
+    parser.add_argument(
+        "--cpu-memory-gib", type=float, default=2.0, help="CPU: skip KV caches larger than this"
+    )
     parser.add_argument("--output-dir", default=DEFAULT_DIR)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -304,18 +386,27 @@ def main(argv=None):
             for impl in ("flash", "kv_cache"):
                 point = measure(impl, batch, context, args, device, dtype)
                 records.append(dict(meta, **point))
-                gc.collect()                  # the point's caches and graph, before the next
+                gc.collect()  # the point's caches and graph, before the next
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                shown = (f"{point['ms_per_token']:.3f} ms/token" if point["status"] == "ok"
-                         else f"{point['status']} ({point.get('note')})")
-                print(f"[{time.perf_counter() - start:6.1f} s] {impl:8s} batch {batch:3d} "
-                      f"context {context:7d}: {shown}", file=sys.stderr)
+                shown = (
+                    f"{point['ms_per_token']:.3f} ms/token"
+                    if point["status"] == "ok"
+                    else f"{point['status']} ({point.get('note')})"
+                )
+                print(
+                    f"[{time.perf_counter() - start:6.1f} s] {impl:8s} batch {batch:3d} "
+                    f"context {context:7d}: {shown}",
+                    file=sys.stderr,
+                )
     path = os.path.join(args.output_dir, RESULTS_NAME)
     append_results(path, records)
     print(f"appended {len(records)} points to {path}", file=sys.stderr)
     print(table(records))
-    plot(records, os.path.join(args.output_dir, f"decode_{'gpu' if device.type == 'cuda' else 'cpu'}.png"))
+    plot(
+        records,
+        os.path.join(args.output_dir, f"decode_{'gpu' if device.type == 'cuda' else 'cpu'}.png"),
+    )
     return 0
 
 

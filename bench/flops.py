@@ -49,8 +49,11 @@ def packed_flops(doc_lens, S, E, chunk_size=256, *, causal=True, linear=True, mo
     Example: documents of 1 and 4 tokens, S=2, E=3, C=2, causal: 1 * (1*5 + 4*2*3) = 29 and
     4 * (2*5 + 24) = 136, 165 in all (one sequence of 5 tokens: 5 * 34 = 170).
     """
-    return sum(flash_flops(length, S, E, chunk_size, causal=causal, linear=linear, mode=mode)
-               for length in doc_lens if length > 0)
+    return sum(
+        flash_flops(length, S, E, chunk_size, causal=causal, linear=linear, mode=mode)
+        for length in doc_lens
+        if length > 0
+    )
 
 
 def softmax_flops(T, heads, head_dim, *, causal=True, mode="fwd", batch=1):

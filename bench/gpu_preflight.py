@@ -14,6 +14,7 @@ Records the versions (Python, torch, CUDA, GPU, Triton, numpy, test plugins) on 
 Prints one line per check and a last line "PREFLIGHT: OK" or "PREFLIGHT: FAILED: <what is
 missing>"; exit status 0 or 1.
 """
+
 import argparse
 import os
 import shutil
@@ -27,18 +28,33 @@ import time
 def versions() -> list:
     """(name, version or why not) of the software a GPU run depends on."""
     import platform
+
     rows = [("python", sys.version.split()[0] + " " + platform.platform())]
     try:
         import torch
+
         cuda = torch.cuda.is_available()
         rows.append(("torch", f"{torch.__version__} (CUDA {torch.version.cuda}, available {cuda})"))
         if cuda:
-            rows.append(("gpu", f"{torch.cuda.get_device_name()} "
-                                f"sm_{''.join(map(str, torch.cuda.get_device_capability()))}"))
+            rows.append(
+                (
+                    "gpu",
+                    f"{torch.cuda.get_device_name()} "
+                    f"sm_{''.join(map(str, torch.cuda.get_device_capability()))}",
+                )
+            )
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         rows.append(("torch", f"import failed: {exc}"))
-    for name in ("triton", "numpy", "pytest", "xdist", "pytest_timeout", "hypothesis", "ninja",
-                 "matplotlib"):
+    for name in (
+        "triton",
+        "numpy",
+        "pytest",
+        "xdist",
+        "pytest_timeout",
+        "hypothesis",
+        "ninja",
+        "matplotlib",
+    ):
         try:
             module = __import__(name)
             rows.append((name, getattr(module, "__version__", "present")))
@@ -75,13 +91,26 @@ def check_compiler_and_headers():
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "probe.c")
         with open(source, "w") as f:
-            f.write("#include <Python.h>\nint flash_kernels_probe(void) { return Py_IsInitialized(); }\n")
-        command = [compiler, source, "-O1", "-shared", "-fPIC", f"-I{include}",
-                   "-o", os.path.join(tmp, "probe.so")]
+            f.write(
+                "#include <Python.h>\n"
+                "int flash_kernels_probe(void) { return Py_IsInitialized(); }\n"
+            )
+        command = [
+            compiler,
+            source,
+            "-O1",
+            "-shared",
+            "-fPIC",
+            f"-I{include}",
+            "-o",
+            os.path.join(tmp, "probe.so"),
+        ]
         proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
-        return False, (f"{compiler} cannot build an extension against {header}: "
-                       f"{(proc.stderr or proc.stdout).strip()[-500:]}")
+        return False, (
+            f"{compiler} cannot build an extension against {header}: "
+            f"{(proc.stderr or proc.stdout).strip()[-500:]}"
+        )
     return True, f"{compiler} builds against {header}"
 
 
@@ -130,16 +159,22 @@ def check_tiny_kernel():
     except Exception as exc:  # noqa: BLE001 - the message is the finding
         return False, f"the tiny Triton kernel failed: {type(exc).__name__}: {str(exc)[:400]}"
     where = "under the interpreter" if device == "cpu" else "on the GPU"
-    return True, f"tiny Triton kernel correct {where} ({time.perf_counter() - start:.1f} s with its compile)"
+    return (
+        True,
+        f"tiny Triton kernel correct {where} "
+        f"({time.perf_counter() - start:.1f} s with its compile)",
+    )
 
 
 def run(out_dir: str) -> tuple:
     """(ok, report lines) of every check."""
     lines = [f"version {name}: {value}" for name, value in versions()]
     failures = []
-    for name, check in (("compiler", check_compiler_and_headers),
-                        ("cache", lambda: check_cache_dir(out_dir)),
-                        ("kernel", check_tiny_kernel)):
+    for name, check in (
+        ("compiler", check_compiler_and_headers),
+        ("cache", lambda: check_cache_dir(out_dir)),
+        ("kernel", check_tiny_kernel),
+    ):
         ok, message = check()
         lines.append(f"{'ok  ' if ok else 'FAIL'} {name}: {message}")
         if not ok:

@@ -19,6 +19,7 @@ WORKERS. Times are CPU seconds (this process and its ptxas / gcc children), i.e.
 on an idle core: a compile uses one core, and 8 workers on 16 cores do not share one. It
 assumes a GPU host core as fast as a core here.
 """
+
 import argparse
 import glob
 import json
@@ -73,6 +74,7 @@ def time_launcher_build(record) -> float:
     with the same compiler command (without linking libcuda, which a CPU machine lacks)."""
     from triton.backends.nvidia import driver
     from triton.runtime.build import _build
+
     src, _ = jit_compile_inputs(record)
     arg_index = {name: (i,) for i, name in enumerate(src.fn.arg_names)}
     constants = {arg_index.get(k, k): v for k, v in src.constants.items()}
@@ -138,25 +140,39 @@ def main(argv=None) -> int:
         sample = rng.sample(keys, min(args.sample, len(keys)))
         times = [time_compile(records[k], args.capability) for k in sample]
         seconds_per_kernel[kernel] = statistics.mean(times)
-        print(f"{kernel}: {len(keys)} specializations, cold compile {statistics.mean(times):.2f} s "
-              f"mean of {len(times)} (min {min(times):.2f}, max {max(times):.2f})", file=sys.stderr)
+        print(
+            f"{kernel}: {len(keys)} specializations, cold compile {statistics.mean(times):.2f} s "
+            f"mean of {len(times)} (min {min(times):.2f}, max {max(times):.2f})",
+            file=sys.stderr,
+        )
     launcher_s = statistics.median(time_launcher_build(records[k]) for k in list(records)[:3])
     cost_of_key = {k: seconds_per_kernel[r.kernel_name] for k, r in records.items()}
     total_compile = sum(cost_of_key.values())
     signatures = set(key_signature.values())
     total = total_compile + len(signatures) * launcher_s
     busy = schedule(per_test, cost_of_key, launcher_s, key_signature, args.workers)
-    print(json.dumps(dict(
-        triton=triton.__version__, selection=args.selection,
-        tests_launching=sum(bool(k) for k in per_test), specializations=len(records),
-        launcher_signatures=len(signatures), launcher_build_s=round(launcher_s, 2),
-        compile_s_one_core=round(total_compile, 1), total_s_one_core=round(total, 1),
-        workers=args.workers, ideal_s=round(total / args.workers, 1),
-        busiest_worker_s=round(max(busy), 1),
-        compile_s_per_kernel={k: round(v, 2) for k, v in seconds_per_kernel.items()},
-        specializations_per_kernel={k: len(v) for k, v in sorted(by_kernel.items())},
-        cc=os.environ.get("CC") or "gcc", python_include=sysconfig.get_paths()["include"],
-    ), indent=1))
+    print(
+        json.dumps(
+            dict(
+                triton=triton.__version__,
+                selection=args.selection,
+                tests_launching=sum(bool(k) for k in per_test),
+                specializations=len(records),
+                launcher_signatures=len(signatures),
+                launcher_build_s=round(launcher_s, 2),
+                compile_s_one_core=round(total_compile, 1),
+                total_s_one_core=round(total, 1),
+                workers=args.workers,
+                ideal_s=round(total / args.workers, 1),
+                busiest_worker_s=round(max(busy), 1),
+                compile_s_per_kernel={k: round(v, 2) for k, v in seconds_per_kernel.items()},
+                specializations_per_kernel={k: len(v) for k, v in sorted(by_kernel.items())},
+                cc=os.environ.get("CC") or "gcc",
+                python_include=sysconfig.get_paths()["include"],
+            ),
+            indent=1,
+        )
+    )
     return 0
 
 

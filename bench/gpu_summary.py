@@ -14,6 +14,7 @@ so when its input is missing, so the last screen holds the evidence of whatever 
                                 [--selftest-rc N] [--tests-rc N] [--elapsed S] [--compare F]
                                 [--output F]
 """
+
 import argparse
 import collections
 import json
@@ -28,9 +29,9 @@ WIDTH = 100
 def _clip(text, width=WIDTH):
     """One line of at most `width` characters (leading indentation kept)."""
     text = str(text)
-    indent = text[:len(text) - len(text.lstrip())]
+    indent = text[: len(text) - len(text.lstrip())]
     text = indent + " ".join(text.split())
-    return text if len(text) <= width else text[:width - 3] + "..."
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def read_test_report(path):
@@ -42,7 +43,9 @@ def read_test_report(path):
             if line.strip():
                 entry = json.loads(line)
                 path_part, _, name = entry["nodeid"].partition("::")
-                cases.append((os.path.basename(path_part), name, entry["outcome"], entry["message"]))
+                cases.append(
+                    (os.path.basename(path_part), name, entry["outcome"], entry["message"])
+                )
     return cases
 
 
@@ -51,29 +54,40 @@ def tests_section(report_path, tests_rc):
         return [f"tests: no test report ({report_path}): not run (exit {tests_rc})"]
     cases = read_test_report(report_path)
     totals = collections.Counter(outcome for _, _, outcome, _ in cases)
-    lines = [f"tests: {totals['passed']} passed, {totals['failed']} failed, "
-             f"{totals['error']} errors, {totals['skipped']} skipped (exit {tests_rc})"]
+    lines = [
+        f"tests: {totals['passed']} passed, {totals['failed']} failed, "
+        f"{totals['error']} errors, {totals['skipped']} skipped (exit {tests_rc})"
+    ]
     per_file = collections.defaultdict(collections.Counter)
     for filename, _, outcome, _ in cases:
         per_file[filename][outcome] += 1
     lines.append(f"  {'file':34} {'passed':>7} {'failed':>7} {'errors':>7} {'skipped':>8}")
     for filename, counts in per_file.items():
-        lines.append(f"  {filename:34} {counts['passed']:7} {counts['failed']:7} "
-                     f"{counts['error']:7} {counts['skipped']:8}")
+        lines.append(
+            f"  {filename:34} {counts['passed']:7} {counts['failed']:7} "
+            f"{counts['error']:7} {counts['skipped']:8}"
+        )
     failures = [c for c in cases if c[2] in ("failed", "error")]
     for filename, name, outcome, message in failures[:MAX_FAILURES_SHOWN]:
         lines.append(_clip(f"  {outcome.upper()} {filename}::{name}: {message}"))
     if len(failures) > MAX_FAILURES_SHOWN:
         lines.append(f"  ... and {len(failures) - MAX_FAILURES_SHOWN} more failures (tests.log)")
-    reasons = collections.Counter(message for _, _, outcome, message in cases if outcome == "skipped")
+    reasons = collections.Counter(
+        message for _, _, outcome, message in cases if outcome == "skipped"
+    )
     if reasons:
         lines.append("skip reasons:")
         for reason, count in reasons.most_common(MAX_SKIP_REASONS_SHOWN):
             lines.append(_clip(f"  {count:4} x {reason}"))
     bf16 = [c for c in cases if "bfloat16" in c[1] or "bf16" in c[1] or "autocast" in c[1]]
     if bf16:
-        lines.append("bf16 (and autocast) tests: " + _clip(", ".join(
-            f"{filename}::{name} {outcome}" for filename, name, outcome, _ in bf16), 10 * WIDTH))
+        lines.append(
+            "bf16 (and autocast) tests: "
+            + _clip(
+                ", ".join(f"{filename}::{name} {outcome}" for filename, name, outcome, _ in bf16),
+                10 * WIDTH,
+            )
+        )
     else:
         lines.append("bf16 tests: none ran")
     return lines
@@ -94,12 +108,15 @@ def selftest_section(report_path, selftest_rc="?"):
     if "not_run" in report:
         return [_clip(f"self-test: not run (exit {selftest_rc}): {report['not_run']}")]
     text = report.get("text", "").splitlines()
-    body = text[:text.index("environment:")] if "environment:" in text else text
+    body = text[: text.index("environment:")] if "environment:" in text else text
     lines = [f"self-test (exit {selftest_rc}; python -m flash_kernels.selftest, selftest.log):"]
-    lines += [line if len(line) <= WIDTH else line[:WIDTH - 3] + "..." for line in body]
+    lines += [line if len(line) <= WIDTH else line[: WIDTH - 3] + "..." for line in body]
     environment = report.get("environment", {})
-    lines += [_clip(f"  {name}: {environment[name]}")
-              for name in ("capability", "driver", "ptxas") if name in environment]
+    lines += [
+        _clip(f"  {name}: {environment[name]}")
+        for name in ("capability", "driver", "ptxas")
+        if name in environment
+    ]
     return lines
 
 
@@ -108,13 +125,18 @@ def timings_section(results_path):
         return [f"timings: no results ({results_path})"]
     from bench.results_io import load_results, select_run
     from bench.tables import evaluate_targets, primary_impl, render_targets, render_text, time_table
+
     records = select_run(load_results(results_path), latest=True)
     if not records:
         return ["timings: the results file holds no records"]
     first = records[0]
-    mode = next((m for m in ("fwd+bwd", "fwd", "bwd") if any(r["mode"] == m for r in records)), None)
-    lines = [f"timings ({mode}, ms; {first.get('dtype')}, S={first.get('S')} E={first.get('E')} "
-             f"C={first.get('C')}; {first.get('device')}):"]
+    mode = next(
+        (m for m in ("fwd+bwd", "fwd", "bwd") if any(r["mode"] == m for r in records)), None
+    )
+    lines = [
+        f"timings ({mode}, ms; {first.get('dtype')}, S={first.get('S')} E={first.get('E')} "
+        f"C={first.get('C')}; {first.get('device')}):"
+    ]
     table = time_table(records, mode) if mode else None
     lines += render_text(table).splitlines() if table else ["  no timed points"]
     primary = primary_impl(records)
@@ -129,19 +151,39 @@ def compare_section(path):
     if not path or not os.path.exists(path):
         return [f"long-context comparison: no table ({path})"]
     with open(path) as f:
-        lines = [line.rstrip("\n")[:WIDTH] for line in f if line.strip()]   # columns kept
+        lines = [line.rstrip("\n")[:WIDTH] for line in f if line.strip()]  # columns kept
     return lines or [f"long-context comparison: the table is empty ({path})"]
 
 
-def summary(preflight_path, tests_path, results_path, tests_rc="?", elapsed=None,
-            selftest_path=None, selftest_rc="?", compare_path=None):
+def summary(
+    preflight_path,
+    tests_path,
+    results_path,
+    tests_rc="?",
+    elapsed=None,
+    selftest_path=None,
+    selftest_rc="?",
+    compare_path=None,
+):
     lines = ["=" * 30 + " GPU run summary " + "=" * 30]
     if preflight_path and os.path.exists(preflight_path):
         with open(preflight_path) as f:
             report = f.read().splitlines()
-        lines += [_clip(line) for line in report if line.startswith(("version python", "version torch",
-                                                                      "version gpu", "version triton",
-                                                                      "version numpy", "FAIL", "PREFLIGHT"))]
+        lines += [
+            _clip(line)
+            for line in report
+            if line.startswith(
+                (
+                    "version python",
+                    "version torch",
+                    "version gpu",
+                    "version triton",
+                    "version numpy",
+                    "FAIL",
+                    "PREFLIGHT",
+                )
+            )
+        ]
     else:
         lines.append(f"preflight: no report ({preflight_path})")
     lines += selftest_section(selftest_path, selftest_rc)
@@ -168,8 +210,16 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", help="compare_long_context.txt of the comparison")
     parser.add_argument("--output")
     args = parser.parse_args(argv)
-    text = summary(args.preflight, args.tests, args.results, args.tests_rc, args.elapsed,
-                   args.selftest, args.selftest_rc, args.compare)
+    text = summary(
+        args.preflight,
+        args.tests,
+        args.results,
+        args.tests_rc,
+        args.elapsed,
+        args.selftest,
+        args.selftest_rc,
+        args.compare,
+    )
     if args.output:
         with open(args.output, "w") as f:
             f.write(text)

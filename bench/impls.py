@@ -27,6 +27,7 @@ len(doc_lens) rows of max(doc_lens) tokens. Both get the same document contents,
 credited with the documents' useful flops (`packed_flops`). Only the implementations marked
 `varlen` run them: "triton", "flash_attention" and "torch".
 """
+
 import functools
 import inspect
 import math
@@ -37,7 +38,7 @@ import torch
 
 from .flops import flash_flops, packed_flops, softmax_flops
 
-FLA_CHUNK = 64            # fla's chunked linear attention works on chunks of 64 tokens
+FLA_CHUNK = 64  # fla's chunked linear attention works on chunks of 64 tokens
 SDPA_HEAD_DIM = 64
 
 
@@ -51,6 +52,7 @@ class Problem:
     With `doc_lens` (the varlen row) it is the documents of these lengths, `varlen` says how:
     PACKED: one row (batch 1) of T = sum(doc_lens) tokens with cu_seqlens; PADDED: a batch of
     len(doc_lens) rows of T = max(doc_lens) tokens, each document followed by zeros."""
+
     T: int
     batch: int
     S: int = 128
@@ -64,14 +66,21 @@ class Problem:
     def __post_init__(self):
         if self.doc_lens is not None:
             object.__setattr__(self, "doc_lens", tuple(int(n) for n in self.doc_lens))
-        expected = {None: None, PACKED: (1, sum(self.doc_lens or ())),
-                    PADDED: (len(self.doc_lens or ()), max(self.doc_lens or (0,)))}
+        expected = {
+            None: None,
+            PACKED: (1, sum(self.doc_lens or ())),
+            PADDED: (len(self.doc_lens or ()), max(self.doc_lens or (0,))),
+        }
         if self.varlen not in expected or (self.varlen is None) != (self.doc_lens is None):
-            raise ValueError(f"varlen must be None, {PACKED!r} or {PADDED!r}, with doc_lens "
-                             f"exactly when it is not None; got {self.varlen!r}, {self.doc_lens!r}")
+            raise ValueError(
+                f"varlen must be None, {PACKED!r} or {PADDED!r}, with doc_lens "
+                f"exactly when it is not None; got {self.varlen!r}, {self.doc_lens!r}"
+            )
         if self.varlen is not None and (self.batch, self.T) != expected[self.varlen]:
-            raise ValueError(f"a {self.varlen} problem of documents {self.doc_lens} has "
-                             f"(batch, T) = {expected[self.varlen]}, got {(self.batch, self.T)}")
+            raise ValueError(
+                f"a {self.varlen} problem of documents {self.doc_lens} has "
+                f"(batch, T) = {expected[self.varlen]}, got {(self.batch, self.T)}"
+            )
 
     def as_dict(self):
         return asdict(self)
@@ -85,8 +94,10 @@ class Problem:
 def varlen_problems(doc_lens, S, E, C, causal=True, rel_bias=False):
     """(packed, padded): the same documents as one packed row and as a zero-padded batch."""
     shape = dict(S=S, E=E, C=C, causal=causal, rel_bias=rel_bias, doc_lens=tuple(doc_lens))
-    return (Problem(T=sum(doc_lens), batch=1, varlen=PACKED, **shape),
-            Problem(T=max(doc_lens), batch=len(doc_lens), varlen=PADDED, **shape))
+    return (
+        Problem(T=sum(doc_lens), batch=1, varlen=PACKED, **shape),
+        Problem(T=max(doc_lens), batch=len(doc_lens), varlen=PADDED, **shape),
+    )
 
 
 def sdpa_heads(E):
@@ -102,16 +113,18 @@ def _documents(make_inputs):
     """make_inputs for a padded problem: the packed problem's inputs (the same documents, from
     the same seed), each (1, total, width) tensor laid out as (documents, longest, width) with
     zeros after each document; the other inputs (rel_bias, gamma, beta) as they are."""
+
     @functools.wraps(make_inputs)
     def make(p, device, dtype):
         if p.varlen != PADDED:
             return make_inputs(p, device, dtype)
         packed = make_inputs(replace(p, varlen=PACKED, T=sum(p.doc_lens), batch=1), device, dtype)
         padded = []
-        while packed:                       # each packed tensor freed once laid out
+        while packed:  # each packed tensor freed once laid out
             x = packed.pop(0)
             padded.append(_pad_documents(x, p.doc_lens) if x.dim() == 3 else x)
         return padded
+
     return make
 
 
@@ -119,7 +132,7 @@ def _pad_documents(x, doc_lens):
     padded = x.new_zeros(len(doc_lens), max(doc_lens), x.shape[-1])
     start = 0
     for row, length in enumerate(doc_lens):
-        padded[row, :length] = x[0, start:start + length]
+        padded[row, :length] = x[0, start : start + length]
         start += length
     return padded
 
@@ -151,7 +164,7 @@ def _packing(p, device):
 def _flash_inputs(p, device, dtype):
     # Queries and keys scaled so that quad_scale * <q, k> = <q, k> / C is O(1): about half the
     # relu^2 scores are non-zero, as in a trained model, and nothing overflows in half precision.
-    qk = math.sqrt(p.C) / p.S ** 0.25
+    qk = math.sqrt(p.C) / p.S**0.25
     tensors = [_randn((p.batch, p.T, p.S), device, dtype, qk) for _ in range(4)]
     tensors.append(_randn((p.batch, p.T, p.E), device, dtype))
     if p.rel_bias:
@@ -161,23 +174,45 @@ def _flash_inputs(p, device, dtype):
 
 def _mca_forward(backend, p, inputs):
     from flash_kernels import mixed_chunk_attention
+
     rel_bias = inputs[5] if p.rel_bias else None
-    return mixed_chunk_attention(*inputs[:5], chunk_size=p.C, causal=p.causal, rel_bias=rel_bias,
-                                 backend=backend, **_packing(p, inputs[0].device))
+    return mixed_chunk_attention(
+        *inputs[:5],
+        chunk_size=p.C,
+        causal=p.causal,
+        rel_bias=rel_bias,
+        backend=backend,
+        **_packing(p, inputs[0].device),
+    )
 
 
 def _torch_path(q_quad, k_quad, q_lin, k_lin, v, rel_bias, chunk_size, causal):
     from flash_kernels import mixed_chunk_attention
-    return mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, chunk_size=chunk_size,
-                                 causal=causal, rel_bias=rel_bias, backend="torch")
+
+    return mixed_chunk_attention(
+        q_quad,
+        k_quad,
+        q_lin,
+        k_lin,
+        v,
+        chunk_size=chunk_size,
+        causal=causal,
+        rel_bias=rel_bias,
+        backend="torch",
+    )
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled_torch_path():
     import torch._dynamo
+
     # one compiled graph per shape (dynamic=False): allow as many as the benchmark has shapes
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                 "accumulated_cache_size_limit"):
+    for name in (
+        "recompile_limit",
+        "cache_size_limit",
+        "accumulated_recompile_limit",
+        "accumulated_cache_size_limit",
+    ):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
     return torch.compile(_torch_path, dynamic=False)
@@ -189,7 +224,7 @@ def _compile_forward(p, inputs):
 
 
 def _fused_inputs(p, device, dtype):
-    qk = math.sqrt(p.C) / p.S ** 0.25
+    qk = math.sqrt(p.C) / p.S**0.25
     z = _randn((p.batch, p.T, p.S), device, dtype, qk)
     gamma = 1.0 + 0.1 * torch.randn(4, p.S, device=device, dtype=torch.float32)
     beta = 0.1 * torch.randn(4, p.S, device=device, dtype=torch.float32)
@@ -202,10 +237,16 @@ def _fused_inputs(p, device, dtype):
 
 def _fused_forward(backend, p, inputs):
     import flash_kernels
+
     rel_bias = inputs[4] if p.rel_bias else None
-    return flash_kernels.flash_attention(*inputs[:4], chunk_size=p.C, causal=p.causal,
-                                         rel_bias=rel_bias, backend=backend,
-                                         **_packing(p, inputs[0].device))
+    return flash_kernels.flash_attention(
+        *inputs[:4],
+        chunk_size=p.C,
+        causal=p.causal,
+        rel_bias=rel_bias,
+        backend=backend,
+        **_packing(p, inputs[0].device),
+    )
 
 
 def _sdpa_inputs(p, device, dtype):
@@ -218,16 +259,17 @@ def _sdpa_forward(p, inputs):
 
 
 def _fla_inputs(p, device, dtype):
-    qk = 1.0 / p.S ** 0.25
+    qk = 1.0 / p.S**0.25
     q, k = (_randn((p.batch, p.T, 1, p.S), device, dtype, qk) for _ in range(2))
     return [q, k, _randn((p.batch, p.T, 1, p.E), device, dtype)]
 
 
 def _fla_forward(p, inputs):
     from fla.ops.linear_attn import chunk_linear_attn
+
     kwargs = dict(scale=1.0, normalize=False)
     if "head_first" in inspect.signature(chunk_linear_attn).parameters:
-        kwargs["head_first"] = False          # (B, T, H, K) layout, as made above
+        kwargs["head_first"] = False  # (B, T, H, K) layout, as made above
     out = chunk_linear_attn(*inputs, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -237,7 +279,7 @@ def fla_available():
         import fla.ops.linear_attn  # noqa: F401
     except ImportError:
         return "skipped: fla-core not installed (pip install fla-core)"
-    except Exception as exc:          # a broken install must not stop the benchmark
+    except Exception as exc:  # a broken install must not stop the benchmark
         return f"skipped: fla-core failed to import ({type(exc).__name__}: {exc})"
     return None
 
@@ -262,12 +304,12 @@ def dense_bytes_estimate(p, mode):
 @dataclass
 class Impl:
     name: str
-    make_inputs: object          # (problem, device, dtype) -> list of tensors (autograd leaves)
-    forward: object              # (problem, inputs) -> output tensor
-    flops: object                # (problem, mode) -> float
-    ours: bool = False           # one of the package's kernels (the targets are about these)
+    make_inputs: object  # (problem, device, dtype) -> list of tensors (autograd leaves)
+    forward: object  # (problem, inputs) -> output tensor
+    flops: object  # (problem, mode) -> float
+    ours: bool = False  # one of the package's kernels (the targets are about these)
     baseline: bool = False
-    varlen: bool = False         # runs the packed-documents row (cu_seqlens)
+    varlen: bool = False  # runs the packed-documents row (cu_seqlens)
 
     def availability(self, device, dtype, explicit):
         """None when it can run here, else the reason it is skipped ("skipped: ...")."""
@@ -275,7 +317,7 @@ class Impl:
 
 
 def _flash_count(p, mode):
-    if p.doc_lens is not None:             # packed or padded: the documents' useful work
+    if p.doc_lens is not None:  # packed or padded: the documents' useful work
         return packed_flops(p.doc_lens, p.S, p.E, p.C, causal=p.causal, mode=mode)
     return flash_flops(p.T, p.S, p.E, p.C, causal=p.causal, mode=mode, batch=p.batch)
 
@@ -285,8 +327,9 @@ def _fla_count(p, mode):
 
 
 def _sdpa_count(p, mode):
-    return softmax_flops(p.T, sdpa_heads(p.E), SDPA_HEAD_DIM, causal=p.causal, mode=mode,
-                         batch=p.batch)
+    return softmax_flops(
+        p.T, sdpa_heads(p.E), SDPA_HEAD_DIM, causal=p.causal, mode=mode, batch=p.batch
+    )
 
 
 def _triton_ok(device, dtype, explicit):
@@ -294,8 +337,10 @@ def _triton_ok(device, dtype, explicit):
         return None
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and explicit:
         return None
-    return ("skipped: Triton kernels need CUDA (on a CPU they run only under TRITON_INTERPRET=1, "
-            "far too slow to time; name the impl explicitly with it set to force)")
+    return (
+        "skipped: Triton kernels need CUDA (on a CPU they run only under TRITON_INTERPRET=1, "
+        "far too slow to time; name the impl explicitly with it set to force)"
+    )
 
 
 def _fused_ok(device, dtype, explicit):
@@ -307,8 +352,10 @@ def _fused_ok(device, dtype, explicit):
 
 def _compile_ok(device, dtype, explicit):
     if device.type == "cpu" and not explicit:
-        return ("skipped: torch.compile on a CPU costs ~15 s of compiling per shape "
-                "(name the impl to force)")
+        return (
+            "skipped: torch.compile on a CPU costs ~15 s of compiling per shape "
+            "(name the impl to force)"
+        )
     return None
 
 
@@ -332,25 +379,50 @@ _AVAILABILITY = {
 
 def _fused_backend(p, inputs):
     on_triton = inputs[0].device.type == "cuda" or (
-        os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+        os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    )
     backend = "triton" if on_triton else "torch"
     return _fused_forward(backend, p, inputs)
 
 
 # In priority order: when the time budget runs out, the implementations last here go first.
 IMPLS = {
-    "triton": Impl("triton", _documents(_flash_inputs), functools.partial(_mca_forward, "triton"),
-                   _flash_count, ours=True, varlen=True),
-    "flash_attention": Impl("flash_attention", _documents(_fused_inputs), _fused_backend,
-                            _flash_count, ours=True, varlen=True),
-    "torch": Impl("torch", _documents(_flash_inputs), functools.partial(_mca_forward, "torch"),
-                  _flash_count, baseline=True, varlen=True),
+    "triton": Impl(
+        "triton",
+        _documents(_flash_inputs),
+        functools.partial(_mca_forward, "triton"),
+        _flash_count,
+        ours=True,
+        varlen=True,
+    ),
+    "flash_attention": Impl(
+        "flash_attention",
+        _documents(_fused_inputs),
+        _fused_backend,
+        _flash_count,
+        ours=True,
+        varlen=True,
+    ),
+    "torch": Impl(
+        "torch",
+        _documents(_flash_inputs),
+        functools.partial(_mca_forward, "torch"),
+        _flash_count,
+        baseline=True,
+        varlen=True,
+    ),
     "sdpa": Impl("sdpa", _sdpa_inputs, _sdpa_forward, _sdpa_count, baseline=True),
-    "torch.compile": Impl("torch.compile", _flash_inputs, _compile_forward, _flash_count,
-                          baseline=True),
+    "torch.compile": Impl(
+        "torch.compile", _flash_inputs, _compile_forward, _flash_count, baseline=True
+    ),
     "fla": Impl("fla", _fla_inputs, _fla_forward, _fla_count, baseline=True),
-    "reference": Impl("reference", _flash_inputs, functools.partial(_mca_forward, "reference"),
-                      _flash_count, baseline=True),
+    "reference": Impl(
+        "reference",
+        _flash_inputs,
+        functools.partial(_mca_forward, "reference"),
+        _flash_count,
+        baseline=True,
+    ),
 }
 
 
@@ -367,9 +439,11 @@ def make_call(impl, p, mode, device, dtype, seed=0):
     torch.manual_seed(seed)
     inputs = impl.make_inputs(p, device, dtype)
     if mode == "fwd":
+
         def call():
             with torch.no_grad():
                 return impl.forward(p, inputs)
+
         return call
     for x in inputs:
         x.requires_grad_(True)
@@ -379,13 +453,17 @@ def make_call(impl, p, mode, device, dtype, seed=0):
     if mask is not None:
         grad_out = grad_out * mask
     if mode == "bwd":
+
         def call():
             return torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+
         return call
-    del out                                  # fwd+bwd builds its own graph every call
+    out = None  # fwd+bwd builds its own graph every call
     if mode == "fwd+bwd":
+
         def call():
             return torch.autograd.grad(impl.forward(p, inputs), inputs, grad_out)
+
         return call
     raise ValueError(f"unknown mode {mode!r}")
 

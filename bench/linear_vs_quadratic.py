@@ -6,12 +6,23 @@ backends; any `python -m bench.run` option may follow (e.g. --seq-lens 1024 2048
 
     python -m bench.linear_vs_quadratic [options of bench.run]
 """
+
 import sys
 
 from .run import main as run_main
 
-PRESET = ["--impls", "torch", "reference", "--modes", "fwd", "--tokens", "0",
-          "--varlen-tokens", "0", "--noncausal-seq-lens"]
+PRESET = [
+    "--impls",
+    "torch",
+    "reference",
+    "--modes",
+    "fwd",
+    "--tokens",
+    "0",
+    "--varlen-tokens",
+    "0",
+    "--noncausal-seq-lens",
+]
 
 
 def main(argv=None):

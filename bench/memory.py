@@ -1,4 +1,5 @@
 """Peak memory of a call: CUDA's allocator statistics on a GPU, peak RSS in a child on a CPU."""
+
 import ctypes
 import ctypes.util
 import multiprocessing
@@ -24,7 +25,7 @@ def _cpu_peaks(calls):
     peaks = []
     for fn, args in calls:
         with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")                      # reset VmHWM to the current RSS (Linux)
+            clear_refs.write("5")  # reset VmHWM to the current RSS (Linux)
         before = _proc_status_bytes("VmRSS")
         fn(*args)
         peaks.append(max(_proc_status_bytes("VmHWM") - before, 0))

@@ -2,12 +2,13 @@
 over each baseline, and peak memory vs T; one panel per mode, causal rows.
 
 Error bars span each point's spread range (the fastest to the slowest timed run, or the 10th
-to 90th percentile with 10 runs or more: bench/stability.py; the line joins the medians); a ring marks a point flagged noisy or non-monotonic (bench/stability.py), and the
-title says when the run's machine was loaded. Dashed grey guides show how a linear cost
-(proportional to batch * T) and a quadratic one (batch * T^2) would grow from the primary
-implementation's first point. Axis ticks read 512, 1K, 2K, ... and 0.5, 1, 2, 5, 10, ...
-The varlen row (packed vs padded documents, bench/varlen.py) is no point of these T series and
-is left out: its table is in the report and the README section.
+to 90th percentile with 10 runs or more: bench/stability.py; the line joins the medians); a ring
+marks a point flagged noisy or non-monotonic (bench/stability.py), and the title says when the run's
+machine was loaded. Dashed grey guides show how a linear cost (proportional to batch * T) and a
+quadratic one (batch * T^2) would grow from the primary implementation's first point. Axis ticks
+read 512, 1K, 2K, ... and 0.5, 1, 2, 5, 10, ... The varlen row (packed vs padded documents,
+bench/varlen.py) is no point of these T series and is left out: its table is in the report and the
+README section.
 
 Reads OUTPUT_DIR/results.jsonl (default bench_out/results.jsonl in the current directory; the
 latest GPU run if there is one, else the latest run; or --run RUN) and writes time_vs_T.png,
@@ -18,6 +19,7 @@ without it this prints how to get it and exits 0.
 
     python -m bench.plots [--results PATH] [--plot-dir DIR] [--run RUN | --latest]
 """
+
 import argparse
 import os
 import sys
@@ -29,10 +31,15 @@ from .stability import is_varlen, point_flags, point_key, spread_range
 from .tables import IMPL_ORDER, modes_present, primary_impl
 
 PLOT_NAMES = ("time_vs_T.png", "speedup.png", "memory_vs_T.png")
-_STYLE = {"triton": dict(color="C3", marker="o", lw=2.2), "flash_attention": dict(color="C1", marker="*"),
-          "torch": dict(color="C0", marker="s"), "torch.compile": dict(color="C9", marker="D"),
-          "reference": dict(color="C7", marker="x"), "sdpa": dict(color="C2", marker="^"),
-          "fla": dict(color="C4", marker="v")}
+_STYLE = {
+    "triton": dict(color="C3", marker="o", lw=2.2),
+    "flash_attention": dict(color="C1", marker="*"),
+    "torch": dict(color="C0", marker="s"),
+    "torch.compile": dict(color="C9", marker="D"),
+    "reference": dict(color="C7", marker="x"),
+    "sdpa": dict(color="C2", marker="^"),
+    "fla": dict(color="C4", marker="v"),
+}
 
 MEMORY_NOTE = (
     "Why sdpa can sit below the chunked path: scaled_dot_product_attention is a fused kernel "
@@ -41,15 +48,25 @@ MEMORY_NOTE = (
     "FLASH's four S-wide roles plus v and an output E wide. The eager chunked torch path also "
     "materialises each chunk's C x C scores and relu^2 (kept for the backward) and an S x E "
     "float32 state per chunk with its prefix sum. Only the dense reference stores T x T "
-    "matrices (quadratic). Inputs and gradients are counted.")
+    "matrices (quadratic). Inputs and gradients are counted."
+)
 
 
 def _points(records, impl, mode, field):
     """The causal, measured points of one series, sorted by T."""
-    return sorted((r for r in records if r["impl"] == impl and r["mode"] == mode and r["causal"]
-                   and r.get("status") == "ok" and r.get(field) is not None
-                   and not is_varlen(r)),
-                  key=lambda r: r["T"])
+    return sorted(
+        (
+            r
+            for r in records
+            if r["impl"] == impl
+            and r["mode"] == mode
+            and r["causal"]
+            and r.get("status") == "ok"
+            and r.get(field) is not None
+            and not is_varlen(r)
+        ),
+        key=lambda r: r["T"],
+    )
 
 
 def _ratio_range(other, mine):
@@ -71,8 +88,10 @@ def _title(records):
     r = records[0]
     batches = {x["batch"] for x in records if not is_varlen(x)}
     batch = "fixed tokens per batch" if len(batches) > 1 else "batch 1"
-    title = (f"{r['device']}, {r['dtype']}: S={r['S']} E={r['E']} C={r['C']}, causal, {batch}\n"
-             f"torch {r['torch']}, triton {r['triton']}, commit {r['commit']}, run {r['run']}")
+    title = (
+        f"{r['device']}, {r['dtype']}: S={r['S']} E={r['E']} C={r['C']}, causal, {batch}\n"
+        f"torch {r['torch']}, triton {r['triton']}, commit {r['commit']}, run {r['run']}"
+    )
     if r.get("machine_warnings"):
         title += "\nLOADED MACHINE, timings unreliable: " + "; ".join(r["machine_warnings"])
     return "\n".join(textwrap.fill(line, 150) for line in title.split("\n"))
@@ -93,6 +112,7 @@ def plain_number(value, _pos=None):
 def draw(records, plot_dir):
     """Write the figures; returns their paths. Raises ImportError without matplotlib."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker as ticker
@@ -121,8 +141,14 @@ def draw(records, plot_dir):
             ax.grid(True, which="both", alpha=0.3)
         fig.suptitle(_title(records), fontsize=8)
         if note:
-            fig.text(0.01, 0.01, textwrap.fill(note, 95 * len(modes)), fontsize=7.5,
-                     va="bottom", ha="left")
+            fig.text(
+                0.01,
+                0.01,
+                textwrap.fill(note, 95 * len(modes)),
+                fontsize=7.5,
+                va="bottom",
+                ha="left",
+            )
         return fig, axes[0], note
 
     def save(fig, axes, name, note):
@@ -140,8 +166,15 @@ def draw(records, plot_dir):
     def mark_flagged(ax, points, ys):
         flagged = [(r["T"], y) for r, y in zip(points, ys) if point_key(r) in flags]
         if flagged:
-            ax.scatter(*zip(*flagged), s=160, facecolors="none", edgecolors="k", linewidths=1.2,
-                       zorder=5, label="flagged: noisy or non-monotonic")
+            ax.scatter(
+                *zip(*flagged),
+                s=160,
+                facecolors="none",
+                edgecolors="k",
+                linewidths=1.2,
+                zorder=5,
+                label="flagged: noisy or non-monotonic",
+            )
 
     def guides(ax, points, field):
         """Linear (batch * T) and quadratic (batch * T^2) growth from the first point."""
@@ -149,10 +182,16 @@ def draw(records, plot_dir):
             return
         first = points[0]
         T = [r["T"] for r in points]
-        for power, style, label in ((1, "--", "linear guide: batch*T"),
-                                    (2, ":", "quadratic guide: batch*T^2")):
-            ys = [first[field] * (r["batch"] * r["T"] ** power) / (first["batch"] * first["T"] ** power)
-                  for r in points]
+        for power, style, label in (
+            (1, "--", "linear guide: batch*T"),
+            (2, ":", "quadratic guide: batch*T^2"),
+        ):
+            ys = [
+                first[field]
+                * (r["batch"] * r["T"] ** power)
+                / (first["batch"] * first["T"] ** power)
+                for r in points
+            ]
             ax.plot(T, ys, style, color="0.45", lw=1.1, label=label, zorder=1)
 
     def dedupe_flag_labels(ax):
@@ -174,8 +213,14 @@ def draw(records, plot_dir):
             bounds = [spread_range(r) or (r["ms"], r["ms"]) for r in points]
             low = [m - lo for m, (lo, _) in zip(ms, bounds)]
             high = [hi - m for m, (_, hi) in zip(ms, bounds)]
-            ax.errorbar([r["T"] for r in points], ms, yerr=[low, high], capsize=3, label=name,
-                        **_STYLE.get(name, {}))
+            ax.errorbar(
+                [r["T"] for r in points],
+                ms,
+                yerr=[low, high],
+                capsize=3,
+                label=name,
+                **_STYLE.get(name, {}),
+            )
             mark_flagged(ax, points, ms)
         dedupe_flag_labels(ax)
     save(fig, axes, PLOT_NAMES[0], note)
@@ -187,8 +232,9 @@ def draw(records, plot_dir):
         for name in impls:
             if name == primary:
                 continue
-            pairs = [(r, ours[r["T"]]) for r in _points(records, name, mode, "ms")
-                     if r["T"] in ours]
+            pairs = [
+                (r, ours[r["T"]]) for r in _points(records, name, mode, "ms") if r["T"] in ours
+            ]
             if not pairs:
                 continue
             T = [other["T"] for other, _ in pairs]
@@ -196,13 +242,24 @@ def draw(records, plot_dir):
             ranges = [_ratio_range(other, mine) for other, mine in pairs]
             low = [s - lo for s, (lo, _) in zip(speedup, ranges)]
             high = [hi - s for s, (_, hi) in zip(speedup, ranges)]
-            ax.errorbar(T, speedup, yerr=[low, high], capsize=3, label=f"vs {name}",
-                        **_STYLE.get(name, {}))
-            flagged = [(t, s) for t, s, (other, mine) in zip(T, speedup, pairs)
-                       if point_key(other) in flags or point_key(mine) in flags]
+            ax.errorbar(
+                T, speedup, yerr=[low, high], capsize=3, label=f"vs {name}", **_STYLE.get(name, {})
+            )
+            flagged = [
+                (t, s)
+                for t, s, (other, mine) in zip(T, speedup, pairs)
+                if point_key(other) in flags or point_key(mine) in flags
+            ]
             if flagged:
-                ax.scatter(*zip(*flagged), s=160, facecolors="none", edgecolors="k",
-                           linewidths=1.2, zorder=5, label="flagged: noisy or non-monotonic")
+                ax.scatter(
+                    *zip(*flagged),
+                    s=160,
+                    facecolors="none",
+                    edgecolors="k",
+                    linewidths=1.2,
+                    zorder=5,
+                    label="flagged: noisy or non-monotonic",
+                )
         dedupe_flag_labels(ax)
     save(fig, axes, PLOT_NAMES[1], None)
 
@@ -211,39 +268,53 @@ def draw(records, plot_dir):
     note = MEMORY_NOTE if any(r["impl"] == "sdpa" and r.get("mem_mb") for r in records) else None
     fig, axes, note = panels("peak memory, MB (inputs, gradients included)", memory_modes, note)
     for ax, mode in zip(axes, memory_modes):
-        guides(ax, [r for r in _points(records, primary, mode, "mem_mb") if r["mem_mb"] > 0],
-               "mem_mb")
+        guides(
+            ax, [r for r in _points(records, primary, mode, "mem_mb") if r["mem_mb"] > 0], "mem_mb"
+        )
         for name in impls:
             points = [r for r in _points(records, name, mode, "mem_mb") if r["mem_mb"] > 0]
             if points:
-                ax.plot([r["T"] for r in points], [r["mem_mb"] for r in points], label=name,
-                        **_STYLE.get(name, {}))
+                ax.plot(
+                    [r["T"] for r in points],
+                    [r["mem_mb"] for r in points],
+                    label=name,
+                    **_STYLE.get(name, {}),
+                )
     save(fig, axes, PLOT_NAMES[2], note)
     return paths
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.plots",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", default=os.path.join(DEFAULT_DIR, RESULTS_NAME),
-                        help="results file (default: %(default)s under the current directory; "
-                             "the committed one is bench/results/results.jsonl)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.plots", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--results",
+        default=os.path.join(DEFAULT_DIR, RESULTS_NAME),
+        help="results file (default: %(default)s under the current directory; "
+        "the committed one is bench/results/results.jsonl)",
+    )
     parser.add_argument("--plot-dir", help="where the PNGs go (default: the results file's folder)")
     parser.add_argument("--run", help="the run id to plot (default: latest GPU run, else latest)")
     parser.add_argument("--latest", action="store_true", help="the latest run, whatever device")
     args = parser.parse_args(argv)
     if not os.path.exists(args.results):
-        print(f"no results at {args.results}: run `python -m bench` first (it writes "
-              f"{os.path.join(DEFAULT_DIR, RESULTS_NAME)})", file=sys.stderr)
+        print(
+            f"no results at {args.results}: run `python -m bench` first (it writes "
+            f"{os.path.join(DEFAULT_DIR, RESULTS_NAME)})",
+            file=sys.stderr,
+        )
         return 1
     records = select_run(load_results(args.results), args.run, args.latest)
     plot_dir = args.plot_dir or os.path.dirname(os.path.abspath(args.results))
     try:
         paths = draw(records, plot_dir)
     except ImportError:
-        print("matplotlib is not installed, so no plots were drawn (it is not a dependency of "
-              "flash-kernels): `pip install -e \".[bench]\"` (or `pip install matplotlib`), then "
-              f"run `python -m bench.plots` again. The results are in {args.results}.")
+        print(
+            "matplotlib is not installed, so no plots were drawn (it is not a dependency of "
+            'flash-kernels): `pip install -e ".[bench]"` (or `pip install matplotlib`), then '
+            f"run `python -m bench.plots` again. The results are in {args.results}."
+        )
         return 0
     print(f"run {records[0]['run']} on {records[0]['device']}:")
     for path in paths:

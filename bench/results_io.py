@@ -15,9 +15,10 @@ point: impl, mode ("fwd", "bwd", "fwd+bwd"), T, batch, S, E, C, causal, rel_bias
 "skipped" or "error"), note, ms (median), ms_min, ms_max, ms_p10 and ms_p90 (10th and 90th
 percentiles, with 10 timed runs or more, else null), reps (timed runs), flops, tflops and
 frac_peak (from the median), mem_mb, varlen (null, or "packed"/"padded": the varlen row,
-bench/varlen.py), doc_lens (its document lengths), flags ("noisy", "non-monotonic": bench/stability.py),
-wall_s. Older lines may lack the newer fields; readers treat them as unknown.
+bench/varlen.py), doc_lens (its document lengths), flags ("noisy", "non-monotonic":
+bench/stability.py), wall_s. Older lines may lack the newer fields; readers treat them as unknown.
 """
+
 import datetime
 import hashlib
 import json
@@ -41,11 +42,21 @@ def git_commit():
     if os.environ.get("FLASH_KERNELS_COMMIT"):
         return os.environ["FLASH_KERNELS_COMMIT"]
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO,
-                                capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if commit.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                   cwd=REPO, capture_output=True, text=True, timeout=10)
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
@@ -77,6 +88,7 @@ def device_name(device):
 def run_metadata(device, dtype, quick):
     try:
         import triton
+
         triton_version = triton.__version__
     except Exception:
         triton_version = None

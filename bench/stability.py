@@ -18,6 +18,7 @@ they do, a loaded machine, and conclusions drawn only from what is left.
 - Growth conclusions ("8x the tokens cost 3.0x the time") come only from series without a
   non-monotonic pair, from their first and last points that are not noisy.
 """
+
 import os
 
 from .flops import MODE_NAMES
@@ -79,16 +80,18 @@ def point_flags(records):
     series = {}
     for r in records:
         if _ok(r):
-            series.setdefault((r["impl"], r["mode"], bool(r["causal"]), r.get("varlen")),
-                              []).append(r)
+            series.setdefault(
+                (r["impl"], r["mode"], bool(r["causal"]), r.get("varlen")), []
+            ).append(r)
             s = spread(r)
             if s is not None and s > NOISY_SPREAD:
                 flags.setdefault(point_key(r), set()).add("noisy")
     for points in series.values():
         points.sort(key=lambda r: (r["T"], r["batch"]))
         for before, after in zip(points, points[1:]):
-            if (after.get("flops") or 0) >= (before.get("flops") or 0) and \
-                    after["ms"] < (1 - MONOTONIC_SLACK) * before["ms"]:
+            if (after.get("flops") or 0) >= (before.get("flops") or 0) and after["ms"] < (
+                1 - MONOTONIC_SLACK
+            ) * before["ms"]:
                 flags.setdefault(point_key(before), set()).add("non-monotonic")
                 flags.setdefault(point_key(after), set()).add("non-monotonic")
     return {key: sorted(value) for key, value in flags.items()}
@@ -112,9 +115,12 @@ def row_flags(records, mode, flags=None):
             row = rows.setdefault((not causal, T, batch), {})
             for kind in kinds:
                 row.setdefault(kind, []).append(impl)
-    return {key: "; ".join(f"{kind}: {', '.join(sorted(impls))}"
-                           for kind, impls in sorted(value.items()))
-            for key, value in rows.items()}
+    return {
+        key: "; ".join(
+            f"{kind}: {', '.join(sorted(impls))}" for kind, impls in sorted(value.items())
+        )
+        for key, value in rows.items()
+    }
 
 
 def growth_conclusions(records, impls=("triton", "flash_attention", "torch", "reference", "sdpa")):
@@ -123,28 +129,41 @@ def growth_conclusions(records, impls=("triton", "flash_attention", "torch", "re
     flags = point_flags(records)
     lines = []
     for name in impls:
-        points = sorted((r for r in records if r["impl"] == name and r["mode"] == "fwd"
-                         and r["causal"] and _ok(r) and not is_varlen(r)), key=lambda r: r["T"])
+        points = sorted(
+            (
+                r
+                for r in records
+                if r["impl"] == name
+                and r["mode"] == "fwd"
+                and r["causal"]
+                and _ok(r)
+                and not is_varlen(r)
+            ),
+            key=lambda r: r["T"],
+        )
         if len(points) < 2 or len({r["batch"] for r in points}) > 1:
             continue
         contradicted = [r["T"] for r in points if "non-monotonic" in flags.get(point_key(r), ())]
         if contradicted:
-            lines.append(f"{name}: no conclusion on growth: the forward times at T = "
-                         f"{', '.join(map(str, contradicted))} contradict each other (a longer "
-                         f"sequence measured faster): noise, rerun on a quiet machine")
+            lines.append(
+                f"{name}: no conclusion on growth: the forward times at T = "
+                f"{', '.join(map(str, contradicted))} contradict each other (a longer "
+                f"sequence measured faster): noise, rerun on a quiet machine"
+            )
             continue
         stable = [r for r in points if "noisy" not in flags.get(point_key(r), ())]
         noisy = [r["T"] for r in points if r not in stable]
-        left_out = (f" (left out, noisy: T = {', '.join(map(str, noisy))})" if noisy else "")
+        left_out = f" (left out, noisy: T = {', '.join(map(str, noisy))})" if noisy else ""
         if len(stable) < 2:
-            lines.append(f"{name}: no conclusion on growth: fewer than two stable points"
-                         f"{left_out}")
+            lines.append(f"{name}: no conclusion on growth: fewer than two stable points{left_out}")
             continue
         first, last = stable[0], stable[-1]
         ratio = last["T"] / first["T"]
-        lines.append(f"{name}: {ratio:g}x the tokens cost {last['ms'] / first['ms']:.1f}x the "
-                     f"forward time (linear: {ratio:g}x, quadratic: {ratio ** 2:g}x; T = "
-                     f"{first['T']} to {last['T']}){left_out}")
+        lines.append(
+            f"{name}: {ratio:g}x the tokens cost {last['ms'] / first['ms']:.1f}x the "
+            f"forward time (linear: {ratio:g}x, quadratic: {ratio**2:g}x; T = "
+            f"{first['T']} to {last['T']}){left_out}"
+        )
     return lines
 
 
@@ -157,11 +176,13 @@ def unstable_summary(records):
         for (noncausal, T, batch), text in sorted(rows.items()):
             label = f"T={T}{' non-causal' if noncausal else ''}"
             lines.append(f"{MODE_NAMES[mode]} {label}: {text}")
-        varlen_points = sorted((key, kinds) for key, kinds in flags.items()
-                               if key[1] == mode and key[5] is not None)
+        varlen_points = sorted(
+            (key, kinds) for key, kinds in flags.items() if key[1] == mode and key[5] is not None
+        )
         for (impl, _, _, T, batch, varlen), kinds in varlen_points:
-            lines.append(f"{MODE_NAMES[mode]} varlen {varlen} ({batch} x {T}): "
-                         f"{', '.join(kinds)}: {impl}")
+            lines.append(
+                f"{MODE_NAMES[mode]} varlen {varlen} ({batch} x {T}): {', '.join(kinds)}: {impl}"
+            )
     return lines
 
 
@@ -191,17 +212,33 @@ def datasheet_tflops(device, dtype, tf32=False):
 def peak_reference(device, dtype, tf32, earlier_records):
     """(TFLOP/s, what) the run's measured peak should reach on this machine, or (None, "")."""
     candidates = []
-    best = max((r["peak_tflops"] for r in earlier_records
-                if r.get("device") == device and r.get("dtype") == dtype
-                and bool(r.get("tf32")) == bool(tf32) and r.get("peak_tflops")), default=None)
+    best = max(
+        (
+            r["peak_tflops"]
+            for r in earlier_records
+            if r.get("device") == device
+            and r.get("dtype") == dtype
+            and bool(r.get("tf32")) == bool(tf32)
+            and r.get("peak_tflops")
+        ),
+        default=None,
+    )
     if best:
-        candidates.append((PEAK_FRACTION * best,
-                           f"{PEAK_FRACTION:.0%} of the best earlier run on this machine "
-                           f"({best:.3g} TFLOP/s, bench/results)"))
+        candidates.append(
+            (
+                PEAK_FRACTION * best,
+                f"{PEAK_FRACTION:.0%} of the best earlier run on this machine "
+                f"({best:.3g} TFLOP/s, bench/results)",
+            )
+        )
     sheet = datasheet_tflops(device, dtype, tf32)
     if sheet:
-        candidates.append((DATASHEET_FRACTION * sheet,
-                           f"{DATASHEET_FRACTION:.0%} of the datasheet's {sheet:g} TFLOP/s"))
+        candidates.append(
+            (
+                DATASHEET_FRACTION * sheet,
+                f"{DATASHEET_FRACTION:.0%} of the datasheet's {sheet:g} TFLOP/s",
+            )
+        )
     if not candidates:
         return None, ""
     return max(candidates)
@@ -217,13 +254,21 @@ def machine_warnings(load_start, load_end, own_threads, cores, peak, reference, 
     if load_start is not None:
         measured.append((load_start, f"{load_start:.1f} at the start"))
     if load_end is not None:
-        measured.append((load_end - own_threads,
-                         f"{load_end:.1f} at the end, {own_threads} of it this run's threads"))
+        measured.append(
+            (
+                load_end - own_threads,
+                f"{load_end:.1f} at the end, {own_threads} of it this run's threads",
+            )
+        )
     if measured and max(value for value, _ in measured) > LOADED_FRACTION * cores:
-        lines.append(f"the machine is loaded: other processes' load average reached "
-                     f"{max(value for value, _ in measured):.1f} on {cores} cores "
-                     f"({'; '.join(text for _, text in measured)})")
+        lines.append(
+            f"the machine is loaded: other processes' load average reached "
+            f"{max(value for value, _ in measured):.1f} on {cores} cores "
+            f"({'; '.join(text for _, text in measured)})"
+        )
     if reference and peak < reference:
-        lines.append(f"the measured matmul peak, {peak:.3g} TFLOP/s, is below {reference:.3g} "
-                     f"TFLOP/s ({reference_what})")
+        lines.append(
+            f"the measured matmul peak, {peak:.3g} TFLOP/s, is below {reference:.3g} "
+            f"TFLOP/s ({reference_what})"
+        )
     return lines

@@ -8,14 +8,17 @@ bench/stability.py). Old records without that range show the median alone. A
 (packed or padded documents) are left out of these tables and of the targets: bench/varlen.py
 has their table.
 """
+
 from .flops import MODE_NAMES, MODES
 from .stability import NOISY_SPREAD, is_varlen, point_flags, row_flags, spread
 
-SPREAD_NOTE = (f"Times: median ms ±half the range of the timed runs relative to the median "
-               f"(fastest to slowest; 10th to 90th percentile with 10 runs or more); a point "
-               f"whose range exceeds {NOISY_SPREAD:.0%} of its median is flagged noisy, and a "
-               f"point that does more work than the one before it yet measures faster is "
-               f"flagged non-monotonic (both of the pair).")
+SPREAD_NOTE = (
+    f"Times: median ms ±half the range of the timed runs relative to the median "
+    f"(fastest to slowest; 10th to 90th percentile with 10 runs or more); a point "
+    f"whose range exceeds {NOISY_SPREAD:.0%} of its median is flagged noisy, and a "
+    f"point that does more work than the one before it yet measures faster is "
+    f"flagged non-monotonic (both of the pair)."
+)
 
 IMPL_ORDER = ("triton", "flash_attention", "torch", "torch.compile", "reference", "sdpa", "fla")
 OURS = ("triton", "flash_attention")
@@ -35,20 +38,29 @@ def primary_impl(records):
 
 
 def _impls(records, mode):
-    present = {r["impl"] for r in records if r["mode"] == mode and r.get("status") != "skipped"
-               and not is_varlen(r)}
+    present = {
+        r["impl"]
+        for r in records
+        if r["mode"] == mode and r.get("status") != "skipped" and not is_varlen(r)
+    }
     return [name for name in IMPL_ORDER if name in present] + sorted(present - set(IMPL_ORDER))
 
 
 def _rows(records, mode):
-    keys = {(not r["causal"], r["T"], r["batch"]) for r in records
-            if r["mode"] == mode and not is_varlen(r)}
+    keys = {
+        (not r["causal"], r["T"], r["batch"])
+        for r in records
+        if r["mode"] == mode and not is_varlen(r)
+    }
     return sorted(keys)
 
 
 def _index(records, mode):
-    return {(r["impl"], not r["causal"], r["T"], r["batch"]): r for r in records
-            if r["mode"] == mode and not is_varlen(r)}
+    return {
+        (r["impl"], not r["causal"], r["T"], r["batch"]): r
+        for r in records
+        if r["mode"] == mode and not is_varlen(r)
+    }
 
 
 def _cell(r, field, fmt):
@@ -68,7 +80,7 @@ def _ms(value):
 
 
 def _ms_spread(r):
-    """"1.42 ±3%" (median and half the min-max range), or the median alone without a range."""
+    """ "1.42 ±3%" (median and half the min-max range), or the median alone without a range."""
     text = _ms(r["ms"])
     relative = spread(r)
     return text if relative is None else f"{text} ±{50 * relative:.0f}%"
@@ -129,16 +141,22 @@ def memory_table(records, mode):
     headers = ["T", "batch"] + [f"{name} MB" for name in impls]
     rows = []
     for noncausal, T, batch in _rows(records, mode):
-        rows.append([_label_T(T, noncausal), str(batch)] +
-                    [_cell(index.get((name, noncausal, T, batch)), "mem_mb", lambda x: f"{x:.0f}")
-                     for name in impls])
+        rows.append(
+            [_label_T(T, noncausal), str(batch)]
+            + [
+                _cell(index.get((name, noncausal, T, batch)), "mem_mb", lambda x: f"{x:.0f}")
+                for name in impls
+            ]
+        )
     return headers, rows
 
 
 def render_text(table):
     headers, rows = table
-    widths = [max(len(headers[i]), *(len(row[i]) for row in rows)) if rows else len(headers[i])
-              for i in range(len(headers))]
+    widths = [
+        max(len(headers[i]), *(len(row[i]) for row in rows)) if rows else len(headers[i])
+        for i in range(len(headers))
+    ]
     line = " | ".join(h.rjust(w) for h, w in zip(headers, widths))
     out = [line, "-" * len(line)]
     out += [" | ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
@@ -157,8 +175,11 @@ def modes_present(records):
 
 
 def mode_title(mode):
-    return {"fwd": "forward (inference, no autograd)", "bwd": "backward (gradients of all inputs)",
-            "fwd+bwd": "forward + backward"}.get(mode, MODE_NAMES.get(mode, mode))
+    return {
+        "fwd": "forward (inference, no autograd)",
+        "bwd": "backward (gradients of all inputs)",
+        "fwd+bwd": "forward + backward",
+    }.get(mode, MODE_NAMES.get(mode, mode))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,14 +223,18 @@ def evaluate_targets(records, ours="triton"):
             if other is not None and _ok(other):
                 points.append((T, other["ms"] / mine["ms"]))
         if not points:
-            results.append((description, "n/a", f"no {ours} and {baseline or 'peak'} pair measured"))
+            results.append(
+                (description, "n/a", f"no {ours} and {baseline or 'peak'} pair measured")
+            )
             continue
         if baseline is None:
             passed = all(value >= threshold for _, value in points)
             detail = ", ".join(f"{_short_T(T)}: {100 * value:.1f}%" for T, value in points)
         else:
-            passed = all((value > threshold) if threshold == 1.0 else (value >= threshold)
-                         for _, value in points)
+            passed = all(
+                (value > threshold) if threshold == 1.0 else (value >= threshold)
+                for _, value in points
+            )
             detail = ", ".join(f"{_short_T(T)}: {value:.2f}x" for T, value in points)
         results.append((description, "PASS" if passed else "FAIL", detail))
     return results

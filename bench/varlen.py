@@ -11,6 +11,7 @@ Records of this row carry `varlen` ("packed" or "padded") and `doc_lens`; every 
 has varlen None. The main tables, growth conclusions, targets and plots leave these records
 out (they are not a point of a T series); `varlen_table` shows them, one row per layout.
 """
+
 from .flops import MODE_NAMES, MODES
 from .impls import PACKED, PADDED
 from .stability import is_varlen, point_flags, point_key
@@ -28,8 +29,9 @@ VARLEN_NOTE = (
     "(chunks restart at each document, nothing crosses a boundary) and zero-padded to a batch "
     "of {n} x {longest}; both are credited with the documents' useful flops (`bench/flops.py` "
     "per document), so the padded batch's wasted work shows as lower useful TFLOP/s; `packed "
-    "speedup` is padded ms / packed ms.")
-MIN_TOTAL = 256            # fewer tokens cannot give 8 documents of these proportions
+    "speedup` is padded ms / packed ms."
+)
+MIN_TOTAL = 256  # fewer tokens cannot give 8 documents of these proportions
 
 
 def document_lengths(total, chunk_size):
@@ -37,8 +39,10 @@ def document_lengths(total, chunk_size):
     it (at least one token each) and the last document the rest, none a multiple of
     chunk_size when it is above 2 (with C = 2, 8 odd lengths cannot make an odd total)."""
     if total < MIN_TOTAL:
-        raise ValueError(f"--varlen-tokens {total} is too few for {NUM_DOCS} documents of mixed "
-                         f"lengths: use at least {MIN_TOTAL}")
+        raise ValueError(
+            f"--varlen-tokens {total} is too few for {NUM_DOCS} documents of mixed "
+            f"lengths: use at least {MIN_TOTAL}"
+        )
     C = chunk_size
 
     def off_chunks(n):
@@ -75,8 +79,12 @@ def describe(records):
     if not rows:
         return None
     lengths = rows[0]["doc_lens"]
-    return VARLEN_NOTE.format(n=len(lengths), lengths=", ".join(map(str, lengths)),
-                              total=sum(lengths), longest=max(lengths))
+    return VARLEN_NOTE.format(
+        n=len(lengths),
+        lengths=", ".join(map(str, lengths)),
+        total=sum(lengths),
+        longest=max(lengths),
+    )
 
 
 def _shape(r):
@@ -97,8 +105,18 @@ def varlen_table(records, modes=MODES):
         return None
     index = {(r["impl"], r["mode"], r["varlen"]): r for r in rows_of}
     flags = point_flags(records)
-    headers = ["impl", "mode", "layout", "batch x T", "ms", "useful TFLOP/s", "% of peak",
-               "peak MB", "packed speedup", "padded / packed MB"]
+    headers = [
+        "impl",
+        "mode",
+        "layout",
+        "batch x T",
+        "ms",
+        "useful TFLOP/s",
+        "% of peak",
+        "peak MB",
+        "packed speedup",
+        "padded / packed MB",
+    ]
     rows, row_flags = [], []
     for name in impls:
         for mode in modes:
@@ -106,15 +124,23 @@ def varlen_table(records, modes=MODES):
             for layout, r in ((PACKED, packed), (PADDED, padded)):
                 if r is None:
                     continue
-                row = [name, MODE_NAMES[mode], layout, _shape(r),
-                       _ms_spread(r) if _ok(r) else _cell(r, "ms", str),
-                       _cell(r, "tflops", lambda x: f"{x:#.3g}"),
-                       _cell(r, "frac_peak", lambda x: f"{100 * x:.1f}%"),
-                       "-" if mode == "bwd" else _cell(r, "mem_mb", lambda x: f"{x:.0f}")]
+                row = [
+                    name,
+                    MODE_NAMES[mode],
+                    layout,
+                    _shape(r),
+                    _ms_spread(r) if _ok(r) else _cell(r, "ms", str),
+                    _cell(r, "tflops", lambda x: f"{x:#.3g}"),
+                    _cell(r, "frac_peak", lambda x: f"{100 * x:.1f}%"),
+                    "-" if mode == "bwd" else _cell(r, "mem_mb", lambda x: f"{x:.0f}"),
+                ]
                 both = layout == PACKED and padded is not None and _ok(r) and _ok(padded)
                 row.append(f"{padded['ms'] / r['ms']:.2f}x" if both else "")
-                row.append(f"{padded['mem_mb'] / r['mem_mb']:.2f}x"
-                           if both and r.get("mem_mb") and padded.get("mem_mb") else "")
+                row.append(
+                    f"{padded['mem_mb'] / r['mem_mb']:.2f}x"
+                    if both and r.get("mem_mb") and padded.get("mem_mb")
+                    else ""
+                )
                 rows.append(row)
                 row_flags.append(", ".join(flags.get(point_key(r), [])))
     if any(row_flags):

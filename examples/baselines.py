@@ -2,6 +2,7 @@
 pre-RMSNorm blocks of multi-head softmax attention with RoPE and a SwiGLU feed-forward, tied
 embedding and output head. Attention runs through torch.nn.functional.scaled_dot_product_attention.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,7 +20,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return (self.weight * x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return (self.weight * x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)).to(
+            x.dtype
+        )
 
 
 class SwiGLU(nn.Module):
@@ -83,8 +86,12 @@ def matching_config(vocab_size, d, target_params, max_depth=64):
 
     The depth is the one whose default FFN width comes closest; then the FFN width (any integer
     >= 1) closes the rest of the gap, since the count is linear in it (3 d depth per unit)."""
-    depth = min(range(1, max_depth + 1), key=lambda n: abs(
-        transformer_pp_params(vocab_size, d, n, default_ffn_hidden(d)) - target_params))
+    depth = min(
+        range(1, max_depth + 1),
+        key=lambda n: abs(
+            transformer_pp_params(vocab_size, d, n, default_ffn_hidden(d)) - target_params
+        ),
+    )
     without_ffn = transformer_pp_params(vocab_size, d, depth, 0)
     hidden = max(1, round((target_params - without_ffn) / (3 * d * depth)))
     return depth, hidden

@@ -68,6 +68,7 @@ about (its two fastest models' N steps) + (the slowest's min(N steps, 2 x the fa
 and more for slow ones): the published run took 3,487 s (58 min). --steps trades length for
 time linearly.
 """
+
 import argparse
 import gc
 import hashlib
@@ -82,7 +83,7 @@ import torch
 
 EXAMPLES = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(EXAMPLES)
-for _path in (REPO, EXAMPLES):          # flash_kernels and bench from a checkout; train_lm, ...
+for _path in (REPO, EXAMPLES):  # flash_kernels and bench from a checkout; train_lm, ...
     if _path not in sys.path:
         sys.path.insert(0, _path)
 # the sibling scripts, imported once the path holds their folder
@@ -95,28 +96,84 @@ RESULTS_NAME = "compare_long_context.jsonl"
 
 #: Every setting of a run; a preset gives them all, command-line options override one by one.
 #: The CPU sweep's (see the module docstring for its arithmetic):
-CPU_SWEEP = {"device": "cpu", "dtype": "float32", "threads": 1, "d": 128, "depth": 4, "s": 128,
-             "chunk_size": 256, "seq_lens": [256, 1024, 4096, 8192, 16384],
-             "tokens_per_step": 16384, "steps": 60, "eval_every": 10, "eval_tokens": None,
-             "warmup": 10, "lr": 3e-3, "weight_decay": 0.01, "data_mb": 8.0, "seed": 0,
-             "time_cap": 2.0, "quad_max_len": 8192, "time_budget": 0.0, "backend": "auto",
-             "models": list(MODELS)}
+CPU_SWEEP = {
+    "device": "cpu",
+    "dtype": "float32",
+    "threads": 1,
+    "d": 128,
+    "depth": 4,
+    "s": 128,
+    "chunk_size": 256,
+    "seq_lens": [256, 1024, 4096, 8192, 16384],
+    "tokens_per_step": 16384,
+    "steps": 60,
+    "eval_every": 10,
+    "eval_tokens": None,
+    "warmup": 10,
+    "lr": 3e-3,
+    "weight_decay": 0.01,
+    "data_mb": 8.0,
+    "seed": 0,
+    "time_cap": 2.0,
+    "quad_max_len": 8192,
+    "time_budget": 0.0,
+    "backend": "auto",
+    "models": list(MODELS),
+}
 #: bf16 autocast on a GPU: d = 512, E = 2d = 1024, S = 128 (FLASHLM's defaults: the paper's
 #: shape), 8 layers (~13M parameters), T up to 8192; 110 s in all, compilation included.
-GPU = dict(CPU_SWEEP, device="cuda", dtype="bfloat16", threads=0, d=512, depth=8,
-           seq_lens=[1024, 4096, 8192], tokens_per_step=32768, steps=400, eval_every=25,
-           warmup=40, lr=1e-3, time_budget=110.0)
+GPU = dict(
+    CPU_SWEEP,
+    device="cuda",
+    dtype="bfloat16",
+    threads=0,
+    d=512,
+    depth=8,
+    seq_lens=[1024, 4096, 8192],
+    tokens_per_step=32768,
+    steps=400,
+    eval_every=25,
+    warmup=40,
+    lr=1e-3,
+    time_budget=110.0,
+)
 PRESETS = {
     "cpu": CPU_SWEEP,
     "gpu": GPU,
     # the GPU preset's code path (bf16 autocast, a time budget) on a CPU at a tiny shape: what
     # bench/gpu_runbook.sh runs when there is no GPU (its dry run)
-    "gpu-dry-run": dict(GPU, device="cpu", threads=1, d=32, depth=2, s=16, chunk_size=16,
-                        seq_lens=[32, 64], tokens_per_step=128, steps=6, eval_every=2, warmup=1,
-                        lr=3e-3, data_mb=0.1, quad_max_len=64, time_budget=60.0),
-    "tiny": dict(CPU_SWEEP, d=16, depth=2, s=8, chunk_size=16, seq_lens=[16, 32],
-                 tokens_per_step=64, steps=4, eval_every=2, warmup=1, data_mb=0.05,
-                 quad_max_len=32),
+    "gpu-dry-run": dict(
+        GPU,
+        device="cpu",
+        threads=1,
+        d=32,
+        depth=2,
+        s=16,
+        chunk_size=16,
+        seq_lens=[32, 64],
+        tokens_per_step=128,
+        steps=6,
+        eval_every=2,
+        warmup=1,
+        lr=3e-3,
+        data_mb=0.1,
+        quad_max_len=64,
+        time_budget=60.0,
+    ),
+    "tiny": dict(
+        CPU_SWEEP,
+        d=16,
+        depth=2,
+        s=8,
+        chunk_size=16,
+        seq_lens=[16, 32],
+        tokens_per_step=64,
+        steps=4,
+        eval_every=2,
+        warmup=1,
+        data_mb=0.05,
+        quad_max_len=32,
+    ),
 }
 
 SETTING_HELP = {
@@ -137,11 +194,15 @@ SETTING_HELP = {
     "weight_decay": ("AdamW weight decay of the matrices", float),
     "data_mb": ("megabytes of standard-library source to load", float),
     "seed": ("seed of the weights and of the batches", int),
-    "time_cap": (("stop a model at this many times the fastest model's time for N steps "
-                 "(0: no cap)"), float),
+    "time_cap": (
+        ("stop a model at this many times the fastest model's time for N steps (0: no cap)"),
+        float,
+    ),
     "quad_max_len": ("longest T at which FLASH-Quad (T x T scores) runs", int),
-    "time_budget": ("seconds for the whole run, evaluation and compilation included (0: none)",
-                    float),
+    "time_budget": (
+        "seconds for the whole run, evaluation and compilation included (0: none)",
+        float,
+    ),
     "backend": ("attention backend of the FLASH and GAU layers", str),
     "models": ("models to train", str),
 }
@@ -150,19 +211,32 @@ SETTING_HELP = {
 def parse_args(argv=None):
     """The settings: the preset's, with each option given on the command line replacing one."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                        help="the configuration (default: cpu, the hour-long CPU sweep)")
-    parser.add_argument("--output-dir", default="examples_out",
-                        help="where the results, tables and figure go (default: examples_out)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu",
+        help="the configuration (default: cpu, the hour-long CPU sweep)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default="examples_out",
+        help="where the results, tables and figure go (default: examples_out)",
+    )
     for name, (text, kind) in SETTING_HELP.items():
         option = "--" + name.replace("_", "-")
         if name in ("seq_lens", "models"):
-            parser.add_argument(option, type=kind, nargs="+", default=None,
-                                choices=MODELS if name == "models" else None,
-                                help=f"{text} (default: the preset's)")
+            parser.add_argument(
+                option,
+                type=kind,
+                nargs="+",
+                default=None,
+                choices=MODELS if name == "models" else None,
+                help=f"{text} (default: the preset's)",
+            )
         else:
-            parser.add_argument(option, type=kind, default=None,
-                                help=f"{text} (default: the preset's)")
+            parser.add_argument(
+                option, type=kind, default=None, help=f"{text} (default: the preset's)"
+            )
     args = parser.parse_args(argv)
     settings = dict(PRESETS[args.preset])
     for name in SETTING_HELP:
@@ -171,18 +245,23 @@ def parse_args(argv=None):
     settings["eval_tokens"] = settings["eval_tokens"] or settings["tokens_per_step"]
     for T in settings["seq_lens"]:
         if settings["tokens_per_step"] % T or settings["eval_tokens"] % T:
-            parser.error(f"T = {T} does not divide tokens_per_step = "
-                         f"{settings['tokens_per_step']} and eval_tokens = "
-                         f"{settings['eval_tokens']}: every T must get whole sequences")
+            parser.error(
+                f"T = {T} does not divide tokens_per_step = "
+                f"{settings['tokens_per_step']} and eval_tokens = "
+                f"{settings['eval_tokens']}: every T must get whole sequences"
+            )
     if settings["dtype"] not in ("float32", "bfloat16"):
         parser.error(f"--dtype must be float32 or bfloat16, got {settings['dtype']!r}")
     if settings["device"].startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"the {args.preset!r} preset needs CUDA, and there is none here: "
-                     f"--preset gpu-dry-run runs its code path on the CPU")
+        parser.error(
+            f"the {args.preset!r} preset needs CUDA, and there is none here: "
+            f"--preset gpu-dry-run runs its code path on the CPU"
+        )
     return argparse.Namespace(preset=args.preset, output_dir=args.output_dir, **settings)
 
 
 # -- models --------------------------------------------------------------------------------------
+
 
 def build_models(args, T):
     """{name: (model, shape)} of the models run at T, each initialised from args.seed; shape
@@ -190,24 +269,53 @@ def build_models(args, T):
     from baselines import TransformerPP, matching_config
 
     from flash_kernels.nn import FLASHLM
+
     chunk = min(args.chunk_size, T)
     torch.manual_seed(args.seed)
     flash = FLASHLM(VOCAB, args.d, args.depth, s=args.s, chunk_size=chunk, backend=args.backend)
-    built = {"FLASH": (flash, {"layer": "flash", "depth": args.depth, "s": args.s,
-                               "e": 2 * args.d, "chunk_size": chunk})}
+    built = {
+        "FLASH": (
+            flash,
+            {
+                "layer": "flash",
+                "depth": args.depth,
+                "s": args.s,
+                "e": 2 * args.d,
+                "chunk_size": chunk,
+            },
+        )
+    }
     if "Transformer++" in args.models:
         depth, hidden = matching_config(VOCAB, args.d, count_params(flash))
         torch.manual_seed(args.seed)
         baseline = TransformerPP(VOCAB, args.d, depth, ffn_hidden=hidden)
-        built["Transformer++"] = (baseline, {"depth": depth, "heads": max(1, args.d // 64),
-                                             "ffn_hidden": hidden})
+        built["Transformer++"] = (
+            baseline,
+            {"depth": depth, "heads": max(1, args.d // 64), "ffn_hidden": hidden},
+        )
     if "FLASH-Quad" in args.models and T <= args.quad_max_len:
         torch.manual_seed(args.seed)
-        quad = FLASHLM(VOCAB, args.d, args.depth, layer="gau", s=args.s, max_len=chunk,
-                       quad_scale=1.0 / T, backend=args.backend)
-        built["FLASH-Quad"] = (quad, {"layer": "gau", "depth": args.depth, "s": args.s,
-                                      "e": 2 * args.d, "quad_scale": 1.0 / T,
-                                      "bias_offsets": chunk})
+        quad = FLASHLM(
+            VOCAB,
+            args.d,
+            args.depth,
+            layer="gau",
+            s=args.s,
+            max_len=chunk,
+            quad_scale=1.0 / T,
+            backend=args.backend,
+        )
+        built["FLASH-Quad"] = (
+            quad,
+            {
+                "layer": "gau",
+                "depth": args.depth,
+                "s": args.s,
+                "e": 2 * args.d,
+                "quad_scale": 1.0 / T,
+                "bias_offsets": chunk,
+            },
+        )
     if "FLASH" not in args.models:
         del built["FLASH"]
     return {name: (model.to(args.device), shape) for name, (model, shape) in built.items()}
@@ -265,9 +373,10 @@ class ModelRun:
         evaluation), appended to the curve at the current step and training seconds."""
         gen = torch.Generator().manual_seed(self.args.seed + 1)
         losses, sequences = [], self.args.eval_tokens // self.T
-        while sequences > 0:            # in batches of the training batch's size at most
-            x, y = get_batch(self.val_data, min(self.batch, sequences), self.T, gen,
-                             self.args.device)
+        while sequences > 0:  # in batches of the training batch's size at most
+            x, y = get_batch(
+                self.val_data, min(self.batch, sequences), self.T, gen, self.args.device
+            )
             losses.append((self._loss(x, y).item(), x.shape[0]))
             sequences -= x.shape[0]
         mean = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
@@ -339,9 +448,14 @@ def run_segment(run, runs, args, deadline):
         if run.stopped or evaluation_due(run, runs, args):
             break
     if run.step > steps_before:
-        run.segments.append({"steps": run.step - steps_before,
-                                 "seconds": run.elapsed - seconds_before,
-                                 "load_start": load_start, "load_end": load_average()})
+        run.segments.append(
+            {
+                "steps": run.step - steps_before,
+                "seconds": run.elapsed - seconds_before,
+                "load_start": load_start,
+                "load_end": load_average(),
+            }
+        )
     if run.step > run.curve[-1][0]:
         run.evaluate()
 
@@ -361,13 +475,16 @@ def train_alternately(runs, args, deadline, report=print):
                 run_segment(run, runs, args, deadline)
                 step, seconds, loss = run.curve[-1]
                 load = run.segments[-1]["load_end"] if run.segments else "-"
-                report(f"  T={run.T:<6} {run.name:<13} step {step:>4} | {seconds:8.1f} s | "
-                       f"val {loss:.3f} | load {load}"
-                       + (f" | stopped: {run.stopped}" if run.stopped else ""))
+                report(
+                    f"  T={run.T:<6} {run.name:<13} step {step:>4} | {seconds:8.1f} s | "
+                    f"val {loss:.3f} | load {load}"
+                    + (f" | stopped: {run.stopped}" if run.stopped else "")
+                )
         order.reverse()
 
 
 # -- records -------------------------------------------------------------------------------------
+
 
 def settings_record(args):
     return {name: getattr(args, name) for name in SETTING_HELP}
@@ -376,22 +493,38 @@ def settings_record(args):
 def run_record(run, meta, args, wall_s):
     """The JSON record of one model at one T (see compare_report for the fields' use)."""
     segment_ms = [1000 * seg["seconds"] / seg["steps"] for seg in run.segments]
-    loads = [value for seg in run.segments for value in (seg["load_start"], seg["load_end"])
-             if value is not None]
-    return dict(meta, status="ok", T=run.T, batch=run.batch, model=run.name,
-                params=count_params(run.model), shape=run.shape,
-                curve=[list(point) for point in run.curve], train_loss=run.train_loss,
-                step_seconds=run.step_seconds, segments=run.segments,
-                ms_per_step=statistics.median(segment_ms) if segment_ms else None,
-                ms_min=min(segment_ms, default=None), ms_max=max(segment_ms, default=None),
-                load_min=min(loads, default=None), load_max=max(loads, default=None),
-                steps_run=run.step, stopped=run.stopped, batches_sha1=run.digest.hexdigest(),
-                wall_s=wall_s)
+    loads = [
+        value
+        for seg in run.segments
+        for value in (seg["load_start"], seg["load_end"])
+        if value is not None
+    ]
+    return dict(
+        meta,
+        status="ok",
+        T=run.T,
+        batch=run.batch,
+        model=run.name,
+        params=count_params(run.model),
+        shape=run.shape,
+        curve=[list(point) for point in run.curve],
+        train_loss=run.train_loss,
+        step_seconds=run.step_seconds,
+        segments=run.segments,
+        ms_per_step=statistics.median(segment_ms) if segment_ms else None,
+        ms_min=min(segment_ms, default=None),
+        ms_max=max(segment_ms, default=None),
+        load_min=min(loads, default=None),
+        load_max=max(loads, default=None),
+        steps_run=run.step,
+        stopped=run.stopped,
+        batches_sha1=run.digest.hexdigest(),
+        wall_s=wall_s,
+    )
 
 
 def skipped_record(name, T, meta, args, note):
-    return dict(meta, status="skipped", T=T, batch=args.tokens_per_step // T, model=name,
-                note=note)
+    return dict(meta, status="skipped", T=T, batch=args.tokens_per_step // T, model=name, note=note)
 
 
 def append_records(path, records):
@@ -403,14 +536,20 @@ def append_records(path, records):
 def run_metadata(args):
     """Run id, time, device, versions and commit (bench.results_io), and this run's settings."""
     from bench.results_io import run_metadata as bench_metadata
+
     meta = bench_metadata(torch.device(args.device), getattr(torch, args.dtype), quick=False)
     meta.pop("quick", None)
-    meta.update(preset=args.preset, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-                settings=settings_record(args))
+    meta.update(
+        preset=args.preset,
+        threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(),
+        settings=settings_record(args),
+    )
     return meta
 
 
 # -- main ----------------------------------------------------------------------------------------
+
 
 def main(argv=None):
     args = parse_args(argv)
@@ -429,10 +568,12 @@ def sweep(args):
     meta = run_metadata(args)
     results = os.path.join(args.output_dir, RESULTS_NAME)
     train_data, val_data = train_lm.load_corpus(args.data_mb * 2**20, args.seed)
-    print(f"run {meta['run']}: preset {args.preset}, {meta['device']}, {args.dtype}, "
-          f"{meta['threads']} thread(s), load {load_average()}; {len(train_data):,} train / "
-          f"{len(val_data):,} validation bytes; {args.tokens_per_step:,} tokens per step, "
-          f"N = {args.steps}, k = {args.eval_every}, time cap {args.time_cap or 'none'}")
+    print(
+        f"run {meta['run']}: preset {args.preset}, {meta['device']}, {args.dtype}, "
+        f"{meta['threads']} thread(s), load {load_average()}; {len(train_data):,} train / "
+        f"{len(val_data):,} validation bytes; {args.tokens_per_step:,} tokens per step, "
+        f"N = {args.steps}, k = {args.eval_every}, time cap {args.time_cap or 'none'}"
+    )
     start = time.perf_counter()
     end = start + args.time_budget if args.time_budget else None
     records = []
@@ -440,17 +581,27 @@ def sweep(args):
         t_start = time.perf_counter()
         deadline = None if end is None else t_start + (end - t_start) / (len(args.seq_lens) - index)
         built = build_models(args, T)
-        runs = [ModelRun(name, model, shape, args, T, train_data, val_data)
-                for name, (model, shape) in built.items()]
-        print(f"T = {T}: batch {args.tokens_per_step // T}; "
-              + ", ".join(f"{run.name} {count_params(run.model):,} parameters" for run in runs))
+        runs = [
+            ModelRun(name, model, shape, args, T, train_data, val_data)
+            for name, (model, shape) in built.items()
+        ]
+        print(
+            f"T = {T}: batch {args.tokens_per_step // T}; "
+            + ", ".join(f"{run.name} {count_params(run.model):,} parameters" for run in runs)
+        )
         train_alternately(runs, args, deadline)
         wall_s = time.perf_counter() - t_start
         block = [run_record(run, meta, args, wall_s) for run in runs]
         if "FLASH-Quad" in args.models and T > args.quad_max_len:
-            block.append(skipped_record(
-                "FLASH-Quad", T, meta, args,
-                f"T > quad_max_len = {args.quad_max_len} (its T x T attention scores)"))
+            block.append(
+                skipped_record(
+                    "FLASH-Quad",
+                    T,
+                    meta,
+                    args,
+                    f"T > quad_max_len = {args.quad_max_len} (its T x T attention scores)",
+                )
+            )
         append_records(results, block)
         records += block
         del runs, built
@@ -460,8 +611,10 @@ def sweep(args):
         compare_report.write_run_report(records, args.output_dir)
     total = time.perf_counter() - start
     print(f"\n{compare_report.text_summary(records)}")
-    print(f"total {total:.0f} s ({total / 60:.1f} min); records appended to {results}; tables "
-          f"and figure: {os.path.join(args.output_dir, 'compare_long_context.{md,txt,png}')}")
+    print(
+        f"total {total:.0f} s ({total / 60:.1f} min); records appended to {results}; tables "
+        f"and figure: {os.path.join(args.output_dir, 'compare_long_context.{md,txt,png}')}"
+    )
     return records
 
 

@@ -12,6 +12,7 @@ a curve is read by linear interpolation in seconds; nothing is read beyond its l
   curve never gets there.
 - Best loss: a curve's lowest point, at the first time it is reached.
 """
+
 import itertools
 import json
 import math
@@ -28,6 +29,7 @@ FILES = ("compare_long_context.md", "compare_long_context.txt", "compare_long_co
 
 
 # -- curves ---------------------------------------------------------------------------------------
+
 
 def points(curve):
     """[(seconds, loss)] of a curve of [step, seconds, loss]."""
@@ -67,6 +69,7 @@ def best(curve):
 
 # -- records -------------------------------------------------------------------------------------
 
+
 def load_records(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -105,15 +108,31 @@ def analyse(records):
         skipped = {r["model"]: r.get("note", "") for r in by_T[T] if r["status"] != "ok"}
         equal = min((r["curve"][-1][1] for r in runs.values()), default=None)
         bests = {name: best(r["curve"]) for name, r in runs.items()}
-        reach = {(a, b): time_to_reach(runs[a]["curve"], bests[b][0])
-                 for a in runs for b in runs if a != b}
-        loads = [v for r in runs.values() for v in (r.get("load_min"), r.get("load_max"))
-                 if v is not None]
-        rows.append({"T": T, "batch": by_T[T][0]["batch"], "runs": runs, "skipped": skipped,
-                         "equal_seconds": equal,
-                         "at_equal": {n: loss_at(r["curve"], equal) for n, r in runs.items()},
-                         "best": bests, "reach": reach,
-                         "load": (min(loads), max(loads)) if loads else None})
+        reach = {
+            (a, b): time_to_reach(runs[a]["curve"], bests[b][0])
+            for a in runs
+            for b in runs
+            if a != b
+        }
+        loads = [
+            v
+            for r in runs.values()
+            for v in (r.get("load_min"), r.get("load_max"))
+            if v is not None
+        ]
+        rows.append(
+            {
+                "T": T,
+                "batch": by_T[T][0]["batch"],
+                "runs": runs,
+                "skipped": skipped,
+                "equal_seconds": equal,
+                "at_equal": {n: loss_at(r["curve"], equal) for n, r in runs.items()},
+                "best": bests,
+                "reach": reach,
+                "load": (min(loads), max(loads)) if loads else None,
+            }
+        )
     return rows
 
 
@@ -124,6 +143,7 @@ def models_of(rows):
 
 # -- formatting ----------------------------------------------------------------------------------
 
+
 def fmt_ms(ms):
     if ms is None:
         return "-"
@@ -133,8 +153,13 @@ def fmt_ms(ms):
 def fmt_s(seconds):
     if seconds is None:
         return "-"
-    return (f"{seconds:,.0f} s" if seconds >= 10 else f"{seconds:.1f} s" if seconds >= 1
-            else f"{seconds:.3f} s")
+    return (
+        f"{seconds:,.0f} s"
+        if seconds >= 10
+        else f"{seconds:.1f} s"
+        if seconds >= 1
+        else f"{seconds:.3f} s"
+    )
 
 
 def ratio(row, name):
@@ -152,7 +177,7 @@ def steps_cell(record):
 
 
 def reach_cell(row, model, other):
-    """"{seconds} ({x} sooner/later than other's own)" or "not in {model's seconds}"."""
+    """ "{seconds} ({x} sooner/later than other's own)" or "not in {model's seconds}"."""
     if model not in row["runs"] or other not in row["runs"]:
         return "-"
     seconds = row["reach"][(model, other)]
@@ -167,15 +192,23 @@ def reach_cell(row, model, other):
 
 def speed_table(rows, names):
     others = [n for n in names if n != "FLASH"]
-    head = (["T", "batch"] + [f"{n} ms/step" for n in names]
-            + [f"{n} ÷ FLASH" for n in others] + [f"steps {n}" for n in names] + ["load"])
+    head = (
+        ["T", "batch"]
+        + [f"{n} ms/step" for n in names]
+        + [f"{n} ÷ FLASH" for n in others]
+        + [f"steps {n}" for n in names]
+        + ["load"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for row in rows:
         cells = [f"{row['T']:,}", str(row["batch"])]
         for n in names:
             r = row["runs"].get(n)
-            cells.append(f"{fmt_ms(r['ms_per_step'])} ({fmt_ms(r['ms_min'])}-{fmt_ms(r['ms_max'])})"
-                         if r else "not run")
+            cells.append(
+                f"{fmt_ms(r['ms_per_step'])} ({fmt_ms(r['ms_min'])}-{fmt_ms(r['ms_max'])})"
+                if r
+                else "not run"
+            )
         for n in others:
             value = ratio(row, n)
             cells.append("-" if value is None else f"{value:.2f}x")
@@ -191,16 +224,20 @@ def at_equal_steps(row, other):
     if not flash or not them:
         return None
     mine = {step: loss for step, _, loss in flash["curve"]}
-    common = [(step, mine[step], loss) for step, _, loss in them["curve"]
-              if step in mine and step > 0]
+    common = [
+        (step, mine[step], loss) for step, _, loss in them["curve"] if step in mine and step > 0
+    ]
     return common[-1] if common else None
 
 
 def quality_table(rows, names):
     others = [n for n in names if n != "FLASH"]
-    head = (["T", "equal wall-clock"] + [f"{n} loss" for n in names]
-            + [f"FLASH - {n}" for n in others]
-            + [f"FLASH / {n} at equal steps" for n in others])
+    head = (
+        ["T", "equal wall-clock"]
+        + [f"{n} loss" for n in names]
+        + [f"FLASH - {n}" for n in others]
+        + [f"FLASH / {n} at equal steps" for n in others]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for row in rows:
         at = row["at_equal"]
@@ -228,7 +265,7 @@ def reach_table(rows, names):
         cells = [f"{row['T']:,}"]
         for n in others:
             for model, other in ((n, None), ("FLASH", n), ("FLASH", None), (n, "FLASH")):
-                if other is None:          # a best-loss cell
+                if other is None:  # a best-loss cell
                     b = row["best"].get(model)
                     cells.append("-" if b is None else f"{b[0]:.3f} at {fmt_s(b[1])}")
                 else:
@@ -249,14 +286,21 @@ def verdicts(rows):
             if speed is None or at.get("FLASH") is None or at.get(n) is None:
                 continue
             gap = at["FLASH"] - at[n]
-            speed_text = (f"level per step ({speed:.2f}x, within {SPEED_LEVEL:.0%})"
-                          if abs(speed - 1) < SPEED_LEVEL else
-                          f"slower per step (its step takes {1 / speed:.2f}x as long)"
-                          if speed < 1 else f"faster per step ({speed:.2f}x)")
+            speed_text = (
+                f"level per step ({speed:.2f}x, within {SPEED_LEVEL:.0%})"
+                if abs(speed - 1) < SPEED_LEVEL
+                else f"slower per step (its step takes {1 / speed:.2f}x as long)"
+                if speed < 1
+                else f"faster per step ({speed:.2f}x)"
+            )
             when = f"at {fmt_s(row['equal_seconds'])}"
-            quality = (f"worse at equal wall-clock ({gap:.3f} nats/byte {when})" if gap > LEVEL
-                       else f"better at equal wall-clock ({-gap:.3f} nats/byte {when})"
-                       if gap < -LEVEL else f"level at equal wall-clock (within {LEVEL} {when})")
+            quality = (
+                f"worse at equal wall-clock ({gap:.3f} nats/byte {when})"
+                if gap > LEVEL
+                else f"better at equal wall-clock ({-gap:.3f} nats/byte {when})"
+                if gap < -LEVEL
+                else f"level at equal wall-clock (within {LEVEL} {when})"
+            )
             sentence = f"T = {row['T']:,} against {n}: FLASH is {speed_text} and {quality}."
             (loses if speed <= 1 - SPEED_LEVEL or gap > LEVEL else wins).append(sentence)
     return loses, wins
@@ -265,8 +309,11 @@ def verdicts(rows):
 def crossover(rows):
     """The first T from which FLASH's step is faster than Transformer++'s at every longer T,
     and the T before it (None, None when it never is; (None, T) when it is from the first)."""
-    measured = [(row["T"], ratio(row, "Transformer++")) for row in rows
-                if ratio(row, "Transformer++") is not None]
+    measured = [
+        (row["T"], ratio(row, "Transformer++"))
+        for row in rows
+        if ratio(row, "Transformer++") is not None
+    ]
     for i, (T, _) in enumerate(measured):
         if all(value > 1 for _, value in measured[i:]):
             return (measured[i - 1][0] if i else None), T
@@ -284,8 +331,11 @@ def init_noise(rows):
         if not flash or not quad or flash.get("shape", {}).get("chunk_size", 0) < row["T"]:
             continue
         common = {step: loss for step, _, loss in flash["curve"]}
-        shared = [(step, common[step], loss) for step, _, loss in quad["curve"]
-                  if step in common and step > 0]
+        shared = [
+            (step, common[step], loss)
+            for step, _, loss in quad["curve"]
+            if step in common and step > 0
+        ]
         if not shared:
             continue
         step, flash_loss, quad_loss = shared[-1]
@@ -294,7 +344,8 @@ def init_noise(rows):
             f"function as FLASH-Quad, and only the random initial weights differ (FLASH draws "
             f"four roles, FLASH-Quad two). At step {step} their validation losses differ by "
             f"{abs(flash_loss - quad_loss):.3f} nats/byte: differences between models of about "
-            "that size in this short training can come from the initial draws alone.")
+            "that size in this short training can come from the initial draws alone."
+        )
     return sentences
 
 
@@ -305,19 +356,37 @@ def markdown(records):
     loses, wins = verdicts(rows)
     before, after = crossover(rows)
     parts = [
-        ("**Speed**: ms per training step, median over the timed segments (minimum-maximum: "
-        "the spread); `÷ FLASH`: the model's ms per step over FLASH's (above 1: FLASH's step "
-        "is faster); steps run (and why a model stopped before N); the 1-minute load average "
-        "over the segments."), "", speed_table(rows, names), "",
-        ("**Quality at equal wall-clock**: the validation loss (nats/byte) each model reaches "
-        "in the training seconds of the shortest curve at that T; `FLASH - X` below 0: FLASH "
-        "is better."), "", quality_table(rows, names), "",
-        ("**Time to the other's best**: each model's best validation loss and when it reached "
-        "it, and the training seconds the other needs to reach it (`sooner`: faster than the "
-        "model that set it)."), "", reach_table(rows, names), ""]
+        (
+            "**Speed**: ms per training step, median over the timed segments (minimum-maximum: "
+            "the spread); `÷ FLASH`: the model's ms per step over FLASH's (above 1: FLASH's step "
+            "is faster); steps run (and why a model stopped before N); the 1-minute load average "
+            "over the segments."
+        ),
+        "",
+        speed_table(rows, names),
+        "",
+        (
+            "**Quality at equal wall-clock**: the validation loss (nats/byte) each model reaches "
+            "in the training seconds of the shortest curve at that T; `FLASH - X` below 0: FLASH "
+            "is better."
+        ),
+        "",
+        quality_table(rows, names),
+        "",
+        (
+            "**Time to the other's best**: each model's best validation loss and when it reached "
+            "it, and the training seconds the other needs to reach it (`sooner`: faster than the "
+            "model that set it)."
+        ),
+        "",
+        reach_table(rows, names),
+        "",
+    ]
     if after is not None:
-        parts.append(f"Per step, FLASH is faster than Transformer++ from T = {after:,} on"
-                     + (f" (slower at T = {before:,})." if before else " (at every T here)."))
+        parts.append(
+            f"Per step, FLASH is faster than Transformer++ from T = {after:,} on"
+            + (f" (slower at T = {before:,})." if before else " (at every T here).")
+        )
     else:
         parts.append("Per step, FLASH is not faster than Transformer++ at the longest T here.")
     parts += ["", "**Where FLASH loses**" + (":" if loses else ": nowhere in this run.")]
@@ -327,8 +396,11 @@ def markdown(records):
     noise = init_noise(rows)
     if noise:
         parts += ["", "**Noise of the initial draws**: " + " ".join(noise)]
-    skipped = [f"- {name} at T = {row['T']:,}: {note.removeprefix('not run: ')}"
-               for row in rows for name, note in row["skipped"].items()]
+    skipped = [
+        f"- {name} at T = {row['T']:,}: {note.removeprefix('not run: ')}"
+        for row in rows
+        for name, note in row["skipped"].items()
+    ]
     if skipped:
         parts += ["", "Not run:", *skipped]
     return "\n".join(parts) + "\n"
@@ -341,17 +413,27 @@ def text_summary(records):
     rows = analyse(records)
     names = models_of(rows)
     short = {"FLASH": "FLASH", "Transformer++": "T++", "FLASH-Quad": "Quad"}
-    lines = [("long-context comparison (ms/step, x = over FLASH's; validation loss at equal "
-             "wall-clock):")]
+    lines = [
+        (
+            "long-context comparison (ms/step, x = over FLASH's; validation loss at equal "
+            "wall-clock):"
+        )
+    ]
     for row in rows:
         speed = []
         for n in names:
             r = row["runs"].get(n)
             value = ratio(row, n) if n != "FLASH" else None
-            speed.append(f"{short[n]} " + ("-" if r is None else fmt_ms(r["ms_per_step"]))
-                         + (f" ({value:.2f}x)" if value is not None else ""))
-        losses = " ".join(f"{short[n]} {row['at_equal'][n]:.3f}" for n in names
-                          if row["at_equal"].get(n) is not None)
+            speed.append(
+                f"{short[n]} "
+                + ("-" if r is None else fmt_ms(r["ms_per_step"]))
+                + (f" ({value:.2f}x)" if value is not None else "")
+            )
+        losses = " ".join(
+            f"{short[n]} {row['at_equal'][n]:.3f}"
+            for n in names
+            if row["at_equal"].get(n) is not None
+        )
         lines.append(f"  T={row['T']:<6} b={row['batch']:<4} " + "  ".join(speed))
         lines.append(f"  {'':<13} at {fmt_s(row['equal_seconds'])}: {losses}")
     return "\n".join(line[:100] for line in lines)
@@ -368,31 +450,45 @@ def describe(records):
             params.setdefault(r["model"], r["params"])
             shapes.setdefault(r["model"], r["shape"])
     walls = {r["T"]: r["wall_s"] for r in records if r["status"] == "ok"}
-    loads = [v for r in records if r["status"] == "ok" for v in (r["load_min"], r["load_max"])
-             if v is not None]
+    loads = [
+        v
+        for r in records
+        if r["status"] == "ok"
+        for v in (r["load_min"], r["load_max"])
+        if v is not None
+    ]
     base = shapes.get("Transformer++")
-    text = (f"Run `{first['run']}` ({first['time']}), preset `{first['preset']}`: "
-            f"**{first['device']}**, {first['dtype']}"
-            + (" (autocast)" if first["dtype"] == "bfloat16" else "")
-            + f", {first['threads']} thread(s) of torch {first['torch']}, triton "
-            f"{first.get('triton')}, commit `{first['commit']}`. d = {s['d']}, "
-            f"{s['depth']} FLASH / GAU layers, S = {s['s']}, E = {2 * s['d']}, "
-            f"C = min({s['chunk_size']}, T)"
-            + (f"; Transformer++ depth {base['depth']}, {base['heads']} head(s) of "
-               f"{s['d'] // base['heads']}, SwiGLU width {base['ffn_hidden']}" if base else "")
-            + "; parameters: " + ", ".join(f"{n} {params[n]:,}" for n in ORDER if n in params)
-            + f". {s['tokens_per_step']:,} tokens per step (batch = {s['tokens_per_step']:,} // T),"
-            f" N = {s['steps']} steps, validation every {s['eval_every']} steps on "
-            f"{s['eval_tokens']:,} fixed validation bytes; AdamW, peak lr {s['lr']:g} "
-            f"({s['warmup']} warm-up steps, cosine to 10%), seed {s['seed']}; time cap "
-            f"{s['time_cap'] or 'none'}"
-            + ("x the fastest model's N-step time" if s["time_cap"] else "")
-            + (f", time budget {s['time_budget']:g} s" if s["time_budget"] else "")
-            + f". The run took {sum(walls.values()) / 60:.1f} min")
+    text = (
+        f"Run `{first['run']}` ({first['time']}), preset `{first['preset']}`: "
+        f"**{first['device']}**, {first['dtype']}"
+        + (" (autocast)" if first["dtype"] == "bfloat16" else "")
+        + f", {first['threads']} thread(s) of torch {first['torch']}, triton "
+        f"{first.get('triton')}, commit `{first['commit']}`. d = {s['d']}, "
+        f"{s['depth']} FLASH / GAU layers, S = {s['s']}, E = {2 * s['d']}, "
+        f"C = min({s['chunk_size']}, T)"
+        + (
+            f"; Transformer++ depth {base['depth']}, {base['heads']} head(s) of "
+            f"{s['d'] // base['heads']}, SwiGLU width {base['ffn_hidden']}"
+            if base
+            else ""
+        )
+        + "; parameters: "
+        + ", ".join(f"{n} {params[n]:,}" for n in ORDER if n in params)
+        + f". {s['tokens_per_step']:,} tokens per step (batch = {s['tokens_per_step']:,} // T),"
+        f" N = {s['steps']} steps, validation every {s['eval_every']} steps on "
+        f"{s['eval_tokens']:,} fixed validation bytes; AdamW, peak lr {s['lr']:g} "
+        f"({s['warmup']} warm-up steps, cosine to 10%), seed {s['seed']}; time cap "
+        f"{s['time_cap'] or 'none'}"
+        + ("x the fastest model's N-step time" if s["time_cap"] else "")
+        + (f", time budget {s['time_budget']:g} s" if s["time_budget"] else "")
+        + f". The run took {sum(walls.values()) / 60:.1f} min"
+    )
     if loads:
-        text += (f"; the 1-minute load average over its segments ranged {min(loads):.1f}-"
-                 f"{max(loads):.1f} (median {statistics.median(loads):.1f}) on "
-                 f"{first['cpu_count']} cores")
+        text += (
+            f"; the 1-minute load average over its segments ranged {min(loads):.1f}-"
+            f"{max(loads):.1f} (median {statistics.median(loads):.1f}) on "
+            f"{first['cpu_count']} cores"
+        )
     return text + "."
 
 
@@ -401,6 +497,7 @@ def plot(records, path):
     the equal wall-clock where the table reads the losses. Returns False without matplotlib."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -415,8 +512,14 @@ def plot(records, path):
             if r is None:
                 continue
             seconds = [p[1] for p in r["curve"]]
-            ax.plot(seconds, [p[2] for p in r["curve"]], marker="o", markersize=3,
-                    color=COLORS[name], label=f"{name} ({fmt_ms(r['ms_per_step'])} ms/step)")
+            ax.plot(
+                seconds,
+                [p[2] for p in r["curve"]],
+                marker="o",
+                markersize=3,
+                color=COLORS[name],
+                label=f"{name} ({fmt_ms(r['ms_per_step'])} ms/step)",
+            )
         if row["equal_seconds"]:
             ax.axvline(row["equal_seconds"], color="0.5", linestyle=":", linewidth=1)
         finals = [p[2] for r in row["runs"].values() for p in r["curve"][1:]]
@@ -427,13 +530,16 @@ def plot(records, path):
         ax.set_ylabel("validation loss (nats/byte)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(rows):]:
+    for ax in list(axes.flat)[len(rows) :]:
         ax.axis("off")
     first = records[0]
-    fig.suptitle(f"FLASH vs Transformer++ vs FLASH-Quad, equal tokens per step "
-                 f"({first['settings']['tokens_per_step']:,}), run {first['run']}\n"
-                 f"{first['device']}, {first['dtype']}, {first['threads']} thread(s), commit "
-                 f"{first['commit']}", fontsize=9)
+    fig.suptitle(
+        f"FLASH vs Transformer++ vs FLASH-Quad, equal tokens per step "
+        f"({first['settings']['tokens_per_step']:,}), run {first['run']}\n"
+        f"{first['device']}, {first['dtype']}, {first['threads']} thread(s), commit "
+        f"{first['commit']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -463,37 +569,53 @@ def readme_section(runs, figure_for, results_path):
         START,
         "## Long context: FLASH against Transformer++ and FLASH-Quad, quality against wall-clock",
         "",
-        (f"Generated by `python examples/publish_compare.py` from `{results_path}`. The paper "
-        "(Hua et al. 2022) reports Transformer++ quality at a fraction of the training time "
-        "once the context is long (4.9x on Wiki-40B, 12.1x on PG-19; at 8K, 250 ms per step "
-        "for FLASH against 1292 ms for Transformer+ on TPUs). Here "
-        "`examples/compare_long_context.py` trains FLASH, a Transformer++ with as many "
-        "parameters (softmax attention through SDPA) and FLASH-Quad (the same stack of GAU "
-        "layers with full quadratic attention, `FLASHLM(layer=\"gau\")`) on the byte corpus of "
-        "`examples/train_lm.py`, at each T with the same tokens per step, the same seed and the "
-        "same batches. The models of a T take turns in one process (a segment each, the order "
-        "reversed every round), so the load of a shared machine reaches all alike; wall-clock "
-        "is training seconds (steps only, evaluation excluded), and losses at equal "
-        "wall-clock are read off the validation curves (linear between points). A model stops "
-        "early only at the time cap (a multiple of the fastest model's time for N steps). "
-        "Read the numbers as what they are: one seed, short training (a preset's N steps) of "
-        "small models, the beginning of the curves the paper reports for long runs of large "
-        "models; the noise of the initial draws is estimated under each run's tables, and a "
-        "CPU weighs the operations differently from a GPU or a TPU."),
-        ""]
+        (
+            f"Generated by `python examples/publish_compare.py` from `{results_path}`. The paper "
+            "(Hua et al. 2022) reports Transformer++ quality at a fraction of the training time "
+            "once the context is long (4.9x on Wiki-40B, 12.1x on PG-19; at 8K, 250 ms per step "
+            "for FLASH against 1292 ms for Transformer+ on TPUs). Here "
+            "`examples/compare_long_context.py` trains FLASH, a Transformer++ with as many "
+            "parameters (softmax attention through SDPA) and FLASH-Quad (the same stack of GAU "
+            'layers with full quadratic attention, `FLASHLM(layer="gau")`) on the byte corpus of '
+            "`examples/train_lm.py`, at each T with the same tokens per step, the same seed and "
+            "the same batches. The models of a T take turns in one process (a segment each, the "
+            "order reversed every round), so the load of a shared machine reaches all alike; "
+            "wall-clock is training seconds (steps only, evaluation excluded), and losses at equal "
+            "wall-clock are read off the validation curves (linear between points). A model stops "
+            "early only at the time cap (a multiple of the fastest model's time for N steps). "
+            "Read the numbers as what they are: one seed, short training (a preset's N steps) of "
+            "small models, the beginning of the curves the paper reports for long runs of large "
+            "models; the noise of the initial draws is estimated under each run's tables, and a "
+            "CPU weighs the operations differently from a GPU or a TPU."
+        ),
+        "",
+    ]
     for records in order:
         first = records[0]
         name = os.path.basename(figure_for(first["run"]))
-        parts += [f"### {first['device']} ({first['preset']} preset)", "", describe(records), "",
-                  markdown(records).rstrip(), "",
-                  (f"![validation loss against seconds]({figure_for(first['run'])}) "
-                  f"({name}: validation loss against training seconds, a panel per T; "
-                  "the dotted line is the equal wall-clock of the table)"), ""]
+        parts += [
+            f"### {first['device']} ({first['preset']} preset)",
+            "",
+            describe(records),
+            "",
+            markdown(records).rstrip(),
+            "",
+            (
+                f"![validation loss against seconds]({figure_for(first['run'])}) "
+                f"({name}: validation loss against training seconds, a panel per T; "
+                "the dotted line is the equal wall-clock of the table)"
+            ),
+            "",
+        ]
     parts += [
-        ("Reproduce: `python examples/compare_long_context.py` (the CPU sweep; `--preset gpu` "
-        "on a GPU: bf16, d = 512, 8 layers, T up to 8192, 110 s, also run last by "
-        "`bench/gpu_runbook.sh`; `--steps`, `--seq-lens`, `--threads` and the rest override "
-        "the preset) writes `examples_out/` (git-ignored); `python examples/publish_compare.py` "
-        "copies its latest run into `examples/results/` and regenerates this section."),
-        END]
+        (
+            "Reproduce: `python examples/compare_long_context.py` (the CPU sweep; `--preset gpu` "
+            "on a GPU: bf16, d = 512, 8 layers, T up to 8192, 110 s, also run last by "
+            "`bench/gpu_runbook.sh`; `--steps`, `--seq-lens`, `--threads` and the rest override "
+            "the preset) writes `examples_out/` (git-ignored); "
+            "`python examples/publish_compare.py` copies its latest run into `examples/results/` "
+            "and regenerates this section."
+        ),
+        END,
+    ]
     return "\n".join(parts)

@@ -15,6 +15,7 @@ Review with `git diff`, then commit.
                                        [--dest DIR] [--readme PATH]
     python -m examples.publish_compare ...      (the same, from the repository root)
 """
+
 import argparse
 import importlib
 import json
@@ -26,7 +27,7 @@ REPO = os.path.dirname(EXAMPLES)
 if EXAMPLES not in sys.path:
     sys.path.insert(0, EXAMPLES)
 
-compare_report = importlib.import_module("compare_report")   # a sibling, once on the path
+compare_report = importlib.import_module("compare_report")  # a sibling, once on the path
 
 RESULTS_NAME = "compare_long_context.jsonl"
 
@@ -54,32 +55,47 @@ def replace_section(text, section):
     """text with the part from the start marker to the end marker replaced by section."""
     start, end = text.find(compare_report.START), text.find(compare_report.END)
     if start < 0 or end < start:
-        raise ValueError(f"the README has no {compare_report.START} ... {compare_report.END} "
-                         f"section to replace")
-    return text[:start] + section + text[end + len(compare_report.END):]
+        raise ValueError(
+            f"the README has no {compare_report.START} ... {compare_report.END} section to replace"
+        )
+    return text[:start] + section + text[end + len(compare_report.END) :]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", default=os.path.join("examples_out", RESULTS_NAME),
-                        help="where the run is read (default: %(default)s)")
+    parser.add_argument(
+        "--results",
+        default=os.path.join("examples_out", RESULTS_NAME),
+        help="where the run is read (default: %(default)s)",
+    )
     parser.add_argument("--run", help="run id (default: the latest run of the file)")
-    parser.add_argument("--keep-old", action="store_true",
-                        help="keep the committed runs of the same preset (default: replace)")
-    parser.add_argument("--dest", default=os.path.join(EXAMPLES, "results"),
-                        help="folder of the committed results and figures "
-                             "(default: examples/results)")
-    parser.add_argument("--readme", default=os.path.join(REPO, "README.md"),
-                        help="the README to update (default: the repository's)")
+    parser.add_argument(
+        "--keep-old",
+        action="store_true",
+        help="keep the committed runs of the same preset (default: replace)",
+    )
+    parser.add_argument(
+        "--dest",
+        default=os.path.join(EXAMPLES, "results"),
+        help="folder of the committed results and figures (default: examples/results)",
+    )
+    parser.add_argument(
+        "--readme",
+        default=os.path.join(REPO, "README.md"),
+        help="the README to update (default: the repository's)",
+    )
     args = parser.parse_args(argv)
     if not os.path.exists(args.results):
-        print(f"no results at {args.results}: run examples/compare_long_context.py first",
-              file=sys.stderr)
+        print(
+            f"no results at {args.results}: run examples/compare_long_context.py first",
+            file=sys.stderr,
+        )
         return 1
     run_records = compare_report.select_run(compare_report.load_records(args.results), args.run)
     committed_path = os.path.join(args.dest, RESULTS_NAME)
-    committed = (compare_report.load_records(committed_path)
-                 if os.path.exists(committed_path) else [])
+    committed = (
+        compare_report.load_records(committed_path) if os.path.exists(committed_path) else []
+    )
     merged = merge(committed, run_records, args.keep_old)
     os.makedirs(args.dest, exist_ok=True)
     if merged is committed:
@@ -87,15 +103,16 @@ def main(argv=None):
     else:
         with open(committed_path, "w") as f:
             f.writelines(json.dumps(record, sort_keys=True) + "\n" for record in merged)
-        print(f"run {run_records[0]['run']} ({run_records[0]['device']}, {len(run_records)} "
-              f"records) written to {committed_path}")
+        print(
+            f"run {run_records[0]['run']} ({run_records[0]['device']}, {len(run_records)} "
+            f"records) written to {committed_path}"
+        )
     runs = [compare_report.select_run(merged, run) for run in compare_report.run_ids(merged)]
     readme_dir = os.path.dirname(os.path.abspath(args.readme))
     figures = {}
     presets = [records[0]["preset"] for records in runs]
     for records in runs:
-        path = os.path.join(args.dest,
-                            figure_name(records, presets.count(records[0]["preset"])))
+        path = os.path.join(args.dest, figure_name(records, presets.count(records[0]["preset"])))
         if compare_report.plot(records, path):
             print(f"figure {path}")
         figures[records[0]["run"]] = os.path.relpath(path, readme_dir).replace(os.sep, "/")
@@ -103,8 +120,9 @@ def main(argv=None):
     with open(args.readme, encoding="utf-8") as f:
         text = f.read()
     try:
-        updated = replace_section(text, compare_report.readme_section(
-            runs, figures.__getitem__, results_rel))
+        updated = replace_section(
+            text, compare_report.readme_section(runs, figures.__getitem__, results_rel)
+        )
     except ValueError as exc:
         print(f"{args.readme}: {exc}", file=sys.stderr)
         return 1

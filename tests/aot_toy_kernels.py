@@ -2,20 +2,32 @@
 
 `matmul_tile_kernel` multiplies one BLOCK x BLOCK tile pair with `tl.dot` (fp32 accumulation), the
 smallest kernel that uses the tensor cores (HMMA on sm_80, Hopper wgmma / HGMMA on sm_90 for
-16-bit inputs at num_warps=4). Its launcher goes through `flash_kernels.utils.launch`, like the
-ops, so that `record_launches` sees it; it also passes an int equal to 1 (`n_tiles`), which
-Triton 3.9 specialises to the constexpr 1, and a `do_not_specialize` length (`T`).
+16-bit inputs at num_warps=4). Its launcher goes through
+`flash_kernels.backends.triton.launch.launch`, like the ops, so that `record_launches` sees it; it
+also passes an int equal to 1 (`n_tiles`), which Triton 3.9 specialises to the constexpr 1, and a
+`do_not_specialize` length (`T`).
 """
+
 import torch
 import triton
 import triton.language as tl
 
-from flash_kernels.utils import launch
+from flash_kernels.backends.triton.launch import launch
 
 
 @triton.jit(do_not_specialize=["T"])
-def matmul_tile_kernel(a_ptr, b_ptr, c_ptr, T, n_tiles, stride_a, scale, HAS_SCALE: tl.constexpr,
-                       BLOCK: tl.constexpr, ACC_EXTRA=None):
+def matmul_tile_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    T,
+    n_tiles,
+    stride_a,
+    scale,
+    HAS_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC_EXTRA=None,
+):
     """c = a @ b for one BLOCK x BLOCK tile (row-major, row stride `stride_a` for a, BLOCK else)."""
     rows = tl.arange(0, BLOCK)
     a = tl.load(a_ptr + rows[:, None] * stride_a + rows[None, :], mask=rows[:, None] < T, other=0.0)
@@ -26,14 +38,19 @@ def matmul_tile_kernel(a_ptr, b_ptr, c_ptr, T, n_tiles, stride_a, scale, HAS_SCA
     tl.store(c_ptr + rows[:, None] * BLOCK + rows[None, :], acc)
 
 
-def matmul_tile(a: torch.Tensor, b: torch.Tensor, block: int = 64, num_warps: int = 4,
-                num_stages: int = 2) -> torch.Tensor:
+def matmul_tile(
+    a: torch.Tensor, b: torch.Tensor, block: int = 64, num_warps: int = 4, num_stages: int = 2
+) -> torch.Tensor:
     """fp32 a[:block, :block] @ b through `launch` (T = a.shape[0] rows of a are valid)."""
     c = torch.empty(block, block, dtype=torch.float32, device=a.device)
-    launch(matmul_tile_kernel, (1,),
-           dict(a_ptr=a, b_ptr=b, c_ptr=c, T=a.shape[0], n_tiles=1, stride_a=a.stride(0),
-                scale=1.0),
-           dict(HAS_SCALE=False, BLOCK=block), num_warps=num_warps, num_stages=num_stages)
+    launch(
+        matmul_tile_kernel,
+        (1,),
+        dict(a_ptr=a, b_ptr=b, c_ptr=c, T=a.shape[0], n_tiles=1, stride_a=a.stride(0), scale=1.0),
+        dict(HAS_SCALE=False, BLOCK=block),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     return c
 
 
@@ -42,6 +59,7 @@ def matmul_tile(a: torch.Tensor, b: torch.Tensor, block: int = 64, num_warps: in
 # and what it must accept. Each computes out = (q k^T)^T v or a relative of it for one tile
 # (q, k: BLOCK x BLOCK_S, v: BLOCK x BLOCK_S, all row-major and contiguous).
 # ---------------------------------------------------------------------------------------------
+
 
 @triton.jit
 def _tile(ptr, ROWS: tl.constexpr, COLS: tl.constexpr):
@@ -68,8 +86,9 @@ def _store_tile(ptr, x, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def dot_result_transposed_kernel(q_ptr, k_ptr, v_ptr, out_ptr, n_rows, BLOCK: tl.constexpr,
-                                 BLOCK_S: tl.constexpr):
+def dot_result_transposed_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, n_rows, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr
+):
     """BAD: out = (q k^T)^T v with the product q k^T transposed in registers (tl.trans of a dot
     result, which sits in the MMA accumulator layout) and fed to the next dot."""
     q = _tile(q_ptr, BLOCK, BLOCK_S)
@@ -81,8 +100,9 @@ def dot_result_transposed_kernel(q_ptr, k_ptr, v_ptr, out_ptr, n_rows, BLOCK: tl
 
 
 @triton.jit
-def computed_tile_transposed_kernel(q_ptr, k_ptr, v_ptr, out_ptr, n_rows, BLOCK: tl.constexpr,
-                                    BLOCK_S: tl.constexpr):
+def computed_tile_transposed_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, n_rows, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr
+):
     """BAD: out = exp(k)^T v with exp(k) (computed from a loaded tile, no dot involved)
     transposed by tl.trans into the dot. Chosen at run time (n_rows > 0), as the old key
     backward chose its weight tiles: the transpose then stays in a blocked layout and its
@@ -100,8 +120,9 @@ def computed_tile_transposed_kernel(q_ptr, k_ptr, v_ptr, out_ptr, n_rows, BLOCK:
 
 
 @triton.jit
-def scores_transposed_directly_kernel(q_ptr, k_ptr, v_ptr, out_ptr, n_rows, BLOCK: tl.constexpr,
-                                      BLOCK_S: tl.constexpr):
+def scores_transposed_directly_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, n_rows, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr
+):
     """SAFE: the same out = (q k^T)^T v with S^T = k q^T computed directly (q^T loaded with
     transposed addressing): no transpose of a register tensor."""
     q_t = _tile_transposed(q_ptr, BLOCK, BLOCK_S)
@@ -113,8 +134,9 @@ def scores_transposed_directly_kernel(q_ptr, k_ptr, v_ptr, out_ptr, n_rows, BLOC
 
 
 @triton.jit
-def loaded_tile_transposed_kernel(q_ptr, k_ptr, v_ptr, out_ptr, n_rows, BLOCK: tl.constexpr,
-                                  BLOCK_S: tl.constexpr):
+def loaded_tile_transposed_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, n_rows, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr
+):
     """SAFE: out = (q k^T) v with tl.trans of k straight from memory, which Triton turns into a
     transposed shared-memory descriptor (ttg.memdesc_trans), and exp(k)^T stored to memory
     (a register transpose that reaches no dot) as a second output."""
@@ -146,14 +168,21 @@ def transposed_product_reference(name: str, q, k, v) -> torch.Tensor:
     return (q @ k.T).T @ v
 
 
-def transposed_product(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       num_warps: int = 4) -> torch.Tensor:
+def transposed_product(
+    name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_warps: int = 4
+) -> torch.Tensor:
     """Run TRANSPOSE_KERNELS[name] on one (BLOCK, BLOCK_S) tile each of q, k, v through
     `launch`; returns its float32 output, shaped as `transposed_product_reference`'s."""
     block, block_s = q.shape
-    out = torch.empty(transposed_product_reference(name, q, k, v).shape, dtype=torch.float32,
-                      device=q.device)
-    launch(TRANSPOSE_KERNELS[name][0], (1,),
-           dict(q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=out, n_rows=block),
-           dict(BLOCK=block, BLOCK_S=block_s), num_warps=num_warps, num_stages=1)
+    out = torch.empty(
+        transposed_product_reference(name, q, k, v).shape, dtype=torch.float32, device=q.device
+    )
+    launch(
+        TRANSPOSE_KERNELS[name][0],
+        (1,),
+        dict(q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=out, n_rows=block),
+        dict(BLOCK=block, BLOCK_S=block_s),
+        num_warps=num_warps,
+        num_stages=1,
+    )
     return out

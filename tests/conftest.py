@@ -8,21 +8,23 @@
 - Under the interpreter every load and store a kernel makes must stay inside its tensor
   arguments (tests/interpreter_memcheck.py; FLASH_KERNELS_MEMCHECK=0 turns it off): the CPU
   run sees the out-of-bounds accesses that fault on a GPU.
-- Test selections (markers registered in pyproject.toml):
+- Test selections (markers registered in pyproject.toml, set on the tests themselves):
     gpu   every test that touches CUDA when a GPU is present: the GPU run is `-m gpu`;
     slow  left out of the quick selection `-m "not slow"` (which still launches every kernel);
     big_memory  allocates a tensor of more than 2^31 elements: last in the GPU run.
-  Which tests get `gpu` is decided by rules, not by a list, so new test files join by
-  themselves (see `is_gpu_test`). Tests are ordered so that the kernels' core correctness
+  A test marks itself `slow` or `big_memory` (or its module: `pytestmark`); `gpu` is also
+  added here by a rule, not by a list, so new test files join by themselves (see
+  `is_gpu_test`). Tests are ordered so that the kernels' core correctness
   files come first, then the other GPU tests, fuzzing, the big-memory test, and CPU-only tests.
 - FLASH_KERNELS_FUZZ_EXAMPLES=N: examples per fuzz test (tests/test_fuzz.py reads it; the GPU
   runbook lowers it).
 - FLASH_KERNELS_TEST_REPORT=PATH: one JSON line per test outcome, appended as each test ends
   (so a run stopped by a time cap or a kill still leaves what ran): bench/gpu_summary.py.
 - FLASH_KERNELS_RECORD_LAUNCHES=PATH: record every kernel launch of every test (its
-  `flash_kernels.utils.LaunchRecord`s) into PATH (JSON; one file per xdist worker, PATH.gwN);
+  `tools.launch_recording.LaunchRecord`s) into PATH (JSON; one file per xdist worker, PATH.gwN);
   bench/gpu_selection.py estimates the GPU run's compile work from it.
 """
+
 import json
 import os
 import sys
@@ -39,8 +41,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# The shim first: it repairs the interpreter the memcheck then wraps.
+# isort: off
 import interpreter_shim  # noqa: E402,F401  (after TRITON_INTERPRET is set; see its docstring)
 import interpreter_memcheck  # noqa: E402,F401  (out-of-bounds accesses fail under the interpreter)
+# isort: on
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,71 +54,30 @@ import interpreter_memcheck  # noqa: E402,F401  (out-of-bounds accesses fail und
 
 #: The kernels' core correctness files, first in the GPU run: the Triton op against the
 #: references (the bf16 checks included), the fused op, strides, torch.compile, determinism.
-CORE_FILES = ("test_triton_mixed_chunk.py", "test_flash_attention.py", "test_strides.py",
-              "test_torch_compile.py", "test_determinism.py")
-
-#: Tests that use CUDA when it is there but follow none of the rules in `is_gpu_test`.
-GPU_TESTS = {"test_nn.py::test_training_curve_torch_vs_triton"}
-
-#: Marked `big_memory` (last in the GPU run): ~15 GB of GPU memory.
-BIG_MEMORY_TESTS = {"test_strides.py::test_tensors_over_2_31_elements"}
-
-#: Slow under the interpreter on 2 cores, and not needed to launch every kernel once (the
-#: quick selection `-m "not slow"` leaves them out). A file name means the whole file.
-SLOW = {
-    "test_compile_kernels.py",             # records under the interpreter, compiles to cubin
-    "test_aot_compile.py",                 # the same machinery on a toy kernel
-    "test_cpp_reference.py",               # builds the C++ oracle (ninja, ~1 min)
-    "test_fuzz.py",                        # hundreds of random problems
-    "test_gpu_preflight.py::test_runbook_dry_run",
-    "test_bench_smoke.py::test_quick_mode_runs_on_cpu_and_leaves_the_checkout_alone",
-    "test_nn.py::test_example_runs",
-    "test_nn.py::test_training_curve_torch_vs_triton",
-    "test_determinism.py::test_same_inputs_give_the_same_bits",   # every path 3 times
-    "test_nn.py::test_decoding_matches_forward",                  # 12 layers x 19 steps
-    # spawns process groups (gloo), ~1 min; its two one-case groups (test_context_parallel_quick)
-    # stay in the quick selection
-    "test_context_parallel.py::test_context_parallel",
-    "test_context_parallel.py::test_cuda_tensors_over_gloo",
-    "test_context_parallel.py::test_nccl",
-    "test_nn_packing.py::test_example_trains_on_packed_documents",
-    "test_strides.py::test_int32_batch_stride_whose_offsets_overflow",   # a subprocess
-    "test_defects.py::test_interpreter_set_after_import_says_so",        # a subprocess
-    "test_kernel_variants.py",             # the other Triton version's code path, twice
-    "test_nn_packing.py::test_packed_layer_equals_each_document_alone",
-    "test_nn_packing.py::test_prefill_in_pieces_equals_prefill_in_one",
-    "test_varlen_state.py::test_torch_compile_fullgraph_with_packing",
-    "test_nonfinite.py",                   # 48 planted NaN/inf cases, each run twice
-    # the whole self-test in a subprocess (~35 s of CPU), and a subprocess that cannot run it
-    "test_selftest.py::test_every_path_passes_in_every_dtype",
-    "test_selftest.py::test_the_printed_table_lists_every_row_and_the_environment",
-    "test_selftest.py::test_without_cuda_or_the_interpreter_it_says_it_cannot_run",
-}
-
-
-def _file_and_test(item):
-    """("test_x.py", "test_x.py::test_name") of an item (parametrization left out)."""
-    filename = os.path.basename(str(item.path))
-    return filename, f"{filename}::{getattr(item, 'originalname', None) or item.name}"
+CORE_FILES = (
+    "test_triton_mixed_chunk.py",
+    "test_flash_attention.py",
+    "test_strides.py",
+    "test_torch_compile.py",
+    "test_determinism.py",
+)
 
 
 def is_gpu_test(item) -> bool:
     """A test touches CUDA (and so is in the GPU run, `-m gpu`) when
     - it (or its class or module: `pytestmark = pytest.mark.gpu`) is marked `gpu`; or
     - its module follows the device convention: a module-level `DEVICE` ("cuda" when there is
-      a GPU), which every file testing the kernels defines; or
-    - it is listed in GPU_TESTS (the few older tests that follow neither).
+      a GPU), which every file testing the kernels defines.
     """
-    _, test = _file_and_test(item)
-    return (item.get_closest_marker("gpu") is not None
-            or hasattr(getattr(item, "module", None), "DEVICE")
-            or test in GPU_TESTS)
+    return item.get_closest_marker("gpu") is not None or hasattr(
+        getattr(item, "module", None), "DEVICE"
+    )
 
 
 def _gpu_order(item) -> tuple:
     """Rank in the run: the core kernel files (in CORE_FILES' order), the other GPU tests,
     fuzzing, big memory, then the CPU-only tests."""
-    filename, _ = _file_and_test(item)
+    filename = os.path.basename(str(item.path))
     if item.get_closest_marker("gpu") is None:
         return (4, 0)
     if item.get_closest_marker("big_memory") is not None:
@@ -127,13 +91,8 @@ def _gpu_order(item) -> tuple:
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        filename, test = _file_and_test(item)
         if is_gpu_test(item):
             item.add_marker(pytest.mark.gpu)
-        if test in BIG_MEMORY_TESTS:
-            item.add_marker(pytest.mark.big_memory)
-        if filename in SLOW or test in SLOW:
-            item.add_marker(pytest.mark.slow)
     order = {id(item): (*_gpu_order(item), index) for index, item in enumerate(items)}
     items.sort(key=lambda item: order[id(item)])
 
@@ -150,14 +109,18 @@ def pytest_runtest_protocol(item, nextitem):
     if not os.environ.get("FLASH_KERNELS_RECORD_LAUNCHES"):
         yield
         return
-    from flash_kernels.utils import record_launches
+    from tools.launch_recording import record_launches
+
     with record_launches() as records:
         yield
     if records:
         from tools.aot_compile import record_to_dict
-        _recorded[item.nodeid] = dict(gpu=item.get_closest_marker("gpu") is not None,
-                                      slow=item.get_closest_marker("slow") is not None,
-                                      launches=[record_to_dict(r) for r in records])
+
+        _recorded[item.nodeid] = dict(
+            gpu=item.get_closest_marker("gpu") is not None,
+            slow=item.get_closest_marker("slow") is not None,
+            launches=[record_to_dict(r) for r in records],
+        )
 
 
 def pytest_sessionfinish(session):
@@ -172,6 +135,7 @@ def pytest_sessionfinish(session):
 # ---------------------------------------------------------------------------------------------
 # A live report of every test's outcome (opt-in)
 # ---------------------------------------------------------------------------------------------
+
 
 def _outcome(report):
     """("passed" | "failed" | "error" | "skipped", message) of a test phase's report, or None
@@ -213,11 +177,20 @@ _IS_XDIST_WORKER = False
 
 def pytest_runtest_logreport(report):
     path = os.environ.get("FLASH_KERNELS_TEST_REPORT")
-    if not path or _IS_XDIST_WORKER:                          # under xdist the controller writes
+    if not path or _IS_XDIST_WORKER:  # under xdist the controller writes
         return
     result = _outcome(report)
     if result is None:
         return
     with open(path, "a") as f:
-        f.write(json.dumps(dict(nodeid=report.nodeid, outcome=result[0], message=result[1],
-                                seconds=round(report.duration, 3))) + "\n")
+        f.write(
+            json.dumps(
+                dict(
+                    nodeid=report.nodeid,
+                    outcome=result[0],
+                    message=result[1],
+                    seconds=round(report.duration, 3),
+                )
+            )
+            + "\n"
+        )

@@ -1,14 +1,54 @@
 """Shared test helpers: random problems, an rms-ratio assert_close that says where it failed,
-the kernels a Triton call must launch, and the C++ loop oracle (csrc_ref) as an autograd op."""
+the kernels a Triton call must launch, the C++ loop oracle (csrc_ref) as an autograd op, and
+the context managers that force tile sizes (`tile_override`) or NaN-fill the kernels' buffers
+(`nan_filled_buffers`) through the runtime's private override points."""
+
+import contextlib
+
+import pytest
 import torch
 
+# After torch, the shim before the memcheck, as conftest.py imports them.
+# isort: off
 import interpreter_shim  # noqa: F401  (spawned ranks and subprocesses import helpers, not conftest)
 import interpreter_memcheck  # noqa: F401  (the same, for out-of-bounds checks)
+
+# isort: on
 from csrc_ref import mixed_chunk_attention_cpp, mixed_chunk_attention_cpp_backward
 from flash_kernels import flash_attention, mixed_chunk_attention
-from flash_kernels.utils import record_launches
+from flash_kernels.backends.triton import kernel_config as triton_kernel_config
+from flash_kernels.backends.triton import launch as triton_launch
+from tools.launch_recording import record_launches
 
 GRAD_NAMES = ("q_quad", "k_quad", "q_lin", "k_lin", "v", "rel_bias")
+
+
+@contextlib.contextmanager
+def tile_override(**fields):
+    """Force tile sizes inside the block: `block` (every kernel's row block), `max_hoist_keys`,
+    `block_e` (every value tile), `state_block_t`. Small tiles give short test sequences several
+    blocks per chunk, and `max_hoist_keys` forces the long-chunk path. Blocks nest."""
+    overrides = triton_kernel_config._tile_overrides
+    saved = dict(overrides)
+    overrides.update(fields)
+    try:
+        yield
+    finally:
+        overrides.clear()
+        overrides.update(saved)
+
+
+@contextlib.contextmanager
+def nan_filled_buffers():
+    """Inside the block the kernels' output and scratch buffers start as NaN, so a kernel that
+    reads memory nobody wrote (or leaves part of an output unwritten) produces NaN that a test
+    catches. Blocks nest."""
+    saved = triton_launch._buffer_fill
+    triton_launch._buffer_fill = float("nan")
+    try:
+        yield
+    finally:
+        triton_launch._buffer_fill = saved
 
 
 def assert_close(name, actual, expected, ratio):
@@ -17,9 +57,13 @@ def assert_close(name, actual, expected, ratio):
     A relative error of the whole tensor is robust for attention outputs, whose entries can be
     near zero (an elementwise rtol would fail on those for no reason).
     """
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     actual, expected = actual.double(), expected.double()
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values at {torch.nonzero(~torch.isfinite(actual))[:5].tolist()}"
+    assert torch.isfinite(actual).all(), (
+        f"{name}: non-finite values at {torch.nonzero(~torch.isfinite(actual))[:5].tolist()}"
+    )
     diff = actual - expected
     rms_diff = diff.square().mean().sqrt().item() if diff.numel() else 0.0
     rms_ref = expected.square().mean().sqrt().item() if diff.numel() else 0.0
@@ -28,11 +72,24 @@ def assert_close(name, actual, expected, ratio):
         index = tuple(int(i) for i in torch.unravel_index(worst, diff.shape))
         raise AssertionError(
             f"{name}: rms error {rms_diff:.3e} > {ratio:.1e} * rms(expected) {rms_ref:.3e}; "
-            f"worst at {index}: actual {actual[index].item():.6g}, expected {expected[index].item():.6g}")
+            f"worst at {index}: actual {actual[index].item():.6g}, "
+            f"expected {expected[index].item():.6g}"
+        )
 
 
-def make_problem(batch, T, S, E, *, linear=True, bias_chunk=None, dtype=torch.float64,
-                 device="cpu", seed=0, requires_grad=True):
+def make_problem(
+    batch,
+    T,
+    S,
+    E,
+    *,
+    linear=True,
+    bias_chunk=None,
+    dtype=torch.float64,
+    device="cpu",
+    seed=0,
+    requires_grad=True,
+):
     """Random inputs as a dict of keyword arguments for mixed_chunk_attention.
 
     Queries and keys are scaled so that the relu^2 scores are O(1) with the default scales and
@@ -41,13 +98,18 @@ def make_problem(batch, T, S, E, *, linear=True, bias_chunk=None, dtype=torch.fl
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0):
-        x = (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(device=device, dtype=dtype)
+        x = (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(
+            device=device, dtype=dtype
+        )
         return x.requires_grad_(requires_grad)
 
-    problem = dict(q_quad=rand(*batch, T, S), k_quad=rand(*batch, T, S),
-                   q_lin=rand(*batch, T, S) if linear else None,
-                   k_lin=rand(*batch, T, S) if linear else None,
-                   v=rand(*batch, T, E))
+    problem = dict(
+        q_quad=rand(*batch, T, S),
+        k_quad=rand(*batch, T, S),
+        q_lin=rand(*batch, T, S) if linear else None,
+        k_lin=rand(*batch, T, S) if linear else None,
+        v=rand(*batch, T, E),
+    )
     problem["rel_bias"] = rand(2 * bias_chunk - 1, scale=0.5) if bias_chunk else None
     return problem
 
@@ -100,28 +162,85 @@ def run_with_grads(problem, grad_out=None, launches=None, **options):
     kernels launched go to `launches` (a dict: "forward" and "backward" record lists) if given."""
     launches = {} if launches is None else launches
     with record_launches() as launches["forward"]:
-        out = mixed_chunk_attention(problem["q_quad"], problem["k_quad"], problem["q_lin"],
-                                    problem["k_lin"], problem["v"], rel_bias=problem["rel_bias"],
-                                    **options)
+        out = mixed_chunk_attention(
+            problem["q_quad"],
+            problem["k_quad"],
+            problem["q_lin"],
+            problem["k_lin"],
+            problem["v"],
+            rel_bias=problem["rel_bias"],
+            **options,
+        )
     if grad_out is None:
-        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(123),
-                               dtype=torch.float64).to(out)
+        grad_out = torch.randn(
+            out.shape, generator=torch.Generator().manual_seed(123), dtype=torch.float64
+        ).to(out)
     names = [n for n in GRAD_NAMES if problem[n] is not None and problem[n].requires_grad]
     with record_launches() as launches["backward"]:
-        grads = torch.autograd.grad(out, [problem[n] for n in names], grad_out,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(out, [problem[n] for n in names], grad_out, allow_unused=True)
     return out, dict(zip(names, grads)), grad_out
+
+
+def op_inputs(op, dtype=torch.float32, seed=0, batch=2, T_=11, S=5, E=6, C=4, device=None):
+    """Named inputs of `op` ("mixed_chunk_attention" or "flash_attention"; call it with
+    `call_op`): O(1) scores, a (2C - 1,) relative bias, gamma near 1; on the GPU when there is
+    one."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, shift=0.0, dtype=dtype):
+        return (shift + torch.randn(*shape, generator=gen)).to(device, dtype)
+
+    rel_bias = rand(2 * C - 1, dtype=torch.float32)
+    if op == "mixed_chunk_attention":
+        return dict(
+            q_quad=rand(batch, T_, S),
+            k_quad=rand(batch, T_, S),
+            q_lin=rand(batch, T_, S),
+            k_lin=rand(batch, T_, S),
+            v=rand(batch, T_, E),
+            rel_bias=rel_bias,
+        )
+    return dict(
+        z=rand(batch, T_, S),
+        gamma=rand(4, S, shift=1.0, dtype=torch.float32),
+        beta=rand(4, S, dtype=torch.float32),
+        v=rand(batch, T_, E),
+        u=rand(batch, T_, E),
+        rel_bias=rel_bias,
+    )
+
+
+def check_raises(fn, exception, words):
+    """fn() raises `exception` whose message contains every one of `words`."""
+    with pytest.raises(exception) as info:
+        fn()
+    for word in words:
+        assert word in str(info.value), f"message {str(info.value)!r} does not mention {word!r}"
 
 
 def call_op(op, tensors, **options):
     """Run "mixed_chunk_attention" or "flash_attention" on a dict of named tensors (the
     names of the op's arguments; rel_bias included)."""
     if op == "mixed_chunk_attention":
-        return mixed_chunk_attention(tensors["q_quad"], tensors["k_quad"], tensors["q_lin"],
-                                     tensors["k_lin"], tensors["v"], rel_bias=tensors["rel_bias"],
-                                     **options)
-    return flash_attention(tensors["z"], tensors["gamma"], tensors["beta"], tensors["v"],
-                           u=tensors["u"], rel_bias=tensors["rel_bias"], **options)
+        return mixed_chunk_attention(
+            tensors["q_quad"],
+            tensors["k_quad"],
+            tensors["q_lin"],
+            tensors["k_lin"],
+            tensors["v"],
+            rel_bias=tensors["rel_bias"],
+            **options,
+        )
+    return flash_attention(
+        tensors["z"],
+        tensors["gamma"],
+        tensors["beta"],
+        tensors["v"],
+        u=tensors["u"],
+        rel_bias=tensors["rel_bias"],
+        **options,
+    )
 
 
 # (T, chunk_size, quad_scale, lin_scale) and the scales resolved by hand: 1 / C with C the chunk
@@ -129,7 +248,7 @@ def call_op(op, tensors, **options):
 # sets the other one.
 DEFAULT_SCALE_CASES = [
     (10, 4, None, None, 1 / 4, 1 / 4),
-    (5, 16, None, None, 1 / 16, 1 / 16),           # T < C
+    (5, 16, None, None, 1 / 16, 1 / 16),  # T < C
     (10, None, None, None, 1 / 10, 1 / 10),
     (10, 4, 0.7, None, 0.7, 1 / 4),
     (10, 4, None, 0.3, 1 / 4, 0.3),
@@ -153,24 +272,28 @@ def default_scale(T, chunk_size):
 def triton_kernels(phase, linear):
     """Names of the kernels one Triton "forward", or one "backward" in which every input
     requires grad, launches: the per-chunk kernels, and with a linear part the state scan."""
-    per_chunk = {"forward": {"mixed_chunk_fwd_kernel"},
-                 "backward": {"mixed_chunk_bwd_query_kernel", "mixed_chunk_bwd_key_kernel"}}[phase]
+    per_chunk = {
+        "forward": {"mixed_chunk_fwd_kernel"},
+        "backward": {"mixed_chunk_bwd_query_kernel", "mixed_chunk_bwd_key_kernel"},
+    }[phase]
     return per_chunk | ({"chunk_state_scan_kernel"} if linear else set())
 
 
 def assert_launched(what, phase, records, expected, *, from_z=False):
-    """The kernels recorded in one `phase` ("forward" or "backward"; flash_kernels.utils.
-    record_launches) are exactly `expected` (a set of names; empty for the PyTorch paths);
-    flash_attention's (from_z) form the roles from z, and the state scan runs forward in a
-    forward and in reverse in a backward."""
+    """The kernels recorded in one `phase` ("forward" or "backward";
+    tools.launch_recording.record_launches) are exactly `expected` (a set of names; empty for the
+    PyTorch paths); flash_attention's (from_z) form the roles from z, and the state scan runs
+    forward in a forward and in reverse in a backward."""
     launched = {r.kernel_name for r in records}
-    assert launched == set(expected), \
+    assert launched == set(expected), (
         f"{what} {phase}: launched {sorted(launched)}, expected {sorted(expected)}"
+    )
     for r in records:
         assert r.constexprs.get("FROM_Z") == from_z, f"{what}: {r.kernel_name} FROM_Z != {from_z}"
         if r.kernel_name == "chunk_state_scan_kernel":
-            assert r.constexprs["REVERSE"] == (phase == "backward"), \
+            assert r.constexprs["REVERSE"] == (phase == "backward"), (
                 f"{what} {phase}: scan direction"
+            )
 
 
 class _CppOracle(torch.autograd.Function):
@@ -182,14 +305,16 @@ class _CppOracle(torch.autograd.Function):
     def forward(ctx, options, q_quad, k_quad, q_lin, k_lin, v, rel_bias):
         ctx.options = options
         ctx.save_for_backward(q_quad, k_quad, q_lin, k_lin, v, rel_bias)
-        return mixed_chunk_attention_cpp(q_quad, k_quad, q_lin, k_lin, v, rel_bias=rel_bias,
-                                         **options)
+        return mixed_chunk_attention_cpp(
+            q_quad, k_quad, q_lin, k_lin, v, rel_bias=rel_bias, **options
+        )
 
     @staticmethod
     def backward(ctx, grad_out):
         q_quad, k_quad, q_lin, k_lin, v, rel_bias = ctx.saved_tensors
-        grads = mixed_chunk_attention_cpp_backward(grad_out, q_quad, k_quad, q_lin, k_lin, v,
-                                                   rel_bias=rel_bias, **ctx.options)
+        grads = mixed_chunk_attention_cpp_backward(
+            grad_out, q_quad, k_quad, q_lin, k_lin, v, rel_bias=rel_bias, **ctx.options
+        )
         return (None, *(grads[name] for name in GRAD_NAMES))
 
 
@@ -216,8 +341,7 @@ def cpp_oracle(op, tensors, *, chunk_size, causal, quad_scale, lin_scale):
     """`op` ("mixed_chunk_attention" or "flash_attention", tensors named as in call_op) by the
     C++ oracle, float64, differentiable; every option must be given resolved. flash_attention
     is composed around it (composed_flash_attention)."""
-    options = dict(chunk_size=chunk_size, causal=causal, quad_scale=quad_scale,
-                   lin_scale=lin_scale)
+    options = dict(chunk_size=chunk_size, causal=causal, quad_scale=quad_scale, lin_scale=lin_scale)
 
     def attention(q_quad, k_quad, q_lin, k_lin, v, rel_bias):
         return _CppOracle.apply(options, q_quad, k_quad, q_lin, k_lin, v, rel_bias)

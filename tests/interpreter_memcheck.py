@@ -11,6 +11,7 @@ tensor argument, at the access.
 Installed by tests/conftest.py (and tests/helpers.py, for spawned processes) under the
 interpreter unless FLASH_KERNELS_MEMCHECK=0. The package itself is never patched.
 """
+
 import os
 import threading
 
@@ -61,12 +62,16 @@ def _check(kind, ptrs, mask):
     if inside.all():
         return
     bad = int(addresses[~inside][0])
-    name, start, end = min(spans, key=lambda s: min(abs(bad - s[1]), abs(bad - s[2])),
-                           default=("(no tensor argument)", 0, 0))
+    name, start, end = min(
+        spans,
+        key=lambda s: min(abs(bad - s[1]), abs(bad - s[2])),
+        default=("(no tensor argument)", 0, 0),
+    )
     raise OutOfBoundsAccess(
         f"{_state.kernel}: {kind} of {int((~inside).sum())} element(s) outside every tensor "
         f"argument; first at byte {bad - start:+d} from the start of '{name}' "
-        f"({end - start} bytes long)")
+        f"({end - start} bytes long)"
+    )
 
 
 def install():
@@ -103,8 +108,10 @@ def install():
 
 
 def enabled():
-    return (os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-            and os.environ.get("FLASH_KERNELS_MEMCHECK", "1") != "0")
+    return (
+        os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        and os.environ.get("FLASH_KERNELS_MEMCHECK", "1") != "0"
+    )
 
 
 if enabled():

@@ -10,6 +10,7 @@ Imported by conftest and by tests/helpers.py, so that processes a test starts (s
 subprocesses that import a test module) are repaired too. The package itself does not depend
 on the interpreter and is never patched outside the tests.
 """
+
 import os
 
 
@@ -22,9 +23,11 @@ def patch_old_interpreter_for_new_numpy():
     """Repair the interpreter where it needs it (idempotent); a no-op elsewhere."""
     import numpy
     import triton
+
     if version_tuple(triton.__version__) >= (3, 7) or version_tuple(numpy.__version__) < (2, 4):
         return
     from triton.runtime import interpreter
+
     patch_tensor = interpreter._patch_lang_tensor
     if getattr(patch_tensor, "repaired_for_numpy", False):
         return

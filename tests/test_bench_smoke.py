@@ -6,6 +6,7 @@ target verdicts and the publish step come out of small fake results files; the v
 (packed documents vs the same documents padded) has the same documents in both layouts, the
 same useful flops, its own table and flags, and stays out of the T series. No GPU needed; the
 quick run (two lengths and a 512-token varlen row) takes ~17 s on 2 quiet cores."""
+
 import hashlib
 import json
 import os
@@ -13,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 import torch
 
 from bench import plots, publish, readme, stability, varlen
@@ -81,14 +81,17 @@ def test_varlen_problems_hold_the_same_documents():
     lengths = [5, 40, 3, 17]
     packed, padded = varlen_problems(lengths, S=8, E=12, C=16)
     assert (packed.batch, packed.T, padded.batch, padded.T) == (1, 65, 4, 40)
-    assert IMPLS["torch"].flops(packed, "bwd") == IMPLS["torch"].flops(padded, "bwd") \
+    assert (
+        IMPLS["torch"].flops(packed, "bwd")
+        == IMPLS["torch"].flops(padded, "bwd")
         == packed_flops(lengths, 8, 12, 16, mode="bwd")
+    )
     cpu = torch.device("cpu")
     out_packed = make_call(IMPLS["torch"], packed, "fwd", cpu, torch.float64, packed.seed)()
     out_padded = make_call(IMPLS["torch"], padded, "fwd", cpu, torch.float64, padded.seed)()
     start = 0
     for row, length in enumerate(lengths):
-        torch.testing.assert_close(out_padded[row, :length], out_packed[0, start:start + length])
+        torch.testing.assert_close(out_padded[row, :length], out_packed[0, start : start + length])
         start += length
     grads = make_call(IMPLS["torch"], padded, "fwd+bwd", cpu, torch.float64, padded.seed)()
     assert grads[-1][0, 5:].abs().max() == 0 and grads[-1][0, :5].abs().max() > 0
@@ -102,8 +105,9 @@ def _committed_state():
     """Hashes of what the README's bench commands must not change: bench/results/ and README."""
     paths = [os.path.join(REPO, "README.md")]
     results = os.path.join(REPO, "bench", "results")
-    paths += sorted(os.path.join(folder, name) for folder, _, names in os.walk(results)
-                    for name in names)
+    paths += sorted(
+        os.path.join(folder, name) for folder, _, names in os.walk(results) for name in names
+    )
     state = {}
     for path in paths:
         with open(path, "rb") as f:
@@ -111,6 +115,7 @@ def _committed_state():
     return state
 
 
+@pytest.mark.slow
 def test_quick_mode_runs_on_cpu_and_leaves_the_checkout_alone(tmp_path):
     """`python -m bench` (the README's main job) on a CPU, then `python -m bench.plots` and
     `python -m bench.readme`, all with their defaults from another directory: quick mode, each
@@ -120,15 +125,34 @@ def test_quick_mode_runs_on_cpu_and_leaves_the_checkout_alone(tmp_path):
     before = _committed_state()
 
     def run(*module_args, timeout=240):
-        proc = subprocess.run([sys.executable, "-m", *module_args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", *module_args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, output[-4000:]
         return output
 
-    output = run("bench", "--device", "cpu", "--threads", "1", "--no-progress",
-                 "--max-dense-gb", "0.2", "--seq-lens", "512", "4096", "--noncausal-seq-lens",
-                 "--varlen-tokens", "512")
+    output = run(
+        "bench",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--max-dense-gb",
+        "0.2",
+        "--seq-lens",
+        "512",
+        "4096",
+        "--noncausal-seq-lens",
+        "--varlen-tokens",
+        "512",
+    )
     assert "quick mode" in output and "forward + backward" in output, output[-4000:]
     assert "packed documents (varlen)" in output and "8 x 154, zero-padded" in output
     assert "bench_out" in output and "±" in output, output[-4000:]
@@ -146,25 +170,37 @@ def test_quick_mode_runs_on_cpu_and_leaves_the_checkout_alone(tmp_path):
         if r["status"] == "ok":
             assert r["ms"] > 0 and r["tflops"] > 0 and r["frac_peak"] > 0
             assert 0 < r["ms_min"] <= r["ms"] <= r["ms_max"] and r["reps"] >= 2, r
-            assert (r["mem_mb"] is not None) == (r["mode"] != "bwd"), r   # bwd: see fwd+bwd
+            assert (r["mem_mb"] is not None) == (r["mode"] != "bwd"), r  # bwd: see fwd+bwd
     # the dense reference is skipped where its memory estimate exceeds --max-dense-gb
-    assert any(r["impl"] == "reference" and r["status"] == "skipped" and "memory" in r["note"]
-               and r["T"] == 4096 for r in records)
+    assert any(
+        r["impl"] == "reference"
+        and r["status"] == "skipped"
+        and "memory" in r["note"]
+        and r["T"] == 4096
+        for r in records
+    )
     # the Triton kernels are never timed on a CPU without the interpreter being asked for
     assert all(r["status"] == "skipped" for r in records if r["impl"] == "triton")
     # the varlen row: the torch path, both layouts, every mode, the documents recorded, the
     # same useful flops for both layouts; no baseline without cu_seqlens runs it
     lengths = varlen.document_lengths(512, 256)
-    rows = {(r["mode"], r["varlen"]): r for r in records
-            if r["impl"] == "torch" and r["varlen"] is not None}
-    assert sorted(rows) == sorted((m, v) for m in ("fwd", "bwd", "fwd+bwd")
-                                  for v in ("packed", "padded"))
+    rows = {
+        (r["mode"], r["varlen"]): r
+        for r in records
+        if r["impl"] == "torch" and r["varlen"] is not None
+    }
+    assert sorted(rows) == sorted(
+        (m, v) for m in ("fwd", "bwd", "fwd+bwd") for v in ("packed", "padded")
+    )
     for (mode, layout), r in rows.items():
         assert r["status"] == "ok" and r["doc_lens"] == lengths and r["causal"], r
         assert (r["batch"], r["T"]) == ((1, 512) if layout == "packed" else (8, max(lengths)))
         assert r["flops"] == packed_flops(lengths, 128, 256, mode=mode)
     assert {r["impl"] for r in records if r["varlen"] is not None} == {
-        "triton", "flash_attention", "torch"}
+        "triton",
+        "flash_attention",
+        "torch",
+    }
     assert all(r["varlen"] is None for r in records if r["impl"] in ("reference", "sdpa"))
 
     if _has_matplotlib():
@@ -190,10 +226,22 @@ def _has_matplotlib():
 
 def _fake_run(path, device_type="cuda", run="20260101T000000-1"):
     """A small results file: triton, torch, torch.compile and sdpa at T = 2K, 4K, 8K."""
-    meta = dict(run=run, time="2026-01-01T00:00:00+00:00", device="NVIDIA FakeGPU 80GB",
-                device_type=device_type, dtype="bfloat16", torch="2.11.0", triton="3.6.0",
-                cuda="12.8", python="3.11", commit="abc123", quick=False, tf32=False,
-                peak_tflops=500.0, peak_what="torch.matmul 8192x8192x8192 bfloat16")
+    meta = dict(
+        run=run,
+        time="2026-01-01T00:00:00+00:00",
+        device="NVIDIA FakeGPU 80GB",
+        device_type=device_type,
+        dtype="bfloat16",
+        torch="2.11.0",
+        triton="3.6.0",
+        cuda="12.8",
+        python="3.11",
+        commit="abc123",
+        quick=False,
+        tf32=False,
+        peak_tflops=500.0,
+        peak_what="torch.matmul 8192x8192x8192 bfloat16",
+    )
     # ms per (impl, mode): triton is 6x the eager path, 2.5x compile, 1.5x faster than SDPA
     # at 4K and 8K, and at 2K SDPA wins the forward (0.9x).
     speed = {"triton": 1.0, "torch": 6.0, "torch.compile": 2.5, "sdpa": 1.5}
@@ -206,14 +254,43 @@ def _fake_run(path, device_type="cuda", run="20260101T000000-1"):
                     ms = 0.9 * base * T / 1024
                 flops = flash_flops(T, 128, 1536, 256, mode=mode, batch=65536 // T)
                 tflops = flops / (ms * 1e-3) / 1e12
-                records.append(dict(meta, impl=impl, mode=mode, T=T, batch=65536 // T, S=128,
-                                    E=1536, C=256, causal=True, rel_bias=False, status="ok",
-                                    note="", ms=ms, ms_min=0.98 * ms, ms_max=1.04 * ms, reps=50,
-                                    flops=flops, tflops=tflops, frac_peak=tflops / 500.0,
-                                    mem_mb=100.0 * T / 1024, machine_warnings=[]))
-    records.append(dict(records[0], impl="fla", status="skipped", ms=None, tflops=None,
-                        frac_peak=None, mem_mb=None,
-                        note="skipped: fla-core not installed (pip install fla-core)"))
+                records.append(
+                    dict(
+                        meta,
+                        impl=impl,
+                        mode=mode,
+                        T=T,
+                        batch=65536 // T,
+                        S=128,
+                        E=1536,
+                        C=256,
+                        causal=True,
+                        rel_bias=False,
+                        status="ok",
+                        note="",
+                        ms=ms,
+                        ms_min=0.98 * ms,
+                        ms_max=1.04 * ms,
+                        reps=50,
+                        flops=flops,
+                        tflops=tflops,
+                        frac_peak=tflops / 500.0,
+                        mem_mb=100.0 * T / 1024,
+                        machine_warnings=[],
+                    )
+                )
+    records.append(
+        dict(
+            records[0],
+            impl="fla",
+            status="skipped",
+            ms=None,
+            tflops=None,
+            frac_peak=None,
+            mem_mb=None,
+            note="skipped: fla-core not installed (pip install fla-core)",
+        )
+    )
     with open(path, "a") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
@@ -232,11 +309,27 @@ def _fake_varlen(path, run_records, noisy_packed_mode=None):
             spread = 0.5 if (layout == "packed" and mode == noisy_packed_mode) else 0.04
             flops = packed_flops(lengths, 128, 1536, 256, mode=mode)
             tflops = flops / (ms * 1e-3) / 1e12
-            records.append(dict(run_records[0], impl="triton", mode=mode, T=T, batch=batch,
-                                varlen=layout, doc_lens=lengths, status="ok", note="", ms=ms,
-                                ms_min=(1 - spread / 2) * ms, ms_max=(1 + spread / 2) * ms,
-                                reps=50, flops=flops, tflops=tflops, frac_peak=tflops / 500.0,
-                                mem_mb=None if mode == "bwd" else 100.0 * factor / 1.2))
+            records.append(
+                dict(
+                    run_records[0],
+                    impl="triton",
+                    mode=mode,
+                    T=T,
+                    batch=batch,
+                    varlen=layout,
+                    doc_lens=lengths,
+                    status="ok",
+                    note="",
+                    ms=ms,
+                    ms_min=(1 - spread / 2) * ms,
+                    ms_max=(1 + spread / 2) * ms,
+                    reps=50,
+                    flops=flops,
+                    tflops=tflops,
+                    frac_peak=tflops / 500.0,
+                    mem_mb=None if mode == "bwd" else 100.0 * factor / 1.2,
+                )
+            )
     with open(path, "a") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
@@ -257,7 +350,8 @@ def test_varlen_row_has_its_own_table_and_stays_out_of_the_series(tmp_path):
     assert flags == {("triton", "bwd", True, 16384, 1, "packed"): ["noisy"]}
     assert stability.row_flags(records, "bwd") == {}
     assert stability.unstable_summary(records) == [
-        "backward varlen packed (1 x 16384): noisy: triton"]
+        "backward varlen packed (1 x 16384): noisy: triton"
+    ]
     headers, table = varlen.varlen_table(records)
     assert headers[:4] == ["impl", "mode", "layout", "batch x T"] and headers[-1] == "flags"
     packed_fwd, padded_fwd = table[0], table[1]
@@ -268,21 +362,25 @@ def test_varlen_row_has_its_own_table_and_stays_out_of_the_series(tmp_path):
     assert packed_fwd[column["padded / packed MB"]] == "2.40x"
     # the same useful flops, so the padded row's useful TFLOP/s is 2.4x lower
     assert float(packed_fwd[column["useful TFLOP/s"]]) == pytest.approx(
-        2.4 * float(padded_fwd[column["useful TFLOP/s"]]), rel=1e-2)
+        2.4 * float(padded_fwd[column["useful TFLOP/s"]]), rel=1e-2
+    )
     assert table[2][column["flags"]] == "noisy" and table[2][column["peak MB"]] == "-"
     section = readme.section(records, str(tmp_path / "results.jsonl"), str(tmp_path / "R.md"))
     assert "**Packed documents (varlen)**" in section
     assert "The same 8 documents (4915, 98, 3113, 197, 4260, 606, 1802, 1393 tokens)" in section
     assert "| triton | forward | packed | 1 x 16384, cu_seqlens | 1.00 ±2% |" in section
-    assert "65536 tokens per batch" in section                # the series' batches only
+    assert "65536 tokens per batch" in section  # the series' batches only
     assert varlen.varlen_table(series) is None and "varlen" not in readme.section(
-        series, str(tmp_path / "results.jsonl"), str(tmp_path / "R.md"))
+        series, str(tmp_path / "results.jsonl"), str(tmp_path / "R.md")
+    )
 
 
 def test_targets_and_tables_from_fake_results(tmp_path):
     records = _fake_run(tmp_path / "results.jsonl")
-    verdicts = {description: (verdict, detail)
-                for description, verdict, detail in evaluate_targets(records, "triton")}
+    verdicts = {
+        description: (verdict, detail)
+        for description, verdict, detail in evaluate_targets(records, "triton")
+    }
     assert verdicts["fwd+bwd >= 5x the eager torch path at T >= 4K"][0] == "PASS"
     assert verdicts["fwd+bwd >= 2x torch.compile at T >= 4K"][0] == "PASS"
     assert verdicts["fwd+bwd faster than SDPA from T = 2K"][0] == "PASS"
@@ -299,30 +397,70 @@ def test_targets_and_tables_from_fake_results(tmp_path):
 
 def _series(impl, mode, points, batch=1, causal=True):
     """Records of one series: points = [(T, median, min, max)], flops proportional to T."""
-    return [dict(run="r", impl=impl, mode=mode, T=T, batch=batch, causal=causal, status="ok",
-                 note="", ms=ms, ms_min=lo, ms_max=hi, flops=1e6 * T * batch)
-            for T, ms, lo, hi in points]
+    return [
+        dict(
+            run="r",
+            impl=impl,
+            mode=mode,
+            T=T,
+            batch=batch,
+            causal=causal,
+            status="ok",
+            note="",
+            ms=ms,
+            ms_min=lo,
+            ms_max=hi,
+            flops=1e6 * T * batch,
+        )
+        for T, ms, lo, hi in points
+    ]
 
 
 def test_noise_is_flagged_and_kept_out_of_conclusions():
-    steady = _series("torch", "fwd", [(512, 1.0, 0.99, 1.02), (1024, 2.0, 1.98, 2.05),
-                                      (2048, 4.1, 4.0, 4.2), (4096, 8.3, 8.2, 8.4)])
+    steady = _series(
+        "torch",
+        "fwd",
+        [
+            (512, 1.0, 0.99, 1.02),
+            (1024, 2.0, 1.98, 2.05),
+            (2048, 4.1, 4.0, 4.2),
+            (4096, 8.3, 8.2, 8.4),
+        ],
+    )
     # T=1024 measured slower than T=2048: a contradiction, whatever the spreads
-    contradicted = _series("sdpa", "fwd", [(512, 1.0, 0.99, 1.01), (1024, 5.0, 4.9, 5.1),
-                                           (2048, 4.0, 3.9, 4.1), (4096, 16.0, 15.9, 16.1)])
+    contradicted = _series(
+        "sdpa",
+        "fwd",
+        [
+            (512, 1.0, 0.99, 1.01),
+            (1024, 5.0, 4.9, 5.1),
+            (2048, 4.0, 3.9, 4.1),
+            (4096, 16.0, 15.9, 16.1),
+        ],
+    )
     # the last point's runs range over 50% of its median: noisy, left out of the ratio
-    noisy_end = _series("reference", "fwd", [(512, 1.0, 0.99, 1.01), (1024, 4.0, 3.9, 4.1),
-                                              (2048, 16.0, 15.8, 16.2), (4096, 50.0, 40.0, 65.0)])
+    noisy_end = _series(
+        "reference",
+        "fwd",
+        [
+            (512, 1.0, 0.99, 1.01),
+            (1024, 4.0, 3.9, 4.1),
+            (2048, 16.0, 15.8, 16.2),
+            (4096, 50.0, 40.0, 65.0),
+        ],
+    )
     records = steady + contradicted + noisy_end
     flags = stability.point_flags(records)
-    assert flags == {("sdpa", "fwd", True, 1024, 1, None): ["non-monotonic"],
-                     ("sdpa", "fwd", True, 2048, 1, None): ["non-monotonic"],
-                     ("reference", "fwd", True, 4096, 1, None): ["noisy"]}
+    assert flags == {
+        ("sdpa", "fwd", True, 1024, 1, None): ["non-monotonic"],
+        ("sdpa", "fwd", True, 2048, 1, None): ["non-monotonic"],
+        ("reference", "fwd", True, 4096, 1, None): ["noisy"],
+    }
     lines = stability.growth_conclusions(records)
     assert any(line.startswith("torch: 8x the tokens cost 8.3x the forward time") for line in lines)
-    sdpa, = (line for line in lines if line.startswith("sdpa"))
+    (sdpa,) = (line for line in lines if line.startswith("sdpa"))
     assert "no conclusion" in sdpa and "1024, 2048" in sdpa and "x the tokens" not in sdpa
-    ref, = (line for line in lines if line.startswith("reference"))
+    (ref,) = (line for line in lines if line.startswith("reference"))
     assert "4x the tokens cost 16.0x" in ref and "left out, noisy: T = 4096" in ref
     headers, rows = time_table(records, "fwd")
     assert headers[-1] == "flags"
@@ -336,14 +474,24 @@ def test_noise_is_flagged_and_kept_out_of_conclusions():
 
 def test_spread_uses_percentiles_when_there_are_enough_runs():
     import argparse
+
     import torch
+
     from bench.run import time_ms
+
     args = argparse.Namespace(device=torch.device("cpu"), repeats=12, max_point_seconds=3.0)
     timing = time_ms(lambda: sum(range(1000)), args)
     assert timing["reps"] == 12
-    assert timing["ms_min"] <= timing["ms_p10"] <= timing["ms"] <= timing["ms_p90"] <= timing["ms_max"]
-    assert time_ms(lambda: None, argparse.Namespace(device=torch.device("cpu"), repeats=5,
-                                                    max_point_seconds=3.0))["ms_p10"] is None
+    assert (
+        timing["ms_min"] <= timing["ms_p10"] <= timing["ms"] <= timing["ms_p90"] <= timing["ms_max"]
+    )
+    assert (
+        time_ms(
+            lambda: None,
+            argparse.Namespace(device=torch.device("cpu"), repeats=5, max_point_seconds=3.0),
+        )["ms_p10"]
+        is None
+    )
     # one slow outlier among many runs widens min-max, not the 10th-90th percentile range
     r = dict(_series("triton", "fwd", [(512, 1.0, 0.95, 3.0)])[0], ms_p10=0.97, ms_p90=1.05)
     assert stability.spread(r) == pytest.approx(0.08)
@@ -358,10 +506,12 @@ def test_loaded_machine_is_reported():
     assert "0.05 TFLOP/s" in warnings[1] and "reference text" in warnings[1]
     # a quiet machine: its own threads at the end do not count as load
     assert stability.machine_warnings(0.1, 2.2, 2, 2, 0.2, 0.116, "x") == []
-    earlier = [dict(device="CPU X (2 cores, 2 threads)", dtype="float32", tf32=False,
-                    peak_tflops=0.194)]
-    reference, what = stability.peak_reference("CPU X (2 cores, 2 threads)", "float32", False,
-                                               earlier)
+    earlier = [
+        dict(device="CPU X (2 cores, 2 threads)", dtype="float32", tf32=False, peak_tflops=0.194)
+    ]
+    reference, what = stability.peak_reference(
+        "CPU X (2 cores, 2 threads)", "float32", False, earlier
+    )
     assert reference == pytest.approx(0.6 * 0.194) and "best earlier run" in what
     assert stability.peak_reference("CPU Y", "float32", False, earlier) == (None, "")
     reference, what = stability.peak_reference("NVIDIA H100 80GB HBM3", "bfloat16", False, [])
@@ -373,8 +523,14 @@ def test_loaded_machine_is_reported():
 def test_log_tick_labels_read_plainly():
     labels = [plots.plain_number(x) for x in (512, 1024, 2048, 65536, 131072, 1048576)]
     assert labels == ["512", "1K", "2K", "64K", "128K", "1M"]
-    assert [plots.plain_number(x) for x in (0.2, 1, 5, 20, 200, 2000)] == \
-        ["0.2", "1", "5", "20", "200", "2K"]
+    assert [plots.plain_number(x) for x in (0.2, 1, 5, 20, 200, 2000)] == [
+        "0.2",
+        "1",
+        "5",
+        "20",
+        "200",
+        "2K",
+    ]
 
 
 def test_readme_defaults_to_bench_out(tmp_path, monkeypatch):
@@ -393,9 +549,10 @@ def test_publish_is_the_step_that_updates_committed_results(tmp_path, monkeypatc
     committed = tmp_path / "committed"
     committed.mkdir()
     monkeypatch.setattr(publish, "COMMITTED_DIR", str(committed))
-    drawn = []                    # drawing is test_plots_from_fake_results' job (seconds each)
-    monkeypatch.setattr(plots, "draw", lambda records, plot_dir: drawn.append(
-        (records[0]["run"], plot_dir)) or [])
+    drawn = []  # drawing is test_plots_from_fake_results' job (seconds each)
+    monkeypatch.setattr(
+        plots, "draw", lambda records, plot_dir: drawn.append((records[0]["run"], plot_dir)) or []
+    )
     old_cpu = _fake_run(committed / "results.jsonl", device_type="cpu", run="20250101T000000-1")
     gpu = _fake_run(committed / "results.jsonl", run="20250601T000000-1")
     new_cpu_file = tmp_path / "bench_out" / "results.jsonl"
@@ -410,11 +567,13 @@ def test_publish_is_the_step_that_updates_committed_results(tmp_path, monkeypatc
     assert runs == [gpu[0]["run"]] * len(gpu) + [new_cpu[0]["run"]] * len(new_cpu)
     assert old_cpu[0]["run"] not in runs and gpu[0]["run"] in target.read_text()
     assert drawn == [(gpu[0]["run"], str(committed))]
-    assert publish.main(argv) == 0                      # twice: nothing more
+    assert publish.main(argv) == 0  # twice: nothing more
     assert len(load_results(committed / "results.jsonl")) == len(runs)
     # a run measured on a loaded machine needs --allow-loaded
-    loaded = [dict(r, run="20280101T000000-1", machine_warnings=["the machine is loaded"])
-              for r in new_cpu]
+    loaded = [
+        dict(r, run="20280101T000000-1", machine_warnings=["the machine is loaded"])
+        for r in new_cpu
+    ]
     with open(new_cpu_file, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in loaded)
     assert publish.main(argv) == 1
@@ -425,30 +584,32 @@ def test_publish_is_the_step_that_updates_committed_results(tmp_path, monkeypatc
 
 def test_readme_section_from_fake_results(tmp_path):
     results = tmp_path / "results.jsonl"
-    _fake_run(results, device_type="cpu", run="20250101T000000-1")   # an older CPU run
-    _fake_run(results)                                                  # the GPU run
-    _fake_run(results, device_type="cpu", run="20270101T000000-1")   # a later CPU smoke run
+    _fake_run(results, device_type="cpu", run="20250101T000000-1")  # an older CPU run
+    _fake_run(results)  # the GPU run
+    _fake_run(results, device_type="cpu", run="20270101T000000-1")  # a later CPU smoke run
     target = tmp_path / "README.md"
     before, after = "# Title\n\nIntro.\n\n", "\n\n## Layout\n\nrest\n"
     target.write_text(before + readme.START + "\nold\n" + readme.END + after)
     assert readme.main(["--results", str(results), "--readme", str(target)]) == 0
     text = target.read_text()
     assert text.startswith(before + readme.START) and text.endswith(readme.END + after)
-    region = text[text.index(readme.START):text.index(readme.END)]
-    assert "old" not in region and "NVIDIA FakeGPU 80GB" in region    # the GPU run is preferred
+    region = text[text.index(readme.START) : text.index(readme.END)]
+    assert "old" not in region and "NVIDIA FakeGPU 80GB" in region  # the GPU run is preferred
     assert "20260101T000000-1" in region
     assert "| T | batch | triton ms |" in region and "**PASS**" in region and "**FAIL**" in region
     assert "- `fla`: fla-core not installed" in region
     # --latest takes the CPU smoke run instead; running twice changes nothing more
     assert readme.main(["--results", str(results), "--readme", str(target), "--latest"]) == 0
     assert "20270101T000000-1" in target.read_text()
-    assert len(select_run(load_results(results), latest=True)) == len(select_run(load_results(results)))
+    assert len(select_run(load_results(results), latest=True)) == len(
+        select_run(load_results(results))
+    )
 
 
 def test_plots_from_fake_results(tmp_path):
     pytest.importorskip("matplotlib")
     results = tmp_path / "results.jsonl"
-    _fake_varlen(results, _fake_run(results))                 # the varlen row is left out
+    _fake_varlen(results, _fake_run(results))  # the varlen row is left out
     assert plots.main(["--results", str(results), "--plot-dir", str(tmp_path / "png")]) == 0
     for name in plots.PLOT_NAMES:
         path = tmp_path / "png" / name
@@ -461,7 +622,7 @@ def test_plots_without_matplotlib(tmp_path, monkeypatch, capsys):
     for name in list(sys.modules):
         if name == "matplotlib" or name.startswith("matplotlib."):
             monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)           # import matplotlib fails
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
     assert plots.main(["--results", str(results), "--plot-dir", str(tmp_path / "png")]) == 0
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert not (tmp_path / "png" / plots.PLOT_NAMES[0]).exists()

@@ -18,6 +18,7 @@ on sm_90 (Triton 3.2-3.6 miscompile it: flash-linear-attention #640, triton #612
 The recording and the compiles of 2.-4. start once per session (`ci_compiles`), in child
 processes, two at a time (the 2-core CI machine): about 170 CPU-seconds in all.
 """
+
 # The hand-written TTGIR below keeps MLIR's one-operation-per-line form, longer than 100 columns:
 # ruff: noqa: E501
 import functools
@@ -30,14 +31,26 @@ import time
 import numpy
 import pytest
 import triton
+from interpreter_shim import version_tuple
 
 from bench.compile_report import GATE_MATRIX, collect_recordings, recording_items
-from interpreter_shim import version_tuple
-from tools.aot_compile import (NVIDIA_TARGETS, architecture, error_details, markdown_table,
-                               measure_concurrently, record_concurrently, record_from_dict,
-                               record_key)
-from tools.codegen_gate import (describe_findings, find_register_transposes, flagged_rows,
-                                source_lines, summary_line)
+from tools.aot_compile import (
+    NVIDIA_TARGETS,
+    architecture,
+    error_details,
+    markdown_table,
+    measure_concurrently,
+    record_concurrently,
+    record_from_dict,
+    record_key,
+)
+from tools.codegen_gate import (
+    describe_findings,
+    find_register_transposes,
+    flagged_rows,
+    source_lines,
+    summary_line,
+)
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if TESTS_DIR not in sys.path:
@@ -49,14 +62,17 @@ import aot_toy_kernels  # noqa: E402  (after tests/ is on sys.path)
 needs_recording = pytest.mark.skipif(
     version_tuple(triton.__version__) < (3, 7) and version_tuple(numpy.__version__) >= (2, 4),
     reason=f"Triton {triton.__version__}'s interpreter cannot run loops with a run-time bound "
-           f"under numpy {numpy.__version__}: the launches cannot be recorded")
+    f"under numpy {numpy.__version__}: the launches cannot be recorded",
+)
 
 #: A Python with the GPU machines' Triton (3.6; .ci/run makes one and exports this).
 OTHER_TRITON_PYTHON = os.environ.get("FLASH_KERNELS_OTHER_TRITON_PYTHON")
 needs_other_triton = pytest.mark.skipif(
-    not OTHER_TRITON_PYTHON, reason="FLASH_KERNELS_OTHER_TRITON_PYTHON (a Python with the GPU "
+    not OTHER_TRITON_PYTHON,
+    reason="FLASH_KERNELS_OTHER_TRITON_PYTHON (a Python with the GPU "
     "machines' Triton 3.6, the version that miscompiles register transposes) is not set; "
-    ".ci/run sets it")
+    ".ci/run sets it",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +98,7 @@ _FOOTER = """\
 } loc(#loc)
 #loc1 = loc("/repo/flash_kernels/kernels/toy.py":20:5)
 #loc2 = loc("/repo/flash_kernels/kernels/toy.py":30:9)
-#loc3 = loc("/repo/flash_kernels/kernels/common.py":120:31)
+#loc3 = loc("/repo/flash_kernels/backends/triton/kernels/common.py":120:31)
 #loc4 = loc("/repo/flash_kernels/kernels/toy.py":40:13)
 #loc5 = loc(callsite(#loc3 at #loc4))
 #loc6 = loc("scores"(#loc5))
@@ -154,7 +170,9 @@ def test_transpose_reaching_a_dot_through_a_branch_and_shared_memory():
         }} loc(#loc4)
     """)
     (finding,) = findings
-    assert _dots(finding) == ["ttng.warp_group_dot (wgmma) operand A at /repo/flash_kernels/kernels/toy.py:40"]
+    assert _dots(finding) == [
+        "ttng.warp_group_dot (wgmma) operand A at /repo/flash_kernels/kernels/toy.py:40"
+    ]
 
 
 def test_transpose_carried_by_a_loop_and_stored_into_a_shared_buffer():
@@ -179,7 +197,8 @@ def test_harmless_transposes_pass():
     """A transposed shared-memory descriptor, a blocked transpose that is stored, one that only
     makes a mask (a comparison, the condition of a select), one that is the accumulator (not an
     A or B operand), and a 3-D transpose: nothing to reject."""
-    assert _findings(f"""
+    assert (
+        _findings(f"""
         %m = ttg.local_alloc %x : ({H64}) -> {MEM} loc(#loc1)
         %mt = ttg.memdesc_trans %m {{order = array<i32: 1, 0>}} : {MEM} -> !ttg.memdesc<64x64xf16, #shared1, #smem> loc(#loc2)
         %d = ttng.warp_group_dot %a, %mt, %c {{inputPrecision = 0 : i32}} : {MEM} * !ttg.memdesc<64x64xf16, #shared1, #smem> -> {ACC} loc(#loc4)
@@ -194,7 +213,9 @@ def test_harmless_transposes_pass():
         %acc = ttg.convert_layout %t3 : tensor<64x64xf32, #blocked1> -> {ACC} loc(#loc1)
         %d3 = tt.dot %a, %b, %acc : {DOT_A} * {DOT_B} -> {ACC} loc(#loc4)
         %t4 = tt.trans %z {{order = array<i32: 0, 2, 1>}} : tensor<2x64x64xf16, #blocked> -> tensor<2x64x64xf16, #blocked1> loc(#loc2)
-    """) == []
+    """)
+        == []
+    )
 
 
 def test_sibling_regions_may_reuse_value_names():
@@ -240,7 +261,7 @@ def test_locations_resolve_through_inlined_call_sites():
         %s = tt.trans %acc {{order = array<i32: 1, 0>}} : {ACC} -> {DOT_B} loc(#loc6)
     """)
     (finding,) = findings
-    assert finding.source == "flash_kernels/kernels/common.py:120"
+    assert finding.source == "flash_kernels/backends/triton/kernels/common.py:120"
     assert finding.called_from == ["/repo/flash_kernels/kernels/toy.py:40"]
     assert finding.result_layout == "dot_op"
     assert "inlined at /repo/flash_kernels/kernels/toy.py:40" in finding.describe()
@@ -274,9 +295,13 @@ def _gate_config(name):
 #: the fused op (roles formed from z, gate) with every option on (packed documents, state in
 #: and out, causal, rel_bias), and the fused decoding step.
 WORST_CASE_CONFIGS = [
-    f"S=256 C=256 {dtype} {what}" for dtype in ("fp32", "fp16", "bf16")
-    for what in ("flash_attention, causal, rel_bias, packed + state",
-                 "decode flash_attention_decode, rel_bias")]
+    f"S=256 C=256 {dtype} {what}"
+    for dtype in ("fp32", "fp16", "bf16")
+    for what in (
+        "flash_attention, causal, rel_bias, packed + state",
+        "decode flash_attention_decode, rel_bias",
+    )
+]
 
 #: Together with WORST_CASE_CONFIGS, every value of every kernel flag and every tile choice of
 #: the gate matrix (chunk sizes 16 / 64 / 256 / None, S = 128 / 256; see
@@ -304,8 +329,10 @@ CI_RECORDED_E = 64
 #: target: the paper shape (S = 128, C = 256) in bf16, the fused op with every option on and
 #: the unfused op non-causal (the forward's widest value tile). Shared memory must fit; the full
 #: matrix of shapes and dtypes per architecture is in bench/results/compile_report.md.
-ARCHITECTURE_CHECK_CONFIGS = ["S=128 C=256 bf16 flash_attention, causal, rel_bias, packed + state",
-                              "S=128 C=256 bf16 mixed_chunk_attention, non-causal"]
+ARCHITECTURE_CHECK_CONFIGS = [
+    "S=128 C=256 bf16 flash_attention, causal, rel_bias, packed + state",
+    "S=128 C=256 bf16 mixed_chunk_attention, non-causal",
+]
 
 GATE_TARGET = "cuda:90"
 
@@ -326,18 +353,21 @@ class CiCompiles:
         start = time.perf_counter()
         toy_item = dict(snippets={"toys": TOY_SNIPPET}, target=GATE_TARGET, sys_path=[TESTS_DIR])
         ci_configs = [dict(_gate_config(name), E=CI_RECORDED_E) for name in CI_CONFIGS]
-        arch_configs = [dict(_gate_config(name), E=CI_RECORDED_E)
-                        for name in ARCHITECTURE_CHECK_CONFIGS]
+        arch_configs = [
+            dict(_gate_config(name), E=CI_RECORDED_E) for name in ARCHITECTURE_CHECK_CONFIGS
+        ]
         ci_items = recording_items(ci_configs, [GATE_TARGET], jobs=2)
         arch_items = recording_items(arch_configs, NVIDIA_TARGETS, jobs=2)
         results = record_concurrently([toy_item] + ci_items + arch_items, jobs=2)
         toy_records, toy_errors = results[0]
         assert not toy_errors, toy_errors["toys"]
         self.toy_records = toy_records["toys"]
-        self.records, errors = collect_recordings(ci_configs, ci_items,
-                                                  results[1:1 + len(ci_items)])
-        arch_records, arch_errors = collect_recordings(arch_configs, arch_items,
-                                                       results[1 + len(ci_items):])
+        self.records, errors = collect_recordings(
+            ci_configs, ci_items, results[1 : 1 + len(ci_items)]
+        )
+        arch_records, arch_errors = collect_recordings(
+            arch_configs, arch_items, results[1 + len(ci_items) :]
+        )
         errors.update(arch_errors)
         assert not errors, "\n".join(f"{n} ({t}): {text}" for (n, t), text in errors.items())
         self.recording_seconds = time.perf_counter() - start
@@ -345,27 +375,43 @@ class CiCompiles:
         launches = [r for name in CI_CONFIGS for r in self.records[(name, GATE_TARGET)]]
         gate_tasks = [
             dict(records=self.toy_records, targets=[GATE_TARGET], sys_path=[TESTS_DIR]),
-            dict(records=self.toy_records, targets=[GATE_TARGET], sys_path=[TESTS_DIR],
-                 ttgir_only=True),
-            dict(records=launches, targets=[GATE_TARGET], ttgir_only=True)]
-        tasks = gate_tasks + [dict(records=[r for name in ARCHITECTURE_CHECK_CONFIGS
-                                            for r in arch_records[(name, t)]], targets=[t])
-                              for t in NVIDIA_TARGETS]
+            dict(
+                records=self.toy_records,
+                targets=[GATE_TARGET],
+                sys_path=[TESTS_DIR],
+                ttgir_only=True,
+            ),
+            dict(records=launches, targets=[GATE_TARGET], ttgir_only=True),
+        ]
+        tasks = gate_tasks + [
+            dict(
+                records=[r for name in ARCHITECTURE_CHECK_CONFIGS for r in arch_records[(name, t)]],
+                targets=[t],
+            )
+            for t in NVIDIA_TARGETS
+        ]
         if OTHER_TRITON_PYTHON:
             tasks += [dict(task, python=OTHER_TRITON_PYTHON) for task in gate_tasks]
         rows = measure_concurrently(tasks, jobs=2)
         self.toy_rows, self.toy_ttgir_rows, self.kernel_rows = rows[:3]
-        self.architecture_rows = [row for task_rows in rows[3:3 + len(NVIDIA_TARGETS)]
-                                  for row in task_rows]
+        self.architecture_rows = [
+            row for task_rows in rows[3 : 3 + len(NVIDIA_TARGETS)] for row in task_rows
+        ]
         self.other_toy_rows, self.other_toy_ttgir_rows, self.other_kernel_rows = (
-            rows[-3:] if OTHER_TRITON_PYTHON else (None, None, None))
+            rows[-3:] if OTHER_TRITON_PYTHON else (None, None, None)
+        )
         for row in self.kernel_rows + (self.other_kernel_rows or []):
-            row["configs"] = [name for name in CI_CONFIGS if any(
-                record_key(r) == _row_key(row) for r in self.records[(name, GATE_TARGET)])]
+            row["configs"] = [
+                name
+                for name in CI_CONFIGS
+                if any(record_key(r) == _row_key(row) for r in self.records[(name, GATE_TARGET)])
+            ]
         self.compiles = sum(map(len, rows))
         self.seconds = time.perf_counter() - start
-        print(f"\ncodegen gate CI: {self.recording_seconds:.0f} s recording, {self.seconds:.0f} s "
-              f"in all, {self.compiles} compiles")
+        print(
+            f"\ncodegen gate CI: {self.recording_seconds:.0f} s recording, {self.seconds:.0f} s "
+            f"in all, {self.compiles} compiles"
+        )
 
 
 def _row_key(row) -> str:
@@ -383,7 +429,7 @@ class GateFailure(AssertionError):
 
 
 def _toy_source_line(name: str) -> str:
-    """"tests/aot_toy_kernels.py:N" of the tl.trans in a bad toy kernel."""
+    """ "tests/aot_toy_kernels.py:N" of the tl.trans in a bad toy kernel."""
     kernel, _ = aot_toy_kernels.TRANSPOSE_KERNELS[name]
     lines, first = inspect.getsourcelines(kernel.fn)
     (offset,) = [i for i, line in enumerate(lines) if "tl.trans(" in line]
@@ -403,7 +449,8 @@ def _check_toys(rows, ttgir_rows):
         findings = row["codegen_findings"]
         if bad:
             assert [f["source"] for f in findings] == [_toy_source_line(name)], (
-                f"the gate must reject {name} (Triton {row['triton']}): {findings}")
+                f"the gate must reject {name} (Triton {row['triton']}): {findings}"
+            )
         else:
             assert findings == [], f"the gate must accept {name}: {findings}"
     # The safe control with a tl.trans of a tile from memory: a transpose the gate looked at.
@@ -422,8 +469,9 @@ def test_toy_kernels_installed_triton():
 @needs_recording
 def test_toy_kernels_gpu_machines_triton():
     compiles = ci_compiles()
-    assert compiles.other_toy_rows[0]["triton"] != triton.__version__, \
+    assert compiles.other_toy_rows[0]["triton"] != triton.__version__, (
         "the other Python runs this Triton"
+    )
     _check_toys(compiles.other_toy_rows, compiles.other_toy_ttgir_rows)
 
 
@@ -439,19 +487,32 @@ def test_ci_selection_covers_every_flag_and_tile():
         for flag, value in record.constexprs.items():
             seen.setdefault((record.kernel_name, flag), set()).add(value)
     kernels = {r.kernel_name for r in launches}
-    assert kernels == {"chunk_state_scan_kernel", "mixed_chunk_fwd_kernel",
-                       "mixed_chunk_bwd_query_kernel", "mixed_chunk_bwd_key_kernel",
-                       "mixed_chunk_decode_kernel"}
-    one_sided = sorted(f"{kernel}.{flag}={values.pop()}"
-                       for (kernel, flag), values in seen.items()
-                       if len(values) == 1 and isinstance(next(iter(values)), bool)
-                       and f"{kernel}.{flag}" not in ONE_SIDED_FLAGS)
+    assert kernels == {
+        "chunk_state_scan_kernel",
+        "mixed_chunk_fwd_kernel",
+        "mixed_chunk_bwd_query_kernel",
+        "mixed_chunk_bwd_key_kernel",
+        "mixed_chunk_decode_kernel",
+    }
+    one_sided = sorted(
+        f"{kernel}.{flag}={values.pop()}"
+        for (kernel, flag), values in seen.items()
+        if len(values) == 1
+        and isinstance(next(iter(values)), bool)
+        and f"{kernel}.{flag}" not in ONE_SIDED_FLAGS
+    )
     assert not one_sided, f"flags the CI selection sees only one way (add a config): {one_sided}"
-    blocks = {(kernel, flag): values for (kernel, flag), values in seen.items()
-              if flag.startswith("BLOCK")}
+    blocks = {
+        (kernel, flag): values
+        for (kernel, flag), values in seen.items()
+        if flag.startswith("BLOCK")
+    }
     for (kernel, flag), expected in EXPECTED_TILES.items():
-        assert expected <= blocks.get((kernel, flag), set()), (kernel, flag, blocks.get(
-            (kernel, flag)))
+        assert expected <= blocks.get((kernel, flag), set()), (
+            kernel,
+            flag,
+            blocks.get((kernel, flag)),
+        )
 
 
 #: Flags the ops only ever launch one way (in the whole gate matrix): none today.
@@ -467,8 +528,9 @@ EXPECTED_TILES = {
 
 
 def _assert_gate_passes(rows):
-    assert rows and all(row["error"] is None for row in rows), \
-        "\n".join(error_details([row for row in rows if row["error"]]))
+    assert rows and all(row["error"] is None for row in rows), "\n".join(
+        error_details([row for row in rows if row["error"]])
+    )
     print("\n" + summary_line(rows))
     if flagged_rows(rows):
         raise GateFailure(f"{summary_line(rows)}\n{describe_findings(rows)}")
@@ -498,8 +560,11 @@ def test_paper_shape_compiles_and_fits(target):
     for it, with tensor-core instructions, within its register and shared memory limits."""
     rows = [row for row in ci_compiles().architecture_rows if row["target"] == target]
     assert {row["record"]["kernel_name"] for row in rows} == {
-        "chunk_state_scan_kernel", "mixed_chunk_fwd_kernel", "mixed_chunk_bwd_query_kernel",
-        "mixed_chunk_bwd_key_kernel"}
+        "chunk_state_scan_kernel",
+        "mixed_chunk_fwd_kernel",
+        "mixed_chunk_bwd_query_kernel",
+        "mixed_chunk_bwd_key_kernel",
+    }
     failed = [row for row in rows if row["error"] or row["over_register_limit"]]
     assert not failed, "\n".join(markdown_table(failed) + error_details(failed))
     for row in rows:
@@ -508,7 +573,8 @@ def test_paper_shape_compiles_and_fits(target):
     if over:
         raise SharedMemoryOverflow(
             f"over {architecture(target).shared_memory_bytes:,} B of shared memory:\n"
-            + "\n".join(markdown_table(over)))
+            + "\n".join(markdown_table(over))
+        )
 
 
 @needs_recording

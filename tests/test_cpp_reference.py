@@ -6,18 +6,26 @@ docs/contract.md section 3
 backward formulas by hand (prefix states P_g, reverse suffix sums D_g). Agreement to ~1e-10 checks
 both the forward semantics and the exact gradient formulas the kernels implement.
 """
+
 import pytest
 import torch
-
-from csrc_ref import (cpp_toolchain_available, load, mixed_chunk_attention_cpp,
-                      mixed_chunk_attention_cpp_backward)
-from flash_kernels.reference import dense_reference
-from flash_kernels.tolerances import rms_ratio
 from helpers import DEFAULT_SCALE_CASES, assert_close, call_op, cpp_oracle, scale_case_id
 
+from csrc_ref import (
+    cpp_toolchain_available,
+    load,
+    mixed_chunk_attention_cpp,
+    mixed_chunk_attention_cpp_backward,
+)
+from flash_kernels.backends.torch.reference import dense_reference
+from flash_kernels.core.tolerances import rms_ratio
+
 _AVAILABLE, _REASON = cpp_toolchain_available()
-pytestmark = pytest.mark.skipif(not _AVAILABLE,
-                                reason=f"C++ oracle cannot be built: {_REASON}")
+# slow: builds the C++ oracle (ninja, ~1 min)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not _AVAILABLE, reason=f"C++ oracle cannot be built: {_REASON}"),
+]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Odd sizes on purpose: nothing may assume powers of two.
@@ -53,18 +61,33 @@ def make_inputs(batch, T, chunk_size, *, linear, bias, seed=0, dtype=torch.float
 
 def dense_forward_and_grads(inputs, grad_out, *, chunk_size, causal):
     """Dense reference output and autograd gradients w.r.t. every given input."""
-    leaves = {k: None if x is None else x.detach().clone().requires_grad_(True)
-              for k, x in inputs.items()}
-    out = dense_reference(leaves["q_quad"], leaves["k_quad"], leaves["q_lin"], leaves["k_lin"],
-                          leaves["v"], chunk_size=chunk_size, causal=causal,
-                          rel_bias=leaves["rel_bias"], quad_scale=QUAD_SCALE, lin_scale=LIN_SCALE)
+    leaves = {
+        k: None if x is None else x.detach().clone().requires_grad_(True) for k, x in inputs.items()
+    }
+    out = dense_reference(
+        leaves["q_quad"],
+        leaves["k_quad"],
+        leaves["q_lin"],
+        leaves["k_lin"],
+        leaves["v"],
+        chunk_size=chunk_size,
+        causal=causal,
+        rel_bias=leaves["rel_bias"],
+        quad_scale=QUAD_SCALE,
+        lin_scale=LIN_SCALE,
+    )
     out.backward(grad_out)
     return out.detach(), {k: None if x is None else x.grad for k, x in leaves.items()}
 
 
 def cpp_forward_and_grads(inputs, grad_out, *, chunk_size, causal):
-    kwargs = dict(chunk_size=chunk_size, causal=causal, rel_bias=inputs["rel_bias"],
-                  quad_scale=QUAD_SCALE, lin_scale=LIN_SCALE)
+    kwargs = dict(
+        chunk_size=chunk_size,
+        causal=causal,
+        rel_bias=inputs["rel_bias"],
+        quad_scale=QUAD_SCALE,
+        lin_scale=LIN_SCALE,
+    )
     args = (inputs["q_quad"], inputs["k_quad"], inputs["q_lin"], inputs["k_lin"], inputs["v"])
     out = mixed_chunk_attention_cpp(*args, **kwargs)
     grads = mixed_chunk_attention_cpp_backward(grad_out, *args, **kwargs)
@@ -74,10 +97,12 @@ def cpp_forward_and_grads(inputs, grad_out, *, chunk_size, causal):
 def check_against_dense(batch, T, chunk_size, *, causal, linear, bias, seed=0):
     inputs = make_inputs(batch, T, chunk_size, linear=linear, bias=bias, seed=seed)
     # A random incoming gradient: all-ones would hide transposition and row/column mix-ups.
-    grad_out = torch.randn(*batch, T, E, generator=torch.Generator().manual_seed(seed + 1),
-                           dtype=torch.float64)
-    ref_out, ref_grads = dense_forward_and_grads(inputs, grad_out, chunk_size=chunk_size,
-                                                 causal=causal)
+    grad_out = torch.randn(
+        *batch, T, E, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64
+    )
+    ref_out, ref_grads = dense_forward_and_grads(
+        inputs, grad_out, chunk_size=chunk_size, causal=causal
+    )
     out, grads = cpp_forward_and_grads(inputs, grad_out, chunk_size=chunk_size, causal=causal)
 
     assert out.dtype == torch.float64 and out.shape == (*batch, T, E)
@@ -88,20 +113,27 @@ def check_against_dense(batch, T, chunk_size, *, causal, linear, bias, seed=0):
             assert grads[name] is None, name
             continue
         assert grads[name].shape == inputs[name].shape, name
-        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads[name], ref_grads[name], **TOL, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def _dense_cases():
-    for T in (1, 7, 16, 37):                    # 1 token, < C, k*C, partial
+    for T in (1, 7, 16, 37):  # 1 token, < C, k*C, partial
         for linear in (True, False):
             for bias in (True, False):
                 for causal in (True, False):
                     if T == 1 and not linear and not causal:
-                        continue        # one token, quadratic only: the same as causal
-                    yield pytest.param(causal, bias, linear, T,
-                                       id=f"{'causal' if causal else 'noncausal'}-"
-                                          f"{'bias' if bias else 'nobias'}-"
-                                          f"{'lin' if linear else 'nolin'}-T{T}")
+                        continue  # one token, quadratic only: the same as causal
+                    yield pytest.param(
+                        causal,
+                        bias,
+                        linear,
+                        T,
+                        id=f"{'causal' if causal else 'noncausal'}-"
+                        f"{'bias' if bias else 'nobias'}-"
+                        f"{'lin' if linear else 'nolin'}-T{T}",
+                    )
 
 
 @pytest.mark.parametrize("causal,bias,linear,T", list(_dense_cases()))
@@ -162,10 +194,12 @@ def test_float32_inputs_are_computed_in_float64():
     inputs32 = make_inputs((2,), 13, CHUNK, linear=True, bias=True, seed=9, dtype=torch.float32)
     inputs64 = {k: x.double() for k, x in inputs32.items()}
     kwargs = dict(chunk_size=CHUNK, causal=True, quad_scale=QUAD_SCALE, lin_scale=LIN_SCALE)
-    out32 = mixed_chunk_attention_cpp(*(inputs32[k] for k in NAMES[:5]),
-                                      rel_bias=inputs32["rel_bias"], **kwargs)
-    out64 = mixed_chunk_attention_cpp(*(inputs64[k] for k in NAMES[:5]),
-                                      rel_bias=inputs64["rel_bias"], **kwargs)
+    out32 = mixed_chunk_attention_cpp(
+        *(inputs32[k] for k in NAMES[:5]), rel_bias=inputs32["rel_bias"], **kwargs
+    )
+    out64 = mixed_chunk_attention_cpp(
+        *(inputs64[k] for k in NAMES[:5]), rel_bias=inputs64["rel_bias"], **kwargs
+    )
     assert out32.dtype == torch.float64
     assert torch.equal(out32, out64)
 
@@ -174,14 +208,27 @@ def test_rejects_inconsistent_inputs():
     inputs = make_inputs((2,), 10, CHUNK, linear=True, bias=True)
     kwargs = dict(causal=True, quad_scale=QUAD_SCALE, lin_scale=LIN_SCALE)
     with pytest.raises(RuntimeError, match="rel_bias"):  # (2C - 1,) for a different C
-        mixed_chunk_attention_cpp(*(inputs[k] for k in NAMES[:5]), chunk_size=CHUNK + 1,
-                                  rel_bias=inputs["rel_bias"], **kwargs)
+        mixed_chunk_attention_cpp(
+            *(inputs[k] for k in NAMES[:5]),
+            chunk_size=CHUNK + 1,
+            rel_bias=inputs["rel_bias"],
+            **kwargs,
+        )
     with pytest.raises(ValueError, match="q_lin and k_lin"):
-        mixed_chunk_attention_cpp(inputs["q_quad"], inputs["k_quad"], inputs["q_lin"], None,
-                                  inputs["v"], chunk_size=CHUNK, rel_bias=None, **kwargs)
+        mixed_chunk_attention_cpp(
+            inputs["q_quad"],
+            inputs["k_quad"],
+            inputs["q_lin"],
+            None,
+            inputs["v"],
+            chunk_size=CHUNK,
+            rel_bias=None,
+            **kwargs,
+        )
     with pytest.raises(RuntimeError, match="chunk_size"):
-        mixed_chunk_attention_cpp(*(inputs[k] for k in NAMES[:5]), chunk_size=0, rel_bias=None,
-                                  **kwargs)
+        mixed_chunk_attention_cpp(
+            *(inputs[k] for k in NAMES[:5]), chunk_size=0, rel_bias=None, **kwargs
+        )
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
@@ -198,27 +245,54 @@ def test_default_scales_match_the_oracle(case, op, backend):
         return shift + torch.randn(*shape, generator=gen, dtype=torch.float64)
 
     if op == "mixed_chunk_attention":
-        values = dict(q_quad=randn(2, T, S), k_quad=randn(2, T, S), q_lin=randn(2, T, S),
-                      k_lin=randn(2, T, S), v=randn(2, T, E), rel_bias=None)
+        values = dict(
+            q_quad=randn(2, T, S),
+            k_quad=randn(2, T, S),
+            q_lin=randn(2, T, S),
+            k_lin=randn(2, T, S),
+            v=randn(2, T, E),
+            rel_bias=None,
+        )
     else:
-        values = dict(z=randn(2, T, S), gamma=randn(4, S, shift=1.0), beta=randn(4, S),
-                      v=randn(2, T, E), u=randn(2, T, E), rel_bias=None)
+        values = dict(
+            z=randn(2, T, S),
+            gamma=randn(4, S, shift=1.0),
+            beta=randn(4, S),
+            v=randn(2, T, E),
+            u=randn(2, T, E),
+            rel_bias=None,
+        )
     # float32 on the kernels (float64 would take the PyTorch path), rounded alike for the oracle
     dtype = torch.float32 if backend == "triton" else torch.float64
     device = DEVICE if backend == "triton" else "cpu"
-    tested = {n: None if x is None else x.to(device, dtype).requires_grad_()
-              for n, x in values.items()}
-    exact = {n: None if x is None else x.to(dtype).double().requires_grad_()
-             for n, x in values.items()}
-    out = call_op(op, tested, chunk_size=chunk_size, causal=False, quad_scale=quad_scale,
-                  lin_scale=lin_scale, backend=backend)
-    truth = cpp_oracle(op, exact, chunk_size=chunk_size or T, causal=False,
-                       quad_scale=resolved_quad, lin_scale=resolved_lin)
+    tested = {
+        n: None if x is None else x.to(device, dtype).requires_grad_() for n, x in values.items()
+    }
+    exact = {
+        n: None if x is None else x.to(dtype).double().requires_grad_() for n, x in values.items()
+    }
+    out = call_op(
+        op,
+        tested,
+        chunk_size=chunk_size,
+        causal=False,
+        quad_scale=quad_scale,
+        lin_scale=lin_scale,
+        backend=backend,
+    )
+    truth = cpp_oracle(
+        op,
+        exact,
+        chunk_size=chunk_size or T,
+        causal=False,
+        quad_scale=resolved_quad,
+        lin_scale=resolved_lin,
+    )
     grad_out = randn(*truth.shape)
     names = [n for n, x in tested.items() if x is not None]
     grads = torch.autograd.grad(out, [tested[n] for n in names], grad_out.to(out))
     truth_grads = torch.autograd.grad(truth, [exact[n] for n in names], grad_out)
-    ratio = rms_ratio(op, dtype)                  # flash_kernels/tolerances.py
+    ratio = rms_ratio(op, dtype)  # flash_kernels/core/tolerances.py
     assert_close("out", out.cpu(), truth, ratio)
     for name, grad, truth_grad in zip(names, grads, truth_grads):
         assert_close(f"d{name}", grad.cpu(), truth_grad, ratio)

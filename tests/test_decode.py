@@ -1,9 +1,9 @@
-"""Batched decoding (flash_kernels.decode): the decode ops against the full ops, the layers' and
+"""Batched decoding (flash_kernels/decoding/): the decode ops against the full ops, the layers' and
 FLASHLM's decoding on top of them, and the properties a CUDA graph needs.
 
 - Every decoded output equals the full op's output at that token: float64 on the torch path
   (1e-12), the Triton kernel in float32 and float16 under the interpreter (and bfloat16 on a
-  GPU) to the rms ratios of flash_kernels/tolerances.py ("decode"), sequences of one batch at
+  GPU) to the rms ratios of flash_kernels/core/tolerances.py ("decode"), sequences of one batch at
   different positions of their chunks, chunk boundaries crossed at different steps, rel_bias,
   the linear part on and off, one growing chunk (chunk_size=None), and flash_attention's fused
   roles (held against the roles as the op rounds them to the dtype) and gate. The cache
@@ -15,25 +15,30 @@ FLASHLM's decoding on top of them, and the properties a CUDA graph needs.
   break it); the Triton path is one launch per layer; on a GPU the step is captured in a CUDA
   graph and replayed (marked gpu).
 """
+
 import pytest
 import torch
-
 import torch._dynamo.testing
-
-import flash_kernels.decode as decode_module
-from flash_kernels import (DecodeCache, flash_attention_decode, mixed_chunk_attention,
-                           mixed_chunk_decode)
-from flash_kernels.flash_attention import scale_offset_roles
-from flash_kernels.nn import FLASHLM, ScaleOffset
-from flash_kernels.tolerances import rms_ratio
-from flash_kernels.utils import INTERPRETED_KERNELS, record_launches
 from helpers import assert_close
+
+import flash_kernels.backends.triton.decode as decode_module
+from flash_kernels import (
+    DecodeCache,
+    flash_attention_decode,
+    mixed_chunk_attention,
+    mixed_chunk_decode,
+)
+from flash_kernels.core.environment import INTERPRETED_KERNELS
+from flash_kernels.core.roles import scale_offset_roles
+from flash_kernels.core.tolerances import rms_ratio
+from flash_kernels.nn import FLASHLM, ScaleOffset
+from tools.launch_recording import record_launches
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_OK = DEVICE == "cuda" or INTERPRETED_KERNELS
 B, T, S, E = 4, 26, 20, 20
-START = [0, 3, 5, 18]            # positions of the four sequences when decoding starts
-STEPS = 4                        # sequences cross a chunk end (C = 4, 20) at different steps
+START = [0, 3, 5, 18]  # positions of the four sequences when decoding starts
+STEPS = 4  # sequences cross a chunk end (C = 4, 20) at different steps
 GAU_CAPACITY = 32
 
 
@@ -44,13 +49,24 @@ def small_tiles(monkeypatch):
     for name in ("DECODE_BLOCK_E", "DECODE_BLOCK_N", "DECODE_BLOCK_SL", "DECODE_BLOCK_SF"):
         monkeypatch.setattr(decode_module, name, 16)
 
+
 NEEDS_TRITON = pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1")
-BACKENDS = [pytest.param("torch", torch.float64, id="torch-f64"),
-            pytest.param("triton", torch.float32, id="triton-f32", marks=NEEDS_TRITON),
-            pytest.param("triton", torch.float16, id="triton-f16", marks=NEEDS_TRITON),
-            pytest.param("triton", torch.bfloat16, id="triton-bf16", marks=[
-                pytest.mark.gpu, pytest.mark.skipif(DEVICE != "cuda", reason="bfloat16 needs a "
-                                                    "GPU: the Triton interpreter has no bf16")])]
+BACKENDS = [
+    pytest.param("torch", torch.float64, id="torch-f64"),
+    pytest.param("triton", torch.float32, id="triton-f32", marks=NEEDS_TRITON),
+    pytest.param("triton", torch.float16, id="triton-f16", marks=NEEDS_TRITON),
+    pytest.param(
+        "triton",
+        torch.bfloat16,
+        id="triton-bf16",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(
+                DEVICE != "cuda", reason="bfloat16 needs a GPU: the Triton interpreter has no bf16"
+            ),
+        ],
+    ),
+]
 
 
 def _rand(gen, *shape, scale=1.0, dtype=torch.float64):
@@ -61,7 +77,7 @@ def _bias_for(base, C):
     """The (2C - 1,) Toeplitz vector of one bias function b(o) (o = i - j), from base, which
     holds b over offsets -(M - 1) .. M - 1."""
     M = (base.numel() + 1) // 2
-    return base[M - C: M + C - 1]
+    return base[M - C : M + C - 1]
 
 
 class Problem:
@@ -90,15 +106,20 @@ class Problem:
 
     def full(self, length=T):
         """The full op on each sequence's first `length` tokens: (out, final_state or None)."""
-        options = dict(chunk_size=self.chunk_size, rel_bias=self.bias_full if length == T else
-                       None, quad_scale=self.quad_scale, backend="torch",
-                       output_final_state=self.linear)
+        options = dict(
+            chunk_size=self.chunk_size,
+            rel_bias=self.bias_full if length == T else None,
+            quad_scale=self.quad_scale,
+            backend="torch",
+            output_final_state=self.linear,
+        )
         # flash: the roles as the op forms them, in float32 rounded to z's dtype (self.roles,
         # scale_offset_roles), so that a half-precision case is not charged for that rounding
         roles = [r[:, :length].double() for r in self.roles]
         q_lin, k_lin = (roles[2], roles[3]) if self.linear else (None, None)
-        result = mixed_chunk_attention(roles[0], roles[1], q_lin, k_lin,
-                                       self.v[:, :length].double(), **options)
+        result = mixed_chunk_attention(
+            roles[0], roles[1], q_lin, k_lin, self.v[:, :length].double(), **options
+        )
         out, final = result if self.linear else (result, None)
         if self.op == "flash":
             out = self.u[:, :length].double() * out
@@ -106,15 +127,23 @@ class Problem:
 
     def cache_at(self, start):
         """A DecodeCache holding each sequence's first start[b] tokens."""
-        cache = DecodeCache.empty(B, S, E, chunk_size=self.chunk_size, capacity=self.capacity,
-                                  linear=self.linear, dtype=self.dtype, device=DEVICE)
+        cache = DecodeCache.empty(
+            B,
+            S,
+            E,
+            chunk_size=self.chunk_size,
+            capacity=self.capacity,
+            linear=self.linear,
+            dtype=self.dtype,
+            device=DEVICE,
+        )
         C = self.chunk_size
         for b, p in enumerate(start):
-            first = (p // C) * C if C is not None else 0      # the current chunk's first token
-            cache.k_quad[b, :p - first] = self.roles[1][b, first:p]
-            cache.v[b, :p - first] = self.v[b, first:p]
+            first = (p // C) * C if C is not None else 0  # the current chunk's first token
+            cache.k_quad[b, : p - first] = self.roles[1][b, first:p]
+            cache.v[b, : p - first] = self.v[b, first:p]
             if self.linear:
-                cache.k_lin[b, :p - first] = self.roles[3][b, first:p]
+                cache.k_lin[b, : p - first] = self.roles[3][b, first:p]
                 kl, vv = self.roles[3][b, :first].double(), self.v[b, :first].double()
                 cache.state[b] = (kl.t() @ vv).to(cache.state.dtype)
             cache.position[b] = p
@@ -129,43 +158,59 @@ class Problem:
         if self.op != "flash":
             assert torch.equal(held, self.roles[role][b, first:end])
             return
-        z, gamma, beta = self.z[b, first:end].double(), self.gamma[role].double(), \
-            self.beta[role].double()
+        z, gamma, beta = (
+            self.z[b, first:end].double(),
+            self.gamma[role].double(),
+            self.beta[role].double(),
+        )
         exact = z * gamma + beta
         unit = torch.finfo(self.dtype).eps / 2
         bound = 2 * unit * ((z * gamma).abs() + beta.abs())
         error = (held.double() - exact).abs()
-        assert (error <= bound).all(), \
+        assert (error <= bound).all(), (
             f"role {role} of sequence {b}: error {(error - bound).max().item():.3g} over the bound"
+        )
 
     def step(self, cache, t, backend):
         """Decode token t[b] of every sequence b."""
         rows = torch.arange(B, device=DEVICE)
         options = dict(rel_bias=self.bias_decode, quad_scale=self.quad_scale, backend=backend)
         if self.op == "flash":
-            return flash_attention_decode(self.z[rows, t], self.gamma, self.beta, self.v[rows, t],
-                                          cache, u=self.u[rows, t], **options)
+            return flash_attention_decode(
+                self.z[rows, t],
+                self.gamma,
+                self.beta,
+                self.v[rows, t],
+                cache,
+                u=self.u[rows, t],
+                **options,
+            )
         roles = [r[rows, t] for r in self.roles]
         q_lin, k_lin = (roles[2], roles[3]) if self.linear else (None, None)
-        return mixed_chunk_decode(roles[0], roles[1], q_lin, k_lin, self.v[rows, t], cache,
-                                  **options)
+        return mixed_chunk_decode(
+            roles[0], roles[1], q_lin, k_lin, self.v[rows, t], cache, **options
+        )
 
 
 def _check(actual, expected, dtype, what):
     if dtype == torch.float64:
-        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(
+            actual, expected, rtol=1e-12, atol=1e-12, msg=lambda m: f"{what}: {m}"
+        )
     else:
         assert_close(what, actual, expected, rms_ratio("decode", dtype))
 
 
-CASES = [dict(op="mixed", linear=True, bias=True, chunk_size=4),
-         dict(op="mixed", linear=True, bias=False, chunk_size=4),
-         dict(op="mixed", linear=True, bias=True, chunk_size=20),
-         dict(op="mixed", linear=False, bias=True, chunk_size=4),
-         dict(op="mixed", linear=False, bias=True, chunk_size=None),
-         dict(op="flash", linear=True, bias=True, chunk_size=4),
-         dict(op="flash", linear=True, bias=False, chunk_size=20),
-         dict(op="flash", linear=False, bias=False, chunk_size=None)]
+CASES = [
+    dict(op="mixed", linear=True, bias=True, chunk_size=4),
+    dict(op="mixed", linear=True, bias=False, chunk_size=4),
+    dict(op="mixed", linear=True, bias=True, chunk_size=20),
+    dict(op="mixed", linear=False, bias=True, chunk_size=4),
+    dict(op="mixed", linear=False, bias=True, chunk_size=None),
+    dict(op="flash", linear=True, bias=True, chunk_size=4),
+    dict(op="flash", linear=True, bias=False, chunk_size=20),
+    dict(op="flash", linear=False, bias=False, chunk_size=None),
+]
 
 
 @pytest.mark.parametrize("backend,dtype", BACKENDS)
@@ -201,7 +246,7 @@ def test_decode_equals_the_full_op(case, backend, dtype):
 @pytest.mark.parametrize("backend,dtype", BACKENDS)
 def test_full_one_chunk_cache_gives_nan_and_stays_unchanged(backend, dtype):
     problem = Problem(op="mixed", linear=False, bias=True, chunk_size=None, dtype=dtype)
-    start = [32, 2, 32, 31]                        # capacity 32: sequences 0 and 2 are full
+    start = [32, 2, 32, 31]  # capacity 32: sequences 0 and 2 are full
     cache = problem.cache_at([min(p, T) for p in start])
     cache.position.copy_(torch.tensor(start))
     before = [t.clone() for t in (cache.k_quad, cache.v)]
@@ -242,8 +287,14 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="cache.position must be an int64 tensor"):
         mixed_chunk_decode(q, q, q, q, v, bad_position)
     with pytest.raises(ValueError, match="explicit quad_scale"):
-        mixed_chunk_decode(q, q, None, None, v, DecodeCache.empty(2, S, E, chunk_size=None,
-                                                                  capacity=8, linear=False))
+        mixed_chunk_decode(
+            q,
+            q,
+            None,
+            None,
+            v,
+            DecodeCache.empty(2, S, E, chunk_size=None, capacity=8, linear=False),
+        )
     with pytest.raises(ValueError, match="needs capacity"):
         DecodeCache.empty(2, S, E, chunk_size=None)
     with pytest.raises(ValueError, match="capacity must equal chunk_size"):
@@ -264,7 +315,7 @@ def make_lm(layer="flash", rope=True, dtype=torch.float64, backend="torch", seed
     options = dict(chunk_size=4) if layer == "flash" else dict(layer="gau", max_len=32)
     lm = FLASHLM(VOCAB, d=16, depth=2, s=8, rope=rope, backend=backend, **options)
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():              # attention terms O(1), so a wrong offset shows
+    with torch.no_grad():  # attention terms O(1), so a wrong offset shows
         for module in lm.modules():
             if isinstance(module, ScaleOffset):
                 module.gamma.copy_(torch.randn(module.gamma.shape, generator=gen))
@@ -291,44 +342,52 @@ def test_prefill_with_lengths_then_steps_equal_each_row_alone(layer, rope):
         logits, caches = lm.prefill(idx, lengths=lengths)
         steps = torch.stack([lm.step(nxt[:, i], caches) for i in range(nxt.shape[1])], dim=1)
         for b, n in enumerate(lengths.tolist()):
-            alone = lm(torch.cat([idx[b:b + 1, :n], nxt[b:b + 1]], dim=1))[0]
+            alone = lm(torch.cat([idx[b : b + 1, :n], nxt[b : b + 1]], dim=1))[0]
             torch.testing.assert_close(logits[b, :n], alone[:n], rtol=1e-10, atol=1e-10)
             torch.testing.assert_close(steps[b], alone[n:], rtol=1e-10, atol=1e-10)
     assert all(c.position.tolist() == [12, 7, 9, 14] for c in caches)
 
 
-@pytest.mark.parametrize("layer,backend,dtype", [
-    ("flash", "torch", torch.float64), ("gau", "torch", torch.float64),
-    pytest.param("flash", "triton", torch.float32,
-                 marks=pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or the interpreter"))])
+@pytest.mark.parametrize(
+    "layer,backend,dtype",
+    [
+        ("flash", "torch", torch.float64),
+        ("gau", "torch", torch.float64),
+        pytest.param(
+            "flash",
+            "triton",
+            torch.float32,
+            marks=pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or the interpreter"),
+        ),
+    ],
+)
 def test_generate_batch_of_lengths_equals_each_prompt_alone(layer, backend, dtype):
     lm = make_lm(layer, backend=backend, dtype=dtype)
     idx, lengths = _prompts([5, 1, 8, 3], 8, seed=2)
     out = lm.generate(idx, 7, temperature=0, lengths=lengths)
     assert out.shape == (4, 15)
     for b, n in enumerate(lengths.tolist()):
-        alone = lm.generate(idx[b:b + 1, :n], 7, temperature=0)[0]
-        assert torch.equal(out[b, :n + 7], alone), f"row {b}"
-        assert (out[b, n + 7:] == 0).all()                         # padding after the row
+        alone = lm.generate(idx[b : b + 1, :n], 7, temperature=0)[0]
+        assert torch.equal(out[b, : n + 7], alone), f"row {b}"
+        assert (out[b, n + 7 :] == 0).all()  # padding after the row
 
 
 def test_generate_stops_each_sequence_at_eos():
     lm = make_lm("flash")
     idx, lengths = _prompts([4, 2, 6], 6, seed=6)
     free = lm.generate(idx, 9, temperature=0, lengths=lengths)
-    eos = int(free[0, 4 + 2])                 # row 0's third new token: rows stop at 3, 4, 4
+    eos = int(free[0, 4 + 2])  # row 0's third new token: rows stop at 3, 4, 4
     ends = []
     for b, n in enumerate(lengths.tolist()):
-        new = free[b, n:n + 9].tolist()
+        new = free[b, n : n + 9].tolist()
         ends.append(new.index(eos) + 1 if eos in new else 9)
-    assert len(set(ends)) > 1 and max(ends) < 9           # the case tests what it should
+    assert len(set(ends)) > 1 and max(ends) < 9  # the case tests what it should
     pad = VOCAB - 1
-    out = lm.generate(idx, 9, temperature=0, lengths=lengths, eos_token_id=eos,
-                      pad_token_id=pad)
-    assert out.shape == (3, 6 + max(ends))                 # stopped once every row had
+    out = lm.generate(idx, 9, temperature=0, lengths=lengths, eos_token_id=eos, pad_token_id=pad)
+    assert out.shape == (3, 6 + max(ends))  # stopped once every row had
     for b, (n, end) in enumerate(zip(lengths.tolist(), ends)):
-        assert out[b, :n + end].tolist() == free[b, :n + end].tolist()
-        assert (out[b, n + end:] == pad).all()
+        assert out[b, : n + end].tolist() == free[b, : n + end].tolist()
+        assert (out[b, n + end :] == pad).all()
 
 
 def test_generate_checks_its_arguments():
@@ -361,8 +420,9 @@ def test_compiled_step_has_no_graph_break_or_recompile(rope):
         compiled = torch.compile(lm.step, backend=counter, fullgraph=True)
         for token in torch.randint(0, VOCAB, (6, 2), generator=torch.Generator().manual_seed(5)):
             expected = lm.step(token.to(DEVICE), eager_caches)
-            torch.testing.assert_close(compiled(token.to(DEVICE), compiled_caches), expected,
-                                       rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(
+                compiled(token.to(DEVICE), compiled_caches), expected, rtol=1e-12, atol=1e-12
+            )
     assert counter.frame_count == 1
     for eager, comp in zip(eager_caches, compiled_caches):
         assert torch.equal(eager.position, comp.position)
@@ -378,7 +438,7 @@ def test_triton_step_is_one_launch_per_layer():
         with record_launches() as launches:
             lm.step(torch.tensor([1, 2], device=DEVICE), caches)
     assert [r.kernel_name for r in launches] == ["mixed_chunk_decode_kernel"] * len(lm.layers)
-    assert all(len(r.grid) == 1 for r in launches)      # the batch folded into axis 0
+    assert all(len(r.grid) == 1 for r in launches)  # the batch folded into axis 0
 
 
 @pytest.mark.gpu
@@ -396,7 +456,7 @@ def test_step_captured_in_a_cuda_graph(dtype):
         static_token = tokens[0].clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):            # warm-up (compiles the kernel) outside
+        with torch.cuda.stream(stream):  # warm-up (compiles the kernel) outside
             lm.step(static_token, [_clone(c) for c in graph_caches])
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
@@ -426,8 +486,9 @@ def test_step_compiled_with_reduce_overhead():
 def _clone(cache):
     """A copy of a layer cache (warm-up steps must not advance the captured one)."""
     copy = type(cache)()
-    copy.__dict__.update({k: v.clone() if isinstance(v, torch.Tensor) else v
-                          for k, v in cache.__dict__.items()})
+    copy.__dict__.update(
+        {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in cache.__dict__.items()}
+    )
     return copy
 
 
@@ -435,21 +496,42 @@ def _clone(cache):
 @pytest.mark.parametrize("from_z", [False, True], ids=["roles", "from-z"])
 def test_opcheck_decode_op(from_z):
     """The custom op's schema (which inputs it mutates) and fake implementation are right."""
-    problem = Problem(op="flash" if from_z else "mixed", linear=True, bias=True, chunk_size=4,
-                      dtype=torch.float32)
-    cache = problem.cache_at([3, 1, 0, 2])            # sequence 0 completes its chunk
+    problem = Problem(
+        op="flash" if from_z else "mixed", linear=True, bias=True, chunk_size=4, dtype=torch.float32
+    )
+    cache = problem.cache_at([3, 1, 0, 2])  # sequence 0 completes its chunk
     rows = torch.arange(B, device=DEVICE)
     if from_z:
         gamma, beta = problem.gamma.float(), problem.beta.float()
         affine = torch.stack([gamma, beta])
-        inputs = (problem.z[rows, 0], None, None, None, problem.v[rows, 0], problem.u[rows, 0],
-                  affine)
+        inputs = (
+            problem.z[rows, 0],
+            None,
+            None,
+            None,
+            problem.v[rows, 0],
+            problem.u[rows, 0],
+            affine,
+        )
     else:
         inputs = (*(r[rows, 0] for r in problem.roles), problem.v[rows, 0], None, None)
-    args = (*inputs, problem.bias_decode, cache.k_quad, cache.k_lin, cache.v, cache.state,
-            cache.position, cache.tickets, 4, True, 0.25, 0.25)
-    torch.library.opcheck(decode_module.mixed_chunk_decode_op, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    args = (
+        *inputs,
+        problem.bias_decode,
+        cache.k_quad,
+        cache.k_lin,
+        cache.v,
+        cache.state,
+        cache.position,
+        cache.tickets,
+        4,
+        True,
+        0.25,
+        0.25,
+    )
+    torch.library.opcheck(
+        decode_module.mixed_chunk_decode_op, args, test_utils=("test_schema", "test_faketensor")
+    )
 
 
 def test_decode_benchmark_runs(tmp_path):
@@ -458,16 +540,40 @@ def test_decode_benchmark_runs(tmp_path):
     import json
 
     from bench.decode import main
+
     threads = torch.get_num_threads()
     try:
-        assert main(["--device", "cpu", "--batches", "2", "--contexts", "16", "48", "--d", "64",
-                     "--chunk-size", "16", "--backend", "torch",
-                     "--output-dir", str(tmp_path)]) == 0
+        assert (
+            main(
+                [
+                    "--device",
+                    "cpu",
+                    "--batches",
+                    "2",
+                    "--contexts",
+                    "16",
+                    "48",
+                    "--d",
+                    "64",
+                    "--chunk-size",
+                    "16",
+                    "--backend",
+                    "torch",
+                    "--output-dir",
+                    str(tmp_path),
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     records = [json.loads(line) for line in (tmp_path / "decode.jsonl").read_text().splitlines()]
     assert sorted((r["impl"], r["context"]) for r in records) == [
-        ("flash", 16), ("flash", 48), ("kv_cache", 16), ("kv_cache", 48)]
+        ("flash", 16),
+        ("flash", 48),
+        ("kv_cache", 16),
+        ("kv_cache", 48),
+    ]
     assert all(r["status"] == "ok" and r["ms_per_token"] > 0 for r in records)
     memory = {(r["impl"], r["context"]): r["cache_bytes_per_seq"] for r in records}
     assert memory["flash", 16] == memory["flash", 48]
@@ -492,11 +598,12 @@ def test_select_batch_reorders_repeats_and_drops_sequences():
             assert ([c.k_quad.data_ptr() for c in caches] == addresses) == same_size
             idx, lengths = idx[chosen], lengths[chosen]
             _, expected = lm.prefill(idx, lengths=lengths)
-            step = nxt[:len(selection), 0]
-            torch.testing.assert_close(lm.step(step, caches), lm.step(step, expected),
-                                       rtol=1e-12, atol=1e-12)
+            step = nxt[: len(selection), 0]
+            torch.testing.assert_close(
+                lm.step(step, caches), lm.step(step, expected), rtol=1e-12, atol=1e-12
+            )
             idx = torch.cat([idx, step[:, None]], dim=1)
-            idx[torch.arange(len(selection)), lengths] = step      # each row's next token
+            idx[torch.arange(len(selection)), lengths] = step  # each row's next token
             lengths = lengths + 1
             nxt = nxt[:, 1:]
         with pytest.raises(ValueError, match=r"indices must lie in \[0, 1\)"):

@@ -15,16 +15,16 @@ with different shapes have run in between (tile caches, autotuning, allocator re
 
 import pytest
 import torch
+from helpers import call_op, nan_filled_buffers, tile_override
 
 from flash_kernels import mixed_chunk_attention
-from flash_kernels.triton_mixed_chunk import tile_override
-from flash_kernels.utils import nan_filled_buffers
-from helpers import call_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-B, T, S, E, C = 2, 70, 7, 10, 32      # 3 chunks, the last partial; S, E not powers of two
-PATHS = {"hoisted": dict(block=16, state_block_t=16),
-         "recomputed": dict(block=16, state_block_t=16, max_hoist_keys=16, block_e=16)}
+B, T, S, E, C = 2, 70, 7, 10, 32  # 3 chunks, the last partial; S, E not powers of two
+PATHS = {
+    "hoisted": dict(block=16, state_block_t=16),
+    "recomputed": dict(block=16, state_block_t=16, max_hoist_keys=16, block_e=16),
+}
 
 
 def _inputs(op, dtype, seed=0):
@@ -36,19 +36,30 @@ def _inputs(op, dtype, seed=0):
 
     side = torch.float64 if dtype == torch.float64 else torch.float32
     if op == "mixed_chunk_attention":
-        return dict(q_quad=rand(B, T, S, scale=2.0), k_quad=rand(B, T, S, scale=2.0),
-                    q_lin=rand(B, T, S), k_lin=rand(B, T, S), v=rand(B, T, E),
-                    rel_bias=rand(2 * C - 1, scale=0.5, dtype=side))
-    return dict(z=rand(B, T, S, scale=2.0), gamma=rand(4, S, scale=0.3, shift=1.0, dtype=side),
-                beta=rand(4, S, scale=0.3, dtype=side), v=rand(B, T, E), u=rand(B, T, E),
-                rel_bias=rand(2 * C - 1, scale=0.5, dtype=side))
+        return dict(
+            q_quad=rand(B, T, S, scale=2.0),
+            k_quad=rand(B, T, S, scale=2.0),
+            q_lin=rand(B, T, S),
+            k_lin=rand(B, T, S),
+            v=rand(B, T, E),
+            rel_bias=rand(2 * C - 1, scale=0.5, dtype=side),
+        )
+    return dict(
+        z=rand(B, T, S, scale=2.0),
+        gamma=rand(4, S, scale=0.3, shift=1.0, dtype=side),
+        beta=rand(4, S, scale=0.3, dtype=side),
+        v=rand(B, T, E),
+        u=rand(B, T, E),
+        rel_bias=rand(2 * C - 1, scale=0.5, dtype=side),
+    )
 
 
 def _run(op, inputs, backend, causal):
     leaves = {name: x.clone().requires_grad_() for name, x in inputs.items()}
     out = call_op(op, leaves, chunk_size=C, causal=causal, backend=backend)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(99),
-                           dtype=torch.float64).to(out)
+    grad_out = torch.randn(
+        out.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64
+    ).to(out)
     names = list(leaves)
     grads = torch.autograd.grad(out, [leaves[n] for n in names], grad_out)
     return {"out": out.detach(), **{f"d{n}": g for n, g in zip(names, grads)}}
@@ -70,15 +81,17 @@ def _cases():
     for backend in ("triton", "torch", "reference"):
         for dtype in (torch.float32, torch.float16, torch.float64):
             if dtype == torch.float64 and backend == "triton":
-                continue            # float64 takes the PyTorch path on the Triton backend
+                continue  # float64 takes the PyTorch path on the Triton backend
             paths = ("default",)
-            if backend == "triton":     # fp16 shares the kernels' code with fp32: one path is enough
+            if backend == "triton":  # fp16 shares the kernels' code with fp32: one path is enough
                 paths = tuple(PATHS) if dtype == torch.float32 else ("hoisted",)
             for path in paths:
-                yield pytest.param(backend, dtype, path,
-                                   id=f"{backend}-{str(dtype).split('.')[-1]}-{path}")
+                yield pytest.param(
+                    backend, dtype, path, id=f"{backend}-{str(dtype).split('.')[-1]}-{path}"
+                )
 
 
+@pytest.mark.slow  # every path 3 times
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("op", ["mixed_chunk_attention", "flash_attention"])
 @pytest.mark.parametrize("backend,dtype,path", list(_cases()))
@@ -105,12 +118,20 @@ def test_rel_bias_gradient_does_not_depend_on_which_other_grads_are_needed(backe
     grad_out = torch.randn(B, T, E, generator=torch.Generator().manual_seed(5)).to(DEVICE)
 
     def drel_bias(requires):
-        leaves = {n: x.clone().requires_grad_(n in requires or n == "rel_bias")
-                  for n, x in inputs.items()}
+        leaves = {
+            n: x.clone().requires_grad_(n in requires or n == "rel_bias") for n, x in inputs.items()
+        }
         with tile_override(**PATHS["hoisted"]), nan_filled_buffers():
-            out = mixed_chunk_attention(leaves["q_quad"], leaves["k_quad"], leaves["q_lin"],
-                                        leaves["k_lin"], leaves["v"], chunk_size=C,
-                                        rel_bias=leaves["rel_bias"], backend=backend)
+            out = mixed_chunk_attention(
+                leaves["q_quad"],
+                leaves["k_quad"],
+                leaves["q_lin"],
+                leaves["k_lin"],
+                leaves["v"],
+                chunk_size=C,
+                rel_bias=leaves["rel_bias"],
+                backend=backend,
+            )
             return torch.autograd.grad(out, leaves["rel_bias"], grad_out)[0]
 
     alone = drel_bias(())

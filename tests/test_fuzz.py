@@ -29,7 +29,7 @@ query blocks per chunk (tiles forced with tile_override), causal and linear (thr
 each); chunk_size=None in about one example in six.
 
 Tolerance: rms(error) <= ratio * rms(expected) (tests/helpers.py assert_close), the op's and
-dtype's value in flash_kernels/tolerances.py (where each value is explained): float32 2e-5;
+dtype's value in flash_kernels/core/tolerances.py (where each value is explained): float32 2e-5;
 float16 4e-3 for mixed_chunk_attention and 5e-3 for flash_attention; float64 (the reference
 against the C++ oracle) 1e-10.
 
@@ -48,6 +48,7 @@ example launching the kernels, and a third of them packing documents (idle chunk
 carrying state, the fuzz costs what 30 did before packing and state were drawn, and 35 before
 float64 examples were left out).
 """
+
 import math
 import os
 
@@ -55,40 +56,60 @@ import pytest
 import torch
 
 pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (the 'test' extra)")
+from helpers import (
+    GRAD_NAMES,
+    assert_close,
+    assert_launched,
+    call_op,
+    composed_flash_attention,
+    cpp_oracle,
+    nan_filled_buffers,
+    tile_override,
+    triton_kernels,
+)
 from hypothesis import HealthCheck, Phase, example, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from csrc_ref import cpp_toolchain_available
-from flash_kernels.tolerances import rms_ratio
-from flash_kernels.triton_mixed_chunk import tile_override
-from flash_kernels.utils import nan_filled_buffers, record_launches
-from helpers import (GRAD_NAMES, assert_close, assert_launched, call_op,
-                     composed_flash_attention, cpp_oracle, triton_kernels)
+from flash_kernels.core.tolerances import rms_ratio
+from tools.launch_recording import record_launches
+
+pytestmark = pytest.mark.slow  # hundreds of random problems
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ("triton", "torch", "reference")
-DTYPES = (torch.float32, torch.float16)     # of "triton" and "torch"; "reference" runs float64
+DTYPES = (torch.float32, torch.float16)  # of "triton" and "torch"; "reference" runs float64
 # The interpreter executes every program of a grid in Python: cap the programs (_work).
 MAX_WORK = 6 if DEVICE == "cpu" else 10**6
 MAX_EXAMPLES = int(os.environ.get("FLASH_KERNELS_FUZZ_EXAMPLES", "26"))
 # Tile overrides (see test_triton_mixed_chunk.py): several query/key blocks per chunk (block 16),
 # several state tiles along T, the long-chunk path (scores recomputed per value tile), narrow
 # value tiles.
-TILES = ({}, {"block": 16, "state_block_t": 16}, {"block": 16, "max_hoist_keys": 16},
-         {"block_e": 16, "state_block_t": 16})
+TILES = (
+    {},
+    {"block": 16, "state_block_t": 16},
+    {"block": 16, "max_hoist_keys": 16},
+    {"block_e": 16, "state_block_t": 16},
+)
 
 # The explicit examples' packing and state options: one sequence, no state.
 ONE_SEQUENCE = dict(documents=None, max_seqlen=None, initial_state=False, final_state=False)
 
-FUZZ_SETTINGS = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-                         phases=(Phase.explicit, Phase.generate), print_blob=False,
-                         suppress_health_check=(HealthCheck.too_slow, HealthCheck.data_too_large))
+FUZZ_SETTINGS = settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=(Phase.explicit, Phase.generate),
+    print_blob=False,
+    suppress_health_check=(HealthCheck.too_slow, HealthCheck.data_too_large),
+)
 
 
 def _work(B, T, chunk_size, tiles, num_docs=1):
     """The interpreter's work for one example: the per-chunk programs the Triton backend
-    launches (as triton_mixed_chunk.kernel_config; packed documents get cdiv(T, C) + N - 1
-    chunk slots, flash_kernels/packing.py), each counted once per key tile it walks on the
+    launches (as backends/triton/kernel_config.py; packed documents get cdiv(T, C) + N - 1
+    chunk slots, flash_kernels/core/packing.py), each counted once per key tile it walks on the
     long-chunk path (chunks longer than max_hoist_keys)."""
     C = chunk_size or T
     chunk_len = min(C, T)
@@ -108,8 +129,13 @@ def shapes_and_options(draw):
     # one with several blocks per chunk (the batch index has its own grid axis: the other
     # draws cover it).
     most = 1 if chunking == "several blocks" else 4
-    batch = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=2)
-                       .filter(lambda dims: math.prod(dims) <= most)))
+    batch = tuple(
+        draw(
+            st.lists(st.integers(1, 3), min_size=0, max_size=2).filter(
+                lambda dims: math.prod(dims) <= most
+            )
+        )
+    )
     B = math.prod(batch)
     S = draw(st.integers(1, 20))
     E = draw(st.integers(1, 20))
@@ -118,11 +144,13 @@ def shapes_and_options(draw):
         # Chunks of 17..40 tokens: two or three query blocks each (one sequence: some size
         # always fits MAX_WORK).
         T = draw(st.integers(18, 70))
-        sizes = [c for c in range(17, min(40, T - 1) + 1)
-                 if _work(B, T, c, block_tiles[0]) <= MAX_WORK]
+        sizes = [
+            c for c in range(17, min(40, T - 1) + 1) if _work(B, T, c, block_tiles[0]) <= MAX_WORK
+        ]
         chunk_size = draw(st.sampled_from(sizes))
-        tiles = draw(st.sampled_from([t for t in block_tiles
-                                      if _work(B, T, chunk_size, t) <= MAX_WORK]))
+        tiles = draw(
+            st.sampled_from([t for t in block_tiles if _work(B, T, chunk_size, t) <= MAX_WORK])
+        )
     else:
         T = draw(st.integers(2 if chunking == "several" else 1, 70))
         # Chunk sizes that split the sequence within MAX_WORK (none for a big batch).
@@ -131,8 +159,9 @@ def shapes_and_options(draw):
             chunk_size = draw(st.integers(sizes[0], sizes[-1]))
         else:
             chunk_size = None if chunking == "none" else draw(st.integers(T, T + 16))
-        tiles = draw(st.sampled_from([t for t in TILES
-                                      if not t or _work(B, T, chunk_size, t) <= MAX_WORK]))
+        tiles = draw(
+            st.sampled_from([t for t in TILES if not t or _work(B, T, chunk_size, t) <= MAX_WORK])
+        )
 
     def scale():
         magnitude = draw(st.none() | st.floats(0.25, 2.0))
@@ -154,14 +183,27 @@ def shapes_and_options(draw):
                 break
             cuts.pop()
     # State in and out (used where the example is causal with a linear part).
-    initial_state, final_state = draw(st.sampled_from(
-        ((False, False), (True, False), (False, True), (True, True))))
-    return dict(batch=batch, T=T, S=S, E=E, chunk_size=chunk_size, tiles=tiles,
-                causal=draw(st.sampled_from((True, True, True, False))),
-                bias=draw(st.booleans()), dtype=draw(st.sampled_from(DTYPES)),
-                quad_scale=scale(), lin_scale=scale(), seed=draw(st.integers(0, 2**31 - 1)),
-                documents=documents, max_seqlen=max_seqlen, initial_state=initial_state,
-                final_state=final_state)
+    initial_state, final_state = draw(
+        st.sampled_from(((False, False), (True, False), (False, True), (True, True)))
+    )
+    return dict(
+        batch=batch,
+        T=T,
+        S=S,
+        E=E,
+        chunk_size=chunk_size,
+        tiles=tiles,
+        causal=draw(st.sampled_from((True, True, True, False))),
+        bias=draw(st.booleans()),
+        dtype=draw(st.sampled_from(DTYPES)),
+        quad_scale=scale(),
+        lin_scale=scale(),
+        seed=draw(st.integers(0, 2**31 - 1)),
+        documents=documents,
+        max_seqlen=max_seqlen,
+        initial_state=initial_state,
+        final_state=final_state,
+    )
 
 
 def _chunk_len(case):
@@ -180,8 +222,11 @@ def _with_state_where_allowed(case, linear):
     """The case with initial_state / final_state kept only where the op takes them (causal,
     with a linear part)."""
     allowed = case["causal"] and linear
-    return dict(case, initial_state=case["initial_state"] and allowed,
-                final_state=case["final_state"] and allowed)
+    return dict(
+        case,
+        initial_state=case["initial_state"] and allowed,
+        final_state=case["final_state"] and allowed,
+    )
 
 
 def _initial_state(case, rand):
@@ -203,19 +248,27 @@ def _qk_factor(case):
 def _options(case):
     """The options as drawn (None scales, chunk_size and max_seqlen left to the op)."""
     packed = case["documents"] is not None
-    return dict(chunk_size=case["chunk_size"], causal=case["causal"],
-                quad_scale=case["quad_scale"], lin_scale=case["lin_scale"],
-                cu_seqlens=torch.tensor(case["documents"]) if packed else None,
-                max_seqlen=case["max_seqlen"], output_final_state=case["final_state"])
+    return dict(
+        chunk_size=case["chunk_size"],
+        causal=case["causal"],
+        quad_scale=case["quad_scale"],
+        lin_scale=case["lin_scale"],
+        cu_seqlens=torch.tensor(case["documents"]) if packed else None,
+        max_seqlen=case["max_seqlen"],
+        output_final_state=case["final_state"],
+    )
 
 
 def _resolved(case):
     """The options with chunk_size and the scales resolved by hand (docs/contract.md section 2:
     default scales 1 / C)."""
     C = _chunk_len(case)
-    return dict(chunk_size=C, causal=case["causal"],
-                quad_scale=1.0 / C if case["quad_scale"] is None else case["quad_scale"],
-                lin_scale=1.0 / C if case["lin_scale"] is None else case["lin_scale"])
+    return dict(
+        chunk_size=C,
+        causal=case["causal"],
+        quad_scale=1.0 / C if case["quad_scale"] is None else case["quad_scale"],
+        lin_scale=1.0 / C if case["lin_scale"] is None else case["lin_scale"],
+    )
 
 
 def _documents_and_state(attention, case, initial_state, finals):
@@ -230,10 +283,15 @@ def _documents_and_state(attention, case, initial_state, finals):
     def documents(q_quad, k_quad, q_lin, k_lin, v, rel_bias):
         outs, states = [], []
         for n, (bos, eos) in enumerate(zip(bounds, bounds[1:])):
+
             def doc(x, bos=bos, eos=eos):
                 return None if x is None else x[..., bos:eos, :]
-            out = attention(doc(q_quad), doc(k_quad), doc(q_lin), doc(k_lin), doc(v),
-                            rel_bias) if eos > bos else doc(v)
+
+            out = (
+                attention(doc(q_quad), doc(k_quad), doc(q_lin), doc(k_lin), doc(v), rel_bias)
+                if eos > bos
+                else doc(v)
+            )
             start = None
             if initial_state is not None:
                 start = initial_state[..., n, :, :] if packed else initial_state
@@ -246,20 +304,24 @@ def _documents_and_state(attention, case, initial_state, finals):
         if case["final_state"]:
             finals.append(torch.stack(states, dim=-3) if packed else states[0])
         return torch.cat(outs, dim=-2)
+
     return documents
 
 
 def _leaves(values, dtypes, device):
     """Fresh leaves requiring grad: values (float64, or None) rounded to dtypes[name]."""
-    return {name: None if x is None else
-            x.to(device=device, dtype=dtypes[name]).requires_grad_()
-            for name, x in values.items()}
+    return {
+        name: None if x is None else x.to(device=device, dtype=dtypes[name]).requires_grad_()
+        for name, x in values.items()
+    }
 
 
 def _rounded_float64(values, dtypes):
     """The float64 inputs of the ground truth: each value rounded as the tested run sees it."""
-    return {name: None if x is None else x.to(dtypes[name]).double().requires_grad_()
-            for name, x in values.items()}
+    return {
+        name: None if x is None else x.to(dtypes[name]).double().requires_grad_()
+        for name, x in values.items()
+    }
 
 
 def _compare(op, values, dtypes, backend, case, linear):
@@ -275,8 +337,9 @@ def _compare(op, values, dtypes, backend, case, linear):
     low = _leaves(values, dtypes, DEVICE)
     tiles = case["tiles"] if backend == "triton" else {}
     with nan_filled_buffers(), tile_override(**tiles), record_launches() as forward:
-        result = call_op(op, low, backend=backend, initial_state=low["initial_state"],
-                         **_options(case))
+        result = call_op(
+            op, low, backend=backend, initial_state=low["initial_state"], **_options(case)
+        )
     out, final = result if case["final_state"] else (result, None)
     gen = torch.Generator().manual_seed(1234)
     grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)
@@ -286,8 +349,9 @@ def _compare(op, values, dtypes, backend, case, linear):
         grad_outputs.append(torch.randn(final.shape, generator=gen, dtype=torch.float64).to(final))
     names = [n for n, x in low.items() if x is not None]
     with nan_filled_buffers(), tile_override(**tiles), record_launches() as backward:
-        grads = torch.autograd.grad(outputs, [low[n] for n in names], grad_outputs,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(
+            outputs, [low[n] for n in names], grad_outputs, allow_unused=True
+        )
     what = f"{op}[{backend}]"
     for phase, records in (("forward", forward), ("backward", backward)):
         expected = triton_kernels(phase, linear) if backend == "triton" else set()
@@ -296,8 +360,7 @@ def _compare(op, values, dtypes, backend, case, linear):
     exact = _rounded_float64(values, dtypes)
 
     def one_sequence(q_quad, k_quad, q_lin, k_lin, v, rel_bias):
-        roles = dict(q_quad=q_quad, k_quad=k_quad, q_lin=q_lin, k_lin=k_lin, v=v,
-                     rel_bias=rel_bias)
+        roles = dict(q_quad=q_quad, k_quad=k_quad, q_lin=q_lin, k_lin=k_lin, v=v, rel_bias=rel_bias)
         if backend == "reference":
             return cpp_oracle("mixed_chunk_attention", roles, **_resolved(case))
         return call_op("mixed_chunk_attention", roles, backend="reference", **_resolved(case))
@@ -306,12 +369,15 @@ def _compare(op, values, dtypes, backend, case, linear):
     attention = _documents_and_state(one_sequence, case, exact["initial_state"], finals)
     if op == "mixed_chunk_attention":
         truth = attention(*(exact[n] for n in GRAD_NAMES))
-    else:   # flash_attention rounds the roles to z's dtype: so does its ground truth
+    else:  # flash_attention rounds the roles to z's dtype: so does its ground truth
         truth = composed_flash_attention(exact, attention, round_to=dtype)
     truth_outputs = [truth] + finals
-    truth_grads = torch.autograd.grad(truth_outputs, [exact[n] for n in names],
-                                      [g.double().cpu() for g in grad_outputs],
-                                      allow_unused=True)
+    truth_grads = torch.autograd.grad(
+        truth_outputs,
+        [exact[n] for n in names],
+        [g.double().cpu() for g in grad_outputs],
+        allow_unused=True,
+    )
 
     assert out.dtype == dtype and out.shape == truth.shape
     ratio = rms_ratio(op, dtype)
@@ -328,22 +394,83 @@ def _compare(op, values, dtypes, backend, case, linear):
 @pytest.mark.parametrize("backend", BACKENDS)
 @FUZZ_SETTINGS
 @given(case=shapes_and_options(), linear=st.sampled_from((True, True, True, False)))
-@example(case=dict(batch=(), T=1, S=1, E=1, chunk_size=1, tiles={}, causal=True, bias=True,
-                   dtype=torch.float32, quad_scale=None, lin_scale=None, seed=0, **ONE_SEQUENCE),
-         linear=True)
-@example(case=dict(batch=(2,), T=70, S=20, E=20, chunk_size=None, tiles={"block": 16,
-                   "max_hoist_keys": 16}, causal=False, bias=True, dtype=torch.float16,
-                   quad_scale=-0.5, lin_scale=2.0, seed=1, **ONE_SEQUENCE), linear=True)
+@example(
+    case=dict(
+        batch=(),
+        T=1,
+        S=1,
+        E=1,
+        chunk_size=1,
+        tiles={},
+        causal=True,
+        bias=True,
+        dtype=torch.float32,
+        quad_scale=None,
+        lin_scale=None,
+        seed=0,
+        **ONE_SEQUENCE,
+    ),
+    linear=True,
+)
+@example(
+    case=dict(
+        batch=(2,),
+        T=70,
+        S=20,
+        E=20,
+        chunk_size=None,
+        tiles={"block": 16, "max_hoist_keys": 16},
+        causal=False,
+        bias=True,
+        dtype=torch.float16,
+        quad_scale=-0.5,
+        lin_scale=2.0,
+        seed=1,
+        **ONE_SEQUENCE,
+    ),
+    linear=True,
+)
 # state in and out of one sequence whose last chunk is partial
-@example(case=dict(batch=(3, 1), T=37, S=7, E=13, chunk_size=8, tiles={"block": 16,
-                   "state_block_t": 16}, causal=True, bias=True, dtype=torch.float16,
-                   quad_scale=None, lin_scale=None, seed=2,
-                   **dict(ONE_SEQUENCE, initial_state=True, final_state=True)), linear=True)
+@example(
+    case=dict(
+        batch=(3, 1),
+        T=37,
+        S=7,
+        E=13,
+        chunk_size=8,
+        tiles={"block": 16, "state_block_t": 16},
+        causal=True,
+        bias=True,
+        dtype=torch.float16,
+        quad_scale=None,
+        lin_scale=None,
+        seed=2,
+        **dict(ONE_SEQUENCE, initial_state=True, final_state=True),
+    ),
+    linear=True,
+)
 # packed documents, one chunk each (C = the longest, 12), default scales, state in and out
-@example(case=dict(batch=(), T=30, S=6, E=9, chunk_size=None, tiles={}, causal=True, bias=True,
-                   dtype=torch.float32, quad_scale=None, lin_scale=None, seed=3,
-                   documents=[0, 7, 7, 19, 30], max_seqlen=None, initial_state=True,
-                   final_state=True), linear=True)
+@example(
+    case=dict(
+        batch=(),
+        T=30,
+        S=6,
+        E=9,
+        chunk_size=None,
+        tiles={},
+        causal=True,
+        bias=True,
+        dtype=torch.float32,
+        quad_scale=None,
+        lin_scale=None,
+        seed=3,
+        documents=[0, 7, 7, 19, 30],
+        max_seqlen=None,
+        initial_state=True,
+        final_state=True,
+    ),
+    linear=True,
+)
 def test_mixed_chunk_attention_fuzz(backend, case, linear):
     case = _with_state_where_allowed(case, linear)
     note(f"case={case} linear={linear}")
@@ -355,34 +482,88 @@ def test_mixed_chunk_attention_fuzz(backend, case, linear):
         return scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
 
     qk = _qk_factor(case)
-    lin_factor = S ** -0.25           # <q_lin, k_lin> ~ N(0, 1)
-    values = dict(q_quad=rand(*batch, T, S, scale=qk), k_quad=rand(*batch, T, S, scale=qk),
-                  q_lin=rand(*batch, T, S, scale=lin_factor) if linear else None,
-                  k_lin=rand(*batch, T, S, scale=lin_factor) if linear else None,
-                  v=rand(*batch, T, E),
-                  rel_bias=rand(2 * C - 1, scale=0.5) if case["bias"] else None,
-                  initial_state=_initial_state(case, rand))
+    lin_factor = S**-0.25  # <q_lin, k_lin> ~ N(0, 1)
+    values = dict(
+        q_quad=rand(*batch, T, S, scale=qk),
+        k_quad=rand(*batch, T, S, scale=qk),
+        q_lin=rand(*batch, T, S, scale=lin_factor) if linear else None,
+        k_lin=rand(*batch, T, S, scale=lin_factor) if linear else None,
+        v=rand(*batch, T, E),
+        rel_bias=rand(2 * C - 1, scale=0.5) if case["bias"] else None,
+        initial_state=_initial_state(case, rand),
+    )
     # rel_bias and the state float32 beside half inputs, as a model keeps them
-    dtypes = {name: torch.float32 if name in ("rel_bias", "initial_state") else case["dtype"]
-              for name in values}
+    dtypes = {
+        name: torch.float32 if name in ("rel_bias", "initial_state") else case["dtype"]
+        for name in values
+    }
     _compare("mixed_chunk_attention", values, dtypes, backend, case, linear)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @FUZZ_SETTINGS
 @given(case=shapes_and_options(), roles=st.sampled_from((4, 4, 4, 2)), gate=st.booleans())
-@example(case=dict(batch=(), T=1, S=1, E=1, chunk_size=1, tiles={}, causal=True, bias=True,
-                   dtype=torch.float32, quad_scale=None, lin_scale=None, seed=0, **ONE_SEQUENCE),
-         roles=4, gate=True)
-@example(case=dict(batch=(2,), T=45, S=20, E=20, chunk_size=16, tiles={"block": 16,
-                   "state_block_t": 16}, causal=False, bias=True, dtype=torch.float16,
-                   quad_scale=None, lin_scale=-1.0, seed=1, **ONE_SEQUENCE), roles=4,
-         gate=True)
+@example(
+    case=dict(
+        batch=(),
+        T=1,
+        S=1,
+        E=1,
+        chunk_size=1,
+        tiles={},
+        causal=True,
+        bias=True,
+        dtype=torch.float32,
+        quad_scale=None,
+        lin_scale=None,
+        seed=0,
+        **ONE_SEQUENCE,
+    ),
+    roles=4,
+    gate=True,
+)
+@example(
+    case=dict(
+        batch=(2,),
+        T=45,
+        S=20,
+        E=20,
+        chunk_size=16,
+        tiles={"block": 16, "state_block_t": 16},
+        causal=False,
+        bias=True,
+        dtype=torch.float16,
+        quad_scale=None,
+        lin_scale=-1.0,
+        seed=1,
+        **ONE_SEQUENCE,
+    ),
+    roles=4,
+    gate=True,
+)
 # packed documents, one chunk each as long as max_seqlen (16), default scales, state in and out
-@example(case=dict(batch=(), T=21, S=5, E=7, chunk_size=None, tiles={}, causal=True, bias=True,
-                   dtype=torch.float16, quad_scale=None, lin_scale=None, seed=2,
-                   documents=[0, 9, 9, 21], max_seqlen=16, initial_state=True, final_state=True),
-         roles=4, gate=True)
+@example(
+    case=dict(
+        batch=(),
+        T=21,
+        S=5,
+        E=7,
+        chunk_size=None,
+        tiles={},
+        causal=True,
+        bias=True,
+        dtype=torch.float16,
+        quad_scale=None,
+        lin_scale=None,
+        seed=2,
+        documents=[0, 9, 9, 21],
+        max_seqlen=16,
+        initial_state=True,
+        final_state=True,
+    ),
+    roles=4,
+    gate=True,
+)
 def test_flash_attention_fuzz(backend, case, roles, gate):
     case = _with_state_where_allowed(case, roles == 4)
     note(f"case={case} roles={roles} gate={gate}")
@@ -400,12 +581,20 @@ def test_flash_attention_fuzz(backend, case, roles, gate):
     if case["lin_scale"] is not None:
         quad_scale = case["quad_scale"] if case["quad_scale"] is not None else 1.0 / C
         case = dict(case, lin_scale=case["lin_scale"] * abs(quad_scale))
-    values = dict(z=rand(*batch, T, S, scale=qk), gamma=rand(roles, S, scale=0.3, shift=1.0),
-                  beta=rand(roles, S, scale=0.3 * qk), v=rand(*batch, T, E),
-                  u=rand(*batch, T, E) if gate else None,
-                  rel_bias=rand(2 * C - 1, scale=0.5) if case["bias"] else None,
-                  initial_state=_initial_state(case, rand))
+    values = dict(
+        z=rand(*batch, T, S, scale=qk),
+        gamma=rand(roles, S, scale=0.3, shift=1.0),
+        beta=rand(roles, S, scale=0.3 * qk),
+        v=rand(*batch, T, E),
+        u=rand(*batch, T, E) if gate else None,
+        rel_bias=rand(2 * C - 1, scale=0.5) if case["bias"] else None,
+        initial_state=_initial_state(case, rand),
+    )
     # float32 parameters and state beside half inputs, as in training
-    dtypes = {name: torch.float32 if name in ("gamma", "beta", "rel_bias", "initial_state")
-              else case["dtype"] for name in values}
+    dtypes = {
+        name: torch.float32
+        if name in ("gamma", "beta", "rel_bias", "initial_state")
+        else case["dtype"]
+        for name in values
+    }
     _compare("flash_attention", values, dtypes, backend, case, roles == 4)

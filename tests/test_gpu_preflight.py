@@ -1,6 +1,7 @@
 """The GPU runbook's parts: its preflight finds what is missing, its summary reports what ran,
 and the whole runbook runs end to end here as a dry run (no GPU: kernels under the interpreter).
 """
+
 import json
 import os
 import subprocess
@@ -28,7 +29,7 @@ def test_missing_python_header_is_named(monkeypatch, tmp_path):
 
 
 def test_compiler_that_fails_is_reported(monkeypatch):
-    monkeypatch.setenv("CC", "false")          # exists, exits 1: a broken toolchain
+    monkeypatch.setenv("CC", "false")  # exists, exits 1: a broken toolchain
     ok, message = gpu_preflight.check_compiler_and_headers()
     assert not ok and "cannot build an extension" in message
 
@@ -52,13 +53,26 @@ def test_tiny_kernel_runs_and_is_checked():
 
 
 REPORT = [
-    dict(nodeid="tests/test_triton_mixed_chunk.py::test_bfloat16[causal]", outcome="passed", message=""),
-    dict(nodeid="tests/test_triton_mixed_chunk.py::test_bfloat16[full]", outcome="failed",
-         message="AssertionError: out: rms error 1e-1"),
-    dict(nodeid="tests/test_strides.py::test_tensors_over_2_31_elements", outcome="skipped",
-         message="needs ~15 GB of GPU memory"),
-    dict(nodeid="tests/test_strides.py::test_layouts_give_the_same_result[split]", outcome="passed",
-         message=""),
+    dict(
+        nodeid="tests/test_triton_mixed_chunk.py::test_bfloat16[causal]",
+        outcome="passed",
+        message="",
+    ),
+    dict(
+        nodeid="tests/test_triton_mixed_chunk.py::test_bfloat16[full]",
+        outcome="failed",
+        message="AssertionError: out: rms error 1e-1",
+    ),
+    dict(
+        nodeid="tests/test_strides.py::test_tensors_over_2_31_elements",
+        outcome="skipped",
+        message="needs ~15 GB of GPU memory",
+    ),
+    dict(
+        nodeid="tests/test_strides.py::test_layouts_give_the_same_result[split]",
+        outcome="passed",
+        message="",
+    ),
 ]
 
 
@@ -66,12 +80,16 @@ def test_summary_counts_per_file_with_reasons_and_bf16(tmp_path):
     report = tmp_path / "tests.jsonl"
     report.write_text("".join(json.dumps(entry) + "\n" for entry in REPORT))
     preflight = tmp_path / "preflight.txt"
-    preflight.write_text("version triton: 3.6.0\nFAIL compiler: missing Python.h\n"
-                         "PREFLIGHT: FAILED: missing Python.h\n")
+    preflight.write_text(
+        "version triton: 3.6.0\nFAIL compiler: missing Python.h\n"
+        "PREFLIGHT: FAILED: missing Python.h\n"
+    )
     text = gpu_summary.summary(str(preflight), str(report), str(tmp_path / "none.jsonl"), "1", "12")
     assert "tests: 2 passed, 1 failed, 0 errors, 1 skipped (exit 1)" in text
     lines = text.splitlines()
-    assert any(line.split()[:5] == ["test_triton_mixed_chunk.py", "1", "1", "0", "0"] for line in lines)
+    assert any(
+        line.split()[:5] == ["test_triton_mixed_chunk.py", "1", "1", "0", "0"] for line in lines
+    )
     assert any(line.split()[:5] == ["test_strides.py", "1", "0", "0", "1"] for line in lines)
     assert "1 x needs ~15 GB of GPU memory" in text
     assert "FAILED test_triton_mixed_chunk.py::test_bfloat16[full]: AssertionError" in text
@@ -90,9 +108,11 @@ def test_summary_keeps_the_comparison_table_columns(tmp_path):
     """The comparison's narrow table goes into the summary with its alignment (not
     whitespace-collapsed as other lines are) and cut at the summary's width."""
     table = tmp_path / "compare_long_context.txt"
-    rows = ["long-context comparison (ms/step, ...):",
-            "  T=1024   b=32   FLASH 41.2  T++ 35.0 (0.85x)  Quad 60.1 (1.46x)",
-            "  " + "x" * 120]
+    rows = [
+        "long-context comparison (ms/step, ...):",
+        "  T=1024   b=32   FLASH 41.2  T++ 35.0 (0.85x)  Quad 60.1 (1.46x)",
+        "  " + "x" * 120,
+    ]
     table.write_text("\n".join(rows) + "\n")
     text = gpu_summary.summary(None, None, None, compare_path=str(table))
     assert rows[1] in text.splitlines() and ("  " + "x" * 98) in text.splitlines()
@@ -100,12 +120,25 @@ def test_summary_keeps_the_comparison_table_columns(tmp_path):
 
 def _selftest_report(rows):
     from flash_kernels.selftest import SelfTestReport, SelfTestRow
-    report = SelfTestReport({"device": "GPU", "capability": "sm_90", "driver": "580.1",
-                             "ptxas": "release 12.8 (/x/ptxas, sm_90)"}, seed=5, dtypes=["bf16"],
-                            paths=[row[0] for row in rows], wall_s=9.5)
+
+    report = SelfTestReport(
+        {
+            "device": "GPU",
+            "capability": "sm_90",
+            "driver": "580.1",
+            "ptxas": "release 12.8 (/x/ptxas, sm_90)",
+        },
+        seed=5,
+        dtypes=["bf16"],
+        paths=[row[0] for row in rows],
+        wall_s=9.5,
+    )
     for path, verdict, quantity, error in rows:
-        report.rows.append(SelfTestRow(path, "bf16", quantity, error, 3e-2, verdict, 4.2, 0.01,
-                                       errors={quantity: error}))
+        report.rows.append(
+            SelfTestRow(
+                path, "bf16", quantity, error, 3e-2, verdict, 4.2, 0.01, errors={quantity: error}
+            )
+        )
     return report
 
 
@@ -113,8 +146,12 @@ def test_summary_shows_the_selftest_table(tmp_path):
     """The self-test's verdict, its rows with their columns aligned (not whitespace-collapsed),
     the failures and the ptxas/driver lines; a stopped run's rows; a run that could not start."""
     path = tmp_path / "selftest.json"
-    report = _selftest_report([("mixed C=128 hoist causal +bias", "PASS", "dv", 1e-3),
-                               ("flash C=128 hoist causal +gate", "FAIL", "dz", 0.5)])
+    report = _selftest_report(
+        [
+            ("mixed C=128 hoist causal +bias", "PASS", "dv", 1e-3),
+            ("flash C=128 hoist causal +gate", "FAIL", "dz", 0.5),
+        ]
+    )
     path.write_text(json.dumps(report.to_dict()))
     text = gpu_summary.summary(None, None, None, selftest_path=str(path), selftest_rc="1")
     assert "self-test (exit 1; python -m flash_kernels.selftest" in text
@@ -135,31 +172,54 @@ def test_summary_shows_the_selftest_table(tmp_path):
     assert "self-test: not run (exit 2): no CUDA device" in text
 
 
+@pytest.mark.slow
 def test_runbook_dry_run(tmp_path):
     """bench/gpu_runbook.sh end to end on this machine: preflight, the GPU selection of one test
     file, a one-point quick benchmark, plots, README section, the long-context comparison's dry
     run (bf16 autocast at a tiny shape), the summary last, few files."""
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHON=sys.executable, INSTALL="0", BUDGET_S="300", TEST_TIMEOUT_S="120",
-               WORKERS="0", TEST_PATHS="tests/test_gpu_preflight.py", COMPARE_S="60",
-               SELFTEST_ARGS="--dtypes fp32 --paths decode --seed 3",
-               BENCH_ARGS="--seq-lens 512 --noncausal-seq-lens --modes fwd --impls torch "
-                        "--no-memory --varlen-tokens 0")
-    proc = subprocess.run(["bash", "bench/gpu_runbook.sh", str(out)], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=400)
+    env.update(
+        PYTHON=sys.executable,
+        INSTALL="0",
+        BUDGET_S="300",
+        TEST_TIMEOUT_S="120",
+        WORKERS="0",
+        TEST_PATHS="tests/test_gpu_preflight.py",
+        COMPARE_S="60",
+        SELFTEST_ARGS="--dtypes fp32 --paths decode --seed 3",
+        BENCH_ARGS="--seq-lens 512 --noncausal-seq-lens --modes fwd --impls torch "
+        "--no-memory --varlen-tokens 0",
+    )
+    proc = subprocess.run(
+        ["bash", "bench/gpu_runbook.sh", str(out)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(os.listdir(out)) == ["bench_section.md", "logs.tar.gz", "results.jsonl",
-                                       "summary.txt", "tests.jsonl"]
+    assert sorted(os.listdir(out)) == [
+        "bench_section.md",
+        "logs.tar.gz",
+        "results.jsonl",
+        "summary.txt",
+        "tests.jsonl",
+    ]
     summary = (out / "summary.txt").read_text()
-    assert proc.stdout.rstrip().endswith(summary.rstrip())      # the summary is the last screen
+    assert proc.stdout.rstrip().endswith(summary.rstrip())  # the summary is the last screen
     assert "PREFLIGHT: OK" in summary
-    assert "self-test (exit 0; " in summary      # right after the preflight, its table shown
+    assert "self-test (exit 0; " in summary  # right after the preflight, its table shown
     assert "flash-kernels self-test: PASSED: 2 of 2 rows passed, 0 failed (seed 3" in summary
-    assert summary.index("PREFLIGHT: OK") < summary.index("self-test (exit 0") \
+    assert (
+        summary.index("PREFLIGHT: OK")
+        < summary.index("self-test (exit 0")
         < summary.index("tests: ")
-    assert sum(line.startswith("decode ") and " PASS " in line
-               for line in summary.splitlines()) == 2
+    )
+    assert (
+        sum(line.startswith("decode ") and " PASS " in line for line in summary.splitlines()) == 2
+    )
     assert "tests: 1 passed, 0 failed, 0 errors, 0 skipped" in summary
     assert "test_gpu_preflight.py" in summary and "timings (fwd" in summary
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -172,6 +232,8 @@ def test_runbook_dry_run(tmp_path):
         compare_file = logs.extractfile("./compare/compare_long_context.jsonl")
         compared = [json.loads(line) for line in compare_file.read().decode().splitlines()]
     assert {(r["T"], r["model"]) for r in compared} == {
-        (T, model) for T in (32, 64) for model in ("FLASH", "Transformer++", "FLASH-Quad")}
+        (T, model) for T in (32, 64) for model in ("FLASH", "Transformer++", "FLASH-Quad")
+    }
     assert {(r["preset"], r["dtype"], r["status"]) for r in compared} == {
-        ("gpu-dry-run", "bfloat16", "ok")}
+        ("gpu-dry-run", "bfloat16", "ok")
+    }

@@ -4,15 +4,21 @@ The interpreter has no such limits, so on the CPU the grids are checked as the o
 them (the kernels are not run: 70000 batch entries would take minutes under the interpreter);
 on a GPU the op runs for real on such a batch.
 """
+
 import pytest
 import torch
 
-import flash_kernels.triton_mixed_chunk as triton_mixed_chunk
 from flash_kernels import flash_attention, mixed_chunk_attention
+from flash_kernels.backends.triton import backward, forward, problem
+from flash_kernels.core.environment import INTERPRETED_KERNELS
 
 CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
-KERNELS = {"chunk_state_scan_kernel", "mixed_chunk_fwd_kernel", "mixed_chunk_bwd_query_kernel",
-           "mixed_chunk_bwd_key_kernel"}
+KERNELS = {
+    "chunk_state_scan_kernel",
+    "mixed_chunk_fwd_kernel",
+    "mixed_chunk_bwd_query_kernel",
+    "mixed_chunk_bwd_key_kernel",
+}
 BATCH, T, S, E = 70000, 3, 4, 4
 
 
@@ -26,11 +32,23 @@ def _run(op, device, backend, packed):
     if packed:
         options["cu_seqlens"] = torch.tensor([0, 1, 3])
     if op == "mixed_chunk_attention":
-        out = mixed_chunk_attention(rand(BATCH, T, S), rand(BATCH, T, S), rand(BATCH, T, S),
-                                    rand(BATCH, T, S), rand(BATCH, T, E), **options)
+        out = mixed_chunk_attention(
+            rand(BATCH, T, S),
+            rand(BATCH, T, S),
+            rand(BATCH, T, S),
+            rand(BATCH, T, S),
+            rand(BATCH, T, E),
+            **options,
+        )
     else:
-        out = flash_attention(rand(BATCH, T, S), rand(4, S), rand(4, S), rand(BATCH, T, E),
-                              u=rand(BATCH, T, E), **options)
+        out = flash_attention(
+            rand(BATCH, T, S),
+            rand(4, S),
+            rand(4, S),
+            rand(BATCH, T, E),
+            u=rand(BATCH, T, E),
+            **options,
+        )
     out.sum().backward()
     return out
 
@@ -43,16 +61,18 @@ def test_grids_respect_cuda_limits_for_a_huge_batch(op, packed, monkeypatch):
     def record_grid(kernel, grid, args, constexprs, num_warps, num_stages):
         grids.setdefault(kernel.__name__, []).append(tuple(grid))
 
-    monkeypatch.setattr(triton_mixed_chunk, "launch", record_grid)
+    for module in (forward, backward, problem):  # every module that launches a kernel
+        monkeypatch.setattr(module, "launch", record_grid)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not triton_mixed_chunk.INTERPRETED_KERNELS:
+    if device == "cpu" and not INTERPRETED_KERNELS:
         pytest.skip("the Triton backend needs CUDA or the interpreter")
     _run(op, device, "triton", packed)
     assert set(grids) == KERNELS
     for name, launched in grids.items():
         for grid in launched:
-            assert len(grid) <= 3 and all(
-                n <= limit for n, limit in zip(grid, CUDA_GRID_LIMITS)), f"{name}: grid {grid}"
+            assert len(grid) <= 3 and all(n <= limit for n, limit in zip(grid, CUDA_GRID_LIMITS)), (
+                f"{name}: grid {grid}"
+            )
             assert grid[0] >= BATCH, f"{name}: grid {grid} does not cover the batch"
 
 

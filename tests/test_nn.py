@@ -5,6 +5,7 @@ with the attention parameters re-drawn large (`strengthen`): at the paper's init
 (gamma ~ N(0, 0.02^2), zero biases) the relu^2 scores are ~1e-6 and a wrong chunk boundary or
 bias offset would change the outputs by less than any sensible tolerance.
 """
+
 import importlib.util
 import inspect
 import os
@@ -14,9 +15,20 @@ import sys
 import pytest
 import torch
 
-from flash_kernels.nn import (FLASH, FLASHLM, GAU, AttentionCache, LearnedRelativePositionBias,
-                              RelativePositionBias, RotaryEmbedding, ScaleNorm, ScaleOffset,
-                              T5RelativePositionBias, sample_next, t5_bucket)
+from flash_kernels.nn import (
+    FLASH,
+    FLASHLM,
+    GAU,
+    AttentionCache,
+    LearnedRelativePositionBias,
+    RelativePositionBias,
+    RotaryEmbedding,
+    ScaleNorm,
+    ScaleOffset,
+    T5RelativePositionBias,
+    sample_next,
+    t5_bucket,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "train_lm.py")
@@ -36,18 +48,44 @@ def strengthen(model, seed=0):
     return model
 
 
-def make_lm(layer="flash", *, rel_pos="learned", rope=False, linear=True, causal=True,
-            norm="scalenorm", dtype=torch.float64, backend="torch", depth=2, seed=0):
+def make_lm(
+    layer="flash",
+    *,
+    rel_pos="learned",
+    rope=False,
+    linear=True,
+    causal=True,
+    norm="scalenorm",
+    dtype=torch.float64,
+    backend="torch",
+    depth=2,
+    seed=0,
+):
     torch.manual_seed(seed)
-    model = FLASHLM(VOCAB, D, depth, layer=layer, s=S, chunk_size=C, linear=linear, causal=causal,
-                    rel_pos=rel_pos, rope=rope, norm=norm, max_len=32, backend=backend)
+    model = FLASHLM(
+        VOCAB,
+        D,
+        depth,
+        layer=layer,
+        s=S,
+        chunk_size=C,
+        linear=linear,
+        causal=causal,
+        rel_pos=rel_pos,
+        rope=rope,
+        norm=norm,
+        max_len=32,
+        backend=backend,
+    )
     return strengthen(model.to(dtype), seed)
 
 
 def make_layer(layer, *, causal=True, rope=False, rel_pos="learned", dtype=torch.float64):
     torch.manual_seed(0)
     if layer == "flash":
-        module = FLASH(D, s=S, chunk_size=C, causal=causal, rope=rope, rel_pos=rel_pos, backend="torch")
+        module = FLASH(
+            D, s=S, chunk_size=C, causal=causal, rope=rope, rel_pos=rel_pos, backend="torch"
+        )
     else:
         module = GAU(D, s=S, max_len=32, causal=causal, rope=rope, rel_pos=rel_pos, backend="torch")
     return strengthen(module.to(dtype))
@@ -58,6 +96,7 @@ def tokens(batch, T, seed=0):
 
 
 # -- building blocks -------------------------------------------------------------------------
+
 
 def test_scale_offset_init_and_formula():
     so = ScaleOffset(4, 4096)
@@ -85,7 +124,7 @@ def test_learned_bias_toeplitz_layout(causal):
         bias.weight.copy_(torch.arange(bias.weight.numel(), dtype=torch.float32))
     vec = bias.toeplitz(5)
     assert vec.shape == (9,)
-    for o in range(-4, 5):          # entry o + C - 1 holds b(o), o = i - j
+    for o in range(-4, 5):  # entry o + C - 1 holds b(o), o = i - j
         expected = max(o, 0) if causal else o + 4
         assert vec[o + 4].item() == expected
     # offsets beyond the range share the last weight
@@ -93,22 +132,28 @@ def test_learned_bias_toeplitz_layout(causal):
 
 
 def test_t5_buckets():
-    rel = torch.tensor([0, -1, 1, -7, -8, -127, -128, -1000, 5, 1000])   # j - i
+    rel = torch.tensor([0, -1, 1, -7, -8, -127, -128, -1000, 5, 1000])  # j - i
     bi = t5_bucket(rel, bidirectional=True, num_buckets=32, max_distance=128).tolist()
     # 16 buckets per sign, exact below 8, log-spaced up to 128, then the last bucket
     assert bi == [0, 1, 17, 7, 8, 15, 15, 15, 21, 31]
-    causal = t5_bucket(torch.tensor([0, -1, -15, -16, -20, -1000, 3]), bidirectional=False,
-                       num_buckets=32, max_distance=128).tolist()
-    assert causal == [0, 1, 15, 16, 17, 31, 0]   # future keys (masked anyway) share bucket 0
+    causal = t5_bucket(
+        torch.tensor([0, -1, -15, -16, -20, -1000, 3]),
+        bidirectional=False,
+        num_buckets=32,
+        max_distance=128,
+    ).tolist()
+    assert causal == [0, 1, 15, 16, 17, 31, 0]  # future keys (masked anyway) share bucket 0
     b = T5RelativePositionBias(causal=False)
     assert b.toeplitz(6).shape == (11,)
 
 
 def test_rope_depends_on_offset_only():
-    rope = RotaryEmbedding(9).double()          # odd width: last feature passes through
+    rope = RotaryEmbedding(9).double()  # odd width: last feature passes through
     q, k = torch.randn(2, 9, dtype=torch.float64)
+
     def dot(i, j):
         return (rope(q[None], torch.tensor([i])) * rope(k[None], torch.tensor([j]))).sum().item()
+
     assert dot(3, 1) == pytest.approx(dot(10, 8), rel=1e-12)
     assert dot(3, 1) != pytest.approx(dot(3, 2), rel=1e-3)
     x = torch.randn(5, 9, dtype=torch.float64)
@@ -116,6 +161,7 @@ def test_rope_depends_on_offset_only():
 
 
 # -- layers and the LM -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("layer", ["flash", "gau"])
 @pytest.mark.parametrize("T", [1, 5, 8, 13])
@@ -127,9 +173,15 @@ def test_layer_shapes(layer, T):
     assert lm(tokens(3, T)).shape == (3, T, VOCAB)
 
 
-@pytest.mark.parametrize("layer,rel_pos,rope,norm", [
-    ("flash", "learned", False, "scalenorm"), ("flash", "t5", True, "layernorm"),
-    ("gau", "learned", True, "scalenorm"), ("gau", "t5", False, "layernorm")])
+@pytest.mark.parametrize(
+    "layer,rel_pos,rope,norm",
+    [
+        ("flash", "learned", False, "scalenorm"),
+        ("flash", "t5", True, "layernorm"),
+        ("gau", "learned", True, "scalenorm"),
+        ("gau", "t5", False, "layernorm"),
+    ],
+)
 def test_gradients_reach_every_parameter(layer, rel_pos, rope, norm):
     lm = make_lm(layer, rel_pos=rel_pos, rope=rope, norm=norm, dtype=torch.float32)
     idx = tokens(2, 13)
@@ -157,8 +209,8 @@ def test_padding_mask(layer, rope):
     T, valid = 13, 9
     x = torch.randn(2, T, D, dtype=torch.float64)
     mask = torch.zeros(2, T, dtype=torch.bool)
-    mask[0, valid:] = True                  # right padding
-    mask[1, [2, 5, 6, 11]] = True           # holes anywhere
+    mask[0, valid:] = True  # right padding
+    mask[1, [2, 5, 6, 11]] = True  # holes anywhere
     noisy = torch.where(mask[..., None], 10 * torch.randn_like(x), x)
     with torch.no_grad():
         out, out_noisy = module(x, key_padding_mask=mask), module(noisy, key_padding_mask=mask)
@@ -168,16 +220,18 @@ def test_padding_mask(layer, rope):
     torch.testing.assert_close(out[keep], out_noisy[keep], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out[mask], x[mask], rtol=0, atol=0)
     torch.testing.assert_close(out[0, :valid], truncated[0], rtol=1e-12, atol=1e-12)
-    assert (out[keep] - unmasked[keep]).abs().max() > 1e-3        # the mask does something
+    assert (out[keep] - unmasked[keep]).abs().max() > 1e-3  # the mask does something
     lm = make_lm(layer, causal=False, rope=rope)
     idx = tokens(2, T)
     noisy_idx = torch.where(mask, tokens(2, T, seed=1), idx)
     with torch.no_grad():
-        torch.testing.assert_close(lm(idx, key_padding_mask=mask)[keep],
-                                   lm(noisy_idx, key_padding_mask=mask)[keep])
+        torch.testing.assert_close(
+            lm(idx, key_padding_mask=mask)[keep], lm(noisy_idx, key_padding_mask=mask)[keep]
+        )
 
 
 # -- incremental decoding --------------------------------------------------------------------
+
 
 def decode_all(lm, idx, prefill):
     """Logits for every position: full forward of idx[:, :prefill], then one step per token."""
@@ -192,10 +246,15 @@ def decode_all(lm, idx, prefill):
     return torch.cat(out, dim=1), caches
 
 
-DECODE_CASES = [(layer, rel_pos, rope) for layer in ("flash", "gau")
-                for rel_pos in (None, "learned", "t5") for rope in (False, True)]
+DECODE_CASES = [
+    (layer, rel_pos, rope)
+    for layer in ("flash", "gau")
+    for rel_pos in (None, "learned", "t5")
+    for rope in (False, True)
+]
 
 
+@pytest.mark.slow  # 12 layers x 19 steps
 @pytest.mark.parametrize("layer,rel_pos,rope", DECODE_CASES)
 def test_decoding_matches_forward(layer, rel_pos, rope):
     """T = 19 with C = 4: four chunk boundaries crossed by stepping, and prefills ending before,
@@ -206,12 +265,15 @@ def test_decoding_matches_forward(layer, rel_pos, rope):
         full = lm(idx)
     for prefill in (0, 1, 8, 10):
         logits, caches = decode_all(lm, idx, prefill)
-        torch.testing.assert_close(logits, full, rtol=1e-10, atol=1e-10,
-                                   msg=lambda m: f"prefill={prefill}: {m}")
-    if layer == "flash":                    # the cache never holds more than one chunk
-        assert all(c.capacity == C and (c.length == 19 % C).all() and (c.position == 19).all()
-                   for c in caches)
-    else:                                   # GAU: one growing chunk
+        torch.testing.assert_close(
+            logits, full, rtol=1e-10, atol=1e-10, msg=lambda m: f"prefill={prefill}: {m}"
+        )
+    if layer == "flash":  # the cache never holds more than one chunk
+        assert all(
+            c.capacity == C and (c.length == 19 % C).all() and (c.position == 19).all()
+            for c in caches
+        )
+    else:  # GAU: one growing chunk
         assert all((c.length == 19).all() and c.state is None for c in caches)
 
 
@@ -233,7 +295,7 @@ def test_generate():
     prompt = tokens(2, 3)
     out = lm.generate(prompt, 14, temperature=0)
     assert out.shape == (2, 17) and torch.equal(out[:, :3], prompt)
-    with torch.no_grad():                   # greedy decoding == argmax of the full forward
+    with torch.no_grad():  # greedy decoding == argmax of the full forward
         for t in range(3, 17):
             assert torch.equal(lm(out[:, :t])[:, -1].argmax(-1), out[:, t])
     gen = torch.Generator().manual_seed(0)
@@ -253,12 +315,16 @@ def test_errors():
     with pytest.raises(ValueError, match="causal"):
         noncausal.step(torch.zeros(1, D, dtype=torch.float64), AttentionCache())
     with pytest.raises(ValueError, match="key_padding_mask"):
-        noncausal(torch.zeros(1, 5, D, dtype=torch.float64), key_padding_mask=torch.zeros(1, 4, dtype=torch.bool))
+        noncausal(
+            torch.zeros(1, 5, D, dtype=torch.float64),
+            key_padding_mask=torch.zeros(1, 4, dtype=torch.bool),
+        )
     with pytest.raises(ValueError, match="causal"):
         make_lm(causal=False).generate(tokens(1, 2), 3)
 
 
 # -- backends and the example ----------------------------------------------------------------
+
 
 def _load_example():
     spec = importlib.util.spec_from_file_location("train_lm_example", EXAMPLE)
@@ -267,6 +333,8 @@ def _load_example():
     return module
 
 
+@pytest.mark.gpu  # uses CUDA when it is there without a module-level DEVICE
+@pytest.mark.slow
 def test_training_curve_torch_vs_triton():
     """The example's --check-backends, 3 steps: backend "triton" (the interpreter on a CPU, set by
     conftest) and "torch" give the same losses from one seed, fp32."""
@@ -279,35 +347,56 @@ def test_training_curve_torch_vs_triton():
         assert abs(a - b) <= 1e-4 * abs(a), (torch_losses, triton_losses)
 
 
+@pytest.mark.slow
 def test_example_runs(tmp_path):
     """The example's main, 2 steps of the tiny FLASH model and of the Transformer++ baseline:
     the loss before training is printed, the baseline's parameter count is within 2% of
     FLASH's, and the only thing written is the plot under ./examples_out (git-ignored)."""
     import re
+
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    command = [sys.executable, EXAMPLE, "--tiny", "--steps", "2", "--device", "cpu",
-               "--backend", "torch", "--compare"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env,
-                            cwd=tmp_path)
+    command = [
+        sys.executable,
+        EXAMPLE,
+        "--tiny",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--backend",
+        "torch",
+        "--compare",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, result.stderr[-2000:]
     assert "FLASH step     0 | val 5." in output and "Transformer++ step     0 | val" in output
     assert "FLASH step     2" in output and "Transformer++ step     2" in output
     assert "tok/s" in result.stdout and "the marker '|>>>'" in result.stdout
     flash_params = int(re.search(r"FLASHLM: .*?([\d,]+) parameters", output)[1].replace(",", ""))
-    base_params = int(re.search(r"Transformer\+\+: .*?([\d,]+) parameters", output)[1]
-                      .replace(",", ""))
+    base_params = int(
+        re.search(r"Transformer\+\+: .*?([\d,]+) parameters", output)[1].replace(",", "")
+    )
     assert abs(base_params - flash_params) <= 0.02 * flash_params, (flash_params, base_params)
-    help_text = subprocess.run([sys.executable, EXAMPLE, "--help"], capture_output=True,
-                               text=True, timeout=60, env=env, cwd=tmp_path).stdout
+    help_text = subprocess.run(
+        [sys.executable, EXAMPLE, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    ).stdout
     assert "(default: None)" not in help_text and "training steps (default: 300)" in help_text
-    assert help_text.count("(default:") == 24, help_text     # all but --help and the 5 flags
+    assert help_text.count("(default:") == 24, help_text  # all but --help and the 5 flags
     written = sorted(os.listdir(tmp_path))
     if importlib.util.find_spec("matplotlib") is None:
         assert written == [], written
     else:
-        assert written == ["examples_out"] and \
-            os.listdir(tmp_path / "examples_out") == ["train_lm_compare.png"]
+        assert written == ["examples_out"] and os.listdir(tmp_path / "examples_out") == [
+            "train_lm_compare.png"
+        ]
 
 
 @pytest.mark.parametrize("rope", [False, True], ids=["fused", "rope"])
@@ -321,8 +410,16 @@ def test_layer_on_triton_with_unequal_scales(rope):
 
     def run(backend, quad_scale, lin_scale):
         torch.manual_seed(0)
-        layer = FLASH(D, s=S, chunk_size=C, rope=rope, rel_pos="t5", quad_scale=quad_scale,
-                      lin_scale=lin_scale, backend=backend)
+        layer = FLASH(
+            D,
+            s=S,
+            chunk_size=C,
+            rope=rope,
+            rel_pos="t5",
+            quad_scale=quad_scale,
+            lin_scale=lin_scale,
+            backend=backend,
+        )
         layer = strengthen(layer).to(device)
         out = layer(x)
         grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
@@ -332,8 +429,9 @@ def test_layer_on_triton_with_unequal_scales(rope):
     expected, expected_grads = run("torch", 0.4, 0.05)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-4,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grad, expected_grads[name], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}"
+        )
     swapped, _ = run("torch", 0.05, 0.4)
     assert (swapped - expected).abs().max() > 100 * 1e-5 * (1 + expected.abs().max())
 

@@ -9,6 +9,7 @@
 - Padded tokens are removed by selection: whatever they hold (inf included), real tokens'
   outputs equal those of a run where the padded inputs are zero.
 """
+
 import pytest
 import torch
 
@@ -27,16 +28,19 @@ def _layer(kind, rope, backend="torch", dtype=torch.float64, causal=True):
     return layer.to(DEVICE if backend == "triton" else "cpu", dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rope", [False, True], ids=["no-rope", "rope"])
 @pytest.mark.parametrize("kind", ["flash", "gau"])
-@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)],
-                         ids=["torch", "triton"])
+@pytest.mark.parametrize(
+    "backend,dtype", [("torch", torch.float64), ("triton", torch.float32)], ids=["torch", "triton"]
+)
 def test_packed_layer_equals_each_document_alone(kind, rope, backend, dtype):
     layer = _layer(kind, rope, backend, dtype)
     lengths = [5, 0, 9, 1, 6]
     cu = torch.tensor([0] + lengths).cumsum(0)
-    x = torch.randn(2, sum(lengths), 16, dtype=dtype, device=layer.to_out.weight.device,
-                    requires_grad=True)
+    x = torch.randn(
+        2, sum(lengths), 16, dtype=dtype, device=layer.to_out.weight.device, requires_grad=True
+    )
     packed = layer(x, cu_seqlens=cu)
     bounds = cu.tolist()
     alone = torch.cat([layer(x[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
@@ -55,7 +59,8 @@ def record_rope_positions(model):
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.register_forward_pre_hook(
-                lambda module, args: seen.append(args[1].detach().cpu().tolist()))
+                lambda module, args: seen.append(args[1].detach().cpu().tolist())
+            )
     return seen
 
 
@@ -64,7 +69,7 @@ def positions_restarting_at(lengths):
     return [position for length in lengths for position in range(length)]
 
 
-ROLES_PER_LAYER = {"flash": 4, "gau": 2}     # every role is rotated
+ROLES_PER_LAYER = {"flash": 4, "gau": 2}  # every role is rotated
 
 
 @pytest.mark.parametrize("kind", ["flash", "gau"])
@@ -84,8 +89,7 @@ def test_rope_positions_of_a_packed_lm_restart_in_every_layer():
     lm = FLASHLM(50, d=16, depth=2, s=8, chunk_size=4, rope=True, backend="torch").double()
     seen = record_rope_positions(lm)
     lengths = [7, 3, 10]
-    lm(torch.randint(0, 50, (1, sum(lengths))),
-       cu_seqlens=torch.tensor([0] + lengths).cumsum(0))
+    lm(torch.randint(0, 50, (1, sum(lengths))), cu_seqlens=torch.tensor([0] + lengths).cumsum(0))
     assert seen == [positions_restarting_at(lengths)] * (2 * ROLES_PER_LAYER["flash"])
 
 
@@ -123,26 +127,31 @@ def test_packed_lm_loss_equals_the_documents_losses():
     torch.testing.assert_close(logits, alone, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,rope", [("flash", False), ("flash", True), ("gau", True)])
-@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)],
-                         ids=["torch", "triton"])
+@pytest.mark.parametrize(
+    "backend,dtype", [("torch", torch.float64), ("triton", torch.float32)], ids=["torch", "triton"]
+)
 def test_prefill_in_pieces_equals_prefill_in_one(kind, rope, backend, dtype):
     torch.manual_seed(2)
     common = dict(d=16, depth=2, s=8, rope=rope, backend=backend)
-    lm = (FLASHLM(40, chunk_size=4, **common) if kind == "flash"
-          else FLASHLM(40, layer="gau", max_len=32, **common))
+    lm = (
+        FLASHLM(40, chunk_size=4, **common)
+        if kind == "flash"
+        else FLASHLM(40, layer="gau", max_len=32, **common)
+    )
     lm = lm.to(DEVICE if backend == "triton" else "cpu", dtype)
     idx = torch.randint(0, 40, (2, 15), device=lm.embed.weight.device)
     whole, whole_caches = lm.prefill(idx)
     caches, pieces = None, []
-    for a, b in ((0, 3), (3, 8), (8, 9), (9, 15)):      # cuts inside and at chunk ends
+    for a, b in ((0, 3), (3, 8), (8, 9), (9, 15)):  # cuts inside and at chunk ends
         logits, caches = lm.prefill(idx[:, a:b], caches)
         pieces.append(logits)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=tol, atol=tol)
     full = lm(torch.cat([idx, idx[:, :3]], dim=1))
     with torch.no_grad():
-        for token in idx[:, :3].unbind(1):            # decoding continues from either
+        for token in idx[:, :3].unbind(1):  # decoding continues from either
             step_whole = lm.step(token, whole_caches)
             step_pieces = lm.step(token, caches)
             torch.testing.assert_close(step_pieces, step_whole, rtol=tol, atol=tol)
@@ -168,18 +177,38 @@ def test_padded_tokens_holding_inf_do_not_reach_real_tokens(kind, backend):
     torch.testing.assert_close(got[real], expected[real], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_example_trains_on_packed_documents():
     """examples/train_lm.py --pack: one source file per document; the loss goes down."""
     import os
     import re
     import subprocess
     import sys
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, os.path.join(root, "examples", "train_lm.py"), "--tiny", "--pack",
-         "--steps", "20", "--eval-every", "20", "--sample", "0", "--threads", "1",
-         "--backend", "torch"], capture_output=True, text=True, timeout=300, env=env)
+        [
+            sys.executable,
+            os.path.join(root, "examples", "train_lm.py"),
+            "--tiny",
+            "--pack",
+            "--steps",
+            "20",
+            "--eval-every",
+            "20",
+            "--sample",
+            "0",
+            "--threads",
+            "1",
+            "--backend",
+            "torch",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "packed as documents" in result.stdout
     losses = [float(x) for x in re.findall(r"val (\d+\.\d+)", result.stdout)]

@@ -11,12 +11,14 @@ A query-side input at t (q_quad, q_lin) reaches out[t], its own query gradients 
 gradients of the tokens t attends; a key-side input (k_quad, k_lin, v) reaches the outputs and
 query gradients of the tokens that attend t, and its own key/value gradients.
 """
+
 import pytest
 import torch
+from helpers import nan_filled_buffers, tile_override
 
 from flash_kernels import flash_attention, mixed_chunk_attention
-from flash_kernels.triton_mixed_chunk import tile_override
-from flash_kernels.utils import nan_filled_buffers
+
+pytestmark = pytest.mark.slow  # 48 planted NaN/inf cases, each run twice
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 T, C, S, E, TOKEN = 20, 8, 5, 6, 11
@@ -34,23 +36,32 @@ def attends(i, j, part, causal, linear):
 def dependent_rows(where, causal, linear):
     """{tensor name: rows that may depend on the planted value} (all others must not)."""
     everything = set(range(T))
-    if where == "rel_bias":                    # an entry no pair uses: nothing depends on it
+    if where == "rel_bias":  # an entry no pair uses: nothing depends on it
         return {"rel_bias": set()}
     rows = {}
     if where in QUERY_SIDE or where == "z":
         part = QUERY_SIDE.get(where, "both")
         attended = {j for j in range(T) if attends(TOKEN, j, part, causal, linear)}
-        rows.update(out={TOKEN}, q_quad={TOKEN}, q_lin={TOKEN}, k_quad=attended, k_lin=attended,
-                    v=attended)
+        rows.update(
+            out={TOKEN}, q_quad={TOKEN}, q_lin={TOKEN}, k_quad=attended, k_lin=attended, v=attended
+        )
     if where in KEY_SIDE or where == "z":
         part = KEY_SIDE.get(where, "both")
         attending = {i for i in range(T) if attends(i, TOKEN, part, causal, linear)}
-        for name, extra in (("out", attending), ("q_quad", attending), ("q_lin", attending),
-                            ("k_quad", {TOKEN}), ("k_lin", {TOKEN}), ("v", {TOKEN})):
+        for name, extra in (
+            ("out", attending),
+            ("q_quad", attending),
+            ("q_lin", attending),
+            ("k_quad", {TOKEN}),
+            ("k_lin", {TOKEN}),
+            ("v", {TOKEN}),
+        ):
             rows[name] = rows.get(name, set()) | extra
-    rows["rel_bias"] = everything       # the bias gradient sums every pair's score gradient
+    rows["rel_bias"] = everything  # the bias gradient sums every pair's score gradient
     # flash_attention's z gives all four roles: its gradient rows gather theirs
-    rows["z"] = set().union(*(rows.get(name, set()) for name in ("q_quad", "k_quad", "q_lin", "k_lin")))
+    rows["z"] = set().union(
+        *(rows.get(name, set()) for name in ("q_quad", "k_quad", "q_lin", "k_lin"))
+    )
     return rows
 
 
@@ -58,12 +69,24 @@ def run(op, inputs, causal, backend):
     leaves = {n: x.clone().requires_grad_() if x is not None else None for n, x in inputs.items()}
     options = dict(chunk_size=C, causal=causal, backend=backend)
     if op == "mixed_chunk_attention":
-        out = mixed_chunk_attention(leaves["q_quad"], leaves["k_quad"], leaves["q_lin"],
-                                    leaves["k_lin"], leaves["v"], rel_bias=leaves["rel_bias"],
-                                    **options)
+        out = mixed_chunk_attention(
+            leaves["q_quad"],
+            leaves["k_quad"],
+            leaves["q_lin"],
+            leaves["k_lin"],
+            leaves["v"],
+            rel_bias=leaves["rel_bias"],
+            **options,
+        )
     else:
-        out = flash_attention(leaves["z"], leaves["gamma"], leaves["beta"], leaves["v"],
-                              rel_bias=leaves["rel_bias"], **options)
+        out = flash_attention(
+            leaves["z"],
+            leaves["gamma"],
+            leaves["beta"],
+            leaves["v"],
+            rel_bias=leaves["rel_bias"],
+            **options,
+        )
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out)
     names = [n for n, x in leaves.items() if x is not None]
     grads = torch.autograd.grad((out * weights).sum(), [leaves[n] for n in names])
@@ -77,29 +100,45 @@ def _inputs(op, linear):
         return torch.randn(*shape, generator=gen).to(DEVICE)
 
     if op == "mixed_chunk_attention":
-        inputs = dict(q_quad=rand(1, T, S), k_quad=rand(1, T, S), q_lin=rand(1, T, S) if linear else None,
-                      k_lin=rand(1, T, S) if linear else None, v=rand(1, T, E))
+        inputs = dict(
+            q_quad=rand(1, T, S),
+            k_quad=rand(1, T, S),
+            q_lin=rand(1, T, S) if linear else None,
+            k_lin=rand(1, T, S) if linear else None,
+            v=rand(1, T, E),
+        )
     else:
         roles = 4 if linear else 2
-        inputs = dict(z=rand(1, T, S), gamma=1 + 0.3 * rand(roles, S), beta=0.3 * rand(roles, S),
-                      v=rand(1, T, E))
+        inputs = dict(
+            z=rand(1, T, S),
+            gamma=1 + 0.3 * rand(roles, S),
+            beta=0.3 * rand(roles, S),
+            v=rand(1, T, E),
+        )
     inputs["rel_bias"] = 0.5 * rand(2 * C - 1)
     return inputs
 
 
 def _cases():
-    for op, names in (("mixed_chunk_attention", ("q_quad", "k_quad", "q_lin", "k_lin", "v", "rel_bias")),
-                      ("flash_attention", ("z", "v"))):
+    for op, names in (
+        ("mixed_chunk_attention", ("q_quad", "k_quad", "q_lin", "k_lin", "v", "rel_bias")),
+        ("flash_attention", ("z", "v")),
+    ):
         for where in names:
             for causal in (True, False):
                 if where == "rel_bias" and not causal:
-                    continue                   # non-causal pairs use every offset
+                    continue  # non-causal pairs use every offset
                 for backend in ("reference", "torch", "triton"):
-                    yield pytest.param(op, where, causal, backend,
-                                       id=f"{op.split('_')[0]}-{where}-{'causal' if causal else 'full'}-{backend}")
+                    yield pytest.param(
+                        op,
+                        where,
+                        causal,
+                        backend,
+                        id=f"{op.split('_')[0]}-{where}-{'causal' if causal else 'full'}-{backend}",
+                    )
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")     # numpy, inside the Triton interpreter
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the Triton interpreter
 @pytest.mark.parametrize("op,where,causal,backend", list(_cases()))
 def test_nonfinite_value_reaches_only_the_tokens_that_attend_it(op, where, causal, backend):
     linear = True
@@ -107,7 +146,7 @@ def test_nonfinite_value_reaches_only_the_tokens_that_attend_it(op, where, causa
     clean, bad = dict(inputs), dict(inputs)
     if where == "rel_bias":
         clean["rel_bias"] = inputs["rel_bias"].clone()
-        clean["rel_bias"][0] = 0.0          # offset -(C - 1): a key after its query
+        clean["rel_bias"][0] = 0.0  # offset -(C - 1): a key after its query
         bad["rel_bias"] = clean["rel_bias"].clone()
         bad["rel_bias"][0] = float("nan")
     else:
@@ -120,7 +159,7 @@ def test_nonfinite_value_reaches_only_the_tokens_that_attend_it(op, where, causa
         got = run(op, bad, causal, backend)
     dependent = dependent_rows(where, causal, linear)
     for name, value in got.items():
-        if name in ("gamma", "beta"):           # sums over every token
+        if name in ("gamma", "beta"):  # sums over every token
             continue
         rows = dependent.get(name, set())
         if name == "rel_bias":
@@ -130,13 +169,15 @@ def test_nonfinite_value_reaches_only_the_tokens_that_attend_it(op, where, causa
         else:
             keep = [i for i in range(T) if i not in rows]
             value, reference = value[0, keep], expected[name][0, keep]
-        assert torch.isfinite(value).all(), \
+        assert torch.isfinite(value).all(), (
             f"{name}: rows {keep} cannot see the non-finite {where}[{TOKEN}] but are not all finite"
+        )
         torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-5, msg=f"{name} changed")
     if where != "rel_bias":
         attending = dependent["out"]
-        assert not torch.isfinite(got["out"][0, sorted(attending)]).all(dim=-1).any(), \
+        assert not torch.isfinite(got["out"][0, sorted(attending)]).all(dim=-1).any(), (
             f"an output row attending the non-finite {where}[{TOKEN}] stayed finite"
+        )
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -149,7 +190,8 @@ def test_several_blocks_per_chunk(where):
     try:
         with tile_override(block=16):
             test_nonfinite_value_reaches_only_the_tokens_that_attend_it(
-                "mixed_chunk_attention", where, True, "triton")
+                "mixed_chunk_attention", where, True, "triton"
+            )
     finally:
         T, C, TOKEN = saved
 
@@ -159,19 +201,24 @@ def test_several_blocks_per_chunk(where):
 def test_torch_path_skips_its_guards_only_when_they_select_nothing(monkeypatch, causal, packed):
     """The torch path drops its non-finite guards when the inputs are finite (on the CPU): with
     finite inputs the guarded computation must give the same output and gradients."""
-    import flash_kernels.torch_chunked as torch_chunked
+    import flash_kernels.backends.torch.chunked as torch_chunked
 
     inputs = _inputs("mixed_chunk_attention", linear=True)
-    if packed:   # documents of 7, 9 and 4 tokens: chunks restart inside the row
+    if packed:  # documents of 7, 9 and 4 tokens: chunks restart inside the row
         cu_seqlens = torch.tensor([0, 7, 16, T], dtype=torch.int32, device=DEVICE)
 
     def gradients(guarded):
         monkeypatch.setattr(torch_chunked, "needs_nonfinite_guards", lambda *tensors: guarded)
         leaves = {n: x.clone().requires_grad_() for n, x in inputs.items()}
         extra = dict(cu_seqlens=cu_seqlens, max_seqlen=9) if packed else {}
-        out = mixed_chunk_attention(*(leaves[n] for n in ("q_quad", "k_quad", "q_lin", "k_lin", "v")),
-                                    rel_bias=leaves["rel_bias"], chunk_size=C, causal=causal,
-                                    backend="torch", **extra)
+        out = mixed_chunk_attention(
+            *(leaves[n] for n in ("q_quad", "k_quad", "q_lin", "k_lin", "v")),
+            rel_bias=leaves["rel_bias"],
+            chunk_size=C,
+            causal=causal,
+            backend="torch",
+            **extra,
+        )
         weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out)
         return [out.detach(), *torch.autograd.grad((out * weights).sum(), list(leaves.values()))]
 

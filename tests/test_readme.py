@@ -1,6 +1,7 @@
 """Every Python code block of README.md runs on its own, as a user pasting it would run it: in
 a fresh interpreter, from the repository root, without TRITON_INTERPRET (the CPU's "auto"
 backend is then the chunked PyTorch path). A block that needs names from another fails here."""
+
 import os
 import re
 import subprocess
@@ -26,8 +27,9 @@ def test_the_readme_has_python_blocks():
 def test_readme_block_runs_alone(index):
     code = python_blocks()[index]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, f"README block {index} failed:\n{code}\n{result.stderr[-3000:]}"
-    if "# True" in code:                # a block that says what it prints
+    if "# True" in code:  # a block that says what it prints
         assert "True" in result.stdout and "False" not in result.stdout, result.stdout

@@ -5,14 +5,15 @@ Also the int64 offsets: views whose batch stride exceeds 2^31 elements, or is an
 product with the batch index is not, carved from a large *virtual* allocation of which only the
 touched pages become resident (no 8 GB on the CPU).
 """
+
 import os
 import subprocess
 import sys
 
+import interpreter_shim  # noqa: F401  (the subprocess below imports this module, not conftest)
 import pytest
 import torch
 
-import interpreter_shim  # noqa: F401  (the subprocess below imports this module, not conftest)
 from flash_kernels import flash_attention, mixed_chunk_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -25,23 +26,24 @@ def _grads(out, inputs, seed=3):
 
 
 def _mixed(q_quad, k_quad, q_lin, k_lin, v, rel_bias):
-    return mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, rel_bias=rel_bias, chunk_size=C,
-                                 backend="triton")
+    return mixed_chunk_attention(
+        q_quad, k_quad, q_lin, k_lin, v, rel_bias=rel_bias, chunk_size=C, backend="triton"
+    )
 
 
 def _fused_projection():
     """q_quad, k_quad, q_lin, k_lin and v as column slices of one (B, T, 4S + E + 3) tensor."""
     torch.manual_seed(0)
     proj = torch.randn(B, T, 4 * S + E + 3, device=DEVICE)
-    return [proj[..., i * S:(i + 1) * S] for i in range(4)] + [proj[..., 4 * S:4 * S + E]]
+    return [proj[..., i * S : (i + 1) * S] for i in range(4)] + [proj[..., 4 * S : 4 * S + E]]
 
 
 @pytest.mark.parametrize("layout", ["split", "transposed batch", "non-unit feature stride"])
 def test_layouts_give_the_same_result(layout):
     views = _fused_projection()
-    if layout == "transposed batch":                     # (T, B, W) memory, viewed as (B, T, W)
+    if layout == "transposed batch":  # (T, B, W) memory, viewed as (B, T, W)
         views = [x.transpose(0, 1).contiguous().transpose(0, 1) for x in views]
-    elif layout == "non-unit feature stride":            # last dim strided: copied before launch
+    elif layout == "non-unit feature stride":  # last dim strided: copied before launch
         views = [torch.cat([x, x], dim=-1)[..., ::2] for x in views]
     assert not any(x.is_contiguous() for x in views)
     rel_bias = torch.randn(2 * C - 1, device=DEVICE)
@@ -57,12 +59,16 @@ def test_layouts_give_the_same_result(layout):
 def test_flash_attention_split_projection():
     torch.manual_seed(1)
     proj = torch.randn(B, T, S + 2 * E, device=DEVICE)
-    z, v, u = proj[..., :S], proj[..., S:S + E], proj[..., S + E:]
+    z, v, u = proj[..., :S], proj[..., S : S + E], proj[..., S + E :]
     gamma, beta = torch.randn(4, S, device=DEVICE), torch.randn(4, S, device=DEVICE)
     leaves = [x.detach().requires_grad_() for x in (z, v, u)]
     copies = [x.detach().contiguous().requires_grad_() for x in (z, v, u)]
-    out = flash_attention(leaves[0], gamma, beta, leaves[1], u=leaves[2], chunk_size=C, backend="triton")
-    ref = flash_attention(copies[0], gamma, beta, copies[1], u=copies[2], chunk_size=C, backend="triton")
+    out = flash_attention(
+        leaves[0], gamma, beta, leaves[1], u=leaves[2], chunk_size=C, backend="triton"
+    )
+    ref = flash_attention(
+        copies[0], gamma, beta, copies[1], u=copies[2], chunk_size=C, backend="triton"
+    )
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     for got, want in zip(_grads(out, leaves), _grads(ref, copies)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -102,15 +108,16 @@ def _views_with_batch_stride(stride_b, batch, seed):
 
 def _forward_and_backward(op, views, gamma, beta, grad_out):
     """Output and input gradients of `op` on the six views (flash_attention: z, v, u)."""
-    leaves = [x.detach().requires_grad_() for x in views]      # detach keeps the strides
+    leaves = [x.detach().requires_grad_() for x in views]  # detach keeps the strides
     print(op, "forward, batch stride", leaves[0].stride(0), flush=True)
     if op == "mixed_chunk_attention":
         inputs = leaves[:5]
         out = _mixed(*inputs, None)
     else:
         inputs = [leaves[0], leaves[4], leaves[5]]
-        out = flash_attention(leaves[0], gamma, beta, leaves[4], u=leaves[5], chunk_size=C,
-                              backend="triton")
+        out = flash_attention(
+            leaves[0], gamma, beta, leaves[4], u=leaves[5], chunk_size=C, backend="triton"
+        )
     print(op, "backward", flush=True)
     return out, torch.autograd.grad(out, inputs, grad_out)
 
@@ -134,31 +141,47 @@ def int32_batch_stride_case():
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.slow  # a subprocess
 def test_int32_batch_stride_whose_offsets_overflow():
     tests = os.path.dirname(os.path.abspath(__file__))
-    code = (f"import sys; sys.path[:0] = [{tests!r}, {os.path.dirname(tests)!r}]\n"
-            f"import test_strides; test_strides.int32_batch_stride_case()\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, (f"exit status {done.returncode}\n{done.stdout[-2000:]}\n"
-                                  f"{done.stderr[-3000:]}")
+    code = (
+        f"import sys; sys.path[:0] = [{tests!r}, {os.path.dirname(tests)!r}]\n"
+        f"import test_strides; test_strides.int32_batch_stride_case()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (
+        f"exit status {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    )
 
 
+@pytest.mark.big_memory  # ~15 GB of GPU memory: last in the GPU run
 @pytest.mark.gpu
-@pytest.mark.skipif(DEVICE != "cuda", reason="needs ~15 GB of GPU memory: a real tensor of more "
-                    "than 2^31 elements")
+@pytest.mark.skipif(
+    DEVICE != "cuda", reason="needs ~15 GB of GPU memory: a real tensor of more than 2^31 elements"
+)
 def test_tensors_over_2_31_elements():
     """T * E > 2^31 (contiguous v and out), quadratic only so the last chunk's output depends
     on that chunk alone and can be checked with the torch path on a slice."""
     E_big, S_small, chunk = 64, 16, 256
     T_big = 2**31 // E_big + 3 * chunk + 5
     torch.manual_seed(3)
-    q_quad, k_quad = (torch.randn(1, T_big, S_small, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    q_quad, k_quad = (
+        torch.randn(1, T_big, S_small, device=DEVICE, dtype=torch.bfloat16) for _ in range(2)
+    )
     v = torch.randn(1, T_big, E_big, device=DEVICE, dtype=torch.bfloat16)
     assert v.numel() > 2**31
     with torch.no_grad():
-        out = mixed_chunk_attention(q_quad, k_quad, None, None, v, chunk_size=chunk, backend="triton")
+        out = mixed_chunk_attention(
+            q_quad, k_quad, None, None, v, chunk_size=chunk, backend="triton"
+        )
         last = (T_big // chunk) * chunk
-        expected = mixed_chunk_attention(q_quad[:, last:], k_quad[:, last:], None, None, v[:, last:],
-                                         chunk_size=chunk, backend="torch")
+        expected = mixed_chunk_attention(
+            q_quad[:, last:],
+            k_quad[:, last:],
+            None,
+            None,
+            v[:, last:],
+            chunk_size=chunk,
+            backend="torch",
+        )
     torch.testing.assert_close(out[:, last:], expected, rtol=2e-2, atol=2e-2)

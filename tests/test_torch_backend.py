@@ -1,13 +1,22 @@
 """The chunked PyTorch backend against the dense reference, gradcheck, and causal consistency."""
+
 import pytest
 import torch
+from helpers import (
+    DEFAULT_SCALE_CASES,
+    FP16_MAX,
+    LARGE_SCORE_OPTIONS,
+    assert_close,
+    large_score_problem,
+    largest_weight,
+    make_problem,
+    run_with_grads,
+    scale_case_id,
+)
 
 from flash_kernels import mixed_chunk_attention
-from helpers import (DEFAULT_SCALE_CASES, FP16_MAX, LARGE_SCORE_OPTIONS, assert_close,
-                     large_score_problem, largest_weight, make_problem, run_with_grads,
-                     scale_case_id)
 
-S, E = 5, 6          # not powers of two on purpose
+S, E = 5, 6  # not powers of two on purpose
 
 
 def _cases():
@@ -16,7 +25,7 @@ def _cases():
             for linear in (True, False):
                 for bias in (True, False):
                     if T == 1 and not linear and not causal:
-                        continue        # one token, quadratic only: the same as causal
+                        continue  # one token, quadratic only: the same as causal
                     yield causal, T, chunk, linear, bias
 
 
@@ -48,13 +57,23 @@ def test_leading_batch_dims(batch):
 @pytest.mark.parametrize("linear", [True, False])
 def test_gradcheck_torch_backend(causal, linear):
     problem = make_problem((2,), 9, 3, 4, linear=linear, bias_chunk=4)
-    names = [n for n in ("q_quad", "k_quad", "q_lin", "k_lin", "v", "rel_bias") if problem[n] is not None]
+    names = [
+        n for n in ("q_quad", "k_quad", "q_lin", "k_lin", "v", "rel_bias") if problem[n] is not None
+    ]
 
     def fn(*tensors):
         p = dict(problem, **dict(zip(names, tensors)))
-        return mixed_chunk_attention(p["q_quad"], p["k_quad"], p["q_lin"], p["k_lin"], p["v"],
-                                     rel_bias=p["rel_bias"], chunk_size=4, causal=causal,
-                                     backend="torch")
+        return mixed_chunk_attention(
+            p["q_quad"],
+            p["k_quad"],
+            p["q_lin"],
+            p["k_lin"],
+            p["v"],
+            rel_bias=p["rel_bias"],
+            chunk_size=4,
+            causal=causal,
+            backend="torch",
+        )
 
     assert torch.autograd.gradcheck(fn, [problem[n] for n in names])
 
@@ -65,21 +84,29 @@ def test_float16_large_scores(causal):
     the gradients do not (tests/helpers.py large_score_problem): forward and backward against
     the float64 reference on the same rounded inputs."""
     problem, grad_out = large_score_problem()
-    grad_out = grad_out.half()                  # as the fp16 backward sees it, for both sides
-    low = {n: None if x is None else
-           x.detach().to(torch.float32 if n == "rel_bias" else torch.float16).requires_grad_()
-           for n, x in problem.items()}
-    exact = {n: None if x is None else x.detach().double().requires_grad_()
-             for n, x in low.items()}
-    weight = largest_weight(low, causal=causal, chunk_size=LARGE_SCORE_OPTIONS["chunk_size"],
-                            quad_scale=LARGE_SCORE_OPTIONS["quad_scale"])
+    grad_out = grad_out.half()  # as the fp16 backward sees it, for both sides
+    low = {
+        n: None
+        if x is None
+        else x.detach().to(torch.float32 if n == "rel_bias" else torch.float16).requires_grad_()
+        for n, x in problem.items()
+    }
+    exact = {n: None if x is None else x.detach().double().requires_grad_() for n, x in low.items()}
+    weight = largest_weight(
+        low,
+        causal=causal,
+        chunk_size=LARGE_SCORE_OPTIONS["chunk_size"],
+        quad_scale=LARGE_SCORE_OPTIONS["quad_scale"],
+    )
     assert weight > 2 * FP16_MAX, f"premise: the largest relu^2 weight {weight:.3g} overflows fp16"
-    out, grads, _ = run_with_grads(low, grad_out, backend="torch", causal=causal,
-                                   **LARGE_SCORE_OPTIONS)
-    ref, ref_grads, _ = run_with_grads(exact, grad_out, backend="reference", causal=causal,
-                                       **LARGE_SCORE_OPTIONS)
+    out, grads, _ = run_with_grads(
+        low, grad_out, backend="torch", causal=causal, **LARGE_SCORE_OPTIONS
+    )
+    ref, ref_grads, _ = run_with_grads(
+        exact, grad_out, backend="reference", causal=causal, **LARGE_SCORE_OPTIONS
+    )
     assert out.dtype == torch.float16
-    assert_close("out", out, ref, 4e-3)       # fp16 rounding of the output and the gradients
+    assert_close("out", out, ref, 4e-3)  # fp16 rounding of the output and the gradients
     for name in grads:
         assert grads[name].dtype == low[name].dtype
         assert_close(f"d{name}", grads[name], ref_grads[name], 4e-3)
@@ -92,11 +119,22 @@ def test_default_scales_are_one_over_chunk(case, backend):
     T, chunk_size, quad_scale, lin_scale, resolved_quad, resolved_lin = case
     problem = make_problem((1,), T, S, E, requires_grad=False)
     args = [problem[n] for n in ("q_quad", "k_quad", "q_lin", "k_lin", "v")]
-    default = mixed_chunk_attention(*args, chunk_size=chunk_size, causal=False,
-                                    quad_scale=quad_scale, lin_scale=lin_scale, backend=backend)
-    explicit = mixed_chunk_attention(*args, chunk_size=chunk_size, causal=False,
-                                     quad_scale=resolved_quad, lin_scale=resolved_lin,
-                                     backend=backend)
+    default = mixed_chunk_attention(
+        *args,
+        chunk_size=chunk_size,
+        causal=False,
+        quad_scale=quad_scale,
+        lin_scale=lin_scale,
+        backend=backend,
+    )
+    explicit = mixed_chunk_attention(
+        *args,
+        chunk_size=chunk_size,
+        causal=False,
+        quad_scale=resolved_quad,
+        lin_scale=resolved_lin,
+        backend=backend,
+    )
     torch.testing.assert_close(default, explicit, rtol=0, atol=0)
 
 
@@ -104,20 +142,46 @@ def test_default_scales_are_one_over_chunk(case, backend):
 @pytest.mark.parametrize("linear", [True, False])
 def test_causal_outputs_do_not_change_when_tokens_are_appended(backend, linear):
     long = make_problem((2,), 29, S, E, linear=linear, bias_chunk=8, requires_grad=False)
-    full = mixed_chunk_attention(long["q_quad"], long["k_quad"], long["q_lin"], long["k_lin"], long["v"],
-                                 rel_bias=long["rel_bias"], chunk_size=8, backend=backend)
+    full = mixed_chunk_attention(
+        long["q_quad"],
+        long["k_quad"],
+        long["q_lin"],
+        long["k_lin"],
+        long["v"],
+        rel_bias=long["rel_bias"],
+        chunk_size=8,
+        backend=backend,
+    )
     for T in (1, 7, 8, 9, 20):
-        prefix = {n: (x[..., :T, :] if x is not None and n != "rel_bias" else x) for n, x in long.items()}
-        part = mixed_chunk_attention(prefix["q_quad"], prefix["k_quad"], prefix["q_lin"], prefix["k_lin"],
-                                     prefix["v"], rel_bias=prefix["rel_bias"], chunk_size=8, backend=backend)
+        prefix = {
+            n: (x[..., :T, :] if x is not None and n != "rel_bias" else x) for n, x in long.items()
+        }
+        part = mixed_chunk_attention(
+            prefix["q_quad"],
+            prefix["k_quad"],
+            prefix["q_lin"],
+            prefix["k_lin"],
+            prefix["v"],
+            rel_bias=prefix["rel_bias"],
+            chunk_size=8,
+            backend=backend,
+        )
         torch.testing.assert_close(part, full[..., :T, :], rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_empty_sequence(backend):
     problem = make_problem((2, 3), 0, S, E, bias_chunk=4)
-    out = mixed_chunk_attention(problem["q_quad"], problem["k_quad"], problem["q_lin"], problem["k_lin"],
-                                problem["v"], rel_bias=problem["rel_bias"], chunk_size=4, backend=backend)
+    out = mixed_chunk_attention(
+        problem["q_quad"],
+        problem["k_quad"],
+        problem["q_lin"],
+        problem["k_lin"],
+        problem["v"],
+        rel_bias=problem["rel_bias"],
+        chunk_size=4,
+        backend=backend,
+    )
     assert out.shape == (2, 3, 0, E) and out.dtype == torch.float64
     out.sum().backward()
     assert problem["v"].grad is not None and problem["v"].grad.shape == problem["v"].shape
@@ -129,9 +193,13 @@ def test_low_precision_dtypes(dtype, backend):
     """Half inputs compute in float32 and return v's dtype; compared with a float64 run."""
     problem = make_problem((2,), 37, S, E, bias_chunk=8, requires_grad=False)
     args = [problem[n] for n in ("q_quad", "k_quad", "q_lin", "k_lin", "v")]
-    expected = mixed_chunk_attention(*args, rel_bias=problem["rel_bias"], chunk_size=8, backend="reference")
+    expected = mixed_chunk_attention(
+        *args, rel_bias=problem["rel_bias"], chunk_size=8, backend="reference"
+    )
     low = [x.to(dtype) for x in args]
-    out = mixed_chunk_attention(*low, rel_bias=problem["rel_bias"].float(), chunk_size=8, backend=backend)
+    out = mixed_chunk_attention(
+        *low, rel_bias=problem["rel_bias"].float(), chunk_size=8, backend=backend
+    )
     assert out.dtype == dtype
     # The error budget is the rounding of the inputs and of the output to `dtype`.
     ratio = {torch.float32: 1e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]

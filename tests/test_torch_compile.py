@@ -4,13 +4,13 @@ The Triton forward and backward are custom ops (flash_kernels::mixed_chunk_fwd/_
 flash_kernels::flash_fwd/_bwd) with fake implementations and autograd formulas; the PyTorch
 paths are plain tensor code. So torch.compile(fullgraph=True) must trace every backend.
 """
+
 import pytest
 import torch
-
 import torch._dynamo.testing
 
 from flash_kernels import flash_attention, mixed_chunk_attention
-from flash_kernels.packing import chunk_tables
+from flash_kernels.core.packing import chunk_tables
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, T, S, E, C = 2, 19, 5, 6, 8
@@ -41,9 +41,11 @@ OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
 def test_opcheck_mixed_chunk_op(packed):
     q_quad, k_quad, q_lin, k_lin, v, rel_bias = _inputs()
     packing, store_total = _packing(packed)
-    scales = (None, None) if packed else (0.7, 0.3)     # None: the default 1 / C, inside the op
+    scales = (None, None) if packed else (0.7, 0.3)  # None: the default 1 / C, inside the op
     args = (q_quad, k_quad, q_lin, k_lin, v, rel_bias, *packing, C, True, *scales, store_total)
-    torch.library.opcheck(torch.ops.flash_kernels.mixed_chunk_fwd.default, args, test_utils=OPCHECKS)
+    torch.library.opcheck(
+        torch.ops.flash_kernels.mixed_chunk_fwd.default, args, test_utils=OPCHECKS
+    )
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed-state"])
@@ -68,8 +70,9 @@ def test_dynamic_compile_of_one_chunk_attention_compiles_once(backend, op):
         if op == "mixed_chunk_attention":
             return mixed_chunk_attention(x, x, None, None, v, chunk_size=None, backend=backend)
         gamma = torch.ones(2, S, device=x.device)
-        return flash_attention(x, gamma, torch.zeros_like(gamma), v, chunk_size=None,
-                               backend=backend)
+        return flash_attention(
+            x, gamma, torch.zeros_like(gamma), v, chunk_size=None, backend=backend
+        )
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=counter)
@@ -92,14 +95,20 @@ def test_compile_fullgraph_matches_eager(backend, op):
     """aot_eager compiles forward and backward graphs through the fake implementations
     (a graph break would raise with fullgraph=True) without Inductor's C++ build time."""
     if op == "mixed_chunk_attention":
+
         def fn(q_quad, k_quad, q_lin, k_lin, v, rel_bias):
-            return mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, rel_bias=rel_bias,
-                                         chunk_size=C, backend=backend)
+            return mixed_chunk_attention(
+                q_quad, k_quad, q_lin, k_lin, v, rel_bias=rel_bias, chunk_size=C, backend=backend
+            )
+
         inputs = _inputs()
     else:
+
         def fn(z, gamma, beta, v, u, rel_bias):
-            return flash_attention(z, gamma, beta, v, u=u, rel_bias=rel_bias, chunk_size=C,
-                                   backend=backend)
+            return flash_attention(
+                z, gamma, beta, v, u=u, rel_bias=rel_bias, chunk_size=C, backend=backend
+            )
+
         z, gamma, beta, _, v, rel_bias = _inputs(seed=2)
         gamma = gamma[0, :4].detach().requires_grad_()
         beta = beta[0, :4].detach().requires_grad_()
@@ -121,12 +130,17 @@ def test_autocast_casts_inputs_and_output(backend):
     q_quad, k_quad, q_lin, k_lin, v, rel_bias = _inputs()
     v_half = v.detach().to(dtype).requires_grad_()
     with torch.autocast(DEVICE, dtype=dtype):
-        out = mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v_half, rel_bias=rel_bias,
-                                    chunk_size=C, backend=backend)
+        out = mixed_chunk_attention(
+            q_quad, k_quad, q_lin, k_lin, v_half, rel_bias=rel_bias, chunk_size=C, backend=backend
+        )
     assert out.dtype == dtype
     out.float().sum().backward()
     assert q_quad.grad.dtype == torch.float32 and v_half.grad.dtype == dtype
     assert rel_bias.grad.dtype == torch.float32
-    expected = mixed_chunk_attention(*(x.detach().to(dtype) for x in (q_quad, k_quad, q_lin, k_lin, v)),
-                                     rel_bias=rel_bias.detach(), chunk_size=C, backend=backend)
+    expected = mixed_chunk_attention(
+        *(x.detach().to(dtype) for x in (q_quad, k_quad, q_lin, k_lin, v)),
+        rel_bias=rel_bias.detach(),
+        chunk_size=C,
+        backend=backend,
+    )
     torch.testing.assert_close(out, expected, rtol=0, atol=0)

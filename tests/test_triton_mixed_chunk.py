@@ -8,19 +8,30 @@ long-chunk path (scores recomputed per value tile) that chunk_size=None takes on
 Packed documents (cu_seqlens) and state in/out (initial_state, output_final_state) run on every
 tile path too, against the reference given the same documents and state.
 """
+
 import pytest
 import torch
+from helpers import (
+    FP16_MAX,
+    GRAD_NAMES,
+    LARGE_SCORE_OPTIONS,
+    assert_close,
+    assert_launched,
+    large_score_problem,
+    largest_weight,
+    make_problem,
+    nan_filled_buffers,
+    run_with_grads,
+    tile_override,
+    triton_kernels,
+)
 
 from flash_kernels import mixed_chunk_attention
-from flash_kernels.tolerances import rms_ratio
-from flash_kernels.triton_mixed_chunk import tile_override
-from flash_kernels.utils import nan_filled_buffers, record_launches
-from helpers import (FP16_MAX, GRAD_NAMES, LARGE_SCORE_OPTIONS, assert_close, assert_launched,
-                     large_score_problem, largest_weight, make_problem, run_with_grads,
-                     triton_kernels)
+from flash_kernels.core.tolerances import rms_ratio
+from tools.launch_recording import record_launches
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-S, E = 5, 6         # not powers of two on purpose
+S, E = 5, 6  # not powers of two on purpose
 
 
 @pytest.fixture(autouse=True)
@@ -51,12 +62,14 @@ def check_against_reference(problem, dtype=torch.float32, grad_out=None, **optio
     every_backward_kernel = triton_kernels("backward", linear)
     if all(x.requires_grad for x in problem.values() if x is not None):
         assert_launched("triton", "backward", launches["backward"], every_backward_kernel)
-    else:       # fewer gradients, fewer kernels
+    else:  # fewer gradients, fewer kernels
         launched = {r.kernel_name for r in launches["backward"]}
         assert launched <= every_backward_kernel, launched
-    ref, ref_grads, _ = run_with_grads(exact, grad_out.double().cpu(), backend="reference", **options)
+    ref, ref_grads, _ = run_with_grads(
+        exact, grad_out.double().cpu(), backend="reference", **options
+    )
     assert out.dtype == dtype
-    ratio = rms_ratio("mixed_chunk_attention", dtype)   # flash_kernels/tolerances.py
+    ratio = rms_ratio("mixed_chunk_attention", dtype)  # flash_kernels/core/tolerances.py
     assert_close("out", out.cpu(), ref, ratio)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
@@ -70,10 +83,16 @@ def _cases():
             for linear in (True, False):
                 for bias in (True, False):
                     if T == 1 and not linear and not causal:
-                        continue        # one token, quadratic only: the same as causal
-                    yield pytest.param(causal, T, chunk, linear, bias,
-                                       id=f"{'causal' if causal else 'full'}-T{T}-C{chunk}"
-                                          f"{'-lin' if linear else ''}{'-bias' if bias else ''}")
+                        continue  # one token, quadratic only: the same as causal
+                    yield pytest.param(
+                        causal,
+                        T,
+                        chunk,
+                        linear,
+                        bias,
+                        id=f"{'causal' if causal else 'full'}-T{T}-C{chunk}"
+                        f"{'-lin' if linear else ''}{'-bias' if bias else ''}",
+                    )
 
 
 @pytest.mark.parametrize("causal,T,chunk,linear,bias", list(_cases()))
@@ -84,8 +103,9 @@ def test_matches_reference(causal, T, chunk, linear, bias):
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("path", ["hoisted", "recomputed"])
-@pytest.mark.parametrize("linear,bias", [(True, True), (False, True), (True, False)],
-                         ids=["lin-bias", "bias", "lin"])
+@pytest.mark.parametrize(
+    "linear,bias", [(True, True), (False, True), (True, False)], ids=["lin-bias", "bias", "lin"]
+)
 def test_several_blocks_per_chunk(causal, path, linear, bias):
     """Chunks of 40 tokens in 16-row blocks (3 per chunk, the last partial), T = 90."""
     overrides = dict(block=16, state_block_t=16)
@@ -93,7 +113,9 @@ def test_several_blocks_per_chunk(causal, path, linear, bias):
         overrides["max_hoist_keys"] = 16
     problem = make_problem((2,), 90, S, E, linear=linear, bias_chunk=40 if bias else None, seed=1)
     with tile_override(**overrides):
-        check_against_reference(problem, chunk_size=40, causal=causal, quad_scale=0.7, lin_scale=0.3)
+        check_against_reference(
+            problem, chunk_size=40, causal=causal, quad_scale=0.7, lin_scale=0.3
+        )
 
 
 @pytest.mark.parametrize("target", ["cuda:90", "cuda:86", "hip:gfx942", "hip:gfx90a"])
@@ -148,8 +170,9 @@ def test_float16(causal):
     check_against_reference(problem, dtype=torch.float16, chunk_size=16, causal=causal)
 
 
-def check_state_against_reference(problem, *, lengths=None, initial_state=True,
-                                  dtype=torch.float32, **options):
+def check_state_against_reference(
+    problem, *, lengths=None, initial_state=True, dtype=torch.float32, **options
+):
     """Packed documents (`lengths`; None: one unpacked sequence) with an initial state and the
     final state out: the output, the final state and the gradient of every input (the initial
     state's included) against backend="reference" in float64, with a loss that weights the
@@ -163,7 +186,7 @@ def check_state_against_reference(problem, *, lengths=None, initial_state=True,
     docs = () if lengths is None else (len(lengths),)
     state = 0.3 * torch.randn(*leading, *docs, S, E, generator=gen, dtype=torch.float64)
     low, exact = as_dtype(problem, dtype)
-    if initial_state:    # float32 beside half inputs, as a model keeps it
+    if initial_state:  # float32 beside half inputs, as a model keeps it
         low["initial_state"] = state.to(DEVICE, torch.float32).requires_grad_()
         exact["initial_state"] = state.float().double().requires_grad_()
     else:
@@ -172,15 +195,29 @@ def check_state_against_reference(problem, *, lengths=None, initial_state=True,
     def run(tensors, backend):
         with record_launches() as forward:
             out, final = mixed_chunk_attention(
-                tensors["q_quad"], tensors["k_quad"], tensors["q_lin"], tensors["k_lin"],
-                tensors["v"], rel_bias=tensors["rel_bias"], cu_seqlens=cu_seqlens,
-                initial_state=tensors["initial_state"], output_final_state=True,
-                backend=backend, **options)
+                tensors["q_quad"],
+                tensors["k_quad"],
+                tensors["q_lin"],
+                tensors["k_lin"],
+                tensors["v"],
+                rel_bias=tensors["rel_bias"],
+                cu_seqlens=cu_seqlens,
+                initial_state=tensors["initial_state"],
+                output_final_state=True,
+                backend=backend,
+                **options,
+            )
         weights = torch.Generator().manual_seed(22)
-        loss = (out.double().cpu() * torch.randn(out.shape, generator=weights,
-                                                 dtype=torch.float64)).sum()
-        loss = loss + (final.double().cpu() * torch.randn(final.shape, generator=weights,
-                                                          dtype=torch.float64)).sum()
+        loss = (
+            out.double().cpu() * torch.randn(out.shape, generator=weights, dtype=torch.float64)
+        ).sum()
+        loss = (
+            loss
+            + (
+                final.double().cpu()
+                * torch.randn(final.shape, generator=weights, dtype=torch.float64)
+            ).sum()
+        )
         names = [n for n, x in tensors.items() if x is not None and x.requires_grad]
         with record_launches() as backward:
             grads = torch.autograd.grad(loss, [tensors[n] for n in names])
@@ -190,7 +227,7 @@ def check_state_against_reference(problem, *, lengths=None, initial_state=True,
     assert_launched("triton", "forward", forward, triton_kernels("forward", True))
     assert_launched("triton", "backward", backward, triton_kernels("backward", True))
     ref, ref_final, ref_grads, _, _ = run(exact, "reference")
-    ratio = rms_ratio("mixed_chunk_attention", dtype)   # flash_kernels/tolerances.py
+    ratio = rms_ratio("mixed_chunk_attention", dtype)  # flash_kernels/core/tolerances.py
     assert out.dtype == dtype and final.dtype == torch.float32
     assert_close("out", out.cpu(), ref, ratio)
     assert_close("final_state", final.cpu(), ref_final, ratio)
@@ -206,14 +243,14 @@ def check_state_against_reference(problem, *, lengths=None, initial_state=True,
 # one chunk per document (chunk_size=None: C is the longest document) on either path.
 PACKED_STATE_CASES = {
     "C4": (dict(chunk_size=4), [6, 0, 11, 1, 8], {}),
-    "C40-hoisted": (dict(chunk_size=40), [41, 0, 17, 40, 3],
-                    dict(block=16, state_block_t=16)),
-    "C40-recomputed": (dict(chunk_size=40), [41, 0, 17, 40, 3],
-                       dict(block=16, max_hoist_keys=16)),
-    "one-chunk-per-document-hoisted": (dict(chunk_size=None), [13, 0, 33, 20],
-                                       dict(block=16)),
-    "one-chunk-per-document-recomputed": (dict(chunk_size=None), [13, 0, 33, 20],
-                                          dict(block=16, max_hoist_keys=16)),
+    "C40-hoisted": (dict(chunk_size=40), [41, 0, 17, 40, 3], dict(block=16, state_block_t=16)),
+    "C40-recomputed": (dict(chunk_size=40), [41, 0, 17, 40, 3], dict(block=16, max_hoist_keys=16)),
+    "one-chunk-per-document-hoisted": (dict(chunk_size=None), [13, 0, 33, 20], dict(block=16)),
+    "one-chunk-per-document-recomputed": (
+        dict(chunk_size=None),
+        [13, 0, 33, 20],
+        dict(block=16, max_hoist_keys=16),
+    ),
 }
 
 
@@ -223,8 +260,9 @@ def test_packed_documents_with_state(case):
     C = options["chunk_size"] or max(lengths)
     problem = make_problem((2,), sum(lengths), S, E, bias_chunk=C, seed=12)
     with tile_override(**tiles):
-        check_state_against_reference(problem, lengths=lengths, quad_scale=0.7, lin_scale=0.3,
-                                      **options)
+        check_state_against_reference(
+            problem, lengths=lengths, quad_scale=0.7, lin_scale=0.3, **options
+        )
 
 
 @pytest.mark.parametrize("path", ["hoisted", "recomputed"])
@@ -237,27 +275,44 @@ def test_packed_documents_not_causal(path):
     lengths = [41, 0, 17, 40, 3]
     problem = make_problem((1,), sum(lengths), S, E, bias_chunk=40, seed=13)
     with tile_override(**overrides):
-        check_against_reference(problem, chunk_size=40, causal=False, quad_scale=0.7,
-                                lin_scale=0.3, cu_seqlens=torch.tensor([0] + lengths).cumsum(0))
+        check_against_reference(
+            problem,
+            chunk_size=40,
+            causal=False,
+            quad_scale=0.7,
+            lin_scale=0.3,
+            cu_seqlens=torch.tensor([0] + lengths).cumsum(0),
+        )
 
 
-@pytest.mark.parametrize("T,chunk_size,tiles,initial_state", [
-    (37, 8, {}, True),                                     # a partial last chunk
-    (37, 8, {}, False),                                    # the same, the final state only
-    (32, 8, {}, True),                                     # complete chunks only
-    (90, 40, dict(block=16, state_block_t=16), True),      # three blocks per chunk, hoisted
-    (90, 40, dict(block=16, max_hoist_keys=16), True),     # the same, recomputed
-], ids=["T37-C8", "T37-C8-final-only", "T32-C8", "T90-C40-hoisted", "T90-C40-recomputed"])
+@pytest.mark.parametrize(
+    "T,chunk_size,tiles,initial_state",
+    [
+        (37, 8, {}, True),  # a partial last chunk
+        (37, 8, {}, False),  # the same, the final state only
+        (32, 8, {}, True),  # complete chunks only
+        (90, 40, dict(block=16, state_block_t=16), True),  # three blocks per chunk, hoisted
+        (90, 40, dict(block=16, max_hoist_keys=16), True),  # the same, recomputed
+    ],
+    ids=["T37-C8", "T37-C8-final-only", "T32-C8", "T90-C40-hoisted", "T90-C40-recomputed"],
+)
 def test_state_in_and_out_of_one_sequence(T, chunk_size, tiles, initial_state):
     problem = make_problem((2,), T, S, E, bias_chunk=chunk_size, seed=14)
     with tile_override(**tiles):
-        check_state_against_reference(problem, initial_state=initial_state,
-                                      chunk_size=chunk_size, quad_scale=0.7, lin_scale=0.3)
+        check_state_against_reference(
+            problem,
+            initial_state=initial_state,
+            chunk_size=chunk_size,
+            quad_scale=0.7,
+            lin_scale=0.3,
+        )
 
 
 NEEDS_GPU_FOR_BF16 = pytest.mark.skipif(
-    DEVICE != "cuda", reason="bfloat16 needs a GPU: the Triton interpreter multiplies raw bf16 "
-    "bit patterns (triton issue #11584)")
+    DEVICE != "cuda",
+    reason="bfloat16 needs a GPU: the Triton interpreter multiplies raw bf16 "
+    "bit patterns (triton issue #11584)",
+)
 
 
 @pytest.mark.gpu
@@ -271,11 +326,20 @@ def test_bfloat16(causal):
 def _check_large_scores(dtype, causal):
     problem, grad_out = large_score_problem()
     low, _ = as_dtype(problem, dtype)
-    weight = largest_weight(low, causal=causal, chunk_size=LARGE_SCORE_OPTIONS["chunk_size"],
-                            quad_scale=LARGE_SCORE_OPTIONS["quad_scale"])
+    weight = largest_weight(
+        low,
+        causal=causal,
+        chunk_size=LARGE_SCORE_OPTIONS["chunk_size"],
+        quad_scale=LARGE_SCORE_OPTIONS["quad_scale"],
+    )
     assert weight > 2 * FP16_MAX, f"premise: the largest relu^2 weight {weight:.3g} overflows fp16"
-    check_against_reference(problem, dtype=dtype, grad_out=grad_out.to(DEVICE, dtype),
-                            causal=causal, **LARGE_SCORE_OPTIONS)
+    check_against_reference(
+        problem,
+        dtype=dtype,
+        grad_out=grad_out.to(DEVICE, dtype),
+        causal=causal,
+        **LARGE_SCORE_OPTIONS,
+    )
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -293,8 +357,18 @@ def test_bfloat16_large_scores(causal):
     _check_large_scores(torch.bfloat16, causal)
 
 
-@pytest.mark.parametrize("wanted", [("v",), ("q_lin",), ("k_lin",), ("rel_bias",), ("k_quad",),
-                                    ("q_quad", "v"), ("k_quad", "k_lin")])
+@pytest.mark.parametrize(
+    "wanted",
+    [
+        ("v",),
+        ("q_lin",),
+        ("k_lin",),
+        ("rel_bias",),
+        ("k_quad",),
+        ("q_quad", "v"),
+        ("k_quad", "k_lin"),
+    ],
+)
 def test_only_some_inputs_require_grad(wanted):
     problem = make_problem((2,), 37, S, E, bias_chunk=8, seed=7)
     for name in GRAD_NAMES:
@@ -319,8 +393,12 @@ def test_causal_outputs_do_not_change_when_tokens_are_appended(linear):
     args = [low[n] for n in ("q_quad", "k_quad", "q_lin", "k_lin", "v")]
     full = mixed_chunk_attention(*args, rel_bias=low["rel_bias"], chunk_size=8, backend="triton")
     for T in (1, 7, 8, 9, 20):
-        part = mixed_chunk_attention(*(x[..., :T, :] if x is not None else None for x in args),
-                                     rel_bias=low["rel_bias"], chunk_size=8, backend="triton")
+        part = mixed_chunk_attention(
+            *(x[..., :T, :] if x is not None else None for x in args),
+            rel_bias=low["rel_bias"],
+            chunk_size=8,
+            backend="triton",
+        )
         torch.testing.assert_close(part, full[..., :T, :], rtol=1e-6, atol=1e-6)
 
 
@@ -340,5 +418,6 @@ def test_wide_queries_are_refused_by_triton_and_routed_by_auto():
     with pytest.raises(ValueError, match="S .* at most 256"):
         mixed_chunk_attention(x, x, None, None, v, chunk_size=2, backend="triton")
     out = mixed_chunk_attention(x, x, None, None, v, chunk_size=2)
-    torch.testing.assert_close(out, mixed_chunk_attention(x, x, None, None, v, chunk_size=2,
-                                                          backend="torch"))
+    torch.testing.assert_close(
+        out, mixed_chunk_attention(x, x, None, None, v, chunk_size=2, backend="torch")
+    )

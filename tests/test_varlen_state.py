@@ -10,14 +10,13 @@ theirs. Every gradient is compared, with a loss that weights the final state too
 kernels should write are NaN-filled, so an idle chunk slot that writes nothing, or a read past a
 document's end, shows up.
 """
+
 import pytest
 import torch
+from helpers import assert_close, nan_filled_buffers, tile_override
 
 from flash_kernels import flash_attention, mixed_chunk_attention
-from flash_kernels.tolerances import rms_ratio
-from flash_kernels.triton_mixed_chunk import tile_override
-from flash_kernels.utils import nan_filled_buffers
-from helpers import assert_close
+from flash_kernels.core.tolerances import rms_ratio
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 S, E = 5, 6
@@ -45,8 +44,12 @@ def make_inputs(op, batch, lengths, *, linear, bias_chunk, state, seed):
             inputs[name] = _random((*batch, T, S), gen) if linear or "quad" in name else None
     else:
         roles = 4 if linear else 2
-        inputs.update(z=_random((*batch, T, S), gen), gamma=1 + 0.5 * _random((roles, S), gen),
-                      beta=0.5 * _random((roles, S), gen), u=_random((*batch, T, E), gen))
+        inputs.update(
+            z=_random((*batch, T, S), gen),
+            gamma=1 + 0.5 * _random((roles, S), gen),
+            beta=0.5 * _random((roles, S), gen),
+            u=_random((*batch, T, E), gen),
+        )
     inputs["rel_bias"] = _random((2 * bias_chunk - 1,), gen, 0.5) if bias_chunk else None
     inputs["initial_state"] = _random((*batch, N, S, E), gen, 0.3) if state else None
     cu = torch.tensor([0] + lengths).cumsum(0)
@@ -70,12 +73,23 @@ def oracle(op, inputs, cu, *, chunk_size, causal, quad_scale, lin_scale, with_fi
     outs, finals = [], []
     bounds = cu.tolist()
     for n, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:])):
+
         def doc(x):
             return None if x is None else x[..., bos:eos, :]
-        out = mixed_chunk_attention(doc(q_quad), doc(k_quad), doc(q_lin), doc(k_lin), doc(v),
-                                    chunk_size=chunk_size, causal=causal,
-                                    rel_bias=inputs["rel_bias"], quad_scale=quad_scale,
-                                    lin_scale=lin_scale, backend="reference")
+
+        out = mixed_chunk_attention(
+            doc(q_quad),
+            doc(k_quad),
+            doc(q_lin),
+            doc(k_lin),
+            doc(v),
+            chunk_size=chunk_size,
+            causal=causal,
+            rel_bias=inputs["rel_bias"],
+            quad_scale=quad_scale,
+            lin_scale=lin_scale,
+            backend="reference",
+        )
         if init is not None:
             out = out + lin_scale * doc(q_lin) @ init[..., n, :, :]
         outs.append(out)
@@ -91,12 +105,23 @@ def oracle(op, inputs, cu, *, chunk_size, causal, quad_scale, lin_scale, with_fi
 
 def call(op, inputs, **options):
     if op == "mixed_chunk_attention":
-        return mixed_chunk_attention(*(inputs[n] for n in ROLE_NAMES), inputs["v"],
-                                     rel_bias=inputs["rel_bias"],
-                                     initial_state=inputs["initial_state"], **options)
-    return flash_attention(inputs["z"], inputs["gamma"], inputs["beta"], inputs["v"], u=inputs["u"],
-                           rel_bias=inputs["rel_bias"], initial_state=inputs["initial_state"],
-                           **options)
+        return mixed_chunk_attention(
+            *(inputs[n] for n in ROLE_NAMES),
+            inputs["v"],
+            rel_bias=inputs["rel_bias"],
+            initial_state=inputs["initial_state"],
+            **options,
+        )
+    return flash_attention(
+        inputs["z"],
+        inputs["gamma"],
+        inputs["beta"],
+        inputs["v"],
+        u=inputs["u"],
+        rel_bias=inputs["rel_bias"],
+        initial_state=inputs["initial_state"],
+        **options,
+    )
 
 
 def converted(inputs, dtype, device):
@@ -126,24 +151,65 @@ def gradients(out, final, leaves, seed=11):
     return dict(zip(names, grads))
 
 
-def check_packed(op, backend, dtype, *, batch=(), lengths, chunk_size, causal=True, linear=True,
-                 bias=True, state=True, with_final=True, quad_scale=0.7, lin_scale=0.3, seed=0,
-                 max_seqlen=None, cu_device="cpu"):
+def check_packed(
+    op,
+    backend,
+    dtype,
+    *,
+    batch=(),
+    lengths,
+    chunk_size,
+    causal=True,
+    linear=True,
+    bias=True,
+    state=True,
+    with_final=True,
+    quad_scale=0.7,
+    lin_scale=0.3,
+    seed=0,
+    max_seqlen=None,
+    cu_device="cpu",
+):
     C_resolved = chunk_size if chunk_size is not None else (max_seqlen or max(lengths))
-    expected_scales = dict(quad_scale=1 / C_resolved if quad_scale is None else quad_scale,
-                           lin_scale=1 / C_resolved if lin_scale is None else lin_scale)
-    inputs, cu = make_inputs(op, batch, lengths, linear=linear, bias_chunk=C_resolved if bias else 0,
-                             state=state, seed=seed)
+    expected_scales = dict(
+        quad_scale=1 / C_resolved if quad_scale is None else quad_scale,
+        lin_scale=1 / C_resolved if lin_scale is None else lin_scale,
+    )
+    inputs, cu = make_inputs(
+        op,
+        batch,
+        lengths,
+        linear=linear,
+        bias_chunk=C_resolved if bias else 0,
+        state=state,
+        seed=seed,
+    )
     device = DEVICE if backend == "triton" else "cpu"
     low, exact = converted(inputs, dtype, device)
-    result = call(op, low, chunk_size=chunk_size, causal=causal, quad_scale=quad_scale,
-                  lin_scale=lin_scale, cu_seqlens=cu.to(cu_device), max_seqlen=max_seqlen,
-                  output_final_state=with_final, backend=backend)
+    result = call(
+        op,
+        low,
+        chunk_size=chunk_size,
+        causal=causal,
+        quad_scale=quad_scale,
+        lin_scale=lin_scale,
+        cu_seqlens=cu.to(cu_device),
+        max_seqlen=max_seqlen,
+        output_final_state=with_final,
+        backend=backend,
+    )
     out, final = result if with_final else (result, None)
     assert out.dtype == low["v"].dtype
-    expected, expected_final = oracle(op, exact, cu, chunk_size=C_resolved, causal=causal,
-                                      with_final=with_final, **expected_scales)
-    ratio = rms_ratio(op, dtype)                  # flash_kernels/tolerances.py
+    expected, expected_final = oracle(
+        op,
+        exact,
+        cu,
+        chunk_size=C_resolved,
+        causal=causal,
+        with_final=with_final,
+        **expected_scales,
+    )
+    ratio = rms_ratio(op, dtype)  # flash_kernels/core/tolerances.py
     assert_close("out", out.cpu(), expected, ratio)
     if with_final:
         assert final.dtype == torch.promote_types(dtype, torch.float32)
@@ -159,8 +225,12 @@ def check_packed(op, backend, dtype, *, batch=(), lengths, chunk_size, causal=Tr
 # Zero-length and length-1 documents, shorter than, equal to and one longer than a chunk,
 # several chunks, an empty document last.
 LENGTHS = [3, 0, 1, 4, 5, 9, 2, 0]
-BACKENDS = [("reference", torch.float64), ("torch", torch.float64), ("triton", torch.float32),
-            ("triton", torch.float16)]
+BACKENDS = [
+    ("reference", torch.float64),
+    ("torch", torch.float64),
+    ("triton", torch.float32),
+    ("triton", torch.float16),
+]
 
 
 @pytest.mark.parametrize("backend,dtype", BACKENDS, ids=lambda x: str(x).replace("torch.", ""))
@@ -171,19 +241,29 @@ def test_packed_documents_with_state(op, backend, dtype):
     check_packed(op, backend, dtype, lengths=LENGTHS, chunk_size=4)
 
 
-@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)],
-                         ids=["torch", "triton"])
-@pytest.mark.parametrize("case", ["non-causal", "quadratic-only", "chunk_size=None",
-                                  "chunk_size=None+max_seqlen", "no-state", "leading-dims"])
+@pytest.mark.parametrize(
+    "backend,dtype", [("torch", torch.float64), ("triton", torch.float32)], ids=["torch", "triton"]
+)
+@pytest.mark.parametrize(
+    "case",
+    [
+        "non-causal",
+        "quadratic-only",
+        "chunk_size=None",
+        "chunk_size=None+max_seqlen",
+        "no-state",
+        "leading-dims",
+    ],
+)
 def test_packed_variants(case, backend, dtype):
     options = dict(lengths=LENGTHS, chunk_size=4, seed=1)
     if case == "non-causal":
         options.update(causal=False, state=False, with_final=False)
     elif case == "quadratic-only":
         options.update(linear=False, state=False, with_final=False)
-    elif case == "chunk_size=None":          # each document one chunk as long as the longest
+    elif case == "chunk_size=None":  # each document one chunk as long as the longest
         options.update(chunk_size=None)
-    elif case == "chunk_size=None+max_seqlen":   # C = max_seqlen; no document is cut
+    elif case == "chunk_size=None+max_seqlen":  # C = max_seqlen; no document is cut
         options.update(chunk_size=None, max_seqlen=12)
     elif case == "no-state":
         options.update(state=False, with_final=False)
@@ -192,11 +272,14 @@ def test_packed_variants(case, backend, dtype):
     check_packed("mixed_chunk_attention", backend, dtype, **options)
 
 
-@pytest.mark.parametrize("backend,dtype", [("reference", torch.float64), ("torch", torch.float64),
-                                           ("triton", torch.float32)],
-                         ids=["reference", "torch", "triton"])
-@pytest.mark.parametrize("chunking", ["chunk_size=4", "chunk_size=None",
-                                      "chunk_size=None+max_seqlen"])
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [("reference", torch.float64), ("torch", torch.float64), ("triton", torch.float32)],
+    ids=["reference", "torch", "triton"],
+)
+@pytest.mark.parametrize(
+    "chunking", ["chunk_size=4", "chunk_size=None", "chunk_size=None+max_seqlen"]
+)
 @pytest.mark.parametrize("op", ["mixed_chunk_attention", "flash_attention"])
 def test_packed_default_scales(op, chunking, backend, dtype):
     """quad_scale = lin_scale = None: 1 / C with C the chunk size, or for chunk_size=None the
@@ -205,8 +288,9 @@ def test_packed_default_scales(op, chunking, backend, dtype):
     options = dict(chunk_size=4)
     if chunking != "chunk_size=4":
         options = dict(chunk_size=None, max_seqlen=12 if "max_seqlen" in chunking else None)
-    check_packed(op, backend, dtype, lengths=LENGTHS, quad_scale=None, lin_scale=None, seed=6,
-                 **options)
+    check_packed(
+        op, backend, dtype, lengths=LENGTHS, quad_scale=None, lin_scale=None, seed=6, **options
+    )
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -215,14 +299,24 @@ def test_packed_several_blocks_per_chunk(causal):
     inside a block, on the hoisted and the recomputing (long chunk) kernel paths."""
     for overrides in (dict(block=16, state_block_t=16), dict(block=16, max_hoist_keys=16)):
         with tile_override(**overrides):
-            check_packed("mixed_chunk_attention", "triton", torch.float32, lengths=[41, 0, 17, 40, 3],
-                         chunk_size=40, causal=causal, state=causal, with_final=causal, seed=2)
+            check_packed(
+                "mixed_chunk_attention",
+                "triton",
+                torch.float32,
+                lengths=[41, 0, 17, 40, 3],
+                chunk_size=40,
+                causal=causal,
+                state=causal,
+                with_final=causal,
+                seed=2,
+            )
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 def test_one_document_equals_no_packing(backend):
-    inputs, cu = make_inputs("mixed_chunk_attention", (2,), [11], linear=True, bias_chunk=4,
-                             state=False, seed=3)
+    inputs, cu = make_inputs(
+        "mixed_chunk_attention", (2,), [11], linear=True, bias_chunk=4, state=False, seed=3
+    )
     low, _ = converted(inputs, torch.float32, DEVICE if backend == "triton" else "cpu")
     args = [low[n] for n in ROLE_NAMES] + [low["v"]]
     options = dict(chunk_size=4, rel_bias=low["rel_bias"], backend=backend, output_final_state=True)
@@ -259,8 +353,17 @@ def test_empty_sequence_returns_the_initial_state(backend):
     q = torch.zeros(2, 0, S)
     v = torch.zeros(2, 0, E)
     init = torch.randn(2, 3, S, E, requires_grad=True)
-    out, final = mixed_chunk_attention(q, q, q, q, v, cu_seqlens=torch.zeros(4, dtype=torch.int32),
-                                       initial_state=init, output_final_state=True, backend=backend)
+    out, final = mixed_chunk_attention(
+        q,
+        q,
+        q,
+        q,
+        v,
+        cu_seqlens=torch.zeros(4, dtype=torch.int32),
+        initial_state=init,
+        output_final_state=True,
+        backend=backend,
+    )
     assert out.shape == (2, 0, E) and final.dtype == torch.float32
     torch.testing.assert_close(final, init)
     final.sum().backward()
@@ -269,32 +372,44 @@ def test_empty_sequence_returns_the_initial_state(backend):
 
 def _good_call(**changes):
     T = 9
-    args = dict(q_quad=torch.randn(2, T, S), k_quad=torch.randn(2, T, S), q_lin=torch.randn(2, T, S),
-                k_lin=torch.randn(2, T, S), v=torch.randn(2, T, E))
+    args = dict(
+        q_quad=torch.randn(2, T, S),
+        k_quad=torch.randn(2, T, S),
+        q_lin=torch.randn(2, T, S),
+        k_lin=torch.randn(2, T, S),
+        v=torch.randn(2, T, E),
+    )
     options = dict(chunk_size=4, cu_seqlens=torch.tensor([0, 4, 9]), backend="torch")
     for key, value in changes.items():
         (args if key in args else options)[key] = value
     return mixed_chunk_attention(*args.values(), **options)
 
 
-@pytest.mark.parametrize("changes,error,words", [
-    (dict(cu_seqlens=torch.tensor([1, 4, 9])), ValueError, "start at 0 and end at T"),
-    (dict(cu_seqlens=torch.tensor([0, 4, 8])), ValueError, "start at 0 and end at T"),
-    (dict(cu_seqlens=torch.tensor([0, 6, 4, 9])), ValueError, "non-decreasing"),
-    (dict(cu_seqlens=torch.tensor([0.0, 4.0, 9.0])), TypeError, "int32 or int64"),
-    (dict(cu_seqlens=torch.tensor([[0, 4, 9]])), ValueError, "1-D"),
-    (dict(cu_seqlens=[0, 4, 9]), TypeError, "torch.Tensor"),
-    (dict(cu_seqlens=torch.tensor([0, 4, 9], device="meta")), ValueError, "on the CPU"),
-    (dict(cu_seqlens=None, max_seqlen=4), ValueError, "needs cu_seqlens"),
-    (dict(max_seqlen=3), ValueError, "less than the longest"),
-    (dict(max_seqlen=0), ValueError, "positive int"),
-    (dict(initial_state=torch.zeros(2, S, E)), ValueError, r"\(\*batch, N, S, E\)"),
-    (dict(initial_state=torch.zeros(2, 2, S, E, dtype=torch.int32)), TypeError, "floating"),
-    (dict(initial_state=torch.zeros(2, 2, S, E), q_lin=None, k_lin=None), ValueError, "linear part"),
-    (dict(output_final_state=True, causal=False), ValueError, "causal=True"),
-    (dict(output_final_state=1), TypeError, "output_final_state must be a bool"),
-    (dict(rel_bias=torch.zeros(7), chunk_size=None), ValueError, "C = max_seqlen = 5"),
-])
+@pytest.mark.parametrize(
+    "changes,error,words",
+    [
+        (dict(cu_seqlens=torch.tensor([1, 4, 9])), ValueError, "start at 0 and end at T"),
+        (dict(cu_seqlens=torch.tensor([0, 4, 8])), ValueError, "start at 0 and end at T"),
+        (dict(cu_seqlens=torch.tensor([0, 6, 4, 9])), ValueError, "non-decreasing"),
+        (dict(cu_seqlens=torch.tensor([0.0, 4.0, 9.0])), TypeError, "int32 or int64"),
+        (dict(cu_seqlens=torch.tensor([[0, 4, 9]])), ValueError, "1-D"),
+        (dict(cu_seqlens=[0, 4, 9]), TypeError, "torch.Tensor"),
+        (dict(cu_seqlens=torch.tensor([0, 4, 9], device="meta")), ValueError, "on the CPU"),
+        (dict(cu_seqlens=None, max_seqlen=4), ValueError, "needs cu_seqlens"),
+        (dict(max_seqlen=3), ValueError, "less than the longest"),
+        (dict(max_seqlen=0), ValueError, "positive int"),
+        (dict(initial_state=torch.zeros(2, S, E)), ValueError, r"\(\*batch, N, S, E\)"),
+        (dict(initial_state=torch.zeros(2, 2, S, E, dtype=torch.int32)), TypeError, "floating"),
+        (
+            dict(initial_state=torch.zeros(2, 2, S, E), q_lin=None, k_lin=None),
+            ValueError,
+            "linear part",
+        ),
+        (dict(output_final_state=True, causal=False), ValueError, "causal=True"),
+        (dict(output_final_state=1), TypeError, "output_final_state must be a bool"),
+        (dict(rel_bias=torch.zeros(7), chunk_size=None), ValueError, "C = max_seqlen = 5"),
+    ],
+)
 def test_bad_packing_and_state_arguments(changes, error, words):
     with pytest.raises(error, match=words):
         _good_call(**changes)
@@ -303,20 +418,29 @@ def test_bad_packing_and_state_arguments(changes, error, words):
 def test_initial_state_shape_without_packing():
     with pytest.raises(ValueError, match=r"\(\*batch, S, E\)"):
         _good_call(cu_seqlens=None, initial_state=torch.zeros(2, 2, S, E))
-    out, final = _good_call(cu_seqlens=None, initial_state=torch.zeros(2, S, E),
-                            output_final_state=True)
+    out, final = _good_call(
+        cu_seqlens=None, initial_state=torch.zeros(2, S, E), output_final_state=True
+    )
     assert final.shape == (2, S, E)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_torch_compile_fullgraph_with_packing(backend):
-    inputs, cu = make_inputs("mixed_chunk_attention", (2,), [3, 0, 6, 5], linear=True,
-                             bias_chunk=4, state=True, seed=5)
+    inputs, cu = make_inputs(
+        "mixed_chunk_attention", (2,), [3, 0, 6, 5], linear=True, bias_chunk=4, state=True, seed=5
+    )
     low, _ = converted(inputs, torch.float32, DEVICE if backend == "triton" else "cpu")
 
     def run(low, cu):
-        return call("mixed_chunk_attention", low, chunk_size=4, cu_seqlens=cu,
-                    output_final_state=True, backend=backend)
+        return call(
+            "mixed_chunk_attention",
+            low,
+            chunk_size=4,
+            cu_seqlens=cu,
+            output_final_state=True,
+            backend=backend,
+        )
 
     eager = run(low, cu)
     compiled = torch.compile(run, fullgraph=True, backend="aot_eager")(low, cu)

@@ -1,9 +1,10 @@
 """Ahead-of-time compile of recorded kernel launches for every GPU architecture, on a machine
 with no GPU.
 
-Every kernel launch of the ops goes through `flash_kernels.utils.launch`, which (inside
-`record_launches()`) writes a `LaunchRecord`: the kernel, its argument types, constexpr values,
-16-divisibility specialisations and num_warps/num_stages, as Triton's JIT would specialise it.
+Every kernel launch of the ops goes through `flash_kernels.backends.triton.launch.launch`, whose
+callback hook the recorder installs (tools/launch_recording.py: inside `record_launches()` each
+launch writes a `LaunchRecord`: the kernel, its argument types, constexpr values,
+16-divisibility specialisations and num_warps/num_stages, as Triton's JIT would specialise it).
 This module records them under the interpreter (a child process with TRITON_INTERPRET=1, and
 FLASH_KERNELS_TARGET naming the architecture the runtime should choose its tiles for), compiles
 them with `triton.compile` for a target (the whole pipeline down to the cubin or the AMD code
@@ -36,6 +37,7 @@ interpreter (no GPU here), hence the two processes. `measure_launches(..., pytho
 compiles in a child process run by another Python, e.g. a virtual environment with the Triton
 version of the GPU machines; `jobs=N` spreads the compiles over N child processes.
 """
+
 import argparse
 import dataclasses
 import hashlib
@@ -50,7 +52,8 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-from flash_kernels.utils import LaunchRecord, triton_interpret_enabled
+from flash_kernels.core.environment import triton_interpret_enabled
+from tools.launch_recording import LaunchRecord
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,15 +66,17 @@ TARGET_VARIABLE = "FLASH_KERNELS_TARGET"
 # Architectures: the one table of their limits
 # --------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Architecture:
     """A compile target and the hardware limits a launch must fit."""
-    target: str                 # "cuda:90", "hip:gfx942": also the value of FLASH_KERNELS_TARGET
-    label: str                  # "sm_90", "gfx942"
-    gpus: str                   # who runs it
-    shared_memory_bytes: int    # largest shared memory (LDS) one block may use (opt-in maximum)
-    max_registers: int          # per thread (NVIDIA) / per lane, VGPRs + AGPRs (AMD CDNA)
-    tensor_core: str            # the tensor-core instructions counted for it
+
+    target: str  # "cuda:90", "hip:gfx942": also the value of FLASH_KERNELS_TARGET
+    label: str  # "sm_90", "gfx942"
+    gpus: str  # who runs it
+    shared_memory_bytes: int  # largest shared memory (LDS) one block may use (opt-in maximum)
+    max_registers: int  # per thread (NVIDIA) / per lane, VGPRs + AGPRs (AMD CDNA)
+    tensor_core: str  # the tensor-core instructions counted for it
 
     @property
     def backend(self) -> str:
@@ -88,20 +93,23 @@ class Architecture:
         return 32 if self.backend == "cuda" else 64
 
 
-_NVIDIA_REGISTERS = 255     # the register file allows at most 255 registers per thread
-_CDNA_REGISTERS = 512       # 256 architectural VGPRs + 256 AGPRs per lane (CDNA2/3)
+_NVIDIA_REGISTERS = 255  # the register file allows at most 255 registers per thread
+_CDNA_REGISTERS = 512  # 256 architectural VGPRs + 256 AGPRs per lane (CDNA2/3)
 
 #: Every architecture the report covers, by target name.
-ARCHITECTURES = {a.target: a for a in [
-    Architecture("cuda:80", "sm_80", "A100", 166_912, _NVIDIA_REGISTERS, "HMMA"),
-    Architecture("cuda:86", "sm_86", "A10, RTX 3090", 101_376, _NVIDIA_REGISTERS, "HMMA"),
-    Architecture("cuda:89", "sm_89", "RTX 4090, L4, L40S", 101_376, _NVIDIA_REGISTERS, "HMMA"),
-    Architecture("cuda:90", "sm_90", "H100, H200", 232_448, _NVIDIA_REGISTERS, "HGMMA (wgmma)"),
-    Architecture("cuda:100", "sm_100", "B200", 232_448, _NVIDIA_REGISTERS, "UTC*MMA (tcgen05)"),
-    Architecture("cuda:120", "sm_120", "RTX 50xx", 101_376, _NVIDIA_REGISTERS, "HMMA"),
-    Architecture("hip:gfx942", "gfx942", "MI300", 65_536, _CDNA_REGISTERS, "MFMA"),
-    Architecture("hip:gfx90a", "gfx90a", "MI250", 65_536, _CDNA_REGISTERS, "MFMA (no tf32)"),
-]}
+ARCHITECTURES = {
+    a.target: a
+    for a in [
+        Architecture("cuda:80", "sm_80", "A100", 166_912, _NVIDIA_REGISTERS, "HMMA"),
+        Architecture("cuda:86", "sm_86", "A10, RTX 3090", 101_376, _NVIDIA_REGISTERS, "HMMA"),
+        Architecture("cuda:89", "sm_89", "RTX 4090, L4, L40S", 101_376, _NVIDIA_REGISTERS, "HMMA"),
+        Architecture("cuda:90", "sm_90", "H100, H200", 232_448, _NVIDIA_REGISTERS, "HGMMA (wgmma)"),
+        Architecture("cuda:100", "sm_100", "B200", 232_448, _NVIDIA_REGISTERS, "UTC*MMA (tcgen05)"),
+        Architecture("cuda:120", "sm_120", "RTX 50xx", 101_376, _NVIDIA_REGISTERS, "HMMA"),
+        Architecture("hip:gfx942", "gfx942", "MI300", 65_536, _CDNA_REGISTERS, "MFMA"),
+        Architecture("hip:gfx90a", "gfx90a", "MI250", 65_536, _CDNA_REGISTERS, "MFMA (no tf32)"),
+    ]
+}
 NVIDIA_TARGETS = tuple(t for t in ARCHITECTURES if t.startswith("cuda:"))
 AMD_TARGETS = tuple(t for t in ARCHITECTURES if t.startswith("hip:"))
 
@@ -127,13 +135,15 @@ def architecture(target) -> Architecture:
         return ARCHITECTURES[name]
     backend, arch = name.split(":", 1)
     label = f"sm_{arch}" if backend == "cuda" else arch
-    return Architecture(name, label, "?", 0, _NVIDIA_REGISTERS if backend == "cuda"
-                        else _CDNA_REGISTERS, "?")
+    return Architecture(
+        name, label, "?", 0, _NVIDIA_REGISTERS if backend == "cuda" else _CDNA_REGISTERS, "?"
+    )
 
 
 def gpu_target(target):
     """Triton's `GPUTarget` for a target name."""
     from triton.backends.compiler import GPUTarget
+
     arch = architecture(target)
     return GPUTarget(arch.backend, arch.arch, arch.warp_size)
 
@@ -141,6 +151,7 @@ def gpu_target(target):
 # --------------------------------------------------------------------------------------------
 # Records: JSON (de)serialisation, dtype rewriting, deduplication
 # --------------------------------------------------------------------------------------------
+
 
 def _encode_value(value):
     """JSON-safe form of a constexpr value (Triton dtypes become {"tl_dtype": "bf16"})."""
@@ -154,6 +165,7 @@ def _encode_value(value):
 def _decode_value(value):
     if isinstance(value, dict) and "tl_dtype" in value:
         import triton.language as tl
+
         return tl.dtype(value["tl_dtype"])
     if isinstance(value, dict) and "tuple" in value:
         return tuple(_decode_value(v) for v in value["tuple"])
@@ -193,12 +205,15 @@ def retype_record(record: LaunchRecord, old: str = "fp16", new: str = "bf16") ->
     dtype constexprs. Used to compile for bf16 what was recorded in fp16 under the interpreter
     (which cannot run bf16 dots); record with FLASH_KERNELS_PLAN_DTYPE=bfloat16 so that the runtime
     chooses bf16's constexprs."""
-    signature = {name: (ty[:-len(old)] + new if ty.lstrip("*") == old else ty)
-                 for name, ty in record.signature.items()}
+    signature = {
+        name: (ty[: -len(old)] + new if ty.lstrip("*") == old else ty)
+        for name, ty in record.signature.items()
+    }
     constexprs = {}
     for name, value in record.constexprs.items():
         if type(value).__name__ == "dtype" and getattr(value, "name", None) == old:
             import triton.language as tl
+
             value = tl.dtype(new)
         constexprs[name] = value
     return dataclasses.replace(record, signature=signature, constexprs=constexprs)
@@ -223,7 +238,6 @@ def dedupe_records(records) -> list:
     return out
 
 
-
 # --------------------------------------------------------------------------------------------
 # Recording launches under the interpreter (in a child process)
 # --------------------------------------------------------------------------------------------
@@ -231,7 +245,7 @@ def dedupe_records(records) -> list:
 _RECORDER_TEMPLATE = """\
 import json, os, sys, traceback
 sys.path[:0] = {sys_path!r}
-from flash_kernels.utils import record_launches
+from tools.launch_recording import record_launches
 from tools.aot_compile import record_to_dict
 with open({snippets_path!r}) as _f:
     _snippets = json.load(_f)
@@ -264,8 +278,9 @@ def _child_env(interpret: bool, sys_path=(), target=None) -> dict:
     return env
 
 
-def record_snippets_in_interpreter(snippets: dict, sys_path=(), target=None,
-                                   timeout: float = 3600) -> tuple:
+def record_snippets_in_interpreter(
+    snippets: dict, sys_path=(), target=None, timeout: float = 3600
+) -> tuple:
     """Run each Python snippet of `snippets` ({name: code}) in one child process with
     TRITON_INTERPRET=1 (and FLASH_KERNELS_TARGET=`target` when given, so that the runtime picks
     that architecture's tiles) and record the launches of each.
@@ -282,21 +297,33 @@ def record_snippets_in_interpreter(snippets: dict, sys_path=(), target=None,
         out_path = os.path.join(tmp, "records.json")
         with open(snippets_path, "w") as f:
             json.dump(dict(snippets), f)
-        script = _RECORDER_TEMPLATE.format(sys_path=[_REPO_ROOT, *sys_path],
-                                           snippets_path=snippets_path, out_path=out_path)
-        proc = subprocess.run([sys.executable, "-c", script],
-                              env=_child_env(True, sys_path, target), cwd=_REPO_ROOT,
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        script = _RECORDER_TEMPLATE.format(
+            sys_path=[_REPO_ROOT, *sys_path], snippets_path=snippets_path, out_path=out_path
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", script],
+            env=_child_env(True, sys_path, target),
+            cwd=_REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         done = {}
         if os.path.exists(out_path):
             with open(out_path) as f:
                 done = json.load(f)
     if proc.returncode != 0 or set(done) != set(snippets):
-        raise RuntimeError(f"recording under TRITON_INTERPRET=1 failed (exit {proc.returncode}, "
-                           f"{len(done)} of {len(snippets)} snippets done)\n--- output ---\n"
-                           f"{proc.stdout[-4000:]}{proc.stderr[-8000:]}")
-    records = {name: [record_from_dict(d) for d in result["records"]]
-               for name, result in done.items() if "records" in result}
+        raise RuntimeError(
+            f"recording under TRITON_INTERPRET=1 failed (exit {proc.returncode}, "
+            f"{len(done)} of {len(snippets)} snippets done)\n--- output ---\n"
+            f"{proc.stdout[-4000:]}{proc.stderr[-8000:]}"
+        )
+    records = {
+        name: [record_from_dict(d) for d in result["records"]]
+        for name, result in done.items()
+        if "records" in result
+    }
     errors = {name: result["error"] for name, result in done.items() if "error" in result}
     return records, errors
 
@@ -305,22 +332,29 @@ def record_concurrently(items, jobs: int = 2, timeout: float = 3600) -> list:
     """`record_snippets_in_interpreter` for each item (a dict with `snippets`, and optionally
     `target` and `sys_path`), at most `jobs` child processes at a time; returns each item's
     (records, errors) in order."""
+
     def run(item):
-        return record_snippets_in_interpreter(item["snippets"], item.get("sys_path", ()),
-                                              item.get("target"), timeout)
+        return record_snippets_in_interpreter(
+            item["snippets"], item.get("sys_path", ()), item.get("target"), timeout
+        )
+
     with ThreadPoolExecutor(max_workers=max(1, int(jobs))) as pool:
         return list(pool.map(run, items))
 
 
 def record_in_interpreter(snippet: str, sys_path=(), timeout: float = 1800, target=None) -> list:
-    """The `LaunchRecord`s of every `flash_kernels.utils.launch` the Python `snippet` makes,
-    run in a child process with TRITON_INTERPRET=1 (see `record_snippets_in_interpreter`).
-    Raises RuntimeError with the traceback if the snippet fails."""
-    records, errors = record_snippets_in_interpreter({"snippet": snippet}, sys_path, target,
-                                                     timeout)
+    """The `LaunchRecord`s of every kernel launch (`flash_kernels.backends.triton.launch.launch`)
+    the Python `snippet` makes, run in a child process with TRITON_INTERPRET=1 (see
+    `record_snippets_in_interpreter`). Raises RuntimeError with the traceback if the snippet
+    fails."""
+    records, errors = record_snippets_in_interpreter(
+        {"snippet": snippet}, sys_path, target, timeout
+    )
     if errors:
-        raise RuntimeError(f"recording under TRITON_INTERPRET=1 failed\n--- snippet ---\n"
-                           f"{snippet}\n--- output ---\n{errors['snippet'][-8000:]}")
+        raise RuntimeError(
+            f"recording under TRITON_INTERPRET=1 failed\n--- snippet ---\n"
+            f"{snippet}\n--- output ---\n{errors['snippet'][-8000:]}"
+        )
     return records["snippet"]
 
 
@@ -328,13 +362,15 @@ def record_in_interpreter(snippet: str, sys_path=(), timeout: float = 1800, targ
 # Compiling one record, reading its resources
 # --------------------------------------------------------------------------------------------
 
+
 def _require_compile_mode():
     if triton_interpret_enabled():
         raise RuntimeError(
             "tools.aot_compile cannot compile with TRITON_INTERPRET=1 set: under the "
             "interpreter triton.jit returns interpreter objects. Compile in a process without it "
             "(measure_launches does this for you, or run `env -u TRITON_INTERPRET python -m "
-            "tools.aot_compile ...`).")
+            "tools.aot_compile ...`)."
+        )
 
 
 def load_kernel(record: LaunchRecord):
@@ -342,22 +378,37 @@ def load_kernel(record: LaunchRecord):
     autotuner/heuristics wrappers)."""
     _require_compile_mode()
     from triton.runtime.jit import JITFunction
+
     if record.kernel_module in ("__main__", "__recorded_snippet__"):
-        raise ValueError(f"kernel {record.kernel_name} was defined in a script, not an importable "
-                         "module: it cannot be compiled again by name")
+        raise ValueError(
+            f"kernel {record.kernel_name} was defined in a script, not an importable "
+            "module: it cannot be compiled again by name"
+        )
     obj = getattr(importlib.import_module(record.kernel_module), record.kernel_name)
     while not isinstance(obj, JITFunction) and hasattr(obj, "fn"):
         obj = obj.fn
     if not isinstance(obj, JITFunction):
-        raise TypeError(f"{record.kernel_module}.{record.kernel_name} is {type(obj).__name__}, not "
-                        "a triton.jit function (was TRITON_INTERPRET set when it was imported?)")
+        raise TypeError(
+            f"{record.kernel_module}.{record.kernel_name} is {type(obj).__name__}, not "
+            "a triton.jit function (was TRITON_INTERPRET set when it was imported?)"
+        )
     return obj
 
 
 _TRITON_TO_TORCH = {
-    "fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64", "i32": "int32",
-    "i64": "int64", "i16": "int16", "i8": "int8", "u8": "uint8", "u1": "bool",
-    "fp8e4nv": "float8_e4m3fn", "fp8e5": "float8_e5m2"}
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "fp32": "float32",
+    "fp64": "float64",
+    "i32": "int32",
+    "i64": "int64",
+    "i16": "int16",
+    "i8": "int8",
+    "u8": "uint8",
+    "u1": "bool",
+    "fp8e4nv": "float8_e4m3fn",
+    "fp8e5": "float8_e5m2",
+}
 
 
 def _stand_in_value(record: LaunchRecord, name: str):
@@ -366,6 +417,7 @@ def _stand_in_value(record: LaunchRecord, name: str):
     recorded width that is (or is not) a multiple of 16, a float, a bool, or the constant."""
     import torch
     from triton.runtime.jit import MockTensor
+
     if name in record.constexprs:
         return record.constexprs[name]
     ty = record.signature[name]
@@ -377,6 +429,7 @@ def _stand_in_value(record: LaunchRecord, name: str):
             @staticmethod
             def data_ptr():
                 return address
+
         return StandInTensor(getattr(torch, _TRITON_TO_TORCH[ty[1:]]))
     base = {"i32": 16, "i64": 2**40, "u64": 2**63}.get(ty)
     if base is not None:
@@ -388,11 +441,11 @@ def _stand_in_value(record: LaunchRecord, name: str):
     raise ValueError(f"{record.kernel_name}: cannot stand in for argument {name} of type {ty!r}")
 
 
-
 class _RecordingDriver:
     """The minimum of a Triton driver the JIT asks for before it compiles: a device, a stream
     and the target (no GPU behind it)."""
-    device = "tools.aot_compile"       # a device key no real launch uses
+
+    device = "tools.aot_compile"  # a device key no real launch uses
 
     def __init__(self, target):
         self.target = gpu_target(target)
@@ -420,13 +473,17 @@ def jit_compile_inputs(record: LaunchRecord, target="cuda:90"):
     lands in the same cache entry as the JIT's: compiling ahead of time warms the cache.
     """
     from triton.runtime.driver import driver
+
     fn = load_kernel(record)
     names = list(fn.arg_names)
-    unknown = ((set(record.signature) | set(record.constexprs) | set(record.divisible_by_16))
-               - set(names))
+    unknown = (set(record.signature) | set(record.constexprs) | set(record.divisible_by_16)) - set(
+        names
+    )
     if unknown:
-        raise ValueError(f"{record.kernel_name}: recorded arguments {sorted(unknown)} are not "
-                         f"parameters of the kernel ({names}); record again")
+        raise ValueError(
+            f"{record.kernel_name}: recorded arguments {sorted(unknown)} are not "
+            f"parameters of the kernel ({names}); record again"
+        )
     missing = [n for n in names if n not in record.signature and n not in record.constexprs]
     if missing:
         raise ValueError(f"{record.kernel_name}: no recorded type or value for {missing}")
@@ -435,17 +492,18 @@ def jit_compile_inputs(record: LaunchRecord, target="cuda:90"):
 
     def catch_compile(src, target=None, options=None, **_):
         caught.update(src=src, options=dict(options))
-        return object()                   # the JIT keeps it as the "kernel"; it is never run
+        return object()  # the JIT keeps it as the "kernel"; it is never run
 
     recording_driver = _RecordingDriver(target)
     previous_driver = driver._active
-    previous_compile = fn.__dict__.get("compile")    # set by the binder of a real launch
+    previous_compile = fn.__dict__.get("compile")  # set by the binder of a real launch
     driver.set_active(recording_driver)
     try:
-        fn.device_caches[recording_driver.device]      # the binder for this target
+        fn.device_caches[recording_driver.device]  # the binder for this target
         fn.compile = catch_compile
-        fn.run(grid=(1,), warmup=True, num_warps=record.num_warps,
-               num_stages=record.num_stages, **args)
+        fn.run(
+            grid=(1,), warmup=True, num_warps=record.num_warps, num_stages=record.num_stages, **args
+        )
     finally:
         driver._active = previous_driver
         fn.device_caches.pop(recording_driver.device, None)
@@ -456,8 +514,10 @@ def jit_compile_inputs(record: LaunchRecord, target="cuda:90"):
     src = caught["src"]
     expected = {n: ("constexpr" if n in record.constexprs else record.signature[n]) for n in names}
     if dict(src.signature) != expected:
-        raise ValueError(f"{record.kernel_name}: the JIT specialises the recorded launch as "
-                         f"{dict(src.signature)}, not as recorded ({expected}); record again")
+        raise ValueError(
+            f"{record.kernel_name}: the JIT specialises the recorded launch as "
+            f"{dict(src.signature)}, not as recorded ({expected}); record again"
+        )
     return src, caught["options"]
 
 
@@ -472,6 +532,7 @@ def compile_record(record: LaunchRecord, target):
     """
     _require_compile_mode()
     import triton
+
     src, options = jit_compile_inputs(record, target)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
@@ -490,6 +551,7 @@ def compile_to_ttgir(record: LaunchRecord, target) -> str:
     _require_compile_mode()
     from triton._C.libtriton import ir
     from triton.compiler.compiler import make_backend
+
     src, options = jit_compile_inputs(record, target)
     gpu = gpu_target(target)
     backend = make_backend(gpu)
@@ -501,8 +563,13 @@ def compile_to_ttgir(record: LaunchRecord, target) -> str:
     backend.load_dialects(context)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
-        module = src.make_ir(gpu, options, backend.get_codegen_implementation(options),
-                             backend.get_module_map(), context)
+        module = src.make_ir(
+            gpu,
+            options,
+            backend.get_codegen_implementation(options),
+            backend.get_module_map(),
+            context,
+        )
         metadata = {"hash": "ttgir-only", "target": gpu, **options.__dict__}
         for stage in ("ttir", "ttgir"):
             module = stages[stage](module, metadata)
@@ -511,11 +578,13 @@ def compile_to_ttgir(record: LaunchRecord, target) -> str:
 
 def _cuobjdump_path() -> str:
     import triton
+
     try:
         return triton.knobs.nvidia.cuobjdump.path
-    except AttributeError:                      # Triton before knobs
-        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                            "cuobjdump")
+    except AttributeError:  # Triton before knobs
+        return os.path.join(
+            os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"
+        )
 
 
 _LOCATION_ALIAS = re.compile(r"^#loc\d*\s*=\s*loc\(.*\)\s*$")
@@ -553,8 +622,12 @@ def _parse_resource_usage(text: str, kernel_name: str) -> dict:
             continue
         m = _RESOURCE_LINE.search(line)
         if m and current is not None:
-            usage = dict(registers=int(m.group(1)), stack_bytes=int(m.group(2)),
-                         static_shared_bytes=int(m.group(3)), local_bytes=int(m.group(4)))
+            usage = dict(
+                registers=int(m.group(1)),
+                stack_bytes=int(m.group(2)),
+                static_shared_bytes=int(m.group(3)),
+                local_bytes=int(m.group(4)),
+            )
             if current == kernel_name:
                 return usage
             found = found or usage
@@ -577,20 +650,27 @@ def _nvidia_resource_usage(compiled) -> dict:
         cubin_path = os.path.join(tmp, f"{name}.cubin")
         with open(cubin_path, "wb") as f:
             f.write(compiled.asm["cubin"])
-        res = subprocess.run([cuobjdump, "--dump-resource-usage", cubin_path],
-                             capture_output=True, text=True, check=True)
-        sass = subprocess.run([cuobjdump, "-sass", cubin_path], capture_output=True, text=True,
-                              check=False)
+        res = subprocess.run(
+            [cuobjdump, "--dump-resource-usage", cubin_path],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        sass = subprocess.run(
+            [cuobjdump, "-sass", cubin_path], capture_output=True, text=True, check=False
+        )
     usage = _parse_resource_usage(res.stdout, name)
-    opcodes = [m.group(1) for line in sass.stdout.splitlines()
-               if (m := _SASS_INSTRUCTION.match(line))]
+    opcodes = [
+        m.group(1) for line in sass.stdout.splitlines() if (m := _SASS_INSTRUCTION.match(line))
+    ]
     ptx = compiled.asm.get("ptx", "")
     if opcodes:
         uses_wgmma = any(op.startswith("HGMMA") for op in opcodes)
     else:
         uses_wgmma = "wgmma.mma_async" in ptx
-    tensor_core = _count_opcodes(base for op in opcodes
-                                 if _TENSOR_CORE_OPCODE.match(base := op.split(".")[0]))
+    tensor_core = _count_opcodes(
+        base for op in opcodes if _TENSOR_CORE_OPCODE.match(base := op.split(".")[0])
+    )
     dynamic_shared = int(compiled.metadata.shared)
     usage.update(
         spill_bytes=usage["stack_bytes"],
@@ -608,12 +688,13 @@ def _nvidia_resource_usage(compiled) -> dict:
 def _amd_resource_usage(compiled) -> dict:
     amdgcn = compiled.asm["amdgcn"]
     fields = {}
-    for line in amdgcn.splitlines():            # the code object's metadata (one kernel)
+    for line in amdgcn.splitlines():  # the code object's metadata (one kernel)
         if m := _AMD_METADATA_FIELD.match(line):
             fields.setdefault(m.group(1), int(m.group(2)))
     lines = amdgcn.splitlines()
-    tensor_core = _count_opcodes(m.group(1) for line in lines
-                                 if (m := _AMD_TENSOR_CORE.match(line)))
+    tensor_core = _count_opcodes(
+        m.group(1) for line in lines if (m := _AMD_TENSOR_CORE.match(line))
+    )
     dynamic_shared = int(compiled.metadata.shared)
     static_shared = fields.get("group_segment_fixed_size", 0)
     return dict(
@@ -622,7 +703,7 @@ def _amd_resource_usage(compiled) -> dict:
         sgprs=fields.get("sgpr_count", 0),
         vgpr_spills=fields.get("vgpr_spill_count", 0),
         sgpr_spills=fields.get("sgpr_spill_count", 0),
-        spill_bytes=fields.get("private_segment_fixed_size", 0),   # scratch per lane
+        spill_bytes=fields.get("private_segment_fixed_size", 0),  # scratch per lane
         static_shared_bytes=static_shared,
         dynamic_shared_bytes=dynamic_shared,
         shared_bytes=dynamic_shared + static_shared,
@@ -662,8 +743,10 @@ def resource_usage(compiled) -> dict:
 # Many records x targets -> rows -> markdown
 # --------------------------------------------------------------------------------------------
 
-def measure_record(record: LaunchRecord, target, check_codegen: bool = True,
-                   ttgir_only: bool = False) -> dict:
+
+def measure_record(
+    record: LaunchRecord, target, check_codegen: bool = True, ttgir_only: bool = False
+) -> dict:
     """Compile one record for one target (`ttgir_only`: only to TTGIR, for the codegen gate:
     no usage then). A row dict:
       record, target ("cuda:90"), arch ("sm_90"), triton (version), usage (`resource_usage`,
@@ -679,12 +762,23 @@ def measure_record(record: LaunchRecord, target, check_codegen: bool = True,
     import triton
 
     from tools import codegen_gate
+
     arch = architecture(target)
-    row = dict(record=record_to_dict(record), target=arch.target, arch=arch.label,
-               triton=triton.__version__, usage=None, error=None,
-               stage="ttgir" if ttgir_only else "binary", over_shared_limit=False,
-               over_register_limit=False, codegen_findings=None, codegen_transposes=None,
-               ttgir_sha256=None, compile_seconds=None)
+    row = dict(
+        record=record_to_dict(record),
+        target=arch.target,
+        arch=arch.label,
+        triton=triton.__version__,
+        usage=None,
+        error=None,
+        stage="ttgir" if ttgir_only else "binary",
+        over_shared_limit=False,
+        over_register_limit=False,
+        codegen_findings=None,
+        codegen_transposes=None,
+        ttgir_sha256=None,
+        compile_seconds=None,
+    )
     start = time.perf_counter()
     try:
         if ttgir_only:
@@ -703,8 +797,9 @@ def measure_record(record: LaunchRecord, target, check_codegen: bool = True,
     row["usage"] = usage
     if usage is None:
         return row
-    row["over_shared_limit"] = bool(arch.shared_memory_bytes
-                                    and usage["shared_bytes"] > arch.shared_memory_bytes)
+    row["over_shared_limit"] = bool(
+        arch.shared_memory_bytes and usage["shared_bytes"] > arch.shared_memory_bytes
+    )
     row["over_register_limit"] = usage["registers"] > arch.max_registers
     return row
 
@@ -718,8 +813,10 @@ def measure_work(work, check_codegen: bool = True, ttgir_only: bool = False) -> 
     """`measure_record` of every (record, target) or (record, target, ttgir_only) item of `work`
     (`ttgir_only` where an item does not say), in this process."""
     _require_compile_mode()
-    return [measure_record(item[0], item[1], check_codegen,
-                           item[2] if len(item) > 2 else ttgir_only) for item in work]
+    return [
+        measure_record(item[0], item[1], check_codegen, item[2] if len(item) > 2 else ttgir_only)
+        for item in work
+    ]
 
 
 def measure_records(records, targets=("cuda:80", "cuda:90")) -> list:
@@ -727,27 +824,58 @@ def measure_records(records, targets=("cuda:80", "cuda:90")) -> list:
     return measure_work(_work(records, targets))
 
 
-def _measure_work_in_subprocess(work, sys_path=(), timeout: float = 3600, python: str | None = None,
-                                check_codegen: bool = True, ttgir_only: bool = False) -> list:
+def _measure_work_in_subprocess(
+    work,
+    sys_path=(),
+    timeout: float = 3600,
+    python: str | None = None,
+    check_codegen: bool = True,
+    ttgir_only: bool = False,
+) -> list:
     sys_path = [os.path.abspath(p) for p in sys_path]
     with tempfile.TemporaryDirectory() as tmp:
         work_path = os.path.join(tmp, "work.json")
         rows_path = os.path.join(tmp, "rows.json")
         with open(work_path, "w") as f:
-            json.dump([dict(record=record_to_dict(item[0]), target=item[1],
-                            ttgir_only=item[2] if len(item) > 2 else ttgir_only)
-                       for item in work], f)
-        cmd = [python or sys.executable, "-m", "tools.aot_compile", "--work", work_path,
-               "--json", rows_path, "--quiet"]
+            json.dump(
+                [
+                    dict(
+                        record=record_to_dict(item[0]),
+                        target=item[1],
+                        ttgir_only=item[2] if len(item) > 2 else ttgir_only,
+                    )
+                    for item in work
+                ],
+                f,
+            )
+        cmd = [
+            python or sys.executable,
+            "-m",
+            "tools.aot_compile",
+            "--work",
+            work_path,
+            "--json",
+            rows_path,
+            "--quiet",
+        ]
         if not check_codegen:
             cmd.append("--no-codegen-gate")
         for p in sys_path:
             cmd += ["--sys-path", p]
-        proc = subprocess.run(cmd, env=_child_env(False, sys_path), cwd=_REPO_ROOT,
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            cmd,
+            env=_child_env(False, sys_path),
+            cwd=_REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if not os.path.exists(rows_path):
-            raise RuntimeError(f"ahead-of-time compile process failed (exit {proc.returncode}):\n"
-                               f"{proc.stdout[-4000:]}{proc.stderr[-8000:]}")
+            raise RuntimeError(
+                f"ahead-of-time compile process failed (exit {proc.returncode}):\n"
+                f"{proc.stdout[-4000:]}{proc.stderr[-8000:]}"
+            )
         with open(rows_path) as f:
             return json.load(f)
 
@@ -772,14 +900,16 @@ def measure_concurrently(tasks, jobs: int = 2, timeout: float = 3600) -> list:
     running at a time; rows come back in each task's order (distinct records, each for every
     target)."""
     jobs = max(1, int(jobs))
-    groups = {}                         # python -> ([(task, position, item)], sys_path)
+    groups = {}  # python -> ([(task, position, item)], sys_path)
     works = []
     for index, task in enumerate(tasks):
         work = _work(task["records"], task["targets"])
         works.append(work)
         entries, sys_path = groups.setdefault(task.get("python"), ([], []))
-        entries += [(index, position, (record, target, bool(task.get("ttgir_only"))))
-                    for position, (record, target) in enumerate(work)]
+        entries += [
+            (index, position, (record, target, bool(task.get("ttgir_only"))))
+            for position, (record, target) in enumerate(work)
+        ]
         sys_path += [p for p in task.get("sys_path", ()) if p not in sys_path]
     shares = []
     for python, (entries, sys_path) in groups.items():
@@ -789,8 +919,9 @@ def measure_concurrently(tasks, jobs: int = 2, timeout: float = 3600) -> list:
 
     def run(share):
         python, sys_path, entries = share
-        rows = _measure_work_in_subprocess([item for _, _, item in entries], sys_path, timeout,
-                                           python)
+        rows = _measure_work_in_subprocess(
+            [item for _, _, item in entries], sys_path, timeout, python
+        )
         for (index, position, _), row in zip(entries, rows):
             results[index][position] = row
 
@@ -800,15 +931,17 @@ def measure_concurrently(tasks, jobs: int = 2, timeout: float = 3600) -> list:
     return results
 
 
-def measure_launches(records, targets=("cuda:80", "cuda:90"), sys_path=(),
-                     python: str | None = None, jobs: int = 1) -> list:
+def measure_launches(
+    records, targets=("cuda:80", "cuda:90"), sys_path=(), python: str | None = None, jobs: int = 1
+) -> list:
     """Compile and measure `records` for `targets`: in this process when TRITON_INTERPRET is off
     and jobs == 1, else in child processes without it (`jobs` of them at once); with `python`
     given, always in child processes run by that interpreter (another Triton version). Returns
     the rows (see `measure_record`)."""
     if python or jobs > 1 or triton_interpret_enabled():
-        return measure_concurrently([dict(records=records, targets=targets, python=python,
-                                          sys_path=sys_path)], jobs)[0]
+        return measure_concurrently(
+            [dict(records=records, targets=targets, python=python, sys_path=sys_path)], jobs
+        )[0]
     for p in sys_path:
         if os.path.abspath(p) not in sys.path:
             sys.path.insert(0, os.path.abspath(p))
@@ -831,16 +964,18 @@ def _dtype_label(signature: dict) -> str:
 
 
 def constexpr_label(constexprs: dict) -> str:
-    """"NAME=value ..." of a record's (JSON form) constexprs."""
+    """ "NAME=value ..." of a record's (JSON form) constexprs."""
+
     def fmt(v):
         if isinstance(v, dict) and "tl_dtype" in v:
             return v["tl_dtype"]
         return repr(v) if isinstance(v, float) else str(v)
+
     return " ".join(f"{k}={fmt(v)}" for k, v in constexprs.items())
 
 
 def tensor_core_label(usage) -> str:
-    """"56 HGMMA", "40 UTCHMMA", "128 MFMA", "0" (none), "-" (not compiled)."""
+    """ "56 HGMMA", "40 UTCHMMA", "128 MFMA", "0" (none), "-" (not compiled)."""
     if usage is None:
         return "-"
     opcodes = usage.get("tensor_core_opcodes") or {}
@@ -855,12 +990,19 @@ def tensor_core_label(usage) -> str:
 
 def limits_table() -> list:
     """Markdown lines: every architecture of ARCHITECTURES with its shared memory limit."""
-    lines = [("| target | GPUs | shared memory / LDS per block | registers per thread (lane) "
-              "| tensor-core instructions counted |"), "|---|---|---|---|---|"]
+    lines = [
+        (
+            "| target | GPUs | shared memory / LDS per block | registers per thread (lane) "
+            "| tensor-core instructions counted |"
+        ),
+        "|---|---|---|---|---|",
+    ]
     for arch in ARCHITECTURES.values():
-        lines.append(f"| {arch.label} (`{arch.target}`) | {arch.gpus} | "
-                     f"{arch.shared_memory_bytes:,} B ({arch.shared_memory_bytes / 1024:.0f} KB) | "
-                     f"{arch.max_registers} | {arch.tensor_core} |")
+        lines.append(
+            f"| {arch.label} (`{arch.target}`) | {arch.gpus} | "
+            f"{arch.shared_memory_bytes:,} B ({arch.shared_memory_bytes / 1024:.0f} KB) | "
+            f"{arch.max_registers} | {arch.tensor_core} |"
+        )
     return lines
 
 
@@ -870,7 +1012,8 @@ REPORT_PREAMBLE = (
     "spills (stack bytes) and static shared memory from the wheel's `cuobjdump "
     "--dump-resource-usage`, tensor-core instructions (static count) from its SASS; AMD: VGPRs, "
     "scratch bytes per lane (spills) and static LDS from the code object's metadata, MFMA "
-    "instructions from the assembly. Shared KB = Triton's dynamic shared memory (LDS) + static.")
+    "instructions from the assembly. Shared KB = Triton's dynamic shared memory (LDS) + static."
+)
 
 
 def _status(row) -> str:
@@ -893,37 +1036,62 @@ def _status(row) -> str:
 def markdown_table(rows) -> list:
     """Markdown table lines, one per row: kernel, constexprs, dtype, warps, stages, target,
     registers, spill bytes, shared KB, tensor-core instructions, status."""
-    lines = [("| kernel | constexprs | dtype | warps | stages | target | regs | spill B | "
-              "shared KB | tensor-core instrs | status |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| kernel | constexprs | dtype | warps | stages | target | regs | spill B | "
+            "shared KB | tensor-core instrs | status |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         rec = row["record"]
         u = row["usage"]
         if row["error"] or u is None:
             cells = ["-"] * 4
         else:
-            cells = [str(u["registers"]), str(u["spill_bytes"]), f"{u['shared_bytes'] / 1024:.1f}",
-                     tensor_core_label(u)]
-        lines.append("| " + " | ".join([
-            f"`{rec['kernel_name']}`", constexpr_label(rec["constexprs"]),
-            _dtype_label(rec["signature"]), str(rec["num_warps"]), str(rec["num_stages"]),
-            row["arch"], *cells, _status(row).replace("|", "\\|")]) + " |")
+            cells = [
+                str(u["registers"]),
+                str(u["spill_bytes"]),
+                f"{u['shared_bytes'] / 1024:.1f}",
+                tensor_core_label(u),
+            ]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{rec['kernel_name']}`",
+                    constexpr_label(rec["constexprs"]),
+                    _dtype_label(rec["signature"]),
+                    str(rec["num_warps"]),
+                    str(rec["num_stages"]),
+                    row["arch"],
+                    *cells,
+                    _status(row).replace("|", "\\|"),
+                ]
+            )
+            + " |"
+        )
     return lines
 
 
 def summary_line(rows, extra_failures: int = 0) -> str:
-    """"**PASS**: ..." or "**FAIL**: ..." for `rows` (plus `extra_failures` found elsewhere,
+    """ "**PASS**: ..." or "**FAIL**: ..." for `rows` (plus `extra_failures` found elsewhere,
     e.g. launches that could not be recorded): compile errors and hardware limits."""
     n_errors = sum(bool(r["error"]) for r in rows)
-    n_limits = sum(bool(not r["error"] and (r["over_shared_limit"] or r["over_register_limit"]))
-                   for r in rows)
+    n_limits = sum(
+        bool(not r["error"] and (r["over_shared_limit"] or r["over_register_limit"])) for r in rows
+    )
     n_spill = sum(bool(r["usage"] and r["usage"]["spill_bytes"]) for r in rows)
     if n_errors or n_limits or extra_failures:
         extra = f", {extra_failures} other failure(s)" if extra_failures else ""
-        return (f"**FAIL**: {n_errors} compile error(s), {n_limits} over a hardware limit{extra}, "
-                f"out of {len(rows)} compiles ({n_spill} with spills).")
-    return (f"**PASS**: all {len(rows)} compiles succeeded within the hardware limits "
-            f"({n_spill} with spills).")
+        return (
+            f"**FAIL**: {n_errors} compile error(s), {n_limits} over a hardware limit{extra}, "
+            f"out of {len(rows)} compiles ({n_spill} with spills)."
+        )
+    return (
+        f"**PASS**: all {len(rows)} compiles succeeded within the hardware limits "
+        f"({n_spill} with spills)."
+    )
 
 
 def error_details(rows) -> list:
@@ -933,9 +1101,17 @@ def error_details(rows) -> list:
         return []
     lines = ["## Compile errors", ""]
     for r in errors:
-        lines += [(f"### `{r['record']['kernel_name']}` {r['arch']}, Triton {r['triton']} "
-                   f"({constexpr_label(r['record']['constexprs'])})"), "", "```",
-                  r["error"].strip()[-6000:], "```", ""]
+        lines += [
+            (
+                f"### `{r['record']['kernel_name']}` {r['arch']}, Triton {r['triton']} "
+                f"({constexpr_label(r['record']['constexprs'])})"
+            ),
+            "",
+            "```",
+            r["error"].strip()[-6000:],
+            "```",
+            "",
+        ]
     return lines
 
 
@@ -945,12 +1121,18 @@ def render_markdown(rows, title: str = "Ahead-of-time compile report", notes: st
     import triton
 
     from tools import codegen_gate
+
     lines = [f"# {title}", ""]
     if notes:
         lines += [notes, ""]
     lines += [f"Triton {triton.__version__}. " + REPORT_PREAMBLE, ""]
-    lines += markdown_table(rows) + ["", summary_line(rows), "",
-                                     codegen_gate.summary_line(rows), ""]
+    lines += markdown_table(rows) + [
+        "",
+        summary_line(rows),
+        "",
+        codegen_gate.summary_line(rows),
+        "",
+    ]
     lines += codegen_gate.findings_table(rows) + error_details(rows)
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -959,27 +1141,46 @@ def render_markdown(rows, title: str = "Ahead-of-time compile report", notes: st
 # Command line
 # --------------------------------------------------------------------------------------------
 
+
 def main(argv=None) -> int:
     """`python -m tools.aot_compile records.json [...] --targets cuda:80 cuda:90 hip:gfx942
     --markdown out.md [--json rows.json] [--sys-path DIR]`; exit status 1 if any compile fails,
     exceeds a hardware limit or fails the codegen gate."""
-    parser = argparse.ArgumentParser(prog="python -m tools.aot_compile",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.aot_compile", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("records", nargs="*", help="JSON files written by save_records")
-    parser.add_argument("--targets", nargs="+", default=["cuda:80", "cuda:90"],
-                        help="cuda:<capability> or hip:<gfx arch> (a bare number is cuda)")
-    parser.add_argument("--work", help="instead of records x targets: a JSON list of "
-                        "{record, target, ttgir_only} items (what measure_concurrently hands "
-                        "its children)")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=["cuda:80", "cuda:90"],
+        help="cuda:<capability> or hip:<gfx arch> (a bare number is cuda)",
+    )
+    parser.add_argument(
+        "--work",
+        help="instead of records x targets: a JSON list of "
+        "{record, target, ttgir_only} items (what measure_concurrently hands "
+        "its children)",
+    )
     parser.add_argument("--markdown", help="write the markdown report here (default: stdout)")
     parser.add_argument("--json", help="also write the result rows as JSON here")
-    parser.add_argument("--sys-path", action="append", default=[],
-                        help="directory to put on sys.path to import the kernels' modules")
+    parser.add_argument(
+        "--sys-path",
+        action="append",
+        default=[],
+        help="directory to put on sys.path to import the kernels' modules",
+    )
     parser.add_argument("--title", default="Ahead-of-time compile report")
-    parser.add_argument("--no-codegen-gate", action="store_true",
-                        help="do not run the codegen gate (tools/codegen_gate.py)")
-    parser.add_argument("--ttgir-only", action="store_true",
-                        help="compile only to TTGIR (the codegen gate's input; no resources)")
+    parser.add_argument(
+        "--no-codegen-gate",
+        action="store_true",
+        help="do not run the codegen gate (tools/codegen_gate.py)",
+    )
+    parser.add_argument(
+        "--ttgir-only",
+        action="store_true",
+        help="compile only to TTGIR (the codegen gate's input; no resources)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no markdown report on stdout")
     args = parser.parse_args(argv)
     if triton_interpret_enabled():
@@ -990,8 +1191,14 @@ def main(argv=None) -> int:
         sys.path.insert(0, os.path.abspath(p))
     if args.work:
         with open(args.work) as f:
-            work = [(record_from_dict(d["record"]), target_name(d["target"]),
-                     d.get("ttgir_only", args.ttgir_only)) for d in json.load(f)]
+            work = [
+                (
+                    record_from_dict(d["record"]),
+                    target_name(d["target"]),
+                    d.get("ttgir_only", args.ttgir_only),
+                )
+                for d in json.load(f)
+            ]
     else:
         records = [r for path in args.records for r in load_records(path)]
         work = _work(records, args.targets)

@@ -42,6 +42,7 @@ closed by a line starting with "}", as MLIR prints it. Values are followed forwa
 `tt.trans` result; the analysis over-approximates (a shared buffer written anywhere by a
 transposed value counts for every dot that reads that buffer), which a gate may do.
 """
+
 import os
 import re
 from collections import defaultdict
@@ -52,17 +53,38 @@ GATE_TARGETS = ("cuda:90",)
 
 #: Products on the tensor cores and the operand positions that are their A and B inputs
 #: (None: every operand).
-DOT_OPERANDS = {"tt.dot": (0, 1), "ttng.warp_group_dot": (0, 1), "ttng.tc_gen5_mma": (0, 1),
-                "tt.dot_scaled": None}
+DOT_OPERANDS = {
+    "tt.dot": (0, 1),
+    "ttng.warp_group_dot": (0, 1),
+    "ttng.tc_gen5_mma": (0, 1),
+    "tt.dot_scaled": None,
+}
 
 #: Operations (besides arith.*, math.* and the ttg.memdesc_* views) whose results carry their
 #: operands' values: layout conversions, casts, elementwise ops, ops that only move the values
 #: (reshape, broadcast, join, ...), and the trips through shared or tensor memory.
 _VALUE_PRESERVING = {
-    "ttg.convert_layout", "tt.fp_to_fp", "tt.bitcast", "tt.clampf", "tt.precise_sqrt",
-    "tt.precise_divf", "tt.mulhiui", "tt.extern_elementwise", "tt.elementwise_inline_asm",
-    "tt.trans", "tt.reshape", "tt.broadcast", "tt.expand_dims", "tt.join", "tt.split", "tt.cat",
-    "ttg.local_alloc", "ttg.local_load", "ttng.tmem_alloc", "ttng.tmem_load"}
+    "ttg.convert_layout",
+    "tt.fp_to_fp",
+    "tt.bitcast",
+    "tt.clampf",
+    "tt.precise_sqrt",
+    "tt.precise_divf",
+    "tt.mulhiui",
+    "tt.extern_elementwise",
+    "tt.elementwise_inline_asm",
+    "tt.trans",
+    "tt.reshape",
+    "tt.broadcast",
+    "tt.expand_dims",
+    "tt.join",
+    "tt.split",
+    "tt.cat",
+    "ttg.local_alloc",
+    "ttg.local_load",
+    "ttng.tmem_alloc",
+    "ttng.tmem_load",
+}
 
 #: Operations that write their first operand into the buffer (view) given as their second.
 _STORES = {"ttg.local_store", "ttng.tmem_store"}
@@ -72,8 +94,10 @@ _MASK_MAKING = {"arith.cmpf", "arith.cmpi"}
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _VALUE = r"%[\w.$-]+(?:#\d+)?"
-_OP_LINE = re.compile(r'^\s*(?:(?P<results>%[^=]+?)\s*=\s*)?(?P<name>"[\w.]+"|[a-z_]\w*\.[\w.]+)'
-                      r'(?P<rest>.*)$')
+_OP_LINE = re.compile(
+    r'^\s*(?:(?P<results>%[^=]+?)\s*=\s*)?(?P<name>"[\w.]+"|[a-z_]\w*\.[\w.]+)'
+    r"(?P<rest>.*)$"
+)
 _BLOCK_LABEL = re.compile(r"^\s*\^(?P<name>[\w.$-]+)(?:\((?P<args>.*)\))?\s*:")
 _ALIAS = re.compile(r"^#(?P<alias>[\w.$-]+)\s*=\s*#(?P<kind>[\w]+\.[\w]+)<")
 _LOC_DEF = re.compile(r"^#(?P<name>loc\d*)\s*=\s*loc\((?P<body>.*)\)\s*$")
@@ -83,21 +107,24 @@ _FILE_LOC = re.compile(r'^"(?P<file>[^"]*)":(?P<line>\d+)(?::\d+)?')
 @dataclass
 class RegisterTranspose:
     """One `tt.trans` the gate rejects."""
-    source: str                 # file:line of the tl.trans (innermost frame), repository-relative
-    called_from: list           # the call sites it was inlined through, innermost first
-    operand_layout: str         # e.g. "linear", "nvidia_mma", "blocked"
+
+    source: str  # file:line of the tl.trans (innermost frame), repository-relative
+    called_from: list  # the call sites it was inlined through, innermost first
+    operand_layout: str  # e.g. "linear", "nvidia_mma", "blocked"
     result_layout: str
-    shape: list                 # the operand's shape
-    reasons: list               # why it fails (one or both rules)
-    dots: list = field(default_factory=list)   # "ttng.warp_group_dot operand A at file:line"
-    ttgir_line: int = 0         # 1-based line in the TTGIR text
+    shape: list  # the operand's shape
+    reasons: list  # why it fails (one or both rules)
+    dots: list = field(default_factory=list)  # "ttng.warp_group_dot operand A at file:line"
+    ttgir_line: int = 0  # 1-based line in the TTGIR text
 
     def describe(self) -> str:
         """One line: source, layouts, reasons."""
         via = f" (inlined at {', '.join(self.called_from)})" if self.called_from else ""
         shape = "x".join(map(str, self.shape))
-        return (f"{self.source}{via}: tt.trans of a {shape} tensor, {self.operand_layout} -> "
-                f"{self.result_layout} layout: {'; '.join(self.reasons)}")
+        return (
+            f"{self.source}{via}: tt.trans of a {shape} tensor, {self.operand_layout} -> "
+            f"{self.result_layout} layout: {'; '.join(self.reasons)}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,7 +158,7 @@ def _strip_location(text: str) -> tuple:
     index = text.rfind(" loc(")
     if index < 0 or not text.rstrip().endswith(")"):
         return text, None
-    return text[:index], text[index + 5:text.rstrip().rfind(")")]
+    return text[:index], text[index + 5 : text.rstrip().rfind(")")]
 
 
 def _types_of(rest: str) -> tuple:
@@ -163,30 +190,31 @@ def _tensor_type(type_text: str):
 # The module: values, their flow, the transposes and the dots
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class _Op:
     name: str
-    line: int                   # 1-based
+    line: int  # 1-based
     results: list
     operands: list
     rest: str
-    location: str = None        # the loc body, e.g. "#loc12"
-    iter_args: list = field(default_factory=list)     # scf.for region arguments
-    successors: list = field(default_factory=list)    # (block, values passed) of a branch
+    location: str = None  # the loc body, e.g. "#loc12"
+    iter_args: list = field(default_factory=list)  # scf.for region arguments
+    successors: list = field(default_factory=list)  # (block, values passed) of a branch
 
 
 class _Module:
     """The parts of a TTGIR module the gate needs: layout aliases, locations, ops, value flow."""
 
     def __init__(self, ttgir: str):
-        self.layouts = {}           # alias ("mma2") -> kind ("nvidia_mma")
-        self.layout_text = {}       # alias -> its definition line
-        self.locations = {}         # "#loc12" -> loc body
+        self.layouts = {}  # alias ("mma2") -> kind ("nvidia_mma")
+        self.layout_text = {}  # alias -> its definition line
+        self.locations = {}  # "#loc12" -> loc body
         self.ops = []
-        self.flows = defaultdict(set)       # value -> values that carry it
-        self.dot_uses = defaultdict(list)   # value -> [(dot op, operand index)]
-        self.block_args = {}                # block name -> [values]
-        self._stores = []                   # shared-memory views written by ttg.local_store
+        self.flows = defaultdict(set)  # value -> values that carry it
+        self.dot_uses = defaultdict(list)  # value -> [(dot op, operand index)]
+        self.block_args = {}  # block name -> [values]
+        self._stores = []  # shared-memory views written by ttg.local_store
         self._defined = 0
         self._parse(ttgir.splitlines())
 
@@ -204,12 +232,12 @@ class _Module:
         for scope in reversed(scopes):
             if name in scope:
                 return scope[name] + (f"#{index}" if index else "")
-        return f"{token}@?"          # defined later in the text (a block argument) or outside
+        return f"{token}@?"  # defined later in the text (a block argument) or outside
 
     def _parse(self, lines):
-        region_owners = []          # the op whose region each open "{" belongs to
+        region_owners = []  # the op whose region each open "{" belongs to
         scopes = [{}]
-        branches = []               # (values, block name) of cf.br / cf.cond_br successors
+        branches = []  # (values, block name) of cf.br / cf.cond_br successors
         for number, line in enumerate(lines, 1):
             stripped = line.strip()
             if m := _LOC_DEF.match(stripped):
@@ -231,13 +259,13 @@ class _Module:
             if closes and len(region_owners) > 0:
                 owner = region_owners.pop()
                 scopes.pop()
-                if stripped.endswith("{"):                # "} else {", "} do {"
+                if stripped.endswith("{"):  # "} else {", "} do {"
                     region_owners.append(owner)
                     scopes.append({})
             elif stripped.endswith("{"):
                 region_owners.append(op)
                 scopes.append({})
-                if op is not None and op.name == "scf.for":     # region arguments
+                if op is not None and op.name == "scf.for":  # region arguments
                     op.iter_args = [self._define(scopes, n) for n in op.iter_args]
                     for init, arg in zip(op.operands, op.iter_args):
                         self.flows[init].add(arg)
@@ -253,7 +281,7 @@ class _Module:
         if name == "scf.for":
             m_iter = re.search(r"iter_args\((.*?)\)\s*(?:->|:|\{)", body)
             pairs = re.findall(rf"({_VALUE})\s*=\s*({_VALUE})", m_iter.group(1)) if m_iter else []
-            op.iter_args = [arg for arg, _ in pairs]           # defined when the body opens
+            op.iter_args = [arg for arg, _ in pairs]  # defined when the body opens
             op.operands = [self._use(scopes, init) for _, init in pairs]
         else:
             # Operands are the %values before the type signature (types and attributes
@@ -298,14 +326,15 @@ class _Module:
         elif name == "arith.select":
             for value in op.operands[1:]:
                 self.flows[value].update(op.results)
-        elif name not in _MASK_MAKING and (name.startswith(("arith.", "math.", "ttg.memdesc_"))
-                                           or name in _VALUE_PRESERVING):
+        elif name not in _MASK_MAKING and (
+            name.startswith(("arith.", "math.", "ttg.memdesc_")) or name in _VALUE_PRESERVING
+        ):
             for value in op.operands:
                 self.flows[value].update(op.results)
 
     # -- queries ---------------------------------------------------------------------------
     def layout_kind(self, encoding: str) -> str:
-        """"blocked", "linear", "nvidia_mma", "dot_op", "slice", ... of an encoding text."""
+        """ "blocked", "linear", "nvidia_mma", "dot_op", "slice", ... of an encoding text."""
         if not encoding:
             return "none"
         if m := re.match(r"^#(\w+)\.(\w+)<", encoding):
@@ -338,7 +367,7 @@ class _Module:
             return self.frames(self.locations.get(location), depth + 1)
         if m := _FILE_LOC.match(location):
             return [(m.group("file"), int(m.group("line")))]
-        if m := re.match(r'^"[^"]*"\((?P<inner>.*)\)$', location):           # named location
+        if m := re.match(r'^"[^"]*"\((?P<inner>.*)\)$', location):  # named location
             return self.frames(m.group("inner"), depth + 1)
         if m := re.match(r"^callsite\((?P<body>.*)\)$", location):
             callee, _, caller = m.group("body").partition(" at ")
@@ -417,7 +446,7 @@ def analyse(ttgir: str) -> tuple:
             continue
         operand_types, result_types = _types_of(op.rest)
         operand = _tensor_type(operand_types[0]) if operand_types else None
-        if operand is None:                       # a shared-memory descriptor (older Triton)
+        if operand is None:  # a shared-memory descriptor (older Triton)
             continue
         shape, encoding = operand
         if len(shape) != 2:
@@ -435,17 +464,27 @@ def analyse(ttgir: str) -> tuple:
         for dot, index in module.dots_reached(op.results[0]):
             frames = module.where(dot)
             at = f" at {frames[0]}" if frames else ""
-            dots.append(f"{dot.name} ({module.dot_kind(dot)}) operand "
-                        f"{_OPERAND_NAMES.get(index, index)}{at} (TTGIR line {dot.line})")
+            dots.append(
+                f"{dot.name} ({module.dot_kind(dot)}) operand "
+                f"{_OPERAND_NAMES.get(index, index)}{at} (TTGIR line {dot.line})"
+            )
         if dots:
             reasons.append("result reaches a dot operand")
         if not reasons:
             continue
         frames = module.where(op) or [f"<unknown location> (TTGIR line {op.line})"]
-        findings.append(RegisterTranspose(
-            source=frames[0], called_from=frames[1:], operand_layout=operand_kind,
-            result_layout=result_kind, shape=shape, reasons=reasons,
-            dots=sorted(set(dots)), ttgir_line=op.line))
+        findings.append(
+            RegisterTranspose(
+                source=frames[0],
+                called_from=frames[1:],
+                operand_layout=operand_kind,
+                result_layout=result_kind,
+                shape=shape,
+                reasons=reasons,
+                dots=sorted(set(dots)),
+                ttgir_line=op.line,
+            )
+        )
     return findings, examined
 
 
@@ -474,7 +513,8 @@ RULE_SUMMARY = (
     "linear, ...) or whose result reaches operand A or B of a dot (wgmma, mma v2, or FMA for "
     "fp32 at ieee precision: each finding says which) through "
     "layout conversions, casts, elementwise ops, shared memory or control flow; "
-    "`ttg.memdesc_trans` (a transposed shared-memory descriptor) is fine.")
+    "`ttg.memdesc_trans` (a transposed shared-memory descriptor) is fine."
+)
 
 
 def checked_rows(rows) -> list:
@@ -489,9 +529,13 @@ def flagged_rows(rows) -> list:
 
 def source_lines(rows) -> list:
     """The distinct source lines (file:line) of every finding in `rows`, sorted."""
-    return sorted({f["source"] for r in flagged_rows(rows) for f in r["codegen_findings"]},
-                  key=lambda s: (s.rsplit(":", 1)[0], int(s.rsplit(":", 1)[1])
-                                 if s.rsplit(":", 1)[-1].isdigit() else 0))
+    return sorted(
+        {f["source"] for r in flagged_rows(rows) for f in r["codegen_findings"]},
+        key=lambda s: (
+            s.rsplit(":", 1)[0],
+            int(s.rsplit(":", 1)[1]) if s.rsplit(":", 1)[-1].isdigit() else 0,
+        ),
+    )
 
 
 def _versions(rows) -> str:
@@ -499,16 +543,18 @@ def _versions(rows) -> str:
 
 
 def summary_line(rows) -> str:
-    """"**Codegen gate PASS** ..." or "**Codegen gate FAIL** ..." for `rows`."""
+    """ "**Codegen gate PASS** ..." or "**Codegen gate FAIL** ..." for `rows`."""
     checked = checked_rows(rows)
     if not checked:
         return "Codegen gate: no launch was compiled for " + ", ".join(GATE_TARGETS) + "."
     flagged = flagged_rows(checked)
     targets = ", ".join(sorted({r["arch"] for r in checked}))
     if not flagged:
-        return (f"**Codegen gate PASS**: none of the {len(checked)} launches compiled for "
-                f"{targets} (Triton {_versions(checked)}) transposes a register tensor into a "
-                "tensor-core product.")
+        return (
+            f"**Codegen gate PASS**: none of the {len(checked)} launches compiled for "
+            f"{targets} (Triton {_versions(checked)}) transposes a register tensor into a "
+            "tensor-core product."
+        )
     lines = source_lines(flagged)
     by_dtype = {}
     for r in checked:
@@ -517,10 +563,13 @@ def summary_line(rows) -> str:
         by_dtype[dtype][0] += bool(r["codegen_findings"])
         by_dtype[dtype][1] += 1
     split = ", ".join(f"{dtype}: {n} of {total}" for dtype, (n, total) in sorted(by_dtype.items()))
-    return (f"**Codegen gate FAIL**: {len(flagged)} of {len(checked)} launches compiled for "
-            f"{targets} (Triton {_versions(checked)}) transpose a register tensor into a "
-            f"tensor-core product ({split}), at {len(lines)} source line(s): "
-            + ", ".join(f"`{s}`" for s in lines) + ".")
+    return (
+        f"**Codegen gate FAIL**: {len(flagged)} of {len(checked)} launches compiled for "
+        f"{targets} (Triton {_versions(checked)}) transpose a register tensor into a "
+        f"tensor-core product ({split}), at {len(lines)} source line(s): "
+        + ", ".join(f"`{s}`" for s in lines)
+        + "."
+    )
 
 
 def _element_type(row) -> str:
@@ -540,25 +589,31 @@ def findings_table(rows) -> list:
     by_source = {}
     for r in flagged:
         for f in r["codegen_findings"]:
-            entry = by_source.setdefault(f["source"], dict(kernels=set(), layouts=set(),
-                                                           dots=set(), rows={}, configs=set()))
+            entry = by_source.setdefault(
+                f["source"], dict(kernels=set(), layouts=set(), dots=set(), rows={}, configs=set())
+            )
             entry["kernels"].add(r["record"]["kernel_name"])
             entry["layouts"].add(f"{f['operand_layout']} -> {f['result_layout']}")
             entry["dots"].update(d.split(" (TTGIR")[0] for d in f["dots"])
             entry["rows"][id(r)] = r
             entry["configs"].update(r.get("configs", []))
-    lines = [("| source line (tl.trans) | kernel | layouts | reaches | launches (dtypes) | "
-              "configs |"), "|---|---|---|---|---|---|"]
+    lines = [
+        ("| source line (tl.trans) | kernel | layouts | reaches | launches (dtypes) | configs |"),
+        "|---|---|---|---|---|---|",
+    ]
     for source in source_lines(flagged):
         e = by_source[source]
         dtypes = sorted({_element_type(r) for r in e["rows"].values()})
         configs = sorted(e["configs"])
-        shown = "; ".join(configs[:6]) + (f"; ... ({len(configs)} in all)" if len(configs) > 6
-                                           else "")
-        lines.append(f"| `{source}` | {', '.join(f'`{k}`' for k in sorted(e['kernels']))} | "
-                     f"{', '.join(sorted(e['layouts']))} | "
-                     f"{'<br>'.join(sorted(e['dots'])) or '-'} | "
-                     f"{len(e['rows'])} ({', '.join(dtypes)}) | {shown or '-'} |")
+        shown = "; ".join(configs[:6]) + (
+            f"; ... ({len(configs)} in all)" if len(configs) > 6 else ""
+        )
+        lines.append(
+            f"| `{source}` | {', '.join(f'`{k}`' for k in sorted(e['kernels']))} | "
+            f"{', '.join(sorted(e['layouts']))} | "
+            f"{'<br>'.join(sorted(e['dots'])) or '-'} | "
+            f"{len(e['rows'])} ({', '.join(dtypes)}) | {shown or '-'} |"
+        )
     return lines + [""]
 
 
@@ -566,10 +621,13 @@ def describe_findings(rows, limit: int = 40) -> str:
     """Plain text, one block per flagged launch (kernel, target, Triton, constexprs, configs,
     each finding with the dots it reaches): what a failing test prints."""
     from tools.aot_compile import constexpr_label
+
     blocks = []
     for r in flagged_rows(rows)[:limit]:
-        head = (f"{r['record']['kernel_name']} on {r['arch']}, Triton {r['triton']}, "
-                f"{_element_type(r)} [{constexpr_label(r['record']['constexprs'])}]")
+        head = (
+            f"{r['record']['kernel_name']} on {r['arch']}, Triton {r['triton']}, "
+            f"{_element_type(r)} [{constexpr_label(r['record']['constexprs'])}]"
+        )
         if r.get("configs"):
             head += f"\n  configs: {'; '.join(r['configs'])}"
         for f in r["codegen_findings"]:

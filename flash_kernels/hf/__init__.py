@@ -6,12 +6,14 @@ FLASH model in any process that has run `import flash_kernels.hf`.
 An optional part of the package: `pip install "flash-kernels[hf]"` (transformers, safetensors
 and accelerate, which Trainer needs). `import flash_kernels` never imports transformers.
 """
+
 try:
     import transformers
 except ImportError as error:
-    raise ImportError("flash_kernels.hf needs Hugging Face transformers: install the 'hf' extra, "
-                      "pip install \"flash-kernels[hf]\" (in a checkout: pip install -e \".[hf]\")"
-                      ) from error
+    raise ImportError(
+        "flash_kernels.hf needs Hugging Face transformers: install the 'hf' extra, "
+        'pip install "flash-kernels[hf]" (in a checkout: pip install -e ".[hf]")'
+    ) from error
 
 from .cache import FLASHCache
 from .configuration import FLASHConfig

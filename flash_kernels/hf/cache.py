@@ -1,4 +1,5 @@
 """FLASHCache: transformers' Cache holding each FLASH layer's decoding cache."""
+
 import torch
 from transformers.cache_utils import Cache
 
@@ -20,7 +21,7 @@ class FLASHCache(Cache):
     (completed chunks are summed into it), so `crop` raises.
     """
 
-    is_compileable = False      # its prefill and step are eager Python over the layers
+    is_compileable = False  # its prefill and step are eager Python over the layers
     is_croppable = False
 
     def __init__(self, num_layers):
@@ -58,9 +59,11 @@ class FLASHCache(Cache):
             self.batch_select_indices(indices)
 
     def crop(self, *args, **kwargs):
-        raise NotImplementedError("a FLASH cache cannot be cropped: the keys and values of "
-                                  "completed chunks are summed into its state, which cannot "
-                                  "give a token back (no assisted decoding or rollback)")
+        raise NotImplementedError(
+            "a FLASH cache cannot be cropped: the keys and values of "
+            "completed chunks are summed into its state, which cannot "
+            "give a token back (no assisted decoding or rollback)"
+        )
 
     def reset(self):
         """Back to no tokens seen (the layers' caches are allocated again on first use)."""

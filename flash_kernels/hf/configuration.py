@@ -1,10 +1,27 @@
 """FLASHConfig: a FLASHLM's keyword arguments as a transformers configuration."""
+
 from transformers import PretrainedConfig
 
 #: FLASHLM's keyword arguments, all stored under the same names in FLASHConfig.
-FLASHLM_OPTIONS = ("vocab_size", "d", "depth", "layer", "s", "expansion", "chunk_size", "linear",
-                   "causal", "rel_pos", "rope", "norm", "max_len", "quad_scale", "lin_scale",
-                   "backend", "init_std")
+FLASHLM_OPTIONS = (
+    "vocab_size",
+    "d",
+    "depth",
+    "layer",
+    "s",
+    "expansion",
+    "chunk_size",
+    "linear",
+    "causal",
+    "rel_pos",
+    "rope",
+    "norm",
+    "max_len",
+    "quad_scale",
+    "lin_scale",
+    "backend",
+    "init_std",
+)
 
 
 class FLASHConfig(PretrainedConfig):
@@ -24,15 +41,38 @@ class FLASHConfig(PretrainedConfig):
     # Output fields left out of evaluation predictions (Trainer): the cache (both names).
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
-    def __init__(self, vocab_size=256, d=512, depth=8, layer="flash", s=128, expansion=2,
-                 chunk_size=256, linear=True, causal=True, rel_pos="learned", rope=False,
-                 norm="scalenorm", max_len=512, quad_scale=None, lin_scale=None, backend="auto",
-                 init_std=0.02, use_cache=True, pad_token_id=None, bos_token_id=None,
-                 eos_token_id=None, tie_word_embeddings=True, **kwargs):
+    def __init__(
+        self,
+        vocab_size=256,
+        d=512,
+        depth=8,
+        layer="flash",
+        s=128,
+        expansion=2,
+        chunk_size=256,
+        linear=True,
+        causal=True,
+        rel_pos="learned",
+        rope=False,
+        norm="scalenorm",
+        max_len=512,
+        quad_scale=None,
+        lin_scale=None,
+        backend="auto",
+        init_std=0.02,
+        use_cache=True,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+        tie_word_embeddings=True,
+        **kwargs,
+    ):
         if not tie_word_embeddings:
-            raise ValueError("tie_word_embeddings=False is not supported: FLASHLM's output head is "
-                             "its embedding matrix (logits = norm(h) E^T), there is no separate "
-                             "head to untie")
+            raise ValueError(
+                "tie_word_embeddings=False is not supported: FLASHLM's output head is "
+                "its embedding matrix (logits = norm(h) E^T), there is no separate "
+                "head to untie"
+            )
         self.vocab_size = vocab_size
         self.d = kwargs.pop("hidden_size", d)
         self.depth = kwargs.pop("num_hidden_layers", depth)
@@ -42,8 +82,13 @@ class FLASHConfig(PretrainedConfig):
         self.quad_scale, self.lin_scale = quad_scale, lin_scale
         self.backend, self.init_std = backend, init_std
         self.use_cache = use_cache
-        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id,
-                         eos_token_id=eos_token_id, tie_word_embeddings=True, **kwargs)
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=True,
+            **kwargs,
+        )
 
     def flashlm_kwargs(self):
         """The keyword arguments of the FLASHLM this configuration describes."""

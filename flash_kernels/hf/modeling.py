@@ -15,6 +15,7 @@ the embedding) and runs its layers; this module only translates transformers' co
 - packed documents: `cu_seqlens` (as the op takes it), or position_ids that restart at each
   document (what transformers' DataCollatorWithFlattening produces).
 """
+
 import functools
 
 import torch
@@ -28,8 +29,9 @@ from .configuration import FLASHConfig
 
 #: The output classes' field for the cache: transformers 5 calls it "cache" (accepting the old
 #: name with a deprecation warning), transformers 4 "past_key_values".
-CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else \
-    "past_key_values"
+CACHE_FIELD = (
+    "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+)
 
 #: Targets with this label are left out of the loss (transformers' and PyTorch's convention).
 IGNORE_INDEX = -100
@@ -94,10 +96,22 @@ class FLASHModel(FLASHPreTrainedModel):
     def set_input_embeddings(self, value):
         self.lm.embed = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, use_cache=None,
-                output_hidden_states=None, output_attentions=None, return_dict=None,
-                cu_seqlens=None, max_seqlen=None, cache=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_hidden_states=None,
+        output_attentions=None,
+        return_dict=None,
+        cu_seqlens=None,
+        max_seqlen=None,
+        cache=None,
+        **kwargs,
+    ):
         """input_ids (B, T) or inputs_embeds (B, T, d) -> last_hidden_state (B, T, d) and the
         cache (`past_key_values`, or `cache` as transformers 5 names it).
 
@@ -117,45 +131,64 @@ class FLASHModel(FLASHPreTrainedModel):
         (the fused op forms no attention matrix; hidden states are not collected).
         """
         if output_attentions or output_hidden_states:
-            raise ValueError("FLASH models return neither attentions (the fused op never forms "
-                             "an attention matrix) nor per-layer hidden states")
+            raise ValueError(
+                "FLASH models return neither attentions (the fused op never forms "
+                "an attention matrix) nor per-layer hidden states"
+            )
         cache = self._one_cache(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.lm.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = h.shape[:2]
-        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0]
-                                           != B or attention_mask.shape[1] < T):
-            raise ValueError(f"attention_mask must have shape ({B}, T) with T >= {T} (the "
-                             f"tokens so far), got {tuple(attention_mask.shape)}")
+        if attention_mask is not None and (
+            attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T
+        ):
+            raise ValueError(
+                f"attention_mask must have shape ({B}, T) with T >= {T} (the "
+                f"tokens so far), got {tuple(attention_mask.shape)}"
+            )
         cu_seqlens = cu_seqlens if cu_seqlens is not None else kwargs.get("cu_seq_lens_q")
         max_seqlen = max_seqlen if max_seqlen is not None else kwargs.get("max_length_q")
         packed_rows = False
-        if (cu_seqlens is None and position_ids is not None and attention_mask is None
-                and cache is None and not use_cache):
+        if (
+            cu_seqlens is None
+            and position_ids is not None
+            and attention_mask is None
+            and cache is None
+            and not use_cache
+        ):
             cu_seqlens = documents_from_position_ids(position_ids, B)
             packed_rows = cu_seqlens is not None
         if use_cache is None:
-            use_cache = cache is not None or (self.config.use_cache and self.config.causal
-                                              and not self.training and cu_seqlens is None)
+            use_cache = cache is not None or (
+                self.config.use_cache
+                and self.config.causal
+                and not self.training
+                and cu_seqlens is None
+            )
         if use_cache:
             if cu_seqlens is not None:
-                raise ValueError("a decoding cache does not take packed documents (cu_seqlens or "
-                                 "restarting position_ids): pass use_cache=False")
+                raise ValueError(
+                    "a decoding cache does not take packed documents (cu_seqlens or "
+                    "restarting position_ids): pass use_cache=False"
+                )
             cache = cache if cache is not None else FLASHCache(len(self.lm.layers))
             h = self._decode(h, attention_mask, cache)
         else:
             if cache is not None:
                 raise ValueError("a cache was passed with use_cache=False")
             if attention_mask is not None and cu_seqlens is not None:
-                raise ValueError("attention_mask and packed documents (cu_seqlens) cannot be "
-                                 "combined: packed rows hold no padding")
+                raise ValueError(
+                    "attention_mask and packed documents (cu_seqlens) cannot be "
+                    "combined: packed rows hold no padding"
+                )
             if packed_rows:
                 h = self._full(h.reshape(1, B * T, -1), None, cu_seqlens, None).reshape(B, T, -1)
             else:
                 h = self._full(h, attention_mask, cu_seqlens, max_seqlen)
-        output = BaseModelOutputWithPast(last_hidden_state=self.lm.final_norm(h),
-                                         **{CACHE_FIELD: cache if use_cache else None})
+        output = BaseModelOutputWithPast(
+            last_hidden_state=self.lm.final_norm(h), **{CACHE_FIELD: cache if use_cache else None}
+        )
         return output if return_dict is not False else output.to_tuple()
 
     @staticmethod
@@ -165,16 +198,18 @@ class FLASHModel(FLASHPreTrainedModel):
             raise ValueError("pass the cache as past_key_values or as cache, not both")
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, FLASHCache):
-            raise TypeError(f"FLASH decodes with a FLASHCache (each layer's state of completed "
-                            f"chunks and its current chunk's keys and values), got "
-                            f"{type(cache).__name__}: pass none and the model makes one")
+            raise TypeError(
+                f"FLASH decodes with a FLASHCache (each layer's state of completed "
+                f"chunks and its current chunk's keys and values), got "
+                f"{type(cache).__name__}: pass none and the model makes one"
+            )
         return cache
 
     def _full(self, h, attention_mask, cu_seqlens, max_seqlen):
         """Every layer over whole rows (training, scoring, generate without a cache)."""
         order = padding = None
         if attention_mask is not None:
-            order, lengths = real_tokens_first(attention_mask[:, -h.shape[1]:])
+            order, lengths = real_tokens_first(attention_mask[:, -h.shape[1] :])
             h = gather_rows(h, order)
             padding = torch.arange(h.shape[1], device=h.device) >= lengths[:, None]
         for layer in self.lm.layers:
@@ -217,8 +252,10 @@ class FLASHForCausalLM(FLASHPreTrainedModel, GenerationMixin):
 
     def __init__(self, config):
         if not config.causal:
-            raise ValueError("FLASHForCausalLM needs causal=True (a causal LM predicts each token "
-                             "from the tokens before it); FLASHModel takes causal=False")
+            raise ValueError(
+                "FLASHForCausalLM needs causal=True (a causal LM predicts each token "
+                "from the tokens before it); FLASHModel takes causal=False"
+            )
         super().__init__(config)
         self.model = FLASHModel(config)
         self.post_init()
@@ -247,10 +284,24 @@ class FLASHForCausalLM(FLASHPreTrainedModel, GenerationMixin):
         lm.load_state_dict(self.model.lm.state_dict())
         return lm
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
-                output_hidden_states=None, output_attentions=None, return_dict=None,
-                cu_seqlens=None, max_seqlen=None, logits_to_keep=0, cache=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_hidden_states=None,
+        output_attentions=None,
+        return_dict=None,
+        cu_seqlens=None,
+        max_seqlen=None,
+        logits_to_keep=0,
+        cache=None,
+        **kwargs,
+    ):
         """Logits (B, T, vocab_size) and, with labels (B, T), the next-token loss.
 
         The arguments mean what they mean for FLASHModel.forward. labels: position t's logits
@@ -260,21 +311,30 @@ class FLASHForCausalLM(FLASHPreTrainedModel, GenerationMixin):
         logits_to_keep: an int k > 0 computes the logits of the last k positions only
         (generate asks for 1).
         """
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids, past_key_values=past_key_values,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             output_hidden_states=output_hidden_states,
-                             output_attentions=output_attentions, cu_seqlens=cu_seqlens,
-                             max_seqlen=max_seqlen, cache=cache, **kwargs)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            cache=cache,
+            **kwargs,
+        )
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = hidden @ self.model.lm.embed.weight.t()              # the tied head
+        logits = hidden @ self.model.lm.embed.weight.t()  # the tied head
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))
-        output = CausalLMOutputWithPast(loss=loss, logits=logits,
-                                        **{CACHE_FIELD: outputs.get(CACHE_FIELD)})
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, **{CACHE_FIELD: outputs.get(CACHE_FIELD)}
+        )
         return output if return_dict is not False else output.to_tuple()
 
 

@@ -7,15 +7,35 @@
   residual and a one-token `step` for decoding with an `AttentionCache`.
 - `FLASHLM`: embedding, layers, tied head; `prefill`, `step`, `generate`.
 """
+
 from .cache import AttentionCache
 from .layers import FLASH, GAU, GatedAttentionLayer
 from .lm import FLASHLM, sample_next
 from .norms import ScaleNorm, make_norm
-from .position import (LearnedRelativePositionBias, RelativePositionBias, RotaryEmbedding,
-                       T5RelativePositionBias, make_rel_pos, t5_bucket)
+from .position import (
+    LearnedRelativePositionBias,
+    RelativePositionBias,
+    RotaryEmbedding,
+    T5RelativePositionBias,
+    make_rel_pos,
+    t5_bucket,
+)
 from .scale_offset import ScaleOffset
 
-__all__ = ["AttentionCache", "FLASH", "FLASHLM", "GAU", "GatedAttentionLayer",
-           "LearnedRelativePositionBias", "RelativePositionBias", "RotaryEmbedding", "ScaleNorm",
-           "ScaleOffset", "T5RelativePositionBias", "make_norm", "make_rel_pos", "sample_next",
-           "t5_bucket"]
+__all__ = [
+    "AttentionCache",
+    "FLASH",
+    "FLASHLM",
+    "GAU",
+    "GatedAttentionLayer",
+    "LearnedRelativePositionBias",
+    "RelativePositionBias",
+    "RotaryEmbedding",
+    "ScaleNorm",
+    "ScaleOffset",
+    "T5RelativePositionBias",
+    "make_norm",
+    "make_rel_pos",
+    "sample_next",
+    "t5_bucket",
+]

@@ -1,9 +1,10 @@
 """The decoding cache of one GAU / FLASH layer."""
+
 import torch
 
-from ..decode import DecodeCache
-from ..utils import cuda_graph_capturing
-from ..validation import type_name
+from ..core.environment import cuda_graph_capturing
+from ..core.validation import type_name
+from ..decoding import DecodeCache
 
 
 class AttentionCache(DecodeCache):
@@ -43,20 +44,36 @@ class AttentionCache(DecodeCache):
             self.grow(int(tokens))
 
     def allocate(self, batch, S, E, capacity, *, chunk_size, linear, dtype, device):
-        empty = DecodeCache.empty(batch, S, E, chunk_size=chunk_size, capacity=capacity,
-                                  linear=linear, dtype=dtype, device=device)
+        empty = DecodeCache.empty(
+            batch,
+            S,
+            E,
+            chunk_size=chunk_size,
+            capacity=capacity,
+            linear=linear,
+            dtype=dtype,
+            device=device,
+        )
         self._assign(empty.k_quad, empty.k_lin, empty.v, empty.state, empty.position, chunk_size)
 
     def grow(self, capacity):
         """Enlarge one-chunk buffers to `capacity` rows, keeping their contents (new tensors)."""
+
         def grown(buf):
             if buf is None:
                 return None
             new = buf.new_zeros(buf.shape[0], capacity, buf.shape[2])
-            new[:, :buf.shape[1]] = buf
+            new[:, : buf.shape[1]] = buf
             return new
-        self._assign(grown(self.k_quad), grown(self.k_lin), grown(self.v), self.state,
-                     self.position, self.chunk_size)
+
+        self._assign(
+            grown(self.k_quad),
+            grown(self.k_lin),
+            grown(self.v),
+            self.state,
+            self.position,
+            self.chunk_size,
+        )
 
 
 def check_lengths(lengths, batch, T, device, *, minimum=0):
@@ -70,17 +87,21 @@ def check_lengths(lengths, batch, T, device, *, minimum=0):
             raise TypeError("lengths must hold ints")
         lengths = torch.tensor(lengths, dtype=torch.int64)
     if not isinstance(lengths, torch.Tensor):
-        raise TypeError(f"lengths must be a (batch,) integer tensor or a list of ints, got "
-                        f"{type_name(lengths)}")
+        raise TypeError(
+            f"lengths must be a (batch,) integer tensor or a list of ints, got {type_name(lengths)}"
+        )
     if lengths.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"lengths must be int64 or int32, got {lengths.dtype}")
     if tuple(lengths.shape) != (batch,):
-        raise ValueError(f"lengths must have shape ({batch},) (one length per row), got "
-                         f"{tuple(lengths.shape)}")
+        raise ValueError(
+            f"lengths must have shape ({batch},) (one length per row), got {tuple(lengths.shape)}"
+        )
     lengths = lengths.to(device=device, dtype=torch.int64)
     if batch and not torch.compiler.is_compiling() and not cuda_graph_capturing():
         low, high = int(lengths.min()), int(lengths.max())
         if low < minimum or high > T:
-            raise ValueError(f"lengths must lie in [{minimum}, {T}] (T = the rows' length), got "
-                             f"values from {low} to {high}")
+            raise ValueError(
+                f"lengths must lie in [{minimum}, {T}] (T = the rows' length), got "
+                f"values from {low} to {high}"
+            )
     return lengths

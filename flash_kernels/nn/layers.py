@@ -1,12 +1,12 @@
 """GAU and FLASH layers: the Gated Attention Unit with full or mixed chunk attention."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..decode import flash_attention_decode, mixed_chunk_decode
-from ..flash_attention import flash_attention
-from ..mixed_chunk_attention import mixed_chunk_attention
-from ..validation import BACKENDS, check_bool, check_int, check_scale, type_name
+from ..attention import flash_attention, mixed_chunk_attention
+from ..core.validation import BACKENDS, check_bool, check_int, check_scale, type_name
+from ..decoding import flash_attention_decode, mixed_chunk_decode, prefill_attention
 from .cache import AttentionCache, check_lengths
 from .norms import make_norm
 from .position import RotaryEmbedding, make_rel_pos
@@ -68,11 +68,36 @@ class GatedAttentionLayer(nn.Module):
     restart at each document.
     """
 
-    def __init__(self, d, *, s, expansion, chunk_size, linear, causal, rel_pos, rope, norm,
-                 quad_scale, lin_scale, max_distance, backend, t5_buckets=32, t5_max_distance=128):
+    def __init__(
+        self,
+        d,
+        *,
+        s,
+        expansion,
+        chunk_size,
+        linear,
+        causal,
+        rel_pos,
+        rope,
+        norm,
+        quad_scale,
+        lin_scale,
+        max_distance,
+        backend,
+        t5_buckets=32,
+        t5_max_distance=128,
+    ):
         super().__init__()
-        check_layer_options(d=d, s=s, expansion=expansion, linear=linear, causal=causal,
-                            rope=rope, quad_scale=quad_scale, lin_scale=lin_scale)
+        check_layer_options(
+            d=d,
+            s=s,
+            expansion=expansion,
+            linear=linear,
+            causal=causal,
+            rope=rope,
+            quad_scale=quad_scale,
+            lin_scale=lin_scale,
+        )
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.d, self.s, self.e = d, s, expansion * d
@@ -85,8 +110,13 @@ class GatedAttentionLayer(nn.Module):
         self.norm = make_norm(norm, d)
         self.to_uvz = nn.Linear(d, 2 * self.e + s)
         self.scale_offset = ScaleOffset(4 if linear else 2, s)
-        self.rel_pos = make_rel_pos(rel_pos, causal=causal, max_distance=max_distance,
-                                    t5_buckets=t5_buckets, t5_max_distance=t5_max_distance)
+        self.rel_pos = make_rel_pos(
+            rel_pos,
+            causal=causal,
+            max_distance=max_distance,
+            t5_buckets=t5_buckets,
+            t5_max_distance=t5_max_distance,
+        )
         self.rope = RotaryEmbedding(s) if rope else None
         self.to_out = nn.Linear(self.e, d)
 
@@ -105,8 +135,10 @@ class GatedAttentionLayer(nn.Module):
             raise ValueError(f"x is on {x.device} but the layer is on {weight.device}")
         autocast = x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)
         if x.dtype != weight.dtype and not (autocast and x.is_floating_point()):
-            raise TypeError(f"x has dtype {x.dtype} but the layer's parameters are {weight.dtype}: "
-                            f"convert x (x.to({weight.dtype})) or the layer (layer.to({x.dtype}))")
+            raise TypeError(
+                f"x has dtype {x.dtype} but the layer's parameters are {weight.dtype}: "
+                f"convert x (x.to({weight.dtype})) or the layer (layer.to({x.dtype}))"
+            )
 
     def _uvz(self, x):
         u, v, z = F.silu(self.to_uvz(self.norm(x))).split([self.e, self.e, self.s], dim=-1)
@@ -127,8 +159,17 @@ class GatedAttentionLayer(nn.Module):
 
     # -- full forward ---------------------------------------------------------------------------
 
-    def forward(self, x, key_padding_mask=None, cache=None, *, cu_seqlens=None, max_seqlen=None,
-                cp_group=None, start=None):
+    def forward(
+        self,
+        x,
+        key_padding_mask=None,
+        cache=None,
+        *,
+        cu_seqlens=None,
+        max_seqlen=None,
+        cp_group=None,
+        start=None,
+    ):
         """x: (batch, T, d) -> (batch, T, d).
 
         key_padding_mask: optional (batch, T) bool, True at padded tokens: they are removed by
@@ -155,9 +196,11 @@ class GatedAttentionLayer(nn.Module):
         self._check_input(x, ("batch", "T", self.d))
         B, T, _ = x.shape
         if start is not None and cu_seqlens is not None:
-            raise ValueError("start does not go with cu_seqlens: the positions of packed "
-                             "documents restart at 0 at each document's first token; leave "
-                             "start out")
+            raise ValueError(
+                "start does not go with cu_seqlens: the positions of packed "
+                "documents restart at 0 at each document's first token; leave "
+                "start out"
+            )
         start = self._check_context_parallel(cp_group, start, cache)
         if cache is not None:
             if not self.causal:
@@ -170,19 +213,24 @@ class GatedAttentionLayer(nn.Module):
         padded = None
         if key_padding_mask is not None:
             if key_padding_mask.shape != (B, T) or key_padding_mask.dtype != torch.bool:
-                raise ValueError(f"key_padding_mask must be a bool tensor of shape ({B}, {T}), "
-                                 f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+                raise ValueError(
+                    f"key_padding_mask must be a bool tensor of shape ({B}, {T}), "
+                    f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+                )
             padded = key_padding_mask.unsqueeze(-1)
-            u, v, z = (torch.where(padded, torch.zeros((), dtype=t.dtype, device=t.device), t)
-                       for t in (u, v, z))
+            u, v, z = (
+                torch.where(padded, torch.zeros((), dtype=t.dtype, device=t.device), t)
+                for t in (u, v, z)
+            )
         if cache is not None:
             y = self._attend_after_cache(u, v, z, cache)
         else:
             y = self._attend(u, v, z, cu_seqlens, max_seqlen, cp_group, start)
         update = self.to_out(y)
         if padded is not None:
-            update = torch.where(padded, torch.zeros((), dtype=update.dtype, device=update.device),
-                                 update)
+            update = torch.where(
+                padded, torch.zeros((), dtype=update.dtype, device=update.device), update
+            )
         return x + update
 
     def _check_context_parallel(self, cp_group, start, cache):
@@ -192,13 +240,17 @@ class GatedAttentionLayer(nn.Module):
         if cp_group is None:
             return start or 0
         if self.chunk_size is None:
-            raise ValueError("cp_group needs a chunked layer (FLASH): a GAU attends the whole "
-                             "sequence as one chunk, which cannot be split across ranks")
+            raise ValueError(
+                "cp_group needs a chunked layer (FLASH): a GAU attends the whole "
+                "sequence as one chunk, which cannot be split across ranks"
+            )
         if cache is not None:
             raise ValueError("cp_group does not take a decoding cache (prefill one process)")
         if self.rope is not None and start is None:
-            raise ValueError("with cp_group and RoPE, pass start: the position of this rank's "
-                             "first token (the sum of the earlier ranks' slice lengths)")
+            raise ValueError(
+                "with cp_group and RoPE, pass start: the position of this rank's "
+                "first token (the sum of the earlier ranks' slice lengths)"
+            )
         return start or 0
 
     def _attend(self, u, v, z, cu_seqlens, max_seqlen, cp_group=None, start=0):
@@ -209,12 +261,22 @@ class GatedAttentionLayer(nn.Module):
             C = self._chunk_len(T)
             positions = start + torch.arange(T, device=v.device)
         else:
-            C = self.chunk_size if self.chunk_size is not None else \
-                packed_chunk_len(cu_seqlens, max_seqlen)
+            C = (
+                self.chunk_size
+                if self.chunk_size is not None
+                else packed_chunk_len(cu_seqlens, max_seqlen)
+            )
             positions = positions_in_documents(cu_seqlens, T, v.device)
-        options = dict(chunk_size=self.chunk_size, causal=self.causal, rel_bias=self._rel_bias(C),
-                       quad_scale=self.quad_scale, lin_scale=self.lin_scale,
-                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=self.backend)
+        options = dict(
+            chunk_size=self.chunk_size,
+            causal=self.causal,
+            rel_bias=self._rel_bias(C),
+            quad_scale=self.quad_scale,
+            lin_scale=self.lin_scale,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            backend=self.backend,
+        )
         if cp_group is not None:
             options["cp_group"] = cp_group
         if self.rope is None:
@@ -226,108 +288,33 @@ class GatedAttentionLayer(nn.Module):
 
     def _attend_after_cache(self, u, v, z, cache, lengths=None):
         """Prefill: u * the attention of the new tokens after those the cache holds, and the
-        cache moved past them, in one call of the op (its final state is the cache's state).
-
-        Row b continues its sequence by its first lengths[b] tokens (all T without lengths;
-        the rest of the row is padding, its outputs meaningless). Each row becomes one packed
-        document that starts at its current chunk's first token: the chunk's buffered keys and
-        values (queries zero, outputs dropped), then the new tokens; padding forms a document
-        of its own. The op starts each document from the cache's state and its final state
-        (the completed chunks) and the new partial chunk become the cache. Shapes come from
-        T and the buffers' capacity; nothing is read back from the device. A fresh cache and
-        equal lengths take the op on the (B, T) rows directly.
-        """
-        B, T, E = v.shape
+        cache moved past them, in one call of the op (decoding.prefill_attention: row b
+        continues its sequence by its first lengths[b] tokens, all T without lengths)."""
+        B, T, _ = v.shape
         held_rows = cache.capacity if cache.initialized else 0
         self._prepare_cache(cache, B, T, v.dtype, v.device)
-        new_tokens = lengths if lengths is not None else torch.full(
-            (B,), T, dtype=torch.long, device=v.device)
-        held = cache.length if held_rows else torch.zeros_like(new_tokens)
         positions = cache.position[:, None] + torch.arange(T, device=v.device)
-        roles = [r.reshape(B, T, self.s) for r in self._roles(z.reshape(B * T, self.s),
-                                                              positions.reshape(-1))]
-        C = self.chunk_size
-        if not held_rows and lengths is None:                  # fresh cache, whole rows
-            layout = dict(q_quad=roles[0], k_quad=roles[1], v=v)
-            if self.linear:
-                layout.update(q_lin=roles[2], k_lin=roles[3])
-            packing = dict(chunk_size=C, rel_bias=self._rel_bias(self._chunk_len(T)))
-            L = T
-        else:
-            L = held_rows + T
-            layout = self._continuation_layout(cache, roles, v, held, held_rows)
-            ends = torch.arange(B, device=v.device) * L
-            cu = torch.stack([ends, ends + held + new_tokens], dim=1).reshape(-1)
-            packing = dict(chunk_size=C, rel_bias=self._rel_bias(C if C is not None else L),
-                           cu_seqlens=torch.cat([cu, cu.new_full((1,), B * L)]), max_seqlen=L)
-            layout = {name: x.reshape(1, B * L, x.shape[-1]) for name, x in layout.items()}
-            if self.linear:           # document 2b is row b's sequence, 2b + 1 its padding
-                initial = cache.state.new_zeros(1, 2 * B, self.s, E)
-                initial[0, 0::2] = cache.state
-                packing["initial_state"] = initial
-        result = mixed_chunk_attention(
-            layout["q_quad"], layout["k_quad"], layout.get("q_lin"), layout.get("k_lin"),
-            layout["v"], causal=True, quad_scale=self.quad_scale, lin_scale=self.lin_scale,
-            output_final_state=self.linear, backend=self.backend, **packing)
-        out, final = result if self.linear else (result, None)
-        out = out.reshape(B, L, E)
-        if final is not None and final.dim() == 4:
-            final = final[0, 0::2]
-        with torch.no_grad():
-            self._fill_cache(cache, {k: x.reshape(B, L, -1) for k, x in layout.items()},
-                             final, held + new_tokens)
-            cache.position += new_tokens
-            cache.max_tokens += T
-        if L != T:                                    # the new tokens' rows of each document
-            rows = (held[:, None] + torch.arange(T, device=v.device)).clamp(max=L - 1)
-            out = out.gather(1, rows[..., None].expand(B, T, E))
+        roles = [
+            r.reshape(B, T, self.s)
+            for r in self._roles(z.reshape(B * T, self.s), positions.reshape(-1))
+        ]
+        q_lin, k_lin = roles[2:] if self.linear else (None, None)
+        out = prefill_attention(
+            cache,
+            roles[0],
+            roles[1],
+            q_lin,
+            k_lin,
+            v,
+            held_rows=held_rows,
+            lengths=lengths,
+            rel_bias_for=self._rel_bias,
+            quad_scale=self.quad_scale,
+            lin_scale=self.lin_scale,
+            backend=self.backend,
+        )
+        cache.max_tokens += T
         return u * out
-
-    def _continuation_layout(self, cache, roles, v, held, held_rows):
-        """(B, held_rows + T, W) rows of every op input: row b's `held[b]` buffered keys and
-        values (zero queries), its T new tokens, then zeros. A static-shape gather."""
-        B, T, _ = v.shape
-        r = torch.arange(held_rows + T, device=v.device)
-        source = torch.where(r < held[:, None], r,
-                             torch.where(r < held[:, None] + T, held_rows + r - held[:, None],
-                                         held_rows + T))                    # (B, L)
-
-        def arrange(buffer, new):
-            parts = [buffer[:, :held_rows].to(new.dtype) if buffer is not None
-                     else new.new_zeros(B, held_rows, new.shape[-1]),
-                     new, new.new_zeros(B, 1, new.shape[-1])]
-            rows = torch.cat(parts, dim=1)
-            return rows.gather(1, source[..., None].expand(-1, -1, new.shape[-1]))
-
-        layout = dict(q_quad=arrange(None, roles[0]), k_quad=arrange(cache.k_quad, roles[1]),
-                      v=arrange(cache.v, v))
-        if self.linear:
-            layout.update(q_lin=arrange(None, roles[2]), k_lin=arrange(cache.k_lin, roles[3]))
-        return layout
-
-    def _fill_cache(self, cache, layout, final_state, tokens):
-        """The cache after a prefill. layout: the op's (B, L, W) inputs by name, row b holding
-        its sequence's current chunk from the chunk's first token on, tokens[b] rows of it;
-        final_state: the op's (B, S, E) state of the completed chunks. The rows after the last
-        completed chunk (all of them for a GAU layer, whose chunk never completes) become the
-        buffers, written in place."""
-        C = self.chunk_size
-        L = layout["v"].shape[1]
-        done = (tokens // C) * C if C is not None else torch.zeros_like(tokens)
-        rows = torch.arange(cache.capacity, device=tokens.device)
-        source = (done[:, None] + rows).clamp(max=L - 1)
-        keep = rows[None, :] < (tokens - done)[:, None]
-        for name in ("k_quad", "k_lin", "v"):
-            buffer = getattr(cache, name)
-            if buffer is None:
-                continue
-            x = layout[name]
-            gathered = x.gather(1, source[..., None].expand(-1, -1, x.shape[-1]))
-            # (the mask expanded: a broadcast one takes a slow CPU path in torch 2.13)
-            buffer.copy_(torch.where(keep[..., None].expand_as(gathered), gathered,
-                                     torch.zeros_like(gathered)))
-        if final_state is not None:
-            cache.state.copy_(final_state.detach())
 
     # -- incremental decoding -------------------------------------------------------------------
 
@@ -344,14 +331,24 @@ class GatedAttentionLayer(nn.Module):
             while capacity < cache.max_tokens + new_tokens:
                 capacity *= 2
         if not cache.initialized:
-            cache.allocate(batch, self.s, self.e, capacity, chunk_size=self.chunk_size,
-                           linear=self.linear, dtype=dtype, device=device)
+            cache.allocate(
+                batch,
+                self.s,
+                self.e,
+                capacity,
+                chunk_size=self.chunk_size,
+                linear=self.linear,
+                dtype=dtype,
+                device=device,
+            )
             return
         if cache.v.shape[0] != batch:
             raise ValueError(f"the cache holds batch {cache.v.shape[0]}, x has batch {batch}")
         if cache.v.dtype != dtype:
-            raise TypeError(f"the cache holds {cache.v.dtype} keys and values but the layer now "
-                            f"computes in {dtype}: decode in the dtype of the prefill")
+            raise TypeError(
+                f"the cache holds {cache.v.dtype} keys and values but the layer now "
+                f"computes in {dtype}: decode in the dtype of the prefill"
+            )
         if capacity > cache.capacity:
             cache.grow(capacity)
 
@@ -394,10 +391,14 @@ class GatedAttentionLayer(nn.Module):
             raise ValueError("step() decodes causal layers only")
         self._check_input(x, ("batch", self.d))
         B = x.shape[0]
-        u, v, z = self._uvz(x)                                          # (B, e), (B, e), (B, s)
+        u, v, z = self._uvz(x)  # (B, e), (B, e), (B, s)
         self._prepare_cache(cache, B, 1, v.dtype, v.device)
-        options = dict(rel_bias=self._rel_bias(cache.bias_chunk), quad_scale=self.quad_scale,
-                       lin_scale=self.lin_scale, backend=self.backend)
+        options = dict(
+            rel_bias=self._rel_bias(cache.bias_chunk),
+            quad_scale=self.quad_scale,
+            lin_scale=self.lin_scale,
+            backend=self.backend,
+        )
         if self.rope is None:
             gamma, beta = self.scale_offset.gamma, self.scale_offset.beta
             y = flash_attention_decode(z, gamma, beta, v, cache, u=u, **options)
@@ -406,7 +407,7 @@ class GatedAttentionLayer(nn.Module):
             roles = self._roles(z, cache.position)
             q_lin, k_lin = roles[2:] if self.linear else (None, None)
             y = u * mixed_chunk_decode(roles[0], roles[1], q_lin, k_lin, v, cache, **options)
-        if self.chunk_size is None:      # the bound one-chunk buffers grow by (chunked: unused)
+        if self.chunk_size is None:  # the bound one-chunk buffers grow by (chunked: unused)
             cache.max_tokens += 1
         return x + self.to_out(y)
 
@@ -416,7 +417,8 @@ class GAU(GatedAttentionLayer):
     FLASH-Quad is a stack of these (FLASHLM(layer="gau")).
 
     One chunk as long as the sequence (chunk_size=None), roles (quad_q, quad_k):
-        a_ij = relu(quad_scale <q_i, k_j> + b(i - j))^2   (j <= i when causal),  out_i = sum_j a_ij v_j
+        a_ij = relu(quad_scale <q_i, k_j> + b(i - j))^2   (j <= i when causal)
+        out_i = sum_j a_ij v_j
 
     quad_scale defaults to 1 / max_len, a constant standing for the paper's 1 / n at the training
     length: dividing by the actual length would make causal outputs depend on later tokens and
@@ -429,15 +431,40 @@ class GAU(GatedAttentionLayer):
     "layernorm"); backend of the attention op ("auto", "triton", "torch", "reference").
     """
 
-    def __init__(self, d, *, s=128, expansion=2, causal=True, max_len=512, rel_pos="learned",
-                 rope=False, norm="scalenorm", quad_scale=None, backend="auto", t5_buckets=32,
-                 t5_max_distance=128):
+    def __init__(
+        self,
+        d,
+        *,
+        s=128,
+        expansion=2,
+        causal=True,
+        max_len=512,
+        rel_pos="learned",
+        rope=False,
+        norm="scalenorm",
+        quad_scale=None,
+        backend="auto",
+        t5_buckets=32,
+        t5_max_distance=128,
+    ):
         check_int("max_len", max_len, minimum=1)
-        super().__init__(d, s=s, expansion=expansion, chunk_size=None, linear=False, causal=causal,
-                         rel_pos=rel_pos, rope=rope, norm=norm,
-                         quad_scale=quad_scale if quad_scale is not None else 1.0 / max_len,
-                         lin_scale=None, max_distance=max_len, backend=backend,
-                         t5_buckets=t5_buckets, t5_max_distance=t5_max_distance)
+        super().__init__(
+            d,
+            s=s,
+            expansion=expansion,
+            chunk_size=None,
+            linear=False,
+            causal=causal,
+            rel_pos=rel_pos,
+            rope=rope,
+            norm=norm,
+            quad_scale=quad_scale if quad_scale is not None else 1.0 / max_len,
+            lin_scale=None,
+            max_distance=max_len,
+            backend=backend,
+            t5_buckets=t5_buckets,
+            t5_max_distance=t5_max_distance,
+        )
         self.max_len = max_len
 
 
@@ -459,14 +486,43 @@ class FLASH(GatedAttentionLayer):
     Args as GAU, plus chunk_size (C), linear and lin_scale.
     """
 
-    def __init__(self, d, *, s=128, expansion=2, chunk_size=256, linear=True, causal=True,
-                 rel_pos="learned", rope=False, norm="scalenorm", quad_scale=None, lin_scale=None,
-                 backend="auto", t5_buckets=32, t5_max_distance=128):
+    def __init__(
+        self,
+        d,
+        *,
+        s=128,
+        expansion=2,
+        chunk_size=256,
+        linear=True,
+        causal=True,
+        rel_pos="learned",
+        rope=False,
+        norm="scalenorm",
+        quad_scale=None,
+        lin_scale=None,
+        backend="auto",
+        t5_buckets=32,
+        t5_max_distance=128,
+    ):
         if chunk_size is None:
-            raise ValueError("FLASH needs a positive chunk_size (use GAU for full attention), "
-                             "got None")
+            raise ValueError(
+                "FLASH needs a positive chunk_size (use GAU for full attention), got None"
+            )
         check_int("chunk_size", chunk_size, minimum=1)
-        super().__init__(d, s=s, expansion=expansion, chunk_size=chunk_size, linear=linear,
-                         causal=causal, rel_pos=rel_pos, rope=rope, norm=norm,
-                         quad_scale=quad_scale, lin_scale=lin_scale, max_distance=chunk_size,
-                         backend=backend, t5_buckets=t5_buckets, t5_max_distance=t5_max_distance)
+        super().__init__(
+            d,
+            s=s,
+            expansion=expansion,
+            chunk_size=chunk_size,
+            linear=linear,
+            causal=causal,
+            rel_pos=rel_pos,
+            rope=rope,
+            norm=norm,
+            quad_scale=quad_scale,
+            lin_scale=lin_scale,
+            max_distance=chunk_size,
+            backend=backend,
+            t5_buckets=t5_buckets,
+            t5_max_distance=t5_max_distance,
+        )

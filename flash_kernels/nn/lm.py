@@ -1,4 +1,5 @@
 """FLASHLM: a decoder (or encoder) language model made of GAU / FLASH layers."""
+
 import math
 import numbers
 
@@ -6,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils import cuda_graph_capturing
-from ..validation import BACKENDS, check_int, is_bool, type_name
+from ..core.environment import cuda_graph_capturing
+from ..core.validation import BACKENDS, check_int, is_bool, type_name
 from .cache import check_lengths
 from .layers import FLASH, GAU
 from .norms import make_norm
@@ -34,34 +35,72 @@ class FLASHLM(nn.Module):
     builds a model of the same shape), for wrappers that store a model's configuration.
     """
 
-    def __init__(self, vocab_size, d=512, depth=8, *, layer="flash", s=128, expansion=2,
-                 chunk_size=256, linear=True, causal=True, rel_pos="learned", rope=False,
-                 norm="scalenorm", max_len=512, quad_scale=None, lin_scale=None, backend="auto",
-                 init_std=0.02):
+    def __init__(
+        self,
+        vocab_size,
+        d=512,
+        depth=8,
+        *,
+        layer="flash",
+        s=128,
+        expansion=2,
+        chunk_size=256,
+        linear=True,
+        causal=True,
+        rel_pos="learned",
+        rope=False,
+        norm="scalenorm",
+        max_len=512,
+        quad_scale=None,
+        lin_scale=None,
+        backend="auto",
+        init_std=0.02,
+    ):
         super().__init__()
         check_int("vocab_size", vocab_size, minimum=1)
         check_int("d", d, minimum=1)
         check_int("depth", depth, minimum=0)
-        self.init_kwargs = dict(vocab_size=vocab_size, d=d, depth=depth, layer=layer, s=s,
-                                expansion=expansion, chunk_size=chunk_size, linear=linear,
-                                causal=causal, rel_pos=rel_pos, rope=rope, norm=norm,
-                                max_len=max_len, quad_scale=quad_scale, lin_scale=lin_scale,
-                                backend=backend, init_std=init_std)
+        self.init_kwargs = dict(
+            vocab_size=vocab_size,
+            d=d,
+            depth=depth,
+            layer=layer,
+            s=s,
+            expansion=expansion,
+            chunk_size=chunk_size,
+            linear=linear,
+            causal=causal,
+            rel_pos=rel_pos,
+            rope=rope,
+            norm=norm,
+            max_len=max_len,
+            quad_scale=quad_scale,
+            lin_scale=lin_scale,
+            backend=backend,
+            init_std=init_std,
+        )
         self.vocab_size, self.d, self.causal = vocab_size, d, causal
         self.embed = nn.Embedding(vocab_size, d)
         nn.init.normal_(self.embed.weight, std=init_std)
-        common = dict(s=s, expansion=expansion, causal=causal, rel_pos=rel_pos, rope=rope,
-                      norm=norm, quad_scale=quad_scale, backend=backend)
+        common = dict(
+            s=s,
+            expansion=expansion,
+            causal=causal,
+            rel_pos=rel_pos,
+            rope=rope,
+            norm=norm,
+            quad_scale=quad_scale,
+            backend=backend,
+        )
         if layer == "flash":
-            make = lambda: FLASH(d, chunk_size=chunk_size, linear=linear, lin_scale=lin_scale,
-                                 **common)
+            make, options = FLASH, dict(chunk_size=chunk_size, linear=linear, lin_scale=lin_scale)
         elif layer == "gau":
             if lin_scale is not None:
                 raise ValueError("lin_scale applies to FLASH layers only (GAU has no linear part)")
-            make = lambda: GAU(d, max_len=max_len, **common)
+            make, options = GAU, dict(max_len=max_len)
         else:
             raise ValueError(f"layer must be 'flash' or 'gau', got {layer!r}")
-        self.layers = nn.ModuleList(make() for _ in range(depth))
+        self.layers = nn.ModuleList(make(d, **options, **common) for _ in range(depth))
         self.final_norm = make_norm(norm, d)
 
     @property
@@ -83,27 +122,39 @@ class FLASHLM(nn.Module):
         device-side assert, which ends the CUDA context, on a GPU."""
         shape = "(batch, T)" if dims == 2 else "(batch,)"
         if not isinstance(idx, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of token ids {shape}, "
-                            f"got {type_name(idx)}")
+            raise TypeError(
+                f"{name} must be a torch.Tensor of token ids {shape}, got {type_name(idx)}"
+            )
         if idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{name} must hold token ids as int64 or int32, got {idx.dtype}")
         if idx.dim() != dims:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(idx.shape)}")
         if idx.device != self.embed.weight.device:
-            raise ValueError(f"{name} is on {idx.device} but the model is on "
-                             f"{self.embed.weight.device}")
+            raise ValueError(
+                f"{name} is on {idx.device} but the model is on {self.embed.weight.device}"
+            )
         if idx.numel() and not torch.compiler.is_compiling():
             outside = (idx < 0) | (idx >= self.vocab_size)
             if outside.any():
                 bad = idx[outside][0].item()
-                raise ValueError(f"{name} holds token id {bad}, outside [0, vocab_size) = "
-                                 f"[0, {self.vocab_size})")
+                raise ValueError(
+                    f"{name} holds token id {bad}, outside [0, vocab_size) = [0, {self.vocab_size})"
+                )
 
     def _head(self, h):
-        return self.final_norm(h) @ self.embed.weight.t()   # tied output head
+        return self.final_norm(h) @ self.embed.weight.t()  # tied output head
 
-    def forward(self, idx, key_padding_mask=None, caches=None, *, cu_seqlens=None, max_seqlen=None,
-                cp_group=None, start=None):
+    def forward(
+        self,
+        idx,
+        key_padding_mask=None,
+        caches=None,
+        *,
+        cu_seqlens=None,
+        max_seqlen=None,
+        cp_group=None,
+        start=None,
+    ):
         """idx: (batch, T) token ids -> logits (batch, T, vocab_size).
 
         key_padding_mask: optional (batch, T) bool, True at padded tokens (their logits are
@@ -120,9 +171,15 @@ class FLASHLM(nn.Module):
         self._check_tokens("idx", idx, 2)
         h = self.embed(idx)
         for i, layer in enumerate(self.layers):
-            h = layer(h, key_padding_mask=key_padding_mask,
-                      cache=None if caches is None else caches[i], cu_seqlens=cu_seqlens,
-                      max_seqlen=max_seqlen, cp_group=cp_group, start=start)
+            h = layer(
+                h,
+                key_padding_mask=key_padding_mask,
+                cache=None if caches is None else caches[i],
+                cu_seqlens=cu_seqlens,
+                max_seqlen=max_seqlen,
+                cp_group=cp_group,
+                start=start,
+            )
         return self._head(h)
 
     def loss(self, idx, targets, *, cu_seqlens=None, max_seqlen=None):
@@ -137,10 +194,11 @@ class FLASHLM(nn.Module):
 
     def _check_caches(self, caches):
         if not isinstance(caches, (list, tuple)) or len(caches) != len(self.layers):
-            raise ValueError(f"caches must be a list of {len(self.layers)} layer caches "
-                             f"(model.new_caches() or prefill's), got {type_name(caches)}"
-                             + (f" of length {len(caches)}" if isinstance(caches, (list, tuple))
-                                else ""))
+            raise ValueError(
+                f"caches must be a list of {len(self.layers)} layer caches "
+                f"(model.new_caches() or prefill's), got {type_name(caches)}"
+                + (f" of length {len(caches)}" if isinstance(caches, (list, tuple)) else "")
+            )
 
     def prefill(self, idx, caches=None, *, lengths=None):
         """One forward pass over prompts (batch, T) -> (logits (batch, T, vocab), caches).
@@ -181,8 +239,18 @@ class FLASHLM(nn.Module):
         return self._head(h)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, *,
-                 lengths=None, eos_token_id=None, pad_token_id=None):
+    def generate(
+        self,
+        idx,
+        max_new_tokens,
+        temperature=1.0,
+        top_k=None,
+        generator=None,
+        *,
+        lengths=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    ):
         """Continue each prompt by up to max_new_tokens sampled tokens.
 
         idx: (batch, T >= 1) prompts. lengths: optional (batch,) prompt lengths for prompts of
@@ -210,21 +278,33 @@ class FLASHLM(nn.Module):
             if value is not None:
                 check_int(name, value, minimum=0)
                 if value >= self.vocab_size:
-                    raise ValueError(f"{name} must be a token id below vocab_size "
-                                     f"({self.vocab_size}), got {value}")
+                    raise ValueError(
+                        f"{name} must be a token id below vocab_size "
+                        f"({self.vocab_size}), got {value}"
+                    )
         given_lengths = check_lengths(lengths, B, T, idx.device, minimum=1)
-        prompt_lengths = given_lengths if given_lengths is not None else torch.full(
-            (B,), T, dtype=torch.long, device=idx.device)
+        prompt_lengths = (
+            given_lengths
+            if given_lengths is not None
+            else torch.full((B,), T, dtype=torch.long, device=idx.device)
+        )
         pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
 
         caches = self.new_caches()
-        for cache in caches:                  # one-chunk (GAU) buffers: no regrowth mid-way
+        for cache in caches:  # one-chunk (GAU) buffers: no regrowth mid-way
             cache.reserve(T + max_new_tokens)
         logits, caches = self.prefill(idx, caches, lengths=given_lengths)
-        logits = logits.gather(1, (prompt_lengths - 1).view(B, 1, 1).expand(B, 1, logits.shape[-1]))[:, 0]
+        logits = logits.gather(
+            1, (prompt_lengths - 1).view(B, 1, 1).expand(B, 1, logits.shape[-1])
+        )[:, 0]
         prompt = torch.arange(T, device=idx.device)[None, :] < prompt_lengths[:, None]
-        out = torch.cat([torch.where(prompt, idx, torch.full_like(idx, pad)),
-                         idx.new_full((B, max_new_tokens), pad)], dim=1)
+        out = torch.cat(
+            [
+                torch.where(prompt, idx, torch.full_like(idx, pad)),
+                idx.new_full((B, max_new_tokens), pad),
+            ],
+            dim=1,
+        )
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         steps = 0
         for i in range(max_new_tokens):
@@ -234,11 +314,11 @@ class FLASHLM(nn.Module):
             steps = i + 1
             if eos_token_id is not None:
                 done |= token == eos_token_id
-                if bool(done.all()):          # a sync per step, only when stopping is possible
+                if bool(done.all()):  # a sync per step, only when stopping is possible
                     break
             if i + 1 < max_new_tokens:
                 logits = self.step(token, caches)
-        return out[:, :T + steps]
+        return out[:, : T + steps]
 
 
 def sample_next(logits, *, temperature=1.0, top_k=None, generator=None):
@@ -262,7 +342,9 @@ def check_sampling(temperature, top_k):
     if is_bool(temperature) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a real number >= 0, got {type_name(temperature)}")
     if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 picks the most likely "
-                         f"token), got {temperature}")
+        raise ValueError(
+            f"temperature must be a finite number >= 0 (0 picks the most likely "
+            f"token), got {temperature}"
+        )
     if top_k is not None:
         check_int("top_k", top_k, minimum=1)

@@ -1,4 +1,5 @@
 """Pre-norms of the layers: ScaleNorm (the FLASH paper's choice) or LayerNorm."""
+
 import math
 
 import torch

@@ -3,6 +3,7 @@
 Both are functions of token positions only, never of the sequence length, so the chunked forward
 and one-token decoding (which sees absolute positions one at a time) agree.
 """
+
 import math
 
 import torch
@@ -68,8 +69,14 @@ def t5_bucket(relative_position, *, bidirectional, num_buckets, max_distance):
     max_exact = num_buckets // 2
     is_small = distance < max_exact
     # log-spaced buckets between max_exact and max_distance (the float ops mirror T5's code)
-    large = max_exact + (torch.log(distance.float().clamp_min(1) / max_exact)
-                         / math.log(max_distance / max_exact) * (num_buckets - max_exact)).long()
+    large = (
+        max_exact
+        + (
+            torch.log(distance.float().clamp_min(1) / max_exact)
+            / math.log(max_distance / max_exact)
+            * (num_buckets - max_exact)
+        ).long()
+    )
     large = large.clamp_max(num_buckets - 1)
     return bucket + torch.where(is_small, distance, large)
 
@@ -90,8 +97,12 @@ class T5RelativePositionBias(RelativePositionBias):
         self.weight = nn.Parameter(torch.zeros(num_buckets))
 
     def forward(self, offsets):
-        bucket = t5_bucket(-offsets, bidirectional=not self.causal, num_buckets=self.num_buckets,
-                           max_distance=self.max_distance)
+        bucket = t5_bucket(
+            -offsets,
+            bidirectional=not self.causal,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
         return self.weight[bucket]
 
 
@@ -113,7 +124,7 @@ class RotaryEmbedding(nn.Module):
     def angles(self, positions):
         k = torch.arange(self.half, device=positions.device, dtype=torch.float64)
         inv_freq = self.base ** (-k / max(self.half, 1))
-        return positions.to(torch.float64)[:, None] * inv_freq          # (T, half)
+        return positions.to(torch.float64)[:, None] * inv_freq  # (T, half)
 
     def forward(self, x, positions):
         """x: (*batch, T, dim); positions: (T,) absolute token positions."""
@@ -123,7 +134,7 @@ class RotaryEmbedding(nn.Module):
         theta = self.angles(positions)
         cos, sin = theta.cos().to(compute), theta.sin().to(compute)
         h = self.half
-        x1, x2, rest = x[..., :h].to(compute), x[..., h:2 * h].to(compute), x[..., 2 * h:]
+        x1, x2, rest = x[..., :h].to(compute), x[..., h : 2 * h].to(compute), x[..., 2 * h :]
         rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
         return torch.cat([rotated, rest], dim=-1) if rest.shape[-1] else rotated
 

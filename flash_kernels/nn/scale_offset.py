@@ -1,8 +1,9 @@
 """Per-role scale and offset of the shared z: the cheap queries and keys of the GAU."""
+
 import torch
 from torch import nn
 
-from ..flash_attention import scale_offset_roles
+from ..core.roles import scale_offset_roles
 
 
 class ScaleOffset(nn.Module):
