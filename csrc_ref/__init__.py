@@ -15,6 +15,7 @@ the PyTorch paths, so agreement is evidence that both are right.
 The extension is compiled on first use (about half a minute) into `build/cpp_ref` at the repository
 root; later processes reuse the build. Results are float64 whatever the input dtype.
 """
+
 import functools
 import math
 import os
@@ -36,7 +37,8 @@ _BUILD_DIR = os.path.join(os.path.dirname(_HERE), "build", "cpp_ref")
 
 
 def _put_python_bin_on_path():
-    """torch.utils.cpp_extension runs `ninja` from PATH; in a venv it sits next to the interpreter."""
+    """torch.utils.cpp_extension runs `ninja` from PATH; in a venv it sits next to the
+    interpreter."""
     bin_dir = os.path.dirname(sys.executable)
     path = os.environ.get("PATH", "")
     if bin_dir not in path.split(os.pathsep):
@@ -71,7 +73,8 @@ def load():
 
 
 def _resolve_shapes(q_quad, v):
-    """Leading batch dims, their product B, and T, from v (*batch, T, E) and q_quad (*batch, T, S)."""
+    """Leading batch dims, their product B, and T, from v (*batch, T, E) and q_quad
+    (*batch, T, S)."""
     if v.dim() < 2 or q_quad.dim() < 2:
         raise ValueError("q_quad and v need at least 2 dims: (*batch, T, S) and (*batch, T, E)")
     batch = tuple(v.shape[:-2])
@@ -101,12 +104,15 @@ def _check_arguments(q_lin, k_lin, rel_bias, chunk_size):
     if int(chunk_size) < 1:
         raise RuntimeError(f"chunk_size must be >= 1, got {chunk_size}")
     if rel_bias is not None and tuple(rel_bias.shape) != (2 * int(chunk_size) - 1,):
-        raise RuntimeError(f"rel_bias must have shape (2 * chunk_size - 1,) = "
-                           f"({2 * int(chunk_size) - 1},), got {tuple(rel_bias.shape)}")
+        raise RuntimeError(
+            f"rel_bias must have shape (2 * chunk_size - 1,) = "
+            f"({2 * int(chunk_size) - 1},), got {tuple(rel_bias.shape)}"
+        )
 
 
-def mixed_chunk_attention_cpp(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias,
-                              quad_scale, lin_scale):
+def mixed_chunk_attention_cpp(
+    q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal, rel_bias, quad_scale, lin_scale
+):
     """Forward of mixed chunk attention by the C++ loop oracle; returns float64 (*batch, T, E).
 
     `chunk_size` (int >= 1), `quad_scale` and `lin_scale` (floats) must already be resolved.
@@ -114,14 +120,34 @@ def mixed_chunk_attention_cpp(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, ca
     _check_arguments(q_lin, k_lin, rel_bias, chunk_size)
     batch, B, T = _resolve_shapes(q_quad, v)
     out = load().forward(
-        _flat(q_quad, B, T), _flat(k_quad, B, T), _flat(q_lin, B, T), _flat(k_lin, B, T),
-        _flat(v, B, T), _flat_bias(rel_bias), int(chunk_size), bool(causal), float(quad_scale),
-        float(lin_scale))
+        _flat(q_quad, B, T),
+        _flat(k_quad, B, T),
+        _flat(q_lin, B, T),
+        _flat(k_lin, B, T),
+        _flat(v, B, T),
+        _flat_bias(rel_bias),
+        int(chunk_size),
+        bool(causal),
+        float(quad_scale),
+        float(lin_scale),
+    )
     return out.reshape(*batch, T, v.shape[-1])
 
 
-def mixed_chunk_attention_cpp_backward(grad_out, q_quad, k_quad, q_lin, k_lin, v, *, chunk_size,
-                                       causal, rel_bias, quad_scale, lin_scale):
+def mixed_chunk_attention_cpp_backward(
+    grad_out,
+    q_quad,
+    k_quad,
+    q_lin,
+    k_lin,
+    v,
+    *,
+    chunk_size,
+    causal,
+    rel_bias,
+    quad_scale,
+    lin_scale,
+):
     """Hand-written backward (docs/contract.md section 3) by the C++ loop oracle.
 
     Returns {"q_quad", "k_quad", "q_lin", "k_lin", "v", "rel_bias"} -> float64 gradients shaped like
@@ -131,9 +157,18 @@ def mixed_chunk_attention_cpp_backward(grad_out, q_quad, k_quad, q_lin, k_lin, v
     _check_arguments(q_lin, k_lin, rel_bias, chunk_size)
     batch, B, T = _resolve_shapes(q_quad, v)
     grads = load().backward(
-        _flat(grad_out, B, T), _flat(q_quad, B, T), _flat(k_quad, B, T), _flat(q_lin, B, T),
-        _flat(k_lin, B, T), _flat(v, B, T), _flat_bias(rel_bias), int(chunk_size), bool(causal),
-        float(quad_scale), float(lin_scale))
+        _flat(grad_out, B, T),
+        _flat(q_quad, B, T),
+        _flat(k_quad, B, T),
+        _flat(q_lin, B, T),
+        _flat(k_lin, B, T),
+        _flat(v, B, T),
+        _flat_bias(rel_bias),
+        int(chunk_size),
+        bool(causal),
+        float(quad_scale),
+        float(lin_scale),
+    )
     names = ("q_quad", "k_quad", "q_lin", "k_lin", "v")
     inputs = (q_quad, k_quad, q_lin, k_lin, v)
     result = {
