@@ -28,7 +28,7 @@ cannot be recorded, does not compile, exceeds a hardware limit or fails the code
 The interpreter cannot run bf16 dots, so bf16 configs are recorded in fp16 and their fp16 types
 rewritten to bf16 before compiling (`compile_dtype`); the recording runs with
 FLASH_KERNELS_PLAN_DTYPE=bfloat16 so that the runtime picks bf16's tiles and warps (they differ
-from fp16's: flash_kernels/gpu_target.py). T only needs to be large enough to reach the code paths
+from fp16's: flash_kernels/backends/triton/gpu_target.py). T only needs to be large enough to reach the code paths
 (several chunks); the compiled kernels do not depend on it (T is not specialised). E is
 recorded as RECORDED_E = 256: the launches are those of the paper's E = 1536 (the value tiles
 are at most 64 wide; tests/test_compile_kernels.py checks it), in about a third of the
@@ -55,7 +55,7 @@ import os
 import sys
 import time
 
-from flash_kernels.gpu_target import PLAN_DTYPE_VARIABLE
+from flash_kernels.backends.triton.gpu_target import PLAN_DTYPE_VARIABLE
 from tools import codegen_gate
 from tools.aot_compile import (
     ARCHITECTURES,
