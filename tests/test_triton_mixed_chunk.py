@@ -131,6 +131,21 @@ def test_tiles_of_each_target(monkeypatch, target, causal):
     check_against_reference(problem, chunk_size=64, causal=causal, quad_scale=0.7, lin_scale=0.3)
 
 
+@pytest.mark.parametrize("target", ["cuda:90", "cuda:86"])
+def test_wide_features_at_long_chunks_per_target(monkeypatch, target):
+    """S over 128 at C = 256 recomputes the weights per key tile (hoisted, the chunk's keys x
+    features would not fit on chip), and with a small shared memory every kernel runs 32-row
+    blocks: S = 136 (a 256-wide feature tile), T = 300 (a partial second chunk)."""
+    monkeypatch.setenv("FLASH_KERNELS_TARGET", target)
+    problem = make_problem((1,), 300, 136, 40, bias_chunk=256, seed=8)
+    with record_launches() as records:
+        check_against_reference(problem, chunk_size=256, causal=True, quad_scale=0.7, lin_scale=0.3)
+    forward = [r for r in records if r.kernel_name == "mixed_chunk_fwd_kernel"]
+    assert forward and not any(r.constexprs["HOIST_SCORES"] for r in forward)
+    blocks = {r.constexprs["BLOCK_M"] for r in forward}
+    assert blocks == ({32} if target == "cuda:86" else {64})
+
+
 @pytest.mark.parametrize("target", ["cuda:90", "hip:gfx942", "hip:gfx90a"])
 def test_float32_dots_of_half_inputs_per_target(monkeypatch, target):
     """fp16 inputs' float32 products (relu^2 weights, state) run in tf32, except where the

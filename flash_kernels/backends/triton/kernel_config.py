@@ -13,6 +13,10 @@ def next_power_of_2(n: int) -> int:
 
 
 MAX_HOIST_KEYS = 256  # longest chunk whose relu^2 weights are formed once per query block
+#: The most chunk keys x features held on chip for hoisting: the paper shape's 256 x 128. A wider
+#: S (256) at C = 256 recomputes the weights per key tile instead (hoisted it asked 144-257 KB of
+#: shared memory, over sm_86/89/120's 99 KB in bf16 / fp16 and every target's limit in fp32).
+MAX_HOISTED_KEY_FEATURES = 256 * 128
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,9 @@ _tile_overrides: dict = {}
 #: Targets with less shared memory per block than this (A10, L4, L40S, RTX 30/40/50: 99 KB;
 #: AMD Instinct: 64 KB) get the smaller tiles below.
 LARGE_SHARED_MEMORY_BYTES = 160 * 1024
+#: S > 128 runs every per-chunk kernel in 32-row blocks below this much shared memory per block
+#: (sm_80's 163 KB included: 64 rows of fp16 / fp32 asked up to 208 KB there).
+WIDE_FEATURES_BYTES = 200 * 1024
 
 
 def kernel_config(chunk_len, S, E, dtype=torch.bfloat16, target=None):
@@ -68,20 +75,31 @@ def kernel_config(chunk_len, S, E, dtype=torch.bfloat16, target=None):
     - targets with less than LARGE_SHARED_MEMORY_BYTES per block: the forward's value tile is
       32 for every dtype (64 asked 112 KB in bf16, over the 99 KB of sm_86/89/120), and fp16 /
       fp32 run the forward and the key backward in 32-row blocks at 4 warps (64 rows asked
-      112-128 KB).
+      112-128 KB);
+    - S = 256 (C = 256): the chunk's 256 keys x 256 features are not hoisted
+      (MAX_HOISTED_KEY_FEATURES; hoisted they asked 144-257 KB), and below
+      WIDE_FEATURES_BYTES (sm_80 too) every per-chunk kernel runs 32-row blocks at one stage
+      with 32-wide value tiles (64 rows asked 114-208 KB), float32's key backward 16 rows (32
+      asked 100 KB on sm_86).
     Tests may override fields (`_tile_overrides`)."""
     chunk_pow2 = max(16, next_power_of_2(chunk_len))
     small_shared = target is not None and target.shared_memory_bytes < LARGE_SHARED_MEMORY_BYTES
     wide_operands = dtype != torch.bfloat16  # float32 weights at the tensor cores
     block = min(64, chunk_pow2)
     narrow_block = min(32, chunk_pow2)
-    fwd_block = key_block = narrow_block if (wide_operands and small_shared) else block
-    query_block = narrow_block if wide_operands else block
+    block_s = max(16, next_power_of_2(S))
+    shared = target.shared_memory_bytes if target is not None else None
+    # S > 128 below WIDE_FEATURES_BYTES: every per-chunk kernel in 32-row blocks at one stage.
+    wide_features = block_s > 128 and shared is not None and shared < WIDE_FEATURES_BYTES
+    narrow_rows = (small_shared and wide_operands) or wide_features
+    fwd_block = key_block = narrow_block if narrow_rows else block
+    if wide_features and dtype == torch.float32:
+        key_block = min(16, chunk_pow2)  # 32 rows of float32 asked 100 KB, over sm_86's 99 KB
+    query_block = narrow_block if (wide_operands or wide_features) else block
     if "block" in _tile_overrides:
         fwd_block = key_block = query_block = _tile_overrides["block"]
     max_hoist = _tile_overrides.get("max_hoist_keys", MAX_HOIST_KEYS)
-    hoist = chunk_pow2 <= max_hoist
-    block_s = max(16, next_power_of_2(S))
+    hoist = chunk_pow2 <= max_hoist and chunk_pow2 * block_s <= MAX_HOISTED_KEY_FEATURES
     block_e = _tile_overrides.get("block_e", min(64, max(16, next_power_of_2(E))))
     narrow_e = min(32, block_e)
 
@@ -91,7 +109,7 @@ def kernel_config(chunk_len, S, E, dtype=torch.bfloat16, target=None):
     return KernelConfig(
         fwd_block=fwd_block,
         fwd_warps=warps(fwd_block),
-        fwd_stages=1 if wide_operands else 2,
+        fwd_stages=1 if (wide_operands or wide_features) else 2,
         fwd_block_e=narrow_e if (wide_operands or small_shared) else block_e,
         narrow_fwd_block_e=narrow_e,
         query_block=query_block,
@@ -99,8 +117,8 @@ def kernel_config(chunk_len, S, E, dtype=torch.bfloat16, target=None):
         query_block_e=min(16, block_e) if query_block >= 64 else block_e,
         key_block=key_block,
         key_warps=warps(key_block),
-        key_block_e=block_e,
-        block_n=max(16, chunk_pow2 // 2) if hoist else block,
+        key_block_e=narrow_e if wide_features else block_e,
+        block_n=max(16, chunk_pow2 // 2) if hoist else fwd_block if wide_features else block,
         block_s=block_s,
         hoist=hoist,
         state_block_s=min(64, block_s),
