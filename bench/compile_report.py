@@ -27,12 +27,11 @@ cannot be recorded, does not compile, exceeds a hardware limit or fails the code
 
 The interpreter cannot run bf16 dots, so bf16 configs are recorded in fp16 and their fp16 types
 rewritten to bf16 before compiling (`compile_dtype`); the recording runs with
-FLASH_KERNELS_PLAN_DTYPE=bfloat16 so that the runtime picks bf16's tiles and warps (they differ
-from fp16's: flash_kernels/backends/triton/gpu_target.py). T only needs to be large enough to reach the code paths
-(several chunks); the compiled kernels do not depend on it (T is not specialised). E is
-recorded as RECORDED_E = 256: the launches are those of the paper's E = 1536 (the value tiles
-are at most 64 wide; tests/test_compile_kernels.py checks it), in about a third of the
-interpreter's time.
+FLASH_KERNELS_PLAN_DTYPE=bfloat16 so that the runtime picks bf16's tiles and warps (they differ from
+fp16's: flash_kernels/backends/triton/gpu_target.py). T only needs to be large enough to reach the
+code paths (several chunks); the compiled kernels do not depend on it (T is not specialised). E is
+recorded as RECORDED_E = 256: the launches are those of the paper's E = 1536 (the value tiles are at
+most 64 wide; tests/test_compile_kernels.py checks it), in about a third of the interpreter's time.
 
     python -m bench.compile_report [--targets cuda:80 ... hip:gfx90a] [--only WORD ...]
         [--jobs 2] [--other-triton PYTHON ...] [--no-gate | --gate-only] [--output PATH]
