@@ -83,12 +83,12 @@ def kernel_config(chunk_len, S, E, dtype=torch.bfloat16, target=None):
       asked 100 KB on sm_86).
     Tests may override fields (`_tile_overrides`)."""
     chunk_pow2 = max(16, next_power_of_2(chunk_len))
-    small_shared = target is not None and target.shared_memory_bytes < LARGE_SHARED_MEMORY_BYTES
+    shared = target.shared_memory_bytes if target is not None else None
+    small_shared = shared is not None and shared < LARGE_SHARED_MEMORY_BYTES
     wide_operands = dtype != torch.bfloat16  # float32 weights at the tensor cores
     block = min(64, chunk_pow2)
     narrow_block = min(32, chunk_pow2)
     block_s = max(16, next_power_of_2(S))
-    shared = target.shared_memory_bytes if target is not None else None
     # S > 128 below WIDE_FEATURES_BYTES: every per-chunk kernel in 32-row blocks at one stage.
     wide_features = block_s > 128 and shared is not None and shared < WIDE_FEATURES_BYTES
     narrow_rows = (small_shared and wide_operands) or wide_features
